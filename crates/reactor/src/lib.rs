@@ -1,0 +1,1 @@
+//! ringblk-reactor: per-core io_uring event loop.
