@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# ringblk's one test command (the README's): installs the system tools the tests
+# drive when they are missing, then runs formatting, lints and every test.
+#
+#   ci/test.sh            everything CI runs
+#   RINGBLK_SKIP_APT=1    do not try to install packages (you installed them yourself)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# ---------------------------------------------------------------------------
+# System tools the integration tests drive (real clients, never mocks).
+# command -> Debian package
+declare -A TOOLS=(
+  [fio]=fio
+  [nbdinfo]=libnbd-bin
+  [nbdcopy]=libnbd-bin
+  [nbdsh]=python3-libnbd
+  [nbdkit]=nbdkit
+  [qemu-img]=qemu-utils
+  [qemu-io]=qemu-utils
+  [qemu-nbd]=qemu-utils
+)
+missing=()
+for cmd in "${!TOOLS[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${TOOLS[$cmd]}")
+done
+# python3-libnbd installs for Debian's /usr/bin/python3, which may not be first on PATH.
+if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
+  missing+=(python3-libnbd)
+fi
+if [ ${#missing[@]} -gt 0 ] && [ -z "${RINGBLK_SKIP_APT:-}" ]; then
+  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  step "installing missing test tools: $pkgs"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "ci/test.sh: need root to apt-get install: $pkgs" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $pkgs
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+for extra in ci/loom.sh; do
+  if [ -x "$extra" ]; then
+    step "$extra"
+    "$extra"
+  fi
+done
+
+step "all tests passed"

@@ -1,0 +1,841 @@
+//! Reactor tests on a real io_uring and real temp files (no mock ring).
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use ringblk_reactor::*;
+
+/// Liveness bound for loops below; a hang fails the test instead of wedging CI.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn tmpdir() -> tempfile::TempDir {
+    // Not /tmp: it may be a tmpfs; these tests want the real disk and O_DIRECT.
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
+}
+
+fn direct_file(dir: &tempfile::TempDir, len: u64) -> File {
+    let path = dir.path().join("disk.img");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("open O_DIRECT");
+    f.set_len(len).expect("set_len");
+    f
+}
+
+fn one_reactor(config: ReactorConfig) -> Reactor {
+    manual_reactors(config)
+        .expect("reactor")
+        .pop()
+        .expect("one reactor")
+}
+
+fn run_until(r: &mut Reactor, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        r.poll_once();
+        assert!(
+            start.elapsed() < DEADLINE,
+            "operation did not complete in time"
+        );
+    }
+}
+
+fn pattern(block: u64, version: u64, len: usize) -> Vec<u8> {
+    let mut x =
+        block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Blocks of the file at `path` that differ from the model (version 0 = zeros).
+fn mismatched_blocks(path: &std::path::Path, model: &[u64], block: usize) -> Vec<usize> {
+    let all = std::fs::read(path).expect("read file");
+    (0..model.len())
+        .filter(|&b| {
+            let want = match model[b] {
+                0 => vec![0; block],
+                v => pattern(b as u64, v, block),
+            };
+            all[b * block..(b + 1) * block] != want[..]
+        })
+        .collect()
+}
+
+#[test]
+fn o_direct_round_trip_through_fixed_buffers() {
+    let dir = tmpdir();
+    let file = direct_file(&dir, 1 << 20);
+    let mut r = one_reactor(ReactorConfig {
+        buffer_count: 8,
+        buffer_size: 64 * 1024,
+        ..Default::default()
+    });
+    assert!(
+        r.buffers().is_registered(),
+        "fixed buffers must register as root"
+    );
+    let fref = r.register_file(file.as_raw_fd()).expect("register file");
+    assert!(matches!(fref, FileRef::Fixed(_)));
+
+    let mut wbuf = r.get_buffer().expect("buffer");
+    let data = pattern(7, 1, 64 * 1024);
+    wbuf.as_mut_slice().copy_from_slice(&data);
+    let result = Rc::new(RefCell::new(None));
+    let res = result.clone();
+    r.submit(Op::write(fref, 128 * 1024, wbuf, 64 * 1024), move |_, c| {
+        *res.borrow_mut() = Some(c.bytes());
+    })
+    .expect("submit");
+    run_until(&mut r, || result.borrow().is_some());
+    assert_eq!(result.borrow_mut().take(), Some(Ok(64 * 1024)));
+
+    let got = Rc::new(RefCell::new(None));
+    let g = got.clone();
+    let rbuf = r.get_buffer().expect("buffer");
+    r.submit(Op::read(fref, 128 * 1024, rbuf, 64 * 1024), move |_, c| {
+        let n = c.bytes();
+        let buf = c.op.into_buf().expect("buffer back");
+        *g.borrow_mut() = Some((n, buf.as_slice().to_vec()));
+    })
+    .expect("submit");
+    run_until(&mut r, || got.borrow().is_some());
+    let (n, bytes) = got.borrow_mut().take().expect("read done");
+    assert_eq!(n, Ok(64 * 1024));
+    assert!(bytes == data, "read back differs from what was written");
+    assert_eq!(
+        r.buffers().available(),
+        8,
+        "every buffer returned to the pool"
+    );
+    r.unregister_file(fref).expect("unregister");
+}
+
+/// 10 000 random reads and writes, many in flight at once, on non-overlapping
+/// blocks at any instant; every read is checked against a model of the file.
+#[test]
+fn ten_thousand_concurrent_random_ios_verified() {
+    const BLOCK: usize = 4096;
+    const BLOCKS: u64 = 2048;
+    const OPS: usize = 10_000;
+    const DEPTH: usize = 128;
+    let dir = tmpdir();
+    let file = direct_file(&dir, BLOCKS * BLOCK as u64);
+    let mut r = one_reactor(ReactorConfig {
+        buffer_count: 64,
+        buffer_size: BLOCK,
+        ring_entries: 64, // smaller than DEPTH: exercises the SQ backlog
+        ..Default::default()
+    });
+    let fref = r.register_file(file.as_raw_fd()).expect("register");
+
+    struct State {
+        model: Vec<u64>, // version per block; 0 = never written (zeros)
+        busy: Vec<bool>,
+        in_flight: usize,
+        issued: usize,
+        completed: usize,
+        verified_reads: usize,
+        errors: Vec<String>,
+        rng: rand::rngs::StdRng,
+    }
+    let st = Rc::new(RefCell::new(State {
+        model: vec![0; BLOCKS as usize],
+        busy: vec![false; BLOCKS as usize],
+        in_flight: 0,
+        issued: 0,
+        completed: 0,
+        verified_reads: 0,
+        errors: Vec::new(),
+        rng: rand::rngs::StdRng::seed_from_u64(0xB10C),
+    }));
+
+    fn issue(r: &mut Reactor, st: &Rc<RefCell<State>>, fref: FileRef) {
+        loop {
+            let mut s = st.borrow_mut();
+            if s.in_flight >= DEPTH || s.issued >= OPS {
+                return;
+            }
+            let block = loop {
+                let b = s.rng.gen_range(0..BLOCKS);
+                if !s.busy[b as usize] {
+                    break b;
+                }
+            };
+            let write = s.rng.gen_bool(0.5);
+            // Mix fixed pool buffers and plain aligned heap buffers.
+            let buf: IoBuf = match r.get_buffer() {
+                Some(b) if s.rng.gen_bool(0.5) => b.into(),
+                _ => AlignedBuf::direct(BLOCK).into(),
+            };
+            s.busy[block as usize] = true;
+            s.in_flight += 1;
+            s.issued += 1;
+            let version = s.issued as u64;
+            drop(s);
+            let offset = block * BLOCK as u64;
+            let st2 = st.clone();
+            let op = if write {
+                let mut buf = buf;
+                buf.as_mut_slice()[..BLOCK].copy_from_slice(&pattern(block, version, BLOCK));
+                Op::write(fref, offset, buf, BLOCK as u32)
+            } else {
+                Op::read(fref, offset, buf, BLOCK as u32)
+            };
+            let res = r.submit(op, move |r, c| {
+                {
+                    let mut s = st2.borrow_mut();
+                    s.in_flight -= 1;
+                    s.completed += 1;
+                    s.busy[block as usize] = false;
+                    if c.bytes() != Ok(BLOCK as u32) {
+                        s.errors.push(format!("block {block}: result {}", c.result));
+                    } else if write {
+                        s.model[block as usize] = version;
+                    } else {
+                        let want = match s.model[block as usize] {
+                            0 => vec![0; BLOCK],
+                            v => pattern(block, v, BLOCK),
+                        };
+                        let buf = c.op.into_buf().expect("buffer");
+                        if buf.as_slice()[..BLOCK] != want[..] {
+                            s.errors.push(format!("block {block}: wrong bytes"));
+                        }
+                        s.verified_reads += 1;
+                    }
+                }
+                issue(r, &st2, fref);
+            });
+            assert!(res.is_ok(), "slab of 4096 cannot fill at depth {DEPTH}");
+        }
+    }
+    issue(&mut r, &st, fref);
+    run_until(&mut r, || st.borrow().completed == OPS);
+    let s = st.borrow();
+    assert!(
+        s.errors.is_empty(),
+        "errors: {:?}",
+        &s.errors[..s.errors.len().min(10)]
+    );
+    assert!(s.verified_reads > OPS / 4);
+    drop(s);
+
+    // Final sweep: the file equals the model, block by block.
+    let path = dir.path().join("disk.img");
+    let model = st.borrow().model.clone();
+    assert_eq!(mismatched_blocks(&path, &model, BLOCK), Vec::<usize>::new());
+
+    // Negative control: the sweep must notice one flipped byte.
+    let f = OpenOptions::new().write(true).open(&path).expect("open");
+    let victim = 1234usize;
+    let mut byte = [0u8; 1];
+    let rf = File::open(&path).expect("open");
+    std::os::unix::fs::FileExt::read_exact_at(&rf, &mut byte, (victim * BLOCK + 17) as u64)
+        .expect("read");
+    byte[0] ^= 0x55;
+    std::os::unix::fs::FileExt::write_all_at(&f, &byte, (victim * BLOCK + 17) as u64)
+        .expect("write");
+    assert_eq!(mismatched_blocks(&path, &model, BLOCK), vec![victim]);
+    assert_eq!(r.buffers().available(), 64);
+}
+
+fn socketpair() -> (
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+) {
+    std::os::unix::net::UnixStream::pair().expect("socketpair")
+}
+
+/// Orphaning (dropping) an op the kernel is still waiting on must not free its
+/// buffer before the final CQE; afterwards every buffer is back in the pool.
+#[test]
+fn orphaned_and_cancelled_ops_return_their_buffers_after_the_final_cqe() {
+    let mut r = one_reactor(ReactorConfig {
+        buffer_count: 16,
+        buffer_size: 4096,
+        ..Default::default()
+    });
+    let (a, _b) = socketpair();
+    let sock = FileRef::Raw(a.as_raw_fd());
+
+    // 8 receives that can never complete on their own (the peer sends nothing).
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let buf = r.get_buffer().expect("buffer");
+        ids.push(
+            r.submit(Op::recv(sock, buf, 0, 4096), |_, _| {
+                panic!("an orphaned op's callback must never run")
+            })
+            .expect("submit"),
+        );
+    }
+    // Let the kernel arm them.
+    for _ in 0..10 {
+        r.poll_once();
+    }
+    assert_eq!(r.in_flight(), 8);
+    assert_eq!(
+        r.buffers().available(),
+        8,
+        "in-flight buffers are owned by the slab"
+    );
+    for id in ids {
+        assert!(r.orphan(id));
+    }
+    // The buffers are still held until the kernel confirms the cancellation.
+    assert_eq!(r.buffers().available(), 8);
+    let start = Instant::now();
+    while r.in_flight() > 0 {
+        r.poll_once();
+        assert!(start.elapsed() < DEADLINE);
+    }
+    assert_eq!(r.buffers().available(), 16, "orphans' buffers returned");
+
+    // cancel (not orphan): the callback runs with -ECANCELED and gets the buffer back.
+    let got = Rc::new(RefCell::new(None));
+    let g = got.clone();
+    let buf = r.get_buffer().expect("buffer");
+    let id = r
+        .submit(Op::recv(sock, buf, 0, 4096), move |_, c| {
+            *g.borrow_mut() = Some((c.result, c.op.into_buf().is_some()));
+        })
+        .expect("submit");
+    for _ in 0..5 {
+        r.poll_once();
+    }
+    r.cancel(id);
+    run_until(&mut r, || got.borrow().is_some());
+    assert_eq!(*got.borrow(), Some((-libc::ECANCELED, true)));
+    assert_eq!(r.buffers().available(), 16);
+
+    // Orphan disk reads that the kernel is actively performing: whether the cancel
+    // or the read wins, the buffer comes back only after the final CQE.
+    let dir = tmpdir();
+    let file = direct_file(&dir, 16 << 20);
+    let fref = r.register_file(file.as_raw_fd()).expect("register");
+    for i in 0..16u64 {
+        let buf = r.get_buffer().expect("buffer");
+        let id = r
+            .submit(Op::read(fref, i * 4096, buf, 4096), |_, _| {
+                panic!("orphaned")
+            })
+            .expect("submit");
+        r.poll_once(); // submitted to the kernel
+        r.orphan(id);
+    }
+    let start = Instant::now();
+    while r.in_flight() > 0 {
+        r.poll_once();
+        assert!(start.elapsed() < DEADLINE);
+    }
+    assert_eq!(r.buffers().available(), 16);
+}
+
+#[test]
+fn full_slab_and_empty_pool_are_back_pressure() {
+    let mut r = one_reactor(ReactorConfig {
+        max_in_flight: 4,
+        buffer_count: 2,
+        buffer_size: 4096,
+        ..Default::default()
+    });
+    let done = Rc::new(RefCell::new(0));
+    for _ in 0..4 {
+        let d = done.clone();
+        r.submit(Op::timeout(Duration::from_millis(20)), move |_, _| {
+            *d.borrow_mut() += 1
+        })
+        .expect("room in slab");
+    }
+    let rejected = r.submit(Op::Nop, |_, _| {}).expect_err("slab is full");
+    assert!(matches!(rejected.op, Op::Nop));
+    run_until(&mut r, || *done.borrow() == 4);
+    r.submit(rejected.op, rejected.cb).expect("room again");
+
+    let b1 = r.get_buffer().expect("1");
+    let _b2 = r.get_buffer().expect("2");
+    assert!(r.get_buffer().is_none());
+    let woke = Rc::new(RefCell::new(false));
+    let w = woke.clone();
+    r.when_buffer_free(move |r| {
+        *w.borrow_mut() = r.get_buffer().is_some();
+    });
+    r.poll_once();
+    assert!(!*woke.borrow(), "waiter must wait while the pool is empty");
+    drop(b1);
+    run_until(&mut r, || *woke.borrow());
+}
+
+#[test]
+fn small_submission_queue_backlogs_instead_of_failing() {
+    let mut r = one_reactor(ReactorConfig {
+        ring_entries: 4,
+        ..Default::default()
+    });
+    let done = Rc::new(RefCell::new(Vec::new()));
+    for i in 0..500 {
+        let d = done.clone();
+        r.submit(Op::Nop, move |_, c| {
+            assert_eq!(c.result, 0);
+            d.borrow_mut().push(i)
+        })
+        .expect("slab has room");
+    }
+    run_until(&mut r, || done.borrow().len() == 500);
+}
+
+#[test]
+fn timers_pollers_and_vectored_ops() {
+    let dir = tmpdir();
+    let file = direct_file(&dir, 1 << 20);
+    let mut r = one_reactor(ReactorConfig::default());
+    let fired = Rc::new(RefCell::new(Vec::new()));
+    for (i, ms) in [30u64, 10, 20].into_iter().enumerate() {
+        let f = fired.clone();
+        r.add_timer(Duration::from_millis(ms), move |_| f.borrow_mut().push(i));
+    }
+    let f = fired.clone();
+    let t = r.add_timer(Duration::from_millis(5), move |_| f.borrow_mut().push(99));
+    assert!(r.cancel_timer(t));
+    let polls = Rc::new(RefCell::new(0));
+    let p = polls.clone();
+    let pid = r.add_poller(move |_| {
+        *p.borrow_mut() += 1;
+        PollResult::Idle
+    });
+    run_until(&mut r, || fired.borrow().len() == 3);
+    assert_eq!(
+        *fired.borrow(),
+        vec![1, 2, 0],
+        "timers fire in deadline order"
+    );
+    r.remove_poller(pid);
+    r.poll_once();
+    let n = *polls.borrow();
+    r.poll_once();
+    assert_eq!(*polls.borrow(), n, "removed poller does not run");
+
+    // writev of two buffers, readv back into three, fdatasync, punch hole.
+    let raw = FileRef::Raw(file.as_raw_fd());
+    let a = pattern(1, 1, 4096);
+    let b = pattern(2, 2, 8192);
+    let mut ba = AlignedBuf::direct(4096);
+    ba.as_mut_slice().copy_from_slice(&a);
+    let mut bb = AlignedBuf::direct(8192);
+    bb.as_mut_slice().copy_from_slice(&b);
+    let out = Rc::new(RefCell::new(Vec::new()));
+    let o = out.clone();
+    r.submit(
+        Op::writev(raw, 4096, vec![ba.into(), bb.into()]),
+        move |_, c| o.borrow_mut().push(c.result),
+    )
+    .expect("submit");
+    run_until(&mut r, || out.borrow().len() == 1);
+    let o = out.clone();
+    r.submit(Op::fdatasync(raw), move |_, c| {
+        o.borrow_mut().push(c.result)
+    })
+    .expect("submit");
+    run_until(&mut r, || out.borrow().len() == 2);
+    let o = out.clone();
+    let bufs: Vec<IoBuf> = (0..3).map(|_| AlignedBuf::direct(4096).into()).collect();
+    let data = Rc::new(RefCell::new(Vec::new()));
+    let d = data.clone();
+    r.submit(Op::readv(raw, 4096, bufs), move |_, c| {
+        o.borrow_mut().push(c.result);
+        for b in c.op.into_bufs() {
+            d.borrow_mut().extend_from_slice(b.as_slice());
+        }
+    })
+    .expect("submit");
+    run_until(&mut r, || out.borrow().len() == 3);
+    assert_eq!(*out.borrow(), vec![12288, 0, 12288]);
+    let mut want = a.clone();
+    want.extend_from_slice(&b);
+    assert!(*data.borrow() == want);
+
+    let o = out.clone();
+    r.submit(
+        Op::fallocate(raw, 4096, 4096, falloc::PUNCH_HOLE),
+        move |_, c| o.borrow_mut().push(c.result),
+    )
+    .expect("submit");
+    run_until(&mut r, || out.borrow().len() == 4);
+    assert_eq!(out.borrow()[3], 0);
+    let got = Rc::new(RefCell::new(None));
+    let g = got.clone();
+    r.submit(
+        Op::read(raw, 4096, AlignedBuf::direct(4096), 4096),
+        move |_, c| *g.borrow_mut() = Some(c.op.into_buf().expect("buf").as_slice().to_vec()),
+    )
+    .expect("submit");
+    run_until(&mut r, || got.borrow().is_some());
+    assert!(
+        got.borrow().as_ref().expect("read").iter().all(|&x| x == 0),
+        "hole reads zeros"
+    );
+}
+
+#[test]
+fn accept_recv_send_and_sendmsg_on_loopback() {
+    let mut r = one_reactor(ReactorConfig::default());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let conn = Rc::new(RefCell::new(None));
+    let c2 = conn.clone();
+    r.submit(
+        Op::accept(FileRef::Raw(listener.as_raw_fd())),
+        move |_, c| {
+            let peer = c.op.peer_addr();
+            *c2.borrow_mut() = Some((c.result, peer));
+        },
+    )
+    .expect("submit");
+    r.poll_once();
+    let client = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(b"hello reactor").expect("write");
+        let mut back = vec![0u8; 11];
+        s.read_exact(&mut back).expect("read");
+        back
+    });
+    run_until(&mut r, || conn.borrow().is_some());
+    let (fd, peer) = conn.borrow_mut().take().expect("accepted");
+    assert!(fd >= 0, "accept failed: {fd}");
+    assert!(peer.expect("peer address").ip().is_loopback());
+    // SAFETY: the accepted descriptor is ours to own and close.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sref = FileRef::Raw(sock.as_raw_fd());
+    let got = Rc::new(RefCell::new(Vec::new()));
+    let g = got.clone();
+    fn recv_more(r: &mut Reactor, sref: FileRef, g: Rc<RefCell<Vec<u8>>>) {
+        r.submit(Op::recv(sref, vec![0u8; 64], 0, 64), move |r, c| {
+            let n = c.bytes().expect("recv ok") as usize;
+            g.borrow_mut()
+                .extend_from_slice(&c.op.into_buf().expect("buf").as_slice()[..n]);
+            if g.borrow().len() < 13 {
+                recv_more(r, sref, g);
+            }
+        })
+        .expect("submit");
+    }
+    recv_more(&mut r, sref, g);
+    run_until(&mut r, || got.borrow().len() >= 13);
+    assert_eq!(&got.borrow()[..], b"hello reactor");
+    let sent = Rc::new(RefCell::new(0));
+    let s = sent.clone();
+    r.submit(Op::send(sref, b"xxhello".to_vec(), 2, 5), move |_, c| {
+        *s.borrow_mut() += c.result
+    })
+    .expect("submit");
+    let s = sent.clone();
+    r.submit(
+        Op::sendmsg(
+            sref,
+            vec![b" wo".to_vec().into(), b"rld!!".to_vec().into()],
+            &[3, 3],
+        ),
+        move |_, c| *s.borrow_mut() += c.result,
+    )
+    .expect("submit");
+    run_until(&mut r, || *sent.borrow() == 11);
+    assert_eq!(client.join().expect("client"), b"hello world");
+}
+
+/// 100 000 messages between two reactor threads, in bursts, checked in order at
+/// both ends.
+#[test]
+fn hundred_thousand_messages_ping_pong_in_order() {
+    const TOTAL: u64 = 100_000;
+    const BURST: u64 = 1_000;
+    let pool = ReactorPool::start(
+        ReactorConfig {
+            cores: vec![None, None],
+            ..Default::default()
+        },
+        Arc::new(|_| {}),
+    )
+    .expect("pool");
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let received_back = Arc::new(AtomicU64::new(0));
+    let next_expected_at_1 = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+
+    fn send_burst(
+        r: &mut Reactor,
+        start: u64,
+        state: (
+            Arc<AtomicU64>,
+            Arc<AtomicU64>,
+            Arc<AtomicU64>,
+            crossbeam_channel::Sender<()>,
+        ),
+    ) {
+        for i in start..(start + BURST).min(TOTAL) {
+            let st = state.clone();
+            r.send_to(1, move |r1| {
+                let (back, exp1, errors, _) = &st;
+                if exp1.swap(i + 1, Ordering::Relaxed) != i {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = back;
+                let st = st.clone();
+                r1.send_to(0, move |r0| {
+                    let (back, _, errors, done) = &st;
+                    let n = back.fetch_add(1, Ordering::Relaxed);
+                    if n != i {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if n + 1 == TOTAL {
+                        let _ = done.send(());
+                    } else if (n + 1) % BURST == 0 {
+                        send_burst(r0, n + 1, st.clone());
+                    }
+                });
+            });
+        }
+    }
+    let state = (
+        received_back.clone(),
+        next_expected_at_1.clone(),
+        errors.clone(),
+        done_tx,
+    );
+    pool.handles()[0]
+        .send(move |r| send_burst(r, 0, state))
+        .expect("send");
+    done_rx
+        .recv_timeout(DEADLINE)
+        .expect("all messages came back");
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "messages arrived out of order"
+    );
+    assert_eq!(received_back.load(Ordering::Relaxed), TOTAL);
+    assert_eq!(next_expected_at_1.load(Ordering::Relaxed), TOTAL);
+    pool.shutdown();
+}
+
+fn wakes_on_message(policy: IdlePolicy) {
+    let pool = ReactorPool::start(
+        ReactorConfig {
+            idle: policy,
+            ..Default::default()
+        },
+        Arc::new(|_| {}),
+    )
+    .expect("pool");
+    let h = pool.handles()[0].clone();
+    let start = Instant::now();
+    while !h.is_sleeping() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{policy} reactor never went to sleep"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sleeps_before = h.stats().sleeps;
+    assert!(sleeps_before >= 1);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    h.send(move |_| {
+        let _ = tx.send(());
+    })
+    .expect("send");
+    rx.recv_timeout(DEADLINE)
+        .expect("sleeping reactor woke for the message");
+    pool.shutdown();
+}
+
+#[test]
+fn adaptive_reactor_wakes_on_message() {
+    wakes_on_message(IdlePolicy::Adaptive { poll_us: 100 });
+}
+
+#[test]
+fn interrupt_reactor_wakes_on_message() {
+    wakes_on_message(IdlePolicy::Interrupt);
+}
+
+#[test]
+fn shutdown_completes_operations_in_flight() {
+    let dir = tmpdir();
+    let file = Arc::new(direct_file(&dir, 64 << 20));
+    let completed = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let timer_done = Arc::new(AtomicBool::new(false));
+    let pool = ReactorPool::start(ReactorConfig::default(), Arc::new(|_| {})).expect("pool");
+    let (c, f, t, fl) = (
+        completed.clone(),
+        failed.clone(),
+        timer_done.clone(),
+        file.clone(),
+    );
+    let (sub_tx, sub_rx) = crossbeam_channel::bounded(1);
+    pool.handles()[0]
+        .send(move |r| {
+            let raw = FileRef::Raw(fl.as_raw_fd());
+            for i in 0..256u64 {
+                let (c, f) = (c.clone(), f.clone());
+                let mut buf = AlignedBuf::direct(128 * 1024);
+                buf.as_mut_slice().fill(i as u8);
+                r.submit(
+                    Op::write(raw, i * 128 * 1024, buf, 128 * 1024),
+                    move |_, comp| {
+                        if comp.bytes() == Ok(128 * 1024) {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            f.fetch_add(1, Ordering::SeqCst);
+                        }
+                    },
+                )
+                .expect("submit");
+            }
+            r.submit(Op::timeout(Duration::from_millis(300)), move |_, comp| {
+                t.store(comp.result == -libc::ETIME, Ordering::SeqCst);
+            })
+            .expect("submit");
+            let _ = sub_tx.send(r.in_flight());
+        })
+        .expect("send");
+    let in_flight = sub_rx.recv_timeout(DEADLINE).expect("submitted");
+    assert_eq!(in_flight, 257);
+    pool.shutdown(); // must wait for all of them
+    assert_eq!(completed.load(Ordering::SeqCst), 256);
+    assert_eq!(failed.load(Ordering::SeqCst), 0);
+    assert!(
+        timer_done.load(Ordering::SeqCst),
+        "the 300 ms timeout ran to its end"
+    );
+    // Data really landed.
+    let mut buf = vec![0u8; 128 * 1024];
+    let rf = File::open(dir.path().join("disk.img")).expect("open");
+    std::os::unix::fs::FileExt::read_exact_at(&rf, &mut buf, 200 * 128 * 1024).expect("read");
+    assert!(buf.iter().all(|&x| x == 200));
+}
+
+#[test]
+fn for_each_reactor_visits_all_then_calls_done_on_origin() {
+    let pool = ReactorPool::start(
+        ReactorConfig {
+            cores: vec![None, None, None],
+            ..Default::default()
+        },
+        Arc::new(|_| {}),
+    )
+    .expect("pool");
+    let visited = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let v = visited.clone();
+    pool.handles()[1]
+        .send(move |r| {
+            let v2 = v.clone();
+            r.for_each_reactor(
+                Arc::new(move |r: &mut Reactor, next: ForEachNext| {
+                    v2.lock().expect("lock").push(r.id());
+                    // Finish asynchronously, as an epoch drain would.
+                    r.add_timer(Duration::from_millis(2), move |r| next.next(r));
+                }),
+                move |r| {
+                    let _ = tx.send(r.id());
+                },
+            );
+        })
+        .expect("send");
+    let origin = rx.recv_timeout(DEADLINE).expect("done");
+    assert_eq!(
+        origin, 1,
+        "done runs on the reactor that started the iteration"
+    );
+    assert_eq!(*visited.lock().expect("lock"), vec![0, 1, 2]);
+    pool.shutdown();
+}
+
+/// IOPOLL works only on devices with polled queues. Where the probe says it is
+/// supported, a polled round trip must work; elsewhere the reactor must report
+/// EOPNOTSUPP instead of silently falling back.
+#[test]
+fn iopoll_is_used_where_supported_and_reported_elsewhere() {
+    let dir = tmpdir();
+    let file = direct_file(&dir, 1 << 20);
+    let support = probe_iopoll(&dir.path().join("disk.img")).expect("probe");
+    let mut r = one_reactor(ReactorConfig {
+        iopoll: true,
+        ..Default::default()
+    });
+    let raw = FileRef::Raw(file.as_raw_fd());
+    let res = Rc::new(RefCell::new(None));
+    let s = res.clone();
+    r.submit_polled(
+        Op::read(raw, 0, AlignedBuf::direct(4096), 4096),
+        move |_, c| *s.borrow_mut() = Some(c.result),
+    )
+    .expect("submit");
+    run_until(&mut r, || res.borrow().is_some());
+    let got = res.borrow().expect("done");
+    match support {
+        IopollSupport::Supported => assert_eq!(got, 4096),
+        IopollSupport::Unsupported(why) => {
+            eprintln!("IOPOLL unsupported here: {why}");
+            assert!(
+                why.contains("EOPNOTSUPP") || why.contains("io_uring_setup"),
+                "{why}"
+            );
+            assert_eq!(got, -libc::EOPNOTSUPP);
+        }
+    }
+    // A reactor without an IOPOLL ring reports it the same way.
+    let mut r2 = one_reactor(ReactorConfig::default());
+    let res = Rc::new(RefCell::new(None));
+    let s = res.clone();
+    r2.submit_polled(
+        Op::read(raw, 0, AlignedBuf::direct(4096), 4096),
+        move |_, c| *s.borrow_mut() = Some(c.result),
+    )
+    .expect("submit");
+    run_until(&mut r2, || res.borrow().is_some());
+    assert_eq!(res.borrow().expect("done"), -libc::EOPNOTSUPP);
+}
+
+#[test]
+fn invalid_configs_are_rejected_with_a_message() {
+    let bad = ReactorConfig {
+        cores: vec![],
+        ..Default::default()
+    };
+    assert!(matches!(
+        ReactorPool::start(bad, Arc::new(|_| {})),
+        Err(ReactorError::Config(_))
+    ));
+    let bad = ReactorConfig {
+        cores: vec![Some(0), Some(0)],
+        ..Default::default()
+    };
+    assert!(ReactorPool::start(bad, Arc::new(|_| {})).is_err());
+    let bad = ReactorConfig {
+        cores: vec![Some(4096)],
+        ..Default::default()
+    };
+    let err = ReactorPool::start(bad, Arc::new(|_| {}))
+        .err()
+        .expect("no such core");
+    assert!(err.to_string().contains("core 4096"));
+}
