@@ -1,1 +1,359 @@
-fn main() {}
+//! `ringblk-ctl`: manage a running ringblk target over its JSON-RPC control socket.
+//!
+//! One command is one connection and one request. Results print as tables, or as the
+//! raw pretty-printed JSON result with `--json`.
+//!
+//! # Errors
+//!
+//! Exit status 0 on success; 1 when the request failed (the server's JSON-RPC error is
+//! printed as `error: <message> (code N)` on stderr, a connection problem names the
+//! socket path); 2 for usage errors (clap's convention).
+
+mod client;
+mod render;
+mod size;
+mod table;
+
+use std::io::{ErrorKind, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Map, Value};
+
+use client::{Client, CtlError};
+
+/// Where `ringblk serve` puts its socket unless told otherwise.
+const DEFAULT_RPC: &str = "./ringblk-data/ringblk.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringblk-ctl",
+    version,
+    about = "Manage a running ringblk target over its JSON-RPC control socket",
+    long_about = "Manage a running ringblk target over its JSON-RPC control socket.\n\n\
+        Each command sends one JSON-RPC 2.0 request to the socket of `ringblk serve` and \
+        prints the result as a table, or as JSON with --json.",
+    after_help = "Examples:\n  \
+        ringblk-ctl volume create vol0 --path /var/lib/ringblk/vol0.img --size 10G\n  \
+        ringblk-ctl volume list\n  \
+        ringblk-ctl --json stats vol0\n  \
+        ringblk-ctl --rpc /run/ringblk/ringblk.sock reactor list\n  \
+        ringblk-ctl call volume_list '{}'",
+    propagate_version = true
+)]
+struct Cli {
+    /// Path of the server's JSON-RPC socket.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "RINGBLK_RPC",
+        default_value = DEFAULT_RPC
+    )]
+    rpc: PathBuf,
+
+    /// Print the raw JSON result (pretty-printed) instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Seconds to wait for the server's reply (fractions allowed).
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value = "30",
+        value_parser = parse_timeout
+    )]
+    timeout: Duration,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list and delete volumes.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            ringblk-ctl volume create vol0 --path /var/lib/ringblk/vol0.img --size 10G\n  \
+            ringblk-ctl volume list\n  \
+            ringblk-ctl volume delete vol0"
+    )]
+    Volume(VolumeCommand),
+
+    /// List the NBD exports clients can connect to.
+    #[command(subcommand, after_help = "Example:\n  ringblk-ctl export list")]
+    Export(ExportCommand),
+
+    /// Show I/O counters per volume (and per reactor when the server reports them).
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl stats\n  \
+        ringblk-ctl stats vol0\n  \
+        ringblk-ctl --json stats vol0    # every field, including latency data")]
+    Stats {
+        /// Show only this volume.
+        volume: Option<String>,
+    },
+
+    /// Show the reactors (one polling thread per core) and how busy they are.
+    #[command(subcommand, after_help = "Example:\n  ringblk-ctl reactor list")]
+    Reactor(ReactorCommand),
+
+    /// List every RPC method the server answers.
+    #[command(after_help = "Example:\n  ringblk-ctl methods")]
+    Methods,
+
+    /// Call any RPC method with raw JSON params and print the JSON result.
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl call rpc_get_methods\n  \
+        ringblk-ctl call volume_delete '{\"name\": \"vol0\"}'")]
+    Call {
+        /// The method name, e.g. volume_list.
+        method: String,
+        /// Params as a JSON object or array; omitted from the request when absent.
+        #[arg(value_name = "JSON_PARAMS", value_parser = parse_json_params)]
+        params: Option<Value>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume and export it.
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl volume create vol0 --path /var/lib/ringblk/vol0.img --size 10G\n  \
+        ringblk-ctl volume create scratch --path /tmp/scratch --size 512M --backend mem\n  \
+        ringblk-ctl volume create golden --path /images/golden.img --read-only")]
+    Create(CreateArgs),
+
+    /// List volumes with their size, backend and connection count.
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl volume list\n  \
+        ringblk-ctl --json volume list")]
+    List,
+
+    /// Delete a volume (the server may refuse while clients are connected).
+    #[command(after_help = "Example:\n  ringblk-ctl volume delete vol0")]
+    Delete {
+        /// Name of the volume to delete.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Volume name; also the NBD export name.
+    name: String,
+
+    /// Backing file or image path, on the server's host.
+    #[arg(long, value_name = "PATH")]
+    path: String,
+
+    /// Size in bytes, or with a binary suffix K, M, G, T (e.g. 10G); when omitted the
+    /// server chooses (e.g. the size of an existing backing file).
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    size: Option<u64>,
+
+    /// Logical block size in bytes.
+    #[arg(long, value_name = "512|4096", value_parser = parse_block_size)]
+    block_size: Option<u32>,
+
+    /// Where the data lives: a file, memory, or nowhere (the null backend).
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+
+    /// Export the volume read-only.
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Backend {
+    File,
+    Mem,
+    Null,
+}
+
+impl Backend {
+    fn as_str(self) -> &'static str {
+        match self {
+            Backend::File => "file",
+            Backend::Mem => "mem",
+            Backend::Null => "null",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCommand {
+    /// List NBD exports with their volume, size and mode.
+    #[command(after_help = "Example:\n  ringblk-ctl export list")]
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReactorCommand {
+    /// List reactors: core, connections, busy share and poll policy.
+    #[command(after_help = "Example:\n  ringblk-ctl reactor list")]
+    List,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!(
+            "'{text}': must be more than 0 and at most 86400 seconds"
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{text}': {e}"))
+}
+
+fn parse_block_size(text: &str) -> Result<u32, String> {
+    match text.trim() {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("'{text}': block size must be 512 or 4096")),
+    }
+}
+
+fn parse_json_params(text: &str) -> Result<Value, String> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| format!("params are not valid JSON: {e}"))?;
+    if value.is_object() || value.is_array() {
+        Ok(value)
+    } else {
+        Err("params must be a JSON object or array, e.g. '{\"name\": \"vol0\"}'".into())
+    }
+}
+
+/// The request a command sends: method and params.
+fn request(command: &Command) -> (&str, Option<Value>) {
+    match command {
+        Command::Volume(VolumeCommand::Create(args)) => {
+            ("volume_create", Some(create_params(args)))
+        }
+        Command::Volume(VolumeCommand::List) => ("volume_list", Some(json!({}))),
+        Command::Volume(VolumeCommand::Delete { name }) => {
+            ("volume_delete", Some(json!({ "name": name })))
+        }
+        Command::Export(ExportCommand::List) => ("export_list", Some(json!({}))),
+        Command::Stats { volume: None } => ("stats", Some(json!({}))),
+        Command::Stats {
+            volume: Some(volume),
+        } => ("stats", Some(json!({ "volume": volume }))),
+        Command::Reactor(ReactorCommand::List) => ("reactor_list", Some(json!({}))),
+        Command::Methods => ("rpc_get_methods", None),
+        Command::Call { method, params } => (method.as_str(), params.clone()),
+    }
+}
+
+/// Optional fields are sent only when given, so the server's defaults apply.
+fn create_params(args: &CreateArgs) -> Value {
+    let mut params = Map::new();
+    params.insert("name".into(), json!(args.name));
+    params.insert("path".into(), json!(args.path));
+    if let Some(size) = args.size {
+        params.insert("size_bytes".into(), json!(size));
+    }
+    if let Some(block_size) = args.block_size {
+        params.insert("block_size".into(), json!(block_size));
+    }
+    if let Some(backend) = args.backend {
+        params.insert("backend".into(), json!(backend.as_str()));
+    }
+    if args.read_only {
+        params.insert("read_only".into(), json!(true));
+    }
+    Value::Object(params)
+}
+
+/// Human output for a command's result.
+fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
+    match command {
+        Command::Volume(VolumeCommand::Create(args)) => {
+            Ok(render::created_volume(result, &args.name))
+        }
+        Command::Volume(VolumeCommand::List) => render::volumes(result),
+        Command::Volume(VolumeCommand::Delete { name }) => Ok(format!("deleted volume {name}\n")),
+        Command::Export(ExportCommand::List) => render::exports(result),
+        Command::Stats { .. } => render::stats(result),
+        Command::Reactor(ReactorCommand::List) => render::reactors(result),
+        Command::Methods => render::methods(result),
+        Command::Call { .. } => Ok(render::json(result)),
+    }
+}
+
+fn run(cli: &Cli) -> Result<String, CtlError> {
+    let (method, params) = request(&cli.command);
+    let result = Client::new(&cli.rpc, cli.timeout).call(method, params)?;
+    if cli.json {
+        Ok(render::json(&result))
+    } else {
+        render(&cli.command, &result)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout
+                .write_all(out.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                // `ringblk-ctl volume list | head -1` is not an error.
+                Err(e) if e.kind() != ErrorKind::BrokenPipe => {
+                    eprintln!("error: writing output: {e}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            if let CtlError::Rpc {
+                data: Some(data), ..
+            } = &err
+            {
+                eprintln!("  data: {data}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timeout_and_block_size_parsers() {
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("nan").is_err());
+        assert!(parse_timeout("inf").is_err());
+        assert_eq!(parse_block_size("4096"), Ok(4096));
+        assert!(parse_block_size("1024").is_err());
+    }
+
+    #[test]
+    fn json_params_must_be_structured() {
+        assert!(parse_json_params("{\"a\": 1}").is_ok());
+        assert!(parse_json_params("[1]").is_ok());
+        assert!(parse_json_params("1").is_err());
+        assert!(parse_json_params("{").is_err());
+    }
+}
