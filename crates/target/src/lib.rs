@@ -1,7 +1,20 @@
 //! ringblk-target: volumes, images, backup switchover, NBD server and JSON-RPC.
 //!
 //! Layout: `nbd/` is the sans-IO NBD protocol (handshake and transmission codec),
-//! `rpc` the JSON-RPC 2.0 control socket.
+//! `session` drives it over reactor sockets, `volume` and `backend/` are the storage
+//! side, `server` wires listeners, reactors and volumes together, `rpc` is the
+//! JSON-RPC 2.0 control socket and `methods` the RPC methods.
 
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod image;
+mod io;
+mod park;
+pub mod switchover;
+pub mod methods;
 pub mod nbd;
 pub mod rpc;
+pub mod server;
+mod session;
+pub mod volume;

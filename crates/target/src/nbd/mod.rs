@@ -1,1 +1,41 @@
 //! Sans-IO NBD protocol: bytes in, events and replies out. No sockets here.
+//!
+//! - [`proto`]: wire constants, header lengths, [`NbdErrno`], [`ProtocolError`].
+//! - [`handshake`]: server side of fixed newstyle negotiation ([`Handshake`]).
+//! - [`codec`]: transmission requests: decoding, validation, [`TransmissionDecoder`].
+//! - [`reply`]: simple and structured reply encoders.
+//! - [`fuzz`]: entry points shared by the cargo-fuzz targets and the corpus test.
+//!
+//! # Driving a connection
+//! 1. `let mut hs = Handshake::new(HandshakeLimits::default())`; send `hs.take_output()`
+//!    (the greeting).
+//! 2. For every received buffer: `hs.feed(buf, &catalog)`; send `hs.take_output()`.
+//!    `Status::OutputFull` means send, then feed `buf[consumed..]` again; `Aborted` means
+//!    send, then close; an `Err` means close at once.
+//! 3. On `Status::Done(negotiated)`: send the output, build
+//!    `TransmissionDecoder::new(RequestPolicy::from_negotiated(&negotiated, Unaligned::Reject))`
+//!    and give it `buf[consumed..]` and everything received after.
+//! 4. Loop `decoder.feed(input)` (see [`codec`]); answer with [`reply`] encoders.
+//!
+//! The protocol reference is `shared/reference/nbd-proto.md`; each module documents the
+//! choices it makes where the spec leaves room.
+
+pub mod codec;
+pub mod fuzz;
+pub mod handshake;
+pub mod proto;
+pub mod reply;
+#[cfg(test)]
+mod testutil;
+
+pub use codec::{
+    decode_request_header, validate, Admission, Command, CommandFlags, Decoded, Event, Request,
+    RequestPolicy, TransmissionDecoder, Unaligned,
+};
+pub use fuzz::{fuzz_handshake, fuzz_transmission};
+pub use handshake::{
+    ExportCatalog, ExportInfo, Handshake, HandshakeLimits, MetaContext, Negotiated, Progress,
+    Status,
+};
+pub use proto::{NbdErrno, ProtocolError};
+pub use reply::Extent;
