@@ -102,6 +102,18 @@ enum Command {
     #[command(subcommand, after_help = "Example:\n  ringblk-ctl reactor list")]
     Reactor(ReactorCommand),
 
+    /// Take, list and release backups: a backup freezes the volume's image and sends
+    /// every later I/O to a new delta, without pausing I/O in flight.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            ringblk-ctl backup create vol0 nightly\n  \
+            qemu-img convert -f raw -O qcow2 nbd://127.0.0.1:10809/vol0@nightly vol0.qcow2\n  \
+            ringblk-ctl backup list vol0\n  \
+            ringblk-ctl backup release vol0@nightly"
+    )]
+    Backup(BackupCommand),
+
     /// List every RPC method the server answers.
     #[command(after_help = "Example:\n  ringblk-ctl methods")]
     Methods,
@@ -187,6 +199,33 @@ impl Backend {
 }
 
 #[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Freeze VOLUME's image as backup NAME (served read-only as VOLUME@NAME).
+    #[command(after_help = "Example:\n  ringblk-ctl backup create vol0 nightly")]
+    Create {
+        volume: String,
+        name: String,
+    },
+    /// List backups with their state and delta size.
+    #[command(after_help = "Examples:\n  ringblk-ctl backup list\n  ringblk-ctl backup list vol0")]
+    List { volume: Option<String> },
+    /// Release VOLUME@NAME: its delta merges down online and the backup disappears.
+    #[command(after_help = "Example:\n  ringblk-ctl backup release vol0@nightly")]
+    Release {
+        /// The backup as VOLUME@NAME.
+        #[arg(value_parser = parse_backup_ref)]
+        backup: (String, String),
+    },
+}
+
+fn parse_backup_ref(text: &str) -> Result<(String, String), String> {
+    match text.split_once('@') {
+        Some((v, n)) if !v.is_empty() && !n.is_empty() => Ok((v.to_string(), n.to_string())),
+        _ => Err(format!("'{text}': expected VOLUME@NAME, e.g. vol0@nightly")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
 enum ExportCommand {
     /// List NBD exports with their volume, size and mode.
     #[command(after_help = "Example:\n  ringblk-ctl export list")]
@@ -247,6 +286,16 @@ fn request(command: &Command) -> (&str, Option<Value>) {
             volume: Some(volume),
         } => ("stats", Some(json!({ "volume": volume }))),
         Command::Reactor(ReactorCommand::List) => ("reactor_list", Some(json!({}))),
+        Command::Backup(BackupCommand::Create { volume, name }) => {
+            ("backup_create", Some(json!({ "volume": volume, "name": name })))
+        }
+        Command::Backup(BackupCommand::List { volume }) => match volume {
+            Some(v) => ("backup_list", Some(json!({ "volume": v }))),
+            None => ("backup_list", Some(json!({}))),
+        },
+        Command::Backup(BackupCommand::Release { backup: (v, n) }) => {
+            ("backup_release", Some(json!({ "volume": v, "name": n })))
+        }
         Command::Methods => ("rpc_get_methods", None),
         Command::Call { method, params } => (method.as_str(), params.clone()),
     }
@@ -284,6 +333,11 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
         Command::Stats { .. } => render::stats(result),
         Command::Reactor(ReactorCommand::List) => render::reactors(result),
         Command::Methods => render::methods(result),
+        Command::Backup(BackupCommand::Create { .. }) => Ok(render::backup_created(result)),
+        Command::Backup(BackupCommand::List { .. }) => render::backups(result),
+        Command::Backup(BackupCommand::Release { backup: (v, n) }) => {
+            Ok(format!("releasing {v}@{n}: its delta is merging down\n"))
+        }
         Command::Call { .. } => Ok(render::json(result)),
     }
 }

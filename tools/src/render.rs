@@ -53,6 +53,41 @@ fn volume_table(rows: &[Value]) -> Table {
     table
 }
 
+pub fn backup_created(result: &Value) -> String {
+    format!(
+        "backup {} ready: switch {} us, ready {} us\n",
+        text(result, "export"),
+        text(result, "switch_us"),
+        text(result, "ready_us")
+    )
+}
+
+pub fn backups(result: &Value) -> Result<String, CtlError> {
+    let rows = array(result, "backup_list")?;
+    if rows.is_empty() {
+        return Ok("no backups\n".into());
+    }
+    let mut table = Table::new(&[
+        ("EXPORT", Left),
+        ("STATE", Left),
+        ("DELTA CHUNKS", Right),
+        ("DELTA", Right),
+        ("SWITCH US", Right),
+        ("READY US", Right),
+    ]);
+    for b in rows {
+        table.push(vec![
+            text(b, "export"),
+            text(b, "state"),
+            text(b, "delta_chunks"),
+            size(b, "delta_bytes"),
+            text(b, "switch_us"),
+            text(b, "ready_us"),
+        ]);
+    }
+    Ok(table.render())
+}
+
 pub fn exports(result: &Value) -> Result<String, CtlError> {
     let rows = array(result, "export_list")?;
     if rows.is_empty() {

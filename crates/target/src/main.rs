@@ -1,1 +1,230 @@
-fn main() {}
+//! `ringblk`: the block storage target.
+//!
+//! `ringblk serve` with no flags serves `./ringblk-data/vol0.img` (1 GiB, created
+//! sparse) on 127.0.0.1:10809 with a JSON-RPC socket at `./ringblk-data/ringblk.sock`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use ringblk_target::config::{self, Flags, PollMode};
+use ringblk_target::methods::Methods;
+use ringblk_target::rpc::RpcServer;
+use ringblk_target::server::{ListenAddr, Server};
+use ringblk_target::volume::VolumeSpec;
+
+#[derive(Parser)]
+#[command(
+    name = "ringblk",
+    version,
+    about = "Polled-mode NBD block storage target on io_uring",
+    long_about = "ringblk serves volumes over the NBD protocol to fio (ioengine=nbd), \
+qemu-img/qemu-io, nbdinfo/nbdcopy/nbdsh and the Linux nbd client, with one io_uring \
+reactor per core. Manage a running server with ringblk-ctl."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (zero configuration: vol0, 1 GiB, on 127.0.0.1:10809).
+    #[command(after_help = "EXAMPLES:
+  ringblk serve
+  ringblk serve --listen 127.0.0.1:10809 --volume data=/dev/nvme0n1 --cores 0-1 --poll busy
+  ringblk serve --volume ram=,backend=mem,size=4G --volume nul=,backend=null,size=1T
+  ringblk serve --config ringblk.toml
+
+CONFIG FILE (TOML; flags override it):
+  listen = \"127.0.0.1:10809\"
+  data_dir = \"/var/lib/ringblk\"
+  cores = \"0-1\"
+  poll = \"adaptive\"      # busy | adaptive | interrupt
+  poll_us = 50
+  [[volume]]
+  name = \"vol0\"
+  path = \"/var/lib/ringblk/vol0.img\"
+  size = \"10G\"
+  block_size = 512       # or 4096
+  backend = \"file\"       # file | mem | null
+  read_only = false")]
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file (see below); flags override its values.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// NBD listen address: ADDR:PORT or unix:PATH [default: 127.0.0.1:10809].
+    /// Port 0 picks a free port (printed at start).
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH")]
+    listen: Option<String>,
+    /// JSON-RPC Unix socket for ringblk-ctl [default: DATA_DIR/ringblk.sock].
+    #[arg(long, value_name = "PATH")]
+    rpc: Option<PathBuf>,
+    /// Directory for the default volume, the RPC socket and (later) delta images
+    /// [default: ./ringblk-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cores to run one reactor each on, e.g. 0,1 or 0-3 [default: every core].
+    #[arg(long, value_name = "LIST")]
+    cores: Option<String>,
+    /// Idle policy: busy (spin, lowest latency), adaptive (spin poll_us then sleep),
+    /// interrupt (sleep at once) [default: adaptive].
+    #[arg(long, value_parser = config::parse_poll)]
+    poll: Option<PollMode>,
+    /// Spin time before an adaptive reactor sleeps [default: 50].
+    #[arg(long, value_name = "N")]
+    poll_us: Option<u64>,
+    /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off].
+    /// Repeatable. Without any, vol0 is served from DATA_DIR/vol0.img (1 GiB).
+    #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
+    volumes: Vec<VolumeSpec>,
+    /// Most NBD connections at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Seconds a client may take to finish the handshake [default: 10].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Log filter (tracing syntax), e.g. info, debug, ringblk_target=trace [default: info,
+    /// or RINGBLK_LOG].
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => match serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringblk: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("RINGBLK_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let env = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    init_logging(args.log.as_deref());
+    let resolved = config::resolve(Flags {
+        config: args.config,
+        listen: args.listen,
+        rpc: args.rpc,
+        data_dir: args.data_dir,
+        cores: args.cores,
+        poll: args.poll,
+        poll_us: args.poll_us,
+        volumes: args.volumes,
+        max_connections: args.max_connections,
+        handshake_timeout_secs: args.handshake_timeout,
+    })?;
+    std::fs::create_dir_all(&resolved.data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", resolved.data_dir.display()))?;
+
+    // Block the stop signals before any thread starts so that every thread inherits
+    // the mask and only the main thread's sigwait sees them.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let reactors = resolved.server.reactor.cores.len();
+    let idle = resolved.server.reactor.idle;
+    let server = Server::start(resolved.server).map_err(|e| e.to_string())?;
+    let rpc = RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone())))
+        .map_err(|e| format!("cannot start the RPC socket {}: {}", resolved.rpc.display(), e.message))?;
+
+    print_banner(&server, reactors, &idle.to_string(), &resolved.rpc);
+
+    let sig = sigs.wait().map_err(|e| format!("sigwait: {e}"))?;
+    tracing::info!(signal = ?sig, "stopping: finishing in-flight requests");
+    rpc.shutdown();
+    server.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::Path) {
+    let (uri_base, host_port) = match &server.local_addr {
+        ListenAddr::Tcp(a) => (format!("nbd://{a}"), Some(a.to_string())),
+        ListenAddr::Unix(p) => (format!("nbd+unix://?socket={}", p.display()), None),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "ringblk {}: listening on {} with {reactors} reactor(s) ({idle}); RPC {}",
+        env!("CARGO_PKG_VERSION"),
+        server.local_addr,
+        rpc.display()
+    );
+    let vols = server.shared.registry.list();
+    let _ = writeln!(out, "exports:");
+    for v in &vols {
+        let path = v
+            .spec()
+            .path
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>10}  {}-byte blocks  {:<5} {}{}",
+            v.name(),
+            human(v.size_bytes()),
+            v.block_size(),
+            v.backend().kind(),
+            path,
+            if v.read_only() { "  (read-only)" } else { "" }
+        );
+    }
+    if let Some(v) = vols.first() {
+        let uri = match &host_port {
+            Some(_) => format!("{uri_base}/{}", v.name()),
+            None => match &server.local_addr {
+                ListenAddr::Unix(p) => format!("nbd+unix:///{}?socket={}", v.name(), p.display()),
+                ListenAddr::Tcp(_) => uri_base.clone(),
+            },
+        };
+        let size = v.size_bytes().min(1 << 30);
+        let _ = writeln!(out, "try:");
+        let _ = writeln!(
+            out,
+            "  fio --name=ringblk --ioengine=nbd --uri={uri} --rw=randrw --bs=4k --iodepth=32 --size={size} --time_based --runtime=10"
+        );
+        let _ = writeln!(out, "  qemu-img info {uri}");
+    }
+    let _ = out.flush();
+}

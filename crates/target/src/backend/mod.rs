@@ -1,0 +1,99 @@
+//! Backend devices: where a volume's base image lives.
+//!
+//! - [`file`]: a regular file or block device, opened O_DIRECT where the filesystem
+//!   allows it; every reactor submits to the same descriptor (the kernel serialises
+//!   nothing for us: concurrent writes to one block are the client's business, as on
+//!   a disk).
+//! - [`mem`]: RAM, as a memfd, so it goes through exactly the file data path (and is
+//!   sparse: TRIM and BLOCK_STATUS work).
+//! - [`null`]: reads return zeros, writes are discarded without I/O; measures the
+//!   protocol and reactor overhead alone.
+//!
+//! # Durability
+//! File and mem backends are a disk with a volatile write cache: a write completion
+//! means the data reached the file (O_DIRECT: the device), and FLUSH (`fdatasync`)
+//! makes every completed write durable, whichever descriptor or reactor wrote it,
+//! since they share one inode. That is what lets volumes advertise CAN_MULTI_CONN.
+
+pub mod file;
+pub mod mem;
+pub mod null;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::nbd::Extent;
+
+/// What kind of backend a volume has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    File,
+    Mem,
+    Null,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "file" => Ok(BackendKind::File),
+            "mem" => Ok(BackendKind::Mem),
+            "null" => Ok(BackendKind::Null),
+            other => Err(format!("unknown backend {other:?} (expected file, mem or null)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::File => "file",
+            BackendKind::Mem => "mem",
+            BackendKind::Null => "null",
+        })
+    }
+}
+
+/// An opened backend.
+#[derive(Debug)]
+pub struct Backend {
+    kind: BackendKind,
+    /// `None` for the null backend.
+    file: Option<File>,
+    /// Whether the descriptor was opened O_DIRECT (buffers must be aligned).
+    direct: bool,
+    /// Whether fallocate punch-hole/zero-range work on this file.
+    can_punch: bool,
+}
+
+impl Backend {
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// The descriptor every reactor submits I/O to; `None` for null.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.file.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn can_punch(&self) -> bool {
+        self.can_punch
+    }
+
+    /// Allocation status of `[offset, offset + len)` for `base:allocation`, at most
+    /// `max_extents` extents covering a prefix of the range.
+    pub fn block_status(&self, offset: u64, len: u32, max_extents: usize) -> Vec<Extent> {
+        match &self.file {
+            None => vec![Extent {
+                length: len,
+                flags: crate::nbd::proto::STATE_HOLE | crate::nbd::proto::STATE_ZERO,
+            }],
+            Some(f) => file::seek_extents(f, offset, len, max_extents),
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! `ringblk serve` configuration: command-line flags, an optional TOML file, and the
+//! zero-configuration defaults. Flags override the file; the file overrides defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringblk_reactor::{IdlePolicy, ReactorConfig};
+use serde::Deserialize;
+
+use crate::backend::BackendKind;
+use crate::server::{ListenAddr, ServerConfig};
+use crate::volume::VolumeSpec;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_DATA_DIR: &str = "./ringblk-data";
+pub const DEFAULT_VOLUME: &str = "vol0";
+pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+
+/// Parses `4096`, `64K`, `512M`, `1G`, `2T` (also `KiB`, `MiB`, … and lowercase);
+/// binary units. Rejects zero-free garbage and overflow with a message.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        _ => return Err(format!("invalid size unit in {s:?}: use K, M, G or T")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parses a core list: `0,2,4-7`.
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid core list {s:?}: use e.g. 0,1 or 0-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b - a > 4096 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("core list {s:?} is empty"));
+    }
+    Ok(out)
+}
+
+/// Parses `--volume NAME=PATH[,size=SIZE][,block-size=512|4096][,backend=file|mem|null][,read-only][,direct=on|off]`.
+/// For mem and null the PATH part may be empty: `--volume ram=,backend=mem,size=1G`.
+pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid --volume {s:?}: expected NAME=PATH[,key=value...]"))?;
+    let mut parts = rest.split(',');
+    let path = parts.next().unwrap_or("");
+    let mut spec = VolumeSpec {
+        name: name.to_string(),
+        path: (!path.is_empty()).then(|| PathBuf::from(path)),
+        size_bytes: None,
+        block_size: 512,
+        backend: BackendKind::File,
+        read_only: false,
+        direct: true,
+        chunk_size: 4096,
+    };
+    for kv in parts {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "size" => spec.size_bytes = Some(parse_size(v)?),
+            "block-size" | "block_size" => {
+                spec.block_size = v.parse().map_err(|_| format!("invalid block-size {v:?}"))?
+            }
+            "backend" => spec.backend = v.parse()?,
+            "read-only" | "ro" => spec.read_only = true,
+            "chunk-size" | "chunk_size" => spec.chunk_size = parse_size(v)?.try_into().map_err(|_| format!("chunk-size {v:?} too large"))?,
+            "direct" => {
+                spec.direct = match v {
+                    "on" | "true" | "1" | "" => true,
+                    "off" | "false" | "0" => false,
+                    _ => return Err(format!("invalid direct={v:?}: use on or off")),
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown volume option {other:?} (size, block-size, chunk-size, backend, read-only, direct)"
+                ))
+            }
+        }
+    }
+    Ok(spec)
+}
+
+pub fn parse_poll(s: &str) -> Result<PollMode, String> {
+    match s {
+        "busy" => Ok(PollMode::Busy),
+        "adaptive" => Ok(PollMode::Adaptive),
+        "interrupt" => Ok(PollMode::Interrupt),
+        _ => Err(format!("invalid poll mode {s:?}: busy, adaptive or interrupt")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    Busy,
+    Adaptive,
+    Interrupt,
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub rpc: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub cores: Option<String>,
+    pub poll: Option<PollMode>,
+    pub poll_us: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub volume: Vec<FileVolume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVolume {
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub size: Option<String>,
+    pub block_size: Option<u32>,
+    pub backend: Option<BackendKind>,
+    #[serde(default)]
+    pub read_only: bool,
+    pub direct: Option<bool>,
+    pub chunk_size: Option<String>,
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Command-line values (all optional so the file and defaults can fill in).
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub rpc: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub cores: Option<String>,
+    pub poll: Option<PollMode>,
+    pub poll_us: Option<u64>,
+    pub volumes: Vec<VolumeSpec>,
+    pub max_connections: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub server: ServerConfig,
+    pub rpc: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+pub fn resolve(flags: Flags) -> Result<Resolved, String> {
+    let file = match &flags.config {
+        Some(p) => load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = flags
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let listen: ListenAddr = flags
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
+        .parse()?;
+    let rpc = flags
+        .rpc
+        .or(file.rpc)
+        .unwrap_or_else(|| data_dir.join("ringblk.sock"));
+    let cores = match flags.cores.or(file.cores) {
+        Some(list) => parse_cores(&list)?.into_iter().map(Some).collect(),
+        None => {
+            let ids = core_ids();
+            if ids.is_empty() {
+                vec![None]
+            } else {
+                ids.into_iter().map(Some).collect()
+            }
+        }
+    };
+    let poll_us = flags.poll_us.or(file.poll_us).unwrap_or(50);
+    if poll_us > 10_000_000 {
+        return Err("--poll-us must be at most 10000000 (10 s)".into());
+    }
+    let idle = match flags.poll.or(file.poll).unwrap_or(PollMode::Adaptive) {
+        PollMode::Busy => IdlePolicy::Busy,
+        PollMode::Adaptive => IdlePolicy::Adaptive { poll_us },
+        PollMode::Interrupt => IdlePolicy::Interrupt,
+    };
+    let mut volumes = flags.volumes;
+    for v in file.volume {
+        volumes.push(VolumeSpec {
+            name: v.name,
+            path: v.path,
+            size_bytes: v.size.as_deref().map(parse_size).transpose()?,
+            block_size: v.block_size.unwrap_or(512),
+            backend: v.backend.unwrap_or(BackendKind::File),
+            read_only: v.read_only,
+            direct: v.direct.unwrap_or(true),
+            chunk_size: v.chunk_size.as_deref().map(parse_size).transpose()?.map_or(Ok(4096), |c| c.try_into().map_err(|_| "chunk_size too large".to_string()))?,
+        });
+    }
+    if volumes.is_empty() {
+        volumes.push(VolumeSpec {
+            name: DEFAULT_VOLUME.into(),
+            path: Some(data_dir.join(format!("{DEFAULT_VOLUME}.img"))),
+            size_bytes: Some(DEFAULT_VOLUME_BYTES),
+            block_size: 512,
+            backend: BackendKind::File,
+            read_only: false,
+            direct: true,
+            chunk_size: 4096,
+        });
+    }
+    // A file volume given without a size: use the file's size, or the default for a new file.
+    for v in volumes.iter_mut() {
+        if v.backend == BackendKind::File && v.size_bytes.is_none() {
+            if let Some(p) = &v.path {
+                if !p.exists() {
+                    v.size_bytes = Some(DEFAULT_VOLUME_BYTES);
+                }
+            }
+        }
+    }
+    let max_connections = flags.max_connections.or(file.max_connections).unwrap_or(1024);
+    if max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    let handshake_timeout =
+        Duration::from_secs(flags.handshake_timeout_secs.or(file.handshake_timeout_secs).unwrap_or(10).max(1));
+    Ok(Resolved {
+        server: ServerConfig {
+            listen,
+            reactor: ReactorConfig {
+                cores,
+                idle,
+                ..ReactorConfig::default()
+            },
+            volumes,
+            max_connections,
+            handshake_timeout,
+            data_dir: data_dir.clone(),
+        },
+        rpc,
+        data_dir,
+    })
+}
+
+fn core_ids() -> Vec<usize> {
+    let mut ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn cores() {
+        assert_eq!(parse_cores("0,2-4"), Ok(vec![0, 2, 3, 4]));
+        assert!(parse_cores("3-1").is_err());
+        assert!(parse_cores("x").is_err());
+        assert!(parse_cores("").is_err());
+    }
+
+    #[test]
+    fn volumes() {
+        let v = parse_volume("a=/x/y.img,size=1G,block-size=4096,read-only").expect("valid");
+        assert_eq!(v.name, "a");
+        assert_eq!(v.path, Some(PathBuf::from("/x/y.img")));
+        assert_eq!(v.size_bytes, Some(1 << 30));
+        assert_eq!(v.block_size, 4096);
+        assert!(v.read_only);
+        let m = parse_volume("ram=,backend=mem,size=64M").expect("valid");
+        assert_eq!(m.backend, BackendKind::Mem);
+        assert!(m.path.is_none());
+        assert!(parse_volume("novalue").is_err());
+        assert!(parse_volume("a=b,colour=red").is_err());
+        assert!(parse_volume("a=b,backend=tape").is_err());
+    }
+
+    #[test]
+    fn zero_config_defaults() {
+        let r = resolve(Flags::default()).expect("defaults");
+        assert_eq!(r.server.listen, DEFAULT_LISTEN.parse().expect("addr"));
+        assert_eq!(r.rpc, PathBuf::from("./ringblk-data/ringblk.sock"));
+        assert_eq!(r.server.volumes.len(), 1);
+        assert_eq!(r.server.volumes[0].name, "vol0");
+        assert!(matches!(r.server.reactor.idle, IdlePolicy::Adaptive { .. }));
+    }
+
+    #[test]
+    fn toml_file_and_flag_override() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:20000\"\npoll = \"busy\"\n[[volume]]\nname = \"v\"\nbackend = \"null\"\nsize = \"1G\"\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(p.clone()),
+            listen: Some("127.0.0.1:20001".into()),
+            ..Default::default()
+        })
+        .expect("resolve");
+        assert_eq!(r.server.listen, "127.0.0.1:20001".parse().expect("addr"));
+        assert_eq!(r.server.reactor.idle, IdlePolicy::Busy);
+        assert_eq!(r.server.volumes[0].backend, BackendKind::Null);
+        std::fs::write(&p, "listn = 1\n").expect("write");
+        let err = resolve(Flags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(err.contains("listn"), "{err}");
+    }
+}

@@ -1,0 +1,520 @@
+//! The data path over an image stack with deltas (backups present).
+//!
+//! The session handles volumes without deltas itself (one I/O per request, no map
+//! lookups); everything else comes here. Requests are split at chunk boundaries;
+//! each piece is resolved against the pinned stack and issued in parallel; the
+//! request completes when every piece has.
+//!
+//! # Ordering
+//! - Data before mapping: a filled chunk is published in the map only after its data
+//!   write completed, so a reader never follows a mapping to unwritten data.
+//! - Partial first writes (read-merge) of a chunk in a delta wait until the delta is
+//!   *drained* — every request admitted before the delta existed has completed — so
+//!   the merge reads include every old-epoch write (the one wait of the switchover).
+//!   Waiting is a reactor timer re-check, never a spin or a lock.
+//! - A merging top delta takes no new fills: writes to chunks it holds go in place
+//!   (pinned, so the merge copies them after), writes to chunks it does not hold go to
+//!   the layer beneath.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringblk_blockmap::{BlockMap, Claim, State};
+use ringblk_reactor::{AlignedBuf, FileRef, IoBuf, Op, Reactor};
+
+use crate::error::nbd_errno;
+use crate::image::{Delta, StackPin};
+use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+use crate::nbd::{Extent, NbdErrno};
+use crate::park::park_chunk;
+use crate::volume::Volume;
+
+pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), NbdErrno>)>;
+pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, NbdErrno>)>;
+
+/// How often a partial fill re-checks whether its delta has drained.
+const DRAIN_RECHECK: Duration = Duration::from_micros(20);
+
+/// Where a piece of data lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loc {
+    /// Identity-mapped base image: byte offset.
+    Base(u64),
+    /// Delta `layer` (index in the view), byte offset in its data file.
+    Delta(usize, u64),
+}
+
+/// Finds `chunk` in `layers` (top down); `Base` when no delta holds it.
+fn resolve(layers: &[Arc<Delta>], chunk: u64, chunk_bytes: u64) -> Loc {
+    for (i, d) in layers.iter().enumerate().rev() {
+        if let Ok(e) = d.map.lookup(chunk) {
+            // PENDING is read from below: its write is not acknowledged yet.
+            if let State::Mapped(p) | State::Merging(p) = e.state() {
+                return Loc::Delta(i, p * chunk_bytes);
+            }
+        }
+    }
+    Loc::Base(chunk * chunk_bytes)
+}
+
+fn file_of(vol: &Volume, layers: &[Arc<Delta>], loc: Loc) -> Option<FileRef> {
+    match loc {
+        Loc::Base(_) => vol.backend().raw_fd().map(FileRef::Raw),
+        Loc::Delta(i, _) => Some(FileRef::Raw(layers[i].raw_fd())),
+    }
+}
+
+/// A request piece: `len` bytes at request offset `at` stored at `loc`.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    at: usize,
+    len: usize,
+    loc: Loc,
+}
+
+/// Splits `[offset, offset + len)` into pieces by location, merging neighbours that
+/// are contiguous in the same file.
+fn plan_read(layers: &[Arc<Delta>], chunk_bytes: u64, offset: u64, len: u64) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let chunk = pos / chunk_bytes;
+        let intra = pos % chunk_bytes;
+        let n = (chunk_bytes - intra).min(end - pos);
+        let loc = match resolve(layers, chunk, chunk_bytes) {
+            Loc::Base(b) => Loc::Base(b + intra),
+            Loc::Delta(i, b) => Loc::Delta(i, b + intra),
+        };
+        let at = (pos - offset) as usize;
+        let merged = match out.last_mut() {
+            Some(last) => {
+                let contiguous = match (last.loc, loc) {
+                    (Loc::Base(a), Loc::Base(b)) => a + last.len as u64 == b,
+                    (Loc::Delta(i, a), Loc::Delta(j, b)) => i == j && a + last.len as u64 == b,
+                    _ => false,
+                };
+                if contiguous {
+                    last.len += n as usize;
+                }
+                contiguous
+            }
+            None => false,
+        };
+        if !merged {
+            out.push(Piece {
+                at,
+                len: n as usize,
+                loc,
+            });
+        }
+        pos += n;
+    }
+    out
+}
+
+fn loc_offset(loc: Loc) -> u64 {
+    match loc {
+        Loc::Base(o) | Loc::Delta(_, o) => o,
+    }
+}
+
+/// Reads `[offset, offset + len)` of the view `layers` (+ base) into a new buffer.
+pub fn read(
+    r: &mut Reactor,
+    vol: &Arc<Volume>,
+    pin: Rc<StackPin>,
+    layers: Vec<Arc<Delta>>,
+    offset: u64,
+    len: u32,
+    done: DoneBuf,
+) {
+    let cb = vol.chunk_bytes() as u64;
+    let pieces = plan_read(&layers, cb, offset, len as u64);
+    let out: IoBuf = AlignedBuf::direct(len as usize).into();
+    struct St {
+        out: Option<IoBuf>,
+        remaining: usize,
+        err: Option<NbdErrno>,
+        done: Option<DoneBuf>,
+    }
+    let st = Rc::new(RefCell::new(St {
+        out: Some(out),
+        remaining: pieces.len(),
+        err: None,
+        done: Some(done),
+    }));
+    for p in pieces {
+        let Some(file) = file_of(vol, &layers, p.loc) else {
+            // Null base: zeros, already in the zeroed buffer.
+            finish_piece(r, &st, None, p, Ok(0));
+            continue;
+        };
+        let st2 = st.clone();
+        let pin2 = pin.clone();
+        let buf = AlignedBuf::direct(p.len);
+        let res = r.submit(Op::read(file, loc_offset(p.loc), buf, p.len as u32), move |r, c| {
+            let _hold = pin2;
+            let n = c.bytes();
+            finish_piece(r, &st2, c.op.into_buf(), p, n)
+        });
+        if res.is_err() {
+            finish_piece(r, &st, None, p, Err(libc::ENOMEM));
+        }
+    }
+
+    fn finish_piece(r: &mut Reactor, st: &Rc<RefCell<St>>, buf: Option<IoBuf>, p: Piece, n: Result<u32, i32>) {
+        let fin = {
+            let mut s = st.borrow_mut();
+            match n {
+                Err(e) => s.err = Some(nbd_errno(e)),
+                Ok(n) => {
+                    if let (Some(b), Some(out)) = (buf, s.out.as_mut()) {
+                        let n = (n as usize).min(p.len);
+                        out.as_mut_slice()[p.at..p.at + n].copy_from_slice(&b.as_slice()[..n]);
+                        // A short read (end of file) leaves zeros.
+                    }
+                }
+            }
+            s.remaining -= 1;
+            if s.remaining == 0 {
+                let res = match s.err {
+                    Some(e) => Err(e),
+                    None => s.out.take().ok_or(NbdErrno::Io),
+                };
+                s.done.take().map(|d| (d, res))
+            } else {
+                None
+            }
+        };
+        if let Some((d, res)) = fin {
+            d(r, res);
+        }
+    }
+}
+
+/// Shared state of one multi-piece write.
+struct WriteReq {
+    vol: Arc<Volume>,
+    pin: Rc<StackPin>,
+    data: IoBuf,
+    offset: u64,
+    remaining: usize,
+    err: Option<NbdErrno>,
+    done: Option<Done>,
+}
+
+type WriteRef = Rc<RefCell<WriteReq>>;
+
+/// Writes `data[..len]` at `offset` of the live view (`pin`'s stack).
+pub fn write(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, offset: u64, data: IoBuf, len: u32, done: Done) {
+    let cb = vol.chunk_bytes() as u64;
+    let end = offset + len as u64;
+    let first = offset / cb;
+    let last = (end - 1) / cb;
+    let n = (last - first + 1) as usize;
+    let w = Rc::new(RefCell::new(WriteReq {
+        vol: vol.clone(),
+        pin,
+        data,
+        offset,
+        remaining: n,
+        err: None,
+        done: Some(done),
+    }));
+    for chunk in first..=last {
+        let lo = (chunk * cb).max(offset);
+        let hi = ((chunk + 1) * cb).min(end);
+        let top = w.borrow().pin.stack().deltas.len();
+        write_piece(r, &w, chunk, lo, hi, top);
+    }
+}
+
+fn piece_done(r: &mut Reactor, w: &WriteRef, res: Result<(), NbdErrno>) {
+    let fin = {
+        let mut s = w.borrow_mut();
+        if let Err(e) = res {
+            s.err.get_or_insert(e);
+        }
+        s.remaining -= 1;
+        if s.remaining == 0 {
+            let res = match s.err {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+            s.done.take().map(|d| (d, res))
+        } else {
+            None
+        }
+    };
+    if let Some((d, res)) = fin {
+        d(r, res);
+    }
+}
+
+fn piece_bytes(w: &WriteRef, lo: u64, hi: u64) -> AlignedBuf {
+    let s = w.borrow();
+    let at = (lo - s.offset) as usize;
+    let mut b = AlignedBuf::direct((hi - lo) as usize);
+    b.as_mut_slice().copy_from_slice(&s.data.as_slice()[at..at + (hi - lo) as usize]);
+    b
+}
+
+/// Writes bytes `[lo, hi)` (within one chunk) into layer `layer - 1` of the pinned
+/// stack, or the base when `layer == 0`.
+fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, layer: usize) {
+    let (vol, delta) = {
+        let s = w.borrow();
+        let d = layer.checked_sub(1).map(|i| s.pin.stack().deltas[i].clone());
+        (s.vol.clone(), d)
+    };
+    let Some(delta) = delta else {
+        // Base, identity-mapped.
+        let Some(fd) = vol.backend().raw_fd() else {
+            return piece_done(r, w, Ok(())); // null base
+        };
+        let buf = piece_bytes(w, lo, hi);
+        return submit_write(r, w, FileRef::Raw(fd), lo, buf, None);
+    };
+    let cb = vol.chunk_bytes() as u64;
+    if delta.is_merging() {
+        // No new fills in a merging delta: chunks it does not hold go below.
+        match delta.map.lookup(chunk).map(|e| e.state()) {
+            Ok(State::Unmapped) => return write_piece(r, w, chunk, lo, hi, layer - 1),
+            Ok(_) => {}
+            Err(_) => return piece_done(r, w, Err(NbdErrno::Inval)),
+        }
+    }
+    match BlockMap::claim_shared(&delta.map, chunk) {
+        Err(_) => piece_done(r, w, Err(NbdErrno::Inval)),
+        Ok(Claim::Mapped(pin)) => {
+            let off = pin.physical() * cb + (lo - chunk * cb);
+            let buf = piece_bytes(w, lo, hi);
+            // The pin rides in the callback: a merge cannot copy this chunk under us.
+            submit_write(r, w, FileRef::Raw(delta.raw_fd()), off, buf, Some(Box::new(pin)));
+        }
+        Ok(Claim::Busy(_)) => {
+            let w2 = w.clone();
+            park_chunk(r, &delta.map, chunk, move |r| write_piece(r, &w2, chunk, lo, hi, layer));
+        }
+        Ok(Claim::Fill(guard)) => {
+            if delta.is_merging() {
+                // The chunk finished merging between our lookup and claim: undo, retry.
+                guard.abort();
+                return write_piece(r, w, chunk, lo, hi, layer);
+            }
+            let Some(p) = delta.alloc(1) else {
+                guard.abort();
+                return piece_done(r, w, Err(NbdErrno::NoSpc));
+            };
+            let full = lo == chunk * cb && hi == (chunk + 1) * cb;
+            if full {
+                let buf = piece_bytes(w, lo, hi);
+                let w2 = w.clone();
+                let fd = FileRef::Raw(delta.raw_fd());
+                let res = r.submit(Op::write(fd, p * cb, buf, (hi - lo) as u32), move |r, c| {
+                    let res = publish_after(c.bytes(), (hi - lo) as u32, guard, p);
+                    piece_done(r, &w2, res)
+                });
+                if res.is_err() {
+                    piece_done(r, w, Err(NbdErrno::NoMem));
+                }
+            } else {
+                read_merge(r, w, delta, chunk, lo, hi, layer, guard, p);
+            }
+        }
+    }
+}
+
+type Guard = ringblk_blockmap::FillGuard<Arc<BlockMap>>;
+
+fn publish_after(n: Result<u32, i32>, want: u32, guard: Guard, p: u64) -> Result<(), NbdErrno> {
+    match n {
+        Ok(n) if n == want => guard.publish(p).map_err(|_| NbdErrno::Io),
+        Ok(_) => {
+            guard.abort();
+            Err(NbdErrno::NoSpc)
+        }
+        Err(e) => {
+            guard.abort();
+            Err(nbd_errno(e))
+        }
+    }
+}
+
+/// First write of part of a chunk into `delta`: read the whole chunk from below,
+/// overlay the new bytes, write it to `p`, then publish.
+#[allow(clippy::too_many_arguments)]
+fn read_merge(
+    r: &mut Reactor,
+    w: &WriteRef,
+    delta: Arc<Delta>,
+    chunk: u64,
+    lo: u64,
+    hi: u64,
+    layer: usize,
+    guard: Guard,
+    p: u64,
+) {
+    if !delta.is_drained() {
+        // Old-epoch writes may still be landing below: wait for the drain.
+        let w2 = w.clone();
+        r.add_timer(DRAIN_RECHECK, move |r| read_merge(r, &w2, delta, chunk, lo, hi, layer, guard, p));
+        return;
+    }
+    let (vol, below) = {
+        let s = w.borrow();
+        (s.vol.clone(), s.pin.stack().deltas[..layer - 1].to_vec())
+    };
+    let cb = vol.chunk_bytes() as u64;
+    let w2 = w.clone();
+    let vol2 = vol.clone();
+    let pin = w.borrow().pin.clone();
+    read(
+        r,
+        &vol,
+        pin,
+        below,
+        chunk * cb,
+        cb as u32,
+        Box::new(move |r, res| {
+            let mut buf = match res {
+                Ok(b) => b,
+                Err(e) => {
+                    guard.abort();
+                    return piece_done(r, &w2, Err(e));
+                }
+            };
+            {
+                let s = w2.borrow();
+                let at = (lo - s.offset) as usize;
+                let intra = (lo - chunk * cb) as usize;
+                let n = (hi - lo) as usize;
+                buf.as_mut_slice()[intra..intra + n].copy_from_slice(&s.data.as_slice()[at..at + n]);
+            }
+            let fd = FileRef::Raw(delta.raw_fd());
+            let w3 = w2.clone();
+            let res = r.submit(Op::write(fd, p * cb, buf, cb as u32), move |r, c| {
+                let res = publish_after(c.bytes(), cb as u32, guard, p);
+                piece_done(r, &w3, res)
+            });
+            if res.is_err() {
+                piece_done(r, &w2, Err(NbdErrno::NoMem));
+            }
+            drop(vol2);
+        }),
+    );
+}
+
+fn submit_write(r: &mut Reactor, w: &WriteRef, file: FileRef, off: u64, buf: AlignedBuf, hold: Option<Box<dyn std::any::Any>>) {
+    let len = buf.len() as u32;
+    let w2 = w.clone();
+    let res = r.submit(Op::write(file, off, buf, len), move |r, c| {
+        drop(hold); // unpin only after the data is written
+        let res = match c.bytes() {
+            Ok(n) if n == len => Ok(()),
+            Ok(_) => Err(NbdErrno::NoSpc),
+            Err(e) => Err(nbd_errno(e)),
+        };
+        piece_done(r, &w2, res)
+    });
+    if res.is_err() {
+        piece_done(r, w, Err(NbdErrno::NoMem));
+    }
+}
+
+/// fdatasync of the base and every delta of the stack: every write completed
+/// before is durable afterwards (data; mappings are the durability issue's journal).
+pub fn flush(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, done: Done) {
+    let mut files: Vec<FileRef> = pin.stack().deltas.iter().map(|d| FileRef::Raw(d.raw_fd())).collect();
+    if let Some(fd) = vol.backend().raw_fd() {
+        files.push(FileRef::Raw(fd));
+    }
+    if files.is_empty() {
+        return done(r, Ok(()));
+    }
+    let st = Rc::new(RefCell::new((files.len(), None::<NbdErrno>, Some(done))));
+    for f in files {
+        let st2 = st.clone();
+        let pin2 = pin.clone();
+        let on_done = move |r: &mut Reactor, res: Result<u32, i32>| {
+            let _hold = pin2;
+            let fin = {
+                let mut s = st2.borrow_mut();
+                if let Err(e) = res {
+                    s.1.get_or_insert(nbd_errno(e));
+                }
+                s.0 -= 1;
+                if s.0 == 0 {
+                    s.2.take().map(|d| (d, s.1.map_or(Ok(()), Err)))
+                } else {
+                    None
+                }
+            };
+            if let Some((d, res)) = fin {
+                d(r, res)
+            }
+        };
+        if let Err(rej) = r.submit(Op::fdatasync(f), move |r, c| on_done(r, c.bytes())) {
+            (rej.cb)(r, ringblk_reactor::Completion { result: -libc::ENOMEM, op: Op::Nop });
+        }
+    }
+}
+
+/// WRITE_ZEROES on a stack with deltas: zeros written through the delta path in
+/// pieces of at most 1 MiB, one after another.
+pub fn write_zeroes(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, offset: u64, len: u64, done: Done) {
+    if len == 0 {
+        return done(r, Ok(()));
+    }
+    let n = len.min(1 << 20);
+    let buf: IoBuf = AlignedBuf::direct(n as usize).into();
+    let vol2 = vol.clone();
+    let pin2 = pin.clone();
+    write(
+        r,
+        vol,
+        pin,
+        offset,
+        buf,
+        n as u32,
+        Box::new(move |r, res| match res {
+            Ok(()) => write_zeroes(r, &vol2, pin2, offset + n, len - n, done),
+            Err(e) => done(r, Err(e)),
+        }),
+    );
+}
+
+/// base:allocation extents of a view: chunks any delta holds are data; elsewhere the
+/// base's own allocation.
+pub fn block_status(vol: &Volume, layers: &[Arc<Delta>], offset: u64, len: u32, max: usize) -> Vec<Extent> {
+    let cb = vol.chunk_bytes() as u64;
+    let end = offset + len as u64;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < max {
+        let chunk = pos / cb;
+        let n = ((chunk + 1) * cb).min(end) - pos;
+        let pieces: Vec<Extent> = match resolve(layers, chunk, cb) {
+            Loc::Delta(..) => vec![Extent { length: n as u32, flags: 0 }],
+            Loc::Base(_) => vol.backend().block_status(pos, n as u32, 16),
+        };
+        for e in pieces {
+            match out.last_mut() {
+                Some(last) if last.flags == e.flags => last.length += e.length,
+                _ => out.push(e),
+            }
+        }
+        pos += n;
+    }
+    out.truncate(max);
+    if out.is_empty() {
+        out.push(Extent {
+            length: len,
+            flags: STATE_HOLE | STATE_ZERO,
+        });
+    }
+    out
+}

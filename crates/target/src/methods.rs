@@ -1,0 +1,245 @@
+//! The JSON-RPC methods of `ringblk serve` (the README lists every one; a test
+//! checks that it does).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::backend::BackendKind;
+use crate::rpc::{parse_params, RpcError, RpcHandler};
+use crate::server::ServerShared;
+use crate::volume::{Volume, VolumeError, VolumeSpec};
+
+/// Every method, in the order the README documents them.
+pub const METHODS: &[&str] = &[
+    "volume_create",
+    "volume_list",
+    "volume_delete",
+    "export_list",
+    "stats",
+    "reactor_list",
+    "backup_create",
+    "backup_list",
+    "backup_release",
+];
+
+pub struct Methods {
+    shared: Arc<ServerShared>,
+}
+
+impl Methods {
+    pub fn new(shared: Arc<ServerShared>) -> Methods {
+        Methods { shared }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams {
+    name: String,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    size_bytes: Option<u64>,
+    #[serde(default)]
+    block_size: Option<u32>,
+    #[serde(default)]
+    backend: Option<BackendKind>,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    direct: Option<bool>,
+    #[serde(default)]
+    chunk_size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParams {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupParams {
+    volume: String,
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BackupListParams {
+    #[serde(default)]
+    volume: Option<String>,
+}
+
+fn switch_error(e: crate::switchover::SwitchError) -> RpcError {
+    RpcError::new(e.rpc_code(), e.to_string())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StatsParams {
+    #[serde(default)]
+    volume: Option<String>,
+}
+
+fn volume_error(e: VolumeError) -> RpcError {
+    RpcError::new(e.rpc_code(), e.to_string())
+}
+
+pub fn volume_json(v: &Volume) -> Value {
+    json!({
+        "name": v.name(),
+        "path": v.spec().path,
+        "size_bytes": v.size_bytes(),
+        "block_size": v.block_size(),
+        "backend": v.backend().kind(),
+        "read_only": v.read_only(),
+        "direct": v.backend().is_direct(),
+        "connections": v.connections(),
+    })
+}
+
+impl Methods {
+    fn volume(&self, name: &str) -> Result<Arc<Volume>, RpcError> {
+        self.shared
+            .registry
+            .get(name)
+            .filter(|_| !name.is_empty())
+            .ok_or_else(|| volume_error(VolumeError::NotFound(name.to_string())))
+    }
+
+    fn reactors(&self) -> Arc<[ringblk_reactor::ReactorHandle]> {
+        self.shared
+            .reactors
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Vec::new()))
+    }
+}
+
+impl RpcHandler for Methods {
+    fn methods(&self) -> Vec<&'static str> {
+        METHODS.to_vec()
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        let sh = &self.shared;
+        match method {
+            "volume_create" => {
+                let p: CreateParams = parse_params(params)?;
+                let spec = VolumeSpec {
+                    name: p.name,
+                    path: p.path,
+                    size_bytes: p.size_bytes,
+                    block_size: p.block_size.unwrap_or(512),
+                    backend: p.backend.unwrap_or(BackendKind::File),
+                    read_only: p.read_only,
+                    direct: p.direct.unwrap_or(true),
+                    chunk_size: p.chunk_size.unwrap_or(4096),
+                };
+                let v = sh.add_volume(spec).map_err(volume_error)?;
+                Ok(volume_json(&v))
+            }
+            "volume_list" => {
+                let _: Value = params;
+                Ok(Value::Array(sh.registry.list().iter().map(|v| volume_json(v)).collect()))
+            }
+            "volume_delete" => {
+                let p: NameParams = parse_params(params)?;
+                sh.remove_volume(&p.name).map_err(volume_error)?;
+                Ok(Value::Bool(true))
+            }
+            "export_list" => Ok(Value::Array(
+                sh.registry
+                    .list()
+                    .iter()
+                    .map(|v| {
+                        json!({"name": v.name(), "volume": v.name(), "size_bytes": v.size_bytes(),
+                               "read_only": v.read_only()})
+                    })
+                    .collect(),
+            )),
+            "stats" => {
+                let p: StatsParams = parse_params(params)?;
+                let vols: Vec<_> = match p.volume {
+                    Some(name) => vec![sh
+                        .registry
+                        .get(&name)
+                        .filter(|_| !name.is_empty())
+                        .ok_or_else(|| volume_error(VolumeError::NotFound(name)))?],
+                    None => sh.registry.list(),
+                };
+                let stats: Vec<_> = vols
+                    .iter()
+                    .map(|v| {
+                        let mut j = serde_json::to_value(v.stats()).unwrap_or(Value::Null);
+                        j["deltas"] = json!(v.with_stack(|s| s.deltas.len()));
+                        j["backups"] = Value::Array(crate::switchover::backup_list(v));
+                        j
+                    })
+                    .collect();
+                Ok(json!({ "volumes": stats }))
+            }
+            "reactor_list" => {
+                let Some(handles) = sh.reactors.get() else {
+                    return Ok(Value::Array(Vec::new()));
+                };
+                Ok(Value::Array(
+                    handles
+                        .iter()
+                        .map(|h| {
+                            let s = h.stats();
+                            json!({
+                                "id": h.id(),
+                                "core": h.core(),
+                                "connections": sh.per_reactor[h.id()].load(std::sync::atomic::Ordering::Relaxed),
+                                "poll_policy": h.policy().to_string(),
+                                "busy_ticks": s.busy_ticks,
+                                "idle_ticks": s.idle_ticks,
+                                "busy_ns": s.busy_ns,
+                                "idle_ns": s.idle_ns,
+                                "sleeps": s.sleeps,
+                                "ops_submitted": s.ops_submitted,
+                                "ops_completed": s.ops_completed,
+                                "messages": s.messages,
+                            })
+                        })
+                        .collect(),
+                ))
+            }
+            "backup_create" => {
+                let p: BackupParams = parse_params(params)?;
+                let v = self.volume(&p.volume)?;
+                let reactors = self.reactors();
+                let info = crate::switchover::backup_create(&reactors, &v, &p.name).map_err(switch_error)?;
+                Ok(json!({
+                    "volume": v.name(),
+                    "name": info.name,
+                    "export": format!("{}@{}", v.name(), info.name),
+                    "state": info.state,
+                    "switch_us": info.switch_us,
+                    "ready_us": info.ready_us,
+                }))
+            }
+            "backup_list" => {
+                let p: BackupListParams = parse_params(params)?;
+                let vols = match p.volume {
+                    Some(n) => vec![self.volume(&n)?],
+                    None => sh.registry.list(),
+                };
+                Ok(Value::Array(vols.iter().flat_map(|v| crate::switchover::backup_list(v)).collect()))
+            }
+            "backup_release" => {
+                let p: BackupParams = parse_params(params)?;
+                let v = self.volume(&p.volume)?;
+                let info = crate::switchover::backup_release(self.reactors(), &v, &p.name).map_err(switch_error)?;
+                Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
+            }
+            other => Err(RpcError::method_not_found(other)),
+        }
+    }
+}

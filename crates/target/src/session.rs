@@ -1,0 +1,1007 @@
+//! One NBD connection on one reactor: handshake, then the transmission phase.
+//!
+//! The protocol itself is the sans-IO [`crate::nbd`] codec; this module moves bytes
+//! between it, the socket and the backend with reactor operations.
+//!
+//! # Ownership
+//! A connection lives in an `Rc<RefCell<Conn>>` held by its reactor's connection set
+//! and by the callbacks of its in-flight operations. Request buffers move into the
+//! reactor's slab while the kernel uses them and come back in the completion.
+//!
+//! # Ordering
+//! Requests execute concurrently and reply in completion order (NBD allows any
+//! order; cookies match them up). At most one receive and one send are outstanding
+//! per socket, so bytes are never reordered on the wire.
+//!
+//! # Bounds
+//! A connection executes at most [`MAX_IN_FLIGHT`] requests and holds at most
+//! [`MAX_IN_FLIGHT_BYTES`] of request buffers (one request may overshoot), counting
+//! replies queued but not yet sent; past either it stops reading from the socket until
+//! replies go out — TCP back-pressure, never unbounded queues.
+//!
+//! # Closing
+//! The socket descriptor is closed only when no receive or send referencing it is
+//! in flight, so a reused descriptor number can never receive a stale operation.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
+
+use crate::error::nbd_errno;
+use crate::image::{Delta, StackPin};
+use crate::io;
+use crate::nbd::codec::{Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned};
+use crate::nbd::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
+use crate::nbd::{proto, reply, NbdErrno};
+use crate::server::ServerShared;
+use crate::volume::{bump, Volume};
+
+/// Requests executing at once per connection.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Request buffer bytes held at once per connection.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+/// Receive buffer per connection.
+const RX_BUF_BYTES: usize = 256 * 1024;
+/// Replies gathered into one sendmsg at most.
+const SEND_BATCH: usize = 64;
+/// Largest piece a partially sent buffer's tail is copied into.
+const PARTIAL_SEND_PIECE: usize = 256 * 1024;
+/// Extents per BLOCK_STATUS reply at most.
+const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
+/// Chunk size of the write-zeros fallback (when fallocate cannot zero).
+const ZERO_FILL_CHUNK: u64 = 1024 * 1024;
+
+type ConnRef = Rc<RefCell<Conn>>;
+
+enum Reply {
+    Bytes(Vec<u8>),
+    Data { header: Vec<u8>, buf: IoBuf, len: usize },
+}
+
+impl Reply {
+    fn len(&self) -> usize {
+        match self {
+            Reply::Bytes(b) => b.len(),
+            Reply::Data { header, len, .. } => header.len() + len,
+        }
+    }
+}
+
+enum Phase {
+    Handshake(Box<Handshake>),
+    Transmission(Box<Transmission>),
+}
+
+struct Transmission {
+    volume: Arc<Volume>,
+    /// `Some(name)` on a backup's read-only export `VOL@NAME`.
+    backup: Option<String>,
+    file: Option<FileRef>,
+    structured: bool,
+    contexts: Vec<MetaContext>,
+    decoder: TransmissionDecoder,
+    /// The WRITE whose payload is arriving.
+    cur_write: Option<(Request, IoBuf, usize)>,
+    /// Error reply to a refused WRITE, held until the decoder has drained its payload:
+    /// a client still sending that payload (libnbd) cannot match a reply to it yet.
+    refused_write_reply: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Open,
+    /// No more requests (DISC, EOF, shutdown): finish in-flight work, flush, close.
+    Draining,
+    /// Protocol violation or socket error: finish in-flight ops, send nothing, close.
+    Aborting,
+    Closed,
+}
+
+pub(crate) struct Conn {
+    id: u64,
+    sock: Option<OwnedFd>,
+    sref: FileRef,
+    shared: Arc<ServerShared>,
+    phase: Phase,
+    state: State,
+    rx: Option<Vec<u8>>,
+    rx_start: usize,
+    rx_end: usize,
+    recv_op: Option<OpId>,
+    in_flight: usize,
+    in_flight_bytes: usize,
+    /// Bytes of replies queued by `finish` and not yet sent (part of the budget).
+    unsent_bytes: usize,
+    tx: VecDeque<Reply>,
+    send_outstanding: bool,
+    handshake_timer: Option<TimerId>,
+}
+
+/// The connections of one reactor (reactor-local state).
+#[derive(Default)]
+pub(crate) struct ReactorConns {
+    map: RefCell<HashMap<u64, ConnRef>>,
+    next_id: std::cell::Cell<u64>,
+}
+
+fn conns(r: &Reactor) -> Rc<ReactorConns> {
+    match r.local::<ReactorConns>() {
+        Some(c) => c,
+        None => unreachable!("server init installs ReactorConns on every reactor"),
+    }
+}
+
+pub(crate) fn install(r: &mut Reactor) {
+    r.set_local(Rc::new(ReactorConns::default()));
+    r.on_stop(|r| {
+        let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
+        for c in all {
+            begin_close(r, &c, State::Draining);
+        }
+    });
+}
+
+/// Closes (cleanly) every connection to backup export `volume@backup` here.
+pub(crate) fn close_backup(r: &mut Reactor, volume: &str, backup: &str) {
+    let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
+    for c in all {
+        let matches = matches!(&c.borrow().phase,
+            Phase::Transmission(t) if t.volume.name() == volume && t.backup.as_deref() == Some(backup));
+        if matches {
+            begin_close(r, &c, State::Draining);
+        }
+    }
+}
+
+/// Closes (cleanly) every connection to `volume` on this reactor.
+pub(crate) fn close_volume(r: &mut Reactor, volume: &str) {
+    let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
+    for c in all {
+        let matches = matches!(&c.borrow().phase, Phase::Transmission(t) if t.volume.name() == volume);
+        if matches {
+            begin_close(r, &c, State::Draining);
+        }
+    }
+}
+
+
+/// Takes over an accepted socket on this reactor and starts the handshake.
+pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd) {
+    let set = conns(r);
+    let id = set.next_id.get();
+    set.next_id.set(id + 1);
+    let hs = Handshake::new(HandshakeLimits::default());
+    let sref = FileRef::Raw(sock.as_raw_fd());
+    let timeout = shared.handshake_timeout;
+    let conn = Rc::new(RefCell::new(Conn {
+        id,
+        sock: Some(sock),
+        sref,
+        shared,
+        phase: Phase::Handshake(Box::new(hs)),
+        state: State::Open,
+        rx: Some(vec![0u8; RX_BUF_BYTES]),
+        rx_start: 0,
+        rx_end: 0,
+        recv_op: None,
+        in_flight: 0,
+        in_flight_bytes: 0,
+        unsent_bytes: 0,
+        tx: VecDeque::new(),
+        send_outstanding: false,
+        handshake_timer: None,
+    }));
+    set.map.borrow_mut().insert(id, conn.clone());
+    // A client that stalls in the handshake is dropped after a bounded time.
+    let weak = Rc::downgrade(&conn);
+    let t = r.add_timer(timeout, move |r| {
+        if let Some(c) = weak.upgrade() {
+            let stalled = matches!(c.borrow().phase, Phase::Handshake(_));
+            if stalled {
+                tracing::info!(conn = id, "handshake timed out; closing");
+                begin_close(r, &c, State::Aborting);
+            }
+        }
+    });
+    {
+        let mut cb = conn.borrow_mut();
+        cb.handshake_timer = Some(t);
+        let greeting = match &mut cb.phase {
+            Phase::Handshake(hs) => hs.take_output(),
+            Phase::Transmission(_) => Vec::new(),
+        };
+        cb.tx.push_back(Reply::Bytes(greeting));
+    }
+    kick_send(r, &conn);
+    post_recv(r, &conn);
+}
+
+fn paused(c: &Conn) -> bool {
+    c.in_flight >= MAX_IN_FLIGHT || c.in_flight_bytes + c.unsent_bytes >= MAX_IN_FLIGHT_BYTES
+}
+
+fn post_recv(r: &mut Reactor, conn: &ConnRef) {
+    let mut c = conn.borrow_mut();
+    if c.state != State::Open || c.recv_op.is_some() || paused(&c) || c.rx_start < c.rx_end {
+        return;
+    }
+    let Some(buf) = c.rx.take() else { return };
+    c.rx_start = 0;
+    c.rx_end = 0;
+    let len = buf.len() as u32;
+    let conn2 = conn.clone();
+    match r.submit(Op::recv(c.sref, buf, 0, len), move |r, comp| on_recv(r, &conn2, comp)) {
+        Ok(id) => c.recv_op = Some(id),
+        Err(rej) => {
+            // Slab full: the reactor is saturated. Retry when a buffer frees up.
+            c.rx = rej.op.into_buf().and_then(|b| match b {
+                IoBuf::Vec(v) => Some(v),
+                _ => None,
+            });
+            drop(c);
+            let conn2 = conn.clone();
+            r.add_timer(std::time::Duration::from_micros(50), move |r| post_recv(r, &conn2));
+        }
+    }
+}
+
+fn on_recv(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
+    let n = comp.result;
+    {
+        let mut c = conn.borrow_mut();
+        c.recv_op = None;
+        c.rx = match comp.op.into_buf() {
+            Some(IoBuf::Vec(v)) => Some(v),
+            _ => Some(vec![0u8; RX_BUF_BYTES]),
+        };
+        if n > 0 {
+            c.rx_end = n as usize;
+        }
+    }
+    if n == 0 {
+        // EOF: the client went away (possibly mid-payload); finish and close.
+        begin_close(r, conn, State::Draining);
+        return;
+    }
+    if n < 0 {
+        if -n != libc::ECANCELED {
+            tracing::debug!(conn = conn.borrow().id, errno = -n, "recv failed");
+        }
+        begin_close(r, conn, State::Aborting);
+        return;
+    }
+    process(r, conn);
+}
+
+/// Feeds received bytes to the protocol until they run out or the connection pauses.
+fn process(r: &mut Reactor, conn: &ConnRef) {
+    loop {
+        let (more, handshake) = {
+            let c = conn.borrow();
+            let more = c.state == State::Open && c.rx_start < c.rx_end && !paused(&c);
+            (more, matches!(c.phase, Phase::Handshake(_)))
+        };
+        if !more {
+            break;
+        }
+        let ok = if handshake {
+            process_handshake(r, conn)
+        } else {
+            process_transmission(r, conn)
+        };
+        if !ok {
+            break;
+        }
+    }
+    kick_send(r, conn);
+    post_recv(r, conn);
+    maybe_finish(r, conn);
+}
+
+/// Runs the handshake on buffered input; false stops processing.
+fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
+    let mut c = conn.borrow_mut();
+    let c = &mut *c;
+    let Phase::Handshake(hs) = &mut c.phase else {
+        return false;
+    };
+    let Some(rx) = c.rx.as_ref() else { return false };
+    let input = &rx[c.rx_start..c.rx_end];
+    let res = hs.feed(input, &*c.shared.registry);
+    let out = hs.take_output();
+    if !out.is_empty() {
+        c.tx.push_back(Reply::Bytes(out));
+    }
+    match res {
+        Err(e) => {
+            tracing::info!(conn = c.id, error = %e, "handshake failed; closing");
+            c.tx.clear();
+            c.state = State::Aborting;
+            false
+        }
+        Ok(p) => {
+            c.rx_start += p.consumed;
+            match p.status {
+                Status::NeedInput | Status::OutputFull => true,
+                Status::Aborted => {
+                    c.state = State::Draining;
+                    false
+                }
+                Status::Done(neg) => {
+                    let Some((volume, backup)) = c.shared.registry.resolve(&neg.export.name) else {
+                        // Removed between the option and now.
+                        c.state = State::Aborting;
+                        return false;
+                    };
+                    if let Some(t) = c.handshake_timer.take() {
+                        r.cancel_timer(t);
+                    }
+                    let policy = RequestPolicy::from_negotiated(&neg, Unaligned::Reject);
+                    let contexts = neg
+                        .meta_contexts
+                        .iter()
+                        .filter(|m| m.name == proto::META_BASE_ALLOCATION)
+                        .cloned()
+                        .collect();
+                    volume.connection_opened();
+                    tracing::debug!(conn = c.id, export = volume.name(), structured = neg.structured_replies, "negotiated");
+                    c.phase = Phase::Transmission(Box::new(Transmission {
+                        file: volume.backend().raw_fd().map(FileRef::Raw),
+                        volume,
+                        backup,
+                        structured: neg.structured_replies,
+                        contexts,
+                        decoder: TransmissionDecoder::new(policy),
+                        cur_write: None,
+                        refused_write_reply: None,
+                    }));
+                    true
+                }
+            }
+        }
+    }
+}
+
+/// Decodes one event from buffered input and acts on it; false stops processing.
+fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
+    let mut c = conn.borrow_mut();
+    let cref = &mut *c;
+    let Phase::Transmission(t) = &mut cref.phase else {
+        return false;
+    };
+    let Some(rx) = cref.rx.as_ref() else { return false };
+    let input = &rx[cref.rx_start..cref.rx_end];
+    let decoded = match t.decoder.feed(input) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::info!(conn = cref.id, error = %e, "protocol error; closing");
+            cref.state = State::Aborting;
+            return false;
+        }
+    };
+    cref.rx_start += decoded.consumed;
+    if t.decoder.drain_remaining() == 0 {
+        if let Some(out) = t.refused_write_reply.take() {
+            cref.tx.push_back(Reply::Bytes(out));
+        }
+    }
+    let structured = t.structured;
+    match decoded.event {
+        None => true,
+        Some(Event::Request(req)) if req.command == Command::Write => {
+            let buf = alloc_buf(r, req.length as usize, t.volume.backend().is_direct());
+            cref.in_flight_bytes += req.length as usize;
+            cref.in_flight += 1;
+            t.cur_write = Some((req, buf, 0));
+            true
+        }
+        Some(Event::Payload { data, remaining }) => {
+            if let Some((_, buf, filled)) = t.cur_write.as_mut() {
+                buf.as_mut_slice()[*filled..*filled + data.len()].copy_from_slice(data);
+                *filled += data.len();
+            }
+            if remaining == 0 {
+                if let Some((req, buf, _)) = t.cur_write.take() {
+                    drop(c);
+                    execute(r, conn, req, Some(buf));
+                }
+            }
+            true
+        }
+        Some(Event::Request(req)) => {
+            cref.in_flight += 1;
+            if req.command == Command::Read {
+                cref.in_flight_bytes += req.length as usize;
+            }
+            drop(c);
+            execute(r, conn, req, None);
+            true
+        }
+        Some(Event::NoOp(req)) => {
+            let mut out = Vec::new();
+            if req.command == Command::Read && structured {
+                // A zero-length structured READ still needs a final chunk.
+                out.extend_from_slice(&reply::none_chunk(req.cookie));
+            } else {
+                reply::success_reply(&mut out, structured, req.cookie);
+            }
+            cref.tx.push_back(Reply::Bytes(out));
+            true
+        }
+        Some(Event::Reject { request, errno }) => {
+            let mut out = Vec::new();
+            reply::error_reply(&mut out, structured, request.cookie, errno, errno_message(errno));
+            bump(&t.volume.counters(r.id()).errors, 1);
+            if t.decoder.drain_remaining() > 0 {
+                t.refused_write_reply = Some(out);
+            } else {
+                cref.tx.push_back(Reply::Bytes(out));
+            }
+            true
+        }
+        Some(Event::Disconnect(_)) => {
+            cref.state = State::Draining;
+            false
+        }
+    }
+}
+
+fn errno_message(e: NbdErrno) -> &'static str {
+    match e {
+        NbdErrno::Perm => "export is read-only",
+        NbdErrno::Inval => "invalid request (range, alignment, command or flags)",
+        NbdErrno::NoSpc => "request past the end of the export or out of space",
+        NbdErrno::Overflow => "request larger than the 32 MiB maximum",
+        NbdErrno::NotSup => "fast zeroing is not possible here",
+        NbdErrno::Shutdown => "server is shutting down",
+        NbdErrno::NoMem => "out of memory",
+        NbdErrno::Io => "I/O error",
+    }
+}
+
+/// A buffer for `len` bytes: a fixed pool buffer when it fits, else aligned heap.
+fn alloc_buf(r: &Reactor, len: usize, _direct: bool) -> IoBuf {
+    if len <= r.buffers().buf_size() {
+        if let Some(b) = r.get_buffer() {
+            return b.into();
+        }
+    }
+    AlignedBuf::direct(len).into()
+}
+
+fn file_of(conn: &ConnRef) -> (Option<FileRef>, Arc<Volume>, bool) {
+    let c = conn.borrow();
+    match &c.phase {
+        Phase::Transmission(t) => (t.file, t.volume.clone(), t.structured),
+        Phase::Handshake(_) => unreachable!("requests exist only in transmission"),
+    }
+}
+
+fn backup_of(conn: &ConnRef) -> Option<String> {
+    match &conn.borrow().phase {
+        Phase::Transmission(t) => t.backup.clone(),
+        Phase::Handshake(_) => None,
+    }
+}
+
+/// Starts the I/O for one admitted request: pins the volume's current image stack
+/// (the request's epoch) and takes the base fast path when no delta is involved.
+fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
+    let (_, volume, _) = file_of(conn);
+    let pin = Rc::new(volume.pin(r.id()));
+    let layers = match backup_of(conn) {
+        None => pin.stack().deltas.clone(),
+        Some(b) => match pin.stack().backup_view(&b) {
+            Some(v) => v.to_vec(),
+            // Released while this connection was open.
+            None => return complete(r, conn, req, Err(NbdErrno::Shutdown)),
+        },
+    };
+    if layers.is_empty() {
+        execute_base(r, conn, req, payload, pin)
+    } else {
+        execute_layered(r, conn, req, payload, pin, layers)
+    }
+}
+
+/// Requests on a stack with deltas go through the `io` module.
+fn execute_layered(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    req: Request,
+    payload: Option<IoBuf>,
+    pin: Rc<StackPin>,
+    layers: Vec<Arc<Delta>>,
+) {
+    let volume = file_of(conn).1;
+    count_op(&volume, r.id(), &req);
+    let fua = req.flags.contains(CommandFlags::FUA);
+    let conn2 = conn.clone();
+    let pin2 = pin.clone();
+    let vol2 = volume.clone();
+    // FUA: flush the stack before replying.
+    let then_reply: io::Done = Box::new(move |r, res| {
+        if fua && res.is_ok() {
+            let c3 = conn2.clone();
+            io::flush(r, &vol2, pin2, Box::new(move |r, res| complete(r, &c3, req, res)));
+        } else {
+            complete(r, &conn2, req, res)
+        }
+    });
+    match req.command {
+        Command::Read => {
+            let c2 = conn.clone();
+            let (off, len) = (req.offset, req.length);
+            io::read(r, &volume, pin, layers, off, len, Box::new(move |r, res| complete_read(r, &c2, req, res.map(Some))));
+        }
+        Command::Write => match payload {
+            Some(buf) => io::write(r, &volume, pin, req.offset, buf, req.length, then_reply),
+            None => then_reply(r, Err(NbdErrno::Io)),
+        },
+        Command::Flush => {
+            let c2 = conn.clone();
+            io::flush(r, &volume, pin, Box::new(move |r, res| complete(r, &c2, req, res)));
+        }
+        // TRIM is advisory: with deltas the base is shared with backups, so ignore it.
+        Command::Trim | Command::Cache => then_reply(r, Ok(())),
+        Command::WriteZeroes if req.flags.contains(CommandFlags::FAST_ZERO) => {
+            then_reply(r, Err(NbdErrno::NotSup))
+        }
+        Command::WriteZeroes => io::write_zeroes(r, &volume, pin, req.offset, req.length as u64, then_reply),
+        Command::BlockStatus => {
+            let max = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+            let extents = io::block_status(&volume, &layers, req.offset, req.length, max);
+            block_status_reply(r, conn, req, extents);
+        }
+        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(NbdErrno::Inval)),
+    }
+}
+
+/// The no-delta fast path: one I/O on the base, no map lookups. `pin` rides in the
+/// callbacks so the drain of a later switchover waits for this request.
+fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>, pin: Rc<StackPin>) {
+    let (file, volume, _) = file_of(conn);
+    let ctr = volume.counters(r.id());
+    let fua = req.flags.contains(CommandFlags::FUA);
+    let Some(file) = file else {
+        // Null backend: no I/O at all.
+        match req.command {
+            Command::Read => {
+                bump(&ctr.read_ops, 1);
+                bump(&ctr.read_bytes, req.length as u64);
+                complete_read(r, conn, req, Ok(None));
+            }
+            // BLOCK_STATUS needs its extents reply (one hole for null), not a bare ack.
+            Command::BlockStatus => {
+                bump(&ctr.block_status_ops, 1);
+                let max = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+                let extents = volume.backend().block_status(req.offset, req.length, max);
+                block_status_reply(r, conn, req, extents);
+            }
+            _ => {
+                count_op(&volume, r.id(), &req);
+                complete(r, conn, req, Ok(()));
+            }
+        }
+        return;
+    };
+    let conn2 = conn.clone();
+    let submitted = match req.command {
+        Command::Read => {
+            bump(&ctr.read_ops, 1);
+            bump(&ctr.read_bytes, req.length as u64);
+            let buf = alloc_buf(r, req.length as usize, true);
+            r.submit(Op::read(file, req.offset, buf, req.length), move |r, comp| {
+                drop(pin);
+                let res = match comp.bytes() {
+                    Ok(n) => {
+                        let mut buf = comp.op.into_buf();
+                        // Short read = end of file: the rest reads as zeros.
+                        if let Some(b) = buf.as_mut() {
+                            b.as_mut_slice()[n as usize..req.length as usize].fill(0);
+                        }
+                        Ok(buf)
+                    }
+                    Err(e) => Err(nbd_errno(e)),
+                };
+                complete_read(r, &conn2, req, res)
+            })
+        }
+        Command::Write => {
+            bump(&ctr.write_ops, 1);
+            bump(&ctr.write_bytes, req.length as u64);
+            let Some(buf) = payload else {
+                complete(r, conn, req, Err(NbdErrno::Io));
+                return;
+            };
+            r.submit(Op::write(file, req.offset, buf, req.length), move |r, comp| {
+                drop(pin); // the write has landed: the drain may count it done
+                let res = match comp.bytes() {
+                    Ok(n) if n == req.length => Ok(()),
+                    // A short O_DIRECT write means the device is out of space.
+                    Ok(_) => Err(NbdErrno::NoSpc),
+                    Err(e) => Err(nbd_errno(e)),
+                };
+                finish_with_fua(r, &conn2, req, file, fua, res)
+            })
+        }
+        Command::Flush => {
+            bump(&ctr.flush_ops, 1);
+            r.submit(Op::fdatasync(file), move |r, comp| {
+                drop(pin);
+                let res = comp.bytes().map(|_| ()).map_err(nbd_errno);
+                complete(r, &conn2, req, res)
+            })
+        }
+        Command::Trim => {
+            bump(&ctr.trim_ops, 1);
+            if !volume.backend().can_punch() {
+                // TRIM is advisory: a device that cannot discard keeps the data.
+                complete(r, conn, req, Ok(()));
+                return;
+            }
+            let op = Op::fallocate(file, req.offset, req.length as u64, falloc::PUNCH_HOLE);
+            r.submit(op, move |r, comp| {
+                drop(pin);
+                let res = comp.bytes().map(|_| ()).map_err(nbd_errno);
+                finish_with_fua(r, &conn2, req, file, fua, res)
+            })
+        }
+        Command::WriteZeroes => {
+            bump(&ctr.zero_ops, 1);
+            let fast = req.flags.contains(CommandFlags::FAST_ZERO);
+            if !volume.backend().can_punch() {
+                if fast {
+                    complete(r, conn, req, Err(NbdErrno::NotSup));
+                } else {
+                    zero_fill(r, conn, req, file, 0, pin);
+                }
+                return;
+            }
+            let mode = if req.flags.contains(CommandFlags::NO_HOLE) {
+                falloc::ZERO_RANGE
+            } else {
+                falloc::PUNCH_HOLE
+            };
+            let op = Op::fallocate(file, req.offset, req.length as u64, mode);
+            r.submit(op, move |r, comp| match comp.bytes() {
+                Ok(_) => finish_with_fua(r, &conn2, req, file, fua, Ok(())),
+                Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => {
+                    if fast {
+                        complete(r, &conn2, req, Err(NbdErrno::NotSup))
+                    } else {
+                        zero_fill(r, &conn2, req, file, 0, pin)
+                    }
+                }
+                Err(e) => complete(r, &conn2, req, Err(nbd_errno(e))),
+            })
+        }
+        Command::Cache => {
+            // A hint: O_DIRECT volumes have no page cache to warm, so succeed at once.
+            bump(&ctr.cache_ops, 1);
+            complete(r, conn, req, Ok(()));
+            return;
+        }
+        Command::BlockStatus => {
+            bump(&ctr.block_status_ops, 1);
+            let max = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+            let extents = volume.backend().block_status(req.offset, req.length, max);
+            block_status_reply(r, conn, req, extents);
+            return;
+        }
+        Command::Disc | Command::Unknown(_) => {
+            complete(r, conn, req, Err(NbdErrno::Inval));
+            return;
+        }
+    };
+    if let Err(rej) = submitted {
+        // The reactor's slab is full; fail this request rather than queue unboundedly.
+        drop(rej);
+        complete(r, conn, req, Err(NbdErrno::NoMem));
+    }
+}
+
+fn count_op(volume: &Volume, reactor: usize, req: &Request) {
+    let c = volume.counters(reactor);
+    match req.command {
+        Command::Write => {
+            bump(&c.write_ops, 1);
+            bump(&c.write_bytes, req.length as u64)
+        }
+        Command::Flush => bump(&c.flush_ops, 1),
+        Command::Trim => bump(&c.trim_ops, 1),
+        Command::WriteZeroes => bump(&c.zero_ops, 1),
+        Command::Cache => bump(&c.cache_ops, 1),
+        Command::BlockStatus => bump(&c.block_status_ops, 1),
+        _ => {}
+    }
+}
+
+/// FUA: the reply waits until the data is durable.
+fn finish_with_fua(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    req: Request,
+    file: FileRef,
+    fua: bool,
+    res: Result<(), NbdErrno>,
+) {
+    if !fua || res.is_err() {
+        return complete(r, conn, req, res);
+    }
+    let conn2 = conn.clone();
+    let sub = r.submit(Op::fdatasync(file), move |r, comp| {
+        complete(r, &conn2, req, comp.bytes().map(|_| ()).map_err(nbd_errno))
+    });
+    if sub.is_err() {
+        complete(r, conn, req, Err(NbdErrno::NoMem));
+    }
+}
+
+/// Writes zeros chunk by chunk where fallocate cannot (block devices).
+fn zero_fill(r: &mut Reactor, conn: &ConnRef, req: Request, file: FileRef, done: u64, pin: Rc<StackPin>) {
+    let total = req.length as u64;
+    if done >= total {
+        drop(pin);
+        let fua = req.flags.contains(CommandFlags::FUA);
+        return finish_with_fua(r, conn, req, file, fua, Ok(()));
+    }
+    let n = (total - done).min(ZERO_FILL_CHUNK);
+    let buf = AlignedBuf::direct(n as usize);
+    let conn2 = conn.clone();
+    let sub = r.submit(Op::write(file, req.offset + done, buf, n as u32), move |r, comp| {
+        match comp.bytes() {
+            Ok(w) if w as u64 == n => zero_fill(r, &conn2, req, file, done + n, pin),
+            Ok(_) => complete(r, &conn2, req, Err(NbdErrno::NoSpc)),
+            Err(e) => complete(r, &conn2, req, Err(nbd_errno(e))),
+        }
+    });
+    if sub.is_err() {
+        complete(r, conn, req, Err(NbdErrno::NoMem));
+    }
+}
+
+fn block_status_reply(r: &mut Reactor, conn: &ConnRef, req: Request, extents: Vec<crate::nbd::Extent>) {
+    let contexts = {
+        let c = conn.borrow();
+        match &c.phase {
+            Phase::Transmission(t) => t.contexts.clone(),
+            Phase::Handshake(_) => Vec::new(),
+        }
+    };
+    let mut out = Vec::new();
+    if contexts.is_empty() || extents.is_empty() {
+        reply::error_reply(&mut out, true, req.cookie, NbdErrno::Inval, "no metadata context selected");
+    } else {
+        for (i, ctx) in contexts.iter().enumerate() {
+            reply::put_block_status(&mut out, req.cookie, ctx.id, &extents, i + 1 == contexts.len());
+        }
+    }
+    finish(r, conn, req, Reply::Bytes(out), false);
+}
+
+fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), NbdErrno>) {
+    let structured = file_of(conn).2;
+    let mut out = Vec::new();
+    let failed = res.is_err();
+    match res {
+        Ok(()) => reply::success_reply(&mut out, structured, req.cookie),
+        Err(e) => reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e)),
+    }
+    finish(r, conn, req, Reply::Bytes(out), failed);
+}
+
+/// Replies to a READ with data (`None` = zeros without a buffer, for null).
+fn complete_read(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<Option<IoBuf>, NbdErrno>) {
+    let structured = file_of(conn).2;
+    let len = req.length as usize;
+    let reply = match res {
+        Err(e) => {
+            let mut out = Vec::new();
+            reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e));
+            return finish(r, conn, req, Reply::Bytes(out), true);
+        }
+        Ok(None) if structured => {
+            Reply::Bytes(reply::offset_hole_chunk(req.cookie, req.offset, req.length, true).to_vec())
+        }
+        Ok(None) => {
+            let mut out = reply::simple_reply(req.cookie, None).to_vec();
+            out.resize(out.len() + len, 0);
+            Reply::Bytes(out)
+        }
+        Ok(Some(buf)) => {
+            let header = if structured {
+                reply::offset_data_header(req.cookie, req.offset, req.length, true).to_vec()
+            } else {
+                reply::simple_reply(req.cookie, None).to_vec()
+            };
+            Reply::Data { header, buf, len }
+        }
+    };
+    finish(r, conn, req, reply, false);
+}
+
+/// Queues the reply, releases the request's budget and resumes a paused reader.
+fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: bool) {
+    let was_paused;
+    {
+        let mut c = conn.borrow_mut();
+        was_paused = paused(&c);
+        c.in_flight -= 1;
+        if matches!(req.command, Command::Read | Command::Write) {
+            c.in_flight_bytes -= req.length as usize;
+        }
+        if failed {
+            if let Phase::Transmission(t) = &c.phase {
+                bump(&t.volume.counters(r.id()).errors, 1);
+            }
+        }
+        if c.state != State::Aborting {
+            c.unsent_bytes += reply.len();
+            c.tx.push_back(reply);
+        }
+    }
+    kick_send(r, conn);
+    if was_paused {
+        process(r, conn);
+    } else {
+        maybe_finish(r, conn);
+    }
+}
+
+/// Sends queued replies: one sendmsg at a time per socket, batching replies.
+fn kick_send(r: &mut Reactor, conn: &ConnRef) {
+    let mut c = conn.borrow_mut();
+    if c.send_outstanding || c.tx.is_empty() || c.sock.is_none() || c.state == State::Aborting {
+        return;
+    }
+    let mut bufs: Vec<IoBuf> = Vec::new();
+    let mut lens = Vec::new();
+    let mut total = 0usize;
+    let mut replies = 0;
+    while replies < SEND_BATCH {
+        let Some(rep) = c.tx.pop_front() else { break };
+        total += rep.len();
+        replies += 1;
+        match rep {
+            Reply::Bytes(b) => {
+                lens.push(b.len());
+                bufs.push(b.into());
+            }
+            Reply::Data { header, buf, len } => {
+                lens.push(header.len());
+                bufs.push(header.into());
+                lens.push(len);
+                bufs.push(buf);
+            }
+        }
+    }
+    let op = Op::sendmsg(c.sref, bufs, &lens);
+    let lens_copy = lens.clone();
+    let conn2 = conn.clone();
+    let res = r.submit(op, move |r, comp| on_sent(r, &conn2, comp, lens, total));
+    match res {
+        Ok(_) => c.send_outstanding = true,
+        Err(rej) => {
+            // Slab full: keep the bytes, in order, and retry shortly.
+            let mut bytes = Vec::with_capacity(total);
+            for (b, &l) in rej.op.into_bufs().iter().zip(&lens_copy) {
+                bytes.extend_from_slice(&b.as_slice()[..l]);
+            }
+            c.tx.push_front(Reply::Bytes(bytes));
+            drop(c);
+            let conn2 = conn.clone();
+            r.add_timer(std::time::Duration::from_micros(50), move |r| kick_send(r, &conn2));
+        }
+    }
+}
+
+fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, total: usize) {
+    let res = comp.result;
+    let resume;
+    {
+        let mut c = conn.borrow_mut();
+        c.send_outstanding = false;
+        let was_paused = paused(&c);
+        if res > 0 {
+            // Saturating: small replies queued outside `finish` are not counted.
+            c.unsent_bytes = c.unsent_bytes.saturating_sub(res as usize);
+        }
+        resume = was_paused && !paused(&c);
+        if res < 0 {
+            tracing::debug!(conn = c.id, errno = -res, "send failed; closing");
+            c.state = State::Aborting;
+            c.tx.clear();
+        } else if (res as usize) < total {
+            // Partial send: queue the unsent rest first, in order. Untouched buffers go
+            // back as they are; only the cut buffer's tail is copied, in pieces of at
+            // most PARTIAL_SEND_PIECE, so copying stays linear in the bytes sent (copying
+            // the whole unsent rest each time was quadratic for large READ replies).
+            let mut skip = res as usize;
+            let mut rest = Vec::new();
+            for (b, &l) in comp.op.into_bufs().into_iter().zip(&lens) {
+                if skip >= l {
+                    skip -= l;
+                    continue;
+                }
+                if skip == 0 {
+                    rest.push(Reply::Data { header: Vec::new(), buf: b, len: l });
+                } else {
+                    let tail = &b.as_slice()[skip..l];
+                    rest.extend(tail.chunks(PARTIAL_SEND_PIECE).map(|p| Reply::Bytes(p.to_vec())));
+                    skip = 0;
+                }
+            }
+            for rep in rest.into_iter().rev() {
+                c.tx.push_front(rep);
+            }
+        }
+    }
+    kick_send(r, conn);
+    if resume {
+        process(r, conn); // sends, reads again and closes as needed
+    } else {
+        maybe_finish(r, conn);
+    }
+}
+
+fn begin_close(r: &mut Reactor, conn: &ConnRef, how: State) {
+    let recv = {
+        let mut c = conn.borrow_mut();
+        if c.state == State::Closed {
+            return;
+        }
+        if c.state == State::Open || how == State::Aborting {
+            c.state = how;
+        }
+        if how == State::Aborting {
+            c.tx.clear();
+        }
+        // A WRITE whose payload never fully arrived will not execute: release its
+        // budget, or `maybe_finish` waits for it forever and the connection leaks.
+        let partial = match &mut c.phase {
+            Phase::Transmission(t) => t.cur_write.take(),
+            Phase::Handshake(_) => None,
+        };
+        if let Some((req, _, _)) = partial {
+            c.in_flight -= 1;
+            c.in_flight_bytes -= req.length as usize;
+        }
+        c.recv_op
+    };
+    if let Some(id) = recv {
+        r.cancel(id); // on_recv runs with ECANCELED and calls maybe_finish
+    }
+    maybe_finish(r, conn);
+}
+
+/// Closes the socket once nothing refers to it any more.
+fn maybe_finish(r: &mut Reactor, conn: &ConnRef) {
+    let mut c = conn.borrow_mut();
+    let idle = c.recv_op.is_none()
+        && !c.send_outstanding
+        && c.in_flight == 0
+        && (c.tx.is_empty() || c.state == State::Aborting);
+    if c.state == State::Open || c.state == State::Closed || !idle {
+        return;
+    }
+    c.state = State::Closed;
+    if let Some(t) = c.handshake_timer.take() {
+        r.cancel_timer(t);
+    }
+    if let Phase::Transmission(t) = &c.phase {
+        t.volume.connection_closed();
+    }
+    c.sock = None; // closes the descriptor
+    c.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    c.shared.per_reactor[r.id()].fetch_sub(1, Ordering::Relaxed);
+    let id = c.id;
+    drop(c);
+    conns(r).map.borrow_mut().remove(&id);
+    tracing::debug!(conn = id, "connection closed");
+}

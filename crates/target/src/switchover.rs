@@ -1,0 +1,387 @@
+//! Backup switchover, drain and release (ARCHITECTURE.md §5).
+//!
+//! # Switch
+//! `backup_create` prepares a delta (data file + empty block map), then publishes a
+//! new stack with the delta on top in one atomic pointer store. A request pins the
+//! stack it was admitted under, so requests admitted before the store finish against
+//! the old stack (their writes land in the frozen image) and requests admitted after
+//! it write to the new delta. Nothing is queued, failed or retried for the switch.
+//!
+//! # Drain
+//! A message visits every reactor in turn; on each it waits (timer re-checks, never a
+//! spin) until that reactor's pins of the old stack reach zero. Then the frozen image
+//! is stable: the backup is `ready`, its export serves reads, the new delta is marked
+//! drained (partial first writes may read-merge from below), and the old stack is
+//! freed. The RPC thread waits for the drain (bounded), the reactors never block.
+//!
+//! # Release
+//! Releasing backup *k* merges delta *k* (the one created at *k*'s switch) into the
+//! layer beneath it: mark it merging, drain (so every request sees the mark), copy
+//! each mapped chunk down — publishing the copy below before unmapping it above, so a
+//! reader never finds neither — then drop the delta in one more stack swap and drain.
+//! The copy runs on a control thread with blocking I/O; per-chunk `MERGING` in the
+//! block map orders it against concurrent in-place writes. Other backups' content is
+//! unchanged: the merged layers read the same before and after.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::task::{Wake, Waker};
+use std::time::{Duration, Instant};
+
+use ringblk_blockmap::{BeginMerge, BlockMap, Claim, Park};
+use ringblk_reactor::{ForEachNext, Reactor, ReactorHandle};
+
+use crate::image::{Delta, Stack};
+use crate::volume::{check_name, BackupInfo, BackupState, Volume};
+
+/// How long a backup command waits for in-flight requests of the old epoch.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+const DRAIN_RECHECK: Duration = Duration::from_micros(10);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SwitchError {
+    #[error("invalid backup name: {0}")]
+    Name(String),
+    #[error("volume {0:?} already has a backup named {1:?}")]
+    Exists(String, String),
+    #[error("volume {0:?} has no backup named {1:?}")]
+    NotFound(String, String),
+    #[error("backup {0:?} is {1:?}; try again when it is ready")]
+    Busy(String, BackupState),
+    #[error("cannot create the delta image: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("drain did not finish within {0:?}")]
+    DrainTimeout(Duration),
+    #[error("the volume is read-only")]
+    ReadOnly,
+}
+
+impl SwitchError {
+    /// Negative errno for the JSON-RPC error code.
+    pub fn rpc_code(&self) -> i32 {
+        -match self {
+            SwitchError::Name(_) => libc::EINVAL,
+            SwitchError::Exists(..) => libc::EEXIST,
+            SwitchError::NotFound(..) => libc::ENOENT,
+            SwitchError::Busy(..) => libc::EBUSY,
+            SwitchError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            SwitchError::DrainTimeout(_) => libc::ETIMEDOUT,
+            SwitchError::ReadOnly => libc::EROFS,
+        }
+    }
+}
+
+/// A stack pointer carried across threads by the drain messages. Only compared and
+/// dereferenced while the stack is retired-but-not-freed (the drain is what frees it).
+#[derive(Clone, Copy)]
+struct StackAddr(usize);
+
+fn home_reactor(vol: &Volume, n: usize) -> usize {
+    vol.name().bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % n.max(1)
+}
+
+/// Waits until no reactor has a request pinned on `old`.
+fn drain(reactors: &[ReactorHandle], vol: &Volume, old: *const Stack) -> Result<(), SwitchError> {
+    if reactors.is_empty() {
+        return Ok(());
+    }
+    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+    let addr = StackAddr(old as usize);
+    let step: ringblk_reactor::ForEachFn = Arc::new(move |r: &mut Reactor, next: ForEachNext| {
+        wait_unpinned(r, addr, next)
+    });
+    let home = home_reactor(vol, reactors.len());
+    reactors[home]
+        .send_blocking(
+            move |r| {
+                r.for_each_reactor(step, move |_| {
+                    let _ = tx.send(());
+                })
+            },
+            DRAIN_TIMEOUT,
+        )
+        .map_err(|_| SwitchError::DrainTimeout(DRAIN_TIMEOUT))?;
+    rx.recv_timeout(DRAIN_TIMEOUT)
+        .map_err(|_| SwitchError::DrainTimeout(DRAIN_TIMEOUT))
+}
+
+fn wait_unpinned(r: &mut Reactor, addr: StackAddr, next: ForEachNext) {
+    // SAFETY: the stack is retired and only freed after this drain completes, which
+    // cannot happen before this step calls `next`.
+    let pinned = unsafe { &*(addr.0 as *const Stack) }.pinned_on(r.id());
+    if pinned == 0 {
+        next.next(r);
+    } else {
+        r.add_timer(DRAIN_RECHECK, move |r| wait_unpinned(r, addr, next));
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Freezes the volume's current image as backup `name` and redirects every request
+/// admitted from now on to a new delta. Returns once the backup is ready.
+pub fn backup_create(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<BackupInfo, SwitchError> {
+    let t0 = Instant::now();
+    check_name(name).map_err(|e| SwitchError::Name(e.to_string()))?;
+    if vol.read_only() {
+        return Err(SwitchError::ReadOnly);
+    }
+    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    if ctl.backups.iter().any(|b| b.name == name) {
+        return Err(SwitchError::Exists(vol.name().into(), name.into()));
+    }
+    // 1. Prepare, before the switch: the data file and its empty lookup table.
+    let id = ctl.next_delta_id;
+    ctl.next_delta_id += 1;
+    let delta = Arc::new(Delta::create(
+        vol.data_dir(),
+        vol.name(),
+        id,
+        name,
+        vol.size_bytes(),
+        vol.chunk_bytes(),
+        vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
+    )?);
+    let mut deltas = vol.with_stack(|s| s.deltas.clone());
+    deltas.push(delta.clone());
+    let epoch = ctl.next_epoch;
+    ctl.next_epoch += 1;
+    // 2. Switch: one atomic store.
+    let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
+    let switch_us = t0.elapsed().as_micros() as u64;
+    ctl.backups.push(BackupInfo {
+        name: name.to_string(),
+        delta_id: id,
+        state: BackupState::Draining,
+        created_unix_ms: now_unix_ms(),
+        switch_us,
+        ready_us: None,
+    });
+    // 3. Drain the old epoch.
+    drain(reactors, vol, old)?;
+    delta.set_drained();
+    vol.free_retired(old);
+    let ready_us = t0.elapsed().as_micros() as u64;
+    let info = {
+        let b = ctl.backups.iter_mut().find(|b| b.name == name);
+        match b {
+            Some(b) => {
+                b.state = BackupState::Ready;
+                b.ready_us = Some(ready_us);
+                b.clone()
+            }
+            None => unreachable!("pushed above under the same lock"),
+        }
+    };
+    tracing::info!(volume = vol.name(), backup = name, epoch, switch_us, ready_us, "backup ready");
+    Ok(info)
+}
+
+/// Starts releasing backup `name`: its export closes, and the delta above it merges
+/// down in the background. The backup disappears from `backup_list` when done.
+pub fn backup_release(
+    reactors: Arc<[ReactorHandle]>,
+    vol: &Arc<Volume>,
+    name: &str,
+) -> Result<BackupInfo, SwitchError> {
+    let info = {
+        let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) else {
+            return Err(SwitchError::NotFound(vol.name().into(), name.into()));
+        };
+        if b.state != BackupState::Ready {
+            return Err(SwitchError::Busy(name.into(), b.state));
+        }
+        b.state = BackupState::Merging;
+        b.clone()
+    };
+    // Connections to the backup's export go away first (it is no longer listed).
+    for h in reactors.iter() {
+        let (v, n) = (vol.name().to_string(), name.to_string());
+        let _ = h.send_blocking(
+            move |r| crate::session::close_backup(r, &v, &n),
+            Duration::from_secs(5),
+        );
+    }
+    let vol2 = vol.clone();
+    let name2 = name.to_string();
+    std::thread::Builder::new()
+        .name(format!("merge-{}", vol.name()))
+        .spawn(move || {
+            if let Err(e) = merge(&reactors, &vol2, &name2) {
+                tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "merge failed; backup left merging");
+            }
+        })?;
+    Ok(info)
+}
+
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<(), SwitchError> {
+    let t0 = Instant::now();
+    let _ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    let (delta, below) = vol.with_stack(|s| {
+        let pos = s.deltas.iter().position(|d| d.backup == name);
+        pos.map(|i| (s.deltas[i].clone(), i.checked_sub(1).map(|j| s.deltas[j].clone())))
+    })
+    .ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
+    drop(_ctl);
+    // Every request must see `merging` before chunks move: mark, then drain the
+    // requests admitted before the mark, via a no-op stack swap.
+    delta.set_merging();
+    {
+        let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+        let deltas = vol.with_stack(|s| s.deltas.clone());
+        let epoch = ctl.next_epoch;
+        ctl.next_epoch += 1;
+        let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
+        drain(reactors, vol, old)?;
+        vol.free_retired(old);
+    }
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let cb = vol.chunk_bytes() as u64;
+    let src = dup_file(delta.raw_fd())?;
+    let dst_fd = below.as_ref().map(|d| d.raw_fd()).or(vol.backend().raw_fd());
+    let dst = dst_fd.map(dup_file).transpose()?;
+    let mut buf = ringblk_reactor::AlignedBuf::direct(cb as usize);
+    let mut merged = 0u64;
+    let cap = delta.map.capacity();
+    loop {
+        let chunks: Vec<u64> = delta.map.iter(0, cap).map(|(c, _)| c).collect();
+        if chunks.is_empty() {
+            break;
+        }
+        for c in chunks {
+            let guard = loop {
+                match BlockMap::begin_merge_shared(&delta.map, c) {
+                    Ok(BeginMerge::Started(g)) => break Some(g),
+                    Ok(BeginMerge::Unmapped) | Err(_) => break None,
+                    Ok(BeginMerge::Busy(_)) => {
+                        if let Ok(Park::Parked) = delta.map.park(c, &waker) {
+                            std::thread::park_timeout(Duration::from_millis(5));
+                        }
+                    }
+                }
+            };
+            let Some(mut g) = guard else { continue };
+            while let Park::Parked = g.poll_drained(&waker) {
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            src.read_exact_at(buf.as_mut_slice(), g.physical() * cb)?;
+            // Publish the copy below first.
+            match (&below, &dst) {
+                (Some(b), Some(dst)) => copy_into_delta(b, dst, c, cb, buf.as_slice(), &waker)?,
+                (None, Some(dst)) => {
+                    let end = ((c + 1) * cb).min(vol.size_bytes());
+                    dst.write_all_at(&buf.as_slice()[..(end - c * cb) as usize], c * cb)?
+                }
+                _ => {} // null base: nothing to keep
+            }
+            loop {
+                match g.finish() {
+                    Ok(()) => break,
+                    Err(back) => {
+                        g = back;
+                        std::thread::park_timeout(Duration::from_millis(1));
+                    }
+                }
+            }
+            merged += 1;
+        }
+    }
+    if let Some(d) = &dst {
+        d.sync_data()?;
+    }
+    // Drop the empty delta in one stack swap, then drain and free.
+    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    let deltas: Vec<Arc<Delta>> = vol.with_stack(|s| s.deltas.iter().filter(|d| d.id != delta.id).cloned().collect());
+    let epoch = ctl.next_epoch;
+    ctl.next_epoch += 1;
+    let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
+    drain(reactors, vol, old)?;
+    vol.free_retired(old);
+    ctl.backups.retain(|b| b.name != name);
+    drop(ctl);
+    tracing::info!(volume = vol.name(), backup = name, chunks = merged, ms = t0.elapsed().as_millis() as u64, "backup released");
+    Ok(())
+}
+
+/// An owned duplicate of a descriptor the volume keeps open.
+fn dup_file(fd: std::os::fd::RawFd) -> std::io::Result<File> {
+    // SAFETY: dup of a descriptor owned (and kept open) by the delta or backend.
+    let d = unsafe { libc::dup(fd) };
+    if d < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `d` is a fresh descriptor nobody else owns.
+    Ok(unsafe { File::from_raw_fd(d) })
+}
+
+/// Writes one chunk into delta `b` (the merge target): in place if `b` holds the
+/// chunk, else into a newly allocated chunk, published after the data is written.
+fn copy_into_delta(b: &Delta, dst: &File, c: u64, cb: u64, data: &[u8], waker: &Waker) -> Result<(), SwitchError> {
+    loop {
+        match BlockMap::claim_shared(&b.map, c) {
+            Ok(Claim::Mapped(pin)) => {
+                dst.write_all_at(data, pin.physical() * cb)?;
+                return Ok(());
+            }
+            Ok(Claim::Fill(g)) => {
+                let Some(p) = b.alloc(1) else {
+                    g.abort();
+                    return Err(SwitchError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+                };
+                dst.write_all_at(data, p * cb)?;
+                g.publish(p).map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
+                return Ok(());
+            }
+            Ok(Claim::Busy(_)) => {
+                if let Ok(Park::Parked) = b.map.park(c, waker) {
+                    std::thread::park_timeout(Duration::from_millis(5));
+                }
+            }
+            Err(e) => return Err(SwitchError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+/// Backups of `vol` with their delta sizes, for `backup_list` and `stats`.
+pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
+    let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    let cb = vol.chunk_bytes() as u64;
+    ctl.backups
+        .iter()
+        .map(|b| {
+            let chunks = vol.with_stack(|s| {
+                s.deltas
+                    .iter()
+                    .find(|d| d.id == b.delta_id)
+                    .map_or(0, |d| d.map.mapped_count())
+            });
+            serde_json::json!({
+                "volume": vol.name(),
+                "name": b.name,
+                "export": format!("{}@{}", vol.name(), b.name),
+                "state": b.state,
+                "delta_chunks": chunks,
+                "delta_bytes": chunks * cb,
+                "created_unix_ms": b.created_unix_ms,
+                "switch_us": b.switch_us,
+                "ready_us": b.ready_us,
+            })
+        })
+        .collect()
+}

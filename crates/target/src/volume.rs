@@ -1,0 +1,560 @@
+//! Volumes (named exports) and the registry the handshake and the RPC server share.
+//!
+//! # Sharing
+//! A [`Volume`] is immutable after creation except for its counters and its
+//! `removed` flag, so every reactor reads it through an `Arc` without locks. The
+//! [`Registry`] map is behind an `RwLock` that only the control plane takes: the
+//! handshake (to look an export up) and RPC calls. The data path never touches it.
+//!
+//! # Counters
+//! Statistics are per reactor (`stats[reactor_id]`), each slot written by one thread
+//! only, and summed on request.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::Serialize;
+
+use crate::backend::{self, Backend, BackendKind};
+use crate::image::{Stack, StackPin};
+use crate::nbd::{ExportCatalog, ExportInfo};
+
+/// Largest request payload served (the 32 MiB).
+pub const PAYLOAD_MAX_BYTES: u32 = 32 * 1024 * 1024;
+
+/// What a volume is made from (CLI `--volume`, config file, or RPC `volume_create`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    /// Backing file or device; ignored for mem and null.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default = "default_backend")]
+    pub backend: BackendKind,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Open the file O_DIRECT (default); off uses the page cache.
+    #[serde(default = "default_true")]
+    pub direct: bool,
+    /// Redirect-on-write granularity of backups' deltas: a power of two from 4 KiB
+    /// to 1 MiB, at least the block size. 4 KiB (default): an aligned 4 KiB write
+    /// never copies.
+    #[serde(default = "default_chunk")]
+    pub chunk_size: u32,
+}
+
+fn default_chunk() -> u32 {
+    4096
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+fn default_backend() -> BackendKind {
+    BackendKind::File
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A volume could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolumeError {
+    #[error("invalid volume {name:?}: {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("volume {0:?} already exists")]
+    Exists(String),
+    #[error("no volume named {0:?}")]
+    NotFound(String),
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VolumeError {
+    /// SPDK-style negative errno for JSON-RPC error codes.
+    pub fn rpc_code(&self) -> i32 {
+        match self {
+            VolumeError::Invalid { .. } => -libc::EINVAL,
+            VolumeError::Exists(_) => -libc::EEXIST,
+            VolumeError::NotFound(_) => -libc::ENODEV,
+            VolumeError::Open { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Per-reactor operation counters of one volume.
+#[derive(Default, Debug)]
+#[repr(align(128))] // one slot per cache line pair: no false sharing between reactors
+pub struct OpCounters {
+    pub read_ops: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_ops: AtomicU64,
+    pub trim_ops: AtomicU64,
+    pub zero_ops: AtomicU64,
+    pub cache_ops: AtomicU64,
+    pub block_status_ops: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Summed counters, as reported by `stats`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub name: String,
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    pub flush_ops: u64,
+    pub trim_ops: u64,
+    pub zero_ops: u64,
+    pub cache_ops: u64,
+    pub block_status_ops: u64,
+    pub errors: u64,
+    pub connections: usize,
+}
+
+/// State of one backup of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupState {
+    /// Switched; requests of the old epoch are still completing.
+    Draining,
+    /// Frozen image complete; its export serves reads.
+    Ready,
+    /// Released: the delta above it is being merged down.
+    Merging,
+}
+
+/// Control-plane record of a backup (the data lives in the image stack).
+#[derive(Clone, Debug, Serialize)]
+pub struct BackupInfo {
+    pub name: String,
+    pub delta_id: u64,
+    pub state: BackupState,
+    pub created_unix_ms: u64,
+    /// Time from the command to the published switch, and to `ready`.
+    pub switch_us: u64,
+    pub ready_us: Option<u64>,
+}
+
+/// Volume state only the control plane touches (backup commands serialise here).
+#[derive(Debug, Default)]
+pub struct Control {
+    pub backups: Vec<BackupInfo>,
+    pub next_delta_id: u64,
+    pub next_epoch: u64,
+}
+
+/// A retired stack waiting for its drain; freed afterwards.
+struct Retired(*mut Stack);
+// SAFETY: the pointer is only dereferenced (freed) by the control plane after the
+// drain proved no reactor uses it; Stack itself is Send + Sync.
+unsafe impl Send for Retired {}
+
+/// A named export.
+pub struct Volume {
+    spec: VolumeSpec,
+    size_bytes: u64,
+    backend: Backend,
+    removed: AtomicBool,
+    connections: AtomicUsize,
+    stats: Box<[OpCounters]>,
+    reactors: usize,
+    data_dir: PathBuf,
+    /// The published image stack (see `image` for the pin/drain protocol).
+    current: AtomicPtr<Stack>,
+    retired: Mutex<Vec<Retired>>,
+    pub control: Mutex<Control>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("name", &self.spec.name).finish()
+    }
+}
+
+fn invalid(name: &str, reason: impl Into<String>) -> VolumeError {
+    VolumeError::Invalid {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Export names may not contain '@' (reserved for backups, `VOL@NAME`) or control
+/// characters, and are at most 256 bytes.
+pub fn check_name(name: &str) -> Result<(), VolumeError> {
+    if name.is_empty() || name.len() > 256 {
+        return Err(invalid(name, "name must be 1 to 256 bytes"));
+    }
+    if name.chars().any(|c| c == '@' || c == '/' || c.is_control() || c.is_whitespace()) {
+        return Err(invalid(name, "name may not contain '@', '/', spaces or control characters"));
+    }
+    Ok(())
+}
+
+impl Volume {
+    /// Opens the backend and checks the spec. `reactors` sizes the per-reactor
+    /// arrays; delta images of backups go in `data_dir`.
+    pub fn open(spec: VolumeSpec, reactors: usize, data_dir: &std::path::Path) -> Result<Volume, VolumeError> {
+        check_name(&spec.name)?;
+        let name = spec.name.as_str();
+        if spec.block_size != 512 && spec.block_size != 4096 {
+            return Err(invalid(name, "block size must be 512 or 4096"));
+        }
+        let cs = spec.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) || cs < spec.block_size {
+            return Err(invalid(name, "chunk size must be a power of two from 4 KiB to 1 MiB"));
+        }
+        let (backend, size_bytes) = match spec.backend {
+            BackendKind::File => {
+                let path = spec
+                    .path
+                    .as_ref()
+                    .ok_or_else(|| invalid(name, "a file volume needs a path"))?;
+                let opts = backend::file::FileOptions {
+                    size_bytes: spec.size_bytes,
+                    read_only: spec.read_only,
+                    direct: spec.direct,
+                };
+                backend::file::open(path, opts).map_err(|source| VolumeError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            BackendKind::Mem => {
+                let size = spec
+                    .size_bytes
+                    .ok_or_else(|| invalid(name, "a mem volume needs a size"))?;
+                let b = backend::mem::open(name, size).map_err(|source| VolumeError::Open {
+                    path: "memfd".into(),
+                    source,
+                })?;
+                (b, size)
+            }
+            BackendKind::Null => {
+                let size = spec
+                    .size_bytes
+                    .ok_or_else(|| invalid(name, "a null volume needs a size"))?;
+                (backend::null::open(), size)
+            }
+        };
+        if size_bytes == 0 || size_bytes % spec.block_size as u64 != 0 {
+            return Err(invalid(
+                name,
+                format!("size {size_bytes} is not a positive multiple of the block size {}", spec.block_size),
+            ));
+        }
+        let stack = Box::into_raw(Box::new(Stack::new(0, Vec::new(), reactors)));
+        Ok(Volume {
+            spec,
+            size_bytes,
+            backend,
+            removed: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            stats: (0..reactors.max(1)).map(|_| OpCounters::default()).collect(),
+            reactors: reactors.max(1),
+            data_dir: data_dir.to_path_buf(),
+            current: AtomicPtr::new(stack),
+            retired: Mutex::new(Vec::new()),
+            control: Mutex::new(Control {
+                next_epoch: 1,
+                ..Control::default()
+            }),
+        })
+    }
+
+    pub fn chunk_bytes(&self) -> u32 {
+        self.spec.chunk_size
+    }
+
+    pub fn reactors(&self) -> usize {
+        self.reactors
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// Pins the current stack for one request admitted on `reactor` (call it on that
+    /// reactor's thread, and only there).
+    pub fn pin(&self, reactor: usize) -> StackPin {
+        let p = self.current.load(Ordering::Acquire);
+        // SAFETY: `p` is the published stack, loaded on this reactor in this loop
+        // iteration; a stack is freed only after a drain round that ran on every
+        // reactor after it was unpublished (image module docs).
+        unsafe { StackPin::new(p, reactor) }
+    }
+
+    /// The current stack, for control-plane reads that do not outlive the call
+    /// (backup listing, stats). Control operations are serialised by `control`.
+    pub fn with_stack<R>(&self, f: impl FnOnce(&Stack) -> R) -> R {
+        // SAFETY: the control lock is held by callers that retire stacks, and a
+        // stack is freed only by `free_retired`, which also runs under it.
+        f(unsafe { &*self.current.load(Ordering::Acquire) })
+    }
+
+    /// Publishes `stack` (the switch) and retires the old one until its drain.
+    /// Returns the old stack's pointer for the drain to watch.
+    pub(crate) fn publish(&self, stack: Stack) -> *const Stack {
+        let new = Box::into_raw(Box::new(stack));
+        let old = self.current.swap(new, Ordering::AcqRel);
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Retired(old));
+        old
+    }
+
+    /// Frees retired stacks after a drain proved no request uses them.
+    pub(crate) fn free_retired(&self, upto: *const Stack) {
+        let mut list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = list.iter().position(|r| std::ptr::eq(r.0, upto)) {
+            for r in list.drain(..=pos) {
+                // SAFETY: retired and drained: no reactor holds or can load it.
+                drop(unsafe { Box::from_raw(r.0) });
+            }
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn spec(&self) -> &VolumeSpec {
+        &self.spec
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.spec.block_size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.spec.read_only
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// This reactor's counters (reactor ids beyond the array share the last slot).
+    pub fn counters(&self, reactor: usize) -> &OpCounters {
+        &self.stats[reactor.min(self.stats.len() - 1)]
+    }
+
+    pub fn stats(&self) -> VolumeStats {
+        let mut s = VolumeStats {
+            name: self.name().to_string(),
+            connections: self.connections(),
+            ..Default::default()
+        };
+        for c in self.stats.iter() {
+            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            s.read_ops += l(&c.read_ops);
+            s.read_bytes += l(&c.read_bytes);
+            s.write_ops += l(&c.write_ops);
+            s.write_bytes += l(&c.write_bytes);
+            s.flush_ops += l(&c.flush_ops);
+            s.trim_ops += l(&c.trim_ops);
+            s.zero_ops += l(&c.zero_ops);
+            s.cache_ops += l(&c.cache_ops);
+            s.block_status_ops += l(&c.block_status_ops);
+            s.errors += l(&c.errors);
+        }
+        s
+    }
+
+    /// The read-only export of backup `backup` (`VOL@BACKUP`).
+    pub fn backup_export_info(&self, backup: &str) -> ExportInfo {
+        let mut info = self.export_info();
+        info.name = format!("{}@{backup}", self.name());
+        info.description = format!("ringblk backup {backup} of {}", self.name());
+        info.read_only = true;
+        info.can_trim = false;
+        info.can_write_zeroes = false;
+        info.can_fast_zero = false;
+        info
+    }
+
+    /// What the handshake tells clients about this export.
+    pub fn export_info(&self) -> ExportInfo {
+        let bs = self.block_size();
+        let punch = self.backend.can_punch();
+        ExportInfo {
+            name: self.name().to_string(),
+            description: format!("ringblk {} volume", self.backend.kind()),
+            size_bytes: self.size_bytes,
+            read_only: self.read_only(),
+            block_size_min: bs,
+            block_size_preferred: bs.max(4096),
+            block_size_max: PAYLOAD_MAX_BYTES,
+            can_trim: punch,
+            can_write_zeroes: true,
+            can_fast_zero: punch,
+            can_cache: true,
+            can_multi_conn: true,
+            can_flush: true,
+            can_fua: true,
+            rotational: false,
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        // No Arc<Volume> is left, so no request or reactor can hold a pin.
+        let cur = *self.current.get_mut();
+        // SAFETY: allocated by Box::into_raw in open/publish; freed exactly once.
+        drop(unsafe { Box::from_raw(cur) });
+        for r in self.retired.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            // SAFETY: as above.
+            drop(unsafe { Box::from_raw(r.0) });
+        }
+    }
+}
+
+/// Adds one to a per-reactor counter (single writer per slot).
+pub fn bump(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Ordering::Relaxed);
+}
+
+/// Every volume, by name.
+#[derive(Default)]
+pub struct Registry {
+    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    /// Export served to clients that ask for the empty name.
+    default_export: RwLock<Option<String>>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    pub fn insert(&self, v: Arc<Volume>) -> Result<(), VolumeError> {
+        let mut map = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(v.name()) {
+            return Err(VolumeError::Exists(v.name().to_string()));
+        }
+        let mut def = self.default_export.write().unwrap_or_else(|p| p.into_inner());
+        if def.is_none() {
+            *def = Some(v.name().to_string());
+        }
+        map.insert(v.name().to_string(), v);
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {
+        let mut map = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        let v = map
+            .remove(name)
+            .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        v.mark_removed();
+        let mut def = self.default_export.write().unwrap_or_else(|p| p.into_inner());
+        if def.as_deref() == Some(name) {
+            *def = map.keys().next().cloned();
+        }
+        Ok(v)
+    }
+
+    /// Resolves an export name: `VOL` (the live volume) or `VOL@BACKUP` (a ready
+    /// backup, read-only).
+    pub fn resolve(&self, export: &str) -> Option<(Arc<Volume>, Option<String>)> {
+        match export.split_once('@') {
+            None => self.get(export).map(|v| (v, None)),
+            Some((vol, backup)) => {
+                let v = self.get(vol).filter(|_| !vol.is_empty())?;
+                let ready = v
+                    .control
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .backups
+                    .iter()
+                    .any(|b| b.name == backup && b.state == BackupState::Ready);
+                ready.then(|| (v, Some(backup.to_string())))
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
+        let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+        if name.is_empty() {
+            let def = self.default_export.read().unwrap_or_else(|p| p.into_inner());
+            return def.as_ref().and_then(|d| map.get(d).cloned());
+        }
+        map.get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Volume>> {
+        let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+}
+
+impl ExportCatalog for Registry {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let (v, backup) = self.resolve(name)?;
+        Some(match backup {
+            None => v.export_info(),
+            Some(b) => v.backup_export_info(&b),
+        })
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        let mut out = Vec::new();
+        for v in Registry::list(self) {
+            out.push(v.export_info());
+            let ready: Vec<String> = v
+                .control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .backups
+                .iter()
+                .filter(|b| b.state == BackupState::Ready)
+                .map(|b| b.name.clone())
+                .collect();
+            out.extend(ready.iter().map(|b| v.backup_export_info(b)));
+        }
+        out
+    }
+
+    fn meta_contexts(&self, _export: &str) -> Vec<String> {
+        vec![crate::nbd::proto::META_BASE_ALLOCATION.to_string()]
+    }
+}

@@ -1,0 +1,218 @@
+//! Shared harness for integration tests: starts the real `ringblk` binary on a free
+//! loopback port with a private data directory, and stops it (SIGTERM, then wait)
+//! when dropped. Also runs real client tools with a bounded time.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any client tool may run before the test fails (liveness, not speed).
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub rpc: PathBuf,
+    pub stdout_lines: Vec<String>,
+}
+
+/// File in the data dir that [`Server::start_logged`] sends the server's stderr to.
+pub const STDERR_LOG: &str = "server-stderr.log";
+
+/// A temp dir on the real disk (O_DIRECT works there; /tmp may be tmpfs).
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
+}
+
+impl Server {
+    /// `ringblk serve --listen 127.0.0.1:0 --data-dir <tmp> <extra...>`.
+    pub fn start(extra: &[&str]) -> Server {
+        Self::start_in(tmpdir(), extra)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        Self::start_in_with_stderr(dir, extra, Stdio::inherit())
+    }
+
+    /// Like [`Server::start`], but the server's stderr goes to a file that
+    /// [`Server::stderr_log`] reads (to check that nothing panicked).
+    pub fn start_logged(extra: &[&str]) -> Server {
+        let dir = tmpdir();
+        let log = std::fs::File::create(dir.path().join(STDERR_LOG)).expect("create stderr log");
+        Self::start_in_with_stderr(dir, extra, Stdio::from(log))
+    }
+
+    /// The server's stderr so far (empty unless started with [`Server::start_logged`]).
+    pub fn stderr_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(STDERR_LOG)).unwrap_or_default()
+    }
+
+    /// Panics unless the server is still running and its stderr shows no panic.
+    pub fn assert_alive(&mut self) {
+        let status = self.child.try_wait().expect("try_wait");
+        let log = self.stderr_log();
+        assert!(
+            status.is_none(),
+            "server exited ({status:?}); stderr:\n{log}"
+        );
+        assert!(!log.contains("panicked"), "server panicked; stderr:\n{log}");
+    }
+
+    pub fn start_in_with_stderr(dir: tempfile::TempDir, extra: &[&str], stderr: Stdio) -> Server {
+        let rpc = dir.path().join("ringblk.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("--rpc")
+            .arg(&rpc)
+            .args(extra)
+            .env("RINGBLK_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn ringblk");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = Vec::new();
+        let mut port = None;
+        let mut reader = BufReader::new(stdout);
+        // The banner ends with the qemu-img line (or the exports list when none).
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).expect("read banner");
+            if n == 0 {
+                let status = child.wait().expect("wait");
+                panic!("ringblk exited before serving ({status}); output: {lines:?}");
+            }
+            let line = line.trim_end().to_string();
+            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                port = rest.split_whitespace().next().and_then(|p| p.parse().ok());
+            }
+            let last = line.trim_start().starts_with("qemu-img info");
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        Server {
+            child,
+            port: port.expect("banner names the port"),
+            dir,
+            rpc,
+            stdout_lines: lines,
+        }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.port, export)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Stops the server with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// Runs a command with a time bound; returns its output (never panics on a non-zero
+/// exit: callers assert on what they expect).
+pub fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {cmd:?}: {e} (ci/test.sh installs the client tools)")
+        });
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > TOOL_TIMEOUT {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{cmd:?} timed out; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs and requires success; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{desc} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Debian's python3 (python3-libnbd is installed for it; another python3 may be first on PATH).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+pub fn ctl(server: &Server) -> Command {
+    // ringblk-ctl is built by the workspace; find it next to the test's ringblk binary.
+    let bin = Path::new(env!("CARGO_BIN_EXE_ringblk"))
+        .parent()
+        .expect("bin dir")
+        .join("ringblk-ctl");
+    let mut c = Command::new(bin);
+    c.arg("--rpc").arg(&server.rpc);
+    c
+}
+
+/// nbdsh under Debian's python3 (the `nbdsh` script runs whatever `python3` is first
+/// on PATH, which may lack the nbd module).
+pub fn nbdsh() -> Command {
+    let mut c = Command::new(SYSTEM_PYTHON);
+    c.args(["-m", "nbd"]);
+    c
+}
