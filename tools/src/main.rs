@@ -202,10 +202,7 @@ impl Backend {
 enum BackupCommand {
     /// Freeze VOLUME's image as backup NAME (served read-only as VOLUME@NAME).
     #[command(after_help = "Example:\n  ringblk-ctl backup create vol0 nightly")]
-    Create {
-        volume: String,
-        name: String,
-    },
+    Create { volume: String, name: String },
     /// List backups with their state and delta size.
     #[command(after_help = "Examples:\n  ringblk-ctl backup list\n  ringblk-ctl backup list vol0")]
     List { volume: Option<String> },
@@ -286,9 +283,10 @@ fn request(command: &Command) -> (&str, Option<Value>) {
             volume: Some(volume),
         } => ("stats", Some(json!({ "volume": volume }))),
         Command::Reactor(ReactorCommand::List) => ("reactor_list", Some(json!({}))),
-        Command::Backup(BackupCommand::Create { volume, name }) => {
-            ("backup_create", Some(json!({ "volume": volume, "name": name })))
-        }
+        Command::Backup(BackupCommand::Create { volume, name }) => (
+            "backup_create",
+            Some(json!({ "volume": volume, "name": name })),
+        ),
         Command::Backup(BackupCommand::List { volume }) => match volume {
             Some(v) => ("backup_list", Some(json!({ "volume": v }))),
             None => ("backup_list", Some(json!({}))),

@@ -22,9 +22,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix")
+    })?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" | "kb" => 10,
@@ -44,7 +44,8 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
         let bad = || format!("invalid core list {s:?}: use e.g. 0,1 or 0-3");
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
                 if a > b || b - a > 4096 {
                     return Err(bad());
                 }
@@ -109,7 +110,9 @@ pub fn parse_poll(s: &str) -> Result<PollMode, String> {
         "busy" => Ok(PollMode::Busy),
         "adaptive" => Ok(PollMode::Adaptive),
         "interrupt" => Ok(PollMode::Interrupt),
-        _ => Err(format!("invalid poll mode {s:?}: busy, adaptive or interrupt")),
+        _ => Err(format!(
+            "invalid poll mode {s:?}: busy, adaptive or interrupt"
+        )),
     }
 }
 
@@ -152,7 +155,8 @@ pub struct FileVolume {
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -227,7 +231,14 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             backend: v.backend.unwrap_or(BackendKind::File),
             read_only: v.read_only,
             direct: v.direct.unwrap_or(true),
-            chunk_size: v.chunk_size.as_deref().map(parse_size).transpose()?.map_or(Ok(4096), |c| c.try_into().map_err(|_| "chunk_size too large".to_string()))?,
+            chunk_size: v
+                .chunk_size
+                .as_deref()
+                .map(parse_size)
+                .transpose()?
+                .map_or(Ok(4096), |c| {
+                    c.try_into().map_err(|_| "chunk_size too large".to_string())
+                })?,
         });
     }
     if volumes.is_empty() {
@@ -252,12 +263,20 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             }
         }
     }
-    let max_connections = flags.max_connections.or(file.max_connections).unwrap_or(1024);
+    let max_connections = flags
+        .max_connections
+        .or(file.max_connections)
+        .unwrap_or(1024);
     if max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }
-    let handshake_timeout =
-        Duration::from_secs(flags.handshake_timeout_secs.or(file.handshake_timeout_secs).unwrap_or(10).max(1));
+    let handshake_timeout = Duration::from_secs(
+        flags
+            .handshake_timeout_secs
+            .or(file.handshake_timeout_secs)
+            .unwrap_or(10)
+            .max(1),
+    );
     Ok(Resolved {
         server: ServerConfig {
             listen,

@@ -65,7 +65,11 @@ impl Delta {
         let mut oo = OpenOptions::new();
         oo.read(true).write(true).create(true).truncate(true);
         let mut direct = direct;
-        let file = match oo.clone().custom_flags(if direct { libc::O_DIRECT } else { 0 }).open(&path) {
+        let file = match oo
+            .clone()
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 direct = false;
@@ -107,7 +111,9 @@ impl Delta {
     }
 
     pub fn allocated_chunks(&self) -> u64 {
-        self.next_physical.load(Ordering::Relaxed).min(self.capacity_chunks)
+        self.next_physical
+            .load(Ordering::Relaxed)
+            .min(self.capacity_chunks)
     }
 
     pub fn is_merging(&self) -> bool {

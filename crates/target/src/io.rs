@@ -155,17 +155,26 @@ pub fn read(
         let st2 = st.clone();
         let pin2 = pin.clone();
         let buf = AlignedBuf::direct(p.len);
-        let res = r.submit(Op::read(file, loc_offset(p.loc), buf, p.len as u32), move |r, c| {
-            let _hold = pin2;
-            let n = c.bytes();
-            finish_piece(r, &st2, c.op.into_buf(), p, n)
-        });
+        let res = r.submit(
+            Op::read(file, loc_offset(p.loc), buf, p.len as u32),
+            move |r, c| {
+                let _hold = pin2;
+                let n = c.bytes();
+                finish_piece(r, &st2, c.op.into_buf(), p, n)
+            },
+        );
         if res.is_err() {
             finish_piece(r, &st, None, p, Err(libc::ENOMEM));
         }
     }
 
-    fn finish_piece(r: &mut Reactor, st: &Rc<RefCell<St>>, buf: Option<IoBuf>, p: Piece, n: Result<u32, i32>) {
+    fn finish_piece(
+        r: &mut Reactor,
+        st: &Rc<RefCell<St>>,
+        buf: Option<IoBuf>,
+        p: Piece,
+        n: Result<u32, i32>,
+    ) {
         let fin = {
             let mut s = st.borrow_mut();
             match n {
@@ -209,7 +218,15 @@ struct WriteReq {
 type WriteRef = Rc<RefCell<WriteReq>>;
 
 /// Writes `data[..len]` at `offset` of the live view (`pin`'s stack).
-pub fn write(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, offset: u64, data: IoBuf, len: u32, done: Done) {
+pub fn write(
+    r: &mut Reactor,
+    vol: &Arc<Volume>,
+    pin: Rc<StackPin>,
+    offset: u64,
+    data: IoBuf,
+    len: u32,
+    done: Done,
+) {
     let cb = vol.chunk_bytes() as u64;
     let end = offset + len as u64;
     let first = offset / cb;
@@ -258,7 +275,8 @@ fn piece_bytes(w: &WriteRef, lo: u64, hi: u64) -> AlignedBuf {
     let s = w.borrow();
     let at = (lo - s.offset) as usize;
     let mut b = AlignedBuf::direct((hi - lo) as usize);
-    b.as_mut_slice().copy_from_slice(&s.data.as_slice()[at..at + (hi - lo) as usize]);
+    b.as_mut_slice()
+        .copy_from_slice(&s.data.as_slice()[at..at + (hi - lo) as usize]);
     b
 }
 
@@ -267,7 +285,9 @@ fn piece_bytes(w: &WriteRef, lo: u64, hi: u64) -> AlignedBuf {
 fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, layer: usize) {
     let (vol, delta) = {
         let s = w.borrow();
-        let d = layer.checked_sub(1).map(|i| s.pin.stack().deltas[i].clone());
+        let d = layer
+            .checked_sub(1)
+            .map(|i| s.pin.stack().deltas[i].clone());
         (s.vol.clone(), d)
     };
     let Some(delta) = delta else {
@@ -293,11 +313,20 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
             let off = pin.physical() * cb + (lo - chunk * cb);
             let buf = piece_bytes(w, lo, hi);
             // The pin rides in the callback: a merge cannot copy this chunk under us.
-            submit_write(r, w, FileRef::Raw(delta.raw_fd()), off, buf, Some(Box::new(pin)));
+            submit_write(
+                r,
+                w,
+                FileRef::Raw(delta.raw_fd()),
+                off,
+                buf,
+                Some(Box::new(pin)),
+            );
         }
         Ok(Claim::Busy(_)) => {
             let w2 = w.clone();
-            park_chunk(r, &delta.map, chunk, move |r| write_piece(r, &w2, chunk, lo, hi, layer));
+            park_chunk(r, &delta.map, chunk, move |r| {
+                write_piece(r, &w2, chunk, lo, hi, layer)
+            });
         }
         Ok(Claim::Fill(guard)) => {
             if delta.is_merging() {
@@ -361,7 +390,9 @@ fn read_merge(
     if !delta.is_drained() {
         // Old-epoch writes may still be landing below: wait for the drain.
         let w2 = w.clone();
-        r.add_timer(DRAIN_RECHECK, move |r| read_merge(r, &w2, delta, chunk, lo, hi, layer, guard, p));
+        r.add_timer(DRAIN_RECHECK, move |r| {
+            read_merge(r, &w2, delta, chunk, lo, hi, layer, guard, p)
+        });
         return;
     }
     let (vol, below) = {
@@ -392,7 +423,8 @@ fn read_merge(
                 let at = (lo - s.offset) as usize;
                 let intra = (lo - chunk * cb) as usize;
                 let n = (hi - lo) as usize;
-                buf.as_mut_slice()[intra..intra + n].copy_from_slice(&s.data.as_slice()[at..at + n]);
+                buf.as_mut_slice()[intra..intra + n]
+                    .copy_from_slice(&s.data.as_slice()[at..at + n]);
             }
             let fd = FileRef::Raw(delta.raw_fd());
             let w3 = w2.clone();
@@ -408,7 +440,14 @@ fn read_merge(
     );
 }
 
-fn submit_write(r: &mut Reactor, w: &WriteRef, file: FileRef, off: u64, buf: AlignedBuf, hold: Option<Box<dyn std::any::Any>>) {
+fn submit_write(
+    r: &mut Reactor,
+    w: &WriteRef,
+    file: FileRef,
+    off: u64,
+    buf: AlignedBuf,
+    hold: Option<Box<dyn std::any::Any>>,
+) {
     let len = buf.len() as u32;
     let w2 = w.clone();
     let res = r.submit(Op::write(file, off, buf, len), move |r, c| {
@@ -428,7 +467,12 @@ fn submit_write(r: &mut Reactor, w: &WriteRef, file: FileRef, off: u64, buf: Ali
 /// fdatasync of the base and every delta of the stack: every write completed
 /// before is durable afterwards (data; mappings are the durability issue's journal).
 pub fn flush(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, done: Done) {
-    let mut files: Vec<FileRef> = pin.stack().deltas.iter().map(|d| FileRef::Raw(d.raw_fd())).collect();
+    let mut files: Vec<FileRef> = pin
+        .stack()
+        .deltas
+        .iter()
+        .map(|d| FileRef::Raw(d.raw_fd()))
+        .collect();
     if let Some(fd) = vol.backend().raw_fd() {
         files.push(FileRef::Raw(fd));
     }
@@ -458,14 +502,27 @@ pub fn flush(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, done: Done) 
             }
         };
         if let Err(rej) = r.submit(Op::fdatasync(f), move |r, c| on_done(r, c.bytes())) {
-            (rej.cb)(r, ringblk_reactor::Completion { result: -libc::ENOMEM, op: Op::Nop });
+            (rej.cb)(
+                r,
+                ringblk_reactor::Completion {
+                    result: -libc::ENOMEM,
+                    op: Op::Nop,
+                },
+            );
         }
     }
 }
 
 /// WRITE_ZEROES on a stack with deltas: zeros written through the delta path in
 /// pieces of at most 1 MiB, one after another.
-pub fn write_zeroes(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, offset: u64, len: u64, done: Done) {
+pub fn write_zeroes(
+    r: &mut Reactor,
+    vol: &Arc<Volume>,
+    pin: Rc<StackPin>,
+    offset: u64,
+    len: u64,
+    done: Done,
+) {
     if len == 0 {
         return done(r, Ok(()));
     }
@@ -489,7 +546,13 @@ pub fn write_zeroes(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, offse
 
 /// base:allocation extents of a view: chunks any delta holds are data; elsewhere the
 /// base's own allocation.
-pub fn block_status(vol: &Volume, layers: &[Arc<Delta>], offset: u64, len: u32, max: usize) -> Vec<Extent> {
+pub fn block_status(
+    vol: &Volume,
+    layers: &[Arc<Delta>],
+    offset: u64,
+    len: u32,
+    max: usize,
+) -> Vec<Extent> {
     let cb = vol.chunk_bytes() as u64;
     let end = offset + len as u64;
     let mut out: Vec<Extent> = Vec::new();
@@ -498,7 +561,10 @@ pub fn block_status(vol: &Volume, layers: &[Arc<Delta>], offset: u64, len: u32, 
         let chunk = pos / cb;
         let n = ((chunk + 1) * cb).min(end) - pos;
         let pieces: Vec<Extent> = match resolve(layers, chunk, cb) {
-            Loc::Delta(..) => vec![Extent { length: n as u32, flags: 0 }],
+            Loc::Delta(..) => vec![Extent {
+                length: n as u32,
+                flags: 0,
+            }],
             Loc::Base(_) => vol.backend().block_status(pos, n as u32, 16),
         };
         for e in pieces {

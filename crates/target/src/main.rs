@@ -152,21 +152,32 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_connections: args.max_connections,
         handshake_timeout_secs: args.handshake_timeout,
     })?;
-    std::fs::create_dir_all(&resolved.data_dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", resolved.data_dir.display()))?;
+    std::fs::create_dir_all(&resolved.data_dir).map_err(|e| {
+        format!(
+            "cannot create data dir {}: {e}",
+            resolved.data_dir.display()
+        )
+    })?;
 
     // Block the stop signals before any thread starts so that every thread inherits
     // the mask and only the main thread's sigwait sees them.
     let mut sigs = nix::sys::signal::SigSet::empty();
     sigs.add(nix::sys::signal::Signal::SIGINT);
     sigs.add(nix::sys::signal::Signal::SIGTERM);
-    sigs.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    sigs.thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let reactors = resolved.server.reactor.cores.len();
     let idle = resolved.server.reactor.idle;
     let server = Server::start(resolved.server).map_err(|e| e.to_string())?;
     let rpc = RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone())))
-        .map_err(|e| format!("cannot start the RPC socket {}: {}", resolved.rpc.display(), e.message))?;
+        .map_err(|e| {
+            format!(
+                "cannot start the RPC socket {}: {}",
+                resolved.rpc.display(),
+                e.message
+            )
+        })?;
 
     print_banner(&server, reactors, &idle.to_string(), &resolved.rpc);
 

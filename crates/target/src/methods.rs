@@ -146,7 +146,9 @@ impl RpcHandler for Methods {
             }
             "volume_list" => {
                 let _: Value = params;
-                Ok(Value::Array(sh.registry.list().iter().map(|v| volume_json(v)).collect()))
+                Ok(Value::Array(
+                    sh.registry.list().iter().map(|v| volume_json(v)).collect(),
+                ))
             }
             "volume_delete" => {
                 let p: NameParams = parse_params(params)?;
@@ -215,7 +217,8 @@ impl RpcHandler for Methods {
                 let p: BackupParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
                 let reactors = self.reactors();
-                let info = crate::switchover::backup_create(&reactors, &v, &p.name).map_err(switch_error)?;
+                let info = crate::switchover::backup_create(&reactors, &v, &p.name)
+                    .map_err(switch_error)?;
                 Ok(json!({
                     "volume": v.name(),
                     "name": info.name,
@@ -231,12 +234,17 @@ impl RpcHandler for Methods {
                     Some(n) => vec![self.volume(&n)?],
                     None => sh.registry.list(),
                 };
-                Ok(Value::Array(vols.iter().flat_map(|v| crate::switchover::backup_list(v)).collect()))
+                Ok(Value::Array(
+                    vols.iter()
+                        .flat_map(|v| crate::switchover::backup_list(v))
+                        .collect(),
+                ))
             }
             "backup_release" => {
                 let p: BackupParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
-                let info = crate::switchover::backup_release(self.reactors(), &v, &p.name).map_err(switch_error)?;
+                let info = crate::switchover::backup_release(self.reactors(), &v, &p.name)
+                    .map_err(switch_error)?;
                 Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
             }
             other => Err(RpcError::method_not_found(other)),

@@ -65,7 +65,12 @@ fn resume(r: &mut Reactor, id: u64) {
 
 /// Parks `cont` until `chunk` of `map` is no longer busy; runs it at once (on the
 /// next loop iteration) if it already is not.
-pub fn park_chunk(r: &mut Reactor, map: &BlockMap, chunk: u64, cont: impl FnOnce(&mut Reactor) + 'static) {
+pub fn park_chunk(
+    r: &mut Reactor,
+    map: &BlockMap,
+    chunk: u64,
+    cont: impl FnOnce(&mut Reactor) + 'static,
+) {
     let t = table(r);
     let id = t.next.get();
     t.next.set(id + 1);

@@ -101,7 +101,10 @@ impl ServerShared {
         if let Some(handles) = self.reactors.get() {
             for h in handles.iter() {
                 let n = name.to_string();
-                let _ = h.send_blocking(move |r| session::close_volume(r, &n), Duration::from_secs(5));
+                let _ = h.send_blocking(
+                    move |r| session::close_volume(r, &n),
+                    Duration::from_secs(5),
+                );
             }
         }
         tracing::info!(volume = name, "volume removed");
@@ -235,7 +238,11 @@ fn start_accepting(r: &mut Reactor, shared: Arc<ServerShared>, fd: OwnedFd) {
     post_accept(r, shared, l);
 }
 
-fn post_accept(r: &mut Reactor, shared: Arc<ServerShared>, l: std::rc::Rc<std::cell::RefCell<Listener>>) {
+fn post_accept(
+    r: &mut Reactor,
+    shared: Arc<ServerShared>,
+    l: std::rc::Rc<std::cell::RefCell<Listener>>,
+) {
     let raw = match l.borrow().fd.as_ref() {
         Some(fd) => fd.as_raw_fd(),
         None => return,
@@ -265,14 +272,19 @@ fn post_accept(r: &mut Reactor, shared: Arc<ServerShared>, l: std::rc::Rc<std::c
         Ok(id) => l.borrow_mut().accept = Some(id),
         Err(_) => {
             let l2 = l.clone();
-            r.add_timer(Duration::from_millis(1), move |r| post_accept(r, shared, l2));
+            r.add_timer(Duration::from_millis(1), move |r| {
+                post_accept(r, shared, l2)
+            });
         }
     }
 }
 
 fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
     if shared.connections.load(Ordering::Relaxed) >= shared.max_connections {
-        tracing::warn!(max = shared.max_connections, "connection limit reached; refusing a client");
+        tracing::warn!(
+            max = shared.max_connections,
+            "connection limit reached; refusing a client"
+        );
         return; // dropping the descriptor closes it
     }
     set_nodelay(&sock);

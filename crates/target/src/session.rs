@@ -35,7 +35,9 @@ use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, 
 use crate::error::nbd_errno;
 use crate::image::{Delta, StackPin};
 use crate::io;
-use crate::nbd::codec::{Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned};
+use crate::nbd::codec::{
+    Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
+};
 use crate::nbd::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
 use crate::nbd::{proto, reply, NbdErrno};
 use crate::server::ServerShared;
@@ -60,7 +62,11 @@ type ConnRef = Rc<RefCell<Conn>>;
 
 enum Reply {
     Bytes(Vec<u8>),
-    Data { header: Vec<u8>, buf: IoBuf, len: usize },
+    Data {
+        header: Vec<u8>,
+        buf: IoBuf,
+        len: usize,
+    },
 }
 
 impl Reply {
@@ -162,13 +168,13 @@ pub(crate) fn close_backup(r: &mut Reactor, volume: &str, backup: &str) {
 pub(crate) fn close_volume(r: &mut Reactor, volume: &str) {
     let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
     for c in all {
-        let matches = matches!(&c.borrow().phase, Phase::Transmission(t) if t.volume.name() == volume);
+        let matches =
+            matches!(&c.borrow().phase, Phase::Transmission(t) if t.volume.name() == volume);
         if matches {
             begin_close(r, &c, State::Draining);
         }
     }
 }
-
 
 /// Takes over an accepted socket on this reactor and starts the handshake.
 pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd) {
@@ -235,7 +241,9 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     c.rx_end = 0;
     let len = buf.len() as u32;
     let conn2 = conn.clone();
-    match r.submit(Op::recv(c.sref, buf, 0, len), move |r, comp| on_recv(r, &conn2, comp)) {
+    match r.submit(Op::recv(c.sref, buf, 0, len), move |r, comp| {
+        on_recv(r, &conn2, comp)
+    }) {
         Ok(id) => c.recv_op = Some(id),
         Err(rej) => {
             // Slab full: the reactor is saturated. Retry when a buffer frees up.
@@ -245,7 +253,9 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
             });
             drop(c);
             let conn2 = conn.clone();
-            r.add_timer(std::time::Duration::from_micros(50), move |r| post_recv(r, &conn2));
+            r.add_timer(std::time::Duration::from_micros(50), move |r| {
+                post_recv(r, &conn2)
+            });
         }
     }
 }
@@ -310,7 +320,9 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
     let Phase::Handshake(hs) = &mut c.phase else {
         return false;
     };
-    let Some(rx) = c.rx.as_ref() else { return false };
+    let Some(rx) = c.rx.as_ref() else {
+        return false;
+    };
     let input = &rx[c.rx_start..c.rx_end];
     let res = hs.feed(input, &*c.shared.registry);
     let out = hs.take_output();
@@ -349,7 +361,12 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         .cloned()
                         .collect();
                     volume.connection_opened();
-                    tracing::debug!(conn = c.id, export = volume.name(), structured = neg.structured_replies, "negotiated");
+                    tracing::debug!(
+                        conn = c.id,
+                        export = volume.name(),
+                        structured = neg.structured_replies,
+                        "negotiated"
+                    );
                     c.phase = Phase::Transmission(Box::new(Transmission {
                         file: volume.backend().raw_fd().map(FileRef::Raw),
                         volume,
@@ -374,7 +391,9 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
     let Phase::Transmission(t) = &mut cref.phase else {
         return false;
     };
-    let Some(rx) = cref.rx.as_ref() else { return false };
+    let Some(rx) = cref.rx.as_ref() else {
+        return false;
+    };
     let input = &rx[cref.rx_start..cref.rx_end];
     let decoded = match t.decoder.feed(input) {
         Ok(d) => d,
@@ -435,7 +454,13 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
         }
         Some(Event::Reject { request, errno }) => {
             let mut out = Vec::new();
-            reply::error_reply(&mut out, structured, request.cookie, errno, errno_message(errno));
+            reply::error_reply(
+                &mut out,
+                structured,
+                request.cookie,
+                errno,
+                errno_message(errno),
+            );
             bump(&t.volume.counters(r.id()).errors, 1);
             if t.decoder.drain_remaining() > 0 {
                 t.refused_write_reply = Some(out);
@@ -520,6 +545,7 @@ fn execute_layered(
 ) {
     let volume = file_of(conn).1;
     count_op(&volume, r.id(), &req);
+    bump(&volume.counters(r.id()).layered_ops, 1);
     let fua = req.flags.contains(CommandFlags::FUA);
     let conn2 = conn.clone();
     let pin2 = pin.clone();
@@ -528,7 +554,12 @@ fn execute_layered(
     let then_reply: io::Done = Box::new(move |r, res| {
         if fua && res.is_ok() {
             let c3 = conn2.clone();
-            io::flush(r, &vol2, pin2, Box::new(move |r, res| complete(r, &c3, req, res)));
+            io::flush(
+                r,
+                &vol2,
+                pin2,
+                Box::new(move |r, res| complete(r, &c3, req, res)),
+            );
         } else {
             complete(r, &conn2, req, res)
         }
@@ -537,7 +568,15 @@ fn execute_layered(
         Command::Read => {
             let c2 = conn.clone();
             let (off, len) = (req.offset, req.length);
-            io::read(r, &volume, pin, layers, off, len, Box::new(move |r, res| complete_read(r, &c2, req, res.map(Some))));
+            io::read(
+                r,
+                &volume,
+                pin,
+                layers,
+                off,
+                len,
+                Box::new(move |r, res| complete_read(r, &c2, req, res.map(Some))),
+            );
         }
         Command::Write => match payload {
             Some(buf) => io::write(r, &volume, pin, req.offset, buf, req.length, then_reply),
@@ -545,16 +584,27 @@ fn execute_layered(
         },
         Command::Flush => {
             let c2 = conn.clone();
-            io::flush(r, &volume, pin, Box::new(move |r, res| complete(r, &c2, req, res)));
+            io::flush(
+                r,
+                &volume,
+                pin,
+                Box::new(move |r, res| complete(r, &c2, req, res)),
+            );
         }
         // TRIM is advisory: with deltas the base is shared with backups, so ignore it.
         Command::Trim | Command::Cache => then_reply(r, Ok(())),
         Command::WriteZeroes if req.flags.contains(CommandFlags::FAST_ZERO) => {
             then_reply(r, Err(NbdErrno::NotSup))
         }
-        Command::WriteZeroes => io::write_zeroes(r, &volume, pin, req.offset, req.length as u64, then_reply),
+        Command::WriteZeroes => {
+            io::write_zeroes(r, &volume, pin, req.offset, req.length as u64, then_reply)
+        }
         Command::BlockStatus => {
-            let max = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+            let max = if req.flags.contains(CommandFlags::REQ_ONE) {
+                1
+            } else {
+                BLOCK_STATUS_EXTENTS_MAX
+            };
             let extents = io::block_status(&volume, &layers, req.offset, req.length, max);
             block_status_reply(r, conn, req, extents);
         }
@@ -564,7 +614,13 @@ fn execute_layered(
 
 /// The no-delta fast path: one I/O on the base, no map lookups. `pin` rides in the
 /// callbacks so the drain of a later switchover waits for this request.
-fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>, pin: Rc<StackPin>) {
+fn execute_base(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    req: Request,
+    payload: Option<IoBuf>,
+    pin: Rc<StackPin>,
+) {
     let (file, volume, _) = file_of(conn);
     let ctr = volume.counters(r.id());
     let fua = req.flags.contains(CommandFlags::FUA);
@@ -579,7 +635,11 @@ fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<I
             // BLOCK_STATUS needs its extents reply (one hole for null), not a bare ack.
             Command::BlockStatus => {
                 bump(&ctr.block_status_ops, 1);
-                let max = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+                let max = if req.flags.contains(CommandFlags::REQ_ONE) {
+                    1
+                } else {
+                    BLOCK_STATUS_EXTENTS_MAX
+                };
                 let extents = volume.backend().block_status(req.offset, req.length, max);
                 block_status_reply(r, conn, req, extents);
             }
@@ -596,21 +656,24 @@ fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<I
             bump(&ctr.read_ops, 1);
             bump(&ctr.read_bytes, req.length as u64);
             let buf = alloc_buf(r, req.length as usize, true);
-            r.submit(Op::read(file, req.offset, buf, req.length), move |r, comp| {
-                drop(pin);
-                let res = match comp.bytes() {
-                    Ok(n) => {
-                        let mut buf = comp.op.into_buf();
-                        // Short read = end of file: the rest reads as zeros.
-                        if let Some(b) = buf.as_mut() {
-                            b.as_mut_slice()[n as usize..req.length as usize].fill(0);
+            r.submit(
+                Op::read(file, req.offset, buf, req.length),
+                move |r, comp| {
+                    drop(pin);
+                    let res = match comp.bytes() {
+                        Ok(n) => {
+                            let mut buf = comp.op.into_buf();
+                            // Short read = end of file: the rest reads as zeros.
+                            if let Some(b) = buf.as_mut() {
+                                b.as_mut_slice()[n as usize..req.length as usize].fill(0);
+                            }
+                            Ok(buf)
                         }
-                        Ok(buf)
-                    }
-                    Err(e) => Err(nbd_errno(e)),
-                };
-                complete_read(r, &conn2, req, res)
-            })
+                        Err(e) => Err(nbd_errno(e)),
+                    };
+                    complete_read(r, &conn2, req, res)
+                },
+            )
         }
         Command::Write => {
             bump(&ctr.write_ops, 1);
@@ -619,16 +682,19 @@ fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<I
                 complete(r, conn, req, Err(NbdErrno::Io));
                 return;
             };
-            r.submit(Op::write(file, req.offset, buf, req.length), move |r, comp| {
-                drop(pin); // the write has landed: the drain may count it done
-                let res = match comp.bytes() {
-                    Ok(n) if n == req.length => Ok(()),
-                    // A short O_DIRECT write means the device is out of space.
-                    Ok(_) => Err(NbdErrno::NoSpc),
-                    Err(e) => Err(nbd_errno(e)),
-                };
-                finish_with_fua(r, &conn2, req, file, fua, res)
-            })
+            r.submit(
+                Op::write(file, req.offset, buf, req.length),
+                move |r, comp| {
+                    drop(pin); // the write has landed: the drain may count it done
+                    let res = match comp.bytes() {
+                        Ok(n) if n == req.length => Ok(()),
+                        // A short O_DIRECT write means the device is out of space.
+                        Ok(_) => Err(NbdErrno::NoSpc),
+                        Err(e) => Err(nbd_errno(e)),
+                    };
+                    finish_with_fua(r, &conn2, req, file, fua, res)
+                },
+            )
         }
         Command::Flush => {
             bump(&ctr.flush_ops, 1);
@@ -689,7 +755,11 @@ fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<I
         }
         Command::BlockStatus => {
             bump(&ctr.block_status_ops, 1);
-            let max = if req.flags.contains(CommandFlags::REQ_ONE) { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+            let max = if req.flags.contains(CommandFlags::REQ_ONE) {
+                1
+            } else {
+                BLOCK_STATUS_EXTENTS_MAX
+            };
             let extents = volume.backend().block_status(req.offset, req.length, max);
             block_status_reply(r, conn, req, extents);
             return;
@@ -709,6 +779,10 @@ fn execute_base(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<I
 fn count_op(volume: &Volume, reactor: usize, req: &Request) {
     let c = volume.counters(reactor);
     match req.command {
+        Command::Read => {
+            bump(&c.read_ops, 1);
+            bump(&c.read_bytes, req.length as u64)
+        }
         Command::Write => {
             bump(&c.write_ops, 1);
             bump(&c.write_bytes, req.length as u64)
@@ -744,7 +818,14 @@ fn finish_with_fua(
 }
 
 /// Writes zeros chunk by chunk where fallocate cannot (block devices).
-fn zero_fill(r: &mut Reactor, conn: &ConnRef, req: Request, file: FileRef, done: u64, pin: Rc<StackPin>) {
+fn zero_fill(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    req: Request,
+    file: FileRef,
+    done: u64,
+    pin: Rc<StackPin>,
+) {
     let total = req.length as u64;
     if done >= total {
         drop(pin);
@@ -754,19 +835,25 @@ fn zero_fill(r: &mut Reactor, conn: &ConnRef, req: Request, file: FileRef, done:
     let n = (total - done).min(ZERO_FILL_CHUNK);
     let buf = AlignedBuf::direct(n as usize);
     let conn2 = conn.clone();
-    let sub = r.submit(Op::write(file, req.offset + done, buf, n as u32), move |r, comp| {
-        match comp.bytes() {
+    let sub = r.submit(
+        Op::write(file, req.offset + done, buf, n as u32),
+        move |r, comp| match comp.bytes() {
             Ok(w) if w as u64 == n => zero_fill(r, &conn2, req, file, done + n, pin),
             Ok(_) => complete(r, &conn2, req, Err(NbdErrno::NoSpc)),
             Err(e) => complete(r, &conn2, req, Err(nbd_errno(e))),
-        }
-    });
+        },
+    );
     if sub.is_err() {
         complete(r, conn, req, Err(NbdErrno::NoMem));
     }
 }
 
-fn block_status_reply(r: &mut Reactor, conn: &ConnRef, req: Request, extents: Vec<crate::nbd::Extent>) {
+fn block_status_reply(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    req: Request,
+    extents: Vec<crate::nbd::Extent>,
+) {
     let contexts = {
         let c = conn.borrow();
         match &c.phase {
@@ -776,10 +863,22 @@ fn block_status_reply(r: &mut Reactor, conn: &ConnRef, req: Request, extents: Ve
     };
     let mut out = Vec::new();
     if contexts.is_empty() || extents.is_empty() {
-        reply::error_reply(&mut out, true, req.cookie, NbdErrno::Inval, "no metadata context selected");
+        reply::error_reply(
+            &mut out,
+            true,
+            req.cookie,
+            NbdErrno::Inval,
+            "no metadata context selected",
+        );
     } else {
         for (i, ctx) in contexts.iter().enumerate() {
-            reply::put_block_status(&mut out, req.cookie, ctx.id, &extents, i + 1 == contexts.len());
+            reply::put_block_status(
+                &mut out,
+                req.cookie,
+                ctx.id,
+                &extents,
+                i + 1 == contexts.len(),
+            );
         }
     }
     finish(r, conn, req, Reply::Bytes(out), false);
@@ -797,7 +896,12 @@ fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), NbdEr
 }
 
 /// Replies to a READ with data (`None` = zeros without a buffer, for null).
-fn complete_read(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<Option<IoBuf>, NbdErrno>) {
+fn complete_read(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    req: Request,
+    res: Result<Option<IoBuf>, NbdErrno>,
+) {
     let structured = file_of(conn).2;
     let len = req.length as usize;
     let reply = match res {
@@ -806,9 +910,9 @@ fn complete_read(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<Opti
             reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e));
             return finish(r, conn, req, Reply::Bytes(out), true);
         }
-        Ok(None) if structured => {
-            Reply::Bytes(reply::offset_hole_chunk(req.cookie, req.offset, req.length, true).to_vec())
-        }
+        Ok(None) if structured => Reply::Bytes(
+            reply::offset_hole_chunk(req.cookie, req.offset, req.length, true).to_vec(),
+        ),
         Ok(None) => {
             let mut out = reply::simple_reply(req.cookie, None).to_vec();
             out.resize(out.len() + len, 0);
@@ -896,7 +1000,9 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
             c.tx.push_front(Reply::Bytes(bytes));
             drop(c);
             let conn2 = conn.clone();
-            r.add_timer(std::time::Duration::from_micros(50), move |r| kick_send(r, &conn2));
+            r.add_timer(std::time::Duration::from_micros(50), move |r| {
+                kick_send(r, &conn2)
+            });
         }
     }
 }
@@ -930,10 +1036,17 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, 
                     continue;
                 }
                 if skip == 0 {
-                    rest.push(Reply::Data { header: Vec::new(), buf: b, len: l });
+                    rest.push(Reply::Data {
+                        header: Vec::new(),
+                        buf: b,
+                        len: l,
+                    });
                 } else {
                     let tail = &b.as_slice()[skip..l];
-                    rest.extend(tail.chunks(PARTIAL_SEND_PIECE).map(|p| Reply::Bytes(p.to_vec())));
+                    rest.extend(
+                        tail.chunks(PARTIAL_SEND_PIECE)
+                            .map(|p| Reply::Bytes(p.to_vec())),
+                    );
                     skip = 0;
                 }
             }

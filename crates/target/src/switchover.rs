@@ -80,7 +80,10 @@ impl SwitchError {
 struct StackAddr(usize);
 
 fn home_reactor(vol: &Volume, n: usize) -> usize {
-    vol.name().bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % n.max(1)
+    vol.name()
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        % n.max(1)
 }
 
 /// Waits until no reactor has a request pinned on `old`.
@@ -90,9 +93,8 @@ fn drain(reactors: &[ReactorHandle], vol: &Volume, old: *const Stack) -> Result<
     }
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
     let addr = StackAddr(old as usize);
-    let step: ringblk_reactor::ForEachFn = Arc::new(move |r: &mut Reactor, next: ForEachNext| {
-        wait_unpinned(r, addr, next)
-    });
+    let step: ringblk_reactor::ForEachFn =
+        Arc::new(move |r: &mut Reactor, next: ForEachNext| wait_unpinned(r, addr, next));
     let home = home_reactor(vol, reactors.len());
     reactors[home]
         .send_blocking(
@@ -127,7 +129,11 @@ fn now_unix_ms() -> u64 {
 
 /// Freezes the volume's current image as backup `name` and redirects every request
 /// admitted from now on to a new delta. Returns once the backup is ready.
-pub fn backup_create(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<BackupInfo, SwitchError> {
+pub fn backup_create(
+    reactors: &[ReactorHandle],
+    vol: &Arc<Volume>,
+    name: &str,
+) -> Result<BackupInfo, SwitchError> {
     let t0 = Instant::now();
     check_name(name).map_err(|e| SwitchError::Name(e.to_string()))?;
     if vol.read_only() {
@@ -180,7 +186,14 @@ pub fn backup_create(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) 
             None => unreachable!("pushed above under the same lock"),
         }
     };
-    tracing::info!(volume = vol.name(), backup = name, epoch, switch_us, ready_us, "backup ready");
+    tracing::info!(
+        volume = vol.name(),
+        backup = name,
+        epoch,
+        switch_us,
+        ready_us,
+        "backup ready"
+    );
     Ok(info)
 }
 
@@ -233,11 +246,17 @@ impl Wake for ThreadWaker {
 fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<(), SwitchError> {
     let t0 = Instant::now();
     let _ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-    let (delta, below) = vol.with_stack(|s| {
-        let pos = s.deltas.iter().position(|d| d.backup == name);
-        pos.map(|i| (s.deltas[i].clone(), i.checked_sub(1).map(|j| s.deltas[j].clone())))
-    })
-    .ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
+    let (delta, below) = vol
+        .with_stack(|s| {
+            let pos = s.deltas.iter().position(|d| d.backup == name);
+            pos.map(|i| {
+                (
+                    s.deltas[i].clone(),
+                    i.checked_sub(1).map(|j| s.deltas[j].clone()),
+                )
+            })
+        })
+        .ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
     drop(_ctl);
     // Every request must see `merging` before chunks move: mark, then drain the
     // requests admitted before the mark, via a no-op stack swap.
@@ -254,7 +273,10 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let cb = vol.chunk_bytes() as u64;
     let src = dup_file(delta.raw_fd())?;
-    let dst_fd = below.as_ref().map(|d| d.raw_fd()).or(vol.backend().raw_fd());
+    let dst_fd = below
+        .as_ref()
+        .map(|d| d.raw_fd())
+        .or(vol.backend().raw_fd());
     let dst = dst_fd.map(dup_file).transpose()?;
     let mut buf = ringblk_reactor::AlignedBuf::direct(cb as usize);
     let mut merged = 0u64;
@@ -307,7 +329,13 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     }
     // Drop the empty delta in one stack swap, then drain and free.
     let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-    let deltas: Vec<Arc<Delta>> = vol.with_stack(|s| s.deltas.iter().filter(|d| d.id != delta.id).cloned().collect());
+    let deltas: Vec<Arc<Delta>> = vol.with_stack(|s| {
+        s.deltas
+            .iter()
+            .filter(|d| d.id != delta.id)
+            .cloned()
+            .collect()
+    });
     let epoch = ctl.next_epoch;
     ctl.next_epoch += 1;
     let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
@@ -315,7 +343,13 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     vol.free_retired(old);
     ctl.backups.retain(|b| b.name != name);
     drop(ctl);
-    tracing::info!(volume = vol.name(), backup = name, chunks = merged, ms = t0.elapsed().as_millis() as u64, "backup released");
+    tracing::info!(
+        volume = vol.name(),
+        backup = name,
+        chunks = merged,
+        ms = t0.elapsed().as_millis() as u64,
+        "backup released"
+    );
     Ok(())
 }
 
@@ -332,7 +366,14 @@ fn dup_file(fd: std::os::fd::RawFd) -> std::io::Result<File> {
 
 /// Writes one chunk into delta `b` (the merge target): in place if `b` holds the
 /// chunk, else into a newly allocated chunk, published after the data is written.
-fn copy_into_delta(b: &Delta, dst: &File, c: u64, cb: u64, data: &[u8], waker: &Waker) -> Result<(), SwitchError> {
+fn copy_into_delta(
+    b: &Delta,
+    dst: &File,
+    c: u64,
+    cb: u64,
+    data: &[u8],
+    waker: &Waker,
+) -> Result<(), SwitchError> {
     loop {
         match BlockMap::claim_shared(&b.map, c) {
             Ok(Claim::Mapped(pin)) => {
@@ -342,10 +383,13 @@ fn copy_into_delta(b: &Delta, dst: &File, c: u64, cb: u64, data: &[u8], waker: &
             Ok(Claim::Fill(g)) => {
                 let Some(p) = b.alloc(1) else {
                     g.abort();
-                    return Err(SwitchError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+                    return Err(SwitchError::Io(std::io::Error::from_raw_os_error(
+                        libc::ENOSPC,
+                    )));
                 };
                 dst.write_all_at(data, p * cb)?;
-                g.publish(p).map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
+                g.publish(p)
+                    .map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
                 return Ok(());
             }
             Ok(Claim::Busy(_)) => {

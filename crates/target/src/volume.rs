@@ -107,6 +107,9 @@ pub struct OpCounters {
     pub cache_ops: AtomicU64,
     pub block_status_ops: AtomicU64,
     pub errors: AtomicU64,
+    /// Requests that went through the image-stack path (map lookups) rather than
+    /// the base fast path: zero growth proves a volume without backups does none.
+    pub layered_ops: AtomicU64,
 }
 
 /// Summed counters, as reported by `stats`.
@@ -123,6 +126,7 @@ pub struct VolumeStats {
     pub cache_ops: u64,
     pub block_status_ops: u64,
     pub errors: u64,
+    pub layered_ops: u64,
     pub connections: usize,
 }
 
@@ -182,7 +186,9 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("name", &self.spec.name).finish()
+        f.debug_struct("Volume")
+            .field("name", &self.spec.name)
+            .finish()
     }
 }
 
@@ -199,8 +205,14 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
     if name.is_empty() || name.len() > 256 {
         return Err(invalid(name, "name must be 1 to 256 bytes"));
     }
-    if name.chars().any(|c| c == '@' || c == '/' || c.is_control() || c.is_whitespace()) {
-        return Err(invalid(name, "name may not contain '@', '/', spaces or control characters"));
+    if name
+        .chars()
+        .any(|c| c == '@' || c == '/' || c.is_control() || c.is_whitespace())
+    {
+        return Err(invalid(
+            name,
+            "name may not contain '@', '/', spaces or control characters",
+        ));
     }
     Ok(())
 }
@@ -208,7 +220,11 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
 impl Volume {
     /// Opens the backend and checks the spec. `reactors` sizes the per-reactor
     /// arrays; delta images of backups go in `data_dir`.
-    pub fn open(spec: VolumeSpec, reactors: usize, data_dir: &std::path::Path) -> Result<Volume, VolumeError> {
+    pub fn open(
+        spec: VolumeSpec,
+        reactors: usize,
+        data_dir: &std::path::Path,
+    ) -> Result<Volume, VolumeError> {
         check_name(&spec.name)?;
         let name = spec.name.as_str();
         if spec.block_size != 512 && spec.block_size != 4096 {
@@ -216,7 +232,10 @@ impl Volume {
         }
         let cs = spec.chunk_size;
         if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) || cs < spec.block_size {
-            return Err(invalid(name, "chunk size must be a power of two from 4 KiB to 1 MiB"));
+            return Err(invalid(
+                name,
+                "chunk size must be a power of two from 4 KiB to 1 MiB",
+            ));
         }
         let (backend, size_bytes) = match spec.backend {
             BackendKind::File => {
@@ -254,7 +273,10 @@ impl Volume {
         if size_bytes == 0 || size_bytes % spec.block_size as u64 != 0 {
             return Err(invalid(
                 name,
-                format!("size {size_bytes} is not a positive multiple of the block size {}", spec.block_size),
+                format!(
+                    "size {size_bytes} is not a positive multiple of the block size {}",
+                    spec.block_size
+                ),
             ));
         }
         let stack = Box::into_raw(Box::new(Stack::new(0, Vec::new(), reactors)));
@@ -264,7 +286,9 @@ impl Volume {
             backend,
             removed: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
-            stats: (0..reactors.max(1)).map(|_| OpCounters::default()).collect(),
+            stats: (0..reactors.max(1))
+                .map(|_| OpCounters::default())
+                .collect(),
             reactors: reactors.max(1),
             data_dir: data_dir.to_path_buf(),
             current: AtomicPtr::new(stack),
@@ -396,6 +420,7 @@ impl Volume {
             s.cache_ops += l(&c.cache_ops);
             s.block_status_ops += l(&c.block_status_ops);
             s.errors += l(&c.errors);
+            s.layered_ops += l(&c.layered_ops);
         }
         s
     }
@@ -442,7 +467,12 @@ impl Drop for Volume {
         let cur = *self.current.get_mut();
         // SAFETY: allocated by Box::into_raw in open/publish; freed exactly once.
         drop(unsafe { Box::from_raw(cur) });
-        for r in self.retired.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for r in self
+            .retired
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             // SAFETY: as above.
             drop(unsafe { Box::from_raw(r.0) });
         }
@@ -472,7 +502,10 @@ impl Registry {
         if map.contains_key(v.name()) {
             return Err(VolumeError::Exists(v.name().to_string()));
         }
-        let mut def = self.default_export.write().unwrap_or_else(|p| p.into_inner());
+        let mut def = self
+            .default_export
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         if def.is_none() {
             *def = Some(v.name().to_string());
         }
@@ -486,7 +519,10 @@ impl Registry {
             .remove(name)
             .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         v.mark_removed();
-        let mut def = self.default_export.write().unwrap_or_else(|p| p.into_inner());
+        let mut def = self
+            .default_export
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         if def.as_deref() == Some(name) {
             *def = map.keys().next().cloned();
         }
@@ -515,7 +551,10 @@ impl Registry {
     pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
         let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
         if name.is_empty() {
-            let def = self.default_export.read().unwrap_or_else(|p| p.into_inner());
+            let def = self
+                .default_export
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             return def.as_ref().and_then(|d| map.get(d).cloned());
         }
         map.get(name).cloned()

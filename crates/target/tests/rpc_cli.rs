@@ -27,7 +27,10 @@ fn every_rpc_method_is_documented_in_the_readme() {
         .iter()
         .filter(|n| !readme.contains(&format!("| `{n}` |")))
         .collect();
-    assert!(missing.is_empty(), "RPC methods missing from README's table: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "RPC methods missing from README's table: {missing:?}"
+    );
     // Negative control: a name that is not a method is not "documented" either.
     assert!(!readme.contains("| `no_such_method` |"));
 }
@@ -38,7 +41,15 @@ fn volumes_are_added_and_removed_at_run_time() {
     let img = srv.path("extra.img");
     let created = ctl_json(
         &srv,
-        &["volume", "create", "extra", "--path", img.to_str().expect("utf8"), "--size", "64M"],
+        &[
+            "volume",
+            "create",
+            "extra",
+            "--path",
+            img.to_str().expect("utf8"),
+            "--size",
+            "64M",
+        ],
     );
     assert_eq!(created["size_bytes"], 64 << 20);
     let list = ctl_json(&srv, &["volume", "list"]);
@@ -58,18 +69,39 @@ fn volumes_are_added_and_removed_at_run_time() {
     assert!(v["read_bytes"].as_u64().expect("n") >= 64 << 10);
 
     // Duplicate names and bad parameters are JSON-RPC errors, not crashes.
-    let dup = run(ctl(&srv).args(["volume", "create", "extra", "--path", img.to_str().expect("utf8")]));
+    let dup = run(ctl(&srv).args([
+        "volume",
+        "create",
+        "extra",
+        "--path",
+        img.to_str().expect("utf8"),
+    ]));
     assert_eq!(dup.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&dup.stderr).contains("-17"), "{dup:?}");
-    let bad = run(ctl(&srv).args(["call", "volume_create", r#"{"name":"x@y","backend":"mem","size_bytes":4096}"#]));
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("-17"),
+        "{dup:?}"
+    );
+    let bad = run(ctl(&srv).args([
+        "call",
+        "volume_create",
+        r#"{"name":"x@y","backend":"mem","size_bytes":4096}"#,
+    ]));
     assert_eq!(bad.status.code(), Some(1));
     let bad = run(ctl(&srv).args(["call", "volume_create", r#"{"nmae":"x"}"#]));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("-32602"), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("-32602"),
+        "{bad:?}"
+    );
 
     // Removing a volume with an open connection closes it cleanly; the other export
     // keeps working.
     let mut holder = nbdsh()
-        .args(["-u", &uri, "-c", "import time\nh.pread(4096, 0)\ntime.sleep(60)"])
+        .args([
+            "-u",
+            &uri,
+            "-c",
+            "import time\nh.pread(4096, 0)\ntime.sleep(60)",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -83,12 +115,24 @@ fn volumes_are_added_and_removed_at_run_time() {
         assert!(start.elapsed() < TOOL_TIMEOUT, "holder never connected");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(ctl_json(&srv, &["volume", "delete", "extra"]), serde_json::json!(true));
-    assert_eq!(ctl_json(&srv, &["volume", "list"]).as_array().expect("array").len(), 1);
+    assert_eq!(
+        ctl_json(&srv, &["volume", "delete", "extra"]),
+        serde_json::json!(true)
+    );
+    assert_eq!(
+        ctl_json(&srv, &["volume", "list"])
+            .as_array()
+            .expect("array")
+            .len(),
+        1
+    );
     let gone = run(Command::new("nbdinfo").arg(&uri));
     assert!(!gone.status.success(), "deleted export must be gone");
     let missing = run(ctl(&srv).args(["volume", "delete", "extra"]));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("-19"), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("-19"),
+        "{missing:?}"
+    );
     run_ok(Command::new("qemu-io").args(["-f", "raw", &srv.uri("vol0"), "-c", "read 0 4k"]));
     let _ = holder.kill();
     let _ = holder.wait();

@@ -33,7 +33,11 @@ pub fn open(path: &Path, opts: FileOptions) -> std::io::Result<(Backend, u64)> {
         oo.create(true);
     }
     let mut direct = opts.direct;
-    let file = match oo.clone().custom_flags(if direct { libc::O_DIRECT } else { 0 }).open(path) {
+    let file = match oo
+        .clone()
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::warn!(path = %path.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
@@ -44,7 +48,11 @@ pub fn open(path: &Path, opts: FileOptions) -> std::io::Result<(Backend, u64)> {
     };
     let meta = file.metadata()?;
     let is_block = meta.file_type().is_block_device();
-    let mut size = if is_block { block_device_size(&file)? } else { meta.len() };
+    let mut size = if is_block {
+        block_device_size(&file)?
+    } else {
+        meta.len()
+    };
     if let Some(want) = opts.size_bytes {
         if !is_block && want > size && !opts.read_only {
             file.set_len(want)?;
@@ -52,7 +60,10 @@ pub fn open(path: &Path, opts: FileOptions) -> std::io::Result<(Backend, u64)> {
         } else if want > size {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("{} is {size} bytes, smaller than the requested {want}", path.display()),
+                format!(
+                    "{} is {size} bytes, smaller than the requested {want}",
+                    path.display()
+                ),
             ));
         } else {
             size = want;

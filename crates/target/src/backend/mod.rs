@@ -40,7 +40,9 @@ impl std::str::FromStr for BackendKind {
             "file" => Ok(BackendKind::File),
             "mem" => Ok(BackendKind::Mem),
             "null" => Ok(BackendKind::Null),
-            other => Err(format!("unknown backend {other:?} (expected file, mem or null)")),
+            other => Err(format!(
+                "unknown backend {other:?} (expected file, mem or null)"
+            )),
         }
     }
 }
