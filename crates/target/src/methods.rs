@@ -179,7 +179,9 @@ impl RpcHandler for Methods {
                     .iter()
                     .map(|v| {
                         let mut j = serde_json::to_value(v.stats()).unwrap_or(Value::Null);
-                        j["deltas"] = json!(v.with_stack(|s| s.deltas.len()));
+                        let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
+                        j["deltas"] = json!(v.with_stack(&ctl, |s| s.deltas.len()));
+                        drop(ctl);
                         j["backups"] = Value::Array(crate::switchover::backup_list(v));
                         j
                     })

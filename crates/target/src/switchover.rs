@@ -155,7 +155,7 @@ pub fn backup_create(
         vol.chunk_bytes(),
         vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
     )?);
-    let mut deltas = vol.with_stack(|s| s.deltas.clone());
+    let mut deltas = vol.with_stack(&ctl, |s| s.deltas.clone());
     deltas.push(delta.clone());
     let epoch = ctl.next_epoch;
     ctl.next_epoch += 1;
@@ -186,6 +186,7 @@ pub fn backup_create(
             None => unreachable!("pushed above under the same lock"),
         }
     };
+    vol.set_backup_exported(name, true);
     tracing::info!(
         volume = vol.name(),
         backup = name,
@@ -215,6 +216,7 @@ pub fn backup_release(
         b.state = BackupState::Merging;
         b.clone()
     };
+    vol.set_backup_exported(name, false);
     // Connections to the backup's export go away first (it is no longer listed).
     for h in reactors.iter() {
         let (v, n) = (vol.name().to_string(), name.to_string());
@@ -245,9 +247,9 @@ impl Wake for ThreadWaker {
 
 fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<(), SwitchError> {
     let t0 = Instant::now();
-    let _ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     let (delta, below) = vol
-        .with_stack(|s| {
+        .with_stack(&ctl, |s| {
             let pos = s.deltas.iter().position(|d| d.backup == name);
             pos.map(|i| {
                 (
@@ -257,13 +259,13 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
             })
         })
         .ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
-    drop(_ctl);
+    drop(ctl);
     // Every request must see `merging` before chunks move: mark, then drain the
     // requests admitted before the mark, via a no-op stack swap.
     delta.set_merging();
     {
         let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-        let deltas = vol.with_stack(|s| s.deltas.clone());
+        let deltas = vol.with_stack(&ctl, |s| s.deltas.clone());
         let epoch = ctl.next_epoch;
         ctl.next_epoch += 1;
         let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
@@ -329,7 +331,7 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     }
     // Drop the empty delta in one stack swap, then drain and free.
     let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-    let deltas: Vec<Arc<Delta>> = vol.with_stack(|s| {
+    let deltas: Vec<Arc<Delta>> = vol.with_stack(&ctl, |s| {
         s.deltas
             .iter()
             .filter(|d| d.id != delta.id)
@@ -409,7 +411,7 @@ pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
     ctl.backups
         .iter()
         .map(|b| {
-            let chunks = vol.with_stack(|s| {
+            let chunks = vol.with_stack(&ctl, |s| {
                 s.deltas
                     .iter()
                     .find(|d| d.id == b.delta_id)

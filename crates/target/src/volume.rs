@@ -182,6 +182,10 @@ pub struct Volume {
     current: AtomicPtr<Stack>,
     retired: Mutex<Vec<Retired>>,
     pub control: Mutex<Control>,
+    /// Names of ready backups (their exports). Separate from `control` because the
+    /// handshake reads it on reactor threads, and `control` is held across drains,
+    /// which wait for those very reactors.
+    ready_backups: RwLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -297,6 +301,7 @@ impl Volume {
                 next_epoch: 1,
                 ..Control::default()
             }),
+            ready_backups: RwLock::new(Vec::new()),
         })
     }
 
@@ -322,12 +327,35 @@ impl Volume {
         unsafe { StackPin::new(p, reactor) }
     }
 
-    /// The current stack, for control-plane reads that do not outlive the call
-    /// (backup listing, stats). Control operations are serialised by `control`.
-    pub fn with_stack<R>(&self, f: impl FnOnce(&Stack) -> R) -> R {
-        // SAFETY: the control lock is held by callers that retire stacks, and a
-        // stack is freed only by `free_retired`, which also runs under it.
+    /// The current stack, for control-plane reads that do not outlive the call.
+    /// The guard proves the caller holds `control`: stacks are published and freed
+    /// only under it, so the current one cannot be freed during `f`.
+    pub fn with_stack<R>(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+        f: impl FnOnce(&Stack) -> R,
+    ) -> R {
+        // SAFETY: see above; `free_retired` only frees stacks already replaced.
         f(unsafe { &*self.current.load(Ordering::Acquire) })
+    }
+
+    /// Ready backups, served as `VOL@NAME` exports.
+    pub fn ready_backups(&self) -> Vec<String> {
+        self.ready_backups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_backup_exported(&self, name: &str, exported: bool) {
+        let mut list = self
+            .ready_backups
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        list.retain(|b| b != name);
+        if exported {
+            list.push(name.to_string());
+        }
     }
 
     /// Publishes `stack` (the switch) and retires the old one until its drain.
@@ -536,13 +564,7 @@ impl Registry {
             None => self.get(export).map(|v| (v, None)),
             Some((vol, backup)) => {
                 let v = self.get(vol).filter(|_| !vol.is_empty())?;
-                let ready = v
-                    .control
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .backups
-                    .iter()
-                    .any(|b| b.name == backup && b.state == BackupState::Ready);
+                let ready = v.ready_backups().iter().any(|b| b == backup);
                 ready.then(|| (v, Some(backup.to_string())))
             }
         }
@@ -579,15 +601,7 @@ impl ExportCatalog for Registry {
         let mut out = Vec::new();
         for v in Registry::list(self) {
             out.push(v.export_info());
-            let ready: Vec<String> = v
-                .control
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .backups
-                .iter()
-                .filter(|b| b.state == BackupState::Ready)
-                .map(|b| b.name.clone())
-                .collect();
+            let ready = v.ready_backups();
             out.extend(ready.iter().map(|b| v.backup_export_info(b)));
         }
         out
