@@ -37,6 +37,24 @@ pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, NbdErrno>)>;
 /// How often a partial fill re-checks whether its delta has drained.
 const DRAIN_RECHECK: Duration = Duration::from_micros(20);
 
+/// Test-only fault injection: a planted ordering bug for the negative control of the
+/// deterministic switchover test. Compiled out of the server.
+pub(crate) mod planted {
+    #[cfg(test)]
+    thread_local! {
+        pub static SKIP_DRAIN_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Partial fills read-merge without waiting for the old epoch to drain.
+    #[inline]
+    pub fn skip_drain_wait() -> bool {
+        #[cfg(test)]
+        return SKIP_DRAIN_WAIT.with(|c| c.get());
+        #[cfg(not(test))]
+        false
+    }
+}
+
 /// Where a piece of data lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Loc {
@@ -387,7 +405,7 @@ fn read_merge(
     guard: Guard,
     p: u64,
 ) {
-    if !delta.is_drained() {
+    if !delta.is_drained() && !planted::skip_drain_wait() {
         // Old-epoch writes may still be landing below: wait for the drain.
         let w2 = w.clone();
         r.add_timer(DRAIN_RECHECK, move |r| {

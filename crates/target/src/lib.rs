@@ -18,3 +18,6 @@ pub mod server;
 mod session;
 pub mod switchover;
 pub mod volume;
+
+#[cfg(test)]
+mod sim_tests;

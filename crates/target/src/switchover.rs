@@ -34,7 +34,7 @@ use ringblk_blockmap::{BeginMerge, BlockMap, Claim, Park};
 use ringblk_reactor::{ForEachNext, Reactor, ReactorHandle};
 
 use crate::image::{Delta, Stack};
-use crate::volume::{check_name, BackupInfo, BackupState, Volume};
+use crate::volume::{check_name, BackupInfo, BackupState, Control, Volume};
 
 /// How long a backup command waits for in-flight requests of the old epoch.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,19 +127,35 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Freezes the volume's current image as backup `name` and redirects every request
-/// admitted from now on to a new delta. Returns once the backup is ready.
-pub fn backup_create(
-    reactors: &[ReactorHandle],
-    vol: &Arc<Volume>,
+/// A switch that happened and whose old epoch still has to drain.
+pub struct Switched {
+    old: StackAddr,
+    delta: Arc<Delta>,
+    epoch: u64,
+    t0: Instant,
+}
+
+impl Switched {
+    /// Whether `reactor` has no request left on the old stack. Call it on that
+    /// reactor (between requests) for the answer to be a quiescent state.
+    pub fn drained_on(&self, reactor: usize) -> bool {
+        // SAFETY: the old stack is retired, and only freed by `mark_ready`, which
+        // consumes `self`.
+        unsafe { &*(self.old.0 as *const Stack) }.pinned_on(reactor) == 0
+    }
+}
+
+/// Steps 1 and 2: prepares a delta and publishes the stack with it on top.
+pub fn switch(
+    ctl: &mut std::sync::MutexGuard<'_, Control>,
+    vol: &Volume,
     name: &str,
-) -> Result<BackupInfo, SwitchError> {
-    let t0 = Instant::now();
+    t0: Instant,
+) -> Result<Switched, SwitchError> {
     check_name(name).map_err(|e| SwitchError::Name(e.to_string()))?;
     if vol.read_only() {
         return Err(SwitchError::ReadOnly);
     }
-    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     if ctl.backups.iter().any(|b| b.name == name) {
         return Err(SwitchError::Exists(vol.name().into(), name.into()));
     }
@@ -155,47 +171,68 @@ pub fn backup_create(
         vol.chunk_bytes(),
         vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
     )?);
-    let mut deltas = vol.with_stack(&ctl, |s| s.deltas.clone());
+    let mut deltas = vol.with_stack(ctl, |s| s.deltas.clone());
     deltas.push(delta.clone());
     let epoch = ctl.next_epoch;
     ctl.next_epoch += 1;
     // 2. Switch: one atomic store.
     let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
-    let switch_us = t0.elapsed().as_micros() as u64;
     ctl.backups.push(BackupInfo {
         name: name.to_string(),
         delta_id: id,
         state: BackupState::Draining,
         created_unix_ms: now_unix_ms(),
-        switch_us,
+        switch_us: t0.elapsed().as_micros() as u64,
         ready_us: None,
     });
-    // 3. Drain the old epoch.
-    drain(reactors, vol, old)?;
-    delta.set_drained();
-    vol.free_retired(old);
-    let ready_us = t0.elapsed().as_micros() as u64;
-    let info = {
-        let b = ctl.backups.iter_mut().find(|b| b.name == name);
-        match b {
-            Some(b) => {
-                b.state = BackupState::Ready;
-                b.ready_us = Some(ready_us);
-                b.clone()
-            }
-            None => unreachable!("pushed above under the same lock"),
-        }
-    };
+    Ok(Switched {
+        old: StackAddr(old as usize),
+        delta,
+        epoch,
+        t0,
+    })
+}
+
+/// After the drain: the frozen image is stable; the backup is ready and exported.
+pub fn mark_ready(
+    ctl: &mut std::sync::MutexGuard<'_, Control>,
+    vol: &Volume,
+    name: &str,
+    sw: Switched,
+) -> BackupInfo {
+    sw.delta.set_drained();
+    vol.free_retired(sw.old.0 as *const Stack);
+    let ready_us = sw.t0.elapsed().as_micros() as u64;
+    let mut info = None;
+    if let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) {
+        b.state = BackupState::Ready;
+        b.ready_us = Some(ready_us);
+        info = Some(b.clone());
+    }
     vol.set_backup_exported(name, true);
     tracing::info!(
         volume = vol.name(),
         backup = name,
-        epoch,
-        switch_us,
+        epoch = sw.epoch,
         ready_us,
         "backup ready"
     );
-    Ok(info)
+    info.unwrap_or_else(|| unreachable!("switch() recorded the backup under the same lock"))
+}
+
+/// Freezes the volume's current image as backup `name` and redirects every request
+/// admitted from now on to a new delta. Returns once the backup is ready.
+pub fn backup_create(
+    reactors: &[ReactorHandle],
+    vol: &Arc<Volume>,
+    name: &str,
+) -> Result<BackupInfo, SwitchError> {
+    let t0 = Instant::now();
+    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    let sw = switch(&mut ctl, vol, name, t0)?;
+    // 3. Drain the old epoch.
+    drain(reactors, vol, sw.old.0 as *const Stack)?;
+    Ok(mark_ready(&mut ctl, vol, name, sw))
 }
 
 /// Starts releasing backup `name`: its export closes, and the delta above it merges
