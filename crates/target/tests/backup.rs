@@ -205,6 +205,7 @@ fn backups_under_verified_fio_load() {
             "--verify=crc32c".into(),
             "--do_verify=1".into(),
             "--randrepeat=1".into(),
+            "--verify_state_save=0".into(),
             "--group_reporting".into(),
         ];
         if verify_only {
