@@ -418,9 +418,15 @@ pub struct Decoded<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DecodeState {
     Header,
-    Payload { remaining: u32 },
-    Drain { remaining: u32 },
+    Payload {
+        remaining: u32,
+    },
+    Drain {
+        remaining: u32,
+    },
     Disconnected,
+    /// A fatal error was returned; the stream position is unknown.
+    Failed,
 }
 
 /// Splits the client's byte stream into requests and WRITE payloads.
@@ -492,14 +498,23 @@ impl TransmissionDecoder {
     /// Consumes input until one event is ready or the input runs out.
     ///
     /// # Errors
-    /// A [`ProtocolError`] means close the connection: bad request magic, or any bytes
-    /// after `NBD_CMD_DISC`.
+    /// A [`ProtocolError`] means close the connection: bad request magic, any bytes
+    /// after `NBD_CMD_DISC`, or any input after an earlier error.
     pub fn feed<'a>(&mut self, input: &'a [u8]) -> Result<Decoded<'a>, ProtocolError> {
+        let result = self.feed_inner(input);
+        if result.is_err() {
+            self.state = DecodeState::Failed;
+        }
+        result
+    }
+
+    fn feed_inner<'a>(&mut self, input: &'a [u8]) -> Result<Decoded<'a>, ProtocolError> {
         let mut consumed = 0;
         while consumed < input.len() {
             let rest = &input[consumed..];
             match self.state {
                 DecodeState::Disconnected => return Err(ProtocolError::DataAfterDisconnect),
+                DecodeState::Failed => return Err(ProtocolError::AfterFatalError),
                 DecodeState::Payload { remaining } => {
                     let n = (remaining as usize).min(rest.len());
                     // `n <= remaining`, so it fits in u32.

@@ -7,17 +7,19 @@
 //! without sending more).
 //!
 //! # Bounds
-//! - One option's data is buffered only up to [`HandshakeLimits::option_data_max_bytes`];
-//!   larger options are read and discarded without buffering, then answered with
-//!   `NBD_REP_ERR_TOO_BIG` (or `NBD_REP_ERR_UNSUP` for options the server does not know).
-//!   Past [`HandshakeLimits::option_drain_max_bytes`] the connection is closed.
+//! - One option's data is buffered only up to [`HandshakeLimits::option_data_max_bytes`]
+//!   (an `NBD_OPT_EXPORT_NAME` up to 4096 bytes); larger options are read and discarded
+//!   without buffering, then answered with `NBD_REP_ERR_TOO_BIG` (or `NBD_REP_ERR_UNSUP`
+//!   for options the server does not know, whose data is never buffered). Past
+//!   [`HandshakeLimits::option_drain_max_bytes`] the connection is closed.
 //! - Strings (export names, context queries) over 4096 bytes get `NBD_REP_ERR_TOO_BIG`;
 //!   an over-long `NBD_OPT_EXPORT_NAME` closes the connection, as that option has no
 //!   error reply.
 //! - At most [`HandshakeLimits::options_max`] options per connection.
 //! - `feed` stops consuming input while the pending output is at or above
 //!   [`HandshakeLimits::output_high_water_bytes`] ([`Status::OutputFull`]), so a client that
-//!   pipelines options without reading replies cannot grow the output without bound.
+//!   pipelines options without reading replies cannot grow the output without bound (it
+//!   can exceed the mark by one option's replies).
 //!
 //! # Ordering
 //! `feed` consumes input only up to the end of the option that finished the handshake;
@@ -235,6 +237,8 @@ enum State {
         then: AfterDrain,
     },
     Finished,
+    /// A fatal error was returned; the stream position is unknown.
+    Failed,
 }
 
 #[derive(Clone, Debug)]
@@ -305,14 +309,29 @@ impl Handshake {
     /// # Errors
     /// A [`ProtocolError`] means the connection must be closed without sending anything
     /// more (hard disconnect). Feeding a finished handshake is
-    /// [`ProtocolError::HandshakeFinished`].
+    /// [`ProtocolError::HandshakeFinished`]; feeding after an error is
+    /// [`ProtocolError::AfterFatalError`].
     pub fn feed(
         &mut self,
         input: &[u8],
         catalog: &dyn ExportCatalog,
     ) -> Result<Progress, ProtocolError> {
-        if self.is_finished() {
-            return Err(ProtocolError::HandshakeFinished);
+        let result = self.feed_inner(input, catalog);
+        if result.is_err() && self.state != State::Finished {
+            self.state = State::Failed;
+        }
+        result
+    }
+
+    fn feed_inner(
+        &mut self,
+        input: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<Progress, ProtocolError> {
+        match self.state {
+            State::Finished => return Err(ProtocolError::HandshakeFinished),
+            State::Failed => return Err(ProtocolError::AfterFatalError),
+            _ => {}
         }
         let mut consumed = 0;
         loop {
@@ -407,6 +426,7 @@ impl Handshake {
                 Ok((used, self.after_drain(option, then)))
             }
             State::Finished => Err(ProtocolError::HandshakeFinished),
+            State::Failed => Err(ProtocolError::AfterFatalError),
         }
     }
 

@@ -352,6 +352,9 @@ pub enum ProtocolError {
     /// The client sent bytes after `NBD_CMD_DISC`.
     #[error("data after NBD_CMD_DISC")]
     DataAfterDisconnect,
+    /// The caller fed input after an earlier fatal error; the connection must be closed.
+    #[error("input after a fatal protocol error")]
+    AfterFatalError,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ fn bad_request_magic_is_fatal() {
     );
     let mut dec = TransmissionDecoder::new(full());
     assert!(dec.feed(&bytes).is_err());
+    // The position in the stream is lost: a valid header afterwards is not parsed.
+    let valid = plain(Command::Read, 0, 4096).encode();
+    assert_eq!(dec.feed(&valid), Err(ProtocolError::AfterFatalError));
 }
 
 #[test]

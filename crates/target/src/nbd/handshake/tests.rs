@@ -603,6 +603,20 @@ fn bad_option_magic_closes() {
 }
 
 #[test]
+fn errors_are_latched() {
+    let catalog = StaticCatalog::sample();
+    let mut hs = started();
+    let err = hs.feed(&0xffu32.to_be_bytes(), &catalog);
+    assert_eq!(err, Err(ProtocolError::UnknownClientFlags(0xff)));
+    let valid = client(FLAGS_FIXED, &[opt(OPT_LIST, &[])]);
+    assert_eq!(
+        hs.feed(&valid, &catalog),
+        Err(ProtocolError::AfterFatalError)
+    );
+    assert!(hs.take_output().is_empty());
+}
+
+#[test]
 fn client_flags_are_checked() {
     assert_eq!(
         run(&client(FLAGS_FIXED | 4, &[])).0,
