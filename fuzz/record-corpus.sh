@@ -16,7 +16,7 @@ proxy=$!
 sleep 1
 U=nbd://127.0.0.1:10872/disk
 fio --name=rec --ioengine=nbd --uri=$U --rw=randrw --bs=4k --iodepth=4 --size=1M \
-  --number_ios=32 --verify=crc32c >/dev/null
+  --number_ios=32 --verify=crc32c --verify_state_save=0 >/dev/null
 qemu-io -f raw $U -c 'write -P 0x5a 0 8k' -c 'read -P 0x5a 0 8k' -c 'write -z 8k 8k' \
   -c 'discard 16k 4k' -c 'write -f -P 1 32k 4k' -c 'flush' >/dev/null
 qemu-img map --output=json $U >/dev/null

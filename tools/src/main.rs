@@ -10,6 +10,7 @@
 //! socket path); 2 for usage errors (clap's convention).
 
 mod client;
+mod copy;
 mod render;
 mod size;
 mod table;
@@ -110,6 +111,7 @@ enum Command {
             ringblk-ctl backup create vol0 nightly\n  \
             qemu-img convert -f raw -O qcow2 nbd://127.0.0.1:10809/vol0@nightly vol0.qcow2\n  \
             ringblk-ctl backup list vol0\n  \
+            ringblk-ctl backup copy vol0@nightly /backup/vol0.img\n  \
             ringblk-ctl backup release vol0@nightly"
     )]
     Backup(BackupCommand),
@@ -213,6 +215,30 @@ enum BackupCommand {
         #[arg(value_parser = parse_backup_ref)]
         backup: (String, String),
     },
+    /// Copy VOLUME@NAME out to DEST, a file or block device on the server's host:
+    /// sparse (holes and zeros are not written), with a SHA-256 of the image that
+    /// `sha256sum DEST` reproduces. Follows the job with a progress bar (or, with
+    /// --json, one JSON status object per line); Ctrl-C cancels it. Exit status 1
+    /// when the copy failed or was cancelled. A backup cannot be released while it is
+    /// being copied.
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl backup copy vol0@monday /backup/vol0.img\n  \
+        ringblk-ctl backup copy vol0@tuesday /backup/vol0.img --changed-since monday\n  \
+        ringblk-ctl --json backup copy vol0@monday /dev/sdb")]
+    Copy {
+        /// The backup as VOLUME@NAME.
+        #[arg(value_parser = parse_backup_ref)]
+        backup: (String, String),
+        /// Destination file or block device, on the server's host (a relative path is
+        /// taken relative to the current directory). A full copy creates or truncates
+        /// a file.
+        dest: PathBuf,
+        /// Incremental: DEST already holds the copy of the older backup OLDER (of the
+        /// same volume); write only the chunks changed since, so that DEST ends equal
+        /// to VOLUME@NAME.
+        #[arg(long, value_name = "OLDER")]
+        changed_since: Option<String>,
+    },
 }
 
 fn parse_backup_ref(text: &str) -> Result<(String, String), String> {
@@ -294,6 +320,17 @@ fn request(command: &Command) -> (&str, Option<Value>) {
         Command::Backup(BackupCommand::Release { backup: (v, n) }) => {
             ("backup_release", Some(json!({ "volume": v, "name": n })))
         }
+        Command::Backup(BackupCommand::Copy {
+            backup: (v, n),
+            dest,
+            changed_since,
+        }) => {
+            let mut p = json!({ "volume": v, "name": n, "dest": dest });
+            if let Some(older) = changed_since {
+                p["changed_since"] = json!(older);
+            }
+            ("backup_copy", Some(p))
+        }
         Command::Methods => ("rpc_get_methods", None),
         Command::Call { method, params } => (method.as_str(), params.clone()),
     }
@@ -336,6 +373,7 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
         Command::Backup(BackupCommand::Release { backup: (v, n) }) => {
             Ok(format!("releasing {v}@{n}: its delta is merging down\n"))
         }
+        Command::Backup(BackupCommand::Copy { .. }) => Ok(render::json(result)),
         Command::Call { .. } => Ok(render::json(result)),
     }
 }
@@ -352,6 +390,22 @@ fn run(cli: &Cli) -> Result<String, CtlError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Backup(BackupCommand::Copy {
+        backup: (volume, name),
+        dest,
+        changed_since,
+    }) = &cli.command
+    {
+        // A job to follow, not one request and one result.
+        let args = copy::CopyArgs {
+            volume,
+            name,
+            dest,
+            changed_since: changed_since.as_deref(),
+            json: cli.json,
+        };
+        return copy::run(&Client::new(&cli.rpc, cli.timeout), &args);
+    }
     match run(&cli) {
         Ok(out) => {
             let mut stdout = std::io::stdout().lock();

@@ -78,7 +78,7 @@ pub fn backups(result: &Value) -> Result<String, CtlError> {
     for b in rows {
         table.push(vec![
             text(b, "export"),
-            text(b, "state"),
+            backup_state(b),
             text(b, "delta_chunks"),
             size(b, "delta_bytes"),
             text(b, "switch_us"),
@@ -86,6 +86,18 @@ pub fn backups(result: &Value) -> Result<String, CtlError> {
         ]);
     }
     Ok(table.render())
+}
+
+/// `ready`, or `copying 42%` while a copy job reads the backup.
+fn backup_state(b: &Value) -> String {
+    match b
+        .get("copy")
+        .and_then(|c| c.get("percent"))
+        .and_then(Value::as_u64)
+    {
+        Some(p) => format!("copying {p}%"),
+        None => text(b, "state"),
+    }
 }
 
 pub fn exports(result: &Value) -> Result<String, CtlError> {
@@ -280,6 +292,17 @@ mod tests {
              a     1.0 GiB   4096  file     no      2  /a.img\n\
              b           -      -  -        -       -  -\n"
         );
+    }
+
+    #[test]
+    fn a_backup_being_copied_shows_its_progress() {
+        let out = backups(&json!([
+            {"export": "v@a", "state": "ready", "copy": {"job": 3, "percent": 42}},
+            {"export": "v@b", "state": "ready", "copy": null}
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.contains("copying 42%"), "{out}");
+        assert_eq!(out.matches("ready").count(), 1, "{out}");
     }
 
     #[test]

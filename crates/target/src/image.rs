@@ -48,7 +48,13 @@ pub struct Delta {
     merging: AtomicBool,
     /// Set once every request admitted before this delta existed has completed.
     drained: AtomicBool,
+    /// End of the preallocated part of the data file.
+    prealloc_end: AtomicU64,
+    size_bytes: u64,
 }
+
+/// Delta data files are preallocated in steps of this size, ahead of use.
+pub const PREALLOC_STEP_BYTES: u64 = 256 << 20;
 
 impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
@@ -78,6 +84,13 @@ impl Delta {
             Err(e) => return Err(e),
         };
         file.set_len(size_bytes)?;
+        // Preallocation (unwritten extents) happens on the data path, in steps ahead
+        // of the allocator (`prealloc_due`): a direct write into a hole makes ext4
+        // allocate under the inode lock, serialising every write to the delta; into
+        // preallocated space it only converts the extent. The first step starts at the
+        // first allocation, not here, so that the switch never waits for it. Best
+        // effort: filesystems that refuse leave a sparse file that still works.
+        let first = 0;
         let capacity_chunks = size_bytes.div_ceil(chunk_bytes as u64);
         let map = BlockMap::new(capacity_chunks)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -92,7 +105,24 @@ impl Delta {
             capacity_chunks,
             merging: AtomicBool::new(false),
             drained: AtomicBool::new(false),
+            prealloc_end: AtomicU64::new(first),
+            size_bytes,
         })
+    }
+
+    /// After allocating chunk `p`: the byte range to preallocate next, once, when the
+    /// allocator has used half of the current preallocation step.
+    pub fn prealloc_due(&self, p: u64, chunk_bytes: u64) -> Option<(u64, u64)> {
+        let used = (p + 1) * chunk_bytes;
+        let end = self.prealloc_end.load(Ordering::Relaxed);
+        if end >= self.size_bytes || (end > 0 && used + PREALLOC_STEP_BYTES / 2 < end) {
+            return None;
+        }
+        let next = (end + PREALLOC_STEP_BYTES).min(self.size_bytes);
+        self.prealloc_end
+            .compare_exchange(end, next, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()
+            .map(|_| (end, next - end))
     }
 
     pub fn raw_fd(&self) -> RawFd {

@@ -356,6 +356,12 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
                 guard.abort();
                 return piece_done(r, w, Err(NbdErrno::NoSpc));
             };
+            if let Some((off, len)) = delta.prealloc_due(p, cb) {
+                // Fire and forget: a failed preallocation only costs speed.
+                let fd = FileRef::Raw(delta.raw_fd());
+                let keep = delta.clone();
+                let _ = r.submit(Op::fallocate(fd, off, len, 0), move |_, _| drop(keep));
+            }
             let full = lo == chunk * cb && hi == (chunk + 1) * cb;
             if full {
                 let buf = piece_bytes(w, lo, hi);
@@ -599,6 +605,73 @@ pub fn block_status(
             length: len,
             flags: STATE_HOLE | STATE_ZERO,
         });
+    }
+    out
+}
+
+/// Chunks one `ringblk:changed/NAME` reply scans at most; the reply then covers a
+/// prefix of the request (NBD allows it; clients ask again for the rest). Bounds the
+/// time a reactor spends on one BLOCK_STATUS.
+const CHANGED_SCAN_CHUNKS_MAX: u64 = 1 << 16;
+
+/// The layers that hold the changes since backup `since`, seen from a view made of
+/// the first `view_len` deltas of `deltas` (bottom to top): every delta from the one
+/// created at `since`'s switch up to the top of the view.
+///
+/// Releasing a backup merges the delta created at its switch into the layer beneath,
+/// so a release of a *later* backup only moves changes between layers of this range,
+/// and a release of an *earlier* one only touches layers below it: neither loses
+/// anything. Releasing `since` itself mixes its changes into older ones, so from the
+/// moment its delta is marked merging this returns `None` (as it does when `since`
+/// is not below the view's top, e.g. a backup newer than the exported one).
+pub fn changed_layers<'a>(
+    deltas: &'a [Arc<Delta>],
+    view_len: usize,
+    since: &str,
+) -> Option<&'a [Arc<Delta>]> {
+    let view = deltas.get(..view_len)?;
+    let pos = view.iter().position(|d| d.backup == since)?;
+    (!view[pos].is_merging()).then(|| &view[pos..])
+}
+
+/// Whether any of `layers` holds `chunk` (in any state: a pending fill is a write
+/// in progress, a merging chunk is still there until it is published below).
+pub fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {
+    layers
+        .iter()
+        .any(|d| matches!(d.map.lookup(chunk).map(|e| e.state()), Ok(s) if s != State::Unmapped))
+}
+
+/// `ringblk:changed/NAME` extents of `[offset, offset + len)`: flags 1 where a chunk
+/// is held by one of `changed` (see [`changed_layers`]), 0 elsewhere. Covers a prefix
+/// of the range when `max` extents or the scan bound run out.
+pub fn changed_status(
+    vol: &Volume,
+    changed: &[Arc<Delta>],
+    offset: u64,
+    len: u32,
+    max: usize,
+) -> Vec<Extent> {
+    let cb = vol.chunk_bytes() as u64;
+    let end = offset + len as u64;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    let mut scanned = 0u64;
+    while pos < end && scanned < CHANGED_SCAN_CHUNKS_MAX {
+        let chunk = pos / cb;
+        let n = ((chunk + 1) * cb).min(end) - pos;
+        let flags = u32::from(held_by_any(changed, chunk));
+        let full = out.len() >= max.max(1);
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.length += n as u32,
+            _ if full => break,
+            _ => out.push(Extent {
+                length: n as u32,
+                flags,
+            }),
+        }
+        pos += n;
+        scanned += 1;
     }
     out
 }

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod copyjob;
 pub mod error;
 pub mod image;
 mod io;

@@ -23,15 +23,22 @@ pub const METHODS: &[&str] = &[
     "backup_create",
     "backup_list",
     "backup_release",
+    "backup_copy",
+    "backup_copy_status",
+    "backup_copy_cancel",
 ];
 
 pub struct Methods {
     shared: Arc<ServerShared>,
+    copies: crate::copyjob::CopyJobs,
 }
 
 impl Methods {
     pub fn new(shared: Arc<ServerShared>) -> Methods {
-        Methods { shared }
+        Methods {
+            shared,
+            copies: crate::copyjob::CopyJobs::new(),
+        }
     }
 }
 
@@ -66,6 +73,27 @@ struct NameParams {
 struct BackupParams {
     volume: String,
     name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyParams {
+    volume: String,
+    name: String,
+    /// A file or block device on the server's host.
+    dest: PathBuf,
+    #[serde(default)]
+    changed_since: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobParams {
+    job: u64,
+}
+
+fn copy_error(e: crate::copyjob::CopyError) -> RpcError {
+    RpcError::new(e.rpc_code(), e.to_string())
 }
 
 #[derive(Deserialize, Default)]
@@ -248,6 +276,32 @@ impl RpcHandler for Methods {
                 let info = crate::switchover::backup_release(self.reactors(), &v, &p.name)
                     .map_err(switch_error)?;
                 Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
+            }
+            "backup_copy" => {
+                let p: CopyParams = parse_params(params)?;
+                let v = self.volume(&p.volume)?;
+                let spec = crate::copyjob::CopySpec {
+                    backup: &p.name,
+                    dest: &p.dest,
+                    changed_since: p.changed_since.as_deref(),
+                };
+                let job = crate::copyjob::start(&self.copies, &self.reactors(), &v, spec)
+                    .map_err(copy_error)?;
+                Ok(json!({"job": job.id, "volume": v.name(), "name": p.name,
+                          "dest": p.dest, "bytes_total": job.bytes_total}))
+            }
+            "backup_copy_status" => {
+                let p: JobParams = parse_params(params)?;
+                let job = self.copies.get(p.job).map_err(copy_error)?;
+                Ok(job.status_json())
+            }
+            "backup_copy_cancel" => {
+                let p: JobParams = parse_params(params)?;
+                let job = self
+                    .copies
+                    .cancel(p.job, &self.reactors())
+                    .map_err(copy_error)?;
+                Ok(job.status_json())
             }
             other => Err(RpcError::method_not_found(other)),
         }

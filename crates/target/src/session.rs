@@ -41,7 +41,7 @@ use crate::nbd::codec::{
 use crate::nbd::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
 use crate::nbd::{proto, reply, NbdErrno};
 use crate::server::ServerShared;
-use crate::volume::{bump, Volume};
+use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
 
 /// Requests executing at once per connection.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -356,7 +356,10 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                     let contexts = neg
                         .meta_contexts
                         .iter()
-                        .filter(|m| m.name == proto::META_BASE_ALLOCATION)
+                        .filter(|m| {
+                            m.name == proto::META_BASE_ALLOCATION
+                                || m.name.starts_with(META_CHANGED_PREFIX)
+                        })
                         .cloned()
                         .collect();
                     volume.connection_opened();
@@ -598,15 +601,7 @@ fn execute_layered(
         Command::WriteZeroes => {
             io::write_zeroes(r, &volume, pin, req.offset, req.length as u64, then_reply)
         }
-        Command::BlockStatus => {
-            let max = if req.flags.contains(CommandFlags::REQ_ONE) {
-                1
-            } else {
-                BLOCK_STATUS_EXTENTS_MAX
-            };
-            let extents = io::block_status(&volume, &layers, req.offset, req.length, max);
-            block_status_reply(r, conn, req, extents);
-        }
+        Command::BlockStatus => block_status(r, conn, req, &pin, &layers),
         Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(NbdErrno::Inval)),
     }
 }
@@ -634,13 +629,7 @@ fn execute_base(
             // BLOCK_STATUS needs its extents reply (one hole for null), not a bare ack.
             Command::BlockStatus => {
                 bump(&ctr.block_status_ops, 1);
-                let max = if req.flags.contains(CommandFlags::REQ_ONE) {
-                    1
-                } else {
-                    BLOCK_STATUS_EXTENTS_MAX
-                };
-                let extents = volume.backend().block_status(req.offset, req.length, max);
-                block_status_reply(r, conn, req, extents);
+                block_status(r, conn, req, &pin, &[]);
             }
             _ => {
                 count_op(&volume, r.id(), &req);
@@ -754,13 +743,7 @@ fn execute_base(
         }
         Command::BlockStatus => {
             bump(&ctr.block_status_ops, 1);
-            let max = if req.flags.contains(CommandFlags::REQ_ONE) {
-                1
-            } else {
-                BLOCK_STATUS_EXTENTS_MAX
-            };
-            let extents = volume.backend().block_status(req.offset, req.length, max);
-            block_status_reply(r, conn, req, extents);
+            block_status(r, conn, req, &pin, &[]);
             return;
         }
         Command::Disc | Command::Unknown(_) => {
@@ -847,40 +830,78 @@ fn zero_fill(
     }
 }
 
-fn block_status_reply(
+/// Extents of one selected context for `req`, over the view `layers` (a prefix of
+/// the pinned stack's deltas: all of them on the live export).
+fn context_extents(
+    volume: &Volume,
+    ctx: &MetaContext,
+    req: &Request,
+    pin: &StackPin,
+    layers: &[Arc<Delta>],
+    max: usize,
+) -> Result<Vec<crate::nbd::Extent>, &'static str> {
+    let (off, len) = (req.offset, req.length);
+    if ctx.name == proto::META_BASE_ALLOCATION {
+        return Ok(if layers.is_empty() {
+            volume.backend().block_status(off, len, max)
+        } else {
+            io::block_status(volume, layers, off, len, max)
+        });
+    }
+    let Some(since) = ctx.name.strip_prefix(META_CHANGED_PREFIX) else {
+        return Err("unknown metadata context");
+    };
+    // Gone once `since` is being released: its changes merge into older ones.
+    match io::changed_layers(&pin.stack().deltas, layers.len(), since) {
+        Some(changed) => Ok(io::changed_status(volume, changed, off, len, max)),
+        None => Err("that backup was released: changes since it are no longer tracked"),
+    }
+}
+
+/// BLOCK_STATUS: one reply chunk per selected context, all computed against the
+/// request's pinned stack, so they describe the same instant. A context that cannot
+/// be answered fails the whole request (EINVAL, with the reason).
+fn block_status(
     r: &mut Reactor,
     conn: &ConnRef,
     req: Request,
-    extents: Vec<crate::nbd::Extent>,
+    pin: &StackPin,
+    layers: &[Arc<Delta>],
 ) {
-    let contexts = {
-        let c = conn.borrow();
-        match &c.phase {
-            Phase::Transmission(t) => t.contexts.clone(),
-            Phase::Handshake(_) => Vec::new(),
+    let (_, volume, _) = file_of(conn);
+    let contexts = match &conn.borrow().phase {
+        Phase::Transmission(t) => t.contexts.clone(),
+        Phase::Handshake(_) => Vec::new(),
+    };
+    let max = if req.flags.contains(CommandFlags::REQ_ONE) {
+        1
+    } else {
+        BLOCK_STATUS_EXTENTS_MAX
+    };
+    let answers: Result<Vec<_>, &str> = contexts
+        .iter()
+        .map(|ctx| context_extents(&volume, ctx, &req, pin, layers, max).map(|e| (ctx.id, e)))
+        .collect();
+    let answers = match answers {
+        Ok(a) if a.is_empty() || a.iter().any(|(_, e)| e.is_empty()) => {
+            Err("no metadata context selected")
         }
+        other => other,
     };
     let mut out = Vec::new();
-    if contexts.is_empty() || extents.is_empty() {
-        reply::error_reply(
-            &mut out,
-            true,
-            req.cookie,
-            NbdErrno::Inval,
-            "no metadata context selected",
-        );
-    } else {
-        for (i, ctx) in contexts.iter().enumerate() {
-            reply::put_block_status(
-                &mut out,
-                req.cookie,
-                ctx.id,
-                &extents,
-                i + 1 == contexts.len(),
-            );
+    let failed = match answers {
+        Ok(a) => {
+            for (i, (id, extents)) in a.iter().enumerate() {
+                reply::put_block_status(&mut out, req.cookie, *id, extents, i + 1 == a.len());
+            }
+            false
         }
-    }
-    finish(r, conn, req, Reply::Bytes(out), false);
+        Err(message) => {
+            reply::error_reply(&mut out, true, req.cookie, NbdErrno::Inval, message);
+            true
+        }
+    };
+    finish(r, conn, req, Reply::Bytes(out), failed);
 }
 
 fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), NbdErrno>) {

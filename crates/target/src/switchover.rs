@@ -21,7 +21,9 @@
 //! reader never finds neither — then drop the delta in one more stack swap and drain.
 //! The copy runs on a control thread with blocking I/O; per-chunk `MERGING` in the
 //! block map orders it against concurrent in-place writes. Other backups' content is
-//! unchanged: the merged layers read the same before and after.
+//! unchanged: the merged layers read the same before and after. A backup that a
+//! running copy job reads, or uses as its `changed_since` base, is not released
+//! (EBUSY, [`SwitchError::Copying`]; see `copyjob`).
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -57,6 +59,8 @@ pub enum SwitchError {
     DrainTimeout(Duration),
     #[error("the volume is read-only")]
     ReadOnly,
+    #[error("backup {0:?} is in use by running copy job {1}; cancel it (backup_copy_cancel) or wait for it")]
+    Copying(String, u64),
 }
 
 impl SwitchError {
@@ -70,6 +74,7 @@ impl SwitchError {
             SwitchError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             SwitchError::DrainTimeout(_) => libc::ETIMEDOUT,
             SwitchError::ReadOnly => libc::EROFS,
+            SwitchError::Copying(..) => libc::EBUSY,
         }
     }
 }
@@ -79,7 +84,7 @@ impl SwitchError {
 #[derive(Clone, Copy)]
 struct StackAddr(usize);
 
-fn home_reactor(vol: &Volume, n: usize) -> usize {
+pub(crate) fn home_reactor(vol: &Volume, n: usize) -> usize {
     vol.name()
         .bytes()
         .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
@@ -250,6 +255,14 @@ pub fn backup_release(
         if b.state != BackupState::Ready {
             return Err(SwitchError::Busy(name.into(), b.state));
         }
+        // A running copy keeps its backup (and its changed-since base) stable: refuse
+        // rather than cancel someone's copy behind their back (copyjob module docs).
+        if let Some(job) = ctl.copy_holding(name) {
+            return Err(SwitchError::Copying(name.into(), job.id));
+        }
+        let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) else {
+            return Err(SwitchError::NotFound(vol.name().into(), name.into()));
+        };
         b.state = BackupState::Merging;
         b.clone()
     };
@@ -443,7 +456,8 @@ fn copy_into_delta(
 
 /// Backups of `vol` with their delta sizes, for `backup_list` and `stats`.
 pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
-    let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    ctl.copies.retain(|c| c.is_running());
     let cb = vol.chunk_bytes() as u64;
     ctl.backups
         .iter()
@@ -454,9 +468,16 @@ pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
                     .find(|d| d.id == b.delta_id)
                     .map_or(0, |d| d.map.mapped_count())
             });
+            // A running copy out of this backup, as `copying 42%` in the CLI.
+            let copy = ctl
+                .copies
+                .iter()
+                .find(|c| c.backup == b.name)
+                .map(|c| serde_json::json!({"job": c.id, "percent": c.percent()}));
             serde_json::json!({
                 "volume": vol.name(),
                 "name": b.name,
+                "copy": copy,
                 "export": format!("{}@{}", vol.name(), b.name),
                 "state": b.state,
                 "delta_chunks": chunks,

@@ -160,7 +160,23 @@ pub struct Control {
     pub backups: Vec<BackupInfo>,
     pub next_delta_id: u64,
     pub next_epoch: u64,
+    /// Copy jobs of this volume's backups. A running one holds its backup (and its
+    /// `changed_since` backup) against release; see `copyjob`'s module docs.
+    pub copies: Vec<Arc<crate::copyjob::CopyShared>>,
 }
+
+impl Control {
+    /// The running copy job that holds backup `name`, if any (finished jobs are
+    /// forgotten here: their hold ended with them).
+    pub fn copy_holding(&mut self, name: &str) -> Option<Arc<crate::copyjob::CopyShared>> {
+        self.copies.retain(|c| c.is_running());
+        self.copies.iter().find(|c| c.holds(name)).cloned()
+    }
+}
+
+/// Metadata context prefix of "chunks changed since backup NAME" (incremental
+/// backup): `ringblk:changed/NAME`, flags bit 0 set on changed chunks.
+pub const META_CHANGED_PREFIX: &str = "ringblk:changed/";
 
 /// A retired stack waiting for its drain; freed afterwards.
 struct Retired(*mut Stack);
@@ -607,7 +623,25 @@ impl ExportCatalog for Registry {
         out
     }
 
-    fn meta_contexts(&self, _export: &str) -> Vec<String> {
-        vec![crate::nbd::proto::META_BASE_ALLOCATION.to_string()]
+    /// `base:allocation` everywhere; `ringblk:changed/NAME` for every ready backup
+    /// NAME taken before the export's own point in time: all of them for the live
+    /// volume, the older ones for a backup's export. A backup being released is no
+    /// longer ready, so its context is no longer offered (see `io::changed_layers`).
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        let mut out = vec![crate::nbd::proto::META_BASE_ALLOCATION.to_string()];
+        if let Some((v, backup)) = self.resolve(export) {
+            // In switch order: backups become ready one at a time, under `control`.
+            let ready = v.ready_backups();
+            let upto = match backup {
+                None => ready.len(),
+                Some(b) => ready.iter().position(|x| *x == b).unwrap_or(0),
+            };
+            out.extend(
+                ready[..upto]
+                    .iter()
+                    .map(|x| format!("{META_CHANGED_PREFIX}{x}")),
+            );
+        }
+        out
     }
 }

@@ -1,0 +1,376 @@
+#!/usr/bin/env bash
+# Peer comparison of issue 7: the same fio workloads against ringblk, qemu-nbd and
+# nbdkit serving one backing file, and against the file itself (the local limit),
+# back to back, repeated; prints a median table with ratios, and the servers' CPU.
+#
+#   bench/compare.sh                 3 rounds x 4 s (+1 s ramp), 1 GiB file   (~7-8 min)
+#   bench/compare.sh --quick         1 round  x 3 s (+1 s ramp), 256 MiB      (< 3 min)
+#   bench/compare.sh --smoke         1 round  x 1 s, one workload, 64 MiB    (seconds, CI)
+#   bench/compare.sh --repeat 5 --runtime 10 --size 4G --out /some/dir
+#   bench/compare.sh --no-build      use the release binaries already built
+#   bench/compare.sh --bench-client  also drive every NBD server with ringblk-bench
+#                                    (exact HdrHistogram latency; adds ~1/3 to the time)
+#
+# Systems (each started and stopped by this script, on a loopback port, by PID):
+#   ringblk        ringblk serve --volume v=FILE            (file backend, O_DIRECT, io_uring)
+#   qemu-nbd       qemu-nbd --aio=io_uring --cache=none     (O_DIRECT, io_uring)
+#   nbdkit         nbdkit file FILE                         (page cache: its default)
+#   local          fio --ioengine=io_uring --direct=1 on FILE: no network, no server
+# and the overhead pair, where no storage is touched at all:
+#   ringblk-null   ringblk serve --volume v=,backend=null
+#   nbdkit-null    nbdkit null
+#
+# Workloads (fio --ioengine=nbd for servers):
+#   rr4k-qd1      4 KiB random read, iodepth 1
+#   rr4k-qd32     4 KiB random read, iodepth 32
+#   rw4k-qd32     4 KiB random write, iodepth 32
+#   sr128k-qd8    128 KiB sequential read, iodepth 8
+#   rr4k-qd32-j2  4 KiB random read, iodepth 32, numjobs 2 (two connections)
+#
+# Method:
+# - Rounds interleave: for each round, each workload, each system in turn, so a drift
+#   of the machine spreads over every system instead of favouring one.
+# - Every run gets a freshly started server (no warm state carried over) and fio's
+#   ramp is excluded from fio's figures. Medians over the rounds are reported.
+# - Server CPU: utime+stime from /proc/PID/stat before and after the fio run; IOPS per
+#   CPU-second = operations of the whole run (at the measured rate, ramp included) per
+#   server CPU-second. ringblk's reactors spin while busy (adaptive idle policy), so
+#   this is where polling shows its cost.
+# - Latency: fio's total latency percentiles (lat_ns, i.e. submission to completion),
+#   written as .hgrm per system and workload (median round) and overlaid in one SVG per
+#   workload with `ringblk-bench plot`.
+#
+# Needs fio (required), qemu-nbd and nbdkit (skipped with a note when missing) and
+# python3; ci/test.sh installs them. Output: OUT/summary.md, OUT/hgrm/*.hgrm,
+# OUT/*.svg and every fio JSON in OUT/runs/. Default OUT: TARGET/compare/DATE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPEAT=3 RUNTIME=4 RAMP=1 SIZE=1G MODE=default OUT="" BENCH_CLIENT=0 BUILD=1
+WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-j2"
+NULL_WORKLOADS="rr4k-qd1 rr4k-qd32"
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --repeat) REPEAT=$2; shift ;;
+        --runtime) RUNTIME=$2; shift ;;
+        --ramp) RAMP=$2; shift ;;
+        --size) SIZE=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        --bench-client) BENCH_CLIENT=1 ;;
+        --no-build) BUILD=0 ;;
+        --quick) MODE=quick; REPEAT=1 RUNTIME=3 RAMP=1 SIZE=256M ;;
+        --smoke) MODE=smoke; REPEAT=1 RUNTIME=1 RAMP=0 SIZE=64M
+                 WORKLOADS="rr4k-qd32" NULL_WORKLOADS="rr4k-qd32" ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+command -v fio >/dev/null || { echo "compare.sh: fio is required" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "compare.sh: python3 is required" >&2; exit 1; }
+SYSTEMS="ringblk"
+NULL_SYSTEMS="ringblk-null"
+if command -v qemu-nbd >/dev/null; then SYSTEMS="$SYSTEMS qemu-nbd"
+else echo "compare.sh: note: qemu-nbd not installed, skipped" >&2; fi
+if command -v nbdkit >/dev/null; then SYSTEMS="$SYSTEMS nbdkit"; NULL_SYSTEMS="$NULL_SYSTEMS nbdkit-null"
+else echo "compare.sh: note: nbdkit not installed, skipped" >&2; fi
+SYSTEMS="$SYSTEMS local"
+# name+rbb: the same server driven by ringblk-bench instead of fio.
+RBB_SYSTEMS=""
+if [ "$BENCH_CLIENT" = 1 ]; then
+    for s in $SYSTEMS; do [ "$s" = local ] || RBB_SYSTEMS="$RBB_SYSTEMS $s+rbb"; done
+fi
+
+TARGET=${CARGO_TARGET_DIR:-target}
+if [ "$BUILD" = 1 ]; then
+    echo "== building release binaries" >&2
+    cargo build --release --quiet -p ringblk-target --bin ringblk -p ringblk-bench --bin ringblk-bench
+fi
+RINGBLK=$TARGET/release/ringblk
+BENCH=$TARGET/release/ringblk-bench
+for b in "$RINGBLK" "$BENCH"; do
+    [ -x "$b" ] || { echo "compare.sh: $b missing (build it, or drop --no-build)" >&2; exit 1; }
+done
+OUT=${OUT:-$TARGET/compare/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT/runs" "$OUT/hgrm"
+OUT=$(cd "$OUT" && pwd)
+BACKING=$OUT/backing.img
+: > "$OUT/results.tsv"
+
+SERVER_PID=""
+URI=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; fi
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until FILE exists and is non-empty (a pid file or a banner), at most 10 s.
+wait_file() {
+    local f=$1 pid=$2 i
+    for i in $(seq 100); do
+        if [ -s "$f" ]; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || { echo "compare.sh: server $pid died; see $OUT/server.log" >&2; return 1; }
+        sleep 0.1
+    done
+    echo "compare.sh: server $pid did not come up in 10 s" >&2
+    return 1
+}
+
+start_server() {
+    local sys=${1%+rbb} port n
+    n=$(date +%s%N)
+    case "$sys" in
+        ringblk|ringblk-null)
+            local vol="v=$BACKING"
+            [ "$sys" = ringblk-null ] && vol="v=,backend=null,size=$SIZE"
+            "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
+                --volume "$vol" > "$OUT/banner" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            for _ in $(seq 100); do
+                grep -q "listening on" "$OUT/banner" 2>/dev/null && break
+                kill -0 "$SERVER_PID" 2>/dev/null || { cat "$OUT/server.log" >&2; return 1; }
+                sleep 0.1
+            done
+            port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$OUT/banner" | cut -d: -f2)
+            [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
+            URI="nbd://127.0.0.1:$port/v"
+            ;;
+        qemu-nbd)
+            port=$(free_port)
+            rm -f "$OUT/qemu.pid"
+            qemu-nbd -f raw --aio=io_uring --cache=none -x v -b 127.0.0.1 -p "$port" -t -e 16 \
+                --pid-file="$OUT/qemu.pid" "$BACKING" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            wait_file "$OUT/qemu.pid" "$SERVER_PID"
+            URI="nbd://127.0.0.1:$port/v"
+            ;;
+        nbdkit|nbdkit-null)
+            port=$(free_port)
+            rm -f "$OUT/nbdkit.pid"
+            local plugin=(file "$BACKING")
+            [ "$sys" = nbdkit-null ] && plugin=(null "$SIZE")
+            nbdkit -f -i 127.0.0.1 -p "$port" -P "$OUT/nbdkit.pid" "${plugin[@]}" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            wait_file "$OUT/nbdkit.pid" "$SERVER_PID"
+            URI="nbd://127.0.0.1:$port/"
+            ;;
+        local) SERVER_PID=""; URI="" ;;
+    esac
+}
+
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 100); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+    rm -rf "$OUT"/ringblk-data.*
+}
+
+# utime + stime of a process, in clock ticks.
+cpu_ticks() {
+    [ -n "$1" ] || { echo 0; return; }
+    # Fields after the ")" that ends the command name: state is 1st, utime 12th, stime 13th.
+    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+workload_args() {
+    case "$1" in
+        rr4k-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
+        rr4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
+        rw4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+        sr128k-qd8) echo "--rw=read --bs=128k --iodepth=8" ;;
+        rr4k-qd32-j2) echo "--rw=randread --bs=4k --iodepth=32 --numjobs=2" ;;
+    esac
+}
+
+# The same workloads for ringblk-bench (numjobs = connections).
+bench_args() {
+    case "$1" in
+        rr4k-qd1) echo "--rw randread --bs 4k --iodepth 1" ;;
+        rr4k-qd32) echo "--rw randread --bs 4k --iodepth 32" ;;
+        rw4k-qd32) echo "--rw randwrite --bs 4k --iodepth 32" ;;
+        sr128k-qd8) echo "--rw read --bs 128k --iodepth 8" ;;
+        rr4k-qd32-j2) echo "--rw randread --bs 4k --iodepth 32 --connections 2" ;;
+    esac
+}
+
+# fio keeps at most 20 percentiles.
+PCTS="10:20:30:40:50:60:70:80:90:95:97.5:99:99.5:99.9:99.95:99.99:99.995:99.999:100"
+
+# The client command of one run, as an array in CLIENT (fio, or ringblk-bench for +rbb).
+client_cmd() {
+    local sys=$1 w=$2 base=$3
+    if [ "${sys%+rbb}" != "$sys" ]; then
+        # shellcheck disable=SC2046 # bench_args is a list of words on purpose
+        CLIENT=("$BENCH" run "$URI" $(bench_args "$w") --runtime "$RUNTIME" --ramp "$RAMP"
+                --quiet --json --hgrm "$base.hgrm")
+        return
+    fi
+    local engine=(--ioengine=nbd "--uri=$URI")
+    [ "$sys" = local ] && engine=(--ioengine=io_uring --direct=1 "--filename=$BACKING")
+    # shellcheck disable=SC2046 # workload_args is a list of words on purpose
+    CLIENT=(fio --name="$w" "${engine[@]}" $(workload_args "$w") --size="$SIZE"
+            --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --group_reporting
+            --lat_percentiles=1 --percentile_list="$PCTS" --output-format=json)
+}
+
+run_one() {
+    local sys=$1 w=$2 rep=$3 base t0 t1
+    base="$OUT/runs/$sys.$w.$rep"
+    start_server "$sys"
+    client_cmd "$sys" "$w" "$base"
+    t0=$(cpu_ticks "$SERVER_PID")
+    if ! "${CLIENT[@]}" > "$base.json" 2> "$base.err"; then
+        echo "compare.sh: ${CLIENT[0]} failed for $sys $w; see $base.err" >&2
+        stop_server
+        return 1
+    fi
+    t1=$(cpu_ticks "$SERVER_PID")
+    stop_server
+    printf '%s\t%s\t%s\t%s\t%s\n' "$sys" "$w" "$rep" "$base.json" "$((t1 - t0))" >> "$OUT/results.tsv"
+    printf '  %-13s %-13s round %s done\n' "$sys" "$w" "$rep" >&2
+}
+
+echo "== backing file $BACKING ($SIZE, incompressible)" >&2
+fio --name=fill --filename="$BACKING" --size="$SIZE" --rw=write --bs=1M --direct=1 \
+    --ioengine=io_uring --iodepth=4 --refill_buffers > /dev/null
+
+START=$(date +%s)
+for rep in $(seq "$REPEAT"); do
+    echo "== round $rep of $REPEAT" >&2
+    for w in $WORKLOADS; do
+        for sys in $SYSTEMS $RBB_SYSTEMS; do run_one "$sys" "$w" "$rep"; done
+    done
+    for w in $NULL_WORKLOADS; do
+        for sys in $NULL_SYSTEMS; do run_one "$sys" "$w" "$rep"; done
+    done
+done
+echo "== ran for $(( $(date +%s) - START )) s" >&2
+
+python3 - "$OUT" "$RUNTIME" "$RAMP" "$(getconf CLK_TCK)" "$MODE" "$SIZE" <<'PY' | tee "$OUT/summary.md"
+import json, os, shutil, statistics, sys
+out, runtime, ramp, tck, mode, size = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
+
+def load(path):
+    text = open(path).read()
+    return json.loads(text[text.index("{"):])  # fio may print warnings first
+
+runs = {}
+for line in open(os.path.join(out, "results.tsv")):
+    sysname, w, rep, path, ticks = line.rstrip("\n").split("\t")
+    if sysname.endswith("+rbb"):
+        ph = load(path)["phases"][0]
+        o = next(o for o in ph["ops"] if o["op"] in ("read", "write"))
+        l = o["latency_us"]
+        runs.setdefault((sysname, w), []).append({
+            "iops": o["iops"], "mbs": o["mb_s"], "n": o["ops"], "mean": l["mean"], "max": l["max"],
+            "pct": {50.0: l["p50"], 99.0: l["p99"], 99.9: l["p99.9"]}, "cpu": int(ticks) / tck,
+            "local": False, "hgrm": path[:-len(".json")] + ".hgrm",
+        })
+        continue
+    job = load(path)["jobs"][0]
+    op = "read" if job["read"]["io_bytes"] > 0 else "write"
+    s = job[op]
+    lat = s.get("lat_ns") or s["clat_ns"]
+    pct = {float(k): v / 1000.0 for k, v in lat.get("percentile", {}).items()}
+    runs.setdefault((sysname, w), []).append({
+        "iops": s["iops"], "mbs": s["bw_bytes"] / 1e6, "pct": pct,
+        "n": lat.get("N", s.get("total_ios", 0)), "mean": lat["mean"] / 1000.0,
+        "max": lat["max"] / 1000.0, "cpu": int(ticks) / tck, "local": sysname == "local",
+    })
+
+def median_run(rs):
+    m = statistics.median(r["iops"] for r in rs)
+    return min(rs, key=lambda r: abs(r["iops"] - m))
+
+def write_hgrm(path, r):
+    if "hgrm" in r:  # ringblk-bench wrote the exact histogram itself
+        shutil.copyfile(r["hgrm"], path)
+        return
+    n = max(int(r["n"]), 1)
+    with open(path, "w") as f:
+        f.write("%12s %14s %10s %14s\n\n" % ("Value", "Percentile", "TotalCount", "1/(1-Percentile)"))
+        for p in sorted(r["pct"]):
+            q = p / 100.0
+            if q < 1.0:
+                f.write("%12.3f %2.12f %10d %14.2f\n" % (r["pct"][p], q, round(q * n), 1 / (1 - q)))
+            else:
+                f.write("%12.3f %2.12f %10d\n" % (r["pct"][p], q, n))
+        f.write("#[Mean    = %12.3f, StdDeviation   = %12.3f]\n" % (r["mean"], 0.0))
+        f.write("#[Max     = %12.3f, Total count    = %12d]\n" % (r["max"], n))
+
+def med(rs, key):
+    return statistics.median(r[key] for r in rs)
+
+def medpct(rs, p):
+    return statistics.median(r["pct"].get(p, float("nan")) for r in rs)
+
+def fmt(v, d=0):
+    return "-" if v is None else f"{v:,.{d}f}"
+
+workloads = []
+for (_, w) in runs:
+    if w not in workloads:
+        workloads.append(w)
+rounds = max(len(v) for v in runs.values())
+print(f"# ringblk peer comparison ({mode}: {rounds} round(s) x {runtime:g} s + {ramp:g} s ramp, {size} file)\n")
+print("Medians over the rounds. Latency: fio total latency (µs; ringblk-bench's own for +rbb rows). CPU: server utime+stime "
+      "over the run; IOPS/CPU-s: operations per server CPU-second.\n")
+for group, members in (("storage", ["ringblk", "qemu-nbd", "nbdkit", "local"]),
+                       ("null backend (protocol and server overhead only)", ["ringblk-null", "nbdkit-null"]),
+                       ("ringblk-bench as the client (HdrHistogram latency)", ["ringblk+rbb", "qemu-nbd+rbb", "nbdkit+rbb"])):
+    present = [s for s in members if any((s, w) in runs for w in workloads)]
+    if not present:
+        continue
+    print(f"## {group}\n")
+    head = "| workload | system | IOPS | MB/s | p50 | p99 | p99.9 | max | server CPU s | IOPS/CPU-s | ringblk ÷ this |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    base = present[0]
+    for w in workloads:
+        if (base, w) not in runs:
+            continue
+        ref = med(runs[(base, w)], "iops")
+        for s in present:
+            rs = runs.get((s, w))
+            if not rs:
+                continue
+            r = median_run(rs)
+            write_hgrm(os.path.join(out, "hgrm", f"{w}.{s}.hgrm"), r)
+            iops = med(rs, "iops")
+            cpu = None if r["local"] else med(rs, "cpu")
+            per_cpu = None if not cpu else iops * (runtime + ramp) / cpu
+            ratio = "" if s == base else f"{ref / iops:.2f}" if iops else "-"
+            print(f"| {w} | {s} | {fmt(iops)} | {fmt(med(rs, 'mbs'), 1)} | {fmt(medpct(rs, 50.0), 1)} "
+                  f"| {fmt(medpct(rs, 99.0), 1)} | {fmt(medpct(rs, 99.9), 1)} | {fmt(med(rs, 'max'), 0)} "
+                  f"| {fmt(cpu, 2)} | {fmt(per_cpu)} | {ratio} |")
+    print()
+print("Ratios are the median IOPS of the first system of the table divided by this row's; "
+      "for `local` it is the fraction of the device's own limit that ringblk delivers over NBD.")
+PY
+
+echo "== plots" >&2
+for hg in "$OUT"/hgrm/*.hgrm; do
+    w=$(basename "$hg" | cut -d. -f1)
+    echo "$w"
+done | sort -u | while read -r w; do
+    args=()
+    for sys in $SYSTEMS $NULL_SYSTEMS $RBB_SYSTEMS; do
+        hg="$OUT/hgrm/$w.$sys.hgrm"
+        [ -f "$hg" ] && args+=("$sys=$hg")
+    done
+    "$BENCH" plot --svg "$OUT/$w.svg" --title "$w: latency by percentile (fio lat)" "${args[@]}" > /dev/null
+    echo "  $OUT/$w.svg" >&2
+done
+echo "== results in $OUT (summary.md, hgrm/, *.svg, runs/)" >&2
