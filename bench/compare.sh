@@ -84,12 +84,19 @@ if [ "$BENCH_CLIENT" = 1 ]; then
 fi
 
 TARGET=${CARGO_TARGET_DIR:-target}
+# RINGBLK_PROFILE=debug runs the debug binaries (CI's smoke run: it checks that the
+# script works, not how fast anything is).
+PROFILE=${RINGBLK_PROFILE:-release}
 if [ "$BUILD" = 1 ]; then
-    echo "== building release binaries" >&2
-    cargo build --release --quiet -p ringblk-target --bin ringblk -p ringblk-bench --bin ringblk-bench
+    echo "== building $PROFILE binaries" >&2
+    if [ "$PROFILE" = release ]; then
+        cargo build --release --quiet -p ringblk-target --bin ringblk -p ringblk-bench --bin ringblk-bench
+    else
+        cargo build --quiet -p ringblk-target --bin ringblk -p ringblk-bench --bin ringblk-bench
+    fi
 fi
-RINGBLK=$TARGET/release/ringblk
-BENCH=$TARGET/release/ringblk-bench
+RINGBLK=$TARGET/$PROFILE/ringblk
+BENCH=$TARGET/$PROFILE/ringblk-bench
 for b in "$RINGBLK" "$BENCH"; do
     [ -x "$b" ] || { echo "compare.sh: $b missing (build it, or drop --no-build)" >&2; exit 1; }
 done

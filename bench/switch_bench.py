@@ -75,10 +75,12 @@ def pct(sorted_vals, p):
 
 
 def main():
-    profile = "release"
+    # RINGBLK_PROFILE=debug: CI's smoke run checks that the script works, not speed.
+    profile = os.environ.get("RINGBLK_PROFILE", "release")
     if not shutil.which("fio"):
         sys.exit("fio is not installed (ci/test.sh installs it)")
-    sh(["cargo", "build", "-q", "--release", "-p", "ringblk-target", "-p", "ringblk-ctl"], cwd=ROOT)
+    build = ["cargo", "build", "-q", "-p", "ringblk-target", "-p", "ringblk-ctl"]
+    sh(build + (["--release"] if profile == "release" else []), cwd=ROOT)
     base = os.path.join(ROOT, "target", "bench-data")
     os.makedirs(base, exist_ok=True)
     datadir = tempfile.mkdtemp(dir=base)

@@ -53,11 +53,17 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace
 
-for extra in ci/loom.sh; do
-  if [ -x "$extra" ]; then
-    step "$extra"
-    "$extra"
-  fi
-done
+step "ci/loom.sh (block map model checking)"
+ci/loom.sh
+
+# Benchmarks print figures and never fail on speed; CI runs their smoke modes with
+# debug binaries only to keep the scripts working.
+step "benchmark smoke runs (figures are not checked)"
+export RINGBLK_PROFILE=debug
+bench/compare.sh --smoke
+bench/switch-bench.sh --smoke
+if [ -f bench/src/bin/reactor_bench.rs ]; then
+  cargo run -q -p ringblk-bench --bin reactor_bench -- --smoke
+fi
 
 step "all tests passed"
