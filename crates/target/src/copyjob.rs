@@ -29,7 +29,7 @@
 //! # Incremental copy
 //! With `changed_since = OLDER`, only chunks *changed since OLDER* are written: those
 //! held by a delta from the one created at OLDER's switch up to the copied backup's
-//! view top — the rule of the `ringblk:changed/OLDER` metadata context
+//! view top — the rule of the `x-ringblk:changed/OLDER` metadata context
 //! ([`io::changed_layers`]). DEST must already hold OLDER's copy (only its size is
 //! checked); changed chunks that now read as zeros are punched (regular file) or
 //! zeroed (block device). The rest of the image is still read (holes excepted) so

@@ -609,7 +609,7 @@ pub fn block_status(
     out
 }
 
-/// Chunks one `ringblk:changed/NAME` reply scans at most; the reply then covers a
+/// Chunks one `x-ringblk:changed/NAME` reply scans at most; the reply then covers a
 /// prefix of the request (NBD allows it; clients ask again for the rest). Bounds the
 /// time a reactor spends on one BLOCK_STATUS.
 const CHANGED_SCAN_CHUNKS_MAX: u64 = 1 << 16;
@@ -642,7 +642,7 @@ pub fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {
         .any(|d| matches!(d.map.lookup(chunk).map(|e| e.state()), Ok(s) if s != State::Unmapped))
 }
 
-/// `ringblk:changed/NAME` extents of `[offset, offset + len)`: flags 1 where a chunk
+/// `x-ringblk:changed/NAME` extents of `[offset, offset + len)`: flags 1 where a chunk
 /// is held by one of `changed` (see [`changed_layers`]), 0 elsewhere. Covers a prefix
 /// of the range when `max` extents or the scan bound run out.
 pub fn changed_status(

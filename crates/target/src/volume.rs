@@ -175,8 +175,8 @@ impl Control {
 }
 
 /// Metadata context prefix of "chunks changed since backup NAME" (incremental
-/// backup): `ringblk:changed/NAME`, flags bit 0 set on changed chunks.
-pub const META_CHANGED_PREFIX: &str = "ringblk:changed/";
+/// backup): `x-ringblk:changed/NAME`, flags bit 0 set on changed chunks.
+pub const META_CHANGED_PREFIX: &str = "x-ringblk:changed/";
 
 /// A retired stack waiting for its drain; freed afterwards.
 struct Retired(*mut Stack);
@@ -623,7 +623,7 @@ impl ExportCatalog for Registry {
         out
     }
 
-    /// `base:allocation` everywhere; `ringblk:changed/NAME` for every ready backup
+    /// `base:allocation` everywhere; `x-ringblk:changed/NAME` for every ready backup
     /// NAME taken before the export's own point in time: all of them for the live
     /// volume, the older ones for a backup's export. A backup being released is no
     /// longer ready, so its context is no longer offered (see `io::changed_layers`).

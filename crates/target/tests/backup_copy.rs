@@ -1,7 +1,7 @@
 //! Backup copy-out and incremental backup with real clients: `ringblk-ctl backup
 //! copy` against the bytes nbdcopy reads from the backup's export and against
 //! `sha256sum`, sparseness of DEST, the `--json` progress stream, cancellation (RPC
-//! and Ctrl-C) and the release refusal while copying, and the `ringblk:changed/NAME`
+//! and Ctrl-C) and the release refusal while copying, and the `x-ringblk:changed/NAME`
 //! metadata context read by nbdinfo.
 
 mod common;
@@ -290,7 +290,7 @@ fn copies_cancel_and_hold_their_backup() {
 
 /// Incremental backup: A copied out; more writes (data, and zeros over data A had);
 /// B; `--changed-since A` writes only the changed chunks and leaves DEST equal to B.
-/// `ringblk:changed/A` reports exactly those chunks, survives the release of a later
+/// `x-ringblk:changed/A` reports exactly those chunks, survives the release of a later
 /// backup, and is gone once A itself is released.
 #[test]
 fn incremental_copy_writes_only_changed_chunks() {
@@ -318,10 +318,10 @@ fn incremental_copy_writes_only_changed_chunks() {
         (9 * MIB + 8 * KIB, 9 * MIB + 12 * KIB),
         (20 * MIB, 20 * MIB + 4 * KIB),
     ];
-    assert_eq!(flagged_ranges(&srv, "v@B", "ringblk:changed/A"), changed);
+    assert_eq!(flagged_ranges(&srv, "v@B", "x-ringblk:changed/A"), changed);
     let mut live_changed = changed.clone();
     live_changed.push((25 * MIB, 25 * MIB + 4 * KIB));
-    assert_eq!(flagged_ranges(&srv, "v", "ringblk:changed/A"), live_changed);
+    assert_eq!(flagged_ranges(&srv, "v", "x-ringblk:changed/A"), live_changed);
 
     let out = copy(&srv, "v@B", &dest, &["--json", "--changed-since", "A"]);
     let last: Value = serde_json::from_str(out.lines().last().expect("line")).expect("JSON");
@@ -341,24 +341,24 @@ fn incremental_copy_writes_only_changed_chunks() {
     // Chunks nobody wrote since A are unchanged, on B and live.
     let unwritten = 15 * MIB;
     for (export, ranges) in [("v@B", &changed), ("v", &live_changed)] {
-        let r = flagged_ranges(&srv, export, "ringblk:changed/A");
+        let r = flagged_ranges(&srv, export, "x-ringblk:changed/A");
         assert_eq!(&r, ranges, "{export}");
         assert!(!r.iter().any(|&(a, b)| a <= unwritten && unwritten < b));
     }
     // Not offered for B on B's own export.
     let own = run(Command::new("nbdinfo")
-        .arg("--map=ringblk:changed/B")
+        .arg("--map=x-ringblk:changed/B")
         .arg(srv.uri("v@B")));
     assert!(!own.status.success());
 
     // Releasing B merges its delta into A's: the changes stay visible.
     run_ok(ctl(&srv).args(["backup", "release", "v@B"]));
     wait_gone(&srv, "B");
-    assert_eq!(flagged_ranges(&srv, "v", "ringblk:changed/A"), live_changed);
+    assert_eq!(flagged_ranges(&srv, "v", "x-ringblk:changed/A"), live_changed);
     // Releasing A loses them: the context is no longer offered.
     run_ok(ctl(&srv).args(["backup", "release", "v@A"]));
     let gone = run(Command::new("nbdinfo")
-        .arg("--map=ringblk:changed/A")
+        .arg("--map=x-ringblk:changed/A")
         .arg(srv.uri("v")));
     assert!(!gone.status.success(), "changed/A after A's release");
 }
