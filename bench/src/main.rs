@@ -12,10 +12,8 @@
 
 mod connect;
 mod engine;
-mod hgrm;
 mod nbd;
 mod pattern;
-mod plot;
 mod report;
 mod uri;
 mod workload;
@@ -28,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringblk_bench::{hgrm, plot};
 use ringblk_reactor::IdlePolicy;
 
 use crate::engine::{EngineOpts, OpStats, PhaseResult};
@@ -442,17 +441,9 @@ fn run(a: RunArgs) -> Result<bool, String> {
     Ok(ok)
 }
 
-/// A histogram in ns as a plot curve in µs (through the `.hgrm` text, so a run's
-/// own plot and `plot` of its `.hgrm` file are the same picture).
+/// A run's histogram as a plot curve (see [`ringblk_bench::curve_of`]).
 fn plot_curve_of(stats: &OpStats, label: String) -> plot::Curve {
-    let mut text = Vec::new();
-    // Writing to a Vec cannot fail.
-    let _ = hgrm::write(&stats.hist, 1000.0, &mut text);
-    let parsed = hgrm::parse(&String::from_utf8_lossy(&text)).unwrap_or_default();
-    plot::Curve {
-        label,
-        points: parsed.spectrum(),
-    }
+    ringblk_bench::curve_of(&stats.hist, label)
 }
 
 fn plot_cmd(a: PlotArgs) -> Result<(), String> {

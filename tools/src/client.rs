@@ -48,6 +48,10 @@ pub enum CtlError {
     #[error("bad reply from the server: {0}")]
     Protocol(String),
 
+    /// A report file (`stats --hgrm/--svg`) could not be written.
+    #[error("cannot write {}: {message}", path.display())]
+    Output { path: PathBuf, message: String },
+
     /// The server answered with a JSON-RPC error object.
     #[error("{message} (code {code})")]
     Rpc {

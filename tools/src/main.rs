@@ -11,6 +11,7 @@
 
 mod client;
 mod copy;
+mod latency;
 mod render;
 mod size;
 mod table;
@@ -93,10 +94,31 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         ringblk-ctl stats\n  \
         ringblk-ctl stats vol0\n  \
-        ringblk-ctl --json stats vol0    # every field, including latency data")]
+        ringblk-ctl --json stats vol0    # every field\n  \
+        ringblk-ctl stats vol0 --hist    # latency percentiles per operation\n  \
+        ringblk-ctl stats vol0 --hgrm vol0.hgrm --svg vol0.svg --op write\n  \
+        ringblk-ctl stats vol0 --hist --reset    # report this interval, start a new one\n\n\
+        Latency runs from a request's start on its reactor to its reply being queued; \
+        requests refused without executing are not counted.")]
     Stats {
         /// Show only this volume.
         volume: Option<String>,
+        /// Also show server-side latency percentiles per operation and counts per reactor.
+        #[arg(long)]
+        hist: bool,
+        /// Write the latency of --op as HdrHistogram percentile text (.hgrm, µs).
+        #[arg(long, value_name = "FILE", requires = "volume")]
+        hgrm: Option<PathBuf>,
+        /// Write the latency of --op as a percentile-spectrum plot (SVG).
+        #[arg(long, value_name = "FILE", requires = "volume")]
+        svg: Option<PathBuf>,
+        /// Operation kind for --hgrm and --svg.
+        #[arg(long, value_name = "OP", default_value = "all",
+              value_parser = clap::builder::PossibleValuesParser::new(latency::OPS))]
+        op: String,
+        /// Start a new latency interval (the reply holds the one that ends).
+        #[arg(long)]
+        reset: bool,
     },
 
     /// Show the reactors (one polling thread per core) and how busy they are.
@@ -304,10 +326,26 @@ fn request(command: &Command) -> (&str, Option<Value>) {
             ("volume_delete", Some(json!({ "name": name })))
         }
         Command::Export(ExportCommand::List) => ("export_list", Some(json!({}))),
-        Command::Stats { volume: None } => ("stats", Some(json!({}))),
         Command::Stats {
-            volume: Some(volume),
-        } => ("stats", Some(json!({ "volume": volume }))),
+            volume,
+            hist,
+            hgrm,
+            svg,
+            reset,
+            ..
+        } => {
+            let mut p = json!({});
+            if let Some(v) = volume {
+                p["volume"] = json!(v);
+            }
+            if *hist || hgrm.is_some() || svg.is_some() {
+                p["hist"] = json!(true);
+            }
+            if *reset {
+                p["reset"] = json!(true);
+            }
+            ("stats", Some(p))
+        }
         Command::Reactor(ReactorCommand::List) => ("reactor_list", Some(json!({}))),
         Command::Backup(BackupCommand::Create { volume, name }) => (
             "backup_create",
@@ -365,7 +403,14 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
         Command::Volume(VolumeCommand::List) => render::volumes(result),
         Command::Volume(VolumeCommand::Delete { name }) => Ok(format!("deleted volume {name}\n")),
         Command::Export(ExportCommand::List) => render::exports(result),
-        Command::Stats { .. } => render::stats(result),
+        Command::Stats { .. } => {
+            let mut out = render::stats(result)?;
+            let volumes = result.get("volumes").and_then(Value::as_array);
+            for v in volumes.into_iter().flatten() {
+                out.push_str(&latency::table(v));
+            }
+            Ok(out)
+        }
         Command::Reactor(ReactorCommand::List) => render::reactors(result),
         Command::Methods => render::methods(result),
         Command::Backup(BackupCommand::Create { .. }) => Ok(render::backup_created(result)),
@@ -381,6 +426,24 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
 fn run(cli: &Cli) -> Result<String, CtlError> {
     let (method, params) = request(&cli.command);
     let result = Client::new(&cli.rpc, cli.timeout).call(method, params)?;
+    if let Command::Stats {
+        volume: Some(volume),
+        hgrm,
+        svg,
+        op,
+        ..
+    } = &cli.command
+    {
+        if hgrm.is_some() || svg.is_some() {
+            let h = latency::histogram(&result, op)?;
+            if let Some(path) = hgrm {
+                latency::write_hgrm(&h, path)?;
+            }
+            if let Some(path) = svg {
+                latency::write_svg(&h, path, &format!("{volume} {op} latency (server)"))?;
+            }
+        }
+    }
     if cli.json {
         Ok(render::json(&result))
     } else {

@@ -11,6 +11,7 @@ pub mod copyjob;
 pub mod error;
 pub mod image;
 mod io;
+pub mod latency;
 pub mod methods;
 pub mod nbd;
 mod park;

@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::backend::BackendKind;
+use crate::latency::VolumeHistograms;
 use crate::rpc::{parse_params, RpcError, RpcHandler};
 use crate::server::ServerShared;
 use crate::volume::{Volume, VolumeError, VolumeSpec};
@@ -112,6 +114,12 @@ fn switch_error(e: crate::switchover::SwitchError) -> RpcError {
 struct StatsParams {
     #[serde(default)]
     volume: Option<String>,
+    /// Also per-reactor counts and the histograms (`[[ns, count], …]` per op).
+    #[serde(default)]
+    hist: bool,
+    /// Start a new latency interval: report the one ending, then clear it.
+    #[serde(default)]
+    reset: bool,
 }
 
 fn volume_error(e: VolumeError) -> RpcError {
@@ -138,6 +146,45 @@ impl Methods {
             .get(name)
             .filter(|_| !name.is_empty())
             .ok_or_else(|| volume_error(VolumeError::NotFound(name.to_string())))
+    }
+
+    /// Every reactor's latency histograms of `names` (cleared there if `reset`), by
+    /// reactor id. A reactor that does not answer in time fails the call rather than
+    /// silently reporting fewer operations.
+    fn latency_snapshots(
+        &self,
+        names: Vec<String>,
+        reset: bool,
+    ) -> Result<Vec<(usize, VolumeHistograms)>, RpcError> {
+        const TIMEOUT: Duration = Duration::from_secs(5);
+        let reactors = self.reactors();
+        let names = Arc::new(names);
+        let (tx, rx) = crossbeam_channel::bounded(reactors.len());
+        for h in reactors.iter() {
+            let (tx, names) = (tx.clone(), names.clone());
+            h.send_blocking(
+                move |r| {
+                    let _ = tx.send((r.id(), crate::latency::snapshot(r, Some(&names), reset)));
+                },
+                TIMEOUT,
+            )
+            .map_err(|e| {
+                RpcError::new(RpcError::INTERNAL_ERROR, format!("reactor {}: {e}", h.id()))
+            })?;
+        }
+        drop(tx);
+        let mut out = Vec::with_capacity(reactors.len());
+        for _ in 0..reactors.len() {
+            let got = rx.recv_timeout(TIMEOUT).map_err(|_| {
+                RpcError::new(
+                    RpcError::INTERNAL_ERROR,
+                    "a reactor did not report its latencies",
+                )
+            })?;
+            out.push(got);
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
     }
 
     fn reactors(&self) -> Arc<[ringblk_reactor::ReactorHandle]> {
@@ -203,10 +250,22 @@ impl RpcHandler for Methods {
                         .ok_or_else(|| volume_error(VolumeError::NotFound(name)))?],
                     None => sh.registry.list(),
                 };
+                // Latencies need a round trip to every reactor: only when asked for.
+                let lat = if p.hist || p.reset {
+                    let names: Vec<String> = vols.iter().map(|v| v.name().to_string()).collect();
+                    Some(self.latency_snapshots(names, p.reset)?)
+                } else {
+                    None
+                };
                 let stats: Vec<_> = vols
                     .iter()
                     .map(|v| {
                         let mut j = serde_json::to_value(v.stats()).unwrap_or(Value::Null);
+                        if let Some(lat) = &lat {
+                            let per: Vec<_> =
+                                lat.iter().map(|(id, m)| (*id, m.get(v.name()))).collect();
+                            j["latency"] = crate::latency::volume_json(&per, p.hist);
+                        }
                         let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
                         j["deltas"] = json!(v.with_stack(&ctl, |s| s.deltas.len()));
                         drop(ctl);

@@ -102,7 +102,10 @@ impl ServerShared {
             for h in handles.iter() {
                 let n = name.to_string();
                 let _ = h.send_blocking(
-                    move |r| session::close_volume(r, &n),
+                    move |r| {
+                        session::close_volume(r, &n);
+                        crate::latency::forget(r, &n);
+                    },
                     Duration::from_secs(5),
                 );
             }
@@ -180,6 +183,7 @@ impl Server {
         let sh = shared.clone();
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {
             session::install(r);
+            crate::latency::install(r);
             if r.id() == 0 {
                 let fd = listener.lock().ok().and_then(|mut l| l.take());
                 if let Some(fd) = fd {

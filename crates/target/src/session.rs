@@ -29,12 +29,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
 
 use crate::error::nbd_errno;
 use crate::image::{Delta, StackPin};
 use crate::io;
+use crate::latency;
 use crate::nbd::codec::{
     Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
 };
@@ -126,6 +128,10 @@ pub(crate) struct Conn {
     tx: VecDeque<Reply>,
     send_outstanding: bool,
     handshake_timer: Option<TimerId>,
+    /// When each executing request started, by cookie, for the latency histograms
+    /// (at most `MAX_IN_FLIGHT` entries; a client reusing an in-flight cookie loses
+    /// that sample rather than corrupting another).
+    started: HashMap<u64, Instant>,
 }
 
 /// The connections of one reactor (reactor-local state).
@@ -200,6 +206,7 @@ pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd) {
         tx: VecDeque::new(),
         send_outstanding: false,
         handshake_timer: None,
+        started: HashMap::new(),
     }));
     set.map.borrow_mut().insert(id, conn.clone());
     // A client that stalls in the handshake is dropped after a bounded time.
@@ -519,6 +526,7 @@ fn backup_of(conn: &ConnRef) -> Option<String> {
 /// Starts the I/O for one admitted request: pins the volume's current image stack
 /// (the request's epoch) and takes the base fast path when no delta is involved.
 fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
+    conn.borrow_mut().started.insert(req.cookie, Instant::now());
     let (_, volume, _) = file_of(conn);
     let pin = Rc::new(volume.pin(r.id()));
     let layers = match backup_of(conn) {
@@ -960,9 +968,14 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: b
         if matches!(req.command, Command::Read | Command::Write) {
             c.in_flight_bytes -= req.length as usize;
         }
-        if failed {
-            if let Phase::Transmission(t) = &c.phase {
+        let started = c.started.remove(&req.cookie);
+        if let Phase::Transmission(t) = &c.phase {
+            if failed {
                 bump(&t.volume.counters(r.id()).errors, 1);
+            }
+            if let Some(t0) = started {
+                let latency_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                latency::record(r, t.volume.name(), req.command, latency_ns);
             }
         }
         if c.state != State::Aborting {

@@ -321,7 +321,10 @@ fn incremental_copy_writes_only_changed_chunks() {
     assert_eq!(flagged_ranges(&srv, "v@B", "x-ringblk:changed/A"), changed);
     let mut live_changed = changed.clone();
     live_changed.push((25 * MIB, 25 * MIB + 4 * KIB));
-    assert_eq!(flagged_ranges(&srv, "v", "x-ringblk:changed/A"), live_changed);
+    assert_eq!(
+        flagged_ranges(&srv, "v", "x-ringblk:changed/A"),
+        live_changed
+    );
 
     let out = copy(&srv, "v@B", &dest, &["--json", "--changed-since", "A"]);
     let last: Value = serde_json::from_str(out.lines().last().expect("line")).expect("JSON");
@@ -354,7 +357,10 @@ fn incremental_copy_writes_only_changed_chunks() {
     // Releasing B merges its delta into A's: the changes stay visible.
     run_ok(ctl(&srv).args(["backup", "release", "v@B"]));
     wait_gone(&srv, "B");
-    assert_eq!(flagged_ranges(&srv, "v", "x-ringblk:changed/A"), live_changed);
+    assert_eq!(
+        flagged_ranges(&srv, "v", "x-ringblk:changed/A"),
+        live_changed
+    );
     // Releasing A loses them: the context is no longer offered.
     run_ok(ctl(&srv).args(["backup", "release", "v@A"]));
     let gone = run(Command::new("nbdinfo")

@@ -1,0 +1,265 @@
+//! Server-side request latency histograms: per volume, per reactor, per operation.
+//!
+//! A request's latency runs from `session::execute` (admitted, its I/O about to start)
+//! to `session::finish` (its reply queued). Requests answered without executing —
+//! refused by the decoder (`Event::Reject`) or zero-length no-ops — are not recorded:
+//! they never reach the storage path, and the volume's op counters skip them too.
+//!
+//! # Ownership
+//! Each reactor owns a [`ReactorLatency`] (reactor-local state, installed with the
+//! sessions), so recording on the data path takes no lock and touches no shared cache
+//! line. The `stats` RPC sends a closure to every reactor that clones (and, for a new
+//! interval, clears) its histograms, and merges the clones on the RPC thread.
+//!
+//! # Bounds
+//! Values are nanoseconds, 3 significant digits, at most [`LATENCY_NS_MAX`]; larger
+//! values are clamped, so recording never fails or panics. A volume's histograms are
+//! allocated on its first request of each kind on a reactor and dropped when the
+//! volume is removed. (Requests still draining at removal can record a few samples
+//! after that; they would show up under a new volume of the same name.) Requests on a
+//! backup export `VOL@NAME` count under `VOL`, like its op counters.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use hdrhistogram::Histogram;
+use ringblk_reactor::Reactor;
+use serde_json::{json, Value};
+
+use crate::nbd::codec::Command;
+
+/// Largest latency kept apart: one hour. Longer requests count as one hour.
+pub const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
+/// Significant digits of every histogram.
+pub const SIGFIG: u8 = 3;
+
+/// Operation kinds, in report order; the index is the histogram slot.
+pub const OPS: [&str; 7] = [
+    "read",
+    "write",
+    "flush",
+    "trim",
+    "write_zeroes",
+    "cache",
+    "block_status",
+];
+
+/// The slot of `cmd` in [`OPS`], `None` for a command that is never executed.
+pub fn op_index(cmd: Command) -> Option<usize> {
+    match cmd {
+        Command::Read => Some(0),
+        Command::Write => Some(1),
+        Command::Flush => Some(2),
+        Command::Trim => Some(3),
+        Command::WriteZeroes => Some(4),
+        Command::Cache => Some(5),
+        Command::BlockStatus => Some(6),
+        _ => None,
+    }
+}
+
+/// An empty histogram with the bounds above.
+pub fn new_histogram() -> Histogram<u64> {
+    // Constant, valid bounds (1 <= low, high >= 2 * low, sigfig <= 5): cannot fail.
+    Histogram::new_with_bounds(1, LATENCY_NS_MAX, SIGFIG).unwrap_or_else(|_| unreachable!())
+}
+
+/// One volume's histograms, one slot per operation kind (allocated on first use).
+#[derive(Clone, Default)]
+pub struct OpHistograms {
+    pub ops: [Option<Histogram<u64>>; OPS.len()],
+}
+
+impl OpHistograms {
+    fn record(&mut self, op: usize, latency_ns: u64) {
+        debug_assert!(op < OPS.len());
+        let h = self.ops[op].get_or_insert_with(new_histogram);
+        h.saturating_record(latency_ns.clamp(1, LATENCY_NS_MAX));
+    }
+
+    /// Adds `other` into `self`. Both have the same bounds, so this cannot fail.
+    pub fn merge(&mut self, other: &OpHistograms) {
+        for (mine, theirs) in self.ops.iter_mut().zip(&other.ops) {
+            if let Some(t) = theirs {
+                let _ = mine.get_or_insert_with(new_histogram).add(t);
+            }
+        }
+    }
+
+    /// Every operation together.
+    pub fn all(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in self.ops.iter().flatten() {
+            let _ = all.add(h);
+        }
+        all
+    }
+
+    pub fn count(&self, op: usize) -> u64 {
+        self.ops[op].as_ref().map_or(0, |h| h.len())
+    }
+}
+
+/// One reactor's histograms by volume name, as [`snapshot`] returns them.
+pub type VolumeHistograms = HashMap<String, OpHistograms>;
+
+/// The histograms of one reactor, by volume name.
+#[derive(Default)]
+pub struct ReactorLatency {
+    volumes: RefCell<VolumeHistograms>,
+}
+
+pub(crate) fn install(r: &mut Reactor) {
+    r.set_local(Rc::new(ReactorLatency::default()));
+}
+
+/// Records one request of kind `cmd` on `volume` (data path: no lock, no allocation
+/// after a volume's first request of that kind here).
+pub(crate) fn record(r: &Reactor, volume: &str, cmd: Command, latency_ns: u64) {
+    let (Some(op), Some(lat)) = (op_index(cmd), r.local::<ReactorLatency>()) else {
+        return;
+    };
+    let mut vols = lat.volumes.borrow_mut();
+    match vols.get_mut(volume) {
+        Some(h) => h.record(op, latency_ns),
+        None => vols
+            .entry(volume.to_string())
+            .or_default()
+            .record(op, latency_ns),
+    }
+}
+
+/// Clones this reactor's histograms of `volumes` (all when `None`), then clears them
+/// if `reset`: in one step on the reactor, so no request falls between two intervals.
+pub(crate) fn snapshot(r: &Reactor, volumes: Option<&[String]>, reset: bool) -> VolumeHistograms {
+    let Some(lat) = r.local::<ReactorLatency>() else {
+        return HashMap::new();
+    };
+    let mut vols = lat.volumes.borrow_mut();
+    let wanted = |name: &str| volumes.is_none_or(|v| v.iter().any(|n| n == name));
+    let out = vols
+        .iter()
+        .filter(|(n, _)| wanted(n))
+        .map(|(n, h)| (n.clone(), h.clone()))
+        .collect();
+    if reset {
+        vols.retain(|n, _| !wanted(n));
+    }
+    out
+}
+
+/// Drops the histograms of a removed volume (a new volume of that name starts empty).
+pub(crate) fn forget(r: &Reactor, volume: &str) {
+    if let Some(lat) = r.local::<ReactorLatency>() {
+        lat.volumes.borrow_mut().remove(volume);
+    }
+}
+
+/// Percentiles reported for each operation.
+const PERCENTILES: [(&str, f64); 5] = [
+    ("p50", 50.0),
+    ("p90", 90.0),
+    ("p99", 99.0),
+    ("p99_9", 99.9),
+    ("p99_99", 99.99),
+];
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+/// `{count, p50, …, p99_99, max, mean}`, latencies in µs.
+pub fn summary_json(h: &Histogram<u64>) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("count".into(), json!(h.len()));
+    for (name, p) in PERCENTILES {
+        m.insert(name.into(), json!(us(h.value_at_percentile(p))));
+    }
+    m.insert("max".into(), json!(us(h.max())));
+    m.insert("mean".into(), json!(h.mean() / 1000.0));
+    Value::Object(m)
+}
+
+/// `[[value_ns, count], …]`: every distinct recorded value, enough for a client to
+/// rebuild the histogram exactly (`record_n`) and write `.hgrm` or plot it.
+pub fn buckets_json(h: &Histogram<u64>) -> Value {
+    Value::Array(
+        h.iter_recorded()
+            .map(|v| json!([v.value_iterated_to(), v.count_at_value()]))
+            .collect(),
+    )
+}
+
+/// The `latency` member of one volume's `stats`: the merge of `per_reactor`
+/// (reactor id, that reactor's histograms of this volume). With `hist`, also
+/// per-reactor counts and the histograms themselves.
+pub fn volume_json(per_reactor: &[(usize, Option<&OpHistograms>)], hist: bool) -> Value {
+    let mut merged = OpHistograms::default();
+    for (_, h) in per_reactor {
+        if let Some(h) = h {
+            merged.merge(h);
+        }
+    }
+    let all = merged.all();
+    let mut ops = serde_json::Map::new();
+    let empty = new_histogram();
+    for (i, name) in OPS.iter().enumerate() {
+        ops.insert(
+            (*name).into(),
+            summary_json(merged.ops[i].as_ref().unwrap_or(&empty)),
+        );
+    }
+    ops.insert("all".into(), summary_json(&all));
+    let mut out = json!({ "unit": "us", "ops": ops });
+    if hist {
+        let reactors: Vec<Value> = per_reactor
+            .iter()
+            .map(|(id, h)| {
+                let mut counts = serde_json::Map::new();
+                let mut total = 0;
+                for (i, name) in OPS.iter().enumerate() {
+                    let n = h.map_or(0, |h| h.count(i));
+                    total += n;
+                    counts.insert((*name).into(), json!(n));
+                }
+                counts.insert("all".into(), json!(total));
+                json!({ "id": id, "counts": counts })
+            })
+            .collect();
+        out["reactors"] = Value::Array(reactors);
+        let mut hs = serde_json::Map::new();
+        for (i, name) in OPS.iter().enumerate() {
+            hs.insert(
+                (*name).into(),
+                buckets_json(merged.ops[i].as_ref().unwrap_or(&empty)),
+            );
+        }
+        hs.insert("all".into(), buckets_json(&all));
+        out["histograms_ns"] = Value::Object(hs);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clamps_instead_of_failing() {
+        let mut h = OpHistograms::default();
+        h.record(0, 0);
+        h.record(0, u64::MAX);
+        h.record(1, 5_000);
+        assert_eq!(h.count(0), 2);
+        assert_eq!(h.count(1), 1);
+        assert_eq!(h.count(2), 0);
+        let all = h.all();
+        assert_eq!(all.len(), 3);
+        assert!(all.max() >= LATENCY_NS_MAX && all.max() <= LATENCY_NS_MAX + LATENCY_NS_MAX / 500);
+        let mut m = OpHistograms::default();
+        m.merge(&h);
+        m.merge(&h);
+        assert_eq!(m.count(0), 4);
+    }
+}
