@@ -24,7 +24,6 @@ use std::time::Duration;
 use ringblk_blockmap::{BlockMap, Claim, State};
 use ringblk_reactor::{AlignedBuf, FileRef, IoBuf, Op, Reactor};
 
-use crate::error::nbd_errno;
 use crate::image::{Delta, StackPin};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::{Extent, NbdErrno};
@@ -196,7 +195,7 @@ pub fn read(
         let fin = {
             let mut s = st.borrow_mut();
             match n {
-                Err(e) => s.err = Some(nbd_errno(e)),
+                Err(e) => s.err = Some(NbdErrno::from_os_errno(e)),
                 Ok(n) => {
                     if let (Some(b), Some(out)) = (buf, s.out.as_mut()) {
                         let n = (n as usize).min(p.len);
@@ -392,7 +391,7 @@ fn publish_after(n: Result<u32, i32>, want: u32, guard: Guard, p: u64) -> Result
         }
         Err(e) => {
             guard.abort();
-            Err(nbd_errno(e))
+            Err(NbdErrno::from_os_errno(e))
         }
     }
 }
@@ -479,7 +478,7 @@ fn submit_write(
         let res = match c.bytes() {
             Ok(n) if n == len => Ok(()),
             Ok(_) => Err(NbdErrno::NoSpc),
-            Err(e) => Err(nbd_errno(e)),
+            Err(e) => Err(NbdErrno::from_os_errno(e)),
         };
         piece_done(r, &w2, res)
     });
@@ -512,7 +511,7 @@ pub fn flush(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, done: Done) 
             let fin = {
                 let mut s = st2.borrow_mut();
                 if let Err(e) = res {
-                    s.1.get_or_insert(nbd_errno(e));
+                    s.1.get_or_insert(NbdErrno::from_os_errno(e));
                 }
                 s.0 -= 1;
                 if s.0 == 0 {

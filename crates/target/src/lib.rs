@@ -8,7 +8,6 @@
 pub mod backend;
 pub mod config;
 pub mod copyjob;
-pub mod error;
 pub mod image;
 mod io;
 pub mod latency;

@@ -33,7 +33,6 @@ use std::time::Instant;
 
 use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
 
-use crate::error::nbd_errno;
 use crate::image::{Delta, StackPin};
 use crate::io;
 use crate::latency;
@@ -665,7 +664,7 @@ fn execute_base(
                             }
                             Ok(buf)
                         }
-                        Err(e) => Err(nbd_errno(e)),
+                        Err(e) => Err(NbdErrno::from_os_errno(e)),
                     };
                     complete_read(r, &conn2, req, res)
                 },
@@ -686,7 +685,7 @@ fn execute_base(
                         Ok(n) if n == req.length => Ok(()),
                         // A short O_DIRECT write means the device is out of space.
                         Ok(_) => Err(NbdErrno::NoSpc),
-                        Err(e) => Err(nbd_errno(e)),
+                        Err(e) => Err(NbdErrno::from_os_errno(e)),
                     };
                     finish_with_fua(r, &conn2, req, file, fua, res)
                 },
@@ -696,7 +695,7 @@ fn execute_base(
             bump(&ctr.flush_ops, 1);
             r.submit(Op::fdatasync(file), move |r, comp| {
                 drop(pin);
-                let res = comp.bytes().map(|_| ()).map_err(nbd_errno);
+                let res = comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno);
                 complete(r, &conn2, req, res)
             })
         }
@@ -710,7 +709,7 @@ fn execute_base(
             let op = Op::fallocate(file, req.offset, req.length as u64, falloc::PUNCH_HOLE);
             r.submit(op, move |r, comp| {
                 drop(pin);
-                let res = comp.bytes().map(|_| ()).map_err(nbd_errno);
+                let res = comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno);
                 finish_with_fua(r, &conn2, req, file, fua, res)
             })
         }
@@ -740,7 +739,7 @@ fn execute_base(
                         zero_fill(r, &conn2, req, file, 0, pin)
                     }
                 }
-                Err(e) => complete(r, &conn2, req, Err(nbd_errno(e))),
+                Err(e) => complete(r, &conn2, req, Err(NbdErrno::from_os_errno(e))),
             })
         }
         Command::Cache => {
@@ -800,7 +799,12 @@ fn finish_with_fua(
     }
     let conn2 = conn.clone();
     let sub = r.submit(Op::fdatasync(file), move |r, comp| {
-        complete(r, &conn2, req, comp.bytes().map(|_| ()).map_err(nbd_errno))
+        complete(
+            r,
+            &conn2,
+            req,
+            comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno),
+        )
     });
     if sub.is_err() {
         complete(r, conn, req, Err(NbdErrno::NoMem));
@@ -830,7 +834,7 @@ fn zero_fill(
         move |r, comp| match comp.bytes() {
             Ok(w) if w as u64 == n => zero_fill(r, &conn2, req, file, done + n, pin),
             Ok(_) => complete(r, &conn2, req, Err(NbdErrno::NoSpc)),
-            Err(e) => complete(r, &conn2, req, Err(nbd_errno(e))),
+            Err(e) => complete(r, &conn2, req, Err(NbdErrno::from_os_errno(e))),
         },
     );
     if sub.is_err() {
