@@ -50,6 +50,8 @@ pub struct Delta {
     drained: AtomicBool,
     /// End of the preallocated part of the data file.
     prealloc_end: AtomicU64,
+    /// Set when every chunk was merged down: only then is the file deleted on drop.
+    merged: AtomicBool,
     size_bytes: u64,
 }
 
@@ -106,6 +108,7 @@ impl Delta {
             merging: AtomicBool::new(false),
             drained: AtomicBool::new(false),
             prealloc_end: AtomicU64::new(first),
+            merged: AtomicBool::new(false),
             size_bytes,
         })
     }
@@ -163,10 +166,21 @@ impl Delta {
     }
 }
 
+impl Delta {
+    /// Marks the delta's data as merged into the layer below: its file may go.
+    pub(crate) fn set_merged(&self) {
+        self.merged.store(true, Ordering::Release);
+    }
+}
+
 impl Drop for Delta {
     fn drop(&mut self) {
-        // A dropped delta was merged away (or its volume deleted): its file goes too.
-        let _ = std::fs::remove_file(&self.path);
+        if self.merged.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            // Unmerged data (a failed merge, a deleted volume): never delete it.
+            tracing::warn!(path = %self.path.display(), "delta image kept: its data was not merged");
+        }
     }
 }
 

@@ -184,6 +184,21 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let sig = sigs.wait().map_err(|e| format!("sigwait: {e}"))?;
     tracing::info!(signal = ?sig, "stopping: finishing in-flight requests");
     rpc.shutdown();
+    // Delta mappings are not persistent yet: fold every backup's delta into its base
+    // so the live volumes survive the restart (the backups do not).
+    for v in server.shared.registry.list() {
+        match ringblk_target::switchover::merge_all(server.reactors(), &v) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                volume = v.name(),
+                backups = n,
+                "backups merged into the base at shutdown"
+            ),
+            Err(e) => {
+                tracing::error!(volume = v.name(), error = %e, "merge at shutdown failed; data written since the oldest backup is in its delta files")
+            }
+        }
+    }
     server.shutdown();
     tracing::info!("stopped");
     Ok(())

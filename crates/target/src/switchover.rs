@@ -287,6 +287,41 @@ pub fn backup_release(
     Ok(info)
 }
 
+/// Graceful shutdown while delta mappings are not persistent yet (they live in
+/// memory until the durability journal exists): merges every delta down, newest
+/// first, so that the base image holds everything the live volume was acknowledged
+/// to hold. Backups (and copy jobs reading them) end here. Returns how many merged.
+pub fn merge_all(reactors: &[ReactorHandle], vol: &Arc<Volume>) -> Result<usize, SwitchError> {
+    let mut merged = 0;
+    loop {
+        let next = {
+            let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+            if ctl.backups.is_empty() {
+                return Ok(merged);
+            }
+            // None: a release in progress; its merge thread finishes it.
+            let pick = ctl
+                .backups
+                .iter_mut()
+                .rev()
+                .find(|b| b.state == BackupState::Ready);
+            pick.map(|b| {
+                b.state = BackupState::Merging;
+                b.name.clone()
+            })
+        };
+        match next {
+            Some(name) => {
+                vol.set_backup_exported(&name, false);
+                tracing::info!(volume = vol.name(), backup = %name, "shutdown: merging backup delta into the base");
+                merge(reactors, vol, &name)?;
+                merged += 1;
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 struct ThreadWaker(std::thread::Thread);
 
 impl Wake for ThreadWaker {
@@ -296,6 +331,7 @@ impl Wake for ThreadWaker {
 }
 
 fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<(), SwitchError> {
+    let _serial = vol.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
     let t0 = Instant::now();
     let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     let (delta, below) = vol
@@ -379,6 +415,7 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     if let Some(d) = &dst {
         d.sync_data()?;
     }
+    delta.set_merged();
     // Drop the empty delta in one stack swap, then drain and free.
     let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     let deltas: Vec<Arc<Delta>> = vol.with_stack(&ctl, |s| {

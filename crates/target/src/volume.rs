@@ -202,6 +202,9 @@ pub struct Volume {
     /// handshake reads it on reactor threads, and `control` is held across drains,
     /// which wait for those very reactors.
     ready_backups: RwLock<Vec<String>>,
+    /// Serialises merges of this volume's deltas: a merge captures the layer below
+    /// its delta at the start, which a concurrent merge could otherwise drop.
+    pub(crate) merge_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -318,6 +321,7 @@ impl Volume {
                 ..Control::default()
             }),
             ready_backups: RwLock::new(Vec::new()),
+            merge_lock: Mutex::new(()),
         })
     }
 
