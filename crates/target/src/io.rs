@@ -580,7 +580,11 @@ pub fn block_status(
     let end = offset + len as u64;
     let mut out: Vec<Extent> = Vec::new();
     let mut pos = offset;
-    while pos < end && out.len() < max {
+    // Bounded like changed_status: each base chunk may cost a SEEK_DATA syscall on
+    // the reactor; the reply then covers a prefix and the client asks again.
+    let mut scanned = 0u64;
+    while pos < end && out.len() < max && scanned < CHANGED_SCAN_CHUNKS_MAX {
+        scanned += 1;
         let chunk = pos / cb;
         let n = ((chunk + 1) * cb).min(end) - pos;
         let pieces: Vec<Extent> = match resolve(layers, chunk, cb) {
