@@ -18,6 +18,10 @@
 //!   its total latency (`lat_ns`, asked for with `--lat_percentiles=1`).
 //! - The reactor's CPU time is `getrusage(RUSAGE_THREAD)` taken on the reactor thread
 //!   itself (inside a completion callback or a message), so nothing else is counted.
+//! - Each run also reports the CPU the hypervisor stole from the VM meanwhile
+//!   (`/proc/stat`). On a shared VM this is the largest source of noise, and it does
+//!   not hit both sides alike: fio enters the kernel (and kicks the virtual disk) once
+//!   per I/O, the reactor once per loop iteration. Compare rounds with low steal.
 //!
 //! # Panics
 //! None on anything the disk, fio or the kernel does: every failure is a
@@ -374,6 +378,9 @@ struct RunResult {
     /// CPU time of the thread doing the I/O (fio's job, the reactor) over the window,
     /// in percent of one core.
     cpu_pct: f64,
+    /// CPU time the hypervisor stole from this VM during the whole run (ramp
+    /// included), in percent of all CPUs: a run with much steal is not comparable.
+    steal_pct: f64,
     /// ringblk only: loop statistics over the measured window.
     #[serde(skip_serializing_if = "Option::is_none")]
     reactor: Option<LoopStats>,
@@ -533,6 +540,7 @@ fn parse_fio_json(stdout: &[u8], runtime_secs: u64) -> Result<RunResult> {
         lat_p99_us: pct("99.000000")?,
         lat_p999_us: pct("99.900000")?,
         cpu_pct: job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0),
+        steal_pct: 0.0,
         reactor: None,
     })
 }
@@ -657,6 +665,7 @@ impl Load {
             lat_p99_us: us(0.99),
             lat_p999_us: us(0.999),
             cpu_pct: b.cpu.saturating_sub(a.cpu).as_secs_f64() / secs * 100.0,
+            steal_pct: 0.0,
             reactor: Some(LoopStats {
                 busy_ticks: b.stats.busy_ticks - a.stats.busy_ticks,
                 idle_ticks: b.stats.idle_ticks - a.stats.idle_ticks,
@@ -870,18 +879,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Cumulative (steal, total) CPU ticks of the machine, from /proc/stat.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .take(8) // user nice system idle iowait irq softirq steal (guest is in user)
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    Some((*ticks.get(7)?, ticks.iter().sum()))
+}
+
+/// Runs `f` and fills in the steal time the machine saw meanwhile.
+fn with_steal(f: impl FnOnce() -> Result<RunResult>) -> Result<RunResult> {
+    let before = cpu_ticks();
+    let mut r = f()?;
+    if let (Some((s0, t0)), Some((s1, t1))) = (before, cpu_ticks()) {
+        if t1 > t0 {
+            r.steal_pct = s1.saturating_sub(s0) as f64 / (t1 - t0) as f64 * 100.0;
+        }
+    }
+    Ok(r)
+}
+
 fn run_rounds(cli: &Cli, path: &Path) -> Result<Vec<Round>> {
     let mut rounds = Vec::with_capacity(cli.rounds as usize);
     for i in 0..cli.rounds {
         // ABBA order: neither side always runs on a disk the other just warmed.
         let fio_first = i % 2 == 0;
         let seed = 0xB10C_0000 + u64::from(i);
+        let fio = || with_steal(|| run_fio(cli, path));
+        let ringblk = || with_steal(|| run_ringblk(cli, path, seed));
         let (fio, ringblk) = if fio_first {
-            let f = run_fio(cli, path)?;
-            (f, run_ringblk(cli, path, seed)?)
+            let f = fio()?;
+            (f, ringblk()?)
         } else {
-            let r = run_ringblk(cli, path, seed)?;
-            (run_fio(cli, path)?, r)
+            let r = ringblk()?;
+            (fio()?, r)
         };
         if !cli.json {
             eprintln!(
@@ -980,50 +1015,7 @@ fn print_report(rep: &Report) {
         },
     );
     println!();
-    println!(
-        "{:<7} {:<6} {:>10} {:>12} {:>6}  {:>20} {:>20}  {:>7} {:>7}  {:>10} {:>10} {:>8}",
-        "round",
-        "first",
-        "fio IOPS",
-        "ringblk IOPS",
-        "ratio",
-        "fio lat p50/99/99.9",
-        "ringblk lat p50/99/99.9",
-        "fio cpu",
-        "rb cpu",
-        "busy ticks",
-        "idle ticks",
-        "sleeps"
-    );
-    for (i, r) in rep.rounds.iter().enumerate() {
-        let s = r.ringblk.reactor;
-        println!(
-            "{:<7} {:<6} {:>10.0} {:>12.0} {:>6.3}  {:>20} {:>20}  {:>6.1}% {:>6.1}%  {:>10} {:>10} {:>8}",
-            i + 1,
-            if r.fio_first { "fio" } else { "ringblk" },
-            r.fio.iops,
-            r.ringblk.iops,
-            r.ringblk.iops / r.fio.iops,
-            lat(&r.fio),
-            lat(&r.ringblk),
-            r.fio.cpu_pct,
-            r.ringblk.cpu_pct,
-            s.map_or(0, |s| s.busy_ticks),
-            s.map_or(0, |s| s.idle_ticks),
-            s.map_or(0, |s| s.sleeps),
-        );
-    }
-    println!(
-        "{:<7} {:<6} {:>10.0} {:>12.0} {:>6.3}  {:>20} {:>20}",
-        "median",
-        "",
-        rep.fio_median_iops,
-        rep.ringblk_median_iops,
-        rep.ratio,
-        format!("p99 {:.0}", rep.fio_median_p99_us),
-        format!("p99 {:.0}", rep.ringblk_median_p99_us),
-    );
-    println!("(latencies in us, submission to completion)");
+    print_rounds(rep);
     println!();
     println!(
         "ratio ringblk/fio (median IOPS): {:.3}  target >= 0.95: {}",
@@ -1033,6 +1025,70 @@ fn print_report(rep: &Report) {
     if let Some(idle) = &rep.idle {
         print_idle(idle);
     }
+}
+
+/// Column widths of the rounds table; the first two columns are left-aligned.
+const COLUMNS: [usize; 12] = [6, 7, 9, 12, 6, 19, 23, 7, 7, 12, 10, 10];
+
+fn print_row(cells: &[String]) {
+    let mut line = String::new();
+    for (i, (cell, width)) in cells.iter().zip(COLUMNS).enumerate() {
+        let pad = width.saturating_sub(cell.chars().count());
+        if i < 2 {
+            line.push_str(&format!("{cell}{} ", " ".repeat(pad)));
+        } else {
+            line.push_str(&format!("{}{cell} ", " ".repeat(pad)));
+        }
+    }
+    println!("{}", line.trim_end());
+}
+
+fn print_rounds(rep: &Report) {
+    let head = [
+        "round",
+        "first",
+        "fio IOPS",
+        "ringblk IOPS",
+        "ratio",
+        "fio p50/p99/p99.9",
+        "ringblk p50/p99/p99.9",
+        "fio cpu",
+        "rb cpu",
+        "steal fio/rb",
+        "busy ticks",
+        "sleeps",
+    ];
+    print_row(&head.map(String::from));
+    for (i, r) in rep.rounds.iter().enumerate() {
+        let s = r.ringblk.reactor;
+        print_row(&[
+            (i + 1).to_string(),
+            (if r.fio_first { "fio" } else { "ringblk" }).to_string(),
+            format!("{:.0}", r.fio.iops),
+            format!("{:.0}", r.ringblk.iops),
+            format!("{:.3}", r.ringblk.iops / r.fio.iops),
+            lat(&r.fio),
+            lat(&r.ringblk),
+            format!("{:.1}%", r.fio.cpu_pct),
+            format!("{:.1}%", r.ringblk.cpu_pct),
+            format!("{:.0}%/{:.0}%", r.fio.steal_pct, r.ringblk.steal_pct),
+            s.map_or(0, |s| s.busy_ticks).to_string(),
+            s.map_or(0, |s| s.sleeps).to_string(),
+        ]);
+    }
+    print_row(&[
+        "median".to_string(),
+        String::new(),
+        format!("{:.0}", rep.fio_median_iops),
+        format!("{:.0}", rep.ringblk_median_iops),
+        format!("{:.3}", rep.ratio),
+        format!("p99 {:.0}", rep.fio_median_p99_us),
+        format!("p99 {:.0}", rep.ringblk_median_p99_us),
+    ]);
+    println!(
+        "(latency in us, submission to completion; cpu: the I/O thread, % of one core; \
+         steal: CPU the hypervisor took from this VM during the run, % of all CPUs)"
+    );
 }
 
 fn print_idle(idle: &IdleResult) {

@@ -132,7 +132,11 @@ impl Reactor {
             b.setup_sqpoll(ms);
         } else {
             // Only this thread submits; lets the kernel skip cross-thread locking.
-            b.setup_single_issuer().setup_coop_taskrun();
+            // TASKRUN_FLAG: with COOP_TASKRUN, completions wait as task work until this
+            // thread enters the kernel; the flag tells the loop when to enter for them.
+            b.setup_single_issuer()
+                .setup_coop_taskrun()
+                .setup_taskrun_flag();
         }
         let ring = b
             .build(config.ring_entries)
@@ -490,6 +494,21 @@ impl Reactor {
 
     fn reap(&mut self) -> usize {
         let before = self.cqe_batch.len();
+        // Completions queued as task work (COOP_TASKRUN) or overflowed reach the CQ
+        // only inside io_uring_enter; a spinning loop that never enters would not see
+        // them until a timer tick. The kernel raises IORING_SQ_TASKRUN for the former.
+        let pending = {
+            let sq = self.ring.submission();
+            sq.taskrun() || sq.cq_overflow()
+        };
+        if pending {
+            // SAFETY: no argument pointer is passed.
+            let _ = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            };
+        }
         for cqe in self.ring.completion() {
             self.cqe_batch
                 .push((cqe.user_data(), cqe.result(), cqe.flags()));
