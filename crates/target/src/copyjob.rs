@@ -1394,8 +1394,17 @@ mod tests {
         let size = vol.size_bytes();
         let delta = |id: u64, name: &str| {
             Arc::new(
-                Delta::create(dir.path(), "plan", id, name, size, CHUNK as u32, false)
-                    .expect("delta"),
+                Delta::create(
+                    dir.path(),
+                    "plan",
+                    id,
+                    name,
+                    size,
+                    CHUNK as u32,
+                    false,
+                    None,
+                )
+                .expect("delta"),
             )
         };
         let (d1, d2) = (delta(1, "a"), delta(2, "b"));

@@ -27,7 +27,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ringblk_blockmap::BlockMap;
+use ringblk_blockmap::{BlockMap, MapRecord};
+
+use crate::durable::journal::{Journal, JournalHeader};
+use crate::durable::manifest::{delta_name, journal_name};
+use crate::durable::recover::RecoveredDelta;
+use crate::durable::store::Store;
 
 /// A redirect-on-write layer: a sparse data file plus its lookup table.
 #[derive(Debug)]
@@ -50,9 +55,14 @@ pub struct Delta {
     drained: AtomicBool,
     /// End of the preallocated part of the data file.
     prealloc_end: AtomicU64,
-    /// Set when every chunk was merged down: only then is the file deleted on drop.
+    /// Set when every chunk was merged down, or the delta is not worth keeping (a
+    /// volume without persistence, a deleted volume): its files go on drop.
     merged: AtomicBool,
     size_bytes: u64,
+    /// Map changes waiting for the next group commit; `None` for volumes whose base
+    /// does not survive a restart (mem, null), which keep nothing.
+    pub journal: Option<Journal>,
+    journal_path: PathBuf,
 }
 
 /// Delta data files are preallocated in steps of this size, ahead of use.
@@ -60,6 +70,8 @@ pub const PREALLOC_STEP_BYTES: u64 = 256 << 20;
 
 impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
+    /// `store` (the data dir) creates the delta's journal; `None`: no journal.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         dir: &Path,
         volume: &str,
@@ -68,8 +80,9 @@ impl Delta {
         size_bytes: u64,
         chunk_bytes: u32,
         direct: bool,
+        store: Option<&dyn Store>,
     ) -> std::io::Result<Delta> {
-        let path = dir.join(format!("{volume}.{id}.delta"));
+        let path = dir.join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         oo.read(true).write(true).create(true).truncate(true);
         let mut direct = direct;
@@ -96,7 +109,21 @@ impl Delta {
         let capacity_chunks = size_bytes.div_ceil(chunk_bytes as u64);
         let map = BlockMap::new(capacity_chunks)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let jname = journal_name(volume, id);
+        let journal = match store {
+            Some(st) => {
+                let header = JournalHeader {
+                    chunk_bytes,
+                    capacity_chunks,
+                    delta_id: id,
+                };
+                Some(Journal::create(st, &jname, header)?)
+            }
+            None => None,
+        };
         Ok(Delta {
+            journal,
+            journal_path: dir.join(jname),
             id,
             backup: backup.to_string(),
             path,
@@ -111,6 +138,68 @@ impl Delta {
             merged: AtomicBool::new(false),
             size_bytes,
         })
+    }
+
+    /// A delta brought back by recovery: its data file as it is, its map and
+    /// allocator from the journal. Drained (nothing of an old epoch is in flight).
+    pub fn recovered(
+        dir: &Path,
+        volume: &str,
+        r: RecoveredDelta,
+        size_bytes: u64,
+        chunk_bytes: u32,
+        direct: bool,
+    ) -> std::io::Result<Delta> {
+        let id = r.entry.id;
+        let path = dir.join(delta_name(volume, id));
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true);
+        let mut direct = direct;
+        let file = match oo
+            .clone()
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                direct = false;
+                oo.open(&path)?
+            }
+            Err(e) => return Err(e),
+        };
+        if file.metadata()?.len() < size_bytes {
+            // The creating set_len may not have been durable: reads past the end
+            // would be short, writes extend it; restore the full size anyway.
+            file.set_len(size_bytes)?;
+        }
+        let capacity_chunks = size_bytes.div_ceil(chunk_bytes as u64);
+        let merging = r.entry.state == crate::durable::manifest::DeltaState::Merging;
+        Ok(Delta {
+            id,
+            backup: r.entry.backup.clone(),
+            path,
+            file,
+            direct,
+            map: Arc::new(r.map),
+            next_physical: AtomicU64::new(r.next_physical),
+            capacity_chunks,
+            merging: AtomicBool::new(merging),
+            drained: AtomicBool::new(true),
+            // Preallocate again from the allocator's position on.
+            prealloc_end: AtomicU64::new(0),
+            merged: AtomicBool::new(false),
+            size_bytes,
+            journal: Some(r.journal),
+            journal_path: dir.join(journal_name(volume, id)),
+        })
+    }
+
+    /// Queues a map change for the next group commit. Call it *before* the change is
+    /// made visible (publish, finish), so the journal's order is the map's order.
+    pub fn journal(&self, rec: MapRecord) {
+        if let Some(j) = &self.journal {
+            j.append(rec);
+        }
     }
 
     /// After allocating chunk `p`: the byte range to preallocate next, once, when the
@@ -167,7 +256,8 @@ impl Delta {
 }
 
 impl Delta {
-    /// Marks the delta's data as merged into the layer below: its file may go.
+    /// Marks the delta's data as merged into the layer below (or as not worth
+    /// keeping): its files go when the last reference drops.
     pub(crate) fn set_merged(&self) {
         self.merged.store(true, Ordering::Release);
     }
@@ -177,10 +267,12 @@ impl Drop for Delta {
     fn drop(&mut self) {
         if self.merged.load(Ordering::Acquire) {
             let _ = std::fs::remove_file(&self.path);
-        } else {
-            // Unmerged data (a failed merge, a deleted volume): never delete it.
+            let _ = std::fs::remove_file(&self.journal_path);
+        } else if self.journal.is_none() {
+            // No journal: the file means nothing without the map in memory.
             tracing::warn!(path = %self.path.display(), "delta image kept: its data was not merged");
         }
+        // Journaled deltas stay for the next start (the manifest lists them).
     }
 }
 

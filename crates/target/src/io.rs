@@ -366,8 +366,9 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
                 let buf = piece_bytes(w, lo, hi);
                 let w2 = w.clone();
                 let fd = FileRef::Raw(delta.raw_fd());
+                let d2 = delta.clone();
                 let res = r.submit(Op::write(fd, p * cb, buf, (hi - lo) as u32), move |r, c| {
-                    let res = publish_after(c.bytes(), (hi - lo) as u32, guard, p);
+                    let res = publish_after(c.bytes(), (hi - lo) as u32, guard, &d2, chunk, p);
                     piece_done(r, &w2, res)
                 });
                 if res.is_err() {
@@ -382,9 +383,24 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
 
 type Guard = ringblk_blockmap::FillGuard<Arc<BlockMap>>;
 
-fn publish_after(n: Result<u32, i32>, want: u32, guard: Guard, p: u64) -> Result<(), NbdErrno> {
+/// After a fill's data write: journal the mapping (before it is visible, so the
+/// journal's order is the map's) and publish it; or give the chunk back.
+fn publish_after(
+    n: Result<u32, i32>,
+    want: u32,
+    guard: Guard,
+    delta: &Delta,
+    chunk: u64,
+    p: u64,
+) -> Result<(), NbdErrno> {
     match n {
-        Ok(n) if n == want => guard.publish(p).map_err(|_| NbdErrno::Io),
+        Ok(n) if n == want => {
+            delta.journal(ringblk_blockmap::MapRecord::Install {
+                logical: chunk,
+                physical: p,
+            });
+            guard.publish(p).map_err(|_| NbdErrno::Io)
+        }
         Ok(_) => {
             guard.abort();
             Err(NbdErrno::NoSpc)
@@ -451,8 +467,9 @@ fn read_merge(
             }
             let fd = FileRef::Raw(delta.raw_fd());
             let w3 = w2.clone();
+            let d2 = delta.clone();
             let res = r.submit(Op::write(fd, p * cb, buf, cb as u32), move |r, c| {
-                let res = publish_after(c.bytes(), cb as u32, guard, p);
+                let res = publish_after(c.bytes(), cb as u32, guard, &d2, chunk, p);
                 piece_done(r, &w3, res)
             });
             if res.is_err() {
@@ -487,53 +504,13 @@ fn submit_write(
     }
 }
 
-/// fdatasync of the base and every delta of the stack: every write completed
-/// before is durable afterwards (data; mappings are the durability issue's journal).
+/// FLUSH of a layered volume: a group commit (data files, then the journals of the
+/// mappings that point at the data; `durable::commit`). Every write completed before
+/// is durable when `done` runs.
 pub fn flush(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, done: Done) {
-    let mut files: Vec<FileRef> = pin
-        .stack()
-        .deltas
-        .iter()
-        .map(|d| FileRef::Raw(d.raw_fd()))
-        .collect();
-    if let Some(fd) = vol.backend().raw_fd() {
-        files.push(FileRef::Raw(fd));
-    }
-    if files.is_empty() {
-        return done(r, Ok(()));
-    }
-    let st = Rc::new(RefCell::new((files.len(), None::<NbdErrno>, Some(done))));
-    for f in files {
-        let st2 = st.clone();
-        let pin2 = pin.clone();
-        let on_done = move |r: &mut Reactor, res: Result<u32, i32>| {
-            let _hold = pin2;
-            let fin = {
-                let mut s = st2.borrow_mut();
-                if let Err(e) = res {
-                    s.1.get_or_insert(NbdErrno::from_os_errno(e));
-                }
-                s.0 -= 1;
-                if s.0 == 0 {
-                    s.2.take().map(|d| (d, s.1.map_or(Ok(()), Err)))
-                } else {
-                    None
-                }
-            };
-            if let Some((d, res)) = fin {
-                d(r, res)
-            }
-        };
-        if let Err(rej) = r.submit(Op::fdatasync(f), move |r, c| on_done(r, c.bytes())) {
-            (rej.cb)(
-                r,
-                ringblk_reactor::Completion {
-                    result: -libc::ENOMEM,
-                    op: Op::Nop,
-                },
-            );
-        }
-    }
+    // The commit covers every delta of the volume, not only the pinned stack's.
+    drop(pin);
+    vol.persist.commit_async(r, done);
 }
 
 /// WRITE_ZEROES on a stack with deltas: zeros written through the delta path in

@@ -8,12 +8,14 @@
 pub mod backend;
 pub mod config;
 pub mod copyjob;
+pub mod durable;
 pub mod image;
 mod io;
 pub mod latency;
 pub mod methods;
 pub mod nbd;
 mod park;
+pub mod persist;
 pub mod rpc;
 pub mod server;
 mod session;

@@ -63,6 +63,19 @@ fn resume(r: &mut Reactor, id: u64) {
     }
 }
 
+/// Keeps `cont` on this reactor until the returned waker is woken (from any
+/// thread); then it runs here. For work done off the reactor (group commit).
+pub fn suspend(r: &mut Reactor, cont: impl FnOnce(&mut Reactor) + 'static) -> Waker {
+    let t = table(r);
+    let id = t.next.get();
+    t.next.set(id + 1);
+    t.conts.borrow_mut().insert(id, Box::new(cont));
+    Waker::from(Arc::new(ReactorWaker {
+        reactor: r.handle().clone(),
+        id,
+    }))
+}
+
 /// Parks `cont` until `chunk` of `map` is no longer busy; runs it at once (on the
 /// next loop iteration) if it already is not.
 pub fn park_chunk(
@@ -71,14 +84,7 @@ pub fn park_chunk(
     chunk: u64,
     cont: impl FnOnce(&mut Reactor) + 'static,
 ) {
-    let t = table(r);
-    let id = t.next.get();
-    t.next.set(id + 1);
-    t.conts.borrow_mut().insert(id, Box::new(cont));
-    let waker = Waker::from(Arc::new(ReactorWaker {
-        reactor: r.handle().clone(),
-        id,
-    }));
+    let waker = suspend(r, cont);
     match map.park(chunk, &waker) {
         Ok(Park::Parked) => {}
         // Not busy any more (or out of range, which the retry reports): retry now,

@@ -92,12 +92,31 @@ impl ServerShared {
         let v = Arc::new(Volume::open(spec, self.per_reactor.len(), &self.data_dir)?);
         self.registry.insert(v.clone())?;
         tracing::info!(volume = v.name(), size = v.size_bytes(), backend = %v.backend().kind(), "volume added");
+        if let Some(r) = &v.recovered {
+            tracing::info!(
+                volume = v.name(),
+                backups = ?r.backups,
+                merging = ?r.merging,
+                delta_chunks = r.delta_chunks,
+                journal_frames = r.journal_frames,
+                torn_tail_bytes = r.torn_tail_bytes,
+                orphans_removed = r.orphans_removed.len(),
+                unreferenced_chunks_punched = r.punched_chunks,
+                ms = r.elapsed_ms,
+                "recovered from the data dir"
+            );
+        }
+        // Releases interrupted by a stop continue (once the reactors run).
+        if let Some(h) = self.reactors.get() {
+            crate::switchover::resume_merges(h, &v);
+        }
         Ok(v)
     }
 
     /// Removes a volume; its connections finish in-flight requests and close.
     pub fn remove_volume(&self, name: &str) -> Result<(), VolumeError> {
-        self.registry.remove(name)?;
+        let v = self.registry.remove(name)?;
+        v.persist.destroy();
         if let Some(handles) = self.reactors.get() {
             for h in handles.iter() {
                 let n = name.to_string();
@@ -193,6 +212,9 @@ impl Server {
         });
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
         let _ = shared.reactors.set(pool.handles().clone());
+        for v in shared.registry.list() {
+            crate::switchover::resume_merges(pool.handles(), &v);
+        }
         Ok(Server {
             shared,
             pool: Some(pool),

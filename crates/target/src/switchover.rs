@@ -175,7 +175,22 @@ pub fn switch(
         vol.size_bytes(),
         vol.chunk_bytes(),
         vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
+        vol.persist.journal_store(),
     )?);
+    // The manifest lists the delta before anything in it can be acknowledged as
+    // durable: every commit writes a changed manifest first (durable::commit).
+    if let Some(m) = vol.persist.manifest() {
+        m.update(|m| {
+            m.next_delta_id = id + 1;
+            m.deltas.push(crate::durable::manifest::DeltaEntry {
+                id,
+                backup: name.to_string(),
+                state: crate::durable::manifest::DeltaState::Active,
+                created_unix_ms: now_unix_ms(),
+            });
+        });
+    }
+    vol.persist.add_delta(delta.clone());
     let mut deltas = vol.with_stack(ctl, |s| s.deltas.clone());
     deltas.push(delta.clone());
     let epoch = ctl.next_epoch;
@@ -237,7 +252,14 @@ pub fn backup_create(
     let sw = switch(&mut ctl, vol, name, t0)?;
     // 3. Drain the old epoch.
     drain(reactors, vol, sw.old.0 as *const Stack)?;
-    Ok(mark_ready(&mut ctl, vol, name, sw))
+    let info = mark_ready(&mut ctl, vol, name, sw);
+    drop(ctl);
+    // The backup survives a restart from here on.
+    if let Err(e) = vol.persist.write_manifest() {
+        tracing::error!(volume = vol.name(), backup = name, error = %e, "manifest write failed; the next flush retries it");
+        return Err(SwitchError::Io(e));
+    }
+    Ok(info)
 }
 
 /// Starts releasing backup `name`: its export closes, and the delta above it merges
@@ -287,37 +309,28 @@ pub fn backup_release(
     Ok(info)
 }
 
-/// Graceful shutdown while delta mappings are not persistent yet (they live in
-/// memory until the durability journal exists): merges every delta down, newest
-/// first, so that the base image holds everything the live volume was acknowledged
-/// to hold. Backups (and copy jobs reading them) end here. Returns how many merged.
-pub fn merge_all(reactors: &[ReactorHandle], vol: &Arc<Volume>) -> Result<usize, SwitchError> {
-    let mut merged = 0;
-    loop {
-        let next = {
-            let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-            if ctl.backups.is_empty() {
-                return Ok(merged);
-            }
-            // None: a release in progress; its merge thread finishes it.
-            let pick = ctl
-                .backups
-                .iter_mut()
-                .rev()
-                .find(|b| b.state == BackupState::Ready);
-            pick.map(|b| {
-                b.state = BackupState::Merging;
-                b.name.clone()
-            })
-        };
-        match next {
-            Some(name) => {
-                vol.set_backup_exported(&name, false);
-                tracing::info!(volume = vol.name(), backup = %name, "shutdown: merging backup delta into the base");
-                merge(reactors, vol, &name)?;
-                merged += 1;
-            }
-            None => std::thread::sleep(Duration::from_millis(10)),
+/// Resumes the releases that were merging when the server stopped (recovery).
+pub fn resume_merges(reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>) {
+    let names: Vec<String> = {
+        let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+        ctl.backups
+            .iter()
+            .filter(|b| b.state == BackupState::Merging)
+            .map(|b| b.name.clone())
+            .collect()
+    };
+    for name in names {
+        tracing::info!(volume = vol.name(), backup = %name, "resuming the release of a backup that was merging");
+        let (reactors, vol2) = (reactors.clone(), vol.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("merge-{}", vol.name()))
+            .spawn(move || {
+                if let Err(e) = merge(&reactors, &vol2, &name) {
+                    tracing::error!(volume = vol2.name(), backup = %name, error = %e, "resumed merge failed; backup left merging");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(volume = vol.name(), error = %e, "cannot start a merge thread");
         }
     }
 }
@@ -346,6 +359,15 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
         })
         .ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
     drop(ctl);
+    // A restart resumes the merge: the manifest says so before any chunk moves.
+    if let Some(m) = vol.persist.manifest() {
+        m.update(|m| {
+            for d in m.deltas.iter_mut().filter(|d| d.id == delta.id) {
+                d.state = crate::durable::manifest::DeltaState::Merging;
+            }
+        });
+    }
+    vol.persist.write_manifest()?;
     // Every request must see `merging` before chunks move: mark, then drain the
     // requests admitted before the mark, via a no-op stack swap.
     delta.set_merging();
@@ -400,6 +422,9 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
                 }
                 _ => {} // null base: nothing to keep
             }
+            // Before the unmap is visible (journal order = map order); the commit
+            // writes it only after the copy's own records below (durable::commit).
+            delta.journal(ringblk_blockmap::MapRecord::Unmap { logical: c });
             loop {
                 match g.finish() {
                     Ok(()) => break,
@@ -412,9 +437,15 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
             merged += 1;
         }
     }
-    if let Some(d) = &dst {
-        d.sync_data()?;
+    // The copies (data and their mappings below) and the unmaps are durable before
+    // the manifest forgets the delta.
+    let _ = dst;
+    vol.persist.commit_blocking()?;
+    if let Some(m) = vol.persist.manifest() {
+        m.update(|m| m.deltas.retain(|d| d.id != delta.id));
     }
+    vol.persist.write_manifest()?;
+    vol.persist.remove_delta(delta.id);
     delta.set_merged();
     // Drop the empty delta in one stack swap, then drain and free.
     let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
@@ -477,6 +508,10 @@ fn copy_into_delta(
                     )));
                 };
                 dst.write_all_at(data, p * cb)?;
+                b.journal(ringblk_blockmap::MapRecord::Install {
+                    logical: c,
+                    physical: p,
+                });
                 g.publish(p)
                     .map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
                 return Ok(());

@@ -205,6 +205,24 @@ pub struct Volume {
     /// Serialises merges of this volume's deltas: a merge captures the layer below
     /// its delta at the start, which a concurrent merge could otherwise drop.
     pub(crate) merge_lock: Mutex<()>,
+    /// Manifest, journals and the committer (see `persist`).
+    pub persist: crate::persist::Persist,
+    /// What recovery found at open, for the log and for resuming merges.
+    pub recovered: Option<RecoverySummary>,
+}
+
+/// What `Volume::open` recovered from the data dir.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoverySummary {
+    pub backups: Vec<String>,
+    /// Backups whose release was merging when the server stopped (resumed).
+    pub merging: Vec<String>,
+    pub delta_chunks: u64,
+    pub journal_frames: u64,
+    pub torn_tail_bytes: u64,
+    pub orphans_removed: Vec<String>,
+    pub punched_chunks: u64,
+    pub elapsed_ms: u64,
 }
 
 impl std::fmt::Debug for Volume {
@@ -302,8 +320,97 @@ impl Volume {
                 ),
             ));
         }
-        let stack = Box::into_raw(Box::new(Stack::new(0, Vec::new(), reactors)));
+        // Durability: volumes on a file or device keep backups across restarts.
+        let persistent = spec.backend == BackendKind::File;
+        let mut control = Control {
+            next_epoch: 1,
+            next_delta_id: 1,
+            ..Control::default()
+        };
+        let mut deltas: Vec<Arc<crate::image::Delta>> = Vec::new();
+        let mut ready = Vec::new();
+        let mut summary = None;
+        let (manifest, base) = if persistent {
+            let store = crate::durable::store::DirStore::new(data_dir);
+            let rec =
+                crate::durable::recover::recover(&store, name, size_bytes, cs).map_err(|e| {
+                    invalid(
+                        name,
+                        format!(
+                            "recovery failed: {e} (see `ringblk check --data-dir {}`)",
+                            data_dir.display()
+                        ),
+                    )
+                })?;
+            let manifest = match rec {
+                None => crate::durable::manifest::ManifestCell::new(
+                    crate::durable::manifest::Manifest::new(name, size_bytes, cs),
+                    false,
+                ),
+                Some(rec) => {
+                    let mut sum = RecoverySummary {
+                        backups: Vec::new(),
+                        merging: Vec::new(),
+                        delta_chunks: 0,
+                        journal_frames: 0,
+                        torn_tail_bytes: 0,
+                        orphans_removed: rec.orphans_removed.clone(),
+                        punched_chunks: rec.punched_chunks,
+                        elapsed_ms: rec.elapsed_ms,
+                    };
+                    control.next_delta_id = rec.manifest.next_delta_id;
+                    let direct = backend.is_direct();
+                    for rd in rec.deltas {
+                        sum.delta_chunks += rd.map.mapped_count();
+                        sum.journal_frames += rd.frames;
+                        sum.torn_tail_bytes += rd.torn_tail_bytes;
+                        let entry = rd.entry.clone();
+                        let d = crate::image::Delta::recovered(
+                            data_dir, name, rd, size_bytes, cs, direct,
+                        )
+                        .map_err(|source| VolumeError::Open {
+                            path: crate::durable::manifest::delta_name(name, entry.id),
+                            source,
+                        })?;
+                        let merging = entry.state == crate::durable::manifest::DeltaState::Merging;
+                        control.backups.push(BackupInfo {
+                            name: entry.backup.clone(),
+                            delta_id: entry.id,
+                            state: if merging {
+                                BackupState::Merging
+                            } else {
+                                BackupState::Ready
+                            },
+                            created_unix_ms: entry.created_unix_ms,
+                            switch_us: 0,
+                            ready_us: None,
+                        });
+                        if merging {
+                            sum.merging.push(entry.backup.clone());
+                        } else {
+                            ready.push(entry.backup.clone());
+                        }
+                        sum.backups.push(entry.backup);
+                        deltas.push(Arc::new(d));
+                    }
+                    summary = Some(sum);
+                    crate::durable::manifest::ManifestCell::new(rec.manifest, true)
+                }
+            };
+            let base = spec
+                .path
+                .as_ref()
+                .and_then(|p| std::fs::canonicalize(p).ok())
+                .map(|p| p.display().to_string());
+            (Some(manifest), base)
+        } else {
+            (None, None)
+        };
+        let persist = crate::persist::Persist::new(name, data_dir, manifest, base, deltas.clone());
+        let stack = Box::into_raw(Box::new(Stack::new(0, deltas, reactors)));
         Ok(Volume {
+            persist,
+            recovered: summary,
             spec,
             size_bytes,
             backend,
@@ -316,11 +423,8 @@ impl Volume {
             data_dir: data_dir.to_path_buf(),
             current: AtomicPtr::new(stack),
             retired: Mutex::new(Vec::new()),
-            control: Mutex::new(Control {
-                next_epoch: 1,
-                ..Control::default()
-            }),
-            ready_backups: RwLock::new(Vec::new()),
+            control: Mutex::new(control),
+            ready_backups: RwLock::new(ready),
             merge_lock: Mutex::new(()),
         })
     }
@@ -511,6 +615,10 @@ impl Volume {
 
 impl Drop for Volume {
     fn drop(&mut self) {
+        if !self.persist.persistent() {
+            // Nothing of a mem/null volume survives it: neither do its deltas.
+            self.persist.discard_deltas();
+        }
         // No Arc<Volume> is left, so no request or reactor can hold a pin.
         let cur = *self.current.get_mut();
         // SAFETY: allocated by Box::into_raw in open/publish; freed exactly once.

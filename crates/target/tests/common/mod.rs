@@ -123,6 +123,21 @@ impl Server {
         self.dir.path().join(name)
     }
 
+    /// Stops the server (SIGTERM, or SIGKILL when `kill9`) and starts a new one in
+    /// the same data dir with `extra` arguments (recovery).
+    pub fn restart(mut self, kill9: bool, extra: &[&str]) -> Server {
+        if kill9 {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        } else {
+            let st = self.terminate();
+            assert!(st.success(), "graceful stop failed: {st}");
+        }
+        let dir = std::mem::replace(&mut self.dir, tmpdir());
+        drop(self);
+        Server::start_in(dir, extra)
+    }
+
     /// Stops the server with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.terminate()

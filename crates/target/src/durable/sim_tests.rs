@@ -1,0 +1,1 @@
+//! Power-cut simulation tests (see durable::sim).
