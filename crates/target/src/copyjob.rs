@@ -71,6 +71,7 @@ use ringblk_reactor::{falloc, AlignedBuf, Callback, FileRef, IoBuf, Op, Reactor,
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::durable::manifest::CopyEntry;
 use crate::image::Delta;
 use crate::io;
 use crate::nbd::proto::STATE_ZERO;
@@ -522,6 +523,22 @@ pub fn start(
         ctl.copies.push(shared.clone());
         (shared, file, kind)
     };
+    // A restart resumes the job (from the start: DEST is rewritten, or for an
+    // incremental copy the changed chunks again), so the manifest names it.
+    if let Some(m) = vol.persist.manifest() {
+        let entry = CopyEntry {
+            backup: spec.backup.to_string(),
+            dest: spec.dest.display().to_string(),
+            changed_since: spec.changed_since.map(str::to_string),
+        };
+        m.update(|m| {
+            m.copies.retain(|c| *c != entry);
+            m.copies.push(entry);
+        });
+        if let Err(e) = vol.persist.write_manifest() {
+            tracing::warn!(volume = vol.name(), error = %e, "manifest write failed: the copy job would not be resumed after a crash");
+        }
+    }
     let launched = (|| {
         prepare_dest(&mut file, spec.dest, kind, vol.size_bytes(), incremental)?;
         jobs.insert(shared.clone())?;
@@ -540,6 +557,49 @@ pub fn start(
         "backup copy started"
     );
     Ok(shared)
+}
+
+fn forget_persisted(vol: &Volume, backup: &str, dest: &Path) {
+    if let Some(m) = vol.persist.manifest() {
+        let dest = dest.display().to_string();
+        if m.get()
+            .copies
+            .iter()
+            .any(|c| c.backup == backup && c.dest == dest)
+        {
+            m.update(|m| m.copies.retain(|c| !(c.backup == backup && c.dest == dest)));
+        }
+    }
+}
+
+/// Restarts the copy jobs of `vol` that were running when the server stopped
+/// (recovery; see `start`). A job that cannot start again is logged and forgotten.
+pub fn resume(jobs: &CopyJobs, reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>) {
+    let Some(m) = vol.persist.manifest() else {
+        return;
+    };
+    for c in m.get().copies {
+        let dest = PathBuf::from(&c.dest);
+        let spec = CopySpec {
+            backup: &c.backup,
+            dest: &dest,
+            changed_since: c.changed_since.as_deref(),
+        };
+        match start(jobs, reactors, vol, spec) {
+            Ok(job) => tracing::info!(
+                job = job.id,
+                volume = vol.name(),
+                backup = %c.backup,
+                dest = %c.dest,
+                "resumed a backup copy interrupted by the last stop (from the start)"
+            ),
+            Err(e) => {
+                tracing::error!(volume = vol.name(), backup = %c.backup, dest = %c.dest, error = %e, "cannot resume a backup copy; forgotten");
+                forget_persisted(vol, &c.backup, &dest);
+                let _ = vol.persist.write_manifest();
+            }
+        }
+    }
 }
 
 /// Starts the hasher thread and hands the job to its home reactor.
@@ -1305,14 +1365,20 @@ fn start_sync(r: &mut Reactor, job: &JobRef) {
 }
 
 fn end(r: &mut Reactor, job: &JobRef, state: JobState, error: Option<String>) {
-    let shared = {
+    let (shared, vol) = {
         let mut j = job.borrow_mut();
         j.ended = true;
         j.hasher = None; // a hasher still waiting for units exits
         j.ready.clear();
-        j.shared.clone()
+        (j.shared.clone(), j.vol.clone())
     };
     table(r).jobs.borrow_mut().remove(&shared.id);
+    // Over: not to be resumed — unless a server stop interrupted it. Only the
+    // in-memory manifest changes here (no I/O on a reactor); the next manifest
+    // write makes it durable, and until then a restart redoes a finished copy.
+    if !(state == JobState::Failed && r.is_stopping()) {
+        forget_persisted(&vol, &shared.backup, &shared.dest);
+    }
     tracing::info!(
         job = shared.id,
         volume = %shared.volume,

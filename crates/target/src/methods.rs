@@ -37,10 +37,17 @@ pub struct Methods {
 
 impl Methods {
     pub fn new(shared: Arc<ServerShared>) -> Methods {
-        Methods {
+        let m = Methods {
             shared,
             copies: crate::copyjob::CopyJobs::new(),
+        };
+        // Copy jobs a stop interrupted start again (their registry lives here).
+        if let Some(reactors) = m.shared.reactors.get() {
+            for v in m.shared.registry.list() {
+                crate::copyjob::resume(&m.copies, reactors, &v);
+            }
         }
+        m
     }
 }
 

@@ -200,11 +200,7 @@ impl Persist {
     }
 
     /// Asks for a commit from a reactor; `done` runs on this reactor afterwards.
-    pub fn commit_async(
-        &self,
-        r: &mut Reactor,
-        done: crate::io::Done,
-    ) {
+    pub fn commit_async(&self, r: &mut Reactor, done: crate::io::Done) {
         let slot: Arc<Mutex<Option<io::Result<()>>>> = Arc::new(Mutex::new(None));
         let slot2 = slot.clone();
         let waker = crate::park::suspend(r, move |r| {

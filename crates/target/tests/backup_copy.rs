@@ -382,3 +382,45 @@ fn wait_gone(srv: &Server, name: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A copy interrupted by a server stop starts again after the restart (from the
+/// manifest) and ends with DEST equal to the backup's export. Negative control: the
+/// job was still running when the server stopped, and DEST was not yet complete.
+#[test]
+fn interrupted_copy_resumes_after_restart() {
+    let img_dir = tmpdir();
+    let img = img_dir.path().join("big.img");
+    let spec = format!("big={},size=256M", img.display());
+    let args = ["--volume", spec.as_str()];
+    let srv = Server::start(&args);
+    qemu_write(
+        &srv.uri("big"),
+        &[w(0x42, 100 * MIB, 4 * MIB), w(0x43, 250 * MIB, MIB)],
+    );
+    ctl_json(&srv, &["backup", "create", "big", "b"]);
+    qemu_write(&srv.uri("big"), &[w(0x44, 100 * MIB, 64 * KIB)]);
+    let dest = img_dir.path().join("copy.img");
+    let params = serde_json::json!({"volume": "big", "name": "b", "dest": dest});
+    let job = call(&srv, "backup_copy", params)["job"]
+        .as_u64()
+        .expect("job");
+    let st = call(
+        &srv,
+        "backup_copy_status",
+        serde_json::json!({ "job": job }),
+    );
+    assert_eq!(st["state"], "running", "must still run at the stop: {st}");
+    let srv = srv.restart(false, &args);
+    // The resumed job is the first of the new server.
+    let end = wait_job(&srv, 1);
+    assert_eq!(end["state"], "done", "{end}");
+    assert_eq!(end["name"], "b", "{end}");
+    let want = export_bytes(&srv, "big@b");
+    let got = std::fs::read(&dest).expect("read DEST");
+    assert!(got == want, "resumed DEST differs from the backup's export");
+    assert_eq!(end["sha256"].as_str(), Some(sha256sum(&dest).as_str()));
+    // Finished jobs are not resumed again.
+    let srv = srv.restart(false, &args);
+    let none = run(ctl(&srv).args(["call", "backup_copy_status", r#"{"job": 1}"#]));
+    assert!(!none.status.success(), "a finished copy must not run again");
+}

@@ -125,7 +125,13 @@ impl Server {
 
     /// Stops the server (SIGTERM, or SIGKILL when `kill9`) and starts a new one in
     /// the same data dir with `extra` arguments (recovery).
-    pub fn restart(mut self, kill9: bool, extra: &[&str]) -> Server {
+    pub fn restart(self, kill9: bool, extra: &[&str]) -> Server {
+        Server::start_in(self.stop_keep_dir(kill9), extra)
+    }
+
+    /// Stops the server (SIGTERM, or SIGKILL when `kill9`) and hands back its data
+    /// dir (for offline checks; `start_in` serves it again).
+    pub fn stop_keep_dir(mut self, kill9: bool) -> tempfile::TempDir {
         if kill9 {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -133,9 +139,7 @@ impl Server {
             let st = self.terminate();
             assert!(st.success(), "graceful stop failed: {st}");
         }
-        let dir = std::mem::replace(&mut self.dir, tmpdir());
-        drop(self);
-        Server::start_in(dir, extra)
+        std::mem::replace(&mut self.dir, tmpdir())
     }
 
     /// Stops the server with SIGTERM and returns its exit status.
