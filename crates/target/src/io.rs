@@ -8,10 +8,11 @@
 //! # Ordering
 //! - Data before mapping: a filled chunk is published in the map only after its data
 //!   write completed, so a reader never follows a mapping to unwritten data.
-//! - Partial first writes (read-merge) of a chunk in a delta wait until the delta is
-//!   *drained* — every request admitted before the delta existed has completed — so
-//!   the merge reads include every old-epoch write (the one wait of the switchover).
-//!   Waiting is a reactor timer re-check, never a spin or a lock.
+//! - Partial first writes (read-merge) of a chunk in a delta wait until no write
+//!   admitted before the delta existed that may overlap the chunk is in flight
+//!   (`Delta::below_settled`), so the merge reads include every old-epoch write to
+//!   it (the one wait of the switchover). Waiting is a reactor timer re-check,
+//!   never a spin or a lock.
 //! - A merging top delta takes no new fills: writes to chunks it holds go in place
 //!   (pinned, so the merge copies them after), writes to chunks it does not hold go to
 //!   the layer beneath.
@@ -355,29 +356,77 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
                 guard.abort();
                 return piece_done(r, w, Err(NbdErrno::NoSpc));
             };
-            if let Some((off, len)) = delta.prealloc_due(p, cb) {
-                // Fire and forget: a failed preallocation only costs speed.
-                let fd = FileRef::Raw(delta.raw_fd());
-                let keep = delta.clone();
-                let _ = r.submit(Op::fallocate(fd, off, len, 0), move |_, _| drop(keep));
-            }
-            let full = lo == chunk * cb && hi == (chunk + 1) * cb;
-            if full {
-                let buf = piece_bytes(w, lo, hi);
-                let w2 = w.clone();
-                let fd = FileRef::Raw(delta.raw_fd());
-                let d2 = delta.clone();
-                let res = r.submit(Op::write(fd, p * cb, buf, (hi - lo) as u32), move |r, c| {
-                    let res = publish_after(c.bytes(), (hi - lo) as u32, guard, &d2, chunk, p);
-                    piece_done(r, &w2, res)
-                });
-                if res.is_err() {
-                    piece_done(r, w, Err(NbdErrno::NoMem));
-                }
-            } else {
-                read_merge(r, w, delta, chunk, lo, hi, layer, guard, p);
-            }
+            let w2 = w.clone();
+            let d2 = delta.clone();
+            when_zeroed(r, delta, p, cb, move |r| {
+                fill(r, &w2, d2, chunk, lo, hi, layer, guard, p)
+            });
         }
+    }
+}
+
+/// Runs `cont` once physical chunk `p` of `delta` may be written (its space was
+/// zeroed ahead: `Delta::fill_ready`), starting the next zero-ahead write when due.
+/// Waiting is a reactor timer re-check; it happens only when fills outrun zeroing.
+fn when_zeroed(
+    r: &mut Reactor,
+    delta: Arc<Delta>,
+    p: u64,
+    cb: u64,
+    cont: impl FnOnce(&mut Reactor) + 'static,
+) {
+    if let Some((off, len)) = delta.zero_due(p, cb) {
+        let fd = FileRef::Raw(delta.raw_fd());
+        let d2 = delta.clone();
+        let buf = AlignedBuf::direct(len as usize);
+        if let Err(rej) = r.submit(Op::write(fd, off, buf, len as u32), move |_, c| {
+            d2.zero_done(len, matches!(c.bytes(), Ok(n) if n as u64 == len))
+        }) {
+            // No room on the ring now: give the turn back; a later fill retries.
+            drop(rej);
+            delta.zero_done(0, true);
+        }
+    }
+    if delta.fill_ready(p, cb) {
+        cont(r)
+    } else {
+        r.add_timer(ZERO_RECHECK, move |r| when_zeroed(r, delta, p, cb, cont));
+    }
+}
+
+/// How often a fill that outran zeroing re-checks.
+const ZERO_RECHECK: Duration = Duration::from_micros(50);
+
+/// Writes a newly allocated chunk `p` of `delta`: the piece itself when it covers the
+/// chunk, else read-merged with the chunk's content from below.
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    r: &mut Reactor,
+    w: &WriteRef,
+    delta: Arc<Delta>,
+    chunk: u64,
+    lo: u64,
+    hi: u64,
+    layer: usize,
+    guard: Guard,
+    p: u64,
+) {
+    let cb = w.borrow().vol.chunk_bytes() as u64;
+    let full = lo == chunk * cb && hi == (chunk + 1) * cb;
+    if full {
+        let buf = piece_bytes(w, lo, hi);
+        let w2 = w.clone();
+        let fd = FileRef::Raw(delta.raw_fd());
+        let d2 = delta.clone();
+        let res = r.submit(Op::write(fd, p * cb, buf, (hi - lo) as u32), move |r, c| {
+            let res = publish_after(c.bytes(), (hi - lo) as u32, guard, &d2, chunk, p);
+            piece_done(r, &w2, res)
+        });
+        if res.is_err() {
+            piece_done(r, w, Err(NbdErrno::NoMem));
+        }
+    } else {
+        read_merge(r, w, delta, chunk, lo, hi, layer, guard, p);
     }
 }
 
@@ -426,8 +475,9 @@ fn read_merge(
     guard: Guard,
     p: u64,
 ) {
-    if !delta.is_drained() && !planted::skip_drain_wait() {
-        // Old-epoch writes may still be landing below: wait for the drain.
+    if !delta.below_settled(chunk) && !planted::skip_drain_wait() {
+        // An old-epoch write to this chunk may still be landing below: wait for it
+        // (per chunk once every reactor was visited after the switch; image docs).
         let w2 = w.clone();
         r.add_timer(DRAIN_RECHECK, move |r| {
             read_merge(r, &w2, delta, chunk, lo, hi, layer, guard, p)

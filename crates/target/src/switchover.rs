@@ -115,6 +115,27 @@ fn drain(reactors: &[ReactorHandle], vol: &Volume, old: *const Stack) -> Result<
         .map_err(|_| SwitchError::DrainTimeout(DRAIN_TIMEOUT))
 }
 
+/// Visits every reactor once (between requests), then marks `delta` quiesced.
+/// Does not wait: partial first writes wait for the whole drain until it is done.
+pub fn quiesce(reactors: &[ReactorHandle], vol: &Volume, sw: &Switched) {
+    if reactors.is_empty() {
+        sw.delta.set_quiesced();
+        return;
+    }
+    let d = sw.delta.clone();
+    let step: ringblk_reactor::ForEachFn =
+        Arc::new(|r: &mut Reactor, next: ForEachNext| next.next(r));
+    let home = home_reactor(vol, reactors.len());
+    let sent = reactors[home].send(move |r| r.for_each_reactor(step, move |_| d.set_quiesced()));
+    if sent.is_err() {
+        // Inbox full: the drain still releases the partial writes.
+        tracing::debug!(
+            volume = vol.name(),
+            "quiesce round not sent; partial writes wait for the drain"
+        );
+    }
+}
+
 fn wait_unpinned(r: &mut Reactor, addr: StackAddr, next: ForEachNext) {
     // SAFETY: the stack is retired and only freed after this drain completes, which
     // cannot happen before this step calls `next`.
@@ -191,7 +212,8 @@ pub fn switch(
         });
     }
     vol.persist.add_delta(delta.clone());
-    let mut deltas = vol.with_stack(ctl, |s| s.deltas.clone());
+    let (mut deltas, below_writes) = vol.with_stack(ctl, |s| (s.deltas.clone(), s.writes.clone()));
+    delta.set_below_writes(below_writes);
     deltas.push(delta.clone());
     let epoch = ctl.next_epoch;
     ctl.next_epoch += 1;
@@ -250,7 +272,10 @@ pub fn backup_create(
     let t0 = Instant::now();
     let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     let sw = switch(&mut ctl, vol, name, t0)?;
-    // 3. Drain the old epoch.
+    // 3. One message round over every reactor: afterwards the old stack's write
+    // tracker shows every old-epoch write, and partial first writes wait per chunk.
+    quiesce(reactors, vol, &sw);
+    // 4. Drain the old epoch.
     drain(reactors, vol, sw.old.0 as *const Stack)?;
     let info = mark_ready(&mut ctl, vol, name, sw);
     drop(ctl);
@@ -507,6 +532,10 @@ fn copy_into_delta(
                         libc::ENOSPC,
                     )));
                 };
+                if let Err(e) = zeroed_blocking(b, dst, p, cb) {
+                    g.abort();
+                    return Err(SwitchError::Io(e));
+                }
                 dst.write_all_at(data, p * cb)?;
                 b.journal(ringblk_blockmap::MapRecord::Install {
                     logical: c,
@@ -523,6 +552,22 @@ fn copy_into_delta(
             }
             Err(e) => return Err(SwitchError::Io(std::io::Error::other(e.to_string()))),
         }
+    }
+}
+
+/// Waits until physical chunk `p` of `b` may be written (`Delta::fill_ready`),
+/// doing the zero-ahead write itself when it is due (blocking: the merge thread).
+fn zeroed_blocking(b: &Delta, dst: &File, p: u64, cb: u64) -> std::io::Result<()> {
+    loop {
+        if let Some((off, len)) = b.zero_due(p, cb) {
+            let zeros = ringblk_reactor::AlignedBuf::direct(len as usize);
+            let res = dst.write_all_at(zeros.as_slice(), off);
+            b.zero_done(len, res.is_ok());
+        }
+        if b.fill_ready(p, cb) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_micros(50));
     }
 }
 

@@ -451,6 +451,20 @@ impl Volume {
         unsafe { StackPin::new(p, reactor) }
     }
 
+    /// Pins the current stack for a write-type request (WRITE, WRITE_ZEROES, TRIM)
+    /// over `[offset, offset + len)`: also registers its chunks, so that first
+    /// partial writes of a later epoch wait only for the ones that overlap theirs.
+    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
+        let mut pin = self.pin(reactor);
+        let cb = self.chunk_bytes() as u64;
+        if len > 0 {
+            let first = offset / cb;
+            let last = offset.saturating_add(len - 1) / cb;
+            pin.track_writes(first, last - first + 1);
+        }
+        pin
+    }
+
     /// The current stack, for control-plane reads that do not outlive the call.
     /// The guard proves the caller holds `control`: stacks are published and freed
     /// only under it, so the current one cannot be freed during `f`.
