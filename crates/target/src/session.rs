@@ -527,7 +527,14 @@ fn backup_of(conn: &ConnRef) -> Option<String> {
 fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
     conn.borrow_mut().started.insert(req.cookie, Instant::now());
     let (_, volume, _) = file_of(conn);
-    let pin = Rc::new(volume.pin(r.id()));
+    // Write-type requests register their chunks: a later epoch's partial first
+    // writes wait only for the ones that overlap theirs (image module docs).
+    let pin = Rc::new(match req.command {
+        Command::Write | Command::WriteZeroes | Command::Trim => {
+            volume.pin_write(r.id(), req.offset, req.length as u64)
+        }
+        _ => volume.pin(r.id()),
+    });
     let layers = match backup_of(conn) {
         None => pin.stack().deltas.clone(),
         Some(b) => match pin.stack().backup_view(&b) {
