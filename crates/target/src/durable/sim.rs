@@ -37,6 +37,8 @@ struct Inode {
 enum DirOp {
     Link(String, usize),
     Unlink(String),
+    /// One atomic step, like rename(2): `from` goes and `to` names the inode.
+    Rename(String, String, usize),
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +142,10 @@ impl SimStore {
                 }
                 DirOp::Unlink(n) => {
                     names.remove(&n);
+                }
+                DirOp::Rename(from, to, i) => {
+                    names.remove(&from);
+                    names.insert(to, i);
                 }
             }
         }
@@ -251,8 +257,8 @@ impl Store for SimStore {
         st.names.remove(from);
         st.names.insert(to.to_string(), i);
         // One atomic step of the directory: both changes survive a cut or neither.
-        st.dir_pending.push(DirOp::Link(to.to_string(), i));
-        st.dir_pending.push(DirOp::Unlink(from.to_string()));
+        st.dir_pending
+            .push(DirOp::Rename(from.to_string(), to.to_string(), i));
         Ok(())
     }
 
