@@ -138,6 +138,17 @@ enum Command {
     )]
     Backup(BackupCommand),
 
+    /// Inject I/O errors into a volume's requests (as SPDK's error bdev does), to
+    /// test how clients and the stack above handle a failing disk.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            ringblk-ctl fault inject vol0 --op read --offset 1M --length 64K --count 3\n  \
+            ringblk-ctl fault inject vol0 --op write --errno ENOSPC --count 0\n  \
+            ringblk-ctl fault clear vol0"
+    )]
+    Fault(FaultCommand),
+
     /// List every RPC method the server answers.
     #[command(after_help = "Example:\n  ringblk-ctl methods")]
     Methods,
@@ -263,6 +274,82 @@ enum BackupCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum FaultCommand {
+    /// Arm a rule: the next COUNT requests of kind OP that touch the byte range fail
+    /// with ERRNO instead of doing their I/O (a failed write is not applied).
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl fault inject vol0 --op read --offset 1M --length 64K --count 3\n  \
+        ringblk-ctl fault inject vol0 --op any --count 0    # every request, until cleared")]
+    Inject(FaultArgs),
+    /// Disarm every rule of VOLUME.
+    #[command(after_help = "Example:\n  ringblk-ctl fault clear vol0")]
+    Clear { volume: String },
+}
+
+#[derive(Debug, Args)]
+struct FaultArgs {
+    /// The volume (its backups' exports are affected too).
+    volume: String,
+
+    /// Requests to fail: write also covers WRITE_ZEROES; any is every I/O request.
+    #[arg(long, value_enum)]
+    op: FaultOp,
+
+    /// The error the client gets.
+    #[arg(long, value_enum, default_value = "EIO")]
+    errno: FaultErrno,
+
+    /// Start of the byte range (K, M, G, T suffixes).
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    offset: Option<u64>,
+
+    /// Length of the byte range; default: to the end of the volume.
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    length: Option<u64>,
+
+    /// How many requests fail before the rule goes; 0 = until `fault clear`.
+    #[arg(long, value_name = "N", default_value = "1")]
+    count: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FaultOp {
+    Read,
+    Write,
+    Flush,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FaultErrno {
+    #[value(name = "EIO")]
+    Eio,
+    #[value(name = "ENOSPC")]
+    Enospc,
+}
+
+fn fault_params(args: &FaultArgs) -> Value {
+    let op = match args.op {
+        FaultOp::Read => "read",
+        FaultOp::Write => "write",
+        FaultOp::Flush => "flush",
+        FaultOp::Any => "any",
+    };
+    let errno = match args.errno {
+        FaultErrno::Eio => "EIO",
+        FaultErrno::Enospc => "ENOSPC",
+    };
+    let mut p = json!({ "volume": args.volume, "op": op, "errno": errno, "count": args.count });
+    if let Some(offset) = args.offset {
+        p["offset"] = json!(offset);
+    }
+    if let Some(length) = args.length {
+        p["length"] = json!(length);
+    }
+    p
+}
+
 fn parse_backup_ref(text: &str) -> Result<(String, String), String> {
     match text.split_once('@') {
         Some((v, n)) if !v.is_empty() && !n.is_empty() => Ok((v.to_string(), n.to_string())),
@@ -369,6 +456,10 @@ fn request(command: &Command) -> (&str, Option<Value>) {
             }
             ("backup_copy", Some(p))
         }
+        Command::Fault(FaultCommand::Inject(args)) => ("fault_inject", Some(fault_params(args))),
+        Command::Fault(FaultCommand::Clear { volume }) => {
+            ("fault_clear", Some(json!({ "volume": volume })))
+        }
         Command::Methods => ("rpc_get_methods", None),
         Command::Call { method, params } => (method.as_str(), params.clone()),
     }
@@ -419,6 +510,11 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
             Ok(format!("releasing {v}@{n}: its delta is merging down\n"))
         }
         Command::Backup(BackupCommand::Copy { .. }) => Ok(render::json(result)),
+        Command::Fault(FaultCommand::Inject(_)) => Ok(render::fault_injected(result)),
+        Command::Fault(FaultCommand::Clear { volume }) => Ok(format!(
+            "cleared {} fault rule(s) on {volume}\n",
+            result.get("cleared").unwrap_or(&Value::Null)
+        )),
         Command::Call { .. } => Ok(render::json(result)),
     }
 }

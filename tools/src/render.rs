@@ -218,6 +218,26 @@ fn busy_percent(reactor: &Value) -> String {
     }
 }
 
+/// `fault_inject` returns `{volume, rule: {id, op, errno, offset, length, count}}`.
+pub fn fault_injected(result: &Value) -> String {
+    let rule = result.get("rule").unwrap_or(&Value::Null);
+    let count = match rule.get("count").and_then(Value::as_u64) {
+        Some(0) => "every request until cleared".to_string(),
+        Some(1) => "the next request".to_string(),
+        Some(n) => format!("the next {n} requests"),
+        None => text(rule, "count"),
+    };
+    format!(
+        "fault rule {} on {}: {} {} at {} (+{}) fails {count}\n",
+        text(rule, "id"),
+        text(result, "volume"),
+        text(rule, "op"),
+        text(rule, "errno"),
+        size(rule, "offset"),
+        size(rule, "length"),
+    )
+}
+
 pub fn methods(result: &Value) -> Result<String, CtlError> {
     let names = array(result, "rpc_get_methods")?;
     Ok(names
@@ -303,6 +323,17 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.contains("copying 42%"), "{out}");
         assert_eq!(out.matches("ready").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn fault_rule_is_described() {
+        let out = fault_injected(&json!({"volume": "v", "rule": {"id": 2, "op": "read",
+            "errno": "EIO", "offset": 1048576, "length": 65536, "count": 3}}));
+        assert_eq!(
+            out,
+            "fault rule 2 on v: read EIO at 1.0 MiB (+64.0 KiB) fails the next 3 requests\n"
+        );
+        assert!(fault_injected(&json!({})).contains("fault rule - on -"));
     }
 
     #[test]

@@ -572,3 +572,57 @@ fn raw_request(listener: &UnixListener) -> Vec<u8> {
     }
     raw
 }
+
+#[test]
+fn fault_inject_sends_the_rule_and_describes_it() {
+    let fake = FakeServer::start(Reply::Result(json!({"volume": "v", "rule": {
+        "id": 1, "op": "read", "errno": "EIO", "offset": 1048576, "length": 65536,
+        "count": 3, "hits": 0}})));
+    let out = fake.run(&[
+        "fault", "inject", "v", "--op", "read", "--offset", "1M", "--length", "64K", "--count", "3",
+    ]);
+    assert_success(&out);
+    assert_eq!(
+        stdout(&out),
+        "fault rule 1 on v: read EIO at 1.0 MiB (+64.0 KiB) fails the next 3 requests\n"
+    );
+    let (method, params) = method_params(&fake.request());
+    assert_eq!(method, "fault_inject");
+    assert_eq!(
+        params,
+        Some(
+            json!({"volume": "v", "op": "read", "errno": "EIO", "offset": 1048576,
+                    "length": 65536, "count": 3})
+        )
+    );
+}
+
+#[test]
+fn fault_inject_defaults_and_clear() {
+    let fake = FakeServer::start(Reply::Result(json!({"volume": "v", "rule": {}})));
+    assert_success(&fake.run(&["fault", "inject", "v", "--op", "write", "--errno", "ENOSPC"]));
+    let (_, params) = method_params(&fake.request());
+    // Offset and length are left to the server (0, to the end of the volume).
+    assert_eq!(
+        params,
+        Some(json!({"volume": "v", "op": "write", "errno": "ENOSPC", "count": 1}))
+    );
+    let fake = FakeServer::start(Reply::Result(json!({"volume": "v", "cleared": 2})));
+    let out = fake.run(&["fault", "clear", "v"]);
+    assert_success(&out);
+    assert_eq!(stdout(&out), "cleared 2 fault rule(s) on v\n");
+    let (method, params) = method_params(&fake.request());
+    assert_eq!(
+        (method.as_str(), params),
+        ("fault_clear", Some(json!({"volume": "v"})))
+    );
+    // Only the errors a disk gives, and only the known ops.
+    assert!(
+        !ctl(&["fault", "inject", "v", "--op", "read", "--errno", "EPERM"])
+            .status
+            .success()
+    );
+    assert!(!ctl(&["fault", "inject", "v", "--op", "trim"])
+        .status
+        .success());
+}

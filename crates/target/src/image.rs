@@ -35,7 +35,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ringblk_blockmap::{BlockMap, MapRecord};
 
@@ -58,6 +58,14 @@ pub struct Delta {
     /// Next free physical chunk (bump allocation: a logical chunk is filled at most
     /// once per delta, so this never exceeds the volume's chunk count).
     next_physical: AtomicU64,
+    /// Chunks of fills that failed before they were journaled (ENOSPC, EIO), handed
+    /// out again first: without it every failed fill would use up a chunk for good,
+    /// and a client retrying on a full disk would exhaust the allocator, so writes
+    /// kept failing with ENOSPC after space was freed. Holds each chunk at most once,
+    /// so at most `capacity_chunks` entries.
+    spare: Mutex<Vec<u64>>,
+    /// `spare.len()`, read without the lock: the allocation path's only extra cost.
+    spare_count: AtomicU64,
     capacity_chunks: u64,
     /// Set when this delta is being merged into the layer below (release).
     merging: AtomicBool,
@@ -149,6 +157,8 @@ impl Delta {
             direct,
             map: Arc::new(map),
             next_physical: AtomicU64::new(0),
+            spare: Mutex::new(Vec::new()),
+            spare_count: AtomicU64::new(0),
             capacity_chunks,
             merging: AtomicBool::new(false),
             drained: AtomicBool::new(false),
@@ -204,6 +214,8 @@ impl Delta {
             direct,
             map: Arc::new(r.map),
             next_physical: AtomicU64::new(r.next_physical),
+            spare_count: AtomicU64::new(r.spare.len() as u64),
+            spare: Mutex::new(r.spare),
             capacity_chunks,
             merging: AtomicBool::new(merging),
             drained: AtomicBool::new(true),
@@ -291,8 +303,27 @@ impl Delta {
     /// Allocates `n` consecutive physical chunks; `None` when the delta is full
     /// (cannot happen while the invariant above holds; reported as ENOSPC).
     pub fn alloc(&self, n: u64) -> Option<u64> {
+        if n == 1 && self.spare_count.load(Ordering::Relaxed) > 0 {
+            let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = spare.pop() {
+                self.spare_count
+                    .store(spare.len() as u64, Ordering::Relaxed);
+                return Some(p);
+            }
+        }
         let p = self.next_physical.fetch_add(n, Ordering::Relaxed);
         (p + n <= self.capacity_chunks).then_some(p)
+    }
+
+    /// Gives back chunk `p` of `alloc(1)` whose fill failed: it was neither journaled
+    /// nor published, so nothing refers to it (whatever part of it was written is
+    /// overwritten by the next fill, which writes the whole chunk).
+    pub fn give_back(&self, p: u64) {
+        debug_assert!(p < self.capacity_chunks, "chunk {p} was never allocated");
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        spare.push(p);
+        self.spare_count
+            .store(spare.len() as u64, Ordering::Relaxed);
     }
 
     pub fn allocated_chunks(&self) -> u64 {

@@ -422,7 +422,11 @@ fn fill(
             let res = publish_after(c.bytes(), (hi - lo) as u32, guard, &d2, chunk, p);
             piece_done(r, &w2, res)
         });
-        if res.is_err() {
+        if let Err(rej) = res {
+            // The rejected callback holds the guard: dropping it aborts the fill,
+            // and then p is unused.
+            drop(rej);
+            delta.give_back(p);
             piece_done(r, w, Err(NbdErrno::NoMem));
         }
     } else {
@@ -433,7 +437,9 @@ fn fill(
 type Guard = ringblk_blockmap::FillGuard<Arc<BlockMap>>;
 
 /// After a fill's data write: journal the mapping (before it is visible, so the
-/// journal's order is the map's) and publish it; or give the chunk back.
+/// journal's order is the map's) and publish it; or, when the write failed, give the
+/// logical chunk back (abort) and the physical one too (`Delta::give_back`). A short
+/// write is the device running out of space: ENOSPC, like the OS error.
 fn publish_after(
     n: Result<u32, i32>,
     want: u32,
@@ -452,10 +458,12 @@ fn publish_after(
         }
         Ok(_) => {
             guard.abort();
+            delta.give_back(p);
             Err(NbdErrno::NoSpc)
         }
         Err(e) => {
             guard.abort();
+            delta.give_back(p);
             Err(NbdErrno::from_os_errno(e))
         }
     }
@@ -504,6 +512,7 @@ fn read_merge(
                 Ok(b) => b,
                 Err(e) => {
                     guard.abort();
+                    delta.give_back(p);
                     return piece_done(r, &w2, Err(e));
                 }
             };
@@ -522,7 +531,11 @@ fn read_merge(
                 let res = publish_after(c.bytes(), cb as u32, guard, &d2, chunk, p);
                 piece_done(r, &w3, res)
             });
-            if res.is_err() {
+            if let Err(rej) = res {
+                // The rejected callback holds the guard: dropping it aborts the fill,
+                // and then p is unused.
+                drop(rej);
+                delta.give_back(p);
                 piece_done(r, &w2, Err(NbdErrno::NoMem));
             }
             drop(vol2);

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod config;
 pub mod copyjob;
 pub mod durable;
+pub mod fault;
 pub mod image;
 mod io;
 pub mod latency;

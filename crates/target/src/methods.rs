@@ -28,6 +28,8 @@ pub const METHODS: &[&str] = &[
     "backup_copy",
     "backup_copy_status",
     "backup_copy_cancel",
+    "fault_inject",
+    "fault_clear",
 ];
 
 pub struct Methods {
@@ -99,6 +101,36 @@ struct CopyParams {
 #[serde(deny_unknown_fields)]
 struct JobParams {
     job: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultInjectParams {
+    volume: String,
+    op: crate::fault::FaultOp,
+    #[serde(default)]
+    errno: crate::fault::FaultErrno,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    length: Option<u64>,
+    /// Requests to fail; 0 = until `fault_clear`.
+    #[serde(default = "one")]
+    count: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeParams {
+    volume: String,
+}
+
+fn fault_error(e: crate::fault::FaultError) -> RpcError {
+    RpcError::new(e.rpc_code(), e.to_string())
 }
 
 fn copy_error(e: crate::copyjob::CopyError) -> RpcError {
@@ -277,6 +309,9 @@ impl RpcHandler for Methods {
                         j["deltas"] = json!(v.with_stack(&ctl, |s| s.deltas.len()));
                         drop(ctl);
                         j["backups"] = Value::Array(crate::switchover::backup_list(v));
+                        // Injected errors are also in `errors` (they fail requests).
+                        j["faults_injected"] = json!(v.faults.injected());
+                        j["fault_rules"] = json!(v.faults.rules());
                         j
                     })
                     .collect();
@@ -368,6 +403,30 @@ impl RpcHandler for Methods {
                     .cancel(p.job, &self.reactors())
                     .map_err(copy_error)?;
                 Ok(job.status_json())
+            }
+            "fault_inject" => {
+                let p: FaultInjectParams = parse_params(params)?;
+                let v = self.volume(&p.volume)?;
+                let spec = crate::fault::FaultSpec {
+                    op: p.op,
+                    errno: p.errno,
+                    offset: p.offset,
+                    length: p.length,
+                    count: p.count,
+                };
+                let rule = v.faults.inject(spec, v.size_bytes()).map_err(fault_error)?;
+                tracing::warn!(volume = v.name(), ?rule, "fault injection armed");
+                Ok(json!({"volume": v.name(), "rule": rule, "rules": v.faults.rules()}))
+            }
+            "fault_clear" => {
+                let p: VolumeParams = parse_params(params)?;
+                let v = self.volume(&p.volume)?;
+                let cleared = v.faults.clear();
+                if cleared > 0 {
+                    tracing::warn!(volume = v.name(), cleared, "fault injection cleared");
+                }
+                Ok(json!({"volume": v.name(), "cleared": cleared,
+                          "injected": v.faults.injected()}))
             }
             other => Err(RpcError::method_not_found(other)),
         }

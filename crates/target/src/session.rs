@@ -527,6 +527,12 @@ fn backup_of(conn: &ConnRef) -> Option<String> {
 fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
     conn.borrow_mut().started.insert(req.cookie, Instant::now());
     let (_, volume, _) = file_of(conn);
+    // Injected faults (`fault`): here, where both data paths start, before any I/O.
+    // A failed WRITE's payload is dropped with the request: never applied.
+    if let Some(e) = volume.faults.check(req.command, req.offset, req.length) {
+        count_op(&volume, r.id(), &req);
+        return complete(r, conn, req, Err(e));
+    }
     // Write-type requests register their chunks: a later epoch's partial first
     // writes wait only for the ones that overlap theirs (image module docs).
     let pin = Rc::new(match req.command {

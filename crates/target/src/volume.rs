@@ -209,6 +209,8 @@ pub struct Volume {
     pub persist: crate::persist::Persist,
     /// What recovery found at open, for the log and for resuming merges.
     pub recovered: Option<RecoverySummary>,
+    /// Injected errors (`fault_inject`), checked once per request.
+    pub faults: crate::fault::Faults,
 }
 
 /// What `Volume::open` recovered from the data dir.
@@ -426,6 +428,7 @@ impl Volume {
             control: Mutex::new(control),
             ready_backups: RwLock::new(ready),
             merge_lock: Mutex::new(()),
+            faults: crate::fault::Faults::default(),
         })
     }
 

@@ -43,6 +43,10 @@ pub struct RecoveredDelta {
     pub journal: Journal,
     /// First physical chunk the allocator may hand out.
     pub next_physical: u64,
+    /// Slots below `next_physical` that no durable mapping references (fills that
+    /// never got journaled before the crash): handed out again first, so crashes do
+    /// not leak the delta's space. Empty for a merging delta (it takes no fills).
+    pub spare: Vec<u64>,
     pub frames: u64,
     pub records: usize,
     pub torn_tail_bytes: u64,
@@ -185,6 +189,15 @@ pub fn recover(
             .div_ceil(chunk_bytes as u64);
         // Counted: slots below the allocator's restart point (written, then lost
         // their mapping or merged down); the tail after it is punched uncounted.
+        let merging = entry.state == super::manifest::DeltaState::Merging;
+        let mut spare = Vec::new();
+        let mut prev = 0u64;
+        for p in used.iter().copied().chain([next]) {
+            if !merging {
+                spare.extend(prev..p.min(next));
+            }
+            prev = prev.max(p + 1);
+        }
         let mut from = 0u64;
         for p in used.iter().copied().chain([file_chunks]) {
             if p > from {
@@ -205,6 +218,7 @@ pub fn recover(
             journal: Journal::resume(&jn, header, &r),
             map,
             next_physical: next,
+            spare,
             frames: r.frames,
             records: r.records.len(),
             torn_tail_bytes: r.torn_tail_bytes,
@@ -217,4 +231,47 @@ pub fn recover(
         punched_chunks: punched,
         elapsed_ms: t0.elapsed().as_millis() as u64,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::journal::Journal;
+    use super::super::manifest::{DeltaEntry, DeltaState, ManifestCell};
+    use super::super::sim::SimStore;
+    use super::*;
+
+    /// Slots a crash left unreferenced below the allocator are handed out again.
+    #[test]
+    fn unreferenced_slots_below_the_allocator_are_spare() {
+        let st = SimStore::new();
+        let (size, cb) = (64 * 4096u64, 4096u32);
+        let mut m = Manifest::new("v", size, cb);
+        m.next_delta_id = 2;
+        m.deltas.push(DeltaEntry {
+            id: 1,
+            backup: "b".into(),
+            state: DeltaState::Active,
+            created_unix_ms: 0,
+        });
+        st.create(&delta_name("v", 1)).unwrap();
+        let header = JournalHeader {
+            chunk_bytes: cb,
+            capacity_chunks: 64,
+            delta_id: 1,
+        };
+        let j = Journal::create(&st, &journal_name("v", 1), header).unwrap();
+        for (l, p) in [(7, 0), (3, 2), (9, 5)] {
+            j.append(MapRecord::Install {
+                logical: l,
+                physical: p,
+            });
+        }
+        j.write(&st, j.take(), true).unwrap();
+        ManifestCell::new(m, false).write_if_dirty(&st).unwrap();
+        let r = recover(&st, "v", size, cb).unwrap().expect("manifest");
+        let d = &r.deltas[0];
+        assert_eq!(d.next_physical, 6);
+        assert_eq!(d.spare, [1, 3, 4]);
+        assert_eq!(d.map.mapped_count(), 3);
+    }
 }
