@@ -312,6 +312,11 @@ impl RpcHandler for Methods {
                         // Injected errors are also in `errors` (they fail requests).
                         j["faults_injected"] = json!(v.faults.injected());
                         j["fault_rules"] = json!(v.faults.rules());
+                        // Group commit: FLUSH/FUA requests (and merges) served per commit.
+                        let (commits, waiters) = v.persist.commit_counts();
+                        j["group_commits"] = json!(commits);
+                        j["group_commit_waiters"] = json!(waiters);
+                        j["persistent"] = json!(v.persist.persistent());
                         j
                     })
                     .collect();

@@ -41,6 +41,9 @@ pub struct PersistInner {
     deltas: Mutex<Vec<Arc<Delta>>>,
     /// Set by `volume_delete`: nothing may write the manifest again.
     destroyed: std::sync::atomic::AtomicBool,
+    /// Commits run, and requests they served (stats: the group-commit ratio).
+    commits: std::sync::atomic::AtomicU64,
+    waiters: std::sync::atomic::AtomicU64,
 }
 
 impl PersistInner {
@@ -90,6 +93,8 @@ impl Persist {
                 base,
                 deltas: Mutex::new(deltas),
                 destroyed: std::sync::atomic::AtomicBool::new(false),
+                commits: std::sync::atomic::AtomicU64::new(0),
+                waiters: std::sync::atomic::AtomicU64::new(0),
             }),
             tx: Mutex::new(None),
             volume: volume.to_string(),
@@ -125,6 +130,15 @@ impl Persist {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|d| d.id != id);
+    }
+
+    /// Group commits run so far, and the requests they served.
+    pub fn commit_counts(&self) -> (u64, u64) {
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.commits.load(relaxed),
+            self.inner.waiters.load(relaxed),
+        )
     }
 
     /// Marks every delta's files for deletion when it drops.
@@ -182,6 +196,9 @@ impl Persist {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
                     let res = inner.run_commit();
+                    let relaxed = std::sync::atomic::Ordering::Relaxed;
+                    inner.commits.fetch_add(1, relaxed);
+                    inner.waiters.fetch_add(batch.len() as u64, relaxed);
                     if let Err(e) = &res {
                         tracing::error!(error = %e, "group commit failed; the flushes waiting for it fail");
                     }
