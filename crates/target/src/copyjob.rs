@@ -1468,7 +1468,7 @@ mod tests {
                     size,
                     CHUNK as u32,
                     false,
-                    None,
+                    false,
                 )
                 .expect("delta"),
             )

@@ -42,7 +42,6 @@ use ringblk_blockmap::{BlockMap, MapRecord};
 use crate::durable::journal::{Journal, JournalHeader};
 use crate::durable::manifest::{delta_name, journal_name};
 use crate::durable::recover::RecoveredDelta;
-use crate::durable::store::Store;
 
 /// A redirect-on-write layer: a sparse data file plus its lookup table.
 #[derive(Debug)]
@@ -101,7 +100,7 @@ pub const ZERO_LOOKAHEAD_BYTES: u64 = 8 << 20;
 
 impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
-    /// `store` (the data dir) creates the delta's journal; `None`: no journal.
+    /// `journaled`: the delta gets a journal in `dir` (persistent volumes).
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         dir: &Path,
@@ -111,7 +110,7 @@ impl Delta {
         size_bytes: u64,
         chunk_bytes: u32,
         direct: bool,
-        store: Option<&dyn Store>,
+        journaled: bool,
     ) -> std::io::Result<Delta> {
         let path = dir.join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
@@ -136,16 +135,18 @@ impl Delta {
         let map = BlockMap::new(capacity_chunks)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let jname = journal_name(volume, id);
-        let journal = match store {
-            Some(st) => {
+        let journal = match journaled {
+            true => {
                 let header = JournalHeader {
                     chunk_bytes,
                     capacity_chunks,
                     delta_id: id,
                 };
-                Some(Journal::create(st, &jname, header)?)
+                // The file itself is created before a manifest names it, not on
+                // the switch path (`Journal::lazy`).
+                Some(Journal::lazy(&jname, header))
             }
-            None => None,
+            false => None,
         };
         Ok(Delta {
             journal,

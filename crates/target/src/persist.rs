@@ -105,11 +105,6 @@ impl Persist {
         self.inner.manifest.is_some()
     }
 
-    /// The store a new delta's journal is created in, for persistent volumes.
-    pub fn journal_store(&self) -> Option<&dyn Store> {
-        self.persistent().then_some(&self.inner.store as &dyn Store)
-    }
-
     pub fn manifest(&self) -> Option<&ManifestCell> {
         self.inner.manifest.as_ref()
     }
@@ -173,10 +168,20 @@ impl Persist {
 
     /// Writes the manifest now if it changed (control plane, blocking).
     pub fn write_manifest(&self) -> io::Result<()> {
-        match self.inner.live_manifest() {
-            Some(m) => m.write_if_dirty(&self.inner.store),
-            None => Ok(()),
+        let Some(m) = self.inner.live_manifest() else {
+            return Ok(());
+        };
+        // Journals are created lazily (off the switch); the manifest names them.
+        let deltas = self
+            .inner
+            .deltas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for j in deltas.iter().filter_map(|d| d.journal.as_ref()) {
+            j.ensure_file(&self.inner.store)?;
         }
+        m.write_if_dirty(&self.inner.store)
     }
 
     fn sender(&self) -> io::Result<crossbeam_channel::Sender<Waiter>> {

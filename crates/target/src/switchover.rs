@@ -196,7 +196,7 @@ pub fn switch(
         vol.size_bytes(),
         vol.chunk_bytes(),
         vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
-        vol.persist.journal_store(),
+        vol.persist.persistent(),
     )?);
     // The manifest lists the delta before anything in it can be acknowledged as
     // durable: every commit writes a changed manifest first (durable::commit).

@@ -3,7 +3,7 @@
 //!
 //! # Order (ARCHITECTURE.md §6: data before the mapping that points at it)
 //! 1. The manifest, if it changed (a new delta must be known before its journal
-//!    counts).
+//!    counts), after creating any journal file it names that does not exist yet.
 //! 2. Take the pending records of every journal, **top delta first**: a merge appends
 //!    `Install` below before `Unmap` above, so whenever the taken `Unmap` is in the
 //!    snapshot, so is the `Install` it depends on.
@@ -46,6 +46,10 @@ impl Default for CommitOptions {
 /// Runs one commit; see the module docs.
 pub fn commit(store: &dyn Store, set: &CommitSet<'_>, opts: CommitOptions) -> io::Result<()> {
     if let Some(m) = set.manifest {
+        // The manifest may name a journal created lazily: it must exist first.
+        for j in &set.journals {
+            j.ensure_file(store)?;
+        }
         m.write_if_dirty(store)?;
     }
     let mut taken: Vec<Taken> = set.journals.iter().rev().map(|j| j.take()).collect();

@@ -246,6 +246,8 @@ struct JState {
     end: u64,
     /// The header is not known durable yet (written by the first commit).
     header: Option<JournalHeader>,
+    /// The file exists (a lazy journal creates it before the manifest names it).
+    created: bool,
 }
 
 /// Records taken by a commit; handed back with [`Journal::committed`] or
@@ -273,8 +275,36 @@ impl Journal {
                 next_seq: 1,
                 end: 0,
                 header: Some(header),
+                created: true,
             }),
         })
+    }
+
+    /// Like [`create`](Self::create), but the file is created later, by
+    /// [`ensure_file`](Self::ensure_file) or the first write: keeps file creation
+    /// off the backup switch. Whoever makes a manifest naming this journal durable
+    /// calls `ensure_file` first (`commit` does).
+    pub fn lazy(name: &str, header: JournalHeader) -> Journal {
+        Journal {
+            name: name.to_string(),
+            st: Mutex::new(JState {
+                pending: Vec::new(),
+                next_seq: 1,
+                end: 0,
+                header: Some(header),
+                created: false,
+            }),
+        }
+    }
+
+    /// Creates the file if it does not exist yet (see [`lazy`](Self::lazy)).
+    pub fn ensure_file(&self, store: &dyn Store) -> io::Result<()> {
+        let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.created {
+            store.create(&self.name)?;
+            st.created = true;
+        }
+        Ok(())
     }
 
     /// A journal recovered by [`replay`]: appends continue at `replay.end`. The
@@ -288,6 +318,7 @@ impl Journal {
                 next_seq: replay.next_seq,
                 end: replay.end,
                 header: fresh.then_some(header),
+                created: true,
             }),
         }
     }
@@ -336,6 +367,7 @@ impl Journal {
             return Ok(());
         }
         let res = (|| {
+            self.ensure_file(store)?;
             let mut end = end;
             if let Some(h) = needs_header {
                 store.write_at(&self.name, 0, &h.encode())?;
