@@ -376,6 +376,11 @@ impl Delta {
 impl Delta {
     /// Marks the delta's data as merged into the layer below (or as not worth
     /// keeping): its files go when the last reference drops.
+    /// A delta prepared ahead of its switch is not kept if it is never used.
+    pub(crate) fn set_discard(&self, discard: bool) {
+        self.merged.store(discard, Ordering::Release);
+    }
+
     pub(crate) fn set_merged(&self) {
         self.merged.store(true, Ordering::Release);
     }

@@ -171,6 +171,38 @@ impl Switched {
     }
 }
 
+fn new_delta(ctl: &mut Control, vol: &Volume) -> std::io::Result<Delta> {
+    let id = ctl.next_delta_id;
+    ctl.next_delta_id += 1;
+    Delta::create(
+        vol.data_dir(),
+        vol.name(),
+        id,
+        "",
+        vol.size_bytes(),
+        vol.chunk_bytes(),
+        vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
+        vol.persist.persistent(),
+    )
+}
+
+/// Creates the next backup's delta ahead of time, so that the next switch does no
+/// file creation. Unused, it is deleted with the volume, or at the next start as a
+/// file the manifest does not list.
+pub fn prepare(vol: &Volume) {
+    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    if ctl.prepared.is_some() || vol.read_only() || vol.is_removed() {
+        return;
+    }
+    match new_delta(&mut ctl, vol) {
+        Ok(d) => {
+            d.set_discard(true);
+            ctl.prepared = Some(d);
+        }
+        Err(e) => tracing::debug!(volume = vol.name(), error = %e, "no delta prepared ahead"),
+    }
+}
+
 /// Steps 1 and 2: prepares a delta and publishes the stack with it on top.
 pub fn switch(
     ctl: &mut std::sync::MutexGuard<'_, Control>,
@@ -185,19 +217,16 @@ pub fn switch(
     if ctl.backups.iter().any(|b| b.name == name) {
         return Err(SwitchError::Exists(vol.name().into(), name.into()));
     }
-    // 1. Prepare, before the switch: the data file and its empty lookup table.
-    let id = ctl.next_delta_id;
-    ctl.next_delta_id += 1;
-    let delta = Arc::new(Delta::create(
-        vol.data_dir(),
-        vol.name(),
-        id,
-        name,
-        vol.size_bytes(),
-        vol.chunk_bytes(),
-        vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
-        vol.persist.persistent(),
-    )?);
+    // 1. Prepare, before the switch: the data file and its empty lookup table —
+    // made ahead of time by the previous backup command when possible (`prepare`).
+    let mut delta = match ctl.prepared.take() {
+        Some(d) => d,
+        None => new_delta(ctl, vol)?,
+    };
+    delta.backup = name.to_string();
+    delta.set_discard(false);
+    let id = delta.id;
+    let delta = Arc::new(delta);
     // The manifest lists the delta before anything in it can be acknowledged as
     // durable: every commit writes a changed manifest first (durable::commit).
     if let Some(m) = vol.persist.manifest() {
@@ -284,6 +313,7 @@ pub fn backup_create(
         tracing::error!(volume = vol.name(), backup = name, error = %e, "manifest write failed; the next flush retries it");
         return Err(SwitchError::Io(e));
     }
+    prepare(vol);
     Ok(info)
 }
 

@@ -163,6 +163,8 @@ pub struct Control {
     /// Copy jobs of this volume's backups. A running one holds its backup (and its
     /// `changed_since` backup) against release; see `copyjob`'s module docs.
     pub copies: Vec<Arc<crate::copyjob::CopyShared>>,
+    /// The next backup's delta, created ahead of its switch (`switchover::prepare`).
+    pub prepared: Option<crate::image::Delta>,
 }
 
 impl Control {

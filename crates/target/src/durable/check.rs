@@ -103,7 +103,7 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             if let Some(id) = delta_id_of(&v, f) {
                 if !m.deltas.iter().any(|d| d.id == id) {
                     rep.notes.push(format!(
-                        "{f}: not in the manifest (left by a switch that never became durable; removed on restart)"
+                        "{f}: not in the manifest (a delta prepared for the next backup, or left by a switch that never became durable; removed on restart)"
                     ));
                 }
             }
