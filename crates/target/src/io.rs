@@ -228,6 +228,8 @@ struct WriteReq {
     pin: Rc<StackPin>,
     data: IoBuf,
     offset: u64,
+    /// Request length (`data` may be a larger pool buffer).
+    len: u32,
     remaining: usize,
     err: Option<NbdErrno>,
     done: Option<Done>,
@@ -255,6 +257,7 @@ pub fn write(
         pin,
         data,
         offset,
+        len,
         remaining: n,
         err: None,
         done: Some(done),
@@ -289,13 +292,21 @@ fn piece_done(r: &mut Reactor, w: &WriteRef, res: Result<(), NbdErrno>) {
     }
 }
 
-fn piece_bytes(w: &WriteRef, lo: u64, hi: u64) -> AlignedBuf {
-    let s = w.borrow();
+/// The bytes of piece `[lo, hi)` for its write. A piece that is the whole request
+/// (the common single-chunk write) takes the request's own buffer instead of a copy:
+/// each piece is written at most once, and the read-merge path, which reads the
+/// request's bytes in place, never takes it (it is never the caller here).
+fn piece_bytes(w: &WriteRef, lo: u64, hi: u64) -> IoBuf {
+    let mut s = w.borrow_mut();
     let at = (lo - s.offset) as usize;
-    let mut b = AlignedBuf::direct((hi - lo) as usize);
+    let n = (hi - lo) as usize;
+    if at == 0 && s.len as usize == n && s.data.len() >= n {
+        return std::mem::replace(&mut s.data, IoBuf::from(Vec::new()));
+    }
+    let mut b = AlignedBuf::direct(n);
     b.as_mut_slice()
-        .copy_from_slice(&s.data.as_slice()[at..at + (hi - lo) as usize]);
-    b
+        .copy_from_slice(&s.data.as_slice()[at..at + n]);
+    b.into()
 }
 
 /// Writes bytes `[lo, hi)` (within one chunk) into layer `layer - 1` of the pinned
@@ -314,7 +325,7 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
             return piece_done(r, w, Ok(())); // null base
         };
         let buf = piece_bytes(w, lo, hi);
-        return submit_write(r, w, FileRef::Raw(fd), lo, buf, None);
+        return submit_write(r, w, FileRef::Raw(fd), lo, (buf, (hi - lo) as u32), None);
     };
     let cb = vol.chunk_bytes() as u64;
     if delta.is_merging() {
@@ -336,7 +347,7 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
                 w,
                 FileRef::Raw(delta.raw_fd()),
                 off,
-                buf,
+                (buf, (hi - lo) as u32),
                 Some(Box::new(pin)),
             );
         }
@@ -548,10 +559,9 @@ fn submit_write(
     w: &WriteRef,
     file: FileRef,
     off: u64,
-    buf: AlignedBuf,
+    (buf, len): (IoBuf, u32),
     hold: Option<Box<dyn std::any::Any>>,
 ) {
-    let len = buf.len() as u32;
     let w2 = w.clone();
     let res = r.submit(Op::write(file, off, buf, len), move |r, c| {
         drop(hold); // unpin only after the data is written

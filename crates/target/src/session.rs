@@ -542,17 +542,22 @@ fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>
         _ => volume.pin(r.id()),
     });
     let layers = match backup_of(conn) {
-        None => pin.stack().deltas.clone(),
+        None if pin.stack().deltas.is_empty() => None,
+        // Writes and flushes of the live volume use the pinned stack itself: no
+        // per-request copy of the layer list (an Arc count per delta that every
+        // reactor touches); reads and block status take it.
+        None if !matches!(req.command, Command::Read | Command::BlockStatus) => Some(Vec::new()),
+        None => Some(pin.stack().deltas.clone()),
         Some(b) => match pin.stack().backup_view(&b) {
-            Some(v) => v.to_vec(),
+            Some([]) => None,
+            Some(v) => Some(v.to_vec()),
             // Released while this connection was open.
             None => return complete(r, conn, req, Err(NbdErrno::Shutdown)),
         },
     };
-    if layers.is_empty() {
-        execute_base(r, conn, req, payload, pin)
-    } else {
-        execute_layered(r, conn, req, payload, pin, layers)
+    match layers {
+        None => execute_base(r, conn, req, payload, pin),
+        Some(layers) => execute_layered(r, conn, req, payload, pin, layers),
     }
 }
 
