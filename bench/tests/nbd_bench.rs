@@ -277,21 +277,12 @@ fn hgrm_reads_back_to_the_reported_percentiles() {
         .map(|v| v.parse().expect("number"))
         .collect();
     assert_eq!(row.len(), 6, "p50 p90 p99 p99.9 p99.99 max");
-    for (i, pct) in [50.0, 90.0].into_iter().enumerate() {
-        let got = h.value_at_percentile(pct).expect("value");
-        // The file's row for a percentile can be the next bucket of the histogram
-        // (3 significant digits: one bucket is at most 1/1024 of the value) when the
-        // percentile falls on a bucket boundary; the table prints the value itself.
-        let bucket = got / 1024.0;
-        assert!(
-            (got - row[i]).abs() <= rounding(got) + bucket,
-            "p{pct}: {got} vs table {}",
-            row[i]
-        );
-    }
-    for (i, pct) in [99.0, 99.9, 99.99].into_iter().enumerate() {
+    // Each printed percentile lies between the file's rows around it. (An exact
+    // match for p50/p90 failed on loaded machines: the file's row at a percentile
+    // can be a later bucket than the value the table prints.)
+    for (i, pct) in [50.0, 90.0, 99.0, 99.9, 99.99].into_iter().enumerate() {
         let (lo, hi) = h.bracket(pct).expect("bracket");
-        let v = row[i + 2];
+        let v = row[i];
         assert!(
             lo - rounding(lo) <= v && v <= hi + rounding(hi),
             "p{pct} {v} outside [{lo}, {hi}]"
