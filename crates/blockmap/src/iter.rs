@@ -12,7 +12,7 @@ use std::ops::Range;
 use crate::entry::{has_data, Entry};
 use crate::map::BlockMap;
 use crate::sync::Ordering;
-use crate::tree::{Leaf, LEAF_LEN};
+use crate::tree::{BottomRef, Leaf, LEAF_LEN};
 
 /// Chunks with data (`MAPPED` or `MERGING`) in `[from, to)`, in logical order.
 /// Created by [`BlockMap::iter`].
@@ -21,6 +21,9 @@ pub struct Iter<'a> {
     map: &'a BlockMap,
     next: u64,
     to: u64,
+    /// The bottom node `next` is (or was last) in: leaves are looked up there
+    /// before walking down from the root again.
+    bottom: Option<BottomRef<'a>>,
     /// The leaf `next` is in, with the index of its first chunk.
     leaf: Option<(u64, &'a Leaf)>,
 }
@@ -33,6 +36,7 @@ impl BlockMap {
             map: self,
             next: from,
             to: to.min(self.capacity()),
+            bottom: None,
             leaf: None,
         }
     }
@@ -48,9 +52,42 @@ impl BlockMap {
     }
 }
 
+impl<'a> Iter<'a> {
+    /// The next allocated leaf at or after `self.next`, or `None` (then the walk is
+    /// over). Advances `self.next` to the leaf's first chunk if it is further.
+    /// Looks in the current bottom node first, then walks down from the root. Kept
+    /// out of line: it runs once per leaf, `next` once per entry.
+    #[inline(never)]
+    fn next_leaf(&mut self) -> Option<(u64, &'a Leaf)> {
+        loop {
+            if self.next >= self.to {
+                return None;
+            }
+            let bottom = match self.bottom {
+                Some(bottom) if self.next < bottom.end() => bottom,
+                _ => {
+                    let Some(bottom) = self.map.tree().seek_bottom(self.next, self.to) else {
+                        self.next = self.to;
+                        return None;
+                    };
+                    self.next = self.next.max(bottom.base());
+                    self.bottom = Some(bottom);
+                    bottom
+                }
+            };
+            if let Some((base, leaf)) = bottom.leaf_from(self.next, self.to) {
+                self.next = self.next.max(base);
+                return Some((base, leaf));
+            }
+            self.next = bottom.end();
+        }
+    }
+}
+
 impl Iterator for Iter<'_> {
     type Item = (u64, Entry);
 
+    #[inline]
     fn next(&mut self) -> Option<(u64, Entry)> {
         loop {
             if self.next >= self.to {
@@ -58,17 +95,11 @@ impl Iterator for Iter<'_> {
             }
             let (base, leaf) = match self.leaf {
                 Some((base, leaf)) if self.next < base + LEAF_LEN as u64 => (base, leaf),
-                _ => match self.map.tree().seek(self.next, self.to) {
-                    Some((base, leaf)) => {
-                        self.next = self.next.max(base);
-                        self.leaf = Some((base, leaf));
-                        (base, leaf)
-                    }
-                    None => {
-                        self.next = self.to;
-                        return None;
-                    }
-                },
+                _ => {
+                    let found = self.next_leaf();
+                    self.leaf = found;
+                    found?
+                }
             };
             let end = (self.to - base).min(LEAF_LEN as u64) as usize;
             for index in (self.next - base) as usize..end {
@@ -95,17 +126,22 @@ impl Iterator for Ranges<'_> {
     type Item = Range<u64>;
 
     fn next(&mut self) -> Option<Range<u64>> {
+        // The open run stays in a local while it grows (one compare per entry).
+        let mut run = match self.pending.take() {
+            Some(run) => run,
+            None => {
+                let (chunk, _) = self.inner.next()?;
+                chunk..chunk + 1
+            }
+        };
         loop {
-            match (self.inner.next(), self.pending.take()) {
-                (Some((chunk, _)), Some(run)) if chunk == run.end => {
-                    self.pending = Some(run.start..chunk + 1);
-                }
-                (Some((chunk, _)), Some(run)) => {
+            match self.inner.next() {
+                Some((chunk, _)) if chunk == run.end => run.end += 1,
+                Some((chunk, _)) => {
                     self.pending = Some(chunk..chunk + 1);
                     return Some(run);
                 }
-                (Some((chunk, _)), None) => self.pending = Some(chunk..chunk + 1),
-                (None, run) => return run,
+                None => return Some(run),
             }
         }
     }

@@ -4,7 +4,8 @@
 //! Every reactor (OS thread) reads and writes a map at once, with no lock: lookups
 //! are wait-free loads, state changes are CAS/RMW on one 64-bit word per chunk
 //! (layout in the `entry` module), and storage is a radix tree whose nodes are
-//! allocated on first write below them (`tree` module).
+//! allocated on first write below them (`tree` module), bump-allocated from slabs
+//! the map owns (`arena` module).
 //!
 //! # States
 //! ```text
@@ -62,7 +63,9 @@
 //! - Unpin is `AcqRel`, `poll_drained` loads `Acquire`: in-place writes happen-before
 //!   the merge's copy.
 //! - Node pointers: installed by `AcqRel` CAS, followed with `Acquire` (the reader
-//!   sees the zeroed node). Capacity: `grow` publishes the taller root, then the
+//!   sees the zeroed node). Arena slabs: installed by `AcqRel` CAS, loaded with
+//!   `Acquire`; slots are handed out by a `Relaxed` `fetch_add` (its modification
+//!   order alone makes them distinct). Capacity: `grow` publishes the taller root, then the
 //!   capacity (`AcqRel` `fetch_max`); every operation loads the capacity (`Acquire`)
 //!   before the root, so a chunk below the capacity is always addressable.
 //! - Parking: the waiter's `WAITERS` CAS is `AcqRel` and every transition that clears
@@ -74,10 +77,13 @@
 //! Memory is freed only when a whole map is dropped (`Drop` needs `&mut`, i.e. no
 //! reactor holds it; in the target, when the last `Arc` of a merged-away delta
 //! goes). There is no unlink of empty leaves while the map is shared: a map only
-//! shrinks to nothing by being merged and then dropped as a whole. Two things are
-//! freed earlier without any quiescence: a tree node that lost its install CAS
-//! (never seen by another thread), and waiter nodes, which the thread that swapped
-//! a whole waiter stack out owns exclusively.
+//! shrinks to nothing by being merged and then dropped as a whole. Tree nodes live
+//! in arena slabs that are freed all together with the map, never one by one: a
+//! node that lost its install CAS (never seen by another thread) simply stays
+//! unused in its slab until then. Two things are freed earlier without any
+//! quiescence: an arena slab that lost its install CAS (never seen by another
+//! thread either), and waiter nodes, which the thread that swapped a whole waiter
+//! stack out owns exclusively.
 //!
 //! # Cancellation
 //! A parked request that goes away (disconnect, shutdown) is not unregistered: its
@@ -95,6 +101,7 @@
 //! invariants (e.g. that a guard's state is still the one it owns). Allocation
 //! failure aborts, as in the rest of Rust.
 
+mod arena;
 mod entry;
 mod error;
 mod guard;

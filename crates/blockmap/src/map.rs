@@ -132,8 +132,10 @@ impl BlockMap {
         self.mapped.0.load(Ordering::Relaxed)
     }
 
-    /// Bytes of memory the map holds: the struct and its tree nodes. Parked waiters
-    /// (transient, one small node each) are not counted.
+    /// Bytes of memory the map holds: the struct and its node arenas' slabs, used
+    /// or not (at most 1/8 more than the nodes in use, plus a small first slab per
+    /// arena; see the `arena` module). Parked waiters (transient, one small node
+    /// each) are not counted.
     pub fn memory_bytes(&self) -> usize {
         size_of::<BlockMap>() + self.tree.memory_bytes()
     }

@@ -1,49 +1,78 @@
-//! The radix tree behind a map: interior nodes of `INNER_LEN` child pointers, leaves
-//! of `LEAF_LEN` entry words, all allocated on first write below them.
+//! The radix tree behind a map: leaves of `LEAF_LEN` entry words, bottom interior
+//! nodes of `BOTTOM_LEN` leaf pointers, upper interior nodes of `UPPER_LEN` child
+//! pointers; all allocated on first write below them, from per-type arenas.
+//!
+//! # Shape
+//! ```text
+//!  height h >= 2: upper node, 1024 children (8 KiB), each covering coverage(h - 1)
+//!  height 1:      bottom node, 64 leaves (512 B), covering 1 Ki chunks
+//!  leaf:          16 entry words (128 B, two cache lines)
+//! ```
+//! Coverage is 2^10 chunks at height 1, 2^20 at 2, 2^30 at 3 (a 4 TiB volume of
+//! 4 KiB chunks; a lookup is then the root pointer, the root, one upper node, one
+//! bottom node and the leaf word), 2^40 at 4. The root pointer carries the height
+//! in its low bits (nodes are 64-byte aligned), so a walk reads no node headers:
+//! nodes are bare arrays of atomics.
 //!
 //! # Ownership
-//! The tree owns every node. A node is reachable from the root from the moment its
-//! parent's CAS installs it until the tree is dropped; nothing is unlinked or freed
-//! before that, so a `&Leaf`/`&Inner` derived from `&Tree` is valid for the
-//! borrow's lifetime. A thread that loses the install CAS frees its own node, which
-//! nobody else has seen.
+//! The tree owns every node, through its arenas (`arena` module). A node is
+//! reachable from the root from the moment its parent's CAS installs it until the
+//! tree is dropped; nothing is unlinked or freed before that, so a `&Leaf` derived
+//! from `&Tree` is valid for the borrow's lifetime. A thread that loses an install
+//! CAS leaves its node unused in the arena; nobody else has seen it.
 //!
-//! Growth never reallocates: a taller root is a new interior node whose child 0 is
-//! the old root, installed by CAS on the root pointer. The old root stays reachable
-//! (as that child), so a reader still walking it is fine.
+//! Growth never reallocates: a taller root is a new upper node whose child 0 is the
+//! old root, installed by CAS on the root pointer. The old root stays reachable (as
+//! that child), so a reader still walking it is fine.
 //!
 //! # Ordering
 //! Every node pointer is published with a `Release` CAS (`AcqRel`) and read with
-//! `Acquire`, so a reader that finds a node also finds its zeroed contents and the
-//! immutable `height` of an interior node.
+//! `Acquire`, so a reader that finds a node also finds it zeroed (the allocating
+//! thread zeroed it before the CAS), and a reader of a taller root finds its child 0.
 //!
 //! # Memory
 //! Direct-indexed leaves make dense regions cheap and sparse ones dear (measured by
-//! `cargo bench`, see `BENCHMARKS.md`): 8.3 bytes per chunk when dense (the 8-byte
-//! word plus interior nodes), ~33 at one chunk in four, ~256 (a leaf) per isolated
-//! chunk, and up to ~4.4 KiB for chunks so far apart that each also needs its own
-//! bottom interior node. A hash map costs ~30 bytes per entry whatever the pattern.
-//! Smaller leaves would trade lookup depth and iteration speed for at most ~30 % on
-//! scattered maps; a sparse-leaf encoding could do better but would need
-//! quiescent-point compaction (see Reclamation in the crate docs).
+//! `cargo bench`, see `BENCHMARKS.md`): a dense region costs the 8-byte word plus
+//! 0.5 byte of bottom node per chunk; an isolated chunk costs a leaf (128 B) plus,
+//! when no neighbour within 1 Ki chunks is mapped, a bottom node (512 B), plus an
+//! upper node (8 KiB) per 1 Mi chunks touched. Leaves of 16 (were 32) and bottom
+//! nodes of 64 (were 512) make scattered maps ~1.4-3.7x smaller than before, at
+//! the cost of one more leaf pointer per 16 chunks. Arenas hold up to 1/8 more
+//! than the nodes in use; `memory_bytes` counts what they hold.
 
 use std::ptr;
 
+use crate::arena::{Arena, Node};
 use crate::entry::PHYSICAL_MAX;
-use crate::sync::stat::AtomicUsize;
 use crate::sync::{AtomicPtr, AtomicU64, Ordering};
 
-/// log2 of the entries per leaf. 32 entries = 256 bytes = 4 cache lines: dense
-/// regions cost 8 bytes per chunk plus 1/4 byte of interior node, an isolated
-/// mapped chunk costs one leaf. Loom models use 2 so that two chunks can share a
-/// leaf and four chunks span two.
-pub(crate) const LEAF_BITS: u32 = if cfg!(loom) { 1 } else { 5 };
-/// log2 of the children per interior node: 512 pointers = 4 KiB, one page.
-pub(crate) const INNER_BITS: u32 = if cfg!(loom) { 1 } else { 9 };
+/// log2 of the entries per leaf: 16 entries = 128 bytes. Loom models use 1 so that
+/// two chunks share a leaf and four span two.
+pub(crate) const LEAF_BITS: u32 = if cfg!(loom) { 1 } else { 4 };
+/// log2 of the leaf pointers per bottom node: 64 = 512 bytes, covering 1 Ki chunks.
+pub(crate) const BOTTOM_BITS: u32 = if cfg!(loom) { 1 } else { 6 };
+/// log2 of the children per upper node: 1024 = 8 KiB. Wide, so that volumes up to
+/// 4 TiB (2^30 chunks) are three levels deep; upper nodes are few and stay cached.
+pub(crate) const UPPER_BITS: u32 = if cfg!(loom) { 1 } else { 10 };
 pub(crate) const LEAF_LEN: usize = 1 << LEAF_BITS;
-pub(crate) const INNER_LEN: usize = 1 << INNER_BITS;
-/// Tallest tree: 5 + 5 * 9 = 50 bits >= the 48 bits we allow; loom: 1 + 6 = 7 bits.
+const BOTTOM_LEN: usize = 1 << BOTTOM_BITS;
+const UPPER_LEN: usize = 1 << UPPER_BITS;
+/// Tallest tree: 4 + 6 + 4 * 10 = 50 bits >= the 48 bits we allow; loom: 7 bits.
 pub(crate) const MAX_HEIGHT: u32 = if cfg!(loom) { 6 } else { 5 };
+/// Low bits of the root pointer that hold the height.
+const HEIGHT_MASK: usize = 0b111;
+
+/// Nodes in each arena's first slab: small, so that a nearly empty map stays a
+/// few KiB (1 KiB of leaves, 1 KiB of bottom nodes, one upper node).
+const LEAF_FIRST: usize = if cfg!(loom) { 2 } else { 8 };
+const BOTTOM_FIRST: usize = 2;
+const UPPER_FIRST: usize = if cfg!(loom) { 2 } else { 1 };
+
+const _: () = {
+    assert!(MAX_HEIGHT as usize <= HEIGHT_MASK);
+    assert!(align_of::<Leaf>() > HEIGHT_MASK && align_of::<Upper>() > HEIGHT_MASK);
+    assert!(align_of::<Bottom>() > HEIGHT_MASK);
+};
 
 /// Largest capacity, in chunks, of any map (also bounded by the physical field so
 /// that a fully written volume's chunks all have distinct physical indexes).
@@ -59,12 +88,16 @@ pub const MAX_CAPACITY: u64 = {
 
 /// Chunks addressed by a tree whose root has `height` (>= 1) interior levels.
 pub(crate) const fn coverage(height: u32) -> u64 {
-    1u64 << (LEAF_BITS + height * INNER_BITS)
+    1u64 << child_shift(height + 1)
 }
 
-/// Chunks below one child of an interior node at `height`.
-const fn child_span(height: u32) -> u64 {
-    1u64 << (LEAF_BITS + (height - 1) * INNER_BITS)
+/// log2 of the chunks below one child of an interior node at `height`.
+const fn child_shift(height: u32) -> u32 {
+    if height == 1 {
+        LEAF_BITS
+    } else {
+        LEAF_BITS + BOTTOM_BITS + (height - 2) * UPPER_BITS
+    }
 }
 
 /// Smallest height whose coverage is at least `capacity`.
@@ -76,22 +109,23 @@ pub(crate) const fn height_for(capacity: u64) -> u32 {
     height
 }
 
+/// Index of `chunk`'s child in an interior node at `height`.
 #[inline]
 const fn child_slot(chunk: u64, height: u32) -> usize {
-    ((chunk >> (LEAF_BITS + (height - 1) * INNER_BITS)) as usize) & (INNER_LEN - 1)
+    let mask = if height == 1 {
+        BOTTOM_LEN - 1
+    } else {
+        UPPER_LEN - 1
+    };
+    ((chunk >> child_shift(height)) as usize) & mask
 }
 
+#[repr(align(64))]
 pub(crate) struct Leaf {
     entries: [AtomicU64; LEAF_LEN],
 }
 
 impl Leaf {
-    fn new_raw() -> *mut Leaf {
-        Box::into_raw(Box::new(Leaf {
-            entries: std::array::from_fn(|_| AtomicU64::new(0)),
-        }))
-    }
-
     /// The entry word of `chunk` (the leaf's own index bits of it).
     #[inline]
     pub(crate) fn entry(&self, chunk: u64) -> &AtomicU64 {
@@ -104,53 +138,109 @@ impl Leaf {
     }
 }
 
-pub(crate) struct Inner {
-    /// Levels of interior nodes from here down, this one included: 1 means the
-    /// children are leaves. Immutable after the node is published.
-    height: u32,
-    /// `*mut Leaf` when `height == 1`, else `*mut Inner`; null = nothing mapped below.
-    children: [AtomicPtr<()>; INNER_LEN],
+/// An interior node: `*mut Leaf` children at height 1 (`Bottom`), `*mut Bottom` at
+/// height 2 and `*mut Upper` above (`Upper`); null = nothing mapped below. The
+/// height is not stored: a walk knows it from the root pointer's tag.
+#[repr(align(64))]
+struct Inner<const N: usize> {
+    children: [AtomicPtr<()>; N],
 }
 
-impl Inner {
-    fn new_raw(height: u32, first_child: *mut ()) -> *mut Inner {
-        debug_assert!((1..=MAX_HEIGHT).contains(&height));
-        Box::into_raw(Box::new(Inner {
-            height,
-            children: std::array::from_fn(|i| {
-                AtomicPtr::new(if i == 0 { first_child } else { ptr::null_mut() })
-            }),
-        }))
+type Bottom = Inner<BOTTOM_LEN>;
+type Upper = Inner<UPPER_LEN>;
+
+// SAFETY: outside loom, all-zero bytes are sixteen `AtomicU64(0)` (same in-memory
+// representation as `u64`); under loom a constructed node is written. No drop glue
+// (the arena asserts it).
+unsafe impl Node for Leaf {
+    unsafe fn init(node: *mut Leaf) {
+        #[cfg(not(loom))]
+        // SAFETY: forwarded from the caller (valid, aligned, owned).
+        unsafe {
+            node.write_bytes(0, 1)
+        };
+        #[cfg(loom)]
+        // SAFETY: as above.
+        unsafe {
+            node.write(Leaf {
+                entries: std::array::from_fn(|_| AtomicU64::new(0)),
+            })
+        };
+    }
+}
+
+// SAFETY: outside loom, all-zero bytes are null `AtomicPtr`s (same in-memory
+// representation as `*mut T`); under loom a constructed node is written. No drop
+// glue (the arena asserts it).
+unsafe impl<const N: usize> Node for Inner<N> {
+    unsafe fn init(node: *mut Self) {
+        #[cfg(not(loom))]
+        // SAFETY: forwarded from the caller (valid, aligned, owned).
+        unsafe {
+            node.write_bytes(0, 1)
+        };
+        #[cfg(loom)]
+        // SAFETY: as above.
+        unsafe {
+            node.write(Inner {
+                children: std::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+            })
+        };
     }
 }
 
 pub(crate) struct Tree {
-    root: AtomicPtr<Inner>,
-    memory_bytes: AtomicUsize,
+    /// The root node, tagged with its height (`HEIGHT_MASK` bits). Never null.
+    root: AtomicPtr<()>,
+    leaves: Arena<Leaf>,
+    bottoms: Arena<Bottom>,
+    uppers: Arena<Upper>,
+}
+
+#[inline]
+fn untag(tagged: *mut ()) -> (*mut (), u32) {
+    (
+        tagged.map_addr(|a| a & !HEIGHT_MASK),
+        (tagged.addr() & HEIGHT_MASK) as u32,
+    )
+}
+
+#[inline]
+fn tag(node: *mut (), height: u32) -> *mut () {
+    debug_assert!(node.addr() & HEIGHT_MASK == 0 && (1..=MAX_HEIGHT).contains(&height));
+    node.map_addr(|a| a | height as usize)
 }
 
 impl Tree {
     /// A tree tall enough for `capacity` chunks (`capacity <= MAX_CAPACITY`).
     pub(crate) fn new(capacity: u64) -> Tree {
         debug_assert!(capacity <= MAX_CAPACITY);
+        let height = height_for(capacity);
+        let leaves = Arena::<Leaf>::new(LEAF_FIRST);
+        let bottoms = Arena::<Bottom>::new(BOTTOM_FIRST);
+        let uppers = Arena::<Upper>::new(UPPER_FIRST);
+        let root = if height == 1 {
+            bottoms.alloc().as_ptr().cast::<()>()
+        } else {
+            uppers.alloc().as_ptr().cast::<()>()
+        };
         Tree {
-            root: AtomicPtr::new(Inner::new_raw(height_for(capacity), ptr::null_mut())),
-            memory_bytes: AtomicUsize::new(size_of::<Inner>()),
+            root: AtomicPtr::new(tag(root, height)),
+            leaves,
+            bottoms,
+            uppers,
         }
     }
 
-    /// Bytes of nodes allocated so far.
+    /// Bytes of memory the tree's arenas hold.
     pub(crate) fn memory_bytes(&self) -> usize {
-        self.memory_bytes.load(Ordering::Relaxed)
+        self.leaves.held_bytes() + self.bottoms.held_bytes() + self.uppers.held_bytes()
     }
 
+    /// The root node and its height. `Acquire`: pairs with the CAS of `grow`.
     #[inline]
-    fn root(&self) -> &Inner {
-        let root = self.root.load(Ordering::Acquire);
-        // SAFETY: the root is never null (set in `new`, replaced only by `grow` with
-        // a new non-null node) and no node is freed before `Drop for Tree`, which
-        // cannot run while `&self` is borrowed (Ownership in the module docs).
-        unsafe { &*root }
+    fn root(&self) -> (*mut (), u32) {
+        untag(self.root.load(Ordering::Acquire))
     }
 
     /// The leaf holding `chunk`, if one was allocated. The caller checked `chunk`
@@ -158,106 +248,96 @@ impl Tree {
     /// here is tall enough to address it.
     #[inline]
     pub(crate) fn leaf(&self, chunk: u64) -> Option<&Leaf> {
-        let mut node = self.root();
-        debug_assert!(chunk < coverage(node.height));
-        loop {
-            let child = node.children[child_slot(chunk, node.height)].load(Ordering::Acquire);
-            if child.is_null() {
+        let (mut node, mut height) = self.root();
+        debug_assert!(chunk < coverage(height));
+        while height > 1 {
+            // SAFETY: `node` is the root or a child installed by `child_or_alloc`;
+            // nodes live until the tree is dropped (Ownership), which cannot happen
+            // while `&self` is borrowed. Nodes above height 1 are `Upper`s.
+            let upper = unsafe { &*node.cast::<Upper>() };
+            node = upper.children[child_slot(chunk, height)].load(Ordering::Acquire);
+            if node.is_null() {
                 return None;
             }
-            // SAFETY: non-null children are nodes installed by `child_or_alloc` and
-            // live until the tree is dropped (Ownership); `height == 1` children are
-            // leaves, others interior nodes (the `children` invariant).
-            unsafe {
-                if node.height == 1 {
-                    return Some(&*child.cast::<Leaf>());
-                }
-                node = &*child.cast::<Inner>();
-            }
+            height -= 1;
         }
+        // SAFETY: as above; the node at height 1 is a `Bottom`.
+        let bottom = unsafe { &*node.cast::<Bottom>() };
+        let leaf = bottom.children[child_slot(chunk, 1)].load(Ordering::Acquire);
+        // SAFETY: null or a `Leaf` installed by `child_or_alloc`, live as above.
+        unsafe { leaf.cast::<Leaf>().as_ref() }
     }
 
     /// The leaf holding `chunk`, allocating it (and interior nodes) on the way.
     /// Same precondition as [`Tree::leaf`].
     pub(crate) fn leaf_or_alloc(&self, chunk: u64) -> &Leaf {
-        let mut node = self.root();
-        debug_assert!(chunk < coverage(node.height));
-        loop {
-            let child = self.child_or_alloc(node, child_slot(chunk, node.height));
-            // SAFETY: as in `leaf`: `child` is installed, non-null, of the type the
-            // parent's height says, and lives as long as `self`.
-            unsafe {
-                if node.height == 1 {
-                    return &*child.cast::<Leaf>();
-                }
-                node = &*child.cast::<Inner>();
-            }
+        let (mut node, mut height) = self.root();
+        debug_assert!(chunk < coverage(height));
+        while height > 1 {
+            // SAFETY: as in `leaf`.
+            let upper = unsafe { &*node.cast::<Upper>() };
+            let link = &upper.children[child_slot(chunk, height)];
+            node = if height > 2 {
+                child_or_alloc(link, &self.uppers)
+            } else {
+                child_or_alloc(link, &self.bottoms)
+            };
+            height -= 1;
         }
-    }
-
-    fn child_or_alloc(&self, node: &Inner, slot: usize) -> *mut () {
-        let link = &node.children[slot];
-        let child = link.load(Ordering::Acquire);
-        if !child.is_null() {
-            return child;
-        }
-        let (fresh, bytes) = if node.height == 1 {
-            (Leaf::new_raw().cast::<()>(), size_of::<Leaf>())
-        } else {
-            (
-                Inner::new_raw(node.height - 1, ptr::null_mut()).cast::<()>(),
-                size_of::<Inner>(),
-            )
-        };
-        // Release: whoever finds `fresh` must also see it zeroed (and its height).
-        match link.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                self.memory_bytes.fetch_add(bytes, Ordering::Relaxed);
-                fresh
-            }
-            Err(winner) => {
-                // SAFETY: the CAS failed, so `fresh` was never published: this thread
-                // still owns it exclusively, and it was made by `Box::into_raw` of
-                // the type the parent's height says.
-                unsafe { free_node(fresh, node.height - 1) };
-                winner
-            }
-        }
+        // SAFETY: as in `leaf`.
+        let bottom = unsafe { &*node.cast::<Bottom>() };
+        let leaf = child_or_alloc(&bottom.children[child_slot(chunk, 1)], &self.leaves);
+        // SAFETY: a non-null `Leaf` installed in a bottom node, live as in `leaf`.
+        unsafe { &*leaf.cast::<Leaf>() }
     }
 
     /// Make the tree tall enough for `capacity` chunks (`<= MAX_CAPACITY`).
     pub(crate) fn grow(&self, capacity: u64) {
         debug_assert!(capacity <= MAX_CAPACITY);
         loop {
-            let old = self.root.load(Ordering::Acquire);
-            // SAFETY: as in `root`.
-            let height = unsafe { (*old).height };
+            let tagged = self.root.load(Ordering::Acquire);
+            let (old, height) = untag(tagged);
             if coverage(height) >= capacity {
                 return;
             }
-            let taller = Inner::new_raw(height + 1, old.cast::<()>());
-            match self
-                .root
-                .compare_exchange(old, taller, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => {
-                    self.memory_bytes
-                        .fetch_add(size_of::<Inner>(), Ordering::Relaxed);
-                }
-                Err(_) => {
-                    // SAFETY: never published; its only child link points at the old
-                    // root, which it does not own, so free just this node, not the
-                    // subtree.
-                    drop(unsafe { Box::from_raw(taller) });
-                }
-            }
+            let taller = self.uppers.alloc();
+            // SAFETY: fresh from the arena: zeroed and this thread's alone until
+            // the CAS below publishes it.
+            let node = unsafe { taller.as_ref() };
+            // Relaxed: published by the Release of the CAS below.
+            node.children[0].store(old, Ordering::Relaxed);
+            // If the CAS fails, `taller` stays unused in the arena (never seen).
+            let _ = self.root.compare_exchange(
+                tagged,
+                tag(taller.as_ptr().cast(), height + 1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
     }
 
+    /// First allocated bottom node that may hold a mapped chunk in `[from, to)`;
+    /// skips unallocated subtrees whole.
+    pub(crate) fn seek_bottom(&self, from: u64, to: u64) -> Option<BottomRef<'_>> {
+        let (root, height) = self.root();
+        if from >= coverage(height) || from >= to {
+            return None;
+        }
+        // SAFETY: the root is a live node of `height`, valid while `&self` is.
+        unsafe { seek_bottom_in(root, height, 0, from, to) }
+    }
+
     /// First allocated leaf that may hold a mapped chunk in `[from, to)`, as
-    /// `(index of its first chunk, leaf)`; skips unallocated subtrees whole.
-    pub(crate) fn seek(&self, from: u64, to: u64) -> Option<(u64, &Leaf)> {
-        seek_in(self.root(), 0, from, to)
+    /// `(index of its first chunk, leaf)`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn seek(&self, mut from: u64, to: u64) -> Option<(u64, &Leaf)> {
+        loop {
+            let bottom = self.seek_bottom(from, to)?;
+            if let Some(found) = bottom.leaf_from(from, to) {
+                return Some(found);
+            }
+            from = bottom.end();
+        }
     }
 
     /// Count mapped entries by walking everything (tests' cross-check of the counter).
@@ -277,70 +357,103 @@ impl Tree {
     }
 }
 
-fn seek_in(node: &Inner, base: u64, from: u64, to: u64) -> Option<(u64, &Leaf)> {
-    let span = child_span(node.height);
-    let first = if from > base {
-        ((from - base) / span) as usize
-    } else {
-        0
-    };
-    for slot in first..INNER_LEN {
-        let child_base = base + slot as u64 * span;
+/// The child at `link`, allocating and installing a zeroed one from `arena` if
+/// there is none. Returns the installed child (ours or a racing thread's).
+fn child_or_alloc<T: Node>(link: &AtomicPtr<()>, arena: &Arena<T>) -> *mut () {
+    let child = link.load(Ordering::Acquire);
+    if !child.is_null() {
+        return child;
+    }
+    let fresh = arena.alloc().as_ptr().cast::<()>();
+    // Release: whoever finds `fresh` must also see it zeroed.
+    match link.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => fresh,
+        // `fresh` stays unused in the arena: nobody else has seen it.
+        Err(winner) => winner,
+    }
+}
+
+/// A bottom node found by [`Tree::seek_bottom`], with the index of its first chunk.
+#[derive(Clone, Copy)]
+pub(crate) struct BottomRef<'a> {
+    base: u64,
+    node: &'a Bottom,
+}
+
+impl<'a> BottomRef<'a> {
+    /// The first chunk below this node.
+    #[inline]
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// One past the last chunk below this node.
+    #[inline]
+    pub(crate) fn end(&self) -> u64 {
+        self.base + coverage(1)
+    }
+
+    /// First allocated leaf of this node that may hold a chunk in `[from, to)`, as
+    /// `(index of its first chunk, leaf)`.
+    #[inline]
+    pub(crate) fn leaf_from(&self, from: u64, to: u64) -> Option<(u64, &'a Leaf)> {
+        let first = (from.saturating_sub(self.base) >> LEAF_BITS) as usize;
+        for (slot, link) in self.node.children.iter().enumerate().skip(first) {
+            let leaf_base = self.base + ((slot as u64) << LEAF_BITS);
+            if leaf_base >= to {
+                return None;
+            }
+            let leaf = link.load(Ordering::Acquire);
+            // SAFETY: a non-null child of a bottom node is a live `Leaf` of the tree
+            // the node belongs to, borrowed for `'a` (Ownership).
+            if let Some(leaf) = unsafe { leaf.cast::<Leaf>().as_ref() } {
+                return Some((leaf_base, leaf));
+            }
+        }
+        None
+    }
+}
+
+/// # Safety
+/// `node` is a live interior node of `height` in a tree borrowed for `'a`, and
+/// `from < base + coverage(height)`.
+unsafe fn seek_bottom_in<'a>(
+    node: *mut (),
+    height: u32,
+    base: u64,
+    from: u64,
+    to: u64,
+) -> Option<BottomRef<'a>> {
+    if height == 1 {
+        // SAFETY: forwarded from the caller; height-1 nodes are `Bottom`s.
+        let node = unsafe { &*node.cast::<Bottom>() };
+        return Some(BottomRef { base, node });
+    }
+    // SAFETY: forwarded from the caller; taller nodes are `Upper`s.
+    let upper = unsafe { &*node.cast::<Upper>() };
+    let shift = child_shift(height);
+    let first = (from.saturating_sub(base) >> shift) as usize;
+    for (slot, link) in upper.children.iter().enumerate().skip(first) {
+        let child_base = base + ((slot as u64) << shift);
         if child_base >= to {
             return None;
         }
-        let child = node.children[slot].load(Ordering::Acquire);
+        let child = link.load(Ordering::Acquire);
         if child.is_null() {
             continue;
         }
-        // SAFETY: as in `Tree::leaf`.
-        unsafe {
-            if node.height == 1 {
-                return Some((child_base, &*child.cast::<Leaf>()));
-            }
-            if let Some(found) = seek_in(&*child.cast::<Inner>(), child_base, from, to) {
-                return Some(found);
-            }
+        // SAFETY: a non-null child of a node at `height` is a live node of
+        // `height - 1` in the same tree, and `from` is below its end (it is below
+        // this node's end and not below `child_base + span` for earlier slots).
+        if let Some(found) = unsafe { seek_bottom_in(child, height - 1, child_base, from, to) } {
+            return Some(found);
         }
     }
     None
 }
 
-/// Free a node and everything below it.
-///
-/// # Safety
-/// `node` came from `Leaf::new_raw` (`height == 0`) or `Inner::new_raw` (`height`
-/// interior levels), the caller owns it exclusively, and nothing uses it afterwards.
-unsafe fn free_node(node: *mut (), height: u32) {
-    if height == 0 {
-        // SAFETY: the caller guarantees a `Leaf` from `Box::into_raw` it owns.
-        drop(unsafe { Box::from_raw(node.cast::<Leaf>()) });
-        return;
-    }
-    // SAFETY: the caller guarantees an `Inner` from `Box::into_raw` it owns.
-    let inner = unsafe { Box::from_raw(node.cast::<Inner>()) };
-    debug_assert_eq!(inner.height, height);
-    for child in &inner.children {
-        let child = child.load(Ordering::Relaxed);
-        if !child.is_null() {
-            // SAFETY: owning a node means owning the subtree below it; children of
-            // a height-h node have h-1 interior levels.
-            unsafe { free_node(child, height - 1) };
-        }
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let root = self.root.load(Ordering::Relaxed);
-        // SAFETY: `&mut self` means no other thread holds a reference into the tree
-        // (Reclamation in the crate docs); the root is an `Inner` of its height.
-        unsafe {
-            let height = (*root).height;
-            free_node(root.cast::<()>(), height);
-        }
-    }
-}
+// Dropping a `Tree` drops its arenas, which free every node (Reclamation in the
+// crate docs: `&mut`, so no other thread holds a reference into the tree).
 
 #[cfg(all(test, not(loom)))]
 mod tests {
@@ -351,8 +464,13 @@ mod tests {
         assert_eq!(height_for(0), 1);
         assert_eq!(height_for(coverage(1)), 1);
         assert_eq!(height_for(coverage(1) + 1), 2);
+        assert_eq!(coverage(1), 1 << 10);
+        assert_eq!(coverage(3), 1 << 30);
         assert!(coverage(height_for(MAX_CAPACITY)) >= MAX_CAPACITY);
         assert_eq!(MAX_CAPACITY, 1 << 48);
+        assert_eq!(size_of::<Leaf>(), 128);
+        assert_eq!(size_of::<Bottom>(), 512);
+        assert_eq!(size_of::<Upper>(), 8192);
     }
 
     #[test]
@@ -364,11 +482,16 @@ mod tests {
         assert_eq!(tree.leaf(12345).map(|l| l as *const Leaf), Some(leaf));
         assert_eq!(tree.leaf(12344).map(|l| l as *const Leaf), Some(leaf));
         assert!(tree.leaf(12345 + LEAF_LEN as u64).is_none());
-        // Height for 2^20 chunks is 2: one interior node and one leaf were added.
-        assert_eq!(
-            tree.memory_bytes(),
-            base + size_of::<Inner>() + size_of::<Leaf>()
+        // Height for 2^20 chunks is 2: a bottom node and a leaf were added, each
+        // in its arena's first slab (1 KiB + 1 KiB, plus slab descriptors).
+        let one = tree.memory_bytes();
+        assert!(
+            one > base + 2 * 1024 && one < base + 3 * 1024,
+            "{base} -> {one}"
         );
+        // The next leaf under the same bottom node fits the first leaf slab.
+        tree.leaf_or_alloc(12345 + LEAF_LEN as u64);
+        assert_eq!(tree.memory_bytes(), one);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! loom models of the map's races. Run by `ci/loom.sh` (`--cfg loom`, release, a
 //! bounded preemption count). Under loom the tree has 2-entry leaves and 2-way
-//! interior nodes and the waiter list 2 shards, so small chunk numbers exercise
-//! leaf allocation, interior nodes, growth and shard sharing.
+//! interior nodes, node arenas start with 2-node slabs, and the waiter list has 2
+//! shards, so small chunk numbers exercise leaf allocation, interior nodes, slab
+//! refills, growth and shard sharing.
 //!
 //! Waiting goes through `loom::future::block_on`, whose waker blocks the loom
 //! thread: a lost wake-up is a deadlock, which loom reports as a failure.
@@ -155,6 +156,33 @@ fn leaf_allocation_race_keeps_both_mappings() {
             assert_eq!(map.ranges(0, 8).count(), if b == a + 1 { 1 } else { 2 });
         });
     }
+}
+
+/// Guards against: two threads handed the same node when both find a node arena's
+/// slab full and race to install the next one (under loom a first slab holds two
+/// nodes): chunks 4 and 6 fill the first leaf slab, so the writers of 0 and 2 both
+/// need a new leaf slab, and race for the last node of the first bottom-node slab.
+/// A shared leaf would alias chunks 0 and 2 (the second write would find MAPPED).
+#[test]
+fn slab_exhaustion_race_hands_out_distinct_nodes() {
+    exhaustive(|| {
+        let map = Arc::new(BlockMap::new(8).unwrap());
+        write(&map, 4, 40);
+        write(&map, 6, 60);
+        let other = {
+            let map = Arc::clone(&map);
+            thread::spawn(move || write(&map, 2, 20))
+        };
+        thread::yield_now(); // see lookup_racing_publish
+        assert_eq!(write(&map, 0, 10), State::Unmapped);
+        assert_eq!(other.join().unwrap(), State::Unmapped);
+        for (chunk, physical) in [(0, 10), (2, 20), (4, 40), (6, 60)] {
+            assert_eq!(map.lookup(chunk).unwrap().state(), State::Mapped(physical));
+            assert_eq!(map.lookup(chunk + 1).unwrap().state(), State::Unmapped);
+        }
+        assert_eq!(map.mapped_count(), 4);
+        assert_eq!(map.iter(0, 8).count(), 4);
+    });
 }
 
 /// Guards against: an in-place write lost by a concurrent merge (the copy taken

@@ -359,8 +359,80 @@ impl<'m> Harness<'m> {
     }
 }
 
+/// A chunk of a large map, often just around a node boundary (bottom nodes cover
+/// 2^10 chunks, upper nodes 2^20 and 2^30), so that walks cross nodes and levels.
+fn far_chunk() -> impl Strategy<Value = u64> {
+    let near = |shift: u32| (1..12u64, 0..40u64).prop_map(move |(r, o)| (r << shift) + o - 20);
+    prop_oneof![near(10), near(20), near(30), 0..(1u64 << 34)]
+}
+
 // 256 cases by default (proptest's default; `PROPTEST_CASES=5000` for a deeper run).
 proptest! {
+    /// Guards against: iterators or ranges skipping or repeating chunks where the
+    /// walk moves to another leaf, bottom node or upper node, in a tall (possibly
+    /// grown) tree. The main model uses few chunks, all under one bottom node.
+    #[test]
+    fn iteration_across_nodes_matches_model(
+        chunks in prop::collection::vec(far_chunk(), 1..200),
+        unmaps in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+        bounds in prop::collection::vec((far_chunk(), far_chunk()), 1..20),
+        grown in any::<bool>(),
+    ) {
+        let capacity = 1u64 << 34;
+        let map = if grown {
+            let map = BlockMap::new(1000).unwrap();
+            map.grow(capacity).unwrap();
+            map
+        } else {
+            BlockMap::new(capacity).unwrap()
+        };
+        let mut model = BTreeMap::new();
+        for (physical, &chunk) in chunks.iter().enumerate() {
+            match map.claim(chunk).unwrap() {
+                Claim::Fill(fill) => {
+                    fill.publish(physical as u64).unwrap();
+                    model.insert(chunk, physical as u64);
+                }
+                Claim::Mapped(pin) => {
+                    prop_assert_eq!(Some(pin.physical()), model.get(&chunk).copied())
+                }
+                Claim::Busy(entry) => panic!("nothing is in flight: {entry:?}"),
+            }
+        }
+        for index in unmaps {
+            let Some(&chunk) = model.keys().nth(index.index(model.len().max(1))) else {
+                break;
+            };
+            let BeginMerge::Started(merge) = map.begin_merge(chunk).unwrap() else {
+                panic!("mapped")
+            };
+            merge.finish().unwrap();
+            model.remove(&chunk);
+        }
+        let all: Vec<(u64, u64)> =
+            map.iter(0, u64::MAX).map(|(c, e)| (c, e.physical().unwrap())).collect();
+        prop_assert_eq!(all, model.iter().map(|(&c, &p)| (c, p)).collect::<Vec<_>>());
+        for (from, to) in bounds {
+            let got: Vec<u64> = map.iter(from, to).map(|(c, _)| c).collect();
+            let want: Vec<u64> = if from < to {
+                model.range(from..to).map(|(&c, _)| c).collect()
+            } else {
+                Vec::new()
+            };
+            prop_assert_eq!(&got, &want, "iter({}, {})", from, to);
+            let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+            for c in want {
+                match runs.last_mut() {
+                    Some(run) if run.end == c => run.end += 1,
+                    _ => runs.push(c..c + 1),
+                }
+            }
+            let got_runs: Vec<_> = map.ranges(from, to).collect();
+            prop_assert_eq!(got_runs, runs, "ranges({}, {})", from, to);
+        }
+        prop_assert_eq!(map.mapped_count(), model.len() as u64);
+    }
+
     #[test]
     fn map_matches_btreemap_model(initial in 1..CHUNKS, ops in prop::collection::vec(op(), 1..250)) {
         let map = BlockMap::new(initial).unwrap();
