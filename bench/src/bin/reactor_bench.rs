@@ -8,20 +8,23 @@
 //! # Method
 //! - The data file is fully written with non-zero, incompressible bytes: reading
 //!   holes never reaches the disk and would flatter both sides.
-//! - fio and ringblk alternate (ABBA: fio first in odd rounds, ringblk first in even
-//!   ones) so that a drift of the disk or of the machine does not favour one side.
+//! - Each round runs fio, then ringblk once per `--submit` policy (`batch`: one
+//!   `io_uring_enter` per loop iteration; `eager`: one after every callback that
+//!   queued a read); even rounds run that order reversed (ABBA), so that a drift of
+//!   the disk or of the machine does not favour one side. Each policy's ratio is of
+//!   medians over the same fio runs.
 //! - Both ramp for the same time, then measure for the same time. IOPS are
 //!   completions inside the measured window divided by its length.
 //! - Latency is submission to completion for both: ringblk records from the call to
 //!   `Reactor::submit` to the start of the callback (the SQE waits in the ring until
-//!   the iteration's `io_uring_enter`, as fio's waits until its commit), fio reports
+//!   the policy's `io_uring_enter`, as fio's waits until its commit), fio reports
 //!   its total latency (`lat_ns`, asked for with `--lat_percentiles=1`).
 //! - The reactor's CPU time is `getrusage(RUSAGE_THREAD)` taken on the reactor thread
 //!   itself (inside a completion callback or a message), so nothing else is counted.
 //! - Each run also reports the CPU the hypervisor stole from the VM meanwhile
 //!   (`/proc/stat`). On a shared VM this is the largest source of noise, and it does
 //!   not hit both sides alike: fio enters the kernel (and kicks the virtual disk) once
-//!   per I/O, the reactor once per loop iteration. Compare rounds with low steal.
+//!   per I/O, a `batch` reactor once per loop iteration. Compare rounds with low steal.
 //!
 //! # Panics
 //! None on anything the disk, fio or the kernel does: every failure is a
@@ -42,7 +45,7 @@ use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use ringblk_reactor::{
     Completion, FileRef, IdlePolicy, IoBuf, Op, Reactor, ReactorConfig, ReactorError,
-    ReactorHandle, ReactorPool, ReactorStatsSnapshot,
+    ReactorHandle, ReactorPool, ReactorStatsSnapshot, SubmitPolicy,
 };
 use serde::Serialize;
 
@@ -60,6 +63,10 @@ const HANG_GRACE: Duration = Duration::from_secs(30);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Let a fresh idle reactor finish its start-up before the idle window opens.
 const IDLE_SETTLE: Duration = Duration::from_millis(200);
+/// Steal (percent of all CPUs) under which a run counts as undisturbed by the host.
+/// On a shared VM, rounds above it swing either way by far more than the 5 % the
+/// target is about.
+const CLEAN_STEAL_PCT: f64 = 2.0;
 /// Histogram range: 1 ns .. 60 s at 3 significant digits.
 const LATENCY_NS_MAX: u64 = 60_000_000_000;
 /// Writes of the data file go in chunks of this size.
@@ -71,12 +78,14 @@ Reactor benchmark (issue 2).
 1. Creates (or reuses) a fully written, non-sparse data file on the real disk.
 2. Runs, alternately for --rounds rounds:
      fio --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=32 ...
-     one ringblk reactor doing the same: O_DIRECT file registered as a fixed file,
-     4 KiB aligned random reads into fixed pool buffers, each completion resubmitting.
-   and prints each round's IOPS and latency percentiles, the medians and the ratio
-   ringblk/fio of the median IOPS (target: >= 0.95).
-3. Measures the CPU time of an idle `adaptive` reactor over --idle-secs (target: < 2 %
-   of one core), with its busy/idle loop ticks and sleeps.
+     one ringblk reactor doing the same, once per --submit policy (batch: one
+     io_uring_enter per loop iteration; eager: one after every callback that queued
+     a read): O_DIRECT file registered as a fixed file, 4 KiB aligned random reads
+     into fixed pool buffers, each completion resubmitting.
+   and prints each run's IOPS, latency percentiles and CPU, the medians and, per
+   policy, the ratio ringblk/fio of the median IOPS (target: >= 0.95).
+3. Measures, per --submit policy, the CPU time of an idle `adaptive` reactor over
+   --idle-secs (target: < 2 % of one core), with its busy/idle loop ticks and sleeps.
 
 fio must be installed (ci/test.sh installs it). Use --smoke in CI (64 MiB, 1 s runs,
 1 round, 1 s idle) and bench/reactor-bench.sh (release build) for real figures.";
@@ -132,6 +141,37 @@ impl Poll {
     }
 }
 
+/// A reactor [`SubmitPolicy`] on the command line and in the JSON report, as
+/// `batch`, `eager` or `everyN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Submit(SubmitPolicy);
+
+impl Submit {
+    fn policy(self) -> SubmitPolicy {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Submit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Submit {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        s.parse().map(Submit)
+    }
+}
+
+impl Serialize for Submit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "reactor_bench", about = "ringblk reactor vs fio: 4 KiB random reads at QD32, and idle reactor CPU", long_about = LONG_ABOUT)]
 struct Cli {
@@ -159,6 +199,13 @@ struct Cli {
     /// Idle policy of the reactor doing the reads.
     #[arg(long, value_enum, default_value_t = Poll::Adaptive)]
     poll: Poll,
+    /// Submit policies of the reactor to run, each against the same fio run of a
+    /// round (comma-separated; each gets its own ratio and idle measurement).
+    /// batch: one io_uring_enter per loop iteration; eager: one after every callback
+    /// that queued a read (like fio); everyN: one once N reads are queued.
+    #[arg(long, value_delimiter = ',', value_name = "POLICY",
+          default_values_t = [Submit(SubmitPolicy::Batch), Submit(SubmitPolicy::Eager)])]
+    submit: Vec<Submit>,
     /// Spin time of the adaptive policy (I/O runs and the idle measurement).
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
@@ -211,6 +258,12 @@ impl Cli {
             return bad(
                 "--runtime-secs must be within 1..=3600, --ramp-secs and --idle-secs at most 3600",
             );
+        }
+        if self.submit.is_empty() {
+            return bad("--submit needs at least one policy");
+        }
+        if (1..self.submit.len()).any(|i| self.submit[..i].contains(&self.submit[i])) {
+            return bad("--submit lists a policy twice");
         }
         if !(1..=MAX_IODEPTH).contains(&self.iodepth) {
             return bad("--iodepth must be within 1..=4096");
@@ -391,19 +444,47 @@ struct LoopStats {
     busy_ticks: u64,
     idle_ticks: u64,
     sleeps: u64,
+    /// Submitting `io_uring_enter` calls per completed read.
+    enters_per_io: f64,
     fixed_buffers: bool,
+}
+
+/// One ringblk run of a round, with the submit policy it used.
+#[derive(Debug, Serialize)]
+struct PolicyRun {
+    submit: Submit,
+    /// Position in the round's run order (0 = first).
+    order: usize,
+    result: RunResult,
 }
 
 #[derive(Debug, Serialize)]
 struct Round {
     fio_first: bool,
     fio: RunResult,
-    ringblk: RunResult,
+    ringblk: Vec<PolicyRun>,
+}
+
+/// Medians over the rounds for one submit policy.
+#[derive(Debug, Serialize)]
+struct PolicySummary {
+    submit: Submit,
+    median_iops: f64,
+    /// Median IOPS over fio's median IOPS.
+    ratio: f64,
+    median_p99_us: f64,
+    median_cpu_pct: f64,
+    /// Rounds in which neither this run nor fio's saw more than
+    /// [`CLEAN_STEAL_PCT`] steal.
+    clean_rounds: usize,
+    /// Median over those rounds of IOPS / the same round's fio IOPS; `None` without any.
+    clean_round_ratio: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
 struct IdleResult {
     policy: String,
+    submit: Submit,
     window_secs: f64,
     thread_cpu_secs: f64,
     thread_cpu_pct: f64,
@@ -430,11 +511,11 @@ struct Report {
     fio_command: Vec<String>,
     rounds: Vec<Round>,
     fio_median_iops: f64,
-    ringblk_median_iops: f64,
-    ratio: f64,
     fio_median_p99_us: f64,
-    ringblk_median_p99_us: f64,
-    idle: Option<IdleResult>,
+    fio_median_cpu_pct: f64,
+    /// One per --submit policy, in the order given.
+    ringblk: Vec<PolicySummary>,
+    idle: Vec<IdleResult>,
 }
 
 // ----- fio ---------------------------------------------------------------------------------
@@ -670,6 +751,8 @@ impl Load {
                 busy_ticks: b.stats.busy_ticks - a.stats.busy_ticks,
                 idle_ticks: b.stats.idle_ticks - a.stats.idle_ticks,
                 sleeps: b.stats.sleeps - a.stats.sleeps,
+                enters_per_io: (b.stats.submit_enters - a.stats.submit_enters) as f64
+                    / self.ios.max(1) as f64,
                 fixed_buffers: self.fixed_buffers,
             }),
         })
@@ -777,16 +860,17 @@ fn finish_if_drained(r: &mut Reactor, load: &Rc<RefCell<Load>>) {
     let _ = reply.send(l.result());
 }
 
-fn reactor_config(cli: &Cli, idle: IdlePolicy) -> ReactorConfig {
+fn reactor_config(cli: &Cli, idle: IdlePolicy, submit: Submit) -> ReactorConfig {
     ReactorConfig {
         cores: vec![cli.core],
         idle,
+        submit: submit.policy(),
         sqpoll_idle_ms: cli.sqpoll.then_some(cli.sqpoll_idle_ms),
         ..Default::default()
     }
 }
 
-fn run_ringblk(cli: &Cli, path: &Path, seed: u64) -> Result<RunResult> {
+fn run_ringblk(cli: &Cli, path: &Path, seed: u64, submit: Submit) -> Result<RunResult> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -796,7 +880,7 @@ fn run_ringblk(cli: &Cli, path: &Path, seed: u64) -> Result<RunResult> {
         // Exactly one 4 KiB fixed buffer per read in flight.
         buffer_count: cli.iodepth as usize,
         buffer_size: BLOCK_BYTES as usize,
-        ..reactor_config(cli, cli.poll.policy(cli.poll_us))
+        ..reactor_config(cli, cli.poll.policy(cli.poll_us), submit)
     };
     let pool = ReactorPool::start(config, Arc::new(|_: &mut Reactor| {}))?;
     let params = LoadParams {
@@ -835,12 +919,15 @@ fn probe(h: &ReactorHandle) -> Result<Sample> {
 }
 
 /// One adaptive reactor with nothing to do, watched for `--idle-secs`.
-fn measure_idle(cli: &Cli) -> Result<IdleResult> {
+fn measure_idle(cli: &Cli, submit: Submit) -> Result<IdleResult> {
     let policy = IdlePolicy::Adaptive {
         poll_us: cli.poll_us,
     };
     // The server's defaults (buffer pool and all): an idle server is what is measured.
-    let pool = ReactorPool::start(reactor_config(cli, policy), Arc::new(|_: &mut Reactor| {}))?;
+    let pool = ReactorPool::start(
+        reactor_config(cli, policy, submit),
+        Arc::new(|_: &mut Reactor| {}),
+    )?;
     let h = pool.handles()[0].clone();
     std::thread::sleep(IDLE_SETTLE);
     let measured = (|| {
@@ -857,6 +944,7 @@ fn measure_idle(cli: &Cli) -> Result<IdleResult> {
     let cpu = b.cpu.saturating_sub(a.cpu).as_secs_f64();
     Ok(IdleResult {
         policy: policy.to_string(),
+        submit,
         window_secs: secs,
         thread_cpu_secs: cpu,
         thread_cpu_pct: cpu / secs * 100.0,
@@ -903,31 +991,55 @@ fn with_steal(f: impl FnOnce() -> Result<RunResult>) -> Result<RunResult> {
     Ok(r)
 }
 
+/// One step of a round: fio, or ringblk with one submit policy.
+#[derive(Clone, Copy)]
+enum Side {
+    Fio,
+    Ringblk(Submit),
+}
+
+/// The run order of round `i`: fio then the policies in odd rounds, the reverse in
+/// even ones (ABBA), so that no side always runs on a disk another just warmed.
+fn round_order(i: u32, submit: &[Submit]) -> Vec<Side> {
+    let mut order = vec![Side::Fio];
+    order.extend(submit.iter().map(|&s| Side::Ringblk(s)));
+    if i % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 fn run_rounds(cli: &Cli, path: &Path) -> Result<Vec<Round>> {
     let mut rounds = Vec::with_capacity(cli.rounds as usize);
     for i in 0..cli.rounds {
-        // ABBA order: neither side always runs on a disk the other just warmed.
-        let fio_first = i % 2 == 0;
         let seed = 0xB10C_0000 + u64::from(i);
-        let fio = || with_steal(|| run_fio(cli, path));
-        let ringblk = || with_steal(|| run_ringblk(cli, path, seed));
-        let (fio, ringblk) = if fio_first {
-            let f = fio()?;
-            (f, ringblk()?)
-        } else {
-            let r = ringblk()?;
-            (fio()?, r)
+        let order = round_order(i, &cli.submit);
+        let mut fio = None;
+        let mut ringblk = Vec::with_capacity(cli.submit.len());
+        for (pos, side) in order.iter().enumerate() {
+            match *side {
+                Side::Fio => fio = Some(with_steal(|| run_fio(cli, path))?),
+                Side::Ringblk(submit) => ringblk.push(PolicyRun {
+                    submit,
+                    order: pos,
+                    result: with_steal(|| run_ringblk(cli, path, seed, submit))?,
+                }),
+            }
+        }
+        let Some(fio) = fio else {
+            return Err(BenchError::Run("round without a fio run".into()));
         };
+        // Report the policies in the order given, whatever order they ran in.
+        ringblk.sort_by_key(|r| cli.submit.iter().position(|&s| s == r.submit));
         if !cli.json {
-            eprintln!(
-                "round {}: fio {:.0} IOPS, ringblk {:.0} IOPS",
-                i + 1,
-                fio.iops,
-                ringblk.iops
-            );
+            let mut line = format!("round {}: fio {:.0} IOPS", i + 1, fio.iops);
+            for r in &ringblk {
+                line.push_str(&format!(", ringblk/{} {:.0} IOPS", r.submit, r.result.iops));
+            }
+            eprintln!("{line}");
         }
         rounds.push(Round {
-            fio_first,
+            fio_first: matches!(order.first(), Some(Side::Fio)),
             fio,
             ringblk,
         });
@@ -935,21 +1047,58 @@ fn run_rounds(cli: &Cli, path: &Path) -> Result<Vec<Round>> {
     Ok(rounds)
 }
 
+fn summarise(rounds: &[Round], submit: Submit, fio_median_iops: f64) -> PolicySummary {
+    let col = |f: fn(&RunResult) -> f64| {
+        median(
+            rounds
+                .iter()
+                .flat_map(|r| r.ringblk.iter())
+                .filter(|p| p.submit == submit)
+                .map(|p| f(&p.result))
+                .collect(),
+        )
+    };
+    let median_iops = col(|r| r.iops);
+    let clean: Vec<f64> = rounds
+        .iter()
+        .filter(|r| r.fio.steal_pct < CLEAN_STEAL_PCT)
+        .flat_map(|r| {
+            r.ringblk
+                .iter()
+                .filter(|p| p.submit == submit && p.result.steal_pct < CLEAN_STEAL_PCT)
+                .map(|p| p.result.iops / r.fio.iops)
+        })
+        .collect();
+    PolicySummary {
+        submit,
+        median_iops,
+        ratio: median_iops / fio_median_iops,
+        median_p99_us: col(|r| r.lat_p99_us),
+        median_cpu_pct: col(|r| r.cpu_pct),
+        clean_rounds: clean.len(),
+        clean_round_ratio: (!clean.is_empty()).then(|| median(clean)),
+    }
+}
+
 fn build_report(
     cli: &Cli,
     path: &Path,
     fio_version: String,
     rounds: Vec<Round>,
-    idle: Option<IdleResult>,
+    idle: Vec<IdleResult>,
 ) -> Result<Report> {
-    let col = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
-    let fio_median_iops = col(|r| r.fio.iops);
-    let ringblk_median_iops = col(|r| r.ringblk.iops);
+    let fio_col = |f: fn(&RunResult) -> f64| median(rounds.iter().map(|r| f(&r.fio)).collect());
+    let fio_median_iops = fio_col(|r| r.iops);
     let file_bytes = std::fs::metadata(path)
         .map_err(io_err(format!("stat {}", path.display())))?
         .len();
     let mut fio_command = vec![cli.fio.display().to_string()];
     fio_command.extend(fio_args(cli, path));
+    let ringblk = cli
+        .submit
+        .iter()
+        .map(|&s| summarise(&rounds, s, fio_median_iops))
+        .collect();
     Ok(Report {
         file: path.display().to_string(),
         file_bytes,
@@ -963,11 +1112,10 @@ fn build_report(
         core: cli.core,
         fio_version,
         fio_command,
-        fio_median_p99_us: col(|r| r.fio.lat_p99_us),
-        ringblk_median_p99_us: col(|r| r.ringblk.lat_p99_us),
-        ratio: ringblk_median_iops / fio_median_iops,
         fio_median_iops,
-        ringblk_median_iops,
+        fio_median_p99_us: fio_col(|r| r.lat_p99_us),
+        fio_median_cpu_pct: fio_col(|r| r.cpu_pct),
+        ringblk,
         rounds,
         idle,
     })
@@ -1003,7 +1151,11 @@ fn print_report(rep: &Report) {
         rep.fio_command.join(" "),
         rep.fio_version
     );
-    let fixed = rep.rounds.first().and_then(|r| r.ringblk.reactor);
+    let fixed = rep
+        .rounds
+        .first()
+        .and_then(|r| r.ringblk.first())
+        .and_then(|p| p.result.reactor);
     println!(
         "ringblk: 1 reactor, core {}, poll {policy}, sqpoll {}, fixed file, fixed buffers {}",
         rep.core.map_or("any".to_string(), |c| c.to_string()),
@@ -1017,24 +1169,21 @@ fn print_report(rep: &Report) {
     println!();
     print_rounds(rep);
     println!();
-    println!(
-        "ratio ringblk/fio (median IOPS): {:.3}  target >= 0.95: {}",
-        rep.ratio,
-        verdict(rep.ratio >= 0.95)
-    );
-    if let Some(idle) = &rep.idle {
+    print_summary(rep);
+    for idle in &rep.idle {
         print_idle(idle);
     }
 }
 
-/// Column widths of the rounds table; the first two columns are left-aligned.
-const COLUMNS: [usize; 12] = [6, 7, 9, 12, 6, 19, 23, 7, 7, 12, 10, 10];
+/// Column widths of the rounds table; the first three columns are left-aligned.
+const COLUMNS: [usize; 12] = [5, 8, 5, 7, 6, 19, 6, 6, 6, 10, 7, 9];
+const LEFT_COLUMNS: usize = 3;
 
 fn print_row(cells: &[String]) {
     let mut line = String::new();
     for (i, (cell, width)) in cells.iter().zip(COLUMNS).enumerate() {
         let pad = width.saturating_sub(cell.chars().count());
-        if i < 2 {
+        if i < LEFT_COLUMNS {
             line.push_str(&format!("{cell}{} ", " ".repeat(pad)));
         } else {
             line.push_str(&format!("{}{cell} ", " ".repeat(pad)));
@@ -1043,58 +1192,90 @@ fn print_row(cells: &[String]) {
     println!("{}", line.trim_end());
 }
 
+fn run_row(round: usize, side: String, order: usize, r: &RunResult, fio_iops: f64) -> Vec<String> {
+    let s = r.reactor;
+    vec![
+        round.to_string(),
+        side,
+        (order + 1).to_string(),
+        format!("{:.0}", r.iops),
+        format!("{:.3}", r.iops / fio_iops),
+        lat(r),
+        format!("{:.0}", r.lat_mean_us),
+        format!("{:.1}%", r.cpu_pct),
+        format!("{:.1}%", r.steal_pct),
+        s.map_or(String::new(), |s| s.busy_ticks.to_string()),
+        s.map_or(String::new(), |s| s.sleeps.to_string()),
+        s.map_or(String::new(), |s| format!("{:.2}", s.enters_per_io)),
+    ]
+}
+
 fn print_rounds(rep: &Report) {
     let head = [
         "round",
-        "first",
-        "fio IOPS",
-        "ringblk IOPS",
+        "side",
+        "order",
+        "IOPS",
         "ratio",
-        "fio p50/p99/p99.9",
-        "ringblk p50/p99/p99.9",
-        "fio cpu",
-        "rb cpu",
-        "steal fio/rb",
+        "lat p50/p99/p99.9",
+        "mean",
+        "cpu",
+        "steal",
         "busy ticks",
         "sleeps",
+        "enters/IO",
     ];
     print_row(&head.map(String::from));
     for (i, r) in rep.rounds.iter().enumerate() {
-        let s = r.ringblk.reactor;
-        print_row(&[
-            (i + 1).to_string(),
-            (if r.fio_first { "fio" } else { "ringblk" }).to_string(),
-            format!("{:.0}", r.fio.iops),
-            format!("{:.0}", r.ringblk.iops),
-            format!("{:.3}", r.ringblk.iops / r.fio.iops),
-            lat(&r.fio),
-            lat(&r.ringblk),
-            format!("{:.1}%", r.fio.cpu_pct),
-            format!("{:.1}%", r.ringblk.cpu_pct),
-            format!("{:.0}%/{:.0}%", r.fio.steal_pct, r.ringblk.steal_pct),
-            s.map_or(0, |s| s.busy_ticks).to_string(),
-            s.map_or(0, |s| s.sleeps).to_string(),
-        ]);
+        let fio_order = if r.fio_first { 0 } else { r.ringblk.len() };
+        print_row(&run_row(i + 1, "fio".into(), fio_order, &r.fio, r.fio.iops));
+        for p in &r.ringblk {
+            let side = format!("rb/{}", p.submit);
+            print_row(&run_row(i + 1, side, p.order, &p.result, r.fio.iops));
+        }
     }
-    print_row(&[
-        "median".to_string(),
-        String::new(),
-        format!("{:.0}", rep.fio_median_iops),
-        format!("{:.0}", rep.ringblk_median_iops),
-        format!("{:.3}", rep.ratio),
-        format!("p99 {:.0}", rep.fio_median_p99_us),
-        format!("p99 {:.0}", rep.ringblk_median_p99_us),
-    ]);
     println!(
-        "(latency in us, submission to completion; cpu: the I/O thread, % of one core; \
-         steal: CPU the hypervisor took from this VM during the run, % of all CPUs)"
+        "(ratio: IOPS over the same round's fio; latency in us, submission to completion; \
+         cpu: the I/O thread, % of one core; steal: CPU the hypervisor took from this VM \
+         during the run, % of all CPUs; enters/IO: submitting io_uring_enter calls per read)"
     );
+}
+
+fn print_summary(rep: &Report) {
+    println!(
+        "median over {} rounds: fio {:.0} IOPS, p99 {:.0} us, cpu {:.1}%",
+        rep.rounds.len(),
+        rep.fio_median_iops,
+        rep.fio_median_p99_us,
+        rep.fio_median_cpu_pct
+    );
+    for p in &rep.ringblk {
+        println!(
+            "ratio ringblk/fio (median IOPS), submit {:<5}: {:.3}  target >= 0.95: {}  \
+             ({:.0} IOPS, p99 {:.0} us, cpu {:.1}%)",
+            p.submit.to_string(),
+            p.ratio,
+            verdict(p.ratio >= 0.95),
+            p.median_iops,
+            p.median_p99_us,
+            p.median_cpu_pct
+        );
+        let clean = p
+            .clean_round_ratio
+            .map_or("-".to_string(), |r| format!("{r:.3}"));
+        println!(
+            "  rounds with steal < {CLEAN_STEAL_PCT} % on both sides: {} of {}, median of their ratios {clean}",
+            p.clean_rounds,
+            rep.rounds.len()
+        );
+    }
 }
 
 fn print_idle(idle: &IdleResult) {
     println!(
-        "idle {} reactor over {:.1} s: thread CPU {:.4} s = {:.3} % of a core (process {:.3} %)  target < 2 %: {}",
+        "idle {} reactor, submit {}, over {:.1} s: thread CPU {:.4} s = {:.3} % of a core (process {:.3} %)  target < 2 %: {}",
         idle.policy,
+        idle.submit,
         idle.window_secs,
         idle.thread_cpu_secs,
         idle.thread_cpu_pct,
@@ -1115,8 +1296,12 @@ fn run(mut cli: Cli) -> Result<()> {
     let path = prepare_file(&cli)?;
     let rounds = run_rounds(&cli, &path)?;
     let idle = match cli.idle_secs {
-        0 => None,
-        _ => Some(measure_idle(&cli)?),
+        0 => Vec::new(),
+        _ => cli
+            .submit
+            .iter()
+            .map(|&s| measure_idle(&cli, s))
+            .collect::<Result<_>>()?,
     };
     let report = build_report(&cli, &path, version, rounds, idle)?;
     if cli.json {
@@ -1154,6 +1339,73 @@ mod tests {
     }
 
     #[test]
+    fn rounds_alternate_the_run_order() {
+        let both = [Submit(SubmitPolicy::Batch), Submit(SubmitPolicy::Eager)];
+        let names = |v: Vec<Side>| {
+            v.iter()
+                .map(|s| match s {
+                    Side::Fio => "fio".to_string(),
+                    Side::Ringblk(p) => p.to_string(),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(round_order(0, &both)), ["fio", "batch", "eager"]);
+        assert_eq!(names(round_order(1, &both)), ["eager", "batch", "fio"]);
+    }
+
+    #[test]
+    fn duplicate_or_missing_submit_policies_are_rejected() {
+        let parse = |args: &[&str]| {
+            let mut cli = Cli::try_parse_from(args).expect("parses");
+            cli.apply_smoke();
+            cli.validate()
+        };
+        assert!(parse(&["reactor_bench"]).is_ok(), "defaults are valid");
+        assert!(parse(&["reactor_bench", "--submit", "eager,every4"]).is_ok());
+        assert!(parse(&["reactor_bench", "--submit", "batch,batch"]).is_err());
+        assert!(Cli::try_parse_from(["reactor_bench", "--submit", "every0"]).is_err());
+        assert!(Cli::try_parse_from(["reactor_bench", "--submit", "lazy"]).is_err());
+    }
+
+    #[test]
+    fn clean_round_ratio_leaves_out_rounds_with_steal() {
+        let run = |iops: f64, steal_pct: f64| RunResult {
+            iops,
+            ios: 0,
+            window_secs: 1.0,
+            lat_mean_us: 0.0,
+            lat_p50_us: 0.0,
+            lat_p99_us: 0.0,
+            lat_p999_us: 0.0,
+            cpu_pct: 0.0,
+            steal_pct,
+            reactor: None,
+        };
+        let eager = Submit(SubmitPolicy::Eager);
+        let round = |fio: RunResult, rb: RunResult| Round {
+            fio_first: true,
+            fio,
+            ringblk: vec![PolicyRun {
+                submit: eager,
+                order: 1,
+                result: rb,
+            }],
+        };
+        let rounds = [
+            round(run(100.0, 0.5), run(96.0, 0.5)),
+            round(run(100.0, 0.5), run(98.0, 1.0)),
+            // Disturbed on one side or the other: must not count.
+            round(run(100.0, 9.0), run(300.0, 0.0)),
+            round(run(100.0, 0.0), run(10.0, 9.0)),
+        ];
+        let s = summarise(&rounds, eager, 100.0);
+        assert_eq!(s.clean_rounds, 2);
+        assert_eq!(s.clean_round_ratio, Some(0.97));
+        let none = summarise(&rounds[2..], eager, 100.0);
+        assert_eq!((none.clean_rounds, none.clean_round_ratio), (0, None));
+    }
+
+    #[test]
     fn median_of_odd_and_even_counts() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
@@ -1186,7 +1438,8 @@ mod tests {
         use clap::CommandFactory;
         let help = Cli::command().render_long_help().to_string();
         for needle in [
-            "0.95", "2 %", "--smoke", "--rounds", "--poll", "--sqpoll", "--file",
+            "0.95", "2 %", "--smoke", "--rounds", "--poll", "--sqpoll", "--file", "--submit",
+            "eager",
         ] {
             assert!(help.contains(needle), "--help lacks {needle}");
         }

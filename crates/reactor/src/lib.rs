@@ -21,7 +21,7 @@ mod reactor;
 mod slab;
 
 pub use buffers::{AlignedBuf, BufPool, IoBuf, PoolBuf, DIRECT_IO_ALIGN};
-pub use config::{IdlePolicy, ReactorConfig};
+pub use config::{IdlePolicy, ReactorConfig, SubmitPolicy};
 pub use iopoll::{probe_iopoll, IopollSupport};
 pub use msg::{Msg, ReactorHandle, ReactorStats, ReactorStatsSnapshot, SendError};
 pub use op::{falloc, Completion, FileRef, Op, SockAddrBuf};

@@ -47,6 +47,10 @@ pub struct ReactorStats {
     pub ops_submitted: AtomicU64,
     pub ops_completed: AtomicU64,
     pub messages: AtomicU64,
+    /// Submissions to the kernel: `io_uring_enter` calls that carried SQEs (with
+    /// SQPOLL, flushes that may only wake the poller); sleeps and reaps are not
+    /// counted. Per op, this is what the [`SubmitPolicy`](crate::SubmitPolicy) trades.
+    pub submit_enters: AtomicU64,
 }
 
 /// A copy of [`ReactorStats`] at one moment.
@@ -60,6 +64,7 @@ pub struct ReactorStatsSnapshot {
     pub ops_submitted: u64,
     pub ops_completed: u64,
     pub messages: u64,
+    pub submit_enters: u64,
 }
 
 impl ReactorStats {
@@ -79,6 +84,7 @@ impl ReactorStats {
             ops_submitted: l(&self.ops_submitted),
             ops_completed: l(&self.ops_completed),
             messages: l(&self.messages),
+            submit_enters: l(&self.submit_enters),
         }
     }
 }

@@ -4,8 +4,12 @@
 //! # Loop
 //! Each iteration: reap completions into a batch → run their callbacks → fire
 //! timers → run pollers → drain a bounded batch of messages → wake buffer waiters →
-//! push the backlog and submit. Callbacks only *queue* SQEs; the `io_uring_enter`
-//! happens once per iteration, never from inside a reap (no re-entrancy, batching).
+//! push the backlog and submit. Callbacks only *queue* SQEs; when they are entered
+//! into the kernel is the [`SubmitPolicy`](crate::SubmitPolicy): once per iteration
+//! (`Batch`), after every callback that queued any (`Eager`) or once `n` are queued
+//! (`Every`). Either way the enter happens from the loop between callbacks, never
+//! from inside a reap: CQEs it posts are reaped by the next iteration, so no callback
+//! runs inside another.
 //!
 //! # Back-pressure
 //! A full slab makes [`Reactor::submit`] hand the op back ([`Rejected`]); a full SQ
@@ -250,7 +254,9 @@ impl Reactor {
     // ----- operations -----------------------------------------------------------
 
     /// Submits `op`; `cb` runs on this thread with the final result. The SQE is
-    /// queued now and entered into the kernel at the end of the loop iteration.
+    /// queued now and entered into the kernel when the
+    /// [`SubmitPolicy`](crate::SubmitPolicy) says: at the end of the loop iteration,
+    /// or (`Eager`, `Every`) as soon as the running callback returns.
     pub fn submit(
         &mut self,
         op: Op,
@@ -554,13 +560,16 @@ impl Reactor {
                     };
                     ReactorStats::add(&self.stats().ops_completed, 1);
                     match inflight.cb {
-                        Some(cb) => cb(
-                            self,
-                            Completion {
-                                result,
-                                op: inflight.op,
-                            },
-                        ),
+                        Some(cb) => {
+                            cb(
+                                self,
+                                Completion {
+                                    result,
+                                    op: inflight.op,
+                                },
+                            );
+                            self.submit_if_eager();
+                        }
                         // Orphan: dropping the op here, after its final CQE, is what
                         // makes it safe to free its buffers.
                         None => drop(inflight.op),
@@ -584,6 +593,7 @@ impl Reactor {
             self.timers.pop();
             if let Some(cb) = self.timer_cbs.remove(&id) {
                 cb(self);
+                self.submit_if_eager();
                 fired = true;
             }
         }
@@ -599,6 +609,7 @@ impl Reactor {
         for (id, p) in pollers.iter_mut() {
             if !self.removed_pollers.contains(id) {
                 busy |= p(self) == PollResult::Busy;
+                self.submit_if_eager();
             }
         }
         if !self.removed_pollers.is_empty() {
@@ -616,6 +627,7 @@ impl Reactor {
         while n < self.config.inbox_batch {
             let Ok(m) = self.inbox.try_recv() else { break };
             m(self);
+            self.submit_if_eager();
             n += 1;
         }
         ReactorStats::add(&self.stats().messages, n as u64);
@@ -627,9 +639,27 @@ impl Reactor {
         for _ in 0..n {
             if let Some(w) = self.buf_waiters.pop_front() {
                 w(self);
+                self.submit_if_eager();
             }
         }
         n > 0
+    }
+
+    /// Under [`SubmitPolicy::Eager`](crate::SubmitPolicy::Eager) (or `Every` once
+    /// enough are queued), enters what the callback that just returned queued. Safe
+    /// between callbacks: the enter may post CQEs, but they are reaped (and their
+    /// callbacks run) only by the next iteration, so no callback runs inside another.
+    fn submit_if_eager(&mut self) {
+        let Some(at_least) = self.config.submit.threshold() else {
+            return;
+        };
+        let polled = self
+            .polled_ring
+            .as_mut()
+            .map_or(0, |pr| pr.submission().len());
+        if self.ring.submission().len() + polled >= at_least {
+            self.flush();
+        }
     }
 
     fn flush(&mut self) {
@@ -641,6 +671,7 @@ impl Reactor {
             self.backlog.pop_front();
         }
         if !self.ring.submission().is_empty() {
+            ReactorStats::add(&self.stats().submit_enters, 1);
             // EBUSY/EAGAIN mean the kernel is short of resources: the SQEs stay
             // queued and go in with the next enter.
             if let Err(e) = self.ring.submit() {

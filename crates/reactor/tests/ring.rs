@@ -132,6 +132,17 @@ fn o_direct_round_trip_through_fixed_buffers() {
 /// blocks at any instant; every read is checked against a model of the file.
 #[test]
 fn ten_thousand_concurrent_random_ios_verified() {
+    random_ios_verified(SubmitPolicy::Batch);
+}
+
+/// The same under eager submission: entering the kernel between callbacks, with a
+/// backlog in play, must not lose, reorder past a backlog or double-submit an SQE.
+#[test]
+fn ten_thousand_concurrent_random_ios_verified_eager() {
+    random_ios_verified(SubmitPolicy::Eager);
+}
+
+fn random_ios_verified(submit: SubmitPolicy) {
     const BLOCK: usize = 4096;
     const BLOCKS: u64 = 2048;
     const OPS: usize = 10_000;
@@ -142,6 +153,7 @@ fn ten_thousand_concurrent_random_ios_verified() {
         buffer_count: 64,
         buffer_size: BLOCK,
         ring_entries: 64, // smaller than DEPTH: exercises the SQ backlog
+        submit,
         ..Default::default()
     });
     let fref = r.register_file(file.as_raw_fd()).expect("register");
@@ -399,6 +411,48 @@ fn small_submission_queue_backlogs_instead_of_failing() {
         .expect("slab has room");
     }
     run_until(&mut r, || done.borrow().len() == 500);
+}
+
+/// Guards the submit policy's contract: a batch reactor enters once for what all
+/// the callbacks of one iteration queued, an eager one once per callback, an
+/// `Every { sqes }` one per `sqes` queued plus once for the remainder. A regression
+/// silently costs IOPS (requests held back) or CPU (enters that batch nothing).
+#[test]
+fn submit_policy_sets_enters_per_iteration() {
+    const N: u64 = 8;
+    for (submit, enters) in [
+        (SubmitPolicy::Batch, 1),
+        (SubmitPolicy::Eager, N),
+        (SubmitPolicy::Every { sqes: 4 }, N / 4),
+        (SubmitPolicy::Every { sqes: 3 }, N / 3 + 1), // the remainder at the end
+    ] {
+        let mut r = one_reactor(ReactorConfig::default().with_submit(submit));
+        let done = Rc::new(RefCell::new(0u64));
+        for _ in 0..N {
+            let d = done.clone();
+            r.submit(Op::Nop, move |r, _| {
+                r.submit(Op::Nop, move |_, _| *d.borrow_mut() += 1)
+                    .expect("slab has room");
+            })
+            .expect("slab has room");
+        }
+        // First iteration: the N nops go in with one enter and complete inline.
+        r.poll_once();
+        let before = r.handle().stats().submit_enters;
+        assert_eq!(
+            before, 1,
+            "{submit}: one enter for SQEs queued outside the loop"
+        );
+        // Second: N completions reaped at once; each callback queues one nop.
+        r.poll_once();
+        let during = r.handle().stats().submit_enters - before;
+        assert_eq!(
+            during, enters,
+            "{submit}: enters in one iteration of {N} callbacks"
+        );
+        run_until(&mut r, || *done.borrow() == N);
+        assert_eq!(r.in_flight(), 0);
+    }
 }
 
 #[test]
@@ -838,6 +892,44 @@ fn invalid_configs_are_rejected_with_a_message() {
         .err()
         .expect("no such core");
     assert!(err.to_string().contains("core 4096"));
+    // A threshold of 0 would enter on every callback even with nothing queued; one
+    // above the ring size is never reached (that is Batch under another name).
+    for sqes in [0, 257] {
+        let bad = ReactorConfig {
+            ring_entries: 256,
+            submit: SubmitPolicy::Every { sqes },
+            ..Default::default()
+        };
+        let err = bad.validate().expect_err("threshold out of range");
+        assert!(err.to_string().contains("sqes"), "{err}");
+    }
+    assert!(ReactorConfig::default()
+        .with_submit(SubmitPolicy::Every { sqes: 256 })
+        .validate()
+        .is_ok());
+}
+
+/// The names the bench and configuration use round-trip through Display/FromStr.
+#[test]
+fn submit_policies_parse_as_printed() {
+    for p in [
+        SubmitPolicy::Batch,
+        SubmitPolicy::Eager,
+        SubmitPolicy::Every { sqes: 4 },
+    ] {
+        assert_eq!(p.to_string().parse::<SubmitPolicy>(), Ok(p));
+    }
+    for bad in [
+        "",
+        "every",
+        "every0",
+        "every-1",
+        "every32769",
+        "Eager",
+        "lazy",
+    ] {
+        assert!(bad.parse::<SubmitPolicy>().is_err(), "{bad:?} parsed");
+    }
 }
 
 /// SQPOLL: the kernel thread picks submissions up without io_uring_enter; the same
