@@ -162,8 +162,12 @@ fn run(seed: u64, plant_bug: bool) -> Option<String> {
         write(&mut rs, 1, &vol, off, data, &done);
         issued += 1;
     }
-    // Reactor 1 first: its read-merge reads are entered before reactor 0's writes.
-    for _ in 0..3 {
+    // Reactor 1 alone first, so its read-merge reads are entered before reactor 0's
+    // writes. Long enough for the new delta's first zero-ahead write to complete:
+    // fills wait for it, and polling reactor 0 meanwhile would let the old writes
+    // land first and hide a planted bug.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(100) {
         rs[1].poll_once();
     }
     // The drain: each reactor in turn, between requests.
