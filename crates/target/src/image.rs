@@ -115,19 +115,7 @@ impl Delta {
         let path = dir.join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         oo.read(true).write(true).create(true).truncate(true);
-        let mut direct = direct;
-        let file = match oo
-            .clone()
-            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                direct = false;
-                oo.open(&path)?
-            }
-            Err(e) => return Err(e),
-        };
+        let (file, direct) = open_data_file(&oo, &path, direct)?;
         file.set_len(size_bytes)?;
         // Space is written with zeros ahead of the allocator, on the data path
         // (`zero_due`), not here, so that the switch never waits for it.
@@ -187,19 +175,7 @@ impl Delta {
         let path = dir.join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         oo.read(true).write(true);
-        let mut direct = direct;
-        let file = match oo
-            .clone()
-            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                direct = false;
-                oo.open(&path)?
-            }
-            Err(e) => return Err(e),
-        };
+        let (file, direct) = open_data_file(&oo, &path, direct)?;
         if file.metadata()?.len() < size_bytes {
             // The creating set_len may not have been durable: reads past the end
             // would be short, writes extend it; restore the full size anyway.
@@ -397,6 +373,19 @@ impl Drop for Delta {
         }
         // Journaled deltas stay for the next start (the manifest lists them).
     }
+}
+
+/// Opens a delta's data file O_DIRECT when asked and the filesystem allows it
+/// (EINVAL: tmpfs and others), else through the page cache; says which it got.
+fn open_data_file(oo: &OpenOptions, path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
+    if direct {
+        match oo.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((oo.open(path)?, false))
 }
 
 /// One published arrangement of a volume's layers.

@@ -426,26 +426,39 @@ fn fill(
     let full = lo == chunk * cb && hi == (chunk + 1) * cb;
     if full {
         let buf = piece_bytes(w, lo, hi);
-        let w2 = w.clone();
-        let fd = FileRef::Raw(delta.raw_fd());
-        let d2 = delta.clone();
-        let res = r.submit(Op::write(fd, p * cb, buf, (hi - lo) as u32), move |r, c| {
-            let res = publish_after(c.bytes(), (hi - lo) as u32, guard, &d2, chunk, p);
-            piece_done(r, &w2, res)
-        });
-        if let Err(rej) = res {
-            // The rejected callback holds the guard: dropping it aborts the fill,
-            // and then p is unused.
-            drop(rej);
-            delta.give_back(p);
-            piece_done(r, w, Err(NbdErrno::NoMem));
-        }
+        write_fill(r, w, &delta, chunk, p, (buf, (hi - lo) as u32), guard);
     } else {
         read_merge(r, w, delta, chunk, lo, hi, layer, guard, p);
     }
 }
 
 type Guard = ringblk_blockmap::FillGuard<Arc<BlockMap>>;
+
+/// Writes the whole new content of `chunk` to its slot `p` in `delta`, then
+/// publishes it (`publish_after`). A rejected submission drops its callback, whose
+/// guard aborts the fill; `p` is then unused and goes back.
+fn write_fill(
+    r: &mut Reactor,
+    w: &WriteRef,
+    delta: &Arc<Delta>,
+    chunk: u64,
+    p: u64,
+    (buf, len): (IoBuf, u32),
+    guard: Guard,
+) {
+    let cb = w.borrow().vol.chunk_bytes() as u64;
+    let (w2, d2) = (w.clone(), delta.clone());
+    let op = Op::write(FileRef::Raw(delta.raw_fd()), p * cb, buf, len);
+    let res = r.submit(op, move |r, c| {
+        let res = publish_after(c.bytes(), len, guard, &d2, chunk, p);
+        piece_done(r, &w2, res)
+    });
+    if let Err(rej) = res {
+        drop(rej);
+        delta.give_back(p);
+        piece_done(r, w, Err(NbdErrno::NoMem));
+    }
+}
 
 /// After a fill's data write: journal the mapping (before it is visible, so the
 /// journal's order is the map's) and publish it; or, when the write failed, give the
@@ -535,20 +548,7 @@ fn read_merge(
                 buf.as_mut_slice()[intra..intra + n]
                     .copy_from_slice(&s.data.as_slice()[at..at + n]);
             }
-            let fd = FileRef::Raw(delta.raw_fd());
-            let w3 = w2.clone();
-            let d2 = delta.clone();
-            let res = r.submit(Op::write(fd, p * cb, buf, cb as u32), move |r, c| {
-                let res = publish_after(c.bytes(), cb as u32, guard, &d2, chunk, p);
-                piece_done(r, &w3, res)
-            });
-            if let Err(rej) = res {
-                // The rejected callback holds the guard: dropping it aborts the fill,
-                // and then p is unused.
-                drop(rej);
-                delta.give_back(p);
-                piece_done(r, &w2, Err(NbdErrno::NoMem));
-            }
+            write_fill(r, &w2, &delta, chunk, p, (buf, cb as u32), guard);
             drop(vol2);
         }),
     );

@@ -267,17 +267,9 @@ impl Journal {
     /// A new, empty journal for a new delta: the file is created now; its header is
     /// written by the first commit.
     pub fn create(store: &dyn Store, name: &str, header: JournalHeader) -> io::Result<Journal> {
-        store.create(name)?;
-        Ok(Journal {
-            name: name.to_string(),
-            st: Mutex::new(JState {
-                pending: Vec::new(),
-                next_seq: 1,
-                end: 0,
-                header: Some(header),
-                created: true,
-            }),
-        })
+        let j = Journal::lazy(name, header);
+        j.ensure_file(store)?;
+        Ok(j)
     }
 
     /// Like [`create`](Self::create), but the file is created later, by
