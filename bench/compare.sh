@@ -8,6 +8,7 @@
 #   bench/compare.sh --smoke         1 round  x 1 s, one workload, 64 MiB    (seconds, CI)
 #   bench/compare.sh --repeat 5 --runtime 10 --size 4G --out /some/dir
 #   bench/compare.sh --no-build      use the release binaries already built
+#   RINGBLK_ARGS="--submit batch" bench/compare.sh   extra `ringblk serve` flags
 #   bench/compare.sh --bench-client  also drive every NBD server with ringblk-bench
 #                                    (exact HdrHistogram latency; adds ~1/3 to the time)
 #
@@ -137,7 +138,7 @@ start_server() {
             local vol="v=$BACKING"
             [ "$sys" = ringblk-null ] && vol="v=,backend=null,size=$SIZE"
             "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
-                --volume "$vol" > "$OUT/banner" 2> "$OUT/server.log" &
+                --volume "$vol" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
             SERVER_PID=$!
             for _ in $(seq 100); do
                 grep -q "listening on" "$OUT/banner" 2>/dev/null && break

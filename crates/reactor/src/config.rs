@@ -45,11 +45,13 @@ impl std::fmt::Display for IdlePolicy {
 /// depth drop. Entering sooner gets requests to the device sooner, for more system
 /// calls and device notifications (on a VM, one exit each) per operation.
 ///
-/// `bench/reactor-bench.sh` measures the trade against fio. On a virtio disk,
-/// `Eager` matched fio's median latency where `Batch` trailed it, for more CPU per
-/// read; but when the hypervisor was short of CPU (steal), `Eager` lost far more
-/// IOPS than `Batch`, whose one exit per batch degrades more gracefully. That is why
-/// `Batch` stays the default.
+/// `bench/reactor-bench.sh` measures the trade against fio (which enters once per
+/// I/O by default). On this project's virtio disk, `Batch` averaged ~25 reads per
+/// enter and reached 0.81-0.90 of fio's IOPS at QD32; `Eager` 0.97-1.00 at about
+/// fio's CPU per read. Over NBD (`ringblk serve --submit`), where each request's
+/// recv, disk op and send are separate callbacks, the two were within noise of each
+/// other. That is why `Eager` is the default; `Batch` remains for hosts where system
+/// calls cost more than device idle time (the fewest enters, ~30 % less CPU per op).
 ///
 /// No policy changes an idle reactor: with nothing queued, nothing is entered. Under
 /// SQPOLL the kernel thread picks SQEs up on its own and the policy only decides how
@@ -58,12 +60,12 @@ impl std::fmt::Display for IdlePolicy {
 pub enum SubmitPolicy {
     /// One `io_uring_enter` per loop iteration for everything queued in it: the
     /// fewest system calls, so the least CPU per operation.
-    #[default]
     Batch,
     /// Enter right after each completion callback, timer, poller, message or buffer
     /// waiter that queued SQEs, as fio does by default (`iodepth_batch_submit=1`):
     /// each request reaches the device as soon as it exists, for up to one system
-    /// call per operation.
+    /// call per operation. The default.
+    #[default]
     Eager,
     /// Enter as soon as `sqes` SQEs are queued (checked after each callback, like
     /// `Eager`), and at the end of the iteration for the rest: fio's

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ringblk_reactor::{IdlePolicy, ReactorConfig};
+use ringblk_reactor::{IdlePolicy, ReactorConfig, SubmitPolicy};
 use serde::Deserialize;
 
 use crate::backend::BackendKind;
@@ -134,6 +134,8 @@ pub struct FileConfig {
     pub cores: Option<String>,
     pub poll: Option<PollMode>,
     pub poll_us: Option<u64>,
+    /// `batch`, `eager` or `everyN`, as `--submit`.
+    pub submit: Option<String>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     #[serde(default)]
@@ -170,6 +172,7 @@ pub struct Flags {
     pub cores: Option<String>,
     pub poll: Option<PollMode>,
     pub poll_us: Option<u64>,
+    pub submit: Option<SubmitPolicy>,
     pub volumes: Vec<VolumeSpec>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
@@ -220,6 +223,11 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         PollMode::Busy => IdlePolicy::Busy,
         PollMode::Adaptive => IdlePolicy::Adaptive { poll_us },
         PollMode::Interrupt => IdlePolicy::Interrupt,
+    };
+    let submit = match (flags.submit, file.submit) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s.parse().map_err(|e| format!("submit: {e}"))?,
+        (None, None) => SubmitPolicy::default(),
     };
     let mut volumes = flags.volumes;
     for v in file.volume {
@@ -283,6 +291,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             reactor: ReactorConfig {
                 cores,
                 idle,
+                submit,
                 ..ReactorConfig::default()
             },
             volumes,
@@ -353,6 +362,28 @@ mod tests {
         assert_eq!(r.server.volumes.len(), 1);
         assert_eq!(r.server.volumes[0].name, "vol0");
         assert!(matches!(r.server.reactor.idle, IdlePolicy::Adaptive { .. }));
+        assert_eq!(r.server.reactor.submit, SubmitPolicy::Eager);
+    }
+
+    #[test]
+    fn submit_policy_from_flag_or_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "submit = \"every4\"\n").expect("write");
+        let from_file = |flag: Option<SubmitPolicy>| {
+            resolve(Flags {
+                config: Some(p.clone()),
+                submit: flag,
+                ..Default::default()
+            })
+        };
+        let r = from_file(None).expect("file");
+        assert_eq!(r.server.reactor.submit, SubmitPolicy::Every { sqes: 4 });
+        let r = from_file(Some(SubmitPolicy::Batch)).expect("flag wins");
+        assert_eq!(r.server.reactor.submit, SubmitPolicy::Batch);
+        std::fs::write(&p, "submit = \"sometimes\"\n").expect("write");
+        let err = from_file(None).expect_err("bad policy");
+        assert!(err.contains("submit") && err.contains("sometimes"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use ringblk_reactor::SubmitPolicy;
 use ringblk_target::config::{self, Flags, PollMode};
 use ringblk_target::methods::Methods;
 use ringblk_target::rpc::RpcServer;
@@ -44,6 +45,7 @@ CONFIG FILE (TOML; flags override it):
   cores = \"0-1\"
   poll = \"adaptive\"      # busy | adaptive | interrupt
   poll_us = 50
+  submit = \"eager\"      # eager | batch | everyN
   [[volume]]
   name = \"vol0\"
   path = \"/var/lib/ringblk/vol0.img\"
@@ -157,6 +159,11 @@ struct ServeArgs {
     /// Spin time before an adaptive reactor sleeps [default: 50].
     #[arg(long, value_name = "N")]
     poll_us: Option<u64>,
+    /// When the reactors enter queued I/O into the kernel: eager (after each
+    /// completion that queued any, as fio does), batch (once per loop iteration: fewest
+    /// system calls) or everyN (once N are queued) [default: eager].
+    #[arg(long, value_name = "POLICY", value_parser = parse_submit)]
+    submit: Option<SubmitPolicy>,
     /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off].
     /// Repeatable. Without any, vol0 is served from DATA_DIR/vol0.img (1 GiB).
     #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
@@ -171,6 +178,10 @@ struct ServeArgs {
     /// or RINGBLK_LOG].
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+}
+
+fn parse_submit(s: &str) -> Result<SubmitPolicy, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -226,6 +237,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         cores: args.cores,
         poll: args.poll,
         poll_us: args.poll_us,
+        submit: args.submit,
         volumes: args.volumes,
         max_connections: args.max_connections,
         handshake_timeout_secs: args.handshake_timeout,
