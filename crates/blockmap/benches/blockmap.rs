@@ -2,9 +2,9 @@
 //! workloads. Run: `cargo bench -p ringblk-blockmap -- --warm-up-time 1 --measurement-time 2`.
 //!
 //! Prints a memory table (bytes per mapped chunk) first, then criterion groups:
-//! lookup (hit/miss), install, iteration, and 1- vs 2-thread throughput at 10 %
-//! writes. Figures, not assertions: the targets live in the issue, the numbers in
-//! the report.
+//! lookup (hit/miss; random keys one by one, batched and prefetched), install,
+//! iteration, and 1- vs 2-thread throughput at 10 % writes. Figures, not
+//! assertions: the targets live in the issue, the numbers in the report.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use dashmap::DashMap;
-use ringblk_blockmap::{BlockMap, Claim};
+use ringblk_blockmap::{BlockMap, Claim, Entry, Error};
 
 /// Chunks pre-mapped for the lookup and mixed workloads: 1 Mi chunks = a 4 GiB
 /// volume fully written at 4 KiB chunks (8 MiB of leaves: beyond L2).
@@ -179,6 +179,35 @@ fn bench_lookup(c: &mut Criterion) {
             black_box(map.lookup(key))
         })
     });
+    // The same keys through `lookup_batch`, `BATCH` at a time (64: the batch
+    // API's tile; 16 and 32 for comparison), timed per lookup like the others.
+    // Copying the `u32` keys into the batch's `u64` array is inside the timing.
+    for (name, batch) in [
+        ("hit_random1Mi_batch", 64),
+        ("hit_random1Mi_batch32", 32),
+        ("hit_random1Mi_batch16", 16),
+    ] {
+        group.bench_function(BenchmarkId::new("blockmap", name), |b| {
+            let mut next = 0usize;
+            b.iter_custom(|iters| lookup_batches(&map, &keys, batch, iters, &mut next))
+        });
+    }
+    // The public `prefetch` hint PREFETCH_AHEAD keys ahead of a plain `lookup`:
+    // two full walks per key (and no overlap of the leaf-pointer miss with the
+    // entry miss), so it gains less than the batch API.
+    group.bench_function(
+        BenchmarkId::new("blockmap", "hit_random1Mi_prefetch"),
+        |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                let mask = keys.len() - 1;
+                map.prefetch(u64::from(keys[(i + PREFETCH_AHEAD) & mask]));
+                let key = u64::from(keys[i & mask]);
+                i += 1;
+                black_box(map.lookup(key))
+            })
+        },
+    );
     group.bench_function(BenchmarkId::new("blockmap", "hit_random1Mi_chain"), |b| {
         let mut rng = Rng(1);
         let mut prev = 0u64;
@@ -217,6 +246,44 @@ fn bench_lookup(c: &mut Criterion) {
         b.iter(|| black_box(dash.get(&(DENSE + (rng.next() & miss_mask))).map(|v| *v)))
     });
     group.finish();
+}
+
+/// Keys between `BlockMap::prefetch` and the `lookup` it is for: 8-32 measured
+/// alike (BENCHMARKS.md).
+const PREFETCH_AHEAD: usize = 16;
+/// Largest batch `lookup_batches` takes.
+const BATCH_MAX: usize = 64;
+
+/// Time `iters` lookups through `lookup_batch`, `batch` keys at a time (the last
+/// batch shorter), continuing through `keys` from `*next`.
+fn lookup_batches(
+    map: &BlockMap,
+    keys: &[u32],
+    batch: usize,
+    iters: u64,
+    next: &mut usize,
+) -> Duration {
+    assert!(batch <= BATCH_MAX && keys.len() % batch == 0);
+    let mut chunks = [0u64; BATCH_MAX];
+    let mut out: [Result<Entry, Error>; BATCH_MAX] = std::array::from_fn(|_| Ok(Entry::UNMAPPED));
+    // Whole batches from a batch boundary: a short last batch of the previous
+    // call leaves `next` in between.
+    *next = next.next_multiple_of(batch);
+    let mut left = iters;
+    let start = Instant::now();
+    while left > 0 {
+        let len = batch.min(usize::try_from(left).unwrap_or(batch));
+        let base = *next & (keys.len() - 1);
+        for (chunk, &key) in chunks.iter_mut().zip(&keys[base..base + len]) {
+            *chunk = u64::from(key);
+        }
+        let done = map.lookup_batch(black_box(&chunks[..len]), &mut out[..len]);
+        black_box(&out);
+        debug_assert_eq!(done, len);
+        *next = next.wrapping_add(len);
+        left -= len as u64;
+    }
+    start.elapsed()
 }
 
 /// Time `iters` installs of fresh chunks (sequential from `start`, or scattered

@@ -21,7 +21,9 @@
 //! keeps a merge from copying the chunk under the write), anything else is
 //! [`Claim::Busy`] and the writer [`BlockMap::park`]s. Readers only
 //! [`BlockMap::lookup`]: `MAPPED`/`MERGING` are read here, `UNMAPPED`/`PENDING`
-//! below (a `PENDING` chunk's write is not acknowledged yet). A merge calls
+//! below (a `PENDING` chunk's write is not acknowledged yet). A reader with many
+//! chunks to look up at once uses [`BlockMap::lookup_batch`], which overlaps
+//! their cache misses, or hints a lookup to come with [`BlockMap::prefetch`]. A merge calls
 //! [`BlockMap::begin_merge`], waits for [`MergeGuard::poll_drained`], copies the
 //! chunk down, publishes the copy below, then [`MergeGuard::finish`]es.
 //!
@@ -71,6 +73,14 @@
 //! - Parking: the waiter's `WAITERS` CAS is `AcqRel` and every transition that clears
 //!   `WAITERS` is an `AcqRel` RMW on the same word, so the waiter's registration
 //!   happens-before the transition's wake-up scan (details in the `wait` module).
+//! - Batched lookups: `lookup_batch` gives, for each chunk, what `lookup` would
+//!   give at some moment during the call (each entry word is one `Acquire` load,
+//!   as in `lookup`; moments may differ between chunks, as in a loop of
+//!   `lookup`s). It loads the capacity (`Acquire`) once per tile of 64 chunks,
+//!   then the root, and keeps the node pointers it found between its passes:
+//!   sound because a node pointer, once installed, never changes.
+//! - `prefetch` is a pure hint: a CPU cache prefetch of the entry's line, no
+//!   store, no effect on any result or ordering (a no-op under loom).
 //! - Counters (`mapped_count`, `memory_bytes`) are `Relaxed` statistics.
 //!
 //! # Reclamation
@@ -97,7 +107,8 @@
 //! # Panics
 //! Nothing a client, a disk or a journal supplies makes this crate panic: chunk
 //! indexes beyond the capacity, physical indexes beyond [`PHYSICAL_MAX`], garbage
-//! journal bytes all come back as errors. `debug_assert!`s check internal
+//! journal bytes all come back as errors; `lookup_batch` with an output slice of
+//! another length than its input does the shorter and returns the count. `debug_assert!`s check internal
 //! invariants (e.g. that a guard's state is still the one it owns). Allocation
 //! failure aborts, as in the rest of Rust.
 

@@ -22,11 +22,22 @@ use crate::{BeginMerge, BlockMap, Claim, Park};
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
     claim_without_cas: AtomicBool,
+    batch_stale_link: AtomicBool,
 }
 
 impl Faults {
     pub(crate) fn claim_without_cas(&self) -> bool {
         self.claim_without_cas.load(Ordering::Relaxed)
+    }
+
+    /// `lookup_batch`'s second pass reads the link found for the previous chunk
+    /// of its tile: the negative control of the batch tests in `map.rs`.
+    pub(crate) fn batch_stale_link(&self) -> bool {
+        self.batch_stale_link.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn plant_batch_stale_link(&self) {
+        self.batch_stale_link.store(true, Ordering::Relaxed);
     }
 }
 

@@ -29,6 +29,10 @@
 //! Every node pointer is published with a `Release` CAS (`AcqRel`) and read with
 //! `Acquire`, so a reader that finds a node also finds it zeroed (the allocating
 //! thread zeroed it before the CAS), and a reader of a taller root finds its child 0.
+//! A batched lookup (`Walker`) loads the root once per tile and keeps the links it
+//! found between passes: installed pointers never change, so that is the same
+//! walk done earlier. Its prefetches (`prefetcht0`) are hints: no architectural
+//! access, no fault, no effect on ordering.
 //!
 //! # Memory
 //! Direct-indexed leaves make dense regions cheap and sparse ones dear (measured by
@@ -40,6 +44,7 @@
 //! the cost of one more leaf pointer per 16 chunks. Arenas hold up to 1/8 more
 //! than the nodes in use; `memory_bytes` counts what they hold.
 
+use std::marker::PhantomData;
 use std::ptr;
 
 use crate::arena::{Arena, Node};
@@ -248,24 +253,27 @@ impl Tree {
     /// here is tall enough to address it.
     #[inline]
     pub(crate) fn leaf(&self, chunk: u64) -> Option<&Leaf> {
-        let (mut node, mut height) = self.root();
-        debug_assert!(chunk < coverage(height));
-        while height > 1 {
-            // SAFETY: `node` is the root or a child installed by `child_or_alloc`;
-            // nodes live until the tree is dropped (Ownership), which cannot happen
-            // while `&self` is borrowed. Nodes above height 1 are `Upper`s.
-            let upper = unsafe { &*node.cast::<Upper>() };
-            node = upper.children[child_slot(chunk, height)].load(Ordering::Acquire);
-            if node.is_null() {
-                return None;
-            }
-            height -= 1;
-        }
-        // SAFETY: as above; the node at height 1 is a `Bottom`.
-        let bottom = unsafe { &*node.cast::<Bottom>() };
-        let leaf = bottom.children[child_slot(chunk, 1)].load(Ordering::Acquire);
-        // SAFETY: null or a `Leaf` installed by `child_or_alloc`, live as above.
+        let (root, height) = self.root();
+        // SAFETY: the root of this tree, borrowed with `&self`, with its height;
+        // the caller's capacity check makes `chunk` below its coverage.
+        let leaf = unsafe { leaf_link(root, height, chunk) }?.load(Ordering::Acquire);
+        // SAFETY: null or a `Leaf` installed by `child_or_alloc` in a node of this
+        // tree; nodes live until the tree is dropped (Ownership), which cannot
+        // happen while `&self` is borrowed.
         unsafe { leaf.cast::<Leaf>().as_ref() }
+    }
+
+    /// The root as it is now, for a batch of walks that load it only once. The
+    /// caller loaded the capacity (`Acquire`) *before* this call: the walker then
+    /// covers every chunk below that capacity.
+    #[inline]
+    pub(crate) fn walker(&self) -> Walker<'_> {
+        let (root, height) = self.root();
+        Walker {
+            root,
+            height,
+            tree: PhantomData,
+        }
     }
 
     /// The leaf holding `chunk`, allocating it (and interior nodes) on the way.
@@ -355,6 +363,110 @@ impl Tree {
         }
         count
     }
+}
+
+/// A root and its height, loaded once by [`Tree::walker`] for the walks of a
+/// batched lookup (`BlockMap::lookup_batch`), borrowed from the tree for `'a`.
+///
+/// Caching the root and the pointers found below it is sound and stays
+/// linearizable: a node pointer, once installed, never changes and is never
+/// unlinked (Ownership), so a walk done now ends at the same entry word as a walk
+/// done later, and a null child seen now is what a lookup at that moment sees.
+#[derive(Clone, Copy)]
+pub(crate) struct Walker<'a> {
+    root: *mut (),
+    height: u32,
+    tree: PhantomData<&'a Tree>,
+}
+
+impl<'a> Walker<'a> {
+    /// Stage 1 of a batched lookup: the bottom node's link to `chunk`'s leaf,
+    /// whose line is prefetched; `None` if no bottom node covers `chunk`. The
+    /// caller checked `chunk` against a capacity loaded before the walker.
+    #[inline]
+    pub(crate) fn link(&self, chunk: u64) -> Option<Link<'a>> {
+        // An ordering bug (root loaded before the capacity) would show here in
+        // debug builds (loom runs them); release builds still never walk a root
+        // that does not cover `chunk`.
+        debug_assert!(chunk < coverage(self.height));
+        if chunk >= coverage(self.height) {
+            return None;
+        }
+        // SAFETY: `root` and `height` were loaded together by `Tree::walker` from a
+        // tree borrowed for `'a`; `chunk` is below the coverage (checked above).
+        let link = unsafe { leaf_link(self.root, self.height, chunk) }?;
+        #[cfg(not(loom))]
+        prefetch_line(ptr::from_ref(link).cast());
+        Some(Link(link))
+    }
+}
+
+/// A bottom node's link to a leaf, found by [`Walker::link`]: only a walk of a
+/// tree borrowed for `'a` makes one, which is what makes [`Link::entry`] sound.
+#[derive(Clone, Copy)]
+pub(crate) struct Link<'a>(&'a AtomicPtr<()>);
+
+impl<'a> Link<'a> {
+    /// Stage 2 of a batched lookup: load the link (the line stage 1 prefetched)
+    /// and return `chunk`'s entry word, whose line is prefetched for stage 3's
+    /// load; `None` if no leaf holds `chunk` yet.
+    #[inline]
+    pub(crate) fn entry(self, chunk: u64) -> Option<&'a AtomicU64> {
+        // Acquire: pairs with the install CAS, as in `Tree::leaf`.
+        let leaf = self.0.load(Ordering::Acquire);
+        // SAFETY: the link is a bottom node's child slot in a tree borrowed for
+        // `'a` (only `Walker::link` makes a `Link`), so `leaf` is null or a live
+        // `Leaf` installed by `child_or_alloc`, valid for `'a` (Ownership).
+        let entry = unsafe { leaf.cast::<Leaf>().as_ref() }?.entry(chunk);
+        #[cfg(not(loom))]
+        prefetch_line(ptr::from_ref(entry).cast());
+        Some(entry)
+    }
+}
+
+/// The link in a bottom node to `chunk`'s leaf (null if no leaf yet), or `None`
+/// if an upper level on the way has no child for `chunk`.
+///
+/// # Safety
+/// `root` is the root node, of `height`, of a tree borrowed for `'a` (as loaded by
+/// `Tree::root`), and `chunk < coverage(height)`.
+#[inline]
+unsafe fn leaf_link<'a>(root: *mut (), height: u32, chunk: u64) -> Option<&'a AtomicPtr<()>> {
+    debug_assert!(chunk < coverage(height));
+    let (mut node, mut height) = (root, height);
+    while height > 1 {
+        // SAFETY: `node` is the root (caller) or a child installed by
+        // `child_or_alloc`; nodes live until the tree is dropped (Ownership),
+        // which cannot happen while it is borrowed for `'a`. Nodes above height 1
+        // are `Upper`s.
+        let upper = unsafe { &*node.cast::<Upper>() };
+        node = upper.children[child_slot(chunk, height)].load(Ordering::Acquire);
+        if node.is_null() {
+            return None;
+        }
+        height -= 1;
+    }
+    // SAFETY: as above; the node at height 1 is a `Bottom`.
+    let bottom = unsafe { &*node.cast::<Bottom>() };
+    Some(&bottom.children[child_slot(chunk, 1)])
+}
+
+/// Ask the CPU to bring the cache line at `addr` into L1 (x86-64 `prefetcht0`).
+/// Never faults, whatever `addr` is, and changes nothing a program can observe
+/// but timing. A no-op on other architectures.
+#[cfg(not(loom))]
+#[inline(always)]
+fn prefetch_line(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` is a hint: it performs no architectural memory access,
+    // raises no fault for any address (unmapped included) and writes nothing.
+    // Callers pass addresses inside live nodes anyway.
+    unsafe {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(addr.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
 }
 
 /// The child at `link`, allocating and installing a zeroed one from `arena` if

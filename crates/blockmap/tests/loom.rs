@@ -28,7 +28,7 @@ use loom::cell::UnsafeCell;
 use loom::future::block_on;
 use loom::model::Builder;
 use loom::thread;
-use ringblk_blockmap::{BeginMerge, BlockMap, Claim, Park, State};
+use ringblk_blockmap::{BeginMerge, BlockMap, Claim, Entry, Error, Park, State};
 
 /// Explore every interleaving (two-thread models are small enough).
 fn exhaustive(f: impl Fn() + Sync + Send + 'static) {
@@ -310,5 +310,97 @@ fn grow_racing_a_writer_never_aliases_chunks() {
             }
         );
         assert_eq!(map.mapped_count(), 1 + u64::from(wrote_high));
+    });
+}
+
+/// Guards against: a batched lookup (whose passes cache links and entry pointers
+/// and load the capacity once) reading a torn or impossible entry, reading the
+/// same chunk older the second time, or seeing MAPPED without the filler's data
+/// (Acquire missing on its entry load: loom's UnsafeCell reports the race).
+#[test]
+fn lookup_batch_racing_publish_sees_old_or_complete_entries() {
+    exhaustive(|| {
+        let map = Arc::new(BlockMap::new(4).unwrap());
+        let data = Arc::new(UnsafeCell::new(0u64));
+        let filler = {
+            let (map, data) = (Arc::clone(&map), Arc::clone(&data));
+            thread::spawn(move || {
+                let Claim::Fill(fill) = map.claim(2).unwrap() else {
+                    panic!("no contender")
+                };
+                // SAFETY: as in `lookup_racing_publish_sees_old_or_complete_entry`.
+                data.with_mut(|d| unsafe { *d = 42 });
+                fill.publish(7).unwrap();
+            })
+        };
+        thread::yield_now(); // see lookup_racing_publish
+        let mut out = [const { Ok(Entry::UNMAPPED) }; 4];
+        assert_eq!(map.lookup_batch(&[2, 3, 2, 9], &mut out), 4);
+        let states: Vec<State> = out[..3]
+            .iter()
+            .map(|r| r.as_ref().unwrap().state())
+            .collect();
+        for state in [states[0], states[2]] {
+            match state {
+                State::Unmapped | State::Pending => {}
+                State::Mapped(p) => {
+                    assert_eq!(p, 7);
+                    // SAFETY: MAPPED was seen with Acquire after the filler's write.
+                    assert_eq!(data.with(|d| unsafe { *d }), 42);
+                }
+                other => panic!("torn or impossible state {other:?}"),
+            }
+        }
+        // Read-read coherence: the later read of chunk 2 is not older.
+        let rank = |s: State| match s {
+            State::Unmapped => 0,
+            State::Pending => 1,
+            _ => 2,
+        };
+        assert!(rank(states[0]) <= rank(states[2]), "{states:?}");
+        assert_eq!(states[1], State::Unmapped);
+        assert_eq!(
+            out[3],
+            Err(Error::ChunkOutOfRange {
+                chunk: 9,
+                capacity: 4
+            })
+        );
+        filler.join().unwrap();
+    });
+}
+
+/// Guards against: a batched lookup racing a growth walking a root too short for
+/// a chunk below the capacity it loaded (the walker's debug assertion), or
+/// returning anything but "out of range", UNMAPPED, PENDING or the final entry.
+#[test]
+fn lookup_batch_racing_grow_and_write() {
+    exhaustive(|| {
+        let map = Arc::new(BlockMap::new(4).unwrap());
+        write(&map, 1, 11);
+        let grower = {
+            let map = Arc::clone(&map);
+            thread::spawn(move || {
+                map.grow(8).unwrap();
+                write(&map, 5, 55);
+            })
+        };
+        thread::yield_now(); // see lookup_racing_publish
+        let mut out = [const { Ok(Entry::UNMAPPED) }; 2];
+        assert_eq!(map.lookup_batch(&[5, 1], &mut out), 2);
+        match &out[0] {
+            Err(Error::ChunkOutOfRange {
+                chunk: 5,
+                capacity: 4,
+            }) => {}
+            Ok(e)
+                if matches!(
+                    e.state(),
+                    State::Unmapped | State::Pending | State::Mapped(55)
+                ) => {}
+            other => panic!("impossible result {other:?}"),
+        }
+        assert_eq!(out[1].as_ref().map(|e| e.state()), Ok(State::Mapped(11)));
+        grower.join().unwrap();
     });
 }

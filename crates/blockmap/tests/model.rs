@@ -11,7 +11,7 @@ use std::task::{Wake, Waker};
 
 use proptest::prelude::*;
 use ringblk_blockmap::{
-    BeginMerge, BlockMap, Claim, FillGuard, MapRecord, MergeGuard, Park, State, WritePin,
+    BeginMerge, BlockMap, Claim, Entry, FillGuard, MapRecord, MergeGuard, Park, State, WritePin,
 };
 
 #[derive(Default)]
@@ -129,6 +129,24 @@ impl<'m> Harness<'m> {
             Kind::Mapped(p) | Kind::Merging(p) => Some((c, p)),
             Kind::Pending => None,
         })
+    }
+
+    /// `lookup_batch` of the chunks around `chunk` (three tiles' worth, so tile
+    /// boundaries fall inside; beyond the capacity too), checked against the model.
+    /// Run with every `Lookup` op rather than as an op of its own, so that the
+    /// seeds in `model.proptest-regressions` still generate the cases they
+    /// recorded.
+    fn check_batch_around(&self, chunk: u64) {
+        let chunks: Vec<u64> = (chunk.saturating_sub(70)..chunk + 70).collect();
+        let mut out = vec![Ok(Entry::UNMAPPED); chunks.len()];
+        assert_eq!(self.map.lookup_batch(&chunks, &mut out), chunks.len());
+        for (&chunk, entry) in chunks.iter().zip(out) {
+            if self.in_range(chunk, entry.is_ok()) {
+                let entry = entry.unwrap();
+                assert_eq!(entry.state(), self.expected_state(chunk), "chunk {chunk}");
+                assert_eq!(entry.pins(), self.model.get(&chunk).map_or(0, |e| e.pins));
+            }
+        }
     }
 
     fn in_range(&self, chunk: u64, result_is_ok: bool) -> bool {
@@ -326,6 +344,7 @@ impl<'m> Harness<'m> {
                     assert_eq!(entry.state(), self.expected_state(chunk));
                     assert_eq!(entry.pins(), self.model.get(&chunk).map_or(0, |e| e.pins));
                 }
+                self.check_batch_around(chunk);
             }
             Op::Iter { from, to } => {
                 let got: Vec<(u64, u64)> = map
