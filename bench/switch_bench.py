@@ -6,7 +6,8 @@ and released every second. Prints:
   - command -> switch and command -> ready times (us) per backup (server-measured),
   - I/O latency p99 / p99.9 / max of I/Os completing within +-50 ms of each switch,
     next to the steady state (same run, I/Os farther than 200 ms from any switch),
-  - IOPS with one delta present vs none (separate fio runs, same server).
+  - IOPS with one delta present vs none (separate fio runs, same server; in full
+    mode three pairs in ABBA order, each ratio and their median).
 Figures are measured, never asserted. Usage: switch_bench.py [--quick|--smoke]
 """
 import json
@@ -27,6 +28,8 @@ if "--smoke" in sys.argv:
     MODE = "smoke"
 RUNTIME = {"full": 20, "quick": 8, "smoke": 2}[MODE]
 SIZE = {"full": "1G", "quick": "512M", "smoke": "64M"}[MODE]
+# Pairs of no-delta / delta phases for the IOPS ratio (ABBA order; the median is the figure).
+PAIRS = {"full": 3, "quick": 1, "smoke": 1}[MODE]
 
 
 def sh(cmd, **kw):
@@ -92,12 +95,21 @@ def main():
         subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
                         "--bs=1M", "--iodepth=4", f"--size={SIZE}"], check=True,
                        capture_output=True)
-        nodelta = fio(uri, RUNTIME)
-        ctl(profile, rpc, "backup", "create", "b", "steady")
-        delta = fio(uri, RUNTIME)
-        ctl(profile, rpc, "backup", "release", "b@steady")
-        while ctl(profile, rpc, "backup", "list", "b"):
-            time.sleep(0.05)
+        # IOPS with a delta against none: PAIRS pairs of phases in ABBA order (so a
+        # disk that speeds up or slows down over the run favours neither side), each
+        # delta phase on a fresh backup that is released (merged) before the next.
+        pairs = []
+        for i in range(PAIRS):
+            got = {}
+            for side in (("none", "delta") if i % 2 == 0 else ("delta", "none")):
+                if side == "delta":
+                    ctl(profile, rpc, "backup", "create", "b", f"steady{i}")
+                got[side] = fio(uri, RUNTIME)["iops"]
+                if side == "delta":
+                    ctl(profile, rpc, "backup", "release", f"b@steady{i}")
+                    while ctl(profile, rpc, "backup", "list", "b"):
+                        time.sleep(0.05)
+            pairs.append(got)
         # Switches under load.
         prefix = os.path.join(datadir, "lat")
         switches = []
@@ -146,8 +158,14 @@ def main():
             print(f"  {label:<18} {pct(v, 99):>10.1f} {pct(v, 99.9):>10.1f} {(v[-1] if v else float('nan')):>10.1f} {len(v):>8}")
         ratio = (pct(near, 99.9) / pct(steady, 99.9)) if steady and near else float("nan")
         print(f"  window p99.9 / steady p99.9 = {ratio:.2f}")
-        r = delta["iops"] / nodelta["iops"] if nodelta["iops"] else float("nan")
-        print(f"  IOPS no delta {nodelta['iops']:.0f}, with a delta {delta['iops']:.0f}, ratio {r:.3f}")
+        ratios = []
+        for i, got in enumerate(pairs):
+            r = got["delta"] / got["none"] if got["none"] else float("nan")
+            ratios.append(r)
+            print(f"  pair {i + 1}: IOPS no delta {got['none']:.0f}, with a delta {got['delta']:.0f}, ratio {r:.3f}")
+        ratios.sort()
+        print(f"  IOPS with a delta / none: median ratio {ratios[len(ratios) // 2]:.3f} over {len(ratios)} pair(s) "
+              f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
         print(f"  IOPS during switches {loaded['iops']:.0f}")
     finally:
         srv.send_signal(signal.SIGTERM)
