@@ -46,12 +46,17 @@ impl std::fmt::Display for IdlePolicy {
 /// calls and device notifications (on a VM, one exit each) per operation.
 ///
 /// `bench/reactor-bench.sh` measures the trade against fio (which enters once per
-/// I/O by default). On this project's virtio disk, `Batch` averaged ~25 reads per
-/// enter and reached 0.81-0.90 of fio's IOPS at QD32; `Eager` 0.97-1.00 at about
-/// fio's CPU per read. Over NBD (`ringblk serve --submit`), where each request's
-/// recv, disk op and send are separate callbacks, the two were within noise of each
-/// other. That is why `Eager` is the default; `Batch` remains for hosts where system
-/// calls cost more than device idle time (the fewest enters, ~30 % less CPU per op).
+/// I/O by default). Four runs on this project's 2-vCPU VM (virtio disk; 3, 8, 8
+/// and 8 rounds of QD32 random reads): median IOPS ratio to fio 0.97, 1.09, 1.04,
+/// 1.02 with `Eager`, 0.81, 1.11, 1.01, 0.93 with `Batch`. In rounds where the
+/// hypervisor stole little CPU, `Eager` was at 0.94-0.99 and `Batch` at
+/// 0.83-0.95; in rounds with heavy steal `Batch` kept its IOPS while `Eager` and
+/// fio (one enter, one VM exit per read) dropped together. `Batch` used ~32 % of a
+/// core where `Eager` and fio used ~50 %, and had the lower p99. Over NBD
+/// (`ringblk serve --submit`) the two were within noise. `Eager` is the default
+/// because it was the one at or above 0.95 of fio in every run; choose `Batch` where
+/// CPU is scarce. (A hybrid, `Eager` unless the reap found 8 or more CQEs, behaved
+/// like `Batch`: clumps that big are common here, so it was not kept.)
 ///
 /// No policy changes an idle reactor: with nothing queued, nothing is entered. Under
 /// SQPOLL the kernel thread picks SQEs up on its own and the policy only decides how
