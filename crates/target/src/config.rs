@@ -191,19 +191,23 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         Some(p) => load_file(p)?,
         None => FileConfig::default(),
     };
-    let data_dir = flags
-        .data_dir
-        .or(file.data_dir)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let data_dir = absolute(
+        flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+    )?;
     let listen: ListenAddr = flags
         .listen
         .or(file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
         .parse()?;
-    let rpc = flags
-        .rpc
-        .or(file.rpc)
-        .unwrap_or_else(|| data_dir.join("ringblk.sock"));
+    let rpc = absolute(
+        flags
+            .rpc
+            .or(file.rpc)
+            .unwrap_or_else(|| data_dir.join("ringblk.sock")),
+    )?;
     let cores = match flags.cores.or(file.cores) {
         Some(list) => parse_cores(&list)?.into_iter().map(Some).collect(),
         None => {
@@ -261,6 +265,11 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             chunk_size: 4096,
         });
     }
+    for v in volumes.iter_mut() {
+        if let Some(p) = v.path.take() {
+            v.path = Some(absolute(p)?);
+        }
+    }
     // A file volume given without a size: use the file's size, or the default for a new file.
     for v in volumes.iter_mut() {
         if v.backend == BackendKind::File && v.size_bytes.is_none() {
@@ -302,6 +311,14 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         rpc,
         data_dir,
     })
+}
+
+/// Paths are made absolute once, at start: the durable store names files relative
+/// to the data dir, and a relative data dir joined to a relative file path named a
+/// file that did not exist (every FLUSH over a backup failed with ENOENT when the
+/// default `./ringblk-data` was used).
+fn absolute(p: PathBuf) -> Result<PathBuf, String> {
+    std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
 fn core_ids() -> Vec<usize> {
@@ -358,7 +375,13 @@ mod tests {
     fn zero_config_defaults() {
         let r = resolve(Flags::default()).expect("defaults");
         assert_eq!(r.server.listen, DEFAULT_LISTEN.parse().expect("addr"));
-        assert_eq!(r.rpc, PathBuf::from("./ringblk-data/ringblk.sock"));
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(r.rpc, cwd.join("ringblk-data/ringblk.sock"));
+        assert_eq!(r.data_dir, cwd.join("ringblk-data"));
+        assert_eq!(
+            r.server.volumes[0].path.as_deref(),
+            Some(cwd.join("ringblk-data/vol0.img").as_path())
+        );
         assert_eq!(r.server.volumes.len(), 1);
         assert_eq!(r.server.volumes[0].name, "vol0");
         assert!(matches!(r.server.reactor.idle, IdlePolicy::Adaptive { .. }));

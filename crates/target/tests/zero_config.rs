@@ -165,6 +165,48 @@ fn serve_with_no_arguments_then_run_the_banner_commands() {
         "{out}"
     );
 
+    // A backup cycle with the relative default data dir, as a new user would run it
+    // from the same directory: ringblk-ctl's default socket, a flushed write on top of
+    // the backup, and a release that merges it down.
+    let ctl_bin = std::path::Path::new(env!("CARGO_BIN_EXE_ringblk"))
+        .parent()
+        .expect("bin dir")
+        .join("ringblk-ctl");
+    let ctl = |args: &[&str]| run_ok(Command::new(&ctl_bin).args(args).current_dir(cwd.path()));
+    ctl(&["backup", "create", "vol0", "first"]);
+    let uri = format!("nbd://127.0.0.1:{DEFAULT_PORT}/vol0");
+    let qemu_io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        run_ok(c.arg(&uri).current_dir(work.path()))
+    };
+    let out = qemu_io(&["write -P 0x5a 1M 1M", "flush"]);
+    assert!(
+        !out.contains("failed"),
+        "write + flush over a backup: {out}"
+    );
+    ctl(&["backup", "release", "vol0@first"]);
+    let start = Instant::now();
+    loop {
+        let list = ctl(&["backup", "list", "vol0"]);
+        if !list.contains("vol0@first") {
+            break;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "the release did not finish within {BOUND:?}: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = qemu_io(&["read -P 0x5a 1M 1M"]);
+    assert!(
+        !out.contains("failed") && !out.contains("Pattern verification"),
+        "{out}"
+    );
+
     // Negative control: a second zero-config server in the same directory cannot take
     // the port, says so and exits non-zero, and the first one keeps serving.
     let second = run(Command::new(env!("CARGO_BIN_EXE_ringblk"))
