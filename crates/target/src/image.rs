@@ -93,6 +93,18 @@ pub struct Delta {
     journal_path: PathBuf,
 }
 
+/// The arguments of [`Delta::create`] and [`Delta::create_reusing`].
+struct NewDelta<'a> {
+    dir: &'a Path,
+    volume: &'a str,
+    id: u64,
+    backup: &'a str,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    direct: bool,
+    journaled: bool,
+}
+
 /// One zero-ahead write (see [`Delta::zero_due`]).
 pub const ZERO_STEP_BYTES: u64 = 2 << 20;
 /// Zeroing starts the next step when the allocator is this close to its end.
@@ -112,10 +124,82 @@ impl Delta {
         direct: bool,
         journaled: bool,
     ) -> std::io::Result<Delta> {
+        let args = NewDelta {
+            dir,
+            volume,
+            id,
+            backup,
+            size_bytes,
+            chunk_bytes,
+            direct,
+            journaled,
+        };
+        Delta::create_inner(args, None)
+    }
+
+    /// Like [`create`](Self::create), but on the data file of a merged delta
+    /// (`from`, renamed to this delta's name) whose first `zeroed` bytes are written
+    /// ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite allocated
+    /// blocks without zeroing ahead first. Its old contents are never read: a chunk
+    /// is read from a delta only once a fill wrote all of it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_reusing(
+        dir: &Path,
+        volume: &str,
+        id: u64,
+        size_bytes: u64,
+        chunk_bytes: u32,
+        direct: bool,
+        journaled: bool,
+        from: &Path,
+        zeroed: u64,
+    ) -> std::io::Result<Delta> {
+        let args = NewDelta {
+            dir,
+            volume,
+            id,
+            backup: "",
+            size_bytes,
+            chunk_bytes,
+            direct,
+            journaled,
+        };
+        Delta::create_inner(args, Some((from, zeroed)))
+    }
+
+    fn create_inner(args: NewDelta<'_>, reuse: Option<(&Path, u64)>) -> std::io::Result<Delta> {
+        let NewDelta {
+            dir,
+            volume,
+            id,
+            backup,
+            size_bytes,
+            chunk_bytes,
+            direct,
+            journaled,
+        } = args;
         let path = dir.join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
-        oo.read(true).write(true).create(true).truncate(true);
-        let (file, direct) = open_data_file(&oo, &path, direct)?;
+        let zeroed = match reuse {
+            Some((from, zeroed)) => {
+                std::fs::rename(from, &path)?;
+                oo.read(true).write(true);
+                zeroed.min(size_bytes)
+            }
+            None => {
+                oo.read(true).write(true).create(true).truncate(true);
+                0
+            }
+        };
+        let (file, direct) = match open_data_file(&oo, &path, direct) {
+            Ok(f) => f,
+            Err(e) => {
+                if reuse.is_some() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(e);
+            }
+        };
         file.set_len(size_bytes)?;
         // Space is written with zeros ahead of the allocator, on the data path
         // (`zero_due`), not here, so that the switch never waits for it.
@@ -151,7 +235,7 @@ impl Delta {
             capacity_chunks,
             merging: AtomicBool::new(false),
             drained: AtomicBool::new(false),
-            zeroed_end: AtomicU64::new(0),
+            zeroed_end: AtomicU64::new(zeroed),
             zeroing: AtomicBool::new(false),
             zeroing_off: AtomicBool::new(false),
             below_writes: std::sync::OnceLock::new(),
@@ -256,6 +340,30 @@ impl Delta {
             return None;
         }
         Some((end, len))
+    }
+
+    /// For a merged delta that no request can reach any more (after the final
+    /// drain): stops zeroing ahead for good and returns how many bytes at the start
+    /// of its data file are written, for [`create_reusing`](Self::create_reusing).
+    /// `None` while a zero write is in flight (it could land after the next delta's
+    /// fills) or when nothing was written.
+    pub fn take_for_reuse(&self) -> Option<u64> {
+        self.zeroing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        // The flag stays taken: no zero write starts on this file again.
+        self.zeroing_off.store(true, Ordering::Release);
+        let zeroed = self.zeroed_end.load(Ordering::Acquire);
+        (zeroed > 0).then_some(zeroed)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes at the start of the data file known to be written (zeroed or filled).
+    pub fn zeroed_bytes(&self) -> u64 {
+        self.zeroed_end.load(Ordering::Acquire)
     }
 
     /// The zero write of `zero_due` finished: `ok` moves the zeroed end, an error

@@ -24,6 +24,11 @@
 //! unchanged: the merged layers read the same before and after. A backup that a
 //! running copy job reads, or uses as its `changed_since` base, is not released
 //! (EBUSY, [`SwitchError::Copying`]; see `copyjob`).
+//!
+//! After the last drain no request can reach the merged delta, so its data file
+//! becomes the next backup's prepared delta (renamed, contents stale but never
+//! read: a delta chunk is read only after a fill wrote all of it). Its written
+//! space spares that delta the zero-ahead writes a fresh file needs.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -293,6 +298,53 @@ pub fn mark_ready(
 
 /// Freezes the volume's current image as backup `name` and redirects every request
 /// admitted from now on to a new delta. Returns once the backup is ready.
+/// Hands the data file of a merged delta to the next backup (as the prepared
+/// delta), so that its written prefix spares the next delta's fills the zero-ahead
+/// writes, which otherwise double the bytes a fresh delta writes. Only after the
+/// final drain: from then on no request can read or write the merged delta.
+/// A prepared delta that was never used is replaced when the merged file has more
+/// written space (it has none unless it is itself a reused file).
+fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
+    if vol.read_only() || vol.is_removed() {
+        return;
+    }
+    let have = ctl.prepared.as_ref().map_or(0, |p| p.zeroed_bytes());
+    if merged.zeroed_bytes() <= have {
+        return;
+    }
+    let Some(zeroed) = merged.take_for_reuse() else {
+        return;
+    };
+    let id = ctl.next_delta_id;
+    ctl.next_delta_id += 1;
+    match Delta::create_reusing(
+        vol.data_dir(),
+        vol.name(),
+        id,
+        vol.size_bytes(),
+        vol.chunk_bytes(),
+        vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
+        vol.persist.persistent(),
+        merged.path(),
+        zeroed,
+    ) {
+        Ok(d) => {
+            d.set_discard(true);
+            tracing::debug!(
+                volume = vol.name(),
+                delta = id,
+                zeroed,
+                "merged delta file reused"
+            );
+            // The unused one it replaces deletes its files on drop (discard).
+            ctl.prepared = Some(d);
+        }
+        Err(e) => {
+            tracing::debug!(volume = vol.name(), error = %e, "merged delta file not reused")
+        }
+    }
+}
+
 pub fn backup_create(
     reactors: &[ReactorHandle],
     vol: &Arc<Volume>,
@@ -517,6 +569,7 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     drain(reactors, vol, old)?;
     vol.free_retired(old);
     ctl.backups.retain(|b| b.name != name);
+    reuse_for_next(&mut ctl, vol, &delta);
     drop(ctl);
     tracing::info!(
         volume = vol.name(),

@@ -349,3 +349,103 @@ os.kill({}, signal.SIGKILL)\n",
     );
     check(&srv);
 }
+
+/// Bytes allocated to the `.delta` files in the data dir, one entry per file.
+fn delta_files(srv: &Server) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v: Vec<(String, u64)> = std::fs::read_dir(srv.dir.path())
+        .expect("data dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".delta"))
+        .map(|e| {
+            let m = e.metadata().expect("metadata");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                m.blocks() * 512,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A release hands its delta's data file (written space and all) to the next
+/// backup, which then needs no zeroing ahead. The old contents must never show:
+/// not through unmapped chunks, not through a partial first write's read-merge,
+/// not in the next backup's export.
+#[test]
+fn a_released_delta_file_is_reused_and_its_old_data_never_shows() {
+    let dir = tmpdir();
+    let img = dir.path().join("v.img");
+    let srv = Server::start_in(
+        dir,
+        &[
+            "--volume",
+            &format!("v={},size=64M,chunk-size=64K", img.display()),
+        ],
+    );
+    let live = srv.uri("v");
+    let c = 65536u64;
+    let w = |p: u8, off: u64, len: u64| format!("write -P {p:#x} {off} {len}");
+    let rd = |p: u8, off: u64, len: u64| format!("read -P {p:#x} {off} {len}");
+    qemu_io(&live, false, &[w(0x11, 0, 8 * MIB)]);
+    // b1's delta takes 8 MiB of 0xaa; the release merges it down.
+    ctl_json(&srv, &["backup", "create", "v", "b1"]);
+    qemu_io(&live, false, &[w(0xaa, 0, 8 * MIB), "flush".into()]);
+    let before = delta_files(&srv);
+    run_ok(ctl(&srv).args(["backup", "release", "v@b1"]));
+    wait_released(&srv, "v", None);
+    // What is left is one prepared delta for the next backup: b1's file, renamed,
+    // with its written space (a fresh prepared delta is sparse).
+    let after = delta_files(&srv);
+    assert_eq!(after.len(), 1, "one prepared delta: {after:?}");
+    assert!(
+        !before.iter().any(|(name, _)| *name == after[0].0),
+        "the prepared delta is a new one: {before:?} -> {after:?}"
+    );
+    assert!(
+        after[0].1 >= 8 * MIB,
+        "the prepared delta holds b1's written space: {after:?}"
+    );
+    assert_reads(&live, false, &[rd(0xaa, 0, 8 * MIB), rd(0, 8 * MIB, MIB)]);
+
+    // b2 lands on the reused file, whose first chunks hold 0xaa.
+    ctl_json(&srv, &["backup", "create", "v", "b2"]);
+    qemu_io(
+        &live,
+        false,
+        &[
+            w(0x55, c / 4, c / 4),   // a partial first write: read-merges from below
+            w(0x66, 200 * c, c),     // a whole chunk, beyond the old data
+            w(0x77, 8 * MIB + c, c), // a chunk the base never had
+            "flush".into(),
+        ],
+    );
+    let live_now = [
+        rd(0xaa, 0, c / 4),
+        rd(0x55, c / 4, c / 4),
+        rd(0xaa, c / 2, 8 * MIB - c / 2),
+        rd(0, 8 * MIB, c),
+        rd(0x77, 8 * MIB + c, c),
+        rd(0, 8 * MIB + 2 * c, c),
+        rd(0x66, 200 * c, c),
+    ];
+    assert_reads(&live, false, &live_now);
+    let b2 = srv.uri("v@b2");
+    assert_reads(
+        &b2,
+        true,
+        &[
+            rd(0xaa, 0, 8 * MIB),
+            rd(0, 8 * MIB, 2 * c),
+            rd(0, 200 * c, c),
+        ],
+    );
+    // Negative control: the check sees a wrong byte.
+    let (ok, text) = qemu_io_status(&b2, true, &[rd(0xaa, 200 * c, c)]);
+    assert!(!ok && text.contains("verification failed"), "{text}");
+    // Released again, the live volume keeps exactly what it showed.
+    run_ok(ctl(&srv).args(["backup", "release", "v@b2"]));
+    wait_released(&srv, "v", None);
+    assert_reads(&live, false, &live_now);
+}
