@@ -1469,6 +1469,7 @@ mod tests {
                     CHUNK as u32,
                     false,
                     false,
+                    None,
                 )
                 .expect("delta"),
             )

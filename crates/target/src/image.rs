@@ -93,18 +93,6 @@ pub struct Delta {
     journal_path: PathBuf,
 }
 
-/// The arguments of [`Delta::create`] and [`Delta::create_reusing`].
-struct NewDelta<'a> {
-    dir: &'a Path,
-    volume: &'a str,
-    id: u64,
-    backup: &'a str,
-    size_bytes: u64,
-    chunk_bytes: u32,
-    direct: bool,
-    journaled: bool,
-}
-
 /// One zero-ahead write (see [`Delta::zero_due`]).
 pub const ZERO_STEP_BYTES: u64 = 2 << 20;
 /// Zeroing starts the next step when the allocator is this close to its end.
@@ -113,6 +101,11 @@ pub const ZERO_LOOKAHEAD_BYTES: u64 = 8 << 20;
 impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
     /// `journaled`: the delta gets a journal in `dir` (persistent volumes).
+    /// `reuse`: `(from, zeroed)` takes the data file of a merged delta instead
+    /// (`from`, renamed to this delta's name) whose first `zeroed` bytes are written
+    /// ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite allocated
+    /// blocks without zeroing ahead first. Its old contents are never read: a chunk
+    /// is read from a delta only once a fill wrote all of it.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         dir: &Path,
@@ -123,61 +116,8 @@ impl Delta {
         chunk_bytes: u32,
         direct: bool,
         journaled: bool,
+        reuse: Option<(&Path, u64)>,
     ) -> std::io::Result<Delta> {
-        let args = NewDelta {
-            dir,
-            volume,
-            id,
-            backup,
-            size_bytes,
-            chunk_bytes,
-            direct,
-            journaled,
-        };
-        Delta::create_inner(args, None)
-    }
-
-    /// Like [`create`](Self::create), but on the data file of a merged delta
-    /// (`from`, renamed to this delta's name) whose first `zeroed` bytes are written
-    /// ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite allocated
-    /// blocks without zeroing ahead first. Its old contents are never read: a chunk
-    /// is read from a delta only once a fill wrote all of it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn create_reusing(
-        dir: &Path,
-        volume: &str,
-        id: u64,
-        size_bytes: u64,
-        chunk_bytes: u32,
-        direct: bool,
-        journaled: bool,
-        from: &Path,
-        zeroed: u64,
-    ) -> std::io::Result<Delta> {
-        let args = NewDelta {
-            dir,
-            volume,
-            id,
-            backup: "",
-            size_bytes,
-            chunk_bytes,
-            direct,
-            journaled,
-        };
-        Delta::create_inner(args, Some((from, zeroed)))
-    }
-
-    fn create_inner(args: NewDelta<'_>, reuse: Option<(&Path, u64)>) -> std::io::Result<Delta> {
-        let NewDelta {
-            dir,
-            volume,
-            id,
-            backup,
-            size_bytes,
-            chunk_bytes,
-            direct,
-            journaled,
-        } = args;
         let path = dir.join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         let zeroed = match reuse {
@@ -344,7 +284,7 @@ impl Delta {
 
     /// For a merged delta that no request can reach any more (after the final
     /// drain): stops zeroing ahead for good and returns how many bytes at the start
-    /// of its data file are written, for [`create_reusing`](Self::create_reusing).
+    /// of its data file are written, for [`create`](Self::create)'s `reuse`.
     /// `None` while a zero write is in flight (it could land after the next delta's
     /// fills) or when nothing was written.
     pub fn take_for_reuse(&self) -> Option<u64> {

@@ -176,7 +176,12 @@ impl Switched {
     }
 }
 
-fn new_delta(ctl: &mut Control, vol: &Volume) -> std::io::Result<Delta> {
+/// A new delta with the next id; `reuse` as in [`Delta::create`].
+fn new_delta(
+    ctl: &mut Control,
+    vol: &Volume,
+    reuse: Option<(&std::path::Path, u64)>,
+) -> std::io::Result<Delta> {
     let id = ctl.next_delta_id;
     ctl.next_delta_id += 1;
     Delta::create(
@@ -188,6 +193,7 @@ fn new_delta(ctl: &mut Control, vol: &Volume) -> std::io::Result<Delta> {
         vol.chunk_bytes(),
         vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
         vol.persist.persistent(),
+        reuse,
     )
 }
 
@@ -199,7 +205,7 @@ pub fn prepare(vol: &Volume) {
     if ctl.prepared.is_some() || vol.read_only() || vol.is_removed() {
         return;
     }
-    match new_delta(&mut ctl, vol) {
+    match new_delta(&mut ctl, vol, None) {
         Ok(d) => {
             d.set_discard(true);
             ctl.prepared = Some(d);
@@ -226,7 +232,7 @@ pub fn switch(
     // made ahead of time by the previous backup command when possible (`prepare`).
     let mut delta = match ctl.prepared.take() {
         Some(d) => d,
-        None => new_delta(ctl, vol)?,
+        None => new_delta(ctl, vol, None)?,
     };
     delta.backup = name.to_string();
     delta.set_discard(false);
@@ -315,24 +321,12 @@ fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
     let Some(zeroed) = merged.take_for_reuse() else {
         return;
     };
-    let id = ctl.next_delta_id;
-    ctl.next_delta_id += 1;
-    match Delta::create_reusing(
-        vol.data_dir(),
-        vol.name(),
-        id,
-        vol.size_bytes(),
-        vol.chunk_bytes(),
-        vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
-        vol.persist.persistent(),
-        merged.path(),
-        zeroed,
-    ) {
+    match new_delta(ctl, vol, Some((merged.path(), zeroed))) {
         Ok(d) => {
             d.set_discard(true);
             tracing::debug!(
                 volume = vol.name(),
-                delta = id,
+                delta = d.id,
                 zeroed,
                 "merged delta file reused"
             );
