@@ -219,42 +219,18 @@ impl<T> Slab<T> {
 
 /// Ask Linux to back `[base, base + len)` with transparent huge pages (with THP in
 /// `madvise` mode, as on most distributions, it otherwise never does). Advisory:
-/// failure only costs TLB misses.
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    ),
-    not(loom)
-))]
+/// failure only costs TLB misses; a no-op elsewhere and under loom.
 fn advise_huge_pages(base: *mut u8, len: usize) {
-    use std::ffi::{c_int, c_void};
-    extern "C" {
-        fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
-    }
-    /// From `<asm-generic/mman-common.h>` (these architectures use the generic value).
-    const MADV_HUGEPAGE: c_int = 14;
-    // SAFETY: `madvise` is the libc function with this signature (libc is linked by
-    // std on Linux). The range is a live allocation this thread owns exclusively;
+    #[cfg(all(target_os = "linux", not(loom)))]
+    // SAFETY: the range is a live allocation this thread owns exclusively;
     // MADV_HUGEPAGE changes neither its contents nor its mapping, only how the
     // kernel may back it. The result is ignored: failure (THP disabled) is harmless.
     unsafe {
-        madvise(base.cast(), len, MADV_HUGEPAGE);
+        libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE);
     }
+    #[cfg(not(all(target_os = "linux", not(loom))))]
+    let _ = (base, len);
 }
-
-#[cfg(not(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    ),
-    not(loom)
-)))]
-fn advise_huge_pages(_base: *mut u8, _len: usize) {}
 
 #[cfg(all(test, not(loom)))]
 mod tests {
