@@ -89,6 +89,35 @@ fn two_claimants_one_winner_loser_sees_published_entry() {
     });
 }
 
+/// Fills chunk 2 with physical 7 on a new thread, after writing 42 to `data` (the
+/// chunk's "contents"): what the lookup models race against.
+fn spawn_filler(map: &Arc<BlockMap>, data: &Arc<UnsafeCell<u64>>) -> thread::JoinHandle<()> {
+    let (map, data) = (Arc::clone(map), Arc::clone(data));
+    thread::spawn(move || {
+        let Claim::Fill(fill) = map.claim(2).unwrap() else {
+            panic!("no contender")
+        };
+        // SAFETY: the chunk is PENDING and owned by this fill; readers touch the data
+        // only after seeing MAPPED.
+        data.with_mut(|d| unsafe { *d = 42 });
+        fill.publish(7).unwrap();
+    })
+}
+
+/// A state seen for chunk 2 while `spawn_filler` runs: UNMAPPED, PENDING, or
+/// MAPPED(7) with the filler's data visible.
+fn assert_old_or_complete(state: State, data: &UnsafeCell<u64>) {
+    match state {
+        State::Unmapped | State::Pending => {}
+        State::Mapped(p) => {
+            assert_eq!(p, 7);
+            // SAFETY: MAPPED was seen with Acquire after the filler's write.
+            assert_eq!(data.with(|d| unsafe { *d }), 42);
+        }
+        other => panic!("torn or impossible state {other:?}"),
+    }
+}
+
 /// Guards against: a reader seeing anything but UNMAPPED, PENDING or the final
 /// MAPPED(p), and a publish not ordered after the fill's data (loom's UnsafeCell
 /// reports the data race if Release/Acquire are missing).
@@ -97,31 +126,12 @@ fn lookup_racing_publish_sees_old_or_complete_entry() {
     exhaustive(|| {
         let map = Arc::new(BlockMap::new(4).unwrap());
         let data = Arc::new(UnsafeCell::new(0u64));
-        let filler = {
-            let (map, data) = (Arc::clone(&map), Arc::clone(&data));
-            thread::spawn(move || {
-                let Claim::Fill(fill) = map.claim(2).unwrap() else {
-                    panic!("no contender")
-                };
-                // SAFETY: the chunk is PENDING and owned by this fill; readers touch
-                // the data only after seeing MAPPED.
-                data.with_mut(|d| unsafe { *d = 42 });
-                fill.publish(7).unwrap();
-            })
-        };
+        let filler = spawn_filler(&map, &data);
         // A yield (not counted as a preemption) lets loom schedule the filler
         // first; without it loom's bounded search never has the reader observe
         // the publish (a Relaxed publish went unnoticed before this was added).
         thread::yield_now();
-        match map.lookup(2).unwrap().state() {
-            State::Unmapped | State::Pending => {}
-            State::Mapped(p) => {
-                assert_eq!(p, 7);
-                // SAFETY: MAPPED was seen with Acquire after the filler's write.
-                assert_eq!(data.with(|d| unsafe { *d }), 42);
-            }
-            other => panic!("torn or impossible state {other:?}"),
-        }
+        assert_old_or_complete(map.lookup(2).unwrap().state(), &data);
         filler.join().unwrap();
         assert_eq!(map.lookup(2).unwrap().state(), State::Mapped(7));
     });
@@ -322,17 +332,7 @@ fn lookup_batch_racing_publish_sees_old_or_complete_entries() {
     exhaustive(|| {
         let map = Arc::new(BlockMap::new(4).unwrap());
         let data = Arc::new(UnsafeCell::new(0u64));
-        let filler = {
-            let (map, data) = (Arc::clone(&map), Arc::clone(&data));
-            thread::spawn(move || {
-                let Claim::Fill(fill) = map.claim(2).unwrap() else {
-                    panic!("no contender")
-                };
-                // SAFETY: as in `lookup_racing_publish_sees_old_or_complete_entry`.
-                data.with_mut(|d| unsafe { *d = 42 });
-                fill.publish(7).unwrap();
-            })
-        };
+        let filler = spawn_filler(&map, &data);
         thread::yield_now(); // see lookup_racing_publish
         let mut out = [const { Ok(Entry::UNMAPPED) }; 4];
         assert_eq!(map.lookup_batch(&[2, 3, 2, 9], &mut out), 4);
@@ -341,15 +341,7 @@ fn lookup_batch_racing_publish_sees_old_or_complete_entries() {
             .map(|r| r.as_ref().unwrap().state())
             .collect();
         for state in [states[0], states[2]] {
-            match state {
-                State::Unmapped | State::Pending => {}
-                State::Mapped(p) => {
-                    assert_eq!(p, 7);
-                    // SAFETY: MAPPED was seen with Acquire after the filler's write.
-                    assert_eq!(data.with(|d| unsafe { *d }), 42);
-                }
-                other => panic!("torn or impossible state {other:?}"),
-            }
+            assert_old_or_complete(state, &data);
         }
         // Read-read coherence: the later read of chunk 2 is not older.
         let rank = |s: State| match s {
