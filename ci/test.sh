@@ -22,6 +22,7 @@ declare -A TOOLS=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
   [qemu-nbd]=qemu-utils
+  [losetup]=mount
 )
 missing=()
 for cmd in "${!TOOLS[@]}"; do

@@ -269,13 +269,21 @@ impl RpcHandler for Methods {
                 sh.remove_volume(&p.name).map_err(volume_error)?;
                 Ok(Value::Bool(true))
             }
+            // The same exports NBD_OPT_LIST offers: every volume, then the read-only
+            // `VOL@NAME` export of each of its ready backups.
             "export_list" => Ok(Value::Array(
                 sh.registry
                     .list()
                     .iter()
-                    .map(|v| {
-                        json!({"name": v.name(), "volume": v.name(), "size_bytes": v.size_bytes(),
-                               "read_only": v.read_only()})
+                    .flat_map(|v| {
+                        let backups = v.ready_backups();
+                        std::iter::once(json!({"name": v.name(), "volume": v.name(),
+                            "size_bytes": v.size_bytes(), "read_only": v.read_only()}))
+                        .chain(backups.into_iter().map(move |b| {
+                            json!({"name": format!("{}@{b}", v.name()), "volume": v.name(),
+                                   "backup": b, "size_bytes": v.size_bytes(), "read_only": true})
+                        }))
+                        .collect::<Vec<_>>()
                     })
                     .collect(),
             )),

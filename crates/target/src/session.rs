@@ -727,7 +727,11 @@ fn execute_base(
             let op = Op::fallocate(file, req.offset, req.length as u64, falloc::PUNCH_HOLE);
             r.submit(op, move |r, comp| {
                 drop(pin);
-                let res = comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno);
+                let res = match comp.bytes() {
+                    // TRIM is advisory: a device without a fast zero/discard keeps the data.
+                    Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => Ok(()),
+                    res => res.map(|_| ()).map_err(NbdErrno::from_os_errno),
+                };
                 finish_with_fua(r, &conn2, req, file, fua, res)
             })
         }

@@ -65,7 +65,9 @@ pub struct Backend {
     file: Option<File>,
     /// Whether the descriptor was opened O_DIRECT (buffers must be aligned).
     direct: bool,
-    /// Whether fallocate punch-hole/zero-range work on this file.
+    /// Whether fallocate punch-hole/zero-range may work on this file or device (the
+    /// call can still answer EOPNOTSUPP: TRIM then keeps the data, FAST_ZERO fails
+    /// with ENOTSUP and a plain WRITE_ZEROES writes zeros).
     can_punch: bool,
 }
 
