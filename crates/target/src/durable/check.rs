@@ -8,7 +8,7 @@
 //! does not list are reported as leftovers (a restart removes them). It never
 //! writes: a torn tail is reported, not truncated.
 
-use super::manifest::{delta_id_of, Manifest};
+use super::manifest::{delta_of_volume, BaseIdentity, Manifest};
 use super::recover::load_delta;
 use super::store::Store;
 
@@ -69,6 +69,8 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             continue;
         }
         let capacity = m.size_bytes.div_ceil(cb as u64);
+        check_base(&v, &m, &mut rep);
+        let stem = m.file_stem();
         let mut ids = std::collections::HashSet::new();
         for d in &m.deltas {
             if !ids.insert(d.id) || d.id >= m.next_delta_id {
@@ -77,7 +79,7 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
                     d.id, m.next_delta_id
                 ));
             }
-            match load_delta(store, &v, d, capacity, cb) {
+            match load_delta(store, &stem, d, capacity, cb) {
                 Ok((r, map, next)) => {
                     rep.lines.push(format!(
                         "{v}: delta {} (above backup {:?}, {:?}): {} frames, {} records, {} chunks mapped, allocator at {}",
@@ -100,8 +102,8 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             }
         }
         for f in &files {
-            if let Some(id) = delta_id_of(&v, f) {
-                if !m.deltas.iter().any(|d| d.id == id) {
+            if let Some((inc, id)) = delta_of_volume(&v, f) {
+                if inc != m.incarnation.as_deref() || !m.deltas.iter().any(|d| d.id == id) {
                     rep.notes.push(format!(
                         "{f}: not in the manifest (a delta prepared for the next backup, or left by a switch that never became durable; removed on restart)"
                     ));
@@ -111,4 +113,29 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
         rep.volumes.push(v);
     }
     rep
+}
+
+/// The base image file the manifest's deltas lie over must still be the one it
+/// names (a restart refuses the volume otherwise, see `Volume::open`).
+fn check_base(v: &str, m: &Manifest, rep: &mut CheckReport) {
+    let Some(rec) = &m.base else {
+        if m.format == super::manifest::FORMAT_V1 {
+            rep.notes.push(format!(
+                "{v}: manifest of format 1 (an older release): the base image's identity is recorded at the next start"
+            ));
+        }
+        return;
+    };
+    match BaseIdentity::of(std::path::Path::new(&rec.path)) {
+        Ok(found) if rec.matches(&found) => {}
+        Ok(found) => rep.errors.push(format!(
+            "{v}: the base image is not the file the backups were taken of: recorded {}, found {} (the server refuses the volume; `--rebind {v}` serves the backups over the new file)",
+            rec.describe(),
+            found.describe()
+        )),
+        Err(e) => rep.errors.push(format!(
+            "{v}: the base image {} is gone ({e}); the server refuses the volume",
+            rec.describe()
+        )),
+    }
 }
