@@ -474,7 +474,11 @@ fn check_live(vol: &Volume) -> Result<(), SwitchError> {
     }
 }
 
-fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<(), SwitchError> {
+pub(crate) fn merge(
+    reactors: &[ReactorHandle],
+    vol: &Arc<Volume>,
+    name: &str,
+) -> Result<(), SwitchError> {
     let _serial = vol.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
     check_live(vol)?;
     let t0 = Instant::now();
