@@ -60,7 +60,10 @@ CONFIG FILE (TOML; flags override it):
 checksum and contents; that every delta it lists has its data file and journal;
 that every journal's frames check out (a torn tail from a crash is reported, not an
 error) and replay strictly (no install over a mapped chunk, no unmap of an unmapped
-one, no physical chunk mapped twice or out of range). Never writes.
+one, no physical chunk mapped twice or out of range); that the base image is the
+file the backups were taken of; that the volume list (volumes.json) parses and its
+volumes' base files exist. A volume the server would leave out at start is named
+with the reason. Never writes.
 
 EXIT STATUS: 0 consistent, 1 inconsistencies found (listed), 2 usage error.
 

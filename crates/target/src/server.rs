@@ -229,7 +229,7 @@ impl ServerShared {
     }
 
     /// Opens the volumes of the persisted list and the configuration (see
-    /// `catalog`) and persists the list. A volume of the list that cannot be
+    /// `catalog`); `save_catalog` persists the list. A volume of the list that cannot be
     /// opened, or any that cannot be recovered, is left out and reported (log,
     /// `volume_list`) while the others serve; a configured volume that cannot be
     /// opened for another reason (a bad spec, a missing file) fails the start.
@@ -263,11 +263,19 @@ impl ServerShared {
         if self.registry.list().is_empty() {
             tracing::warn!(list = %list_path.display(), "no volume to serve: every volume of the data dir's list was deleted or failed; create one with ringblk-ctl volume create or --volume");
         }
-        cat.save(&config.data_dir).map_err(|e| {
-            ServerError::Catalog(format!("cannot write {}: {e}", list_path.display()))
-        })?;
         crate::catalog::warn_unlisted(&config.data_dir, &cat.specs);
         Ok(())
+    }
+
+    /// Writes the volume list as `open_all` settled it, once the start can no
+    /// longer fail for another reason (a start that fails changes nothing).
+    fn save_catalog(&self) -> Result<(), ServerError> {
+        self.catalog().save(&self.data_dir).map_err(|e| {
+            ServerError::Catalog(format!(
+                "cannot write {}: {e}",
+                self.data_dir.join(crate::catalog::FILE_NAME).display()
+            ))
+        })
     }
 }
 
@@ -337,6 +345,7 @@ impl Server {
         });
         shared.open_all(&config)?;
         let (listener, local_addr) = bind(&config.listen)?;
+        shared.save_catalog()?;
         let listener = Arc::new(std::sync::Mutex::new(Some(listener)));
         let sh = shared.clone();
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {

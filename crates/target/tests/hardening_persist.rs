@@ -521,6 +521,8 @@ fn an_unrecoverable_volume_is_left_out_and_the_others_serve() {
         "{va}"
     );
     assert!(log_of(&srv).contains("volume left out"), "{}", log_of(&srv));
+    let table = run_ok(ctl(&srv).args(["volume", "list"]));
+    assert!(table.contains("a: FAILED, not served:"), "{table}");
     read_check(&srv, "b", 0x77, 0, 64 * 1024);
     read_check(&srv, "b@b1", 0x66, 0, MIB);
     let (code, text) = check_data_dir(srv.dir.path());

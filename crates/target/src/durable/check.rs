@@ -5,8 +5,11 @@
 //! header matches, its frames check out up to at most a torn tail, and its records
 //! replay strictly (no install over a mapped chunk, no unmap of an unmapped one, no
 //! physical chunk mapped twice or out of range). Files of a volume the manifest
-//! does not list are reported as leftovers (a restart removes them). It never
-//! writes: a torn tail is reported, not truncated.
+//! does not list are reported as leftovers (a restart removes them). The base
+//! image must be the file the manifest recorded (else the server refuses the
+//! volume). The server's volume list (`volumes.json`) must parse, and the base
+//! file of every file volume it lists must exist. It never writes: a torn tail is
+//! reported, not truncated.
 
 use super::manifest::{delta_of_volume, BaseIdentity, Manifest};
 use super::recover::load_delta;
@@ -39,6 +42,9 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             return rep;
         }
     };
+    if volume.is_none() {
+        check_volume_list(store, &mut rep);
+    }
     let volumes: Vec<String> = match volume {
         Some(v) => vec![v.to_string()],
         None => files
@@ -137,5 +143,39 @@ fn check_base(v: &str, m: &Manifest, rep: &mut CheckReport) {
             "{v}: the base image {} is gone ({e}); the server refuses the volume",
             rec.describe()
         )),
+    }
+}
+
+/// The server's volume list (see `catalog`): what a restart would bring back.
+fn check_volume_list(store: &dyn Store, rep: &mut CheckReport) {
+    let name = crate::catalog::FILE_NAME;
+    if !store.exists(name) {
+        return; // a data dir of an older release, or never started
+    }
+    let list = super::store::read_all(store, name)
+        .map_err(|e| e.to_string())
+        .and_then(|b| crate::catalog::VolumeList::decode(&b));
+    let list = match list {
+        Ok(l) => l,
+        Err(e) => {
+            rep.errors.push(format!("{name}: {e}"));
+            return;
+        }
+    };
+    for v in &list.volumes {
+        let Some(p) = v
+            .path
+            .as_ref()
+            .filter(|_| v.backend == crate::backend::BackendKind::File)
+        else {
+            continue;
+        };
+        if let Err(e) = std::fs::metadata(p) {
+            rep.errors.push(format!(
+                "{}: the base image {} of the listed volume cannot be opened ({e}); the server leaves it out",
+                v.name,
+                p.display()
+            ));
+        }
     }
 }
