@@ -299,7 +299,8 @@ impl Manifest {
 pub struct ManifestCell {
     st: Mutex<CellState>,
     /// Serialises writers so an older generation never overwrites a newer one.
-    write: Mutex<()>,
+    /// Holds `true` once the volume is destroyed: no write may follow.
+    write: Mutex<bool>,
 }
 
 #[derive(Debug)]
@@ -314,7 +315,7 @@ impl ManifestCell {
         let durable_gen = durable.then_some(m.generation);
         ManifestCell {
             st: Mutex::new(CellState { m, durable_gen }),
-            write: Mutex::new(()),
+            write: Mutex::new(false),
         }
     }
 
@@ -335,14 +336,23 @@ impl ManifestCell {
         st.durable_gen != Some(st.m.generation)
     }
 
-    /// Holds off writers (a volume being destroyed removes the file under it).
-    pub fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    /// Holds off writers while a volume being destroyed removes the file, and
+    /// retires the cell: a writer that was already waiting for the lock (a group
+    /// commit that read the manifest before the volume was deleted) must not put
+    /// the file back afterwards, where a volume created again under the name would
+    /// find it and recover the deleted volume's backups.
+    pub fn write_lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        let mut w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        *w = true;
+        w
     }
 
     /// Writes the manifest atomically if the disk's copy is older.
     pub fn write_if_dirty(&self, store: &dyn Store) -> io::Result<()> {
-        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let retired = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if *retired {
+            return Ok(()); // the volume was deleted (see `write_lock`)
+        }
         let (m, dirty) = {
             let st = self.st.lock().unwrap_or_else(|p| p.into_inner());
             (st.m.clone(), st.durable_gen != Some(st.m.generation))
@@ -376,6 +386,23 @@ mod tests {
         bad[10] ^= 1;
         assert!(Manifest::decode(&bad).is_err());
         assert!(Manifest::decode(&b[..b.len() - 12]).is_err());
+    }
+
+    /// A writer that waited for the lock while the volume was destroyed does not
+    /// put the manifest back.
+    #[test]
+    fn a_destroyed_volumes_manifest_stays_gone() {
+        let st = crate::durable::sim::SimStore::new();
+        let cell = ManifestCell::new(Manifest::new("v", 1 << 20, 4096), false);
+        cell.write_if_dirty(&st).expect("write");
+        assert!(st.exists("v.manifest"));
+        cell.update(|m| m.next_delta_id = 7);
+        {
+            let _w = cell.write_lock();
+            st.remove("v.manifest").expect("rm");
+        }
+        cell.write_if_dirty(&st).expect("no-op");
+        assert!(!st.exists("v.manifest"));
     }
 
     #[test]
