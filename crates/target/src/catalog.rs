@@ -11,6 +11,9 @@
 //! the flag's spec the new truth (and accepts another base image under existing
 //! backups, see `Volume::open_with`).
 //!
+//! Volumes on `mem` or `null` come back too, empty (their base does not survive
+//! a restart, nor do their backups).
+//!
 //! A deleted volume stays deleted, the zero-configuration default included: `vol0`
 //! is only made up for a data dir without a list (a first start, or a data dir of
 //! a release before the list existed). After `volume delete vol0` a restart without
@@ -88,9 +91,12 @@ pub fn load(data_dir: &Path) -> Result<Option<VolumeList>, String> {
     }
     let what = data_dir.join(FILE_NAME).display().to_string();
     let bytes = read_all(&store, FILE_NAME).map_err(|e| format!("{what}: {e}"))?;
-    VolumeList::decode(&bytes)
-        .map(Some)
-        .map_err(|e| format!("{what}: {e}"))
+    VolumeList::decode(&bytes).map(Some).map_err(|e| {
+        format!(
+            "{what}: {e}; the server's volume list cannot be trusted (restore it, or move it \
+             away to start from the --volume flags and config file alone)"
+        )
+    })
 }
 
 /// Replaces the list in `data_dir` atomically; durable when it returns Ok.
@@ -159,7 +165,10 @@ pub fn reconcile(
     if implicit {
         return Ok(out);
     }
-    for c in config {
+    for (i, c) in config.iter().enumerate() {
+        if config[..i].iter().any(|x| x.name == c.name) {
+            return Err(format!("volume {:?} is configured twice", c.name));
+        }
         let Some(slot) = out.iter_mut().find(|(s, _)| s.name == c.name) else {
             out.push((c.clone(), Origin::Config));
             continue;
@@ -293,6 +302,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got[0].0, other);
+        let twice = [spec("n", "/x/n.img", None), spec("n", "/x/n.img", None)];
+        let e = reconcile(Some(&l), &twice, false, &[], &p).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
         let e = reconcile(
             Some(&l),
             &[spec("r", "/x/r.img", Some(1 << 20))],

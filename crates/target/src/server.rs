@@ -135,8 +135,14 @@ impl ServerShared {
     /// it is in the persisted volume list when this returns Ok.
     pub fn add_volume(&self, spec: VolumeSpec) -> Result<Arc<Volume>, VolumeError> {
         let mut cat = self.catalog();
-        if cat.failed.contains_key(&spec.name) {
-            return Err(VolumeError::Exists(spec.name));
+        if let Some(why) = cat.failed.get(&spec.name) {
+            return Err(VolumeError::Invalid {
+                name: spec.name,
+                reason: format!(
+                    "the volume list has a volume of that name, left out at start ({why}); \
+                     delete it first (its backups go with it)"
+                ),
+            });
         }
         let v = self.open_volume(spec, false)?;
         cat.specs.push(persisted_spec(&v));
