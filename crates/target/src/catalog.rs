@@ -26,7 +26,10 @@
 //!
 //! # Durability
 //! A `volume_create` answers after the list naming the volume is durable; a
-//! `volume_delete` after the list without it is.
+//! `volume_delete` after the list without it is. A delete removes the volume's
+//! manifest first and then the list entry, so a crash between the two brings
+//! the volume back at the next start without its backups, never the other way
+//! round (a listed-nowhere manifest that a later volume of the name would adopt).
 
 use std::path::Path;
 

@@ -206,7 +206,6 @@ impl ServerShared {
         }
         let v = self.registry.remove(name)?;
         v.persist.destroy();
-        drop(v);
         if let Some(handles) = self.reactors.get() {
             for h in handles.iter() {
                 let n = name.to_string();

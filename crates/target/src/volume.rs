@@ -393,10 +393,9 @@ impl Volume {
         let mut deltas: Vec<Arc<crate::image::Delta>> = Vec::new();
         let mut ready = Vec::new();
         let mut summary = None;
-        let mut file_stem = crate::durable::manifest::file_stem(
-            name,
-            Some(&crate::durable::manifest::new_incarnation()),
-        );
+        // A new lifetime of the volume, unless recovery finds the one it continues.
+        let incarnation = crate::durable::manifest::new_incarnation();
+        let mut file_stem = crate::durable::manifest::file_stem(name, Some(&incarnation));
         let (manifest, base) = if persistent {
             use crate::durable::manifest::{BaseIdentity, Manifest, ManifestCell};
             let store = crate::durable::store::DirStore::new(data_dir);
@@ -421,7 +420,7 @@ impl Volume {
             let manifest = match rec {
                 None => {
                     let mut m = Manifest::new(name, size_bytes, cs);
-                    m.incarnation = file_stem.split_once('@').map(|(_, i)| i.to_string());
+                    m.incarnation = Some(incarnation);
                     m.base = found.clone();
                     ManifestCell::new(m, false)
                 }
