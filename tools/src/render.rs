@@ -17,7 +17,16 @@ pub fn volumes(result: &Value) -> Result<String, CtlError> {
     if rows.is_empty() {
         return Ok("no volumes\n".into());
     }
-    Ok(volume_table(rows).render())
+    let mut out = volume_table(rows).render();
+    // Volumes the server left out at start (not served), and why.
+    for v in rows.iter().filter(|v| v["state"] == "failed") {
+        out.push_str(&format!(
+            "{}: FAILED, not served: {}\n",
+            text(v, "name"),
+            text(v, "error")
+        ));
+    }
+    Ok(out)
 }
 
 /// `volume_create` returns the new volume object.
@@ -312,6 +321,20 @@ mod tests {
              a     1.0 GiB   4096  file     no      2  /a.img\n\
              b           -      -  -        -       -  -\n"
         );
+    }
+
+    #[test]
+    fn a_volume_left_out_at_start_says_why() {
+        let out = volumes(&json!([
+            {"name": "a", "state": "failed", "error": "cannot be recovered: x"},
+            {"name": "b", "state": "serving"}
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.ends_with("a: FAILED, not served: cannot be recovered: x\n"),
+            "{out}"
+        );
+        assert_eq!(out.matches("FAILED").count(), 1, "{out}");
     }
 
     #[test]

@@ -176,6 +176,8 @@ pub struct Flags {
     pub volumes: Vec<VolumeSpec>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
+    /// `--rebind NAME` (see `catalog`).
+    pub rebind: Vec<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -253,6 +255,8 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
                 })?,
         });
     }
+    // Only for a data dir without a volume list (see `catalog`).
+    let volumes_implicit = volumes.is_empty();
     if volumes.is_empty() {
         volumes.push(VolumeSpec {
             name: DEFAULT_VOLUME.into(),
@@ -307,6 +311,8 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             max_connections,
             handshake_timeout,
             data_dir: data_dir.clone(),
+            volumes_implicit,
+            rebind: flags.rebind,
         },
         rpc,
         data_dir,

@@ -6,6 +6,7 @@
 //! JSON-RPC 2.0 control socket and `methods` the RPC methods.
 
 pub mod backend;
+pub mod catalog;
 pub mod config;
 pub mod copyjob;
 pub mod durable;

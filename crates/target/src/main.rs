@@ -60,7 +60,10 @@ CONFIG FILE (TOML; flags override it):
 checksum and contents; that every delta it lists has its data file and journal;
 that every journal's frames check out (a torn tail from a crash is reported, not an
 error) and replay strictly (no install over a mapped chunk, no unmap of an unmapped
-one, no physical chunk mapped twice or out of range). Never writes.
+one, no physical chunk mapped twice or out of range); that the base image is the
+file the backups were taken of; that the volume list (volumes.json) parses and its
+volumes' base files exist. A volume the server would leave out at start is named
+with the reason. Never writes.
 
 EXIT STATUS: 0 consistent, 1 inconsistencies found (listed), 2 usage error.
 
@@ -165,9 +168,20 @@ struct ServeArgs {
     #[arg(long, value_name = "POLICY", value_parser = parse_submit)]
     submit: Option<SubmitPolicy>,
     /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off].
-    /// Repeatable. Without any, vol0 is served from DATA_DIR/vol0.img (1 GiB).
+    /// Repeatable. The data dir keeps the list of volumes the server had (those
+    /// created over RPC too) and a restart brings them all back: --volume adds to
+    /// that list and must agree with what it says of a volume it names (see
+    /// --rebind). Without any, a first start serves vol0 from DATA_DIR/vol0.img
+    /// (1 GiB); once deleted, vol0 stays deleted.
     #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
     volumes: Vec<VolumeSpec>,
+    /// Accept a changed volume: VOLUME's --volume spec replaces what the data dir's
+    /// volume list says of it, and its backups are served over its base image even
+    /// if that is not the file they were taken of (restored from a copy, moved to
+    /// another filesystem). Without it such a start refuses the volume and names the
+    /// recorded and the found file. Repeatable.
+    #[arg(long, value_name = "VOLUME")]
+    rebind: Vec<String>,
     /// Most NBD connections at once [default: 1024].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
@@ -241,6 +255,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         volumes: args.volumes,
         max_connections: args.max_connections,
         handshake_timeout_secs: args.handshake_timeout,
+        rebind: args.rebind,
     })?;
     std::fs::create_dir_all(&resolved.data_dir).map_err(|e| {
         format!(

@@ -175,6 +175,21 @@ pub fn volume_json(v: &Volume) -> Value {
         "read_only": v.read_only(),
         "direct": v.backend().is_direct(),
         "connections": v.connections(),
+        "state": "serving",
+    })
+}
+
+/// A volume of the persisted list that is not served (`state` "failed").
+fn failed_json(s: &VolumeSpec, error: &str) -> Value {
+    json!({
+        "name": s.name,
+        "path": s.path,
+        "size_bytes": s.size_bytes,
+        "block_size": s.block_size,
+        "backend": s.backend,
+        "read_only": s.read_only,
+        "state": "failed",
+        "error": error,
     })
 }
 
@@ -260,9 +275,15 @@ impl RpcHandler for Methods {
             }
             "volume_list" => {
                 let _: Value = params;
-                Ok(Value::Array(
-                    sh.registry.list().iter().map(|v| volume_json(v)).collect(),
-                ))
+                let mut out: Vec<Value> =
+                    sh.registry.list().iter().map(|v| volume_json(v)).collect();
+                // Volumes of the persisted list left out at start, and why.
+                out.extend(
+                    sh.failed_volumes()
+                        .into_iter()
+                        .map(|(s, e)| failed_json(&s, &e)),
+                );
+                Ok(Value::Array(out))
             }
             "volume_delete" => {
                 let p: NameParams = parse_params(params)?;

@@ -61,6 +61,11 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Where delta images of backups are created.
     pub data_dir: PathBuf,
+    /// `volumes` is the zero-configuration default (no flag or config file named
+    /// a volume): only a data dir without a volume list gets it (see `catalog`).
+    pub volumes_implicit: bool,
+    /// `--rebind NAME`: the operator's override for these volumes (see `catalog`).
+    pub rebind: Vec<String>,
 }
 
 /// State every reactor and the RPC thread share.
@@ -72,6 +77,35 @@ pub struct ServerShared {
     pub handshake_timeout: Duration,
     pub data_dir: PathBuf,
     pub reactors: std::sync::OnceLock<Arc<[ReactorHandle]>>,
+    /// The persisted volume list and the volumes of it that could not be opened
+    /// (see `catalog`). Held across a create or delete: they change it in turn.
+    catalog: std::sync::Mutex<Catalog>,
+}
+
+/// What `catalog` persists, and what of it failed at start.
+#[derive(Default)]
+struct Catalog {
+    specs: Vec<VolumeSpec>,
+    /// Volume name → why it is not served (left out at start; still listed).
+    failed: std::collections::BTreeMap<String, String>,
+}
+
+impl Catalog {
+    fn save(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
+        crate::catalog::save(
+            data_dir,
+            &crate::catalog::VolumeList::new(self.specs.clone()),
+        )
+    }
+}
+
+/// The spec a volume is persisted with: its size and an absolute path, so the
+/// next start opens the same thing whatever its working directory.
+fn persisted_spec(v: &Volume) -> VolumeSpec {
+    let mut s = v.spec().clone();
+    s.size_bytes = Some(v.size_bytes());
+    s.path = s.path.map(|p| std::path::absolute(&p).unwrap_or(p));
+    s
 }
 
 impl ServerShared {
@@ -84,12 +118,60 @@ impl ServerShared {
             .map_or(0, |(i, _)| i)
     }
 
-    /// Creates a volume and makes it visible to new connections.
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Volumes of the persisted list that are not served, and why.
+    pub fn failed_volumes(&self) -> Vec<(VolumeSpec, String)> {
+        let cat = self.catalog();
+        cat.specs
+            .iter()
+            .filter_map(|s| cat.failed.get(&s.name).map(|e| (s.clone(), e.clone())))
+            .collect()
+    }
+
+    /// Creates a volume (`volume_create`) and makes it visible to new connections;
+    /// it is in the persisted volume list when this returns Ok.
     pub fn add_volume(&self, spec: VolumeSpec) -> Result<Arc<Volume>, VolumeError> {
+        let mut cat = self.catalog();
+        if let Some(why) = cat.failed.get(&spec.name) {
+            return Err(VolumeError::Invalid {
+                name: spec.name,
+                reason: format!(
+                    "the volume list has a volume of that name, left out at start ({why}); \
+                     delete it first (its backups go with it)"
+                ),
+            });
+        }
+        let v = self.open_volume(spec, false)?;
+        cat.specs.push(persisted_spec(&v));
+        if let Err(source) = cat.save(&self.data_dir) {
+            cat.specs.pop();
+            let _ = self.registry.remove(v.name());
+            return Err(VolumeError::Open {
+                path: self
+                    .data_dir
+                    .join(crate::catalog::FILE_NAME)
+                    .display()
+                    .to_string(),
+                source,
+            });
+        }
+        Ok(v)
+    }
+
+    /// Opens a volume and registers it (not in the persisted list: the caller's).
+    fn open_volume(&self, spec: VolumeSpec, rebind: bool) -> Result<Arc<Volume>, VolumeError> {
         if self.registry.get(&spec.name).is_some() {
             return Err(VolumeError::Exists(spec.name));
         }
-        let v = Arc::new(Volume::open(spec, self.per_reactor.len(), &self.data_dir)?);
+        let v = Arc::new(Volume::open_with(
+            spec,
+            self.per_reactor.len(),
+            &self.data_dir,
+            rebind,
+        )?);
         self.registry.insert(v.clone())?;
         tracing::info!(volume = v.name(), size = v.size_bytes(), backend = %v.backend().kind(), "volume added");
         if let Some(r) = &v.recovered {
@@ -113,8 +195,15 @@ impl ServerShared {
         Ok(v)
     }
 
-    /// Removes a volume; its connections finish in-flight requests and close.
+    /// Removes a volume; its connections finish in-flight requests and close. It
+    /// leaves the persisted list (a restart does not bring it back).
     pub fn remove_volume(&self, name: &str) -> Result<(), VolumeError> {
+        let mut cat = self.catalog();
+        if cat.failed.remove(name).is_some() {
+            // Never opened: its backups go with it here (nothing holds them).
+            crate::catalog::discard_volume_files(&self.data_dir, name);
+            return self.forget_volume(&mut cat, name);
+        }
         let v = self.registry.remove(name)?;
         v.persist.destroy();
         if let Some(handles) = self.reactors.get() {
@@ -130,7 +219,68 @@ impl ServerShared {
             }
         }
         tracing::info!(volume = name, "volume removed");
+        self.forget_volume(&mut cat, name)
+    }
+
+    fn forget_volume(&self, cat: &mut Catalog, name: &str) -> Result<(), VolumeError> {
+        cat.specs.retain(|s| s.name != name);
+        cat.save(&self.data_dir).map_err(|source| {
+            tracing::error!(volume = name, error = %source, "cannot write the volume list: the volume comes back at the next start");
+            VolumeError::Open {
+                path: self.data_dir.join(crate::catalog::FILE_NAME).display().to_string(),
+                source,
+            }
+        })
+    }
+
+    /// Opens the volumes of the persisted list and the configuration (see
+    /// `catalog`); `save_catalog` persists the list. A volume of the list that cannot be
+    /// opened, or any that cannot be recovered, is left out and reported (log,
+    /// `volume_list`) while the others serve; a configured volume that cannot be
+    /// opened for another reason (a bad spec, a missing file) fails the start.
+    fn open_all(&self, config: &ServerConfig) -> Result<(), ServerError> {
+        let list_path = config.data_dir.join(crate::catalog::FILE_NAME);
+        let list = crate::catalog::load(&config.data_dir).map_err(ServerError::Catalog)?;
+        let todo = crate::catalog::reconcile(
+            list.as_ref(),
+            &config.volumes,
+            config.volumes_implicit,
+            &config.rebind,
+            &list_path,
+        )
+        .map_err(ServerError::Catalog)?;
+        let mut cat = self.catalog();
+        for (spec, origin) in todo {
+            let rebind = config.rebind.contains(&spec.name);
+            match self.open_volume(spec.clone(), rebind) {
+                Ok(v) => cat.specs.push(persisted_spec(&v)),
+                Err(e)
+                    if origin == crate::catalog::Origin::List
+                        || matches!(e, VolumeError::Unrecoverable { .. }) =>
+                {
+                    tracing::error!(volume = %spec.name, error = %e, "volume left out; the others are served (ringblk-ctl volume list shows it; fix it and restart, or delete it)");
+                    cat.failed.insert(spec.name.clone(), e.to_string());
+                    cat.specs.push(spec);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if self.registry.list().is_empty() {
+            tracing::warn!(list = %list_path.display(), "no volume to serve: every volume of the data dir's list was deleted or failed; create one with ringblk-ctl volume create or --volume");
+        }
+        crate::catalog::warn_unlisted(&config.data_dir, &cat.specs);
         Ok(())
+    }
+
+    /// Writes the volume list as `open_all` settled it, once the start can no
+    /// longer fail for another reason (a start that fails changes nothing).
+    fn save_catalog(&self) -> Result<(), ServerError> {
+        self.catalog().save(&self.data_dir).map_err(|e| {
+            ServerError::Catalog(format!(
+                "cannot write {}: {e}",
+                self.data_dir.join(crate::catalog::FILE_NAME).display()
+            ))
+        })
     }
 }
 
@@ -155,6 +305,9 @@ pub enum ServerError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Reactor(#[from] ringblk_reactor::ReactorError),
+    /// The persisted volume list cannot be read, or the configuration contradicts it.
+    #[error("{0}")]
+    Catalog(String),
 }
 
 fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), ServerError> {
@@ -193,11 +346,11 @@ impl Server {
             handshake_timeout: config.handshake_timeout,
             data_dir: config.data_dir.clone(),
             reactors: std::sync::OnceLock::new(),
+            catalog: std::sync::Mutex::new(Catalog::default()),
         });
-        for spec in config.volumes.clone() {
-            shared.add_volume(spec)?;
-        }
+        shared.open_all(&config)?;
         let (listener, local_addr) = bind(&config.listen)?;
+        shared.save_catalog()?;
         let listener = Arc::new(std::sync::Mutex::new(Some(listener)));
         let sh = shared.clone();
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {

@@ -325,3 +325,64 @@ fn planted_ordering_bug_is_caught() {
     let caught = (0..12).filter_map(|seed| run(seed, true)).count();
     assert!(caught > 0, "the planted bug went unnoticed in every seed");
 }
+
+/// Issue #11 item 10: a deleted volume's merge stops instead of writing its delta
+/// into the base (which a volume created again under the name may own by then).
+/// Negative control: the same merge of a live volume moves the chunk down.
+#[test]
+fn a_deleted_volumes_merge_stops() {
+    for deleted in [true, false] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let vol = volume(dir.path());
+        let mut rs = manual_reactors(ReactorConfig {
+            cores: vec![None, None],
+            ..Default::default()
+        })
+        .expect("reactors");
+        let done = Rc::new(RefCell::new(0usize));
+        write(&mut rs, 0, &vol, 0, vec![0x11; CHUNK as usize], &done);
+        poll_until(&mut rs, &[0, 1], || *done.borrow() == 1);
+        let mut ctl = vol.control.lock().expect("control");
+        let sw = switchover::switch(&mut ctl, &vol, "b", Instant::now()).expect("switch");
+        switchover::quiesce(&rs[0].peers().clone(), &vol, &sw);
+        poll_until(&mut rs, &[0, 1], || sw.drained_on(0) && sw.drained_on(1));
+        switchover::mark_ready(&mut ctl, &vol, "b", sw);
+        drop(ctl);
+        write(&mut rs, 1, &vol, CHUNK, vec![0x22; CHUNK as usize], &done);
+        poll_until(&mut rs, &[0, 1], || *done.borrow() == 2);
+        let base_before = read_all(&mut rs, &vol, Some("b"));
+        if deleted {
+            vol.mark_removed();
+        }
+        let (handles, v2) = (rs[0].peers().clone(), vol.clone());
+        let merger = std::thread::spawn(move || switchover::merge(&handles, &v2, "b"));
+        let start = Instant::now();
+        while !merger.is_finished() {
+            rs[0].poll_once();
+            rs[1].poll_once();
+            assert!(start.elapsed() < Duration::from_secs(30), "merge stalled");
+        }
+        let res = merger.join().expect("merge thread");
+        let ctl = vol.control.lock().expect("control");
+        let mapped: Vec<u64> = vol.with_stack(&ctl, |s| {
+            s.deltas.iter().map(|d| d.map.mapped_count()).collect()
+        });
+        drop(ctl);
+        if deleted {
+            assert!(
+                matches!(res, Err(switchover::SwitchError::VolumeDeleted(_))),
+                "{res:?}"
+            );
+            assert_eq!(mapped, [1], "the delta keeps its chunk: nothing moved");
+            assert!(
+                read_all(&mut rs, &vol, Some("b")) == base_before,
+                "the base below the backup was written"
+            );
+        } else {
+            res.expect("merge of a live volume");
+            assert!(mapped.is_empty(), "the merged delta is gone: {mapped:?}");
+            let live = read_all(&mut rs, &vol, None);
+            assert!(live[CHUNK as usize..2 * CHUNK as usize] == [0x22; CHUNK as usize][..]);
+        }
+    }
+}

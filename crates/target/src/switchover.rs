@@ -66,6 +66,8 @@ pub enum SwitchError {
     ReadOnly,
     #[error("backup {0:?} is in use by running copy job {1}; cancel it (backup_copy_cancel) or wait for it")]
     Copying(String, u64),
+    #[error("volume {0:?} was deleted")]
+    VolumeDeleted(String),
 }
 
 impl SwitchError {
@@ -80,6 +82,7 @@ impl SwitchError {
             SwitchError::DrainTimeout(_) => libc::ETIMEDOUT,
             SwitchError::ReadOnly => libc::EROFS,
             SwitchError::Copying(..) => libc::EBUSY,
+            SwitchError::VolumeDeleted(_) => libc::ENODEV,
         }
     }
 }
@@ -186,7 +189,7 @@ fn new_delta(
     ctl.next_delta_id += 1;
     Delta::create(
         vol.data_dir(),
-        vol.name(),
+        vol.file_stem(),
         id,
         "",
         vol.size_bytes(),
@@ -403,8 +406,12 @@ pub fn backup_release(
     std::thread::Builder::new()
         .name(format!("merge-{}", vol.name()))
         .spawn(move || {
-            if let Err(e) = merge(&reactors, &vol2, &name2) {
-                tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "merge failed; backup left merging");
+            match merge(&reactors, &vol2, &name2) {
+                Ok(()) => {}
+                Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name2),
+                Err(e) => {
+                    tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "merge failed; backup left merging")
+                }
             }
         })?;
     Ok(info)
@@ -426,8 +433,12 @@ pub fn resume_merges(reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>) {
         let spawned = std::thread::Builder::new()
             .name(format!("merge-{}", vol.name()))
             .spawn(move || {
-                if let Err(e) = merge(&reactors, &vol2, &name) {
-                    tracing::error!(volume = vol2.name(), backup = %name, error = %e, "resumed merge failed; backup left merging");
+                match merge(&reactors, &vol2, &name) {
+                    Ok(()) => {}
+                    Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name),
+                    Err(e) => {
+                        tracing::error!(volume = vol2.name(), backup = %name, error = %e, "resumed merge failed; backup left merging")
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -444,8 +455,32 @@ impl Wake for ThreadWaker {
     }
 }
 
-fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<(), SwitchError> {
+fn merge_stopped(vol: &Volume, backup: &str) {
+    tracing::info!(
+        volume = vol.name(),
+        backup,
+        "merge stopped: the volume was deleted"
+    );
+}
+
+/// Fails once `volume_delete` removed the volume: a deleted volume's merge must
+/// not go on writing into a base that a volume created again under its name (or
+/// anyone else) may now own. Checked before each chunk, so it stops between
+/// chunks, never inside one.
+fn check_live(vol: &Volume) -> Result<(), SwitchError> {
+    match vol.is_removed() {
+        true => Err(SwitchError::VolumeDeleted(vol.name().to_string())),
+        false => Ok(()),
+    }
+}
+
+pub(crate) fn merge(
+    reactors: &[ReactorHandle],
+    vol: &Arc<Volume>,
+    name: &str,
+) -> Result<(), SwitchError> {
     let _serial = vol.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
+    check_live(vol)?;
     let t0 = Instant::now();
     let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     let (delta, below) = vol
@@ -498,6 +533,7 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
             break;
         }
         for c in chunks {
+            check_live(vol)?;
             let guard = loop {
                 match BlockMap::begin_merge_shared(&delta.map, c) {
                     Ok(BeginMerge::Started(g)) => break Some(g),
@@ -541,6 +577,7 @@ fn merge(reactors: &[ReactorHandle], vol: &Arc<Volume>, name: &str) -> Result<()
     // The copies (data and their mappings below) and the unmaps are durable before
     // the manifest forgets the delta.
     let _ = dst;
+    check_live(vol)?;
     vol.persist.commit_blocking()?;
     if let Some(m) = vol.persist.manifest() {
         m.update(|m| m.deltas.retain(|d| d.id != delta.id));

@@ -79,6 +79,10 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+    /// Its backups in the data dir cannot be brought back (damaged, or over another
+    /// base image): the server leaves the volume out and serves the others.
+    #[error("volume {name:?} cannot be recovered: {reason}")]
+    Unrecoverable { name: String, reason: String },
 }
 
 impl VolumeError {
@@ -89,6 +93,7 @@ impl VolumeError {
             VolumeError::Exists(_) => -libc::EEXIST,
             VolumeError::NotFound(_) => -libc::ENODEV,
             VolumeError::Open { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
+            VolumeError::Unrecoverable { .. } => -libc::EIO,
         }
     }
 }
@@ -213,6 +218,9 @@ pub struct Volume {
     pub recovered: Option<RecoverySummary>,
     /// Injected errors (`fault_inject`), checked once per request.
     pub faults: crate::fault::Faults,
+    /// Prefix of this volume's delta and journal file names, unique to this
+    /// lifetime of the volume (`durable::manifest::file_stem`).
+    file_stem: String,
 }
 
 /// What `Volume::open` recovered from the data dir.
@@ -262,6 +270,45 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// Refuses to serve a manifest's deltas over another base image than the one
+/// they were taken of, unless `rebind` (the operator's override). Runs before
+/// recovery so that a refused volume's files are left exactly as they are.
+fn check_base_identity(
+    store: &crate::durable::store::DirStore,
+    name: &str,
+    found: Option<&crate::durable::manifest::BaseIdentity>,
+    rebind: bool,
+) -> Result<(), VolumeError> {
+    let unrecoverable = |reason: String| VolumeError::Unrecoverable {
+        name: name.to_string(),
+        reason,
+    };
+    let m = crate::durable::manifest::Manifest::load(store, name).map_err(unrecoverable)?;
+    let Some(m) = m else { return Ok(()) };
+    let (Some(rec), Some(found)) = (&m.base, found) else {
+        return Ok(()); // format 1 (recorded now) or not a file
+    };
+    if rec.matches(found) || (m.deltas.is_empty() && m.copies.is_empty()) {
+        return Ok(()); // nothing lies over the base: it may change freely
+    }
+    if rebind {
+        tracing::warn!(
+            volume = name,
+            recorded = %rec.describe(),
+            found = %found.describe(),
+            "--rebind: serving the backups over another base image than they were taken of"
+        );
+        return Ok(());
+    }
+    Err(unrecoverable(format!(
+        "its backups were taken of base image {}, but the base found is {}; \
+         refusing to serve them over another file (start with --rebind {name} if the \
+         new file really is that image, e.g. restored from a copy)",
+        rec.describe(),
+        found.describe()
+    )))
+}
+
 impl Volume {
     /// Opens the backend and checks the spec. `reactors` sizes the per-reactor
     /// arrays; delta images of backups go in `data_dir`.
@@ -269,6 +316,18 @@ impl Volume {
         spec: VolumeSpec,
         reactors: usize,
         data_dir: &std::path::Path,
+    ) -> Result<Volume, VolumeError> {
+        Self::open_with(spec, reactors, data_dir, false)
+    }
+
+    /// [`open`](Self::open); `rebind`: serve the data dir's backups of this volume
+    /// even over another base image than they were taken of (see
+    /// [`check_base_identity`]), and record the new one.
+    pub fn open_with(
+        spec: VolumeSpec,
+        reactors: usize,
+        data_dir: &std::path::Path,
+        rebind: bool,
     ) -> Result<Volume, VolumeError> {
         check_name(&spec.name)?;
         let name = spec.name.as_str();
@@ -334,24 +393,39 @@ impl Volume {
         let mut deltas: Vec<Arc<crate::image::Delta>> = Vec::new();
         let mut ready = Vec::new();
         let mut summary = None;
+        // A new lifetime of the volume, unless recovery finds the one it continues.
+        let incarnation = crate::durable::manifest::new_incarnation();
+        let mut file_stem = crate::durable::manifest::file_stem(name, Some(&incarnation));
         let (manifest, base) = if persistent {
+            use crate::durable::manifest::{BaseIdentity, Manifest, ManifestCell};
             let store = crate::durable::store::DirStore::new(data_dir);
+            let found = match &spec.path {
+                Some(p) => Some(BaseIdentity::of(p).map_err(|source| VolumeError::Open {
+                    path: p.display().to_string(),
+                    source,
+                })?),
+                None => None,
+            };
+            check_base_identity(&store, name, found.as_ref(), rebind)?;
             let rec =
                 crate::durable::recover::recover(&store, name, size_bytes, cs).map_err(|e| {
-                    invalid(
-                        name,
-                        format!(
+                    VolumeError::Unrecoverable {
+                        name: name.to_string(),
+                        reason: format!(
                             "recovery failed: {e} (see `ringblk check --data-dir {}`)",
                             data_dir.display()
                         ),
-                    )
+                    }
                 })?;
             let manifest = match rec {
-                None => crate::durable::manifest::ManifestCell::new(
-                    crate::durable::manifest::Manifest::new(name, size_bytes, cs),
-                    false,
-                ),
+                None => {
+                    let mut m = Manifest::new(name, size_bytes, cs);
+                    m.incarnation = Some(incarnation);
+                    m.base = found.clone();
+                    ManifestCell::new(m, false)
+                }
                 Some(rec) => {
+                    file_stem = rec.manifest.file_stem();
                     let mut sum = RecoverySummary {
                         backups: Vec::new(),
                         merging: Vec::new(),
@@ -370,10 +444,10 @@ impl Volume {
                         sum.torn_tail_bytes += rd.torn_tail_bytes;
                         let entry = rd.entry.clone();
                         let d = crate::image::Delta::recovered(
-                            data_dir, name, rd, size_bytes, cs, direct,
+                            data_dir, &file_stem, rd, size_bytes, cs, direct,
                         )
                         .map_err(|source| VolumeError::Open {
-                            path: crate::durable::manifest::delta_name(name, entry.id),
+                            path: crate::durable::manifest::delta_name(&file_stem, entry.id),
                             source,
                         })?;
                         let merging = entry.state == crate::durable::manifest::DeltaState::Merging;
@@ -398,19 +472,29 @@ impl Volume {
                         deltas.push(Arc::new(d));
                     }
                     summary = Some(sum);
-                    crate::durable::manifest::ManifestCell::new(rec.manifest, true)
+                    let cell = ManifestCell::new(rec.manifest, true);
+                    if cell.get().base != found {
+                        // Format 1 (no identity yet), --rebind, or a base nothing
+                        // lies over: the file served now is the one to check next.
+                        cell.update(|m| m.base = found.clone());
+                    }
+                    cell
                 }
             };
-            let base = spec
-                .path
-                .as_ref()
-                .and_then(|p| std::fs::canonicalize(p).ok())
-                .map(|p| p.display().to_string());
-            (Some(manifest), base)
+            (Some(manifest), found.map(|f| f.path))
         } else {
             (None, None)
         };
         let persist = crate::persist::Persist::new(name, data_dir, manifest, base, deltas.clone());
+        if summary.is_some() {
+            // The identity recorded above, durable before anything is served.
+            persist
+                .write_manifest()
+                .map_err(|source| VolumeError::Open {
+                    path: crate::durable::manifest::manifest_name(name),
+                    source,
+                })?;
+        }
         let stack = Box::into_raw(Box::new(Stack::new(0, deltas, reactors)));
         Ok(Volume {
             persist,
@@ -431,7 +515,13 @@ impl Volume {
             ready_backups: RwLock::new(ready),
             merge_lock: Mutex::new(()),
             faults: crate::fault::Faults::default(),
+            file_stem,
         })
+    }
+
+    /// Prefix of this volume's delta and journal file names in the data dir.
+    pub fn file_stem(&self) -> &str {
+        &self.file_stem
     }
 
     pub fn chunk_bytes(&self) -> u32 {
@@ -634,6 +724,11 @@ impl Volume {
 
 impl Drop for Volume {
     fn drop(&mut self) {
+        if self.is_removed() {
+            // Its last connection or merge let go: its delta files go now (they
+            // are its own, see `durable::manifest::file_stem`).
+            tracing::info!(volume = self.name(), files = %self.file_stem, "deleted volume released");
+        }
         if !self.persist.persistent() {
             // Nothing of a mem/null volume survives it: neither do its deltas.
             self.persist.discard_deltas();

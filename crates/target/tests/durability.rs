@@ -38,8 +38,18 @@ fn write_frames(srv: &Server, frames: usize) {
     );
 }
 
+/// Delta 1's journal of volume `v`: `v@INCARNATION.1.journal` (any incarnation).
 fn journal(dir: &Path) -> std::path::PathBuf {
-    dir.join("v.1.journal")
+    std::fs::read_dir(dir)
+        .expect("ls")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+            n.starts_with("v@") && n.ends_with(".1.journal")
+        })
+        .unwrap_or_else(|| dir.join("v.1.journal"))
 }
 
 #[test]
@@ -85,18 +95,35 @@ fn check_reports_torn_tails_and_refuses_damage() {
     let (code, text) = check(&dir);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("ERROR") && text.contains("damaged"), "{text}");
-    // The server refuses the volume rather than serving a wrong image.
-    let started = run(Command::new(env!("CARGO_BIN_EXE_ringblk"))
+    // The server refuses the volume rather than serving a wrong image: it leaves
+    // it out (and would serve any other volume), saying why.
+    let log_path = dir.join("refused.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
         .args(["--rpc"])
         .arg(dir.join("other.sock"))
-        .args(args));
-    let err = String::from_utf8_lossy(&started.stderr);
-    assert!(!started.status.success(), "must refuse: {err}");
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let t0 = std::time::Instant::now();
+    let err = loop {
+        let err = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if err.contains("volume left out") || t0.elapsed() > std::time::Duration::from_secs(30) {
+            break err;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&log_path);
     assert!(
-        err.contains("recovery failed") && err.contains("ringblk check"),
-        "{err}"
+        err.contains("volume left out")
+            && err.contains("recovery failed")
+            && err.contains("ringblk check"),
+        "must refuse: {err}"
     );
 
     // A damaged manifest is an error too.

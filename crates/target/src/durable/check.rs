@@ -5,10 +5,13 @@
 //! header matches, its frames check out up to at most a torn tail, and its records
 //! replay strictly (no install over a mapped chunk, no unmap of an unmapped one, no
 //! physical chunk mapped twice or out of range). Files of a volume the manifest
-//! does not list are reported as leftovers (a restart removes them). It never
-//! writes: a torn tail is reported, not truncated.
+//! does not list are reported as leftovers (a restart removes them). The base
+//! image must be the file the manifest recorded (else the server refuses the
+//! volume). The server's volume list (`volumes.json`) must parse, and the base
+//! file of every file volume it lists must exist. It never writes: a torn tail is
+//! reported, not truncated.
 
-use super::manifest::{delta_id_of, Manifest};
+use super::manifest::{delta_of_volume, BaseIdentity, Manifest};
 use super::recover::load_delta;
 use super::store::Store;
 
@@ -39,6 +42,9 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             return rep;
         }
     };
+    if volume.is_none() {
+        check_volume_list(store, &mut rep);
+    }
     let volumes: Vec<String> = match volume {
         Some(v) => vec![v.to_string()],
         None => files
@@ -69,6 +75,8 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             continue;
         }
         let capacity = m.size_bytes.div_ceil(cb as u64);
+        check_base(&v, &m, &mut rep);
+        let stem = m.file_stem();
         let mut ids = std::collections::HashSet::new();
         for d in &m.deltas {
             if !ids.insert(d.id) || d.id >= m.next_delta_id {
@@ -77,7 +85,7 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
                     d.id, m.next_delta_id
                 ));
             }
-            match load_delta(store, &v, d, capacity, cb) {
+            match load_delta(store, &stem, d, capacity, cb) {
                 Ok((r, map, next)) => {
                     rep.lines.push(format!(
                         "{v}: delta {} (above backup {:?}, {:?}): {} frames, {} records, {} chunks mapped, allocator at {}",
@@ -100,8 +108,8 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
             }
         }
         for f in &files {
-            if let Some(id) = delta_id_of(&v, f) {
-                if !m.deltas.iter().any(|d| d.id == id) {
+            if let Some((inc, id)) = delta_of_volume(&v, f) {
+                if inc != m.incarnation.as_deref() || !m.deltas.iter().any(|d| d.id == id) {
                     rep.notes.push(format!(
                         "{f}: not in the manifest (a delta prepared for the next backup, or left by a switch that never became durable; removed on restart)"
                     ));
@@ -111,4 +119,63 @@ pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
         rep.volumes.push(v);
     }
     rep
+}
+
+/// The base image file the manifest's deltas lie over must still be the one it
+/// names (a restart refuses the volume otherwise, see `Volume::open`).
+fn check_base(v: &str, m: &Manifest, rep: &mut CheckReport) {
+    let Some(rec) = &m.base else {
+        if m.format == super::manifest::FORMAT_V1 {
+            rep.notes.push(format!(
+                "{v}: manifest of format 1 (an older release): the base image's identity is recorded at the next start"
+            ));
+        }
+        return;
+    };
+    match BaseIdentity::of(std::path::Path::new(&rec.path)) {
+        Ok(found) if rec.matches(&found) => {}
+        Ok(found) => rep.errors.push(format!(
+            "{v}: the base image is not the file the backups were taken of: recorded {}, found {} (the server refuses the volume; `--rebind {v}` serves the backups over the new file)",
+            rec.describe(),
+            found.describe()
+        )),
+        Err(e) => rep.errors.push(format!(
+            "{v}: the base image {} is gone ({e}); the server refuses the volume",
+            rec.describe()
+        )),
+    }
+}
+
+/// The server's volume list (see `catalog`): what a restart would bring back.
+fn check_volume_list(store: &dyn Store, rep: &mut CheckReport) {
+    let name = crate::catalog::FILE_NAME;
+    if !store.exists(name) {
+        return; // a data dir of an older release, or never started
+    }
+    let list = super::store::read_all(store, name)
+        .map_err(|e| e.to_string())
+        .and_then(|b| crate::catalog::VolumeList::decode(&b));
+    let list = match list {
+        Ok(l) => l,
+        Err(e) => {
+            rep.errors.push(format!("{name}: {e}"));
+            return;
+        }
+    };
+    for v in &list.volumes {
+        let Some(p) = v
+            .path
+            .as_ref()
+            .filter(|_| v.backend == crate::backend::BackendKind::File)
+        else {
+            continue;
+        };
+        if let Err(e) = std::fs::metadata(p) {
+            rep.errors.push(format!(
+                "{}: the base image {} of the listed volume cannot be opened ({e}); the server leaves it out",
+                v.name,
+                p.display()
+            ));
+        }
+    }
 }

@@ -5,7 +5,9 @@
 //! in the middle is an error, never skipped), its allocator restarts after the
 //! highest physical chunk a durable mapping references, and the space of chunks no
 //! durable mapping references is punched out. Delta and journal files of the volume
-//! that the manifest does not list (a switch that never became durable) are removed.
+//! that the manifest does not list (a switch that never became durable, or an
+//! earlier incarnation of the volume: one deleted, see `manifest::file_stem`) are
+//! removed.
 //! The caller resumes merges of deltas in state `merging`.
 
 use std::io;
@@ -14,7 +16,9 @@ use std::time::Instant;
 use ringblk_blockmap::{BlockMap, MapRecord};
 
 use super::journal::{replay, Journal, JournalHeader, Replay};
-use super::manifest::{delta_id_of, delta_name, journal_name, manifest_name, DeltaEntry, Manifest};
+use super::manifest::{
+    delta_name, delta_of_volume, journal_name, manifest_name, DeltaEntry, Manifest,
+};
 use super::store::{read_all, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,24 +66,25 @@ pub struct Recovered {
 }
 
 /// Checks one delta's journal: the map it describes, or why it cannot be trusted.
+/// `stem`: the volume's file name prefix (`Manifest::file_stem`).
 pub fn load_delta(
     store: &dyn Store,
-    volume: &str,
+    stem: &str,
     entry: &DeltaEntry,
     capacity: u64,
     chunk_bytes: u32,
 ) -> Result<(Replay, BlockMap, u64), RecoverError> {
-    let jn = journal_name(volume, entry.id);
+    let jn = journal_name(stem, entry.id);
     if !store.exists(&jn) {
         return Err(RecoverError::Corrupt(format!(
             "{jn}: missing (the manifest lists delta {})",
             entry.id
         )));
     }
-    if !store.exists(&delta_name(volume, entry.id)) {
+    if !store.exists(&delta_name(stem, entry.id)) {
         return Err(RecoverError::Corrupt(format!(
             "{}: missing (the manifest lists delta {})",
-            delta_name(volume, entry.id),
+            delta_name(stem, entry.id),
             entry.id
         )));
     }
@@ -139,9 +144,12 @@ pub fn recover(
     let listed: Vec<u64> = manifest
         .as_ref()
         .map_or(Vec::new(), |m| m.deltas.iter().map(|d| d.id).collect());
+    let incarnation = manifest.as_ref().and_then(|m| m.incarnation.clone());
     for f in store.list().map_err(io_err("data dir"))? {
-        let orphan = match delta_id_of(volume, &f) {
-            Some(id) => !listed.contains(&id),
+        let orphan = match delta_of_volume(volume, &f) {
+            Some((inc, id)) => {
+                manifest.is_none() || inc != incarnation.as_deref() || !listed.contains(&id)
+            }
             None => f == format!("{}.tmp", manifest_name(volume)),
         };
         if orphan {
@@ -166,15 +174,16 @@ pub fn recover(
     let capacity = size_bytes.div_ceil(chunk_bytes as u64);
     let mut deltas = Vec::new();
     let mut punched = 0u64;
+    let stem = manifest.file_stem();
     for entry in &manifest.deltas {
-        let (r, map, next) = load_delta(store, volume, entry, capacity, chunk_bytes)?;
-        let jn = journal_name(volume, entry.id);
+        let (r, map, next) = load_delta(store, &stem, entry, capacity, chunk_bytes)?;
+        let jn = journal_name(&stem, entry.id);
         if r.torn_tail_bytes > 0 {
             store.set_len(&jn, r.end).map_err(io_err(jn.clone()))?;
             store.sync(&jn).map_err(io_err(jn.clone()))?;
         }
         // Reclaim the space of slots no durable mapping references.
-        let dn = delta_name(volume, entry.id);
+        let dn = delta_name(&stem, entry.id);
         let mut used: Vec<u64> = map
             .records()
             .filter_map(|r| match r {
@@ -273,5 +282,45 @@ mod tests {
         assert_eq!(d.next_physical, 6);
         assert_eq!(d.spare, [1, 3, 4]);
         assert_eq!(d.map.mapped_count(), 3);
+    }
+
+    /// A data dir of release 3af0bc6: its format-1 manifest (bytes from that
+    /// release's writer) and its delta files named without an incarnation recover
+    /// as they are; files of another incarnation of the volume are orphans.
+    #[test]
+    fn a_format_1_data_dir_recovers() {
+        let st = SimStore::new();
+        let (size, cb) = (1u64 << 20, 4096u32);
+        let v1 = concat!(
+            r#"{"format":1,"volume":"vol0","size_bytes":1048576,"chunk_bytes":4096,"generation":4,"next_delta_id":3,"deltas":[{"id":1,"backup":"b1","state":"active","created_unix_ms":1700000000000},{"id":2,"backup":"b2","state":"merging","created_unix_ms":1700000000001}],"copies":[]}"#,
+            "\ncrc32c=05367cee\n"
+        );
+        st.create("vol0.manifest").unwrap();
+        st.write_at("vol0.manifest", 0, v1.as_bytes()).unwrap();
+        for id in [1u64, 2] {
+            st.create(&format!("vol0.{id}.delta")).unwrap();
+            let header = JournalHeader {
+                chunk_bytes: cb,
+                capacity_chunks: 256,
+                delta_id: id,
+            };
+            let j = Journal::create(&st, &format!("vol0.{id}.journal"), header).unwrap();
+            j.append(MapRecord::Install {
+                logical: id,
+                physical: 0,
+            });
+            j.write(&st, j.take(), true).unwrap();
+        }
+        st.create("vol0@00ff.1.delta").unwrap();
+        let r = recover(&st, "vol0", size, cb).unwrap().expect("manifest");
+        assert_eq!(r.manifest.file_stem(), "vol0");
+        assert_eq!(r.deltas.len(), 2);
+        assert_eq!(
+            r.deltas[1].entry.state,
+            super::super::manifest::DeltaState::Merging
+        );
+        assert_eq!(r.deltas[0].map.mapped_count(), 1);
+        assert_eq!(r.orphans_removed, ["vol0@00ff.1.delta"]);
+        assert!(st.exists("vol0.1.delta") && st.exists("vol0.2.journal"));
     }
 }
