@@ -1461,7 +1461,7 @@ mod tests {
         let delta = |id: u64, name: &str| {
             Arc::new(
                 Delta::create(
-                    dir.path(),
+                    vol.persist.store(),
                     "plan",
                     id,
                     name,

@@ -42,6 +42,7 @@ use ringblk_blockmap::{BlockMap, MapRecord};
 use crate::durable::journal::{Journal, JournalHeader};
 use crate::durable::manifest::{delta_name, journal_name};
 use crate::durable::recover::RecoveredDelta;
+use crate::durable::store::{DirStore, Store};
 
 /// A redirect-on-write layer: a sparse data file plus its lookup table.
 #[derive(Debug)]
@@ -90,7 +91,11 @@ pub struct Delta {
     /// Map changes waiting for the next group commit; `None` for volumes whose base
     /// does not survive a restart (mem, null), which keep nothing.
     pub journal: Option<Journal>,
-    journal_path: PathBuf,
+    /// Store name of the journal file.
+    journal_name: String,
+    /// The volume's store: the delta's files are renamed and deleted through it, so
+    /// that it closes the descriptors it keeps of them (`durable::store`).
+    store: Arc<DirStore>,
 }
 
 /// One zero-ahead write (see [`Delta::zero_due`]).
@@ -108,7 +113,7 @@ impl Delta {
     /// is read from a delta only once a fill wrote all of it.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
-        dir: &Path,
+        store: &Arc<DirStore>,
         volume: &str,
         id: u64,
         backup: &str,
@@ -118,11 +123,11 @@ impl Delta {
         journaled: bool,
         reuse: Option<(&Path, u64)>,
     ) -> std::io::Result<Delta> {
-        let path = dir.join(delta_name(volume, id));
+        let path = store.dir().join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         let zeroed = match reuse {
             Some((from, zeroed)) => {
-                std::fs::rename(from, &path)?;
+                store.rename(&store_name(from), &store_name(&path))?;
                 oo.read(true).write(true);
                 zeroed.min(size_bytes)
             }
@@ -135,7 +140,7 @@ impl Delta {
             Ok(f) => f,
             Err(e) => {
                 if reuse.is_some() {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = store.remove(&store_name(&path));
                 }
                 return Err(e);
             }
@@ -162,7 +167,8 @@ impl Delta {
         };
         Ok(Delta {
             journal,
-            journal_path: dir.join(jname),
+            journal_name: jname,
+            store: store.clone(),
             id,
             backup: backup.to_string(),
             path,
@@ -188,7 +194,7 @@ impl Delta {
     /// A delta brought back by recovery: its data file as it is, its map and
     /// allocator from the journal. Drained (nothing of an old epoch is in flight).
     pub fn recovered(
-        dir: &Path,
+        store: &Arc<DirStore>,
         volume: &str,
         r: RecoveredDelta,
         size_bytes: u64,
@@ -196,7 +202,7 @@ impl Delta {
         direct: bool,
     ) -> std::io::Result<Delta> {
         let id = r.entry.id;
-        let path = dir.join(delta_name(volume, id));
+        let path = store.dir().join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         oo.read(true).write(true);
         let (file, direct) = open_data_file(&oo, &path, direct)?;
@@ -229,7 +235,8 @@ impl Delta {
             merged: AtomicBool::new(false),
             size_bytes,
             journal: Some(r.journal),
-            journal_path: dir.join(journal_name(volume, id)),
+            journal_name: journal_name(volume, id),
+            store: store.clone(),
         })
     }
 
@@ -413,14 +420,21 @@ impl Delta {
 impl Drop for Delta {
     fn drop(&mut self) {
         if self.merged.load(Ordering::Acquire) {
-            let _ = std::fs::remove_file(&self.path);
-            let _ = std::fs::remove_file(&self.journal_path);
+            // Through the store: it closes its descriptors of both files first.
+            let _ = self.store.remove(&store_name(&self.path));
+            let _ = self.store.remove(&self.journal_name);
         } else if self.journal.is_none() {
             // No journal: the file means nothing without the map in memory.
             tracing::warn!(path = %self.path.display(), "delta image kept: its data was not merged");
         }
         // Journaled deltas stay for the next start (the manifest lists them).
     }
+}
+
+/// The name a data file has in the store: its path (the store takes an absolute
+/// name as is), as the commit names it (`persist`).
+pub(crate) fn store_name(path: &Path) -> String {
+    path.display().to_string()
 }
 
 /// Opens a delta's data file O_DIRECT when asked and the filesystem allows it

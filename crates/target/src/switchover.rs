@@ -185,7 +185,7 @@ fn new_delta(
     let id = ctl.next_delta_id;
     ctl.next_delta_id += 1;
     Delta::create(
-        vol.data_dir(),
+        vol.persist.store(),
         vol.name(),
         id,
         "",

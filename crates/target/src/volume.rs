@@ -334,10 +334,12 @@ impl Volume {
         let mut deltas: Vec<Arc<crate::image::Delta>> = Vec::new();
         let mut ready = Vec::new();
         let mut summary = None;
+        // One store per volume: recovery, commits and the deltas' files share its
+        // descriptors (`durable::store` module docs).
+        let store = Arc::new(crate::durable::store::DirStore::new(data_dir));
         let (manifest, base) = if persistent {
-            let store = crate::durable::store::DirStore::new(data_dir);
             let rec =
-                crate::durable::recover::recover(&store, name, size_bytes, cs).map_err(|e| {
+                crate::durable::recover::recover(&*store, name, size_bytes, cs).map_err(|e| {
                     invalid(
                         name,
                         format!(
@@ -370,7 +372,7 @@ impl Volume {
                         sum.torn_tail_bytes += rd.torn_tail_bytes;
                         let entry = rd.entry.clone();
                         let d = crate::image::Delta::recovered(
-                            data_dir, name, rd, size_bytes, cs, direct,
+                            &store, name, rd, size_bytes, cs, direct,
                         )
                         .map_err(|source| VolumeError::Open {
                             path: crate::durable::manifest::delta_name(name, entry.id),
@@ -410,7 +412,7 @@ impl Volume {
         } else {
             (None, None)
         };
-        let persist = crate::persist::Persist::new(name, data_dir, manifest, base, deltas.clone());
+        let persist = crate::persist::Persist::new(name, store, manifest, base, deltas.clone());
         let stack = Box::into_raw(Box::new(Stack::new(0, deltas, reactors)));
         Ok(Volume {
             persist,
