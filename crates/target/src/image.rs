@@ -43,6 +43,7 @@ use crate::durable::journal::{Journal, JournalHeader};
 use crate::durable::manifest::{delta_name, journal_name};
 use crate::durable::recover::RecoveredDelta;
 use crate::durable::store::{DirStore, Store};
+use crate::filelock::WriteLock;
 
 /// A redirect-on-write layer: a sparse data file plus its lookup table.
 #[derive(Debug)]
@@ -53,6 +54,8 @@ pub struct Delta {
     pub backup: String,
     pub path: PathBuf,
     file: File,
+    /// The data file's write lock, held through `file` (`filelock`).
+    lock: WriteLock,
     direct: bool,
     pub map: Arc<BlockMap>,
     /// Next free physical chunk (bump allocation: a logical chunk is filled at most
@@ -107,10 +110,11 @@ impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
     /// `journaled`: the delta gets a journal in `dir` (persistent volumes).
     /// `reuse`: `(from, zeroed)` takes the data file of a merged delta instead
-    /// (`from`, renamed to this delta's name) whose first `zeroed` bytes are written
-    /// ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite allocated
-    /// blocks without zeroing ahead first. Its old contents are never read: a chunk
-    /// is read from a delta only once a fill wrote all of it.
+    /// (`from`'s file, renamed to this delta's name) whose first `zeroed` bytes are
+    /// written ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite
+    /// allocated blocks without zeroing ahead first. Its old contents are never
+    /// read: a chunk is read from a delta only once a fill wrote all of it. The
+    /// file keeps its open file description, and with it its write lock.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         store: &Arc<DirStore>,
@@ -121,28 +125,25 @@ impl Delta {
         chunk_bytes: u32,
         direct: bool,
         journaled: bool,
-        reuse: Option<(&Path, u64)>,
+        reuse: Option<(&Delta, u64)>,
     ) -> std::io::Result<Delta> {
         let path = store.dir().join(delta_name(volume, id));
-        let mut oo = OpenOptions::new();
-        let zeroed = match reuse {
+        let owner = format!("volume {volume:?} (its delta {id})");
+        let (file, direct, lock, zeroed) = match reuse {
             Some((from, zeroed)) => {
-                store.rename(&store_name(from), &store_name(&path))?;
-                oo.read(true).write(true);
-                zeroed.min(size_bytes)
+                let file = from.file.try_clone()?;
+                store.rename(&store_name(from.path()), &store_name(&path))?;
+                let lock = from.lock.transfer(owner);
+                (file, from.direct, lock, zeroed.min(size_bytes))
             }
             None => {
+                let mut oo = OpenOptions::new();
+                // Created new: no other writer can hold it; the lock still keeps
+                // out any that comes later.
                 oo.read(true).write(true).create(true).truncate(true);
-                0
-            }
-        };
-        let (file, direct) = match open_data_file(&oo, &path, direct) {
-            Ok(f) => f,
-            Err(e) => {
-                if reuse.is_some() {
-                    let _ = store.remove(&store_name(&path));
-                }
-                return Err(e);
+                let (file, direct) = open_data_file(&oo, &path, direct)?;
+                let lock = crate::filelock::lock(&file, &path, owner)?;
+                (file, direct, lock, 0)
             }
         };
         file.set_len(size_bytes)?;
@@ -173,6 +174,7 @@ impl Delta {
             backup: backup.to_string(),
             path,
             file,
+            lock,
             direct,
             map: Arc::new(map),
             next_physical: AtomicU64::new(0),
@@ -206,6 +208,8 @@ impl Delta {
         let mut oo = OpenOptions::new();
         oo.read(true).write(true);
         let (file, direct) = open_data_file(&oo, &path, direct)?;
+        let lock =
+            crate::filelock::lock(&file, &path, format!("volume {volume:?} (its delta {id})"))?;
         if file.metadata()?.len() < size_bytes {
             // The creating set_len may not have been durable: reads past the end
             // would be short, writes extend it; restore the full size anyway.
@@ -218,6 +222,7 @@ impl Delta {
             backup: r.entry.backup.clone(),
             path,
             file,
+            lock,
             direct,
             map: Arc::new(r.map),
             next_physical: AtomicU64::new(r.next_physical),

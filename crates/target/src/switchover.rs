@@ -180,7 +180,7 @@ impl Switched {
 fn new_delta(
     ctl: &mut Control,
     vol: &Volume,
-    reuse: Option<(&std::path::Path, u64)>,
+    reuse: Option<(&Delta, u64)>,
 ) -> std::io::Result<Delta> {
     let id = ctl.next_delta_id;
     ctl.next_delta_id += 1;
@@ -321,7 +321,7 @@ fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
     let Some(zeroed) = merged.take_for_reuse() else {
         return;
     };
-    match new_delta(ctl, vol, Some((merged.path(), zeroed))) {
+    match new_delta(ctl, vol, Some((merged, zeroed))) {
         Ok(d) => {
             d.set_discard(true);
             tracing::debug!(

@@ -79,6 +79,9 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+    /// Another volume or process writes the file (`filelock`).
+    #[error(transparent)]
+    Locked(crate::filelock::LockError),
 }
 
 impl VolumeError {
@@ -89,6 +92,7 @@ impl VolumeError {
             VolumeError::Exists(_) => -libc::EEXIST,
             VolumeError::NotFound(_) => -libc::ENODEV,
             VolumeError::Open { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
+            VolumeError::Locked(_) => -libc::EBUSY,
         }
     }
 }
@@ -293,9 +297,15 @@ impl Volume {
                     read_only: spec.read_only,
                     direct: spec.direct,
                 };
-                backend::file::open(path, opts).map_err(|source| VolumeError::Open {
-                    path: path.display().to_string(),
-                    source,
+                let owner = format!("volume {name:?} (its base image)");
+                backend::file::open(path, opts, &owner).map_err(|source| {
+                    match crate::filelock::lock_error(&source) {
+                        Some(e) => VolumeError::Locked(e.clone()),
+                        None => VolumeError::Open {
+                            path: path.display().to_string(),
+                            source,
+                        },
+                    }
                 })?
             }
             BackendKind::Mem => {

@@ -96,6 +96,125 @@ fn backup_entry(srv: &Server, vol: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no backup {vol}@{name}"))
 }
 
+// ----- item 3: one writer per file ------------------------------------------------
+
+fn stderr_of(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Issue #11 item 3: `volume create --path` of another volume's base was accepted
+/// (its writes then showed up in the other volume's frozen backup), and `backup copy
+/// --dest` onto another live volume's base truncated it under its clients.
+#[test]
+fn a_second_writer_of_a_file_is_refused_and_named() {
+    let dir = tmpdir();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    let srv = Server::start_in(
+        dir,
+        &[
+            "--volume",
+            &format!("vol0={},size=16M", a.display()),
+            "--volume",
+            &format!("v2={},size=32M", b.display()),
+        ],
+    );
+    qemu_io(&srv.uri("vol0"), false, &[w(0x11, 0, MIB)]);
+    qemu_io(
+        &srv.uri("v2"),
+        false,
+        &[w(0x22, 0, 4 * MIB), "flush".into()],
+    );
+
+    // A second volume on vol0's base.
+    let out = run(ctl(&srv).args(["volume", "create", "v3", "--path"]).arg(&a));
+    let text = stderr_of(&out);
+    assert!(!out.status.success(), "v3 on vol0's base accepted: {text}");
+    assert!(
+        text.contains(r#"Failed to get "write" lock"#)
+            && text.contains(&a.display().to_string())
+            && text.contains("vol0"),
+        "the refusal names the lock, the file and its holder: {text}"
+    );
+    let vols = ctl_json(&srv, &["volume", "list"]);
+    assert_eq!(vols.as_array().expect("array").len(), 2, "{vols}");
+
+    // A backup copy onto another live volume's base.
+    let b_size = std::fs::metadata(&b).expect("b.img").len();
+    let b_sha = sha256(&b);
+    ctl_json(&srv, &["backup", "create", "vol0", "snap"]);
+    let out = run(ctl(&srv).args(["backup", "copy", "vol0@snap"]).arg(&b));
+    let text = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "copy onto v2's base accepted: {text}"
+    );
+    assert!(
+        text.contains(r#"Failed to get "write" lock"#)
+            && text.contains(&b.display().to_string())
+            && text.contains("v2"),
+        "the refusal names the lock, the file and its holder: {text}"
+    );
+    assert_eq!(std::fs::metadata(&b).expect("b.img").len(), b_size);
+    assert_eq!(sha256(&b), b_sha, "v2's base was changed");
+    qemu_io(&srv.uri("v2"), true, &[rd(0x22, 0, 4 * MIB)]);
+    // The backup's export still reads (read-only opens take no lock), and a copy to
+    // a free file works.
+    qemu_io(&srv.uri("vol0@snap"), true, &[rd(0x11, 0, MIB)]);
+    let dest = srv.path("snap-copy.img");
+    let out = run_ok(ctl(&srv).args(["backup", "copy", "vol0@snap"]).arg(&dest));
+    assert!(out.contains("sha256"), "{out}");
+
+    // A second server (its own data dir) on vol0's base.
+    let other = tmpdir();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ringblk"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(other.path())
+        .arg("--rpc")
+        .arg(other.path().join("rpc.sock"))
+        .arg("--volume")
+        .arg(format!("x={},size=16M", a.display())));
+    let text = stderr_of(&out);
+    assert!(!out.status.success(), "second server started: {text}");
+    assert!(
+        text.contains(r#"Failed to get "write" lock"#)
+            && text.contains(&a.display().to_string())
+            && text.contains("another process"),
+        "the refusal names the lock, the file and the holder: {text}"
+    );
+    qemu_io(&srv.uri("vol0"), false, &[rd(0x11, 0, MIB)]);
+
+    // A deleted volume lets go of its file: the next volume on it is accepted.
+    let c = srv.path("c.img");
+    let size = format!("{}", 8 * MIB);
+    let mk = |name: &str| {
+        run(ctl(&srv)
+            .args(["volume", "create", name, "--size", &size, "--path"])
+            .arg(&c))
+    };
+    assert!(mk("v4").status.success());
+    let refused = mk("v5");
+    assert!(!refused.status.success(), "v5 on v4's base accepted");
+    run_ok(ctl(&srv).args(["volume", "delete", "v4"]));
+    let start = Instant::now();
+    loop {
+        let out = mk("v5");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the deleted volume kept its lock: {}",
+            stderr_of(&out)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 // ----- item 7: descriptors and space of released deltas ---------------------------
 
 /// The server's open descriptors: (count, how many name a deleted file, bytes those
@@ -180,4 +299,3 @@ fn backup_cycles_leak_no_descriptors_and_no_space() {
     // What was written is still there.
     qemu_io(&live, false, &[rd(30, 6 * 4 * MIB, 2 * MIB)]);
 }
-
