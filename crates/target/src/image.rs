@@ -25,10 +25,20 @@
 //! (`quiesced`), which makes every old-epoch admission visible; before that round it
 //! waits for the whole drain. Bucket collisions only make it wait longer.
 //!
+//! A new delta's tracker list also holds the trackers of every stack retired
+//! earlier and not yet drained (a drain slower than its wait): their writes may
+//! overlap the chunk too.
+//!
 //! # Reclamation
-//! A retired stack is freed only after such a drain: the drain message runs on each
-//! reactor between requests (a quiescent point), after the new pointer was stored,
-//! so no reactor can still be between loading the old pointer and pinning it.
+//! A retired stack is freed only after a drain round that started after it was
+//! unpublished found its pins at zero on every reactor: the round's message runs
+//! on each reactor between requests (a quiescent point), after the new pointer was
+//! stored, so no reactor can still be between loading the old pointer and pinning
+//! it, and a count that reached zero there stays zero. A round that outlives its
+//! waiter keeps the pin counters it watches alive itself ([`Pins`] is shared), so
+//! freeing the stack never pulls memory from under it. Rounds free exactly the
+//! stacks they covered (by epoch), never "everything retired before": an older
+//! stack whose drain is still waiting for a request stays (issue #11 item 8).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -83,7 +93,7 @@ pub struct Delta {
     /// Zeroing ahead failed (full disk, unaligned tail): fills write into holes.
     zeroing_off: AtomicBool,
     /// Writes of the stack this delta's switch replaced (see the module docs).
-    below_writes: std::sync::OnceLock<Arc<WriteTracker>>,
+    below_writes: std::sync::OnceLock<Vec<Arc<WriteTracker>>>,
     /// Every reactor passed a quiescent point after the switch: `below_writes`
     /// shows every old-epoch write still in flight.
     quiesced: AtomicBool,
@@ -387,12 +397,14 @@ impl Delta {
             return false;
         }
         match self.below_writes.get() {
-            Some(t) => !t.busy(chunk),
+            Some(ts) => !ts.iter().any(|t| t.busy(chunk)),
             None => false,
         }
     }
 
-    pub(crate) fn set_below_writes(&self, t: Arc<WriteTracker>) {
+    /// The trackers of the stack this delta's switch replaced and of every older
+    /// stack still undrained (module docs).
+    pub(crate) fn set_below_writes(&self, t: Vec<Arc<WriteTracker>>) {
         let _ = self.below_writes.set(t);
     }
 
@@ -462,9 +474,30 @@ pub struct Stack {
     /// Bottom to top; the base is implicit below them.
     pub deltas: Vec<Arc<Delta>>,
     /// Requests admitted under this stack and not finished, per reactor.
-    pins: Box<[AtomicU64]>,
+    pins: Arc<Pins>,
     /// Write-type requests of this stack in flight, by chunk (module docs).
     pub writes: Arc<WriteTracker>,
+}
+
+/// Requests admitted under one stack and not finished, per reactor: each slot is
+/// written only by its reactor (load + store), read by drains.
+#[derive(Debug)]
+pub struct Pins(Box<[AtomicU64]>);
+
+impl Pins {
+    fn slot(&self, reactor: usize) -> &AtomicU64 {
+        &self.0[reactor.min(self.0.len() - 1)]
+    }
+
+    /// Requests still running on `reactor`.
+    pub fn pinned_on(&self, reactor: usize) -> u64 {
+        self.slot(reactor).load(Ordering::Acquire)
+    }
+
+    /// Requests still running on any reactor (a snapshot, for reports).
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|p| p.load(Ordering::Acquire)).sum()
+    }
 }
 
 /// Buckets per reactor of a [`WriteTracker`].
@@ -529,23 +562,43 @@ impl WriteTracker {
     }
 }
 
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Freed with a request still pinned to it: a use after free (issue #11
+        // item 8). Checked in debug builds, which every test runs.
+        debug_assert!(
+            self.pins.total() == 0,
+            "stack of epoch {} freed while a request is pinned to it",
+            self.epoch
+        );
+    }
+}
+
 impl Stack {
     pub fn new(epoch: u64, deltas: Vec<Arc<Delta>>, reactors: usize) -> Stack {
         Stack {
             epoch,
             deltas,
-            pins: (0..reactors.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            pins: Arc::new(Pins(
+                (0..reactors.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            )),
             writes: Arc::new(WriteTracker::new(reactors)),
         }
     }
 
     fn slot(&self, reactor: usize) -> &AtomicU64 {
-        &self.pins[reactor.min(self.pins.len() - 1)]
+        self.pins.slot(reactor)
     }
 
     /// Requests of this stack still running on `reactor`.
     pub fn pinned_on(&self, reactor: usize) -> u64 {
-        self.slot(reactor).load(Ordering::Acquire)
+        self.pins.pinned_on(reactor)
+    }
+
+    /// The stack's pin counters, for a drain round that may outlive the stack's
+    /// memory (module docs: # Reclamation).
+    pub fn pins(&self) -> Arc<Pins> {
+        self.pins.clone()
     }
 
     /// The layers a backup's export reads: every delta strictly below the delta

@@ -138,7 +138,9 @@ pub struct VolumeStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupState {
-    /// Switched; requests of the old epoch are still completing.
+    /// Switched; requests of the old epoch (or of an older one still draining) are
+    /// still completing. Ready once the last of them finished, however long that
+    /// takes (`switchover`: # Drain).
     Draining,
     /// Frozen image complete; its export serves reads.
     Ready,
@@ -156,6 +158,13 @@ pub struct BackupInfo {
     /// Time from the command to the published switch, and to `ready`.
     pub switch_us: u64,
     pub ready_us: Option<u64>,
+    /// Epoch of the stack its switch replaced: the backup is ready once no retired
+    /// stack of this epoch or older is left (0 for recovered backups: ready).
+    #[serde(skip)]
+    pub drain_epoch: u64,
+    /// When the command started (for `ready_us`); `None` when recovered.
+    #[serde(skip)]
+    pub started: Option<std::time::Instant>,
 }
 
 /// Volume state only the control plane touches (backup commands serialise here).
@@ -184,8 +193,13 @@ impl Control {
 /// backup): `x-ringblk:changed/NAME`, flags bit 0 set on changed chunks.
 pub const META_CHANGED_PREFIX: &str = "x-ringblk:changed/";
 
-/// A retired stack waiting for its drain; freed afterwards.
-struct Retired(*mut Stack);
+/// A retired stack waiting for its drain; freed afterwards (`image`: # Reclamation).
+struct Retired {
+    stack: *mut Stack,
+    /// Its epoch: unique within the volume, what drain rounds name it by (an
+    /// address can be reused by a later stack).
+    epoch: u64,
+}
 // SAFETY: the pointer is only dereferenced (freed) by the control plane after the
 // drain proved no reactor uses it; Stack itself is Send + Sync.
 unsafe impl Send for Retired {}
@@ -203,6 +217,9 @@ pub struct Volume {
     /// The published image stack (see `image` for the pin/drain protocol).
     current: AtomicPtr<Stack>,
     retired: Mutex<Vec<Retired>>,
+    /// A thread is finishing drains that outlasted their command's wait
+    /// (`switchover::finish_later`): at most one per volume.
+    pub(crate) drain_helper: AtomicBool,
     pub control: Mutex<Control>,
     /// Names of ready backups (their exports). Separate from `control` because the
     /// handshake reads it on reactor threads, and `control` is held across drains,
@@ -400,6 +417,8 @@ impl Volume {
                             created_unix_ms: entry.created_unix_ms,
                             switch_us: 0,
                             ready_us: None,
+                            drain_epoch: 0,
+                            started: None,
                         });
                         if merging {
                             sum.merging.push(entry.backup.clone());
@@ -439,6 +458,7 @@ impl Volume {
             data_dir: data_dir.to_path_buf(),
             current: AtomicPtr::new(stack),
             retired: Mutex::new(Vec::new()),
+            drain_helper: AtomicBool::new(false),
             control: Mutex::new(control),
             ready_backups: RwLock::new(ready),
             merge_lock: Mutex::new(()),
@@ -490,7 +510,7 @@ impl Volume {
         _control: &std::sync::MutexGuard<'_, Control>,
         f: impl FnOnce(&Stack) -> R,
     ) -> R {
-        // SAFETY: see above; `free_retired` only frees stacks already replaced.
+        // SAFETY: see above; `free_drained` only frees stacks already replaced.
         f(unsafe { &*self.current.load(Ordering::Acquire) })
     }
 
@@ -513,27 +533,72 @@ impl Volume {
         }
     }
 
-    /// Publishes `stack` (the switch) and retires the old one until its drain.
-    /// Returns the old stack's pointer for the drain to watch.
-    pub(crate) fn publish(&self, stack: Stack) -> *const Stack {
+    /// Publishes `stack` (the switch) and retires the old one until a drain round
+    /// covers it. Call it holding `control` (stacks change only under it).
+    pub(crate) fn publish(&self, _control: &std::sync::MutexGuard<'_, Control>, stack: Stack) {
         let new = Box::into_raw(Box::new(stack));
         let old = self.current.swap(new, Ordering::AcqRel);
+        // SAFETY: `old` was the published stack; only the control plane (which we
+        // hold) frees stacks, and only retired ones.
+        let epoch = unsafe { &*old }.epoch;
         self.retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Retired(old));
-        old
+            .push(Retired { stack: old, epoch });
     }
 
-    /// Frees retired stacks after a drain proved no request uses them.
-    pub(crate) fn free_retired(&self, upto: *const Stack) {
+    /// What a drain round started now must watch: every retired stack, by epoch,
+    /// with its pin counters and write tracker.
+    pub(crate) fn retired_stacks(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+    ) -> Vec<(
+        u64,
+        Arc<crate::image::Pins>,
+        Arc<crate::image::WriteTracker>,
+    )> {
+        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .map(|r| {
+                // SAFETY: listed, so not freed; freeing needs `control`, held here.
+                let s = unsafe { &*r.stack };
+                (r.epoch, s.pins(), s.writes.clone())
+            })
+            .collect()
+    }
+
+    /// Requests still pinned to retired stacks of epoch `upto` or older; `None`
+    /// when no such stack is left (what a backup switched at `upto` waits for).
+    pub(crate) fn undrained_upto(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+        upto: u64,
+    ) -> Option<u64> {
+        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut older = list.iter().filter(|r| r.epoch <= upto).peekable();
+        older.peek()?;
+        // SAFETY: listed, so not freed; freeing needs `control`, held here.
+        Some(older.map(|r| unsafe { &*r.stack }.pins().total()).sum())
+    }
+
+    /// Frees the retired stacks of `epochs`: a drain round that started after they
+    /// were unpublished found no request pinned to them on any reactor (`image`:
+    /// # Reclamation). Epochs already freed by another round are skipped.
+    pub(crate) fn free_drained(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+        epochs: &[u64],
+    ) {
         let mut list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pos) = list.iter().position(|r| std::ptr::eq(r.0, upto)) {
-            for r in list.drain(..=pos) {
-                // SAFETY: retired and drained: no reactor holds or can load it.
-                drop(unsafe { Box::from_raw(r.0) });
+        list.retain(|r| {
+            if !epochs.contains(&r.epoch) {
+                return true;
             }
-        }
+            // SAFETY: drained (above): no request holds it, no reactor can load it;
+            // rounds still running hold only its `Pins`.
+            drop(unsafe { Box::from_raw(r.stack) });
+            false
+        });
     }
 
     pub fn name(&self) -> &str {
@@ -650,7 +715,9 @@ impl Drop for Volume {
             // Nothing of a mem/null volume survives it: neither do its deltas.
             self.persist.discard_deltas();
         }
-        // No Arc<Volume> is left, so no request or reactor can hold a pin.
+        // No Arc<Volume> is left, so no request or reactor can hold a pin, and no
+        // drain round has a waiter (each holds the volume); a round still on the
+        // reactors holds only its `Pins`.
         let cur = *self.current.get_mut();
         // SAFETY: allocated by Box::into_raw in open/publish; freed exactly once.
         drop(unsafe { Box::from_raw(cur) });
@@ -661,7 +728,7 @@ impl Drop for Volume {
             .drain(..)
         {
             // SAFETY: as above.
-            drop(unsafe { Box::from_raw(r.0) });
+            drop(unsafe { Box::from_raw(r.stack) });
         }
     }
 }

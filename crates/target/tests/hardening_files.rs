@@ -11,7 +11,6 @@
 //!   request may still use, and the backup becomes `ready` when the last old
 //!   request finishes, with the right bytes.
 
-#![allow(dead_code, unused_imports)] // helpers of the tests of items 3 and 8, which follow
 mod common;
 use common::*;
 
@@ -298,4 +297,125 @@ fn backup_cycles_leak_no_descriptors_and_no_space() {
     );
     // What was written is still there.
     qemu_io(&live, false, &[rd(30, 6 * 4 * MIB, 2 * MIB)]);
+}
+
+// ----- item 8: a drain slower than its wait ---------------------------------------
+
+/// Issue #11 item 8: a drain that hit its timeout left the old stack on the retired
+/// list, the next drain freed it while a request was still pinned to it, and the
+/// backup stayed `draining` forever. Here a write admitted before the switch is
+/// held in flight (an injected delay) past the drain's wait; another backup is taken
+/// meanwhile; then the write finishes.
+#[test]
+fn a_slow_drain_stays_draining_then_becomes_ready() {
+    let dir = tmpdir();
+    let img = dir.path().join("v.img");
+    let log = std::fs::File::create(dir.path().join(STDERR_LOG)).expect("log");
+    let mut srv = Server::start_in_with_stderr(
+        dir,
+        &["--volume", &format!("v={},size=16M", img.display())],
+        log.into(),
+    );
+    let live = srv.uri("v");
+    qemu_io(&live, false, &[w(0x11, 0, 4 * MIB)]);
+    // An older backup, released while the slow drain is on (its merge drains too).
+    ctl_json(&srv, &["backup", "create", "v", "old"]);
+    qemu_io(&live, false, &[w(0x33, 2 * MIB, MIB)]);
+
+    // The next write to [0, 64K) is held 3 s after it was admitted (pinned).
+    call(
+        &srv,
+        "fault_inject",
+        json!({"volume": "v", "op": "write", "offset": 0, "length": 65536, "count": 1,
+               "delay_ms": 3000}),
+    );
+    let held = std::thread::spawn({
+        let live = live.clone();
+        move || qemu_io(&live, false, &[w(0x22, 0, 65536)])
+    });
+    let start = Instant::now();
+    loop {
+        let st = ctl_json(&srv, &["stats", "v"]);
+        if st["volumes"][0]["faults_delayed"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            start.elapsed() < TOOL_TIMEOUT,
+            "the write never arrived: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // The drain's wait (200 ms) ends long before the held write: the backup stays
+    // draining, and the RPC says so.
+    let b1 = call(
+        &srv,
+        "backup_create",
+        json!({"volume": "v", "name": "b1", "drain_wait_ms": 200}),
+    );
+    assert_eq!(b1["state"], "draining", "{b1}");
+    assert!(b1["waiting_requests"].as_u64() >= Some(1), "{b1}");
+    let listed = backup_entry(&srv, "v", "b1");
+    assert_eq!(listed["state"], "draining", "{listed}");
+    assert!(listed["waiting_requests"].as_u64() >= Some(1), "{listed}");
+    // Another backup and a release, whose drains complete around the held write
+    // (before the fix they freed its stack under it).
+    let b2 = call(
+        &srv,
+        "backup_create",
+        json!({"volume": "v", "name": "b2", "drain_wait_ms": 200}),
+    );
+    // It waits for the held write too: b2's image holds it (admitted before b2).
+    assert_eq!(b2["state"], "draining", "{b2}");
+    // The CLI says what it waits for.
+    let table = run_ok(ctl(&srv).args(["backup", "list", "v"]));
+    assert!(table.contains("draining (1 requests)"), "{table}");
+    run_ok(ctl(&srv).args(["backup", "release", "v@old"]));
+    // New writes go on meanwhile.
+    qemu_io(&live, false, &[w(0x44, 8 * MIB, MIB)]);
+
+    let out = held.join().expect("held writer");
+    assert!(out.contains("wrote"), "{out}");
+    let start = Instant::now();
+    loop {
+        let s1 = backup_entry(&srv, "v", "b1");
+        let s2 = backup_entry(&srv, "v", "b2");
+        if s1["state"] == "ready" && s2["state"] == "ready" {
+            assert_eq!(s1["waiting_requests"], 0, "{s1}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "backups never became ready: {s1} {s2}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_gone(&srv, "v", "old");
+    // The held write was admitted before both switches: both backups hold it; the
+    // write after b2 is in neither.
+    let expect = [
+        rd(0x22, 0, 65536),
+        rd(0x11, 65536, 2 * MIB - 65536),
+        rd(0x33, 2 * MIB, MIB),
+        rd(0, 8 * MIB, MIB),
+    ];
+    qemu_io(&srv.uri("v@b1"), true, &expect);
+    qemu_io(&srv.uri("v@b2"), true, &expect);
+    qemu_io(&live, false, &[rd(0x22, 0, 65536), rd(0x44, 8 * MIB, MIB)]);
+    // Releases still work and the live volume keeps its bytes.
+    for b in ["b1", "b2"] {
+        run_ok(ctl(&srv).args(["backup", "release", &format!("v@{b}")]));
+        wait_gone(&srv, "v", b);
+    }
+    qemu_io(
+        &live,
+        false,
+        &[
+            rd(0x22, 0, 65536),
+            rd(0x33, 2 * MIB, MIB),
+            rd(0x44, 8 * MIB, MIB),
+        ],
+    );
+    // No panic anywhere (a freed stack under a pinned request asserts in debug).
+    srv.assert_alive();
 }
