@@ -148,11 +148,12 @@ impl Delta {
             }
             None => {
                 let mut oo = OpenOptions::new();
-                // Created new: no other writer can hold it; the lock still keeps
-                // out any that comes later.
-                oo.read(true).write(true).create(true).truncate(true);
+                // Emptied only once locked: a file someone else writes (another
+                // server on this data dir) is refused untouched.
+                oo.read(true).write(true).create(true).truncate(false);
                 let (file, direct) = open_data_file(&oo, &path, direct)?;
                 let lock = crate::filelock::lock(&file, &path, owner)?;
+                file.set_len(0)?;
                 (file, direct, lock, 0)
             }
         };
