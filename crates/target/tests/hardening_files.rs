@@ -276,12 +276,34 @@ fn backup_cycles_leak_no_descriptors_and_no_space() {
     };
     // One cycle first: the steady state has a prepared delta and a warm commit path.
     cycle(0);
-    let (n0, _, _) = fds(pid);
+    // Transient descriptors (an RPC connection closing, a merge thread's
+    // duplicates as it returns) come and go: take the count once it is steady.
+    let steady = || {
+        let start = Instant::now();
+        let mut last = fds(pid);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = fds(pid);
+            if now == last || start.elapsed() > Duration::from_secs(5) {
+                return now;
+            }
+            last = now;
+        }
+    };
+    let (n0, _, _) = steady();
     let (du0, files0) = du(srv.dir.path(), &img);
     for i in 1..=30 {
         cycle(i);
     }
-    let (n1, del1, held) = fds(pid);
+    // Back to the start count (bounded wait); none of a deleted file.
+    let start = Instant::now();
+    let (n1, del1, held) = loop {
+        let now = fds(pid);
+        if (now.0, now.1) == (n0, 0) || start.elapsed() > Duration::from_secs(10) {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let (du1, files1) = du(srv.dir.path(), &img);
     assert_eq!(
         (n1, del1),
@@ -322,12 +344,13 @@ fn a_slow_drain_stays_draining_then_becomes_ready() {
     ctl_json(&srv, &["backup", "create", "v", "old"]);
     qemu_io(&live, false, &[w(0x33, 2 * MIB, MIB)]);
 
-    // The next write to [0, 64K) is held 3 s after it was admitted (pinned).
+    // The next write to [0, 64K) is held 8 s after it was admitted (pinned): long
+    // enough for what follows on a loaded machine.
     call(
         &srv,
         "fault_inject",
         json!({"volume": "v", "op": "write", "offset": 0, "length": 65536, "count": 1,
-               "delay_ms": 3000}),
+               "delay_ms": 8000}),
     );
     let held = std::thread::spawn({
         let live = live.clone();
