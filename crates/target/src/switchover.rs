@@ -474,8 +474,6 @@ pub(crate) fn mark_ready(
         .unwrap_or_else(|| unreachable!("switch() recorded the backup"))
 }
 
-/// Freezes the volume's current image as backup `name` and redirects every request
-/// admitted from now on to a new delta. Returns once the backup is ready.
 /// Hands the data file of a merged delta to the next backup (as the prepared
 /// delta), so that its written prefix spares the next delta's fills the zero-ahead
 /// writes, which otherwise double the bytes a fresh delta writes. Only after the
@@ -511,6 +509,9 @@ fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
     }
 }
 
+/// Freezes the volume's current image as backup `name` and redirects every request
+/// admitted from now on to a new delta. Returns once the backup is ready, or after
+/// `wait` with the backup still draining (module docs: # Drain).
 pub fn backup_create(
     reactors: &Arc<[ReactorHandle]>,
     vol: &Arc<Volume>,

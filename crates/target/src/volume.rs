@@ -2,7 +2,8 @@
 //!
 //! # Sharing
 //! A [`Volume`] is immutable after creation except for its counters and its
-//! `removed` flag, so every reactor reads it through an `Arc` without locks. The
+//! `removed` flag (and the control plane's own state: `control`, the retired stacks,
+//! `drain_helper`), so every reactor reads it through an `Arc` without locks. The
 //! [`Registry`] map is behind an `RwLock` that only the control plane takes: the
 //! handshake (to look an export up) and RPC calls. The data path never touches it.
 //!
