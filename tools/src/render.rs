@@ -63,6 +63,9 @@ fn volume_table(rows: &[Value]) -> Table {
 }
 
 pub fn backup_created(result: &Value) -> String {
+    if text(result, "state") == "draining" {
+        return format!("{}\n", text(result, "message"));
+    }
     format!(
         "backup {} ready: switch {} us, ready {} us\n",
         text(result, "export"),
@@ -97,14 +100,19 @@ pub fn backups(result: &Value) -> Result<String, CtlError> {
     Ok(table.render())
 }
 
-/// `ready`, or `copying 42%` while a copy job reads the backup.
+/// `ready`, `copying 42%` while a copy job reads the backup, or `draining (3
+/// requests)` while requests admitted before its switch still run.
 fn backup_state(b: &Value) -> String {
+    let waiting = b.get("waiting_requests").and_then(Value::as_u64);
     match b
         .get("copy")
         .and_then(|c| c.get("percent"))
         .and_then(Value::as_u64)
     {
         Some(p) => format!("copying {p}%"),
+        None if text(b, "state") == "draining" && waiting.is_some() => {
+            format!("draining ({} requests)", waiting.unwrap_or(0))
+        }
         None => text(b, "state"),
     }
 }

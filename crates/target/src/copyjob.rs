@@ -53,6 +53,11 @@
 //!
 //! # Durability
 //! `done` (with the SHA-256) is reported only after an fdatasync of DEST succeeded.
+//!
+//! # One writer
+//! A job holds DEST's write lock (`filelock`) from its open, before anything in
+//! DEST changes, until the job is dropped: a DEST that a volume (its base or a
+//! delta) or another job or process writes is refused untouched.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -72,6 +77,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::durable::manifest::CopyEntry;
+use crate::filelock::WriteLock;
 use crate::image::Delta;
 use crate::io;
 use crate::nbd::proto::STATE_ZERO;
@@ -133,6 +139,9 @@ pub enum CopyError {
     DestKind(String),
     #[error("{0} is one of the volume's own files")]
     DestIsVolume(String),
+    /// Another volume, job or process writes DEST.
+    #[error(transparent)]
+    Locked(crate::filelock::LockError),
     #[error("{path} is {have} bytes; {need}")]
     DestSize {
         path: String,
@@ -154,7 +163,7 @@ impl CopyError {
     pub fn rpc_code(&self) -> i32 {
         -match self {
             CopyError::NotFound(..) | CopyError::NoJob(_) => libc::ENOENT,
-            CopyError::NotReady(..) | CopyError::TooMany(_) => libc::EBUSY,
+            CopyError::NotReady(..) | CopyError::TooMany(_) | CopyError::Locked(_) => libc::EBUSY,
             CopyError::NotOlder(..)
             | CopyError::DestKind(_)
             | CopyError::DestIsVolume(_)
@@ -396,14 +405,16 @@ fn dest_error(path: &Path) -> impl Fn(std::io::Error) -> CopyError + '_ {
 }
 
 /// Opens DEST (creating a regular file for a full copy) and refuses what must never
-/// be overwritten: something that is neither a file nor a block device, or one of
-/// the volume's own files (its base or a delta).
+/// be overwritten: something that is neither a file nor a block device, one of
+/// the volume's own files (its base or a delta), or a file another writer holds;
+/// returns it with its write lock (module docs: # One writer).
 fn open_dest(
     vol: &Volume,
     ctl: &std::sync::MutexGuard<'_, Control>,
     path: &Path,
+    backup: &str,
     incremental: bool,
-) -> Result<(File, DestKind), CopyError> {
+) -> Result<(File, DestKind, WriteLock), CopyError> {
     let shown = || path.display().to_string();
     let file = OpenOptions::new()
         .read(true)
@@ -435,7 +446,15 @@ fn open_dest(
     if fds.into_iter().any(same) {
         return Err(CopyError::DestIsVolume(shown()));
     }
-    Ok((file, kind))
+    let owner = format!("the backup copy of {}@{backup}", vol.name());
+    let lock =
+        crate::filelock::lock(&file, path, owner).map_err(
+            |e| match crate::filelock::lock_error(&e) {
+                Some(l) => CopyError::Locked(l.clone()),
+                None => dest_error(path)(e),
+            },
+        )?;
+    Ok((file, kind, lock))
 }
 
 /// Sizes DEST: a full copy into a regular file starts from an empty file of the
@@ -492,13 +511,13 @@ pub fn start(
     }
     let incremental = spec.changed_since.is_some();
     let home = crate::switchover::home_reactor(vol, reactors.len());
-    let (shared, mut file, kind) = {
+    let (shared, mut file, kind, lock) = {
         let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
         // Validate before DEST is touched: a mistyped backup name must not create or
         // truncate anything. The lock is held through the open (a control-plane wait
         // at worst), so what was validated is what gets held.
         validate(&ctl, vol, &spec)?;
-        let (file, kind) = open_dest(vol, &ctl, spec.dest, incremental)?;
+        let (file, kind, lock) = open_dest(vol, &ctl, spec.dest, spec.backup, incremental)?;
         let shared = Arc::new(CopyShared {
             id: jobs.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             volume: vol.name().to_string(),
@@ -521,7 +540,7 @@ pub fn start(
         // From here on the job holds its backups; every failure below ends it.
         ctl.copies.retain(|c| c.is_running());
         ctl.copies.push(shared.clone());
-        (shared, file, kind)
+        (shared, file, kind, lock)
     };
     // A restart resumes the job (from the start: DEST is rewritten, or for an
     // incremental copy the changed chunks again), so the manifest names it.
@@ -542,7 +561,7 @@ pub fn start(
     let launched = (|| {
         prepare_dest(&mut file, spec.dest, kind, vol.size_bytes(), incremental)?;
         jobs.insert(shared.clone())?;
-        launch(reactors, vol, shared.clone(), file, kind)
+        launch(reactors, vol, shared.clone(), (file, lock), kind)
     })();
     if let Err(e) = launched {
         shared.finish(JobState::Failed, Some(e.to_string()));
@@ -607,7 +626,7 @@ fn launch(
     reactors: &Arc<[ReactorHandle]>,
     vol: &Arc<Volume>,
     shared: Arc<CopyShared>,
-    dest: File,
+    (dest, dest_lock): (File, WriteLock),
     kind: DestKind,
 ) -> Result<(), CopyError> {
     let home = reactors[shared.home].clone();
@@ -629,6 +648,7 @@ fn launch(
         shared,
         vol: vol.clone(),
         dest,
+        dest_lock,
         units: size.div_ceil(UNIT_BYTES),
         next_issue: 0,
         in_flight: 0,
@@ -719,6 +739,9 @@ struct Job {
     /// Kept open until the job is dropped, which is after its last completion (every
     /// callback holds the job).
     dest: File,
+    /// DEST's write lock, held through `dest` (after it: unregistered once closed).
+    #[allow(dead_code)] // held for its Drop
+    dest_lock: WriteLock,
     /// Ranges DEST must read as zeros but that are not written must be zeroed
     /// explicitly (a block device, or an incremental copy over older data).
     zero_dest: bool,
@@ -1461,7 +1484,7 @@ mod tests {
         let delta = |id: u64, name: &str| {
             Arc::new(
                 Delta::create(
-                    dir.path(),
+                    vol.persist.store(),
                     "plan",
                     id,
                     name,

@@ -4,6 +4,11 @@
 //! rules. It lets tests and drills prove that disk errors reach the client on the
 //! failing requests only, without a failing disk.
 //!
+//! A rule with `delay_ms` delays the requests it matches instead of failing them:
+//! each is admitted (it pins its image stack, like any request) and then held that
+//! long before its I/O starts — a slow disk, for drills of the backup drain
+//! (`switchover`: a drain slower than its wait).
+//!
 //! # Where it acts
 //! [`Faults::check`] runs once per request in the session's dispatch, the one place
 //! the base fast path and the layered path both pass through, before any I/O. A
@@ -35,6 +40,17 @@ use crate::nbd::NbdErrno;
 
 /// Rules armed at once per volume at most.
 pub const MAX_RULES: usize = 64;
+/// Longest delay a rule may ask for.
+pub const DELAY_MS_MAX: u64 = 60_000;
+
+/// What an armed rule does to a request it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail it with this error, without I/O.
+    Fail(NbdErrno),
+    /// Hold it (admitted) this long, then run it.
+    Delay(std::time::Duration),
+}
 
 /// Which requests a rule fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -95,6 +111,8 @@ pub struct FaultSpec {
     pub length: Option<u64>,
     /// Requests to fail, then the rule goes; 0 = until cleared.
     pub count: u64,
+    /// Non-zero: delay the requests this long instead of failing them.
+    pub delay_ms: u64,
 }
 
 /// An armed rule, as `fault_inject` and `stats` report it.
@@ -107,8 +125,10 @@ pub struct FaultRule {
     pub length: u64,
     /// As asked (0 = until cleared).
     pub count: u64,
-    /// Requests failed by this rule so far.
+    /// Requests failed (or delayed) by this rule so far.
     pub hits: u64,
+    /// Non-zero: the rule delays requests by this much instead of failing them.
+    pub delay_ms: u64,
 }
 
 impl FaultRule {
@@ -154,6 +174,8 @@ pub struct Faults {
     rules: Mutex<Rules>,
     /// Requests failed by injection since the volume opened.
     injected: AtomicU64,
+    /// Requests delayed by injection since the volume opened.
+    delayed: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +210,12 @@ impl Faults {
                 spec.offset
             )));
         }
+        if spec.delay_ms > DELAY_MS_MAX {
+            return Err(FaultError::Invalid(format!(
+                "delay_ms {} is over the maximum {DELAY_MS_MAX}",
+                spec.delay_ms
+            )));
+        }
         let mut rules = self.lock();
         if rules.list.len() >= MAX_RULES {
             return Err(FaultError::TooMany);
@@ -201,6 +229,7 @@ impl Faults {
             length,
             count: spec.count,
             hits: 0,
+            delay_ms: spec.delay_ms,
         };
         rules.list.push(rule.clone());
         self.armed.store(true, Ordering::Relaxed);
@@ -226,10 +255,25 @@ impl Faults {
         self.injected.load(Ordering::Relaxed)
     }
 
+    /// Requests delayed by injection so far.
+    pub fn delayed(&self) -> u64 {
+        self.delayed.load(Ordering::Relaxed)
+    }
+
     /// The error to fail this request with, if an armed rule matches it (the oldest
     /// such rule, which counts the hit and goes once its count is used up).
     #[inline]
     pub fn check(&self, cmd: Command, offset: u64, len: u32) -> Option<NbdErrno> {
+        match self.check_fault(cmd, offset, len)? {
+            Fault::Fail(e) => Some(e),
+            // Callers that cannot hold a request run it at once.
+            Fault::Delay(_) => None,
+        }
+    }
+
+    /// What to do to this request, if an armed rule matches it (as [`check`](Self::check)).
+    #[inline]
+    pub fn check_fault(&self, cmd: Command, offset: u64, len: u32) -> Option<Fault> {
         if !self.armed.load(Ordering::Relaxed) {
             return None;
         }
@@ -237,7 +281,7 @@ impl Faults {
     }
 
     #[cold]
-    fn check_armed(&self, cmd: Command, offset: u64, len: u32) -> Option<NbdErrno> {
+    fn check_armed(&self, cmd: Command, offset: u64, len: u32) -> Option<Fault> {
         let mut rules = self.lock();
         let i = rules
             .list
@@ -245,13 +289,19 @@ impl Faults {
             .position(|r| r.matches(cmd, offset, len))?;
         let rule = &mut rules.list[i];
         rule.hits += 1;
-        let errno = rule.errno.nbd();
+        let fault = match rule.delay_ms {
+            0 => Fault::Fail(rule.errno.nbd()),
+            ms => Fault::Delay(std::time::Duration::from_millis(ms)),
+        };
         if rule.count != 0 && rule.hits >= rule.count {
             rules.list.remove(i);
             self.armed.store(!rules.list.is_empty(), Ordering::Relaxed);
         }
-        self.injected.fetch_add(1, Ordering::Relaxed);
-        Some(errno)
+        match fault {
+            Fault::Fail(_) => self.injected.fetch_add(1, Ordering::Relaxed),
+            Fault::Delay(_) => self.delayed.fetch_add(1, Ordering::Relaxed),
+        };
+        Some(fault)
     }
 }
 
@@ -268,6 +318,7 @@ mod tests {
             offset,
             length,
             count,
+            delay_ms: 0,
         }
     }
 

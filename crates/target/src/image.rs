@@ -25,10 +25,20 @@
 //! (`quiesced`), which makes every old-epoch admission visible; before that round it
 //! waits for the whole drain. Bucket collisions only make it wait longer.
 //!
+//! A new delta's tracker list also holds the trackers of every stack retired
+//! earlier and not yet drained (a drain slower than its wait): their writes may
+//! overlap the chunk too.
+//!
 //! # Reclamation
-//! A retired stack is freed only after such a drain: the drain message runs on each
-//! reactor between requests (a quiescent point), after the new pointer was stored,
-//! so no reactor can still be between loading the old pointer and pinning it.
+//! A retired stack is freed only after a drain round that started after it was
+//! unpublished found its pins at zero on every reactor: the round's message runs
+//! on each reactor between requests (a quiescent point), after the new pointer was
+//! stored, so no reactor can still be between loading the old pointer and pinning
+//! it, and a count that reached zero there stays zero. A round that outlives its
+//! waiter keeps the pin counters it watches alive itself ([`Pins`] is shared), so
+//! freeing the stack never pulls memory from under it. Rounds free exactly the
+//! stacks they covered (by epoch), never "everything retired before": an older
+//! stack whose drain is still waiting for a request stays (issue #11 item 8).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -42,6 +52,8 @@ use ringblk_blockmap::{BlockMap, MapRecord};
 use crate::durable::journal::{Journal, JournalHeader};
 use crate::durable::manifest::{delta_name, journal_name};
 use crate::durable::recover::RecoveredDelta;
+use crate::durable::store::{DirStore, Store};
+use crate::filelock::WriteLock;
 
 /// A redirect-on-write layer: a sparse data file plus its lookup table.
 #[derive(Debug)]
@@ -52,6 +64,8 @@ pub struct Delta {
     pub backup: String,
     pub path: PathBuf,
     file: File,
+    /// The data file's write lock, held through `file` (`filelock`).
+    lock: WriteLock,
     direct: bool,
     pub map: Arc<BlockMap>,
     /// Next free physical chunk (bump allocation: a logical chunk is filled at most
@@ -79,7 +93,7 @@ pub struct Delta {
     /// Zeroing ahead failed (full disk, unaligned tail): fills write into holes.
     zeroing_off: AtomicBool,
     /// Writes of the stack this delta's switch replaced (see the module docs).
-    below_writes: std::sync::OnceLock<Arc<WriteTracker>>,
+    below_writes: std::sync::OnceLock<Vec<Arc<WriteTracker>>>,
     /// Every reactor passed a quiescent point after the switch: `below_writes`
     /// shows every old-epoch write still in flight.
     quiesced: AtomicBool,
@@ -90,7 +104,11 @@ pub struct Delta {
     /// Map changes waiting for the next group commit; `None` for volumes whose base
     /// does not survive a restart (mem, null), which keep nothing.
     pub journal: Option<Journal>,
-    journal_path: PathBuf,
+    /// Store name of the journal file.
+    journal_name: String,
+    /// The volume's store: the delta's files are renamed and deleted through it, so
+    /// that it closes the descriptors it keeps of them (`durable::store`).
+    store: Arc<DirStore>,
 }
 
 /// One zero-ahead write (see [`Delta::zero_due`]).
@@ -102,13 +120,14 @@ impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
     /// `journaled`: the delta gets a journal in `dir` (persistent volumes).
     /// `reuse`: `(from, zeroed)` takes the data file of a merged delta instead
-    /// (`from`, renamed to this delta's name) whose first `zeroed` bytes are written
-    /// ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite allocated
-    /// blocks without zeroing ahead first. Its old contents are never read: a chunk
-    /// is read from a delta only once a fill wrote all of it.
+    /// (`from`'s file, renamed to this delta's name) whose first `zeroed` bytes are
+    /// written ([`take_for_reuse`](Self::take_for_reuse)): fills there overwrite
+    /// allocated blocks without zeroing ahead first. Its old contents are never
+    /// read: a chunk is read from a delta only once a fill wrote all of it. The
+    /// file keeps its open file description, and with it its write lock.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
-        dir: &Path,
+        store: &Arc<DirStore>,
         volume: &str,
         id: u64,
         backup: &str,
@@ -116,28 +135,26 @@ impl Delta {
         chunk_bytes: u32,
         direct: bool,
         journaled: bool,
-        reuse: Option<(&Path, u64)>,
+        reuse: Option<(&Delta, u64)>,
     ) -> std::io::Result<Delta> {
-        let path = dir.join(delta_name(volume, id));
-        let mut oo = OpenOptions::new();
-        let zeroed = match reuse {
+        let path = store.dir().join(delta_name(volume, id));
+        let owner = format!("volume {volume:?} (its delta {id})");
+        let (file, direct, lock, zeroed) = match reuse {
             Some((from, zeroed)) => {
-                std::fs::rename(from, &path)?;
-                oo.read(true).write(true);
-                zeroed.min(size_bytes)
+                let file = from.file.try_clone()?;
+                store.rename(&store_name(from.path()), &store_name(&path))?;
+                let lock = from.lock.transfer(owner);
+                (file, from.direct, lock, zeroed.min(size_bytes))
             }
             None => {
-                oo.read(true).write(true).create(true).truncate(true);
-                0
-            }
-        };
-        let (file, direct) = match open_data_file(&oo, &path, direct) {
-            Ok(f) => f,
-            Err(e) => {
-                if reuse.is_some() {
-                    let _ = std::fs::remove_file(&path);
-                }
-                return Err(e);
+                let mut oo = OpenOptions::new();
+                // Emptied only once locked: a file someone else writes (another
+                // server on this data dir) is refused untouched.
+                oo.read(true).write(true).create(true).truncate(false);
+                let (file, direct) = open_data_file(&oo, &path, direct)?;
+                let lock = crate::filelock::lock(&file, &path, owner)?;
+                file.set_len(0)?;
+                (file, direct, lock, 0)
             }
         };
         file.set_len(size_bytes)?;
@@ -162,11 +179,13 @@ impl Delta {
         };
         Ok(Delta {
             journal,
-            journal_path: dir.join(jname),
+            journal_name: jname,
+            store: store.clone(),
             id,
             backup: backup.to_string(),
             path,
             file,
+            lock,
             direct,
             map: Arc::new(map),
             next_physical: AtomicU64::new(0),
@@ -188,7 +207,7 @@ impl Delta {
     /// A delta brought back by recovery: its data file as it is, its map and
     /// allocator from the journal. Drained (nothing of an old epoch is in flight).
     pub fn recovered(
-        dir: &Path,
+        store: &Arc<DirStore>,
         volume: &str,
         r: RecoveredDelta,
         size_bytes: u64,
@@ -196,10 +215,12 @@ impl Delta {
         direct: bool,
     ) -> std::io::Result<Delta> {
         let id = r.entry.id;
-        let path = dir.join(delta_name(volume, id));
+        let path = store.dir().join(delta_name(volume, id));
         let mut oo = OpenOptions::new();
         oo.read(true).write(true);
         let (file, direct) = open_data_file(&oo, &path, direct)?;
+        let lock =
+            crate::filelock::lock(&file, &path, format!("volume {volume:?} (its delta {id})"))?;
         if file.metadata()?.len() < size_bytes {
             // The creating set_len may not have been durable: reads past the end
             // would be short, writes extend it; restore the full size anyway.
@@ -212,6 +233,7 @@ impl Delta {
             backup: r.entry.backup.clone(),
             path,
             file,
+            lock,
             direct,
             map: Arc::new(r.map),
             next_physical: AtomicU64::new(r.next_physical),
@@ -229,7 +251,8 @@ impl Delta {
             merged: AtomicBool::new(false),
             size_bytes,
             journal: Some(r.journal),
-            journal_path: dir.join(journal_name(volume, id)),
+            journal_name: journal_name(volume, id),
+            store: store.clone(),
         })
     }
 
@@ -375,12 +398,14 @@ impl Delta {
             return false;
         }
         match self.below_writes.get() {
-            Some(t) => !t.busy(chunk),
+            Some(ts) => !ts.iter().any(|t| t.busy(chunk)),
             None => false,
         }
     }
 
-    pub(crate) fn set_below_writes(&self, t: Arc<WriteTracker>) {
+    /// The trackers of the stack this delta's switch replaced and of every older
+    /// stack still undrained (module docs).
+    pub(crate) fn set_below_writes(&self, t: Vec<Arc<WriteTracker>>) {
         let _ = self.below_writes.set(t);
     }
 
@@ -413,14 +438,21 @@ impl Delta {
 impl Drop for Delta {
     fn drop(&mut self) {
         if self.merged.load(Ordering::Acquire) {
-            let _ = std::fs::remove_file(&self.path);
-            let _ = std::fs::remove_file(&self.journal_path);
+            // Through the store: it closes its descriptors of both files first.
+            let _ = self.store.remove(&store_name(&self.path));
+            let _ = self.store.remove(&self.journal_name);
         } else if self.journal.is_none() {
             // No journal: the file means nothing without the map in memory.
             tracing::warn!(path = %self.path.display(), "delta image kept: its data was not merged");
         }
         // Journaled deltas stay for the next start (the manifest lists them).
     }
+}
+
+/// The name a data file has in the store: its path (the store takes an absolute
+/// name as is), as the commit names it (`persist`).
+pub(crate) fn store_name(path: &Path) -> String {
+    path.display().to_string()
 }
 
 /// Opens a delta's data file O_DIRECT when asked and the filesystem allows it
@@ -443,9 +475,30 @@ pub struct Stack {
     /// Bottom to top; the base is implicit below them.
     pub deltas: Vec<Arc<Delta>>,
     /// Requests admitted under this stack and not finished, per reactor.
-    pins: Box<[AtomicU64]>,
+    pins: Arc<Pins>,
     /// Write-type requests of this stack in flight, by chunk (module docs).
     pub writes: Arc<WriteTracker>,
+}
+
+/// Requests admitted under one stack and not finished, per reactor: each slot is
+/// written only by its reactor (load + store), read by drains.
+#[derive(Debug)]
+pub struct Pins(Box<[AtomicU64]>);
+
+impl Pins {
+    fn slot(&self, reactor: usize) -> &AtomicU64 {
+        &self.0[reactor.min(self.0.len() - 1)]
+    }
+
+    /// Requests still running on `reactor`.
+    pub fn pinned_on(&self, reactor: usize) -> u64 {
+        self.slot(reactor).load(Ordering::Acquire)
+    }
+
+    /// Requests still running on any reactor (a snapshot, for reports).
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|p| p.load(Ordering::Acquire)).sum()
+    }
 }
 
 /// Buckets per reactor of a [`WriteTracker`].
@@ -510,23 +563,43 @@ impl WriteTracker {
     }
 }
 
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Freed with a request still pinned to it: a use after free (issue #11
+        // item 8). Checked in debug builds, which every test runs.
+        debug_assert!(
+            self.pins.total() == 0,
+            "stack of epoch {} freed while a request is pinned to it",
+            self.epoch
+        );
+    }
+}
+
 impl Stack {
     pub fn new(epoch: u64, deltas: Vec<Arc<Delta>>, reactors: usize) -> Stack {
         Stack {
             epoch,
             deltas,
-            pins: (0..reactors.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            pins: Arc::new(Pins(
+                (0..reactors.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            )),
             writes: Arc::new(WriteTracker::new(reactors)),
         }
     }
 
     fn slot(&self, reactor: usize) -> &AtomicU64 {
-        &self.pins[reactor.min(self.pins.len() - 1)]
+        self.pins.slot(reactor)
     }
 
     /// Requests of this stack still running on `reactor`.
     pub fn pinned_on(&self, reactor: usize) -> u64 {
-        self.slot(reactor).load(Ordering::Acquire)
+        self.pins.pinned_on(reactor)
+    }
+
+    /// The stack's pin counters, for a drain round that may outlive the stack's
+    /// memory (module docs: # Reclamation).
+    pub fn pins(&self) -> Arc<Pins> {
+        self.pins.clone()
     }
 
     /// The layers a backup's export reads: every delta strictly below the delta

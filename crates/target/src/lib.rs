@@ -11,6 +11,7 @@ pub mod config;
 pub mod copyjob;
 pub mod durable;
 pub mod fault;
+pub mod filelock;
 pub mod image;
 mod io;
 pub mod latency;

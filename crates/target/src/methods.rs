@@ -88,6 +88,17 @@ struct BackupParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct BackupCreateParams {
+    volume: String,
+    name: String,
+    /// How long to wait for the old epoch's requests before returning with the
+    /// backup still `draining` (default `switchover::DRAIN_WAIT`).
+    #[serde(default)]
+    drain_wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CopyParams {
     volume: String,
     name: String,
@@ -117,6 +128,9 @@ struct FaultInjectParams {
     /// Requests to fail; 0 = until `fault_clear`.
     #[serde(default = "one")]
     count: u64,
+    /// Delay the requests by this much instead of failing them (`fault` docs).
+    #[serde(default)]
+    delay_ms: u64,
 }
 
 fn one() -> u64 {
@@ -340,6 +354,7 @@ impl RpcHandler for Methods {
                         j["backups"] = Value::Array(crate::switchover::backup_list(v));
                         // Injected errors are also in `errors` (they fail requests).
                         j["faults_injected"] = json!(v.faults.injected());
+                        j["faults_delayed"] = json!(v.faults.delayed());
                         j["fault_rules"] = json!(v.faults.rules());
                         // Group commit: FLUSH/FUA requests (and merges) served per commit.
                         let (commits, waiters) = v.persist.commit_counts();
@@ -379,19 +394,37 @@ impl RpcHandler for Methods {
                 ))
             }
             "backup_create" => {
-                let p: BackupParams = parse_params(params)?;
+                let p: BackupCreateParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
                 let reactors = self.reactors();
-                let info = crate::switchover::backup_create(&reactors, &v, &p.name)
+                let wait = p
+                    .drain_wait_ms
+                    .map_or(crate::switchover::DRAIN_WAIT, Duration::from_millis);
+                let info = crate::switchover::backup_create(&reactors, &v, &p.name, wait)
                     .map_err(switch_error)?;
-                Ok(json!({
+                let waiting = {
+                    let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::switchover::waiting_requests(&ctl, &v, &info.name)
+                };
+                let mut out = json!({
                     "volume": v.name(),
                     "name": info.name,
                     "export": format!("{}@{}", v.name(), info.name),
                     "state": info.state,
                     "switch_us": info.switch_us,
                     "ready_us": info.ready_us,
-                }))
+                    "waiting_requests": waiting,
+                });
+                if info.state == crate::volume::BackupState::Draining {
+                    out["message"] = json!(format!(
+                        "backup {}@{} is switched but still draining: {waiting} request(s) \
+                         admitted before the switch are still running; it becomes ready when \
+                         they finish (`backup list` shows it)",
+                        v.name(),
+                        info.name
+                    ));
+                }
+                Ok(out)
             }
             "backup_list" => {
                 let p: BackupListParams = parse_params(params)?;
@@ -447,6 +480,7 @@ impl RpcHandler for Methods {
                     offset: p.offset,
                     length: p.length,
                     count: p.count,
+                    delay_ms: p.delay_ms,
                 };
                 let rule = v.faults.inject(spec, v.size_bytes()).map_err(fault_error)?;
                 tracing::warn!(volume = v.name(), ?rule, "fault injection armed");

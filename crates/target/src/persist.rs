@@ -32,7 +32,9 @@ type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// What the committer thread shares with the volume.
 pub struct PersistInner {
-    pub store: DirStore,
+    /// Shared with the volume's deltas, which delete their files through it (so
+    /// that it closes its descriptors of them; `store` module docs).
+    pub store: Arc<DirStore>,
     /// `None`: the volume keeps nothing across restarts (see the module docs).
     pub manifest: Option<ManifestCell>,
     /// Store name of the base image file (absolute), if it is a file.
@@ -61,13 +63,13 @@ impl PersistInner {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let mut data: Vec<String> = self.base.iter().cloned().collect();
-        data.extend(deltas.iter().map(|d| d.path.display().to_string()));
+        data.extend(deltas.iter().map(|d| crate::image::store_name(&d.path)));
         let set = CommitSet {
             manifest: self.live_manifest(),
             data,
             journals: deltas.iter().filter_map(|d| d.journal.as_ref()).collect(),
         };
-        commit(&self.store, &set, CommitOptions::default())
+        commit(&*self.store, &set, CommitOptions::default())
     }
 }
 
@@ -81,14 +83,14 @@ pub struct Persist {
 impl Persist {
     pub fn new(
         volume: &str,
-        data_dir: &std::path::Path,
+        store: Arc<DirStore>,
         manifest: Option<ManifestCell>,
         base: Option<String>,
         deltas: Vec<Arc<Delta>>,
     ) -> Persist {
         Persist {
             inner: Arc::new(PersistInner {
-                store: DirStore::new(data_dir),
+                store,
                 manifest,
                 base,
                 deltas: Mutex::new(deltas),
@@ -99,6 +101,11 @@ impl Persist {
             tx: Mutex::new(None),
             volume: volume.to_string(),
         }
+    }
+
+    /// The data dir's store (deltas create, rename and delete files through it).
+    pub fn store(&self) -> &Arc<DirStore> {
+        &self.inner.store
     }
 
     pub fn persistent(&self) -> bool {
@@ -179,9 +186,9 @@ impl Persist {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for j in deltas.iter().filter_map(|d| d.journal.as_ref()) {
-            j.ensure_file(&self.inner.store)?;
+            j.ensure_file(&*self.inner.store)?;
         }
-        m.write_if_dirty(&self.inner.store)
+        m.write_if_dirty(&*self.inner.store)
     }
 
     fn sender(&self) -> io::Result<crossbeam_channel::Sender<Waiter>> {

@@ -33,6 +33,7 @@ use std::time::Instant;
 
 use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
 
+use crate::fault::Fault;
 use crate::image::{Delta, StackPin};
 use crate::io;
 use crate::latency;
@@ -529,10 +530,17 @@ fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>
     let (_, volume, _) = file_of(conn);
     // Injected faults (`fault`): here, where both data paths start, before any I/O.
     // A failed WRITE's payload is dropped with the request: never applied.
-    if let Some(e) = volume.faults.check(req.command, req.offset, req.length) {
-        count_op(&volume, r.id(), &req);
-        return complete(r, conn, req, Err(e));
-    }
+    let delay = match volume
+        .faults
+        .check_fault(req.command, req.offset, req.length)
+    {
+        Some(Fault::Fail(e)) => {
+            count_op(&volume, r.id(), &req);
+            return complete(r, conn, req, Err(e));
+        }
+        Some(Fault::Delay(d)) => Some(d),
+        None => None,
+    };
     // Write-type requests register their chunks: a later epoch's partial first
     // writes wait only for the ones that overlap theirs (image module docs).
     let pin = Rc::new(match req.command {
@@ -555,6 +563,15 @@ fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>
             None => return complete(r, conn, req, Err(NbdErrno::Shutdown)),
         },
     };
+    // An injected delay holds the request admitted (pinned) before its I/O.
+    if let Some(d) = delay {
+        let conn = conn.clone();
+        r.add_timer(d, move |r| match layers {
+            None => execute_base(r, &conn, req, payload, pin),
+            Some(layers) => execute_layered(r, &conn, req, payload, pin, layers),
+        });
+        return;
+    }
     match layers {
         None => execute_base(r, conn, req, payload, pin),
         Some(layers) => execute_layered(r, conn, req, payload, pin, layers),

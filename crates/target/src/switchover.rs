@@ -8,11 +8,25 @@
 //! it write to the new delta. Nothing is queued, failed or retried for the switch.
 //!
 //! # Drain
-//! A message visits every reactor in turn; on each it waits (timer re-checks, never a
-//! spin) until that reactor's pins of the old stack reach zero. Then the frozen image
-//! is stable: the backup is `ready`, its export serves reads, the new delta is marked
-//! drained (partial first writes may read-merge from below), and the old stack is
-//! freed. The RPC thread waits for the drain (bounded), the reactors never block.
+//! A message (a *round*) visits every reactor in turn; on each it waits (timer
+//! re-checks, never a spin) until that reactor's pins of every stack retired so far
+//! reach zero — the old stack and any older one whose drain is still waiting. Then
+//! the frozen image is stable: the backup is `ready`, its export serves reads, the
+//! new delta is marked drained (partial first writes may read-merge from below),
+//! and the stacks the round covered are freed (`image`: # Reclamation). A backup
+//! is ready only when every stack up to the one its switch replaced is drained: a
+//! request of an older epoch still writes into its frozen image.
+//!
+//! The reactors never block, and nobody holds `control` while a round runs.
+//! `backup_create` waits for its round at most `drain_wait_ms` (default
+//! [`DRAIN_WAIT`]); when requests of the old epoch outlast that (a slow disk), it
+//! returns with the backup still `draining`, and a thread of the volume
+//! (`finish_later`) waits for the round and makes the backup ready
+//! when the last of them finishes; `backup_list` shows how many it waits for.
+//! Nothing is freed early and no command fails for it (issue #11 item 8: the old
+//! code left a timed-out stack retired, the next drain freed it under a pinned
+//! request, and the backup stayed draining forever). Merges wait for their rounds
+//! as long as it takes.
 //!
 //! # Release
 //! Releasing backup *k* merges delta *k* (the one created at *k*'s switch) into the
@@ -33,6 +47,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
@@ -40,11 +55,18 @@ use std::time::{Duration, Instant};
 use ringblk_blockmap::{BeginMerge, BlockMap, Claim, Park};
 use ringblk_reactor::{ForEachNext, Reactor, ReactorHandle};
 
-use crate::image::{Delta, Stack};
+use crate::image::{Delta, Pins, Stack};
 use crate::volume::{check_name, BackupInfo, BackupState, Control, Volume};
 
-/// How long a backup command waits for in-flight requests of the old epoch.
+/// How long a control thread waits to hand a drain round to a reactor whose inbox
+/// is full.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `backup_create` waits for its drain by default before it returns with
+/// the backup still `draining` (module docs: # Drain).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(60);
+/// Attempts of the drain thread to start a round before it leaves the backups
+/// to the next command's round (which makes them ready too: `settle`).
+const ROUND_START_TRIES: u32 = 50;
 const DRAIN_RECHECK: Duration = Duration::from_micros(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -87,11 +109,6 @@ impl SwitchError {
     }
 }
 
-/// A stack pointer carried across threads by the drain messages. Only compared and
-/// dereferenced while the stack is retired-but-not-freed (the drain is what frees it).
-#[derive(Clone, Copy)]
-struct StackAddr(usize);
-
 pub(crate) fn home_reactor(vol: &Volume, n: usize) -> usize {
     vol.name()
         .bytes()
@@ -99,15 +116,58 @@ pub(crate) fn home_reactor(vol: &Volume, n: usize) -> usize {
         % n.max(1)
 }
 
-/// Waits until no reactor has a request pinned on `old`.
-fn drain(reactors: &[ReactorHandle], vol: &Volume, old: *const Stack) -> Result<(), SwitchError> {
-    if reactors.is_empty() {
-        return Ok(());
+/// A drain round in progress: one message visiting every reactor, waiting on each
+/// until no request is pinned to any stack it covers (module docs: # Drain).
+pub(crate) struct Round {
+    done: crossbeam_channel::Receiver<()>,
+    /// The retired stacks it covers, by epoch.
+    epochs: Vec<u64>,
+}
+
+/// How a wait for a round ended without it completing.
+#[derive(Debug, PartialEq, Eq)]
+enum RoundWait {
+    /// Still running (the wait's bound passed).
+    Slow,
+    /// Dropped by stopping reactors: it will never complete.
+    Gone,
+}
+
+impl Round {
+    fn wait(&self, bound: Duration) -> Result<(), RoundWait> {
+        self.done.recv_timeout(bound).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => RoundWait::Slow,
+            crossbeam_channel::RecvTimeoutError::Disconnected => RoundWait::Gone,
+        })
     }
+
+    /// Waits as long as it takes (control threads whose work needs the drain).
+    fn wait_done(&self) -> Result<(), SwitchError> {
+        self.done
+            .recv()
+            .map_err(|_| SwitchError::Io(std::io::Error::from_raw_os_error(libc::ESHUTDOWN)))
+    }
+}
+
+/// Starts a drain round over every stack retired so far (call it after the
+/// publish that retired the stack of interest, holding `control`).
+pub(crate) fn start_round(
+    reactors: &[ReactorHandle],
+    vol: &Volume,
+    ctl: &std::sync::MutexGuard<'_, Control>,
+) -> Result<Round, SwitchError> {
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-    let addr = StackAddr(old as usize);
+    let retired = vol.retired_stacks(ctl);
+    let epochs = retired.iter().map(|(e, _, _)| *e).collect();
+    if reactors.is_empty() {
+        let _ = tx.send(());
+        return Ok(Round { done: rx, epochs });
+    }
+    // The round holds the pin counters it watches (not the stacks): it may outlive
+    // its waiter, and the stacks may be freed by another round meanwhile.
+    let pins: Arc<[Arc<Pins>]> = retired.into_iter().map(|(_, p, _)| p).collect();
     let step: ringblk_reactor::ForEachFn =
-        Arc::new(move |r: &mut Reactor, next: ForEachNext| wait_unpinned(r, addr, next));
+        Arc::new(move |r: &mut Reactor, next: ForEachNext| wait_unpinned(r, pins.clone(), next));
     let home = home_reactor(vol, reactors.len());
     reactors[home]
         .send_blocking(
@@ -119,8 +179,124 @@ fn drain(reactors: &[ReactorHandle], vol: &Volume, old: *const Stack) -> Result<
             DRAIN_TIMEOUT,
         )
         .map_err(|_| SwitchError::DrainTimeout(DRAIN_TIMEOUT))?;
-    rx.recv_timeout(DRAIN_TIMEOUT)
-        .map_err(|_| SwitchError::DrainTimeout(DRAIN_TIMEOUT))
+    Ok(Round { done: rx, epochs })
+}
+
+/// After a round completed: frees the stacks it covered and makes ready every
+/// backup that no longer waits for a retired stack.
+pub(crate) fn finish_round(
+    ctl: &mut std::sync::MutexGuard<'_, Control>,
+    vol: &Volume,
+    round: &Round,
+) {
+    vol.free_drained(ctl, &round.epochs);
+    settle(ctl, vol);
+}
+
+/// Marks ready every draining backup whose switch's stack, and every stack older,
+/// is drained and freed.
+fn settle(ctl: &mut std::sync::MutexGuard<'_, Control>, vol: &Volume) {
+    let draining: Vec<(String, u64, u64)> = ctl
+        .backups
+        .iter()
+        .filter(|b| b.state == BackupState::Draining)
+        .filter(|b| vol.undrained_upto(ctl, b.drain_epoch).is_none())
+        .map(|b| (b.name.clone(), b.delta_id, b.drain_epoch))
+        .collect();
+    for (name, delta_id, epoch) in draining {
+        // Its delta is in the current stack: a draining backup cannot be released.
+        if let Some(d) =
+            vol.with_stack(ctl, |s| s.deltas.iter().find(|d| d.id == delta_id).cloned())
+        {
+            d.set_drained();
+        }
+        let mut ready_us = None;
+        if let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) {
+            b.state = BackupState::Ready;
+            ready_us = b.started.map(|t| t.elapsed().as_micros() as u64);
+            b.ready_us = ready_us;
+        }
+        vol.set_backup_exported(&name, true);
+        tracing::info!(
+            volume = vol.name(),
+            backup = %name,
+            epoch = epoch + 1,
+            ready_us,
+            "backup ready"
+        );
+    }
+}
+
+/// Requests backup `name` still waits for (0 unless it is draining).
+pub fn waiting_requests(ctl: &std::sync::MutexGuard<'_, Control>, vol: &Volume, name: &str) -> u64 {
+    ctl.backups
+        .iter()
+        .find(|b| b.name == name && b.state == BackupState::Draining)
+        .and_then(|b| vol.undrained_upto(ctl, b.drain_epoch))
+        .unwrap_or(0)
+}
+
+/// Finishes on a thread of its own the drains of backups that outlasted their
+/// command's wait: runs rounds until no backup of `vol` is draining (the first
+/// one is `round`, if the command had one going). At most one such thread per
+/// volume; a command that finds one running leaves its backup to it.
+fn finish_later(reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>, round: Option<Round>) {
+    if vol.drain_helper.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (reactors, vol2) = (reactors.clone(), vol.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("drain-{}", vol.name()))
+        .spawn(move || {
+            let vol = vol2;
+            let mut round = round;
+            let mut failed_starts = 0;
+            loop {
+                let r = match round.take() {
+                    Some(r) => r,
+                    None => {
+                        let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+                        if !ctl.backups.iter().any(|b| b.state == BackupState::Draining) {
+                            // Under `control`: a command that switches after this
+                            // sees the flag clear and starts a thread of its own.
+                            vol.drain_helper.store(false, Ordering::Release);
+                            return;
+                        }
+                        match start_round(&reactors, &vol, &ctl) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                failed_starts += 1;
+                                if failed_starts >= ROUND_START_TRIES {
+                                    vol.drain_helper.store(false, Ordering::Release);
+                                    tracing::error!(volume = vol.name(), error = %e, "drain round not started; the backups stay draining until the next backup command's drain");
+                                    return;
+                                }
+                                drop(ctl);
+                                std::thread::sleep(Duration::from_millis(100));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                if r.wait_done().is_err() {
+                    // The reactors stopped: nothing more will drain.
+                    vol.drain_helper.store(false, Ordering::Release);
+                    return;
+                }
+                let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+                finish_round(&mut ctl, &vol, &r);
+                drop(ctl);
+                // The now ready backups survive a restart from here on.
+                if let Err(e) = vol.persist.write_manifest() {
+                    tracing::error!(volume = vol.name(), error = %e, "manifest write failed; the next flush retries it");
+                }
+                prepare(&vol);
+            }
+        });
+    if let Err(e) = spawned {
+        vol.drain_helper.store(false, Ordering::Release);
+        tracing::error!(volume = vol.name(), error = %e, "cannot start a drain thread; the backup stays draining until the next backup command's drain");
+    }
 }
 
 /// Visits every reactor once (between requests), then marks `delta` quiesced.
@@ -144,14 +320,11 @@ pub fn quiesce(reactors: &[ReactorHandle], vol: &Volume, sw: &Switched) {
     }
 }
 
-fn wait_unpinned(r: &mut Reactor, addr: StackAddr, next: ForEachNext) {
-    // SAFETY: the stack is retired and only freed after this drain completes, which
-    // cannot happen before this step calls `next`.
-    let pinned = unsafe { &*(addr.0 as *const Stack) }.pinned_on(r.id());
-    if pinned == 0 {
+fn wait_unpinned(r: &mut Reactor, pins: Arc<[Arc<Pins>]>, next: ForEachNext) {
+    if pins.iter().all(|p| p.pinned_on(r.id()) == 0) {
         next.next(r);
     } else {
-        r.add_timer(DRAIN_RECHECK, move |r| wait_unpinned(r, addr, next));
+        r.add_timer(DRAIN_RECHECK, move |r| wait_unpinned(r, pins, next));
     }
 }
 
@@ -163,19 +336,17 @@ fn now_unix_ms() -> u64 {
 
 /// A switch that happened and whose old epoch still has to drain.
 pub struct Switched {
-    old: StackAddr,
+    old_pins: Arc<Pins>,
+    #[cfg_attr(not(test), allow(dead_code))] // read by `mark_ready` (tests)
+    old_epoch: u64,
     delta: Arc<Delta>,
-    epoch: u64,
-    t0: Instant,
 }
 
 impl Switched {
     /// Whether `reactor` has no request left on the old stack. Call it on that
     /// reactor (between requests) for the answer to be a quiescent state.
     pub fn drained_on(&self, reactor: usize) -> bool {
-        // SAFETY: the old stack is retired, and only freed by `mark_ready`, which
-        // consumes `self`.
-        unsafe { &*(self.old.0 as *const Stack) }.pinned_on(reactor) == 0
+        self.old_pins.pinned_on(reactor) == 0
     }
 }
 
@@ -183,12 +354,12 @@ impl Switched {
 fn new_delta(
     ctl: &mut Control,
     vol: &Volume,
-    reuse: Option<(&std::path::Path, u64)>,
+    reuse: Option<(&Delta, u64)>,
 ) -> std::io::Result<Delta> {
     let id = ctl.next_delta_id;
     ctl.next_delta_id += 1;
     Delta::create(
-        vol.data_dir(),
+        vol.persist.store(),
         vol.file_stem(),
         id,
         "",
@@ -255,13 +426,18 @@ pub fn switch(
         });
     }
     vol.persist.add_delta(delta.clone());
-    let (mut deltas, below_writes) = vol.with_stack(ctl, |s| (s.deltas.clone(), s.writes.clone()));
+    let (mut deltas, old_epoch, old_pins, tracker) = vol.with_stack(ctl, |s| {
+        (s.deltas.clone(), s.epoch, s.pins(), s.writes.clone())
+    });
+    // Old-epoch writes: of the stack replaced now, and of older ones still draining.
+    let mut below_writes = vec![tracker];
+    below_writes.extend(vol.retired_stacks(ctl).into_iter().map(|(_, _, w)| w));
     delta.set_below_writes(below_writes);
     deltas.push(delta.clone());
     let epoch = ctl.next_epoch;
     ctl.next_epoch += 1;
     // 2. Switch: one atomic store.
-    let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
+    vol.publish(ctl, Stack::new(epoch, deltas, vol.reactors()));
     ctl.backups.push(BackupInfo {
         name: name.to_string(),
         delta_id: id,
@@ -269,44 +445,38 @@ pub fn switch(
         created_unix_ms: now_unix_ms(),
         switch_us: t0.elapsed().as_micros() as u64,
         ready_us: None,
+        drain_epoch: old_epoch,
+        started: Some(t0),
     });
     Ok(Switched {
-        old: StackAddr(old as usize),
+        old_pins,
+        old_epoch,
         delta,
-        epoch,
-        t0,
     })
 }
 
-/// After the drain: the frozen image is stable; the backup is ready and exported.
-pub fn mark_ready(
+/// After the caller saw [`Switched::drained_on`] every reactor (at quiescent
+/// points, with no older stack retired): the backup is ready and exported.
+#[cfg(test)]
+pub(crate) fn mark_ready(
     ctl: &mut std::sync::MutexGuard<'_, Control>,
     vol: &Volume,
     name: &str,
     sw: Switched,
 ) -> BackupInfo {
-    sw.delta.set_drained();
-    vol.free_retired(sw.old.0 as *const Stack);
-    let ready_us = sw.t0.elapsed().as_micros() as u64;
-    let mut info = None;
-    if let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) {
-        b.state = BackupState::Ready;
-        b.ready_us = Some(ready_us);
-        info = Some(b.clone());
-    }
-    vol.set_backup_exported(name, true);
-    tracing::info!(
-        volume = vol.name(),
-        backup = name,
-        epoch = sw.epoch,
-        ready_us,
-        "backup ready"
-    );
-    info.unwrap_or_else(|| unreachable!("switch() recorded the backup under the same lock"))
+    let round = Round {
+        done: crossbeam_channel::never(),
+        epochs: vec![sw.old_epoch],
+    };
+    finish_round(ctl, vol, &round);
+    debug_assert!(sw.delta.is_drained());
+    ctl.backups
+        .iter()
+        .find(|b| b.name == name)
+        .cloned()
+        .unwrap_or_else(|| unreachable!("switch() recorded the backup"))
 }
 
-/// Freezes the volume's current image as backup `name` and redirects every request
-/// admitted from now on to a new delta. Returns once the backup is ready.
 /// Hands the data file of a merged delta to the next backup (as the prepared
 /// delta), so that its written prefix spares the next delta's fills the zero-ahead
 /// writes, which otherwise double the bytes a fresh delta writes. Only after the
@@ -324,7 +494,7 @@ fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
     let Some(zeroed) = merged.take_for_reuse() else {
         return;
     };
-    match new_delta(ctl, vol, Some((merged.path(), zeroed))) {
+    match new_delta(ctl, vol, Some((merged, zeroed))) {
         Ok(d) => {
             d.set_discard(true);
             tracing::debug!(
@@ -342,21 +512,53 @@ fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
     }
 }
 
+/// Freezes the volume's current image as backup `name` and redirects every request
+/// admitted from now on to a new delta. Returns once the backup is ready, or after
+/// `wait` with the backup still draining (module docs: # Drain).
 pub fn backup_create(
-    reactors: &[ReactorHandle],
+    reactors: &Arc<[ReactorHandle]>,
     vol: &Arc<Volume>,
     name: &str,
+    wait: Duration,
 ) -> Result<BackupInfo, SwitchError> {
     let t0 = Instant::now();
     let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
     let sw = switch(&mut ctl, vol, name, t0)?;
-    // 3. One message round over every reactor: afterwards the old stack's write
-    // tracker shows every old-epoch write, and partial first writes wait per chunk.
+    // 3. One message round over every reactor: afterwards the old stacks' write
+    // trackers show every old-epoch write, and partial first writes wait per chunk.
     quiesce(reactors, vol, &sw);
-    // 4. Drain the old epoch.
-    drain(reactors, vol, sw.old.0 as *const Stack)?;
-    let info = mark_ready(&mut ctl, vol, name, sw);
+    // 4. Drain the old epoch (and any older one still draining), without holding
+    // `control`: other commands, `backup_list` included, go on meanwhile.
+    let round = start_round(reactors, vol, &ctl);
     drop(ctl);
+    match round {
+        Ok(round) => match round.wait(wait) {
+            Ok(()) => {
+                let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+                finish_round(&mut ctl, vol, &round);
+            }
+            Err(RoundWait::Slow) => finish_later(reactors, vol, Some(round)),
+            Err(RoundWait::Gone) => {} // stopping: recovery finds it at the next start
+        },
+        Err(e) => {
+            tracing::warn!(volume = vol.name(), error = %e, "drain round not sent; a thread retries it");
+            finish_later(reactors, vol, None);
+        }
+    }
+    let info = {
+        let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+        ctl.backups.iter().find(|b| b.name == name).cloned()
+    };
+    // A backup may be released as soon as it is ready, even before we look again.
+    let info = info.ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
+    if info.state == BackupState::Draining {
+        tracing::warn!(
+            volume = vol.name(),
+            backup = name,
+            wait_ms = wait.as_millis() as u64,
+            "backup still draining: requests admitted before the switch are still running"
+        );
+    }
     // The backup survives a restart from here on.
     if let Err(e) = vol.persist.write_manifest() {
         tracing::error!(volume = vol.name(), backup = name, error = %e, "manifest write failed; the next flush retries it");
@@ -512,9 +714,14 @@ pub(crate) fn merge(
         let deltas = vol.with_stack(&ctl, |s| s.deltas.clone());
         let epoch = ctl.next_epoch;
         ctl.next_epoch += 1;
-        let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
-        drain(reactors, vol, old)?;
-        vol.free_retired(old);
+        vol.publish(&ctl, Stack::new(epoch, deltas, vol.reactors()));
+        let round = start_round(reactors, vol, &ctl)?;
+        // However long it takes (a request of an older epoch may be slow): a
+        // release is not given up for a slow request; `control` is free meanwhile.
+        drop(ctl);
+        round.wait_done()?;
+        let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+        finish_round(&mut ctl, vol, &round);
     }
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let cb = vol.chunk_bytes() as u64;
@@ -596,9 +803,12 @@ pub(crate) fn merge(
     });
     let epoch = ctl.next_epoch;
     ctl.next_epoch += 1;
-    let old = vol.publish(Stack::new(epoch, deltas, vol.reactors()));
-    drain(reactors, vol, old)?;
-    vol.free_retired(old);
+    vol.publish(&ctl, Stack::new(epoch, deltas, vol.reactors()));
+    let round = start_round(reactors, vol, &ctl)?;
+    drop(ctl);
+    round.wait_done()?;
+    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    finish_round(&mut ctl, vol, &round);
     ctl.backups.retain(|b| b.name != name);
     reuse_for_next(&mut ctl, vol, &delta);
     drop(ctl);
@@ -708,6 +918,8 @@ pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
             serde_json::json!({
                 "volume": vol.name(),
                 "name": b.name,
+                // Requests a draining backup still waits for (module docs: # Drain).
+                "waiting_requests": waiting_requests(&ctl, vol, &b.name),
                 "copy": copy,
                 "export": format!("{}@{}", vol.name(), b.name),
                 "state": b.state,
@@ -719,4 +931,97 @@ pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendKind;
+    use crate::volume::VolumeSpec;
+    use ringblk_reactor::{manual_reactors, ReactorConfig};
+
+    fn volume(dir: &std::path::Path) -> Arc<Volume> {
+        let spec = VolumeSpec {
+            name: "slow".into(),
+            path: None,
+            size_bytes: Some(1 << 20),
+            block_size: 512,
+            backend: BackendKind::Mem,
+            read_only: false,
+            direct: false,
+            chunk_size: 4096,
+        };
+        Arc::new(Volume::open(spec, 2, dir).expect("volume"))
+    }
+
+    /// Runs `f` on a thread while this one polls the reactors until it returns.
+    fn on_thread<R: Send + 'static>(
+        rs: &mut [Reactor],
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> R {
+        let t = std::thread::spawn(f);
+        let start = Instant::now();
+        while !t.is_finished() {
+            for r in rs.iter_mut() {
+                r.poll_once();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "stalled");
+        }
+        t.join().expect("thread")
+    }
+
+    fn state(vol: &Volume, name: &str) -> (BackupState, u64) {
+        let ctl = vol.control.lock().expect("control");
+        let b = ctl.backups.iter().find(|b| b.name == name).expect("backup");
+        (b.state, waiting_requests(&ctl, vol, name))
+    }
+
+    /// Issue #11 item 8: a request pinned to the stack of epoch 0 outlasts the
+    /// drain's wait of two backups in a row. The old code freed that stack at the
+    /// second backup's drain (Stack's Drop asserts no pin is left) and left the
+    /// first backup draining forever.
+    #[test]
+    fn a_pinned_stack_outlives_slow_drains_and_backups_become_ready_after() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let vol = volume(dir.path());
+        let mut rs = manual_reactors(ReactorConfig {
+            cores: vec![None, None],
+            ..Default::default()
+        })
+        .expect("reactors");
+        let handles = rs[0].peers().clone();
+        let held = vol.pin(0);
+        assert_eq!(held.stack().epoch, 0);
+        let wait = Duration::from_millis(50);
+        for name in ["b1", "b2"] {
+            let (h, v, n) = (handles.clone(), vol.clone(), name.to_string());
+            let info =
+                on_thread(&mut rs, move || backup_create(&h, &v, &n, wait)).expect("backup_create");
+            assert_eq!(info.state, BackupState::Draining, "{name}");
+            assert_eq!(state(&vol, name), (BackupState::Draining, 1), "{name}");
+        }
+        // Still readable: nothing freed it.
+        assert_eq!(held.stack().epoch, 0);
+        assert!(
+            vol.drain_helper.load(Ordering::Acquire),
+            "a thread finishes them"
+        );
+        drop(held);
+        let start = Instant::now();
+        while state(&vol, "b1").0 != BackupState::Ready || state(&vol, "b2").0 != BackupState::Ready
+        {
+            for r in rs.iter_mut() {
+                r.poll_once();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "never ready");
+        }
+        assert_eq!(state(&vol, "b2"), (BackupState::Ready, 0));
+        assert_eq!(
+            vol.ready_backups(),
+            vec!["b1".to_string(), "b2".to_string()]
+        );
+        // Both deltas may read-merge freely now.
+        let ctl = vol.control.lock().expect("control");
+        assert!(vol.with_stack(&ctl, |s| s.deltas.iter().all(|d| d.is_drained())));
+    }
 }

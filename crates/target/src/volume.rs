@@ -2,7 +2,8 @@
 //!
 //! # Sharing
 //! A [`Volume`] is immutable after creation except for its counters and its
-//! `removed` flag, so every reactor reads it through an `Arc` without locks. The
+//! `removed` flag (and the control plane's own state: `control`, the retired stacks,
+//! `drain_helper`), so every reactor reads it through an `Arc` without locks. The
 //! [`Registry`] map is behind an `RwLock` that only the control plane takes: the
 //! handshake (to look an export up) and RPC calls. The data path never touches it.
 //!
@@ -83,6 +84,9 @@ pub enum VolumeError {
     /// base image): the server leaves the volume out and serves the others.
     #[error("volume {name:?} cannot be recovered: {reason}")]
     Unrecoverable { name: String, reason: String },
+    /// Another volume or process writes the file (`filelock`).
+    #[error(transparent)]
+    Locked(crate::filelock::LockError),
 }
 
 impl VolumeError {
@@ -94,6 +98,7 @@ impl VolumeError {
             VolumeError::NotFound(_) => -libc::ENODEV,
             VolumeError::Open { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
             VolumeError::Unrecoverable { .. } => -libc::EIO,
+            VolumeError::Locked(_) => -libc::EBUSY,
         }
     }
 }
@@ -139,7 +144,9 @@ pub struct VolumeStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupState {
-    /// Switched; requests of the old epoch are still completing.
+    /// Switched; requests of the old epoch (or of an older one still draining) are
+    /// still completing. Ready once the last of them finished, however long that
+    /// takes (`switchover`: # Drain).
     Draining,
     /// Frozen image complete; its export serves reads.
     Ready,
@@ -157,6 +164,13 @@ pub struct BackupInfo {
     /// Time from the command to the published switch, and to `ready`.
     pub switch_us: u64,
     pub ready_us: Option<u64>,
+    /// Epoch of the stack its switch replaced: the backup is ready once no retired
+    /// stack of this epoch or older is left (0 for recovered backups: ready).
+    #[serde(skip)]
+    pub drain_epoch: u64,
+    /// When the command started (for `ready_us`); `None` when recovered.
+    #[serde(skip)]
+    pub started: Option<std::time::Instant>,
 }
 
 /// Volume state only the control plane touches (backup commands serialise here).
@@ -185,8 +199,13 @@ impl Control {
 /// backup): `x-ringblk:changed/NAME`, flags bit 0 set on changed chunks.
 pub const META_CHANGED_PREFIX: &str = "x-ringblk:changed/";
 
-/// A retired stack waiting for its drain; freed afterwards.
-struct Retired(*mut Stack);
+/// A retired stack waiting for its drain; freed afterwards (`image`: # Reclamation).
+struct Retired {
+    stack: *mut Stack,
+    /// Its epoch: unique within the volume, what drain rounds name it by (an
+    /// address can be reused by a later stack).
+    epoch: u64,
+}
 // SAFETY: the pointer is only dereferenced (freed) by the control plane after the
 // drain proved no reactor uses it; Stack itself is Send + Sync.
 unsafe impl Send for Retired {}
@@ -204,6 +223,9 @@ pub struct Volume {
     /// The published image stack (see `image` for the pin/drain protocol).
     current: AtomicPtr<Stack>,
     retired: Mutex<Vec<Retired>>,
+    /// A thread is finishing drains that outlasted their command's wait
+    /// (`switchover::finish_later`): at most one per volume.
+    pub(crate) drain_helper: AtomicBool,
     pub control: Mutex<Control>,
     /// Names of ready backups (their exports). Separate from `control` because the
     /// handshake reads it on reactor threads, and `control` is held across drains,
@@ -352,9 +374,15 @@ impl Volume {
                     read_only: spec.read_only,
                     direct: spec.direct,
                 };
-                backend::file::open(path, opts).map_err(|source| VolumeError::Open {
-                    path: path.display().to_string(),
-                    source,
+                let owner = format!("volume {name:?} (its base image)");
+                backend::file::open(path, opts, &owner).map_err(|source| {
+                    match crate::filelock::lock_error(&source) {
+                        Some(e) => VolumeError::Locked(e.clone()),
+                        None => VolumeError::Open {
+                            path: path.display().to_string(),
+                            source,
+                        },
+                    }
                 })?
             }
             BackendKind::Mem => {
@@ -396,9 +424,11 @@ impl Volume {
         // A new lifetime of the volume, unless recovery finds the one it continues.
         let incarnation = crate::durable::manifest::new_incarnation();
         let mut file_stem = crate::durable::manifest::file_stem(name, Some(&incarnation));
+        // One store per volume: recovery, commits and the deltas' files share its
+        // descriptors (`durable::store` module docs).
+        let store = Arc::new(crate::durable::store::DirStore::new(data_dir));
         let (manifest, base) = if persistent {
             use crate::durable::manifest::{BaseIdentity, Manifest, ManifestCell};
-            let store = crate::durable::store::DirStore::new(data_dir);
             let found = match &spec.path {
                 Some(p) => Some(BaseIdentity::of(p).map_err(|source| VolumeError::Open {
                     path: p.display().to_string(),
@@ -408,7 +438,7 @@ impl Volume {
             };
             check_base_identity(&store, name, found.as_ref(), rebind)?;
             let rec =
-                crate::durable::recover::recover(&store, name, size_bytes, cs).map_err(|e| {
+                crate::durable::recover::recover(&*store, name, size_bytes, cs).map_err(|e| {
                     VolumeError::Unrecoverable {
                         name: name.to_string(),
                         reason: format!(
@@ -444,7 +474,7 @@ impl Volume {
                         sum.torn_tail_bytes += rd.torn_tail_bytes;
                         let entry = rd.entry.clone();
                         let d = crate::image::Delta::recovered(
-                            data_dir, &file_stem, rd, size_bytes, cs, direct,
+                            &store, &file_stem, rd, size_bytes, cs, direct,
                         )
                         .map_err(|source| VolumeError::Open {
                             path: crate::durable::manifest::delta_name(&file_stem, entry.id),
@@ -462,6 +492,8 @@ impl Volume {
                             created_unix_ms: entry.created_unix_ms,
                             switch_us: 0,
                             ready_us: None,
+                            drain_epoch: 0,
+                            started: None,
                         });
                         if merging {
                             sum.merging.push(entry.backup.clone());
@@ -485,7 +517,7 @@ impl Volume {
         } else {
             (None, None)
         };
-        let persist = crate::persist::Persist::new(name, data_dir, manifest, base, deltas.clone());
+        let persist = crate::persist::Persist::new(name, store, manifest, base, deltas.clone());
         if summary.is_some() {
             // The identity recorded above, durable before anything is served.
             persist
@@ -511,6 +543,7 @@ impl Volume {
             data_dir: data_dir.to_path_buf(),
             current: AtomicPtr::new(stack),
             retired: Mutex::new(Vec::new()),
+            drain_helper: AtomicBool::new(false),
             control: Mutex::new(control),
             ready_backups: RwLock::new(ready),
             merge_lock: Mutex::new(()),
@@ -568,7 +601,7 @@ impl Volume {
         _control: &std::sync::MutexGuard<'_, Control>,
         f: impl FnOnce(&Stack) -> R,
     ) -> R {
-        // SAFETY: see above; `free_retired` only frees stacks already replaced.
+        // SAFETY: see above; `free_drained` only frees stacks already replaced.
         f(unsafe { &*self.current.load(Ordering::Acquire) })
     }
 
@@ -591,27 +624,72 @@ impl Volume {
         }
     }
 
-    /// Publishes `stack` (the switch) and retires the old one until its drain.
-    /// Returns the old stack's pointer for the drain to watch.
-    pub(crate) fn publish(&self, stack: Stack) -> *const Stack {
+    /// Publishes `stack` (the switch) and retires the old one until a drain round
+    /// covers it. Call it holding `control` (stacks change only under it).
+    pub(crate) fn publish(&self, _control: &std::sync::MutexGuard<'_, Control>, stack: Stack) {
         let new = Box::into_raw(Box::new(stack));
         let old = self.current.swap(new, Ordering::AcqRel);
+        // SAFETY: `old` was the published stack; only the control plane (which we
+        // hold) frees stacks, and only retired ones.
+        let epoch = unsafe { &*old }.epoch;
         self.retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Retired(old));
-        old
+            .push(Retired { stack: old, epoch });
     }
 
-    /// Frees retired stacks after a drain proved no request uses them.
-    pub(crate) fn free_retired(&self, upto: *const Stack) {
+    /// What a drain round started now must watch: every retired stack, by epoch,
+    /// with its pin counters and write tracker.
+    pub(crate) fn retired_stacks(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+    ) -> Vec<(
+        u64,
+        Arc<crate::image::Pins>,
+        Arc<crate::image::WriteTracker>,
+    )> {
+        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .map(|r| {
+                // SAFETY: listed, so not freed; freeing needs `control`, held here.
+                let s = unsafe { &*r.stack };
+                (r.epoch, s.pins(), s.writes.clone())
+            })
+            .collect()
+    }
+
+    /// Requests still pinned to retired stacks of epoch `upto` or older; `None`
+    /// when no such stack is left (what a backup switched at `upto` waits for).
+    pub(crate) fn undrained_upto(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+        upto: u64,
+    ) -> Option<u64> {
+        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut older = list.iter().filter(|r| r.epoch <= upto).peekable();
+        older.peek()?;
+        // SAFETY: listed, so not freed; freeing needs `control`, held here.
+        Some(older.map(|r| unsafe { &*r.stack }.pins().total()).sum())
+    }
+
+    /// Frees the retired stacks of `epochs`: a drain round that started after they
+    /// were unpublished found no request pinned to them on any reactor (`image`:
+    /// # Reclamation). Epochs already freed by another round are skipped.
+    pub(crate) fn free_drained(
+        &self,
+        _control: &std::sync::MutexGuard<'_, Control>,
+        epochs: &[u64],
+    ) {
         let mut list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pos) = list.iter().position(|r| std::ptr::eq(r.0, upto)) {
-            for r in list.drain(..=pos) {
-                // SAFETY: retired and drained: no reactor holds or can load it.
-                drop(unsafe { Box::from_raw(r.0) });
+        list.retain(|r| {
+            if !epochs.contains(&r.epoch) {
+                return true;
             }
-        }
+            // SAFETY: drained (above): no request holds it, no reactor can load it;
+            // rounds still running hold only its `Pins`.
+            drop(unsafe { Box::from_raw(r.stack) });
+            false
+        });
     }
 
     pub fn name(&self) -> &str {
@@ -733,7 +811,9 @@ impl Drop for Volume {
             // Nothing of a mem/null volume survives it: neither do its deltas.
             self.persist.discard_deltas();
         }
-        // No Arc<Volume> is left, so no request or reactor can hold a pin.
+        // No Arc<Volume> is left, so no request or reactor can hold a pin, and no
+        // drain round has a waiter (each holds the volume); a round still on the
+        // reactors holds only its `Pins`.
         let cur = *self.current.get_mut();
         // SAFETY: allocated by Box::into_raw in open/publish; freed exactly once.
         drop(unsafe { Box::from_raw(cur) });
@@ -744,7 +824,7 @@ impl Drop for Volume {
             .drain(..)
         {
             // SAFETY: as above.
-            drop(unsafe { Box::from_raw(r.0) });
+            drop(unsafe { Box::from_raw(r.stack) });
         }
     }
 }

@@ -5,6 +5,10 @@
 //! is opened buffered and a warning says so. A missing file is created sparse at the
 //! requested size; an existing one smaller than the requested size is grown sparse,
 //! never shrunk.
+//!
+//! A writable backend holds the file's write lock (`filelock`) for as long as it is
+//! open, taken before anything changes the file (the growing `set_len`): a file
+//! another volume or process writes is refused untouched.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -26,7 +30,8 @@ pub struct FileOptions {
 }
 
 /// Opens (creating if needed) a file or block device; returns the backend and its size.
-pub fn open(path: &Path, opts: FileOptions) -> std::io::Result<(Backend, u64)> {
+/// `owner` names the volume in the lock conflicts of later writers (`filelock`).
+pub fn open(path: &Path, opts: FileOptions, owner: &str) -> std::io::Result<(Backend, u64)> {
     let mut oo = OpenOptions::new();
     oo.read(true).write(!opts.read_only);
     if !opts.read_only && opts.size_bytes.is_some() {
@@ -45,6 +50,10 @@ pub fn open(path: &Path, opts: FileOptions) -> std::io::Result<(Backend, u64)> {
             oo.open(path)?
         }
         Err(e) => return Err(e),
+    };
+    let lock = match opts.read_only {
+        true => None,
+        false => Some(crate::filelock::lock(&file, path, owner.to_string())?),
     };
     let meta = file.metadata()?;
     let is_block = meta.file_type().is_block_device();
@@ -72,6 +81,7 @@ pub fn open(path: &Path, opts: FileOptions) -> std::io::Result<(Backend, u64)> {
     let backend = Backend {
         kind: BackendKind::File,
         file: Some(file),
+        lock,
         direct,
         // Block devices take fallocate too (Linux >= 4.9): PUNCH_HOLE zeroes through
         // the device's write-zeroes/discard and answers EOPNOTSUPP rather than fall back

@@ -23,6 +23,7 @@ pub fn open(name: &str, size_bytes: u64) -> std::io::Result<Backend> {
     Ok(Backend {
         kind: BackendKind::Mem,
         file: Some(file),
+        lock: None, // a memfd nobody else can open
         direct: false,
         can_punch: true,
     })

@@ -63,6 +63,10 @@ pub struct Backend {
     kind: BackendKind,
     /// `None` for the null backend.
     file: Option<File>,
+    /// The write lock held through `file` (writable file backends; `filelock`).
+    /// After `file`: unregistered once the descriptor is closed.
+    #[allow(dead_code)] // held for its Drop
+    lock: Option<crate::filelock::WriteLock>,
     /// Whether the descriptor was opened O_DIRECT (buffers must be aligned).
     direct: bool,
     /// Whether fallocate punch-hole/zero-range may work on this file or device (the

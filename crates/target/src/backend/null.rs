@@ -9,6 +9,7 @@ pub fn open() -> Backend {
     Backend {
         kind: BackendKind::Null,
         file: None,
+        lock: None,
         direct: false,
         can_punch: true,
     }

@@ -15,8 +15,17 @@
 //!
 //! Names are relative to the store's directory; an absolute name (a volume's base
 //! image elsewhere) is used as is.
+//!
+//! # Descriptors
+//! [`DirStore`] keeps the files it used open, by name, so that a group commit does
+//! not reopen every journal and data file. A file it may have open is renamed or
+//! deleted only through [`Store::rename`] / [`Store::remove`], which drop the cached
+//! descriptor first: a descriptor left open on a deleted file would keep the file's
+//! space allocated and, one per released backup, exhaust the descriptor limit. The
+//! cache holds at most [`OPEN_FILES_MAX`] files; beyond that the oldest entry is
+//! closed (the next use opens it again).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -74,21 +83,62 @@ pub fn replace_atomically(store: &dyn Store, name: &str, data: &[u8]) -> io::Res
     store.sync_dir()
 }
 
+/// Files a [`DirStore`] keeps open at most (module docs: # Descriptors). A volume
+/// uses about two per delta plus its base and manifest.
+pub const OPEN_FILES_MAX: usize = 64;
+
 /// Real files in a directory, with buffered (page cache) I/O of their own; the
 /// data path's O_DIRECT descriptors of the same files stay coherent with it for
 /// sync purposes (fdatasync flushes the inode, whichever descriptor asks).
 #[derive(Debug)]
 pub struct DirStore {
     dir: PathBuf,
-    open: Mutex<HashMap<String, Arc<File>>>,
+    open: Mutex<OpenFiles>,
+}
+
+/// The descriptor cache: by name, and the names in the order they were opened.
+#[derive(Debug, Default)]
+struct OpenFiles {
+    by_name: HashMap<String, Arc<File>>,
+    order: VecDeque<String>,
+}
+
+impl OpenFiles {
+    fn insert(&mut self, name: &str, f: Arc<File>) {
+        self.remove(name);
+        while self.by_name.len() >= OPEN_FILES_MAX {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            // A caller still using it keeps its own Arc; it closes after that.
+            self.by_name.remove(&oldest);
+        }
+        self.by_name.insert(name.to_string(), f);
+        self.order.push_back(name.to_string());
+    }
+
+    fn remove(&mut self, name: &str) {
+        if self.by_name.remove(name).is_some() {
+            self.order.retain(|n| n != name);
+        }
+    }
 }
 
 impl DirStore {
     pub fn new(dir: impl Into<PathBuf>) -> DirStore {
         DirStore {
             dir: dir.into(),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenFiles::default()),
         }
+    }
+
+    /// Files open in the cache (tests: it stays bounded and forgets removed files).
+    pub fn open_files(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_name
+            .len()
     }
 
     pub fn dir(&self) -> &Path {
@@ -101,7 +151,7 @@ impl DirStore {
 
     fn file(&self, name: &str) -> io::Result<Arc<File>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = open.get(name) {
+        if let Some(f) = open.by_name.get(name) {
             return Ok(f.clone());
         }
         let f = Arc::new(
@@ -110,7 +160,7 @@ impl DirStore {
                 .write(true)
                 .open(self.path(name))?,
         );
-        open.insert(name.to_string(), f.clone());
+        open.insert(name, f.clone());
         Ok(f)
     }
 
@@ -134,7 +184,7 @@ impl Store for DirStore {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), Arc::new(f));
+            .insert(name, Arc::new(f));
         Ok(())
     }
 
@@ -173,13 +223,17 @@ impl Store for DirStore {
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.forget(from);
-        self.forget(to);
+        // Under the cache's lock: no other thread can cache either name between
+        // the forget and the rename.
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.remove(from);
+        open.remove(to);
         std::fs::rename(self.path(from), self.path(to))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.forget(name);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.remove(name);
         match std::fs::remove_file(self.path(name)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
@@ -219,5 +273,36 @@ impl Store for DirStore {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #11 item 7: the cache is bounded, and a removed or renamed file is no
+    /// longer held open (its descriptor kept a deleted file's space).
+    #[test]
+    fn open_files_are_bounded_and_forgotten_on_remove_and_rename() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DirStore::new(dir.path());
+        for i in 0..OPEN_FILES_MAX + 10 {
+            let name = format!("f{i}");
+            store.create(&name).expect("create");
+            store.write_at(&name, 0, b"x").expect("write");
+        }
+        assert_eq!(store.open_files(), OPEN_FILES_MAX);
+        // An evicted file opens again on use.
+        let mut b = [0u8; 1];
+        assert_eq!(store.read_at("f0", 0, &mut b).expect("read"), 1);
+        assert_eq!(&b, b"x");
+        let n = store.open_files();
+        store.remove("f0").expect("remove");
+        assert_eq!(store.open_files(), n - 1);
+        store.sync("f1").expect("sync");
+        let n = store.open_files();
+        store.rename("f1", "g1").expect("rename");
+        assert_eq!(store.open_files(), n - 1);
+        assert!(!store.exists("f1") && store.exists("g1"));
     }
 }
