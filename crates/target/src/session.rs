@@ -878,11 +878,12 @@ fn context_extents(
             io::block_status(volume, layers, off, len, max)
         });
     }
-    let Some(since) = ctx.name.strip_prefix(META_CHANGED_PREFIX) else {
+    if !ctx.name.starts_with(META_CHANGED_PREFIX) {
         return Err("unknown metadata context");
-    };
-    // Gone once `since` is being released: its changes merge into older ones.
-    match io::changed_layers(&pin.stack().deltas, layers.len(), since) {
+    }
+    // Bound to the backup selected, by its delta's id: gone once that backup is being
+    // released (its changes merge into older ones), even if a new backup took its name.
+    match io::changed_layers_of(&pin.stack().deltas, layers.len(), ctx.binding) {
         Some(changed) => Ok(io::changed_status(volume, changed, off, len, max)),
         None => Err("that backup was released: changes since it are no longer tracked"),
     }

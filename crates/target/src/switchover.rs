@@ -291,7 +291,7 @@ pub fn mark_ready(
         b.ready_us = Some(ready_us);
         info = Some(b.clone());
     }
-    vol.set_backup_exported(name, true);
+    vol.set_backup_exported(name, Some(sw.delta.id));
     tracing::info!(
         volume = vol.name(),
         backup = name,
@@ -389,7 +389,7 @@ pub fn backup_release(
         b.state = BackupState::Merging;
         b.clone()
     };
-    vol.set_backup_exported(name, false);
+    vol.set_backup_exported(name, None);
     // Connections to the backup's export go away first (it is no longer listed).
     for h in reactors.iter() {
         let (v, n) = (vol.name().to_string(), name.to_string());
