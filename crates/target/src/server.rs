@@ -7,6 +7,11 @@
 //! are served in parallel). The JSON-RPC server has its own thread (control plane).
 //! The main thread waits for SIGINT/SIGTERM and then stops everything gracefully:
 //! listeners close, connections finish their in-flight requests, reactors join.
+//!
+//! # Limits
+//! At most `max_connections` connections are served, of which at most
+//! `max_handshakes` may still be negotiating (`accepted`); request buffers of all
+//! connections share one budget. See `admission` for both.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,6 +22,7 @@ use std::time::Duration;
 
 use ringblk_reactor::{FileRef, Op, Reactor, ReactorConfig, ReactorHandle, ReactorPool};
 
+use crate::admission::{count, more_suffix, Admission, AdmissionConfig};
 use crate::session;
 use crate::volume::{Registry, Volume, VolumeError, VolumeSpec};
 
@@ -61,6 +67,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Where delta images of backups are created.
     pub data_dir: PathBuf,
+    /// Server-wide limits: buffer budget, handshake slots, request timeout.
+    pub admission: AdmissionConfig,
 }
 
 /// State every reactor and the RPC thread share.
@@ -72,6 +80,8 @@ pub struct ServerShared {
     pub handshake_timeout: Duration,
     pub data_dir: PathBuf,
     pub reactors: std::sync::OnceLock<Arc<[ReactorHandle]>>,
+    /// Buffer budget, handshake slots and push-back counters (`admission`).
+    pub admission: Admission,
 }
 
 impl ServerShared {
@@ -155,6 +165,8 @@ pub enum ServerError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Reactor(#[from] ringblk_reactor::ReactorError),
+    #[error("{0}")]
+    Config(String),
 }
 
 fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), ServerError> {
@@ -185,6 +197,7 @@ impl Server {
     /// Opens the volumes, binds the listener and starts the reactors.
     pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let n = config.reactor.cores.len();
+        config.admission.validate().map_err(ServerError::Config)?;
         let shared = Arc::new(ServerShared {
             registry: Arc::new(Registry::new()),
             connections: AtomicUsize::new(0),
@@ -193,6 +206,7 @@ impl Server {
             handshake_timeout: config.handshake_timeout,
             data_dir: config.data_dir.clone(),
             reactors: std::sync::OnceLock::new(),
+            admission: Admission::new(config.admission.clone()),
         });
         for spec in config.volumes.clone() {
             shared.add_volume(spec)?;
@@ -290,7 +304,20 @@ fn post_accept(
             let sock = unsafe { OwnedFd::from_raw_fd(comp.result) };
             accepted(r, &sh, sock);
         } else if comp.result != -libc::ECANCELED {
-            tracing::warn!(errno = -comp.result, "accept failed");
+            if let Some(n) = sh.admission.accept_warn.check() {
+                let e = std::io::Error::from_raw_os_error(-comp.result);
+                tracing::warn!("accept failed: {e}{}", more_suffix(n));
+            }
+            // Out of descriptors or memory: retrying at once would spin (and log)
+            // until a connection closes; wait a little instead.
+            if matches!(
+                -comp.result,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            ) {
+                let sh2 = sh.clone();
+                r.add_timer(ACCEPT_RETRY, move |r| post_accept(r, sh2, l2));
+                return;
+            }
         }
         post_accept(r, sh, l2);
     });
@@ -305,23 +332,63 @@ fn post_accept(
     }
 }
 
+/// Pause before accepting again after running out of descriptors or memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// Admits a new connection into a handshake slot (see `admission`): at the
+/// handshake limit, or at the connection limit, the least recently active
+/// negotiating connection gives way; at the connection limit with nobody
+/// negotiating, the new one is refused. Connections made to give way close
+/// asynchronously, so the sockets open are bounded by `max_connections +
+/// max_handshakes`, a hard cap. Warnings are rate-limited with a count.
 fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
-    if shared.connections.load(Ordering::Relaxed) >= shared.max_connections {
-        tracing::warn!(
-            max = shared.max_connections,
-            "connection limit reached; refusing a client"
-        );
+    let adm = &shared.admission;
+    let open = shared.connections.load(Ordering::Relaxed);
+    let at_limit = open >= shared.max_connections;
+    let id = adm.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let target = shared.pick_reactor();
+    let hard_cap = shared.max_connections + adm.config.max_handshakes;
+    let admitted = if open >= hard_cap {
+        None
+    } else {
+        adm.handshakes.admit(id, target, at_limit)
+    };
+    let Some(evicted) = admitted else {
+        count(&adm.counters.connections_refused);
+        if let Some(n) = adm.refuse_warn.check() {
+            tracing::warn!(
+                "connection limit reached ({} connections, none negotiating); refusing a client{}",
+                shared.max_connections,
+                more_suffix(n)
+            );
+        }
         return; // dropping the descriptor closes it
+    };
+    count(&adm.counters.connections_accepted);
+    if let Some((victim, on)) = evicted {
+        count(&adm.counters.handshake_evictions);
+        if let Some(n) = adm.evict_warn.check() {
+            tracing::warn!(
+                "handshake limit reached ({} connections negotiating, or {} in all); closing the least recently active negotiation for a new client{}",
+                adm.config.max_handshakes,
+                shared.max_connections,
+                more_suffix(n)
+            );
+        }
+        if on == r.id() {
+            session::evict_handshake(r, victim);
+        } else {
+            r.send_to(on, move |r| session::evict_handshake(r, victim));
+        }
     }
     set_nodelay(&sock);
     shared.connections.fetch_add(1, Ordering::Relaxed);
-    let target = shared.pick_reactor();
     shared.per_reactor[target].fetch_add(1, Ordering::Relaxed);
     let sh = shared.clone();
     if target == r.id() {
-        session::start(r, sh, sock);
+        session::start(r, sh, sock, id);
     } else {
-        r.send_to(target, move |r| session::start(r, sh, sock));
+        r.send_to(target, move |r| session::start(r, sh, sock, id));
     }
 }
 
