@@ -316,13 +316,13 @@ fn bare_write_headers_wait_for_the_buffer_budget_and_time_out() {
     ]);
     let before = status_kib(&srv, "VmHWM:");
     let mut hostile: Vec<TcpStream> = (0..HOSTILE)
-        .map(|i| {
-            let mut s = open(srv.port, "v").unwrap_or_else(|e| panic!("hostile {i}: {e}"));
-            s.write_all(&request(CMD_WRITE, i as u64, 0, 32 << 20))
-                .expect("header");
-            s
-        })
+        .map(|i| open(srv.port, "v").unwrap_or_else(|e| panic!("hostile {i}: {e}")))
         .collect();
+    // All headers at once, so that they compete for the budget together.
+    for (i, s) in hostile.iter_mut().enumerate() {
+        s.write_all(&request(CMD_WRITE, i as u64, 0, 32 << 20))
+            .expect("header");
+    }
     // A well-behaved client on its own connection: its requests wait their turn for
     // the budget (first come, first served) and then succeed, with the right data.
     let port = srv.port;
