@@ -44,6 +44,9 @@
 //! # Closing
 //! The socket descriptor is closed only when no receive or send referencing it is
 //! in flight, so a reused descriptor number can never receive a stale operation.
+//! An aborting connection cancels its receive and its send (a client that does not
+//! read would otherwise hold the send, and the connection, forever), and gives its
+//! whole budget back once closed.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
