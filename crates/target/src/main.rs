@@ -336,8 +336,11 @@ fn raise_nofile_limit(server: &ringblk_target::server::ServerConfig) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
+    // An unlimited hard limit cannot be the soft one (the kernel caps descriptors at
+    // fs.nr_open, 1 Mi by default).
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
         // SAFETY: setrlimit reads one rlimit struct that we own; raising the soft
         // limit up to the hard one needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {

@@ -211,8 +211,8 @@ fn counter(stats: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("server stats lack {name}: {stats}"))
 }
 
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit (the server, started
-/// afterwards, inherits it); returns the new soft limit.
+/// Raises this process's soft RLIMIT_NOFILE towards its hard limit (the server,
+/// started afterwards, inherits it); returns the new soft limit.
 fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -221,8 +221,11 @@ fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        let want = lim.rlim_max.min(1 << 16);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
     }
     lim.rlim_cur
 }
