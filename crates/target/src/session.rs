@@ -647,28 +647,36 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
 /// Takes a READ's or WRITE's bytes from the buffer budget and starts it, or parks
 /// it until the budget grants them (module docs); false stops processing.
 fn admit_data(r: &mut Reactor, conn: &ConnRef, req: Request) -> bool {
-    let (shared, id) = {
-        let c = conn.borrow();
-        (c.shared.clone(), c.id)
+    let (granted, woken) = {
+        let mut c = conn.borrow_mut();
+        let adm = &c.shared.admission;
+        // The decoder caps lengths at 32 MiB and the budget is at least that.
+        let bytes = (req.length as usize).min(adm.budget.total());
+        let me = Waiter {
+            reactor: r.id(),
+            conn: c.id,
+            bytes,
+        };
+        let (granted, woken) = adm.budget.acquire(me);
+        if granted {
+            c.budget_held += bytes;
+        } else {
+            count(&adm.counters.buffer_budget_waits);
+            c.budget_wait = Some(req);
+        }
+        // The shared state is cloned (a contended count) only when someone is woken.
+        (
+            granted,
+            (!woken.is_empty()).then(|| (c.shared.clone(), woken)),
+        )
     };
-    let budget = &shared.admission.budget;
-    // The decoder caps lengths at 32 MiB and the budget is at least that.
-    let bytes = (req.length as usize).min(budget.total());
-    let me = Waiter {
-        reactor: r.id(),
-        conn: id,
-        bytes,
-    };
-    let (granted, woken) = budget.acquire(me);
-    wake(r, &shared, woken);
-    if !granted {
-        count(&shared.admission.counters.buffer_budget_waits);
-        conn.borrow_mut().budget_wait = Some(req);
-        return false;
+    if let Some((shared, woken)) = woken {
+        wake(r, &shared, woken);
     }
-    conn.borrow_mut().budget_held += bytes;
-    start_data(r, conn, req);
-    true
+    if granted {
+        start_data(r, conn, req);
+    }
+    granted
 }
 
 /// A READ or WRITE whose budget is held: a WRITE starts receiving its payload, a
@@ -724,7 +732,7 @@ fn wake(r: &mut Reactor, shared: &Arc<ServerShared>, woken: Vec<Waiter>) {
 /// Gives back budget this connection holds beyond what its executing requests and
 /// unsent replies still use (module docs: buffer budget).
 fn release_excess(r: &mut Reactor, conn: &ConnRef) {
-    let (shared, extra) = {
+    let (shared, woken) = {
         let mut c = conn.borrow_mut();
         let extra = c
             .budget_held
@@ -733,9 +741,13 @@ fn release_excess(r: &mut Reactor, conn: &ConnRef) {
             return;
         }
         c.budget_held -= extra;
-        (c.shared.clone(), extra)
+        let woken = c.shared.admission.budget.release(extra);
+        if woken.is_empty() {
+            return;
+        }
+        (c.shared.clone(), woken)
     };
-    give_back(r, &shared, extra);
+    wake(r, &shared, woken);
 }
 
 /// Whether the connection waits on its client in a way that holds resources
