@@ -21,12 +21,24 @@ use std::rc::Rc;
 /// blocks at most).
 pub const DIRECT_IO_ALIGN: usize = 4096;
 
-/// A zero-initialised heap buffer whose address and length are multiples of
-/// its alignment, as O_DIRECT requires.
+/// Buffers at least this large (with an alignment the page size satisfies) are
+/// mapped, not allocated: the kernel hands out zeroed pages as they are first
+/// touched, so such a buffer costs memory only as it is written (a request buffer
+/// whose payload has not arrived costs none), nothing memsets it, and unmapping
+/// returns the memory at once instead of leaving it in the allocator's arenas.
+pub const MMAP_MIN_BYTES: usize = 1 << 20;
+
+/// Smallest page size of the platforms served; mmap addresses are multiples of it.
+const PAGE_BYTES: usize = 4096;
+
+/// A zero-initialised buffer whose address and length are multiples of its
+/// alignment, as O_DIRECT requires: heap memory, or a private anonymous mapping from
+/// [`MMAP_MIN_BYTES`] on.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     layout: Layout,
+    mapped: bool,
 }
 
 // SAFETY: AlignedBuf uniquely owns its allocation (like Box<[u8]>); no interior
@@ -45,12 +57,43 @@ impl AlignedBuf {
         // Allocate at least one alignment unit: a zero-sized allocation is UB.
         let cap = len.max(1).next_multiple_of(align);
         let layout = Layout::from_size_align(cap, align).expect("valid buffer layout");
+        if cap >= MMAP_MIN_BYTES && align <= PAGE_BYTES {
+            // SAFETY: a fresh private anonymous mapping of `cap` bytes; no existing
+            // memory is touched. The kernel zero-fills its pages on first access.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    cap,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if raw == libc::MAP_FAILED {
+                alloc::handle_alloc_error(layout)
+            }
+            let Some(ptr) = NonNull::new(raw.cast::<u8>()) else {
+                alloc::handle_alloc_error(layout)
+            };
+            return AlignedBuf {
+                ptr,
+                len,
+                layout,
+                mapped: true,
+            };
+        }
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, len, layout }
+        AlignedBuf {
+            ptr,
+            len,
+            layout,
+            mapped: false,
+        }
     }
 
     /// A buffer aligned for O_DIRECT.
@@ -88,6 +131,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: ptr is the mapping of exactly `layout.size()` bytes made in
+            // `new`, owned by self alone; nothing refers to it after the drop.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
+            return;
+        }
         // SAFETY: ptr was allocated with exactly this layout in `new`.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
@@ -315,6 +364,28 @@ mod tests {
         assert!(b.as_slice().iter().all(|&x| x == 0));
         let z = AlignedBuf::direct(0);
         assert!(z.is_empty());
+    }
+
+    /// Large buffers are mapped: the same contract (aligned, zeroed, writable to
+    /// the end), and their memory is committed only as it is touched.
+    #[test]
+    fn large_buffers_are_mapped_lazily() {
+        let len = 32 << 20;
+        let mut b = AlignedBuf::direct(len);
+        assert!(b.mapped);
+        assert_eq!(b.as_ptr() as usize % DIRECT_IO_ALIGN, 0);
+        assert_eq!(b.as_slice()[len - 1], 0);
+        b.as_mut_slice()[len - 1] = 7;
+        b.as_mut_slice()[0] = 1;
+        assert_eq!((b.as_slice()[0], b.as_slice()[len - 1]), (1, 7));
+        assert!(b.as_slice()[1..len - 1]
+            .iter()
+            .step_by(4096)
+            .all(|&x| x == 0));
+        assert!(!AlignedBuf::direct(MMAP_MIN_BYTES - 4096).mapped);
+        // Alignment above the page size stays on the heap.
+        let big = AlignedBuf::new(MMAP_MIN_BYTES, 1 << 16);
+        assert!(!big.mapped && big.as_ptr() as usize % (1 << 16) == 0);
     }
 
     #[test]

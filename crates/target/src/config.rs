@@ -7,6 +7,9 @@ use std::time::Duration;
 use ringblk_reactor::{IdlePolicy, ReactorConfig, SubmitPolicy};
 use serde::Deserialize;
 
+use crate::admission::{
+    AdmissionConfig, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_HANDSHAKES, DEFAULT_REQUEST_TIMEOUT,
+};
 use crate::backend::BackendKind;
 use crate::server::{ListenAddr, ServerConfig};
 use crate::volume::VolumeSpec;
@@ -138,6 +141,10 @@ pub struct FileConfig {
     pub submit: Option<String>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
+    /// `--buffer-budget`, a size such as `1G`.
+    pub buffer_budget: Option<String>,
+    pub max_handshakes: Option<usize>,
+    pub request_timeout_secs: Option<u64>,
     #[serde(default)]
     pub volume: Vec<FileVolume>,
 }
@@ -178,6 +185,9 @@ pub struct Flags {
     pub handshake_timeout_secs: Option<u64>,
     /// `--rebind NAME` (see `catalog`).
     pub rebind: Vec<String>,
+    pub buffer_budget_bytes: Option<u64>,
+    pub max_handshakes: Option<usize>,
+    pub request_timeout_secs: Option<u64>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -298,6 +308,22 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             .unwrap_or(10)
             .max(1),
     );
+    let admission = AdmissionConfig {
+        buffer_budget_bytes: match (flags.buffer_budget_bytes, file.buffer_budget) {
+            (Some(b), _) => b,
+            (None, Some(s)) => parse_size(&s).map_err(|e| format!("buffer_budget: {e}"))?,
+            (None, None) => DEFAULT_BUFFER_BUDGET_BYTES,
+        },
+        max_handshakes: flags
+            .max_handshakes
+            .or(file.max_handshakes)
+            .unwrap_or(DEFAULT_MAX_HANDSHAKES),
+        request_timeout: flags
+            .request_timeout_secs
+            .or(file.request_timeout_secs)
+            .map_or(DEFAULT_REQUEST_TIMEOUT, Duration::from_secs),
+    };
+    admission.validate()?;
     Ok(Resolved {
         server: ServerConfig {
             listen,
@@ -313,6 +339,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             data_dir: data_dir.clone(),
             volumes_implicit,
             rebind: flags.rebind,
+            admission,
         },
         rpc,
         data_dir,
@@ -440,5 +467,48 @@ mod tests {
         })
         .expect_err("unknown key");
         assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn admission_limits_from_flag_or_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "buffer_budget = \"64M\"\nmax_handshakes = 8\nrequest_timeout_secs = 5\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(p.clone()),
+            max_handshakes: Some(9),
+            ..Default::default()
+        })
+        .expect("resolve");
+        let a = &r.server.admission;
+        assert_eq!(a.buffer_budget_bytes, 64 << 20);
+        assert_eq!(a.max_handshakes, 9, "the flag wins");
+        assert_eq!(a.request_timeout, Duration::from_secs(5));
+        let d = resolve(Flags::default())
+            .expect("defaults")
+            .server
+            .admission;
+        assert_eq!(d, AdmissionConfig::default());
+        // Below the largest request: refused, naming the flag and the minimum.
+        let err = resolve(Flags {
+            buffer_budget_bytes: Some(16 << 20),
+            ..Default::default()
+        })
+        .expect_err("too small");
+        assert!(
+            err.contains("--buffer-budget") && err.contains("32 MiB"),
+            "{err}"
+        );
+        std::fs::write(&p, "buffer_budget = \"lots\"\n").expect("write");
+        let err = resolve(Flags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect_err("bad size");
+        assert!(err.contains("buffer_budget"), "{err}");
     }
 }

@@ -140,6 +140,33 @@ impl WriteLock {
     }
 }
 
+impl WriteLock {
+    /// Gives the lock up while the holder's descriptor `file` stays open: a deleted
+    /// volume whose last client lingers must not keep its base from a re-created
+    /// volume once none of its I/O can run any more (`ServerShared::remove_volume`).
+    pub fn release(&self, file: &File) {
+        if self.token == 0 {
+            return;
+        }
+        // SAFETY: a zeroed flock is a valid value of this plain C struct.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_UNLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: fcntl reads the flock, which outlives the call, on a descriptor the
+        // caller keeps open.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if rc != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot release a write lock; it goes when the file closes");
+            return;
+        }
+        with_held(|h| {
+            if h.get(&self.key).is_some_and(|x| x.token == self.token) {
+                h.remove(&self.key);
+            }
+        });
+    }
+}
+
 impl Drop for WriteLock {
     fn drop(&mut self) {
         if self.token == 0 {

@@ -687,6 +687,19 @@ pub fn changed_layers<'a>(
     (!view[pos].is_merging()).then(|| &view[pos..])
 }
 
+/// [`changed_layers`] for the backup whose delta has id `delta` (a context bound to
+/// that backup when it was selected): `None` once that backup is gone, even when
+/// another backup now has its name.
+pub fn changed_layers_of(
+    deltas: &[Arc<Delta>],
+    view_len: usize,
+    delta: u64,
+) -> Option<&[Arc<Delta>]> {
+    let view = deltas.get(..view_len)?;
+    let pos = view.iter().position(|d| d.id == delta)?;
+    (!view[pos].is_merging()).then(|| &view[pos..])
+}
+
 /// Whether any of `layers` holds `chunk` (in any state: a pending fill is a write
 /// in progress, a merging chunk is still there until it is published below).
 pub fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {

@@ -1,10 +1,12 @@
 //! ringblk-target: volumes, images, backup switchover, NBD server and JSON-RPC.
 //!
 //! Layout: `nbd/` is the sans-IO NBD protocol (handshake and transmission codec),
-//! `session` drives it over reactor sockets, `volume` and `backend/` are the storage
+//! `session` drives it over reactor sockets, `admission` holds the server-wide
+//! limits on what clients may hold, `volume` and `backend/` are the storage
 //! side, `server` wires listeners, reactors and volumes together, `rpc` is the
 //! JSON-RPC 2.0 control socket and `methods` the RPC methods.
 
+pub mod admission;
 pub mod backend;
 pub mod catalog;
 pub mod config;

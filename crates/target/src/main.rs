@@ -46,6 +46,9 @@ CONFIG FILE (TOML; flags override it):
   poll = \"adaptive\"      # busy | adaptive | interrupt
   poll_us = 50
   submit = \"eager\"      # eager | batch | everyN
+  buffer_budget = \"1G\"   # request buffers of all connections together
+  max_handshakes = 128
+  request_timeout_secs = 30
   [[volume]]
   name = \"vol0\"
   path = \"/var/lib/ringblk/vol0.img\"
@@ -53,7 +56,7 @@ CONFIG FILE (TOML; flags override it):
   block_size = 512       # or 4096
   backend = \"file\"       # file | mem | null
   read_only = false")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a data dir's manifests and journals offline (like thin_check).
     #[command(
         after_help = "Checks, for VOLUME or every volume with a manifest in DIR: the manifest's
@@ -188,6 +191,20 @@ struct ServeArgs {
     /// Seconds a client may take to finish the handshake [default: 10].
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<u64>,
+    /// Connections that may be negotiating at once; at the limit the least recently
+    /// active one gives way to a new one [default: 128].
+    #[arg(long, value_name = "N")]
+    max_handshakes: Option<usize>,
+    /// Memory that request data buffers (READ and WRITE) of all connections may hold
+    /// together; a connection waits for its turn when it is used up. At least 32M,
+    /// the largest request [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    buffer_budget: Option<u64>,
+    /// Seconds a request may stall on its client (WRITE payload started but not
+    /// arriving, or replies holding buffers not being read) before the connection
+    /// is closed [default: 30].
+    #[arg(long, value_name = "SECS")]
+    request_timeout: Option<u64>,
     /// Log filter (tracing syntax), e.g. info, debug, ringblk_target=trace [default: info,
     /// or RINGBLK_LOG].
     #[arg(long, value_name = "FILTER")]
@@ -202,7 +219,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(args),
-        Command::Serve(args) => match serve(args) {
+        Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringblk: {e}");
@@ -256,7 +273,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_connections: args.max_connections,
         handshake_timeout_secs: args.handshake_timeout,
         rebind: args.rebind,
+        buffer_budget_bytes: args.buffer_budget,
+        max_handshakes: args.max_handshakes,
+        request_timeout_secs: args.request_timeout,
     })?;
+    raise_nofile_limit(&resolved.server);
     std::fs::create_dir_all(&resolved.data_dir).map_err(|e| {
         format!(
             "cannot create data dir {}: {e}",
@@ -316,6 +337,39 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft descriptor limit to the hard one: every connection is a socket,
+/// and a 1024 soft limit (the usual default) is below `--max-connections 1024`
+/// plus the handshake slots, volumes and rings. Warns when even the hard limit is.
+fn raise_nofile_limit(server: &ringblk_target::server::ServerConfig) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct that we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    // An unlimited hard limit cannot be the soft one (the kernel caps descriptors at
+    // fs.nr_open, 1 Mi by default).
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        // SAFETY: setrlimit reads one rlimit struct that we own; raising the soft
+        // limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return;
+        }
+    }
+    let need = (server.max_connections + server.admission.max_handshakes) as u64 + 256;
+    if lim.rlim_max < need {
+        tracing::warn!(
+            "the descriptor limit (RLIMIT_NOFILE {}) is below what --max-connections {} needs (about {need}); raise it (ulimit -n) or lower --max-connections",
+            lim.rlim_max,
+            server.max_connections
+        );
+    }
 }
 
 fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::Path) {

@@ -364,7 +364,9 @@ impl RpcHandler for Methods {
                         j
                     })
                     .collect();
-                Ok(json!({ "volumes": stats }))
+                // Server-wide limits: how often clients were pushed back.
+                let server = serde_json::to_value(sh.admission.stats()).unwrap_or(Value::Null);
+                Ok(json!({ "volumes": stats, "server": server }))
             }
             "reactor_list" => {
                 let Some(handles) = sh.reactors.get() else {

@@ -7,6 +7,11 @@
 //! are served in parallel). The JSON-RPC server has its own thread (control plane).
 //! The main thread waits for SIGINT/SIGTERM and then stops everything gracefully:
 //! listeners close, connections finish their in-flight requests, reactors join.
+//!
+//! # Limits
+//! At most `max_connections` connections are served, of which at most
+//! `max_handshakes` may still be negotiating (`accepted`); request buffers of all
+//! connections share one budget. See `admission` for both.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,6 +22,7 @@ use std::time::Duration;
 
 use ringblk_reactor::{FileRef, Op, Reactor, ReactorConfig, ReactorHandle, ReactorPool};
 
+use crate::admission::{count, more_suffix, Admission, AdmissionConfig};
 use crate::session;
 use crate::volume::{Registry, Volume, VolumeError, VolumeSpec};
 
@@ -66,6 +72,8 @@ pub struct ServerConfig {
     pub volumes_implicit: bool,
     /// `--rebind NAME`: the operator's override for these volumes (see `catalog`).
     pub rebind: Vec<String>,
+    /// Server-wide limits: buffer budget, handshake slots, request timeout.
+    pub admission: AdmissionConfig,
 }
 
 /// State every reactor and the RPC thread share.
@@ -77,6 +85,8 @@ pub struct ServerShared {
     pub handshake_timeout: Duration,
     pub data_dir: PathBuf,
     pub reactors: std::sync::OnceLock<Arc<[ReactorHandle]>>,
+    /// Buffer budget, handshake slots and push-back counters (`admission`).
+    pub admission: Admission,
     /// The persisted volume list and the volumes of it that could not be opened
     /// (see `catalog`). Held across a create or delete: they change it in turn.
     catalog: std::sync::Mutex<Catalog>,
@@ -106,6 +116,36 @@ fn persisted_spec(v: &Volume) -> VolumeSpec {
     s.size_bytes = Some(v.size_bytes());
     s.path = s.path.map(|p| std::path::absolute(&p).unwrap_or(p));
     s
+}
+
+/// How long `volume_delete` waits for the deleted volume's last requests before it
+/// lets its base file go anyway to whoever outlives them (the lock then goes with
+/// the volume's last reference).
+const DELETE_IDLE_WAIT: Duration = Duration::from_secs(5);
+
+/// Releases a deleted volume's write lock on its base once none of its requests
+/// runs any more: its connections are closing and take no new ones, so from then on
+/// nothing of it writes the file, although a client that stops reading can keep the
+/// volume itself alive for a long time. Its deltas need no such release: a
+/// re-created volume names its own (`durable::manifest::file_stem`).
+fn release_base_when_idle(v: &Volume) {
+    let deadline = std::time::Instant::now() + DELETE_IDLE_WAIT;
+    loop {
+        let busy = v.requests_in_flight();
+        if busy == 0 {
+            v.backend().release_write_lock();
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                volume = v.name(),
+                requests = busy,
+                "deleted volume still has requests running; its base stays locked until they end"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 impl ServerShared {
@@ -218,6 +258,7 @@ impl ServerShared {
                 );
             }
         }
+        release_base_when_idle(&v);
         tracing::info!(volume = name, "volume removed");
         self.forget_volume(&mut cat, name)
     }
@@ -308,6 +349,8 @@ pub enum ServerError {
     /// The persisted volume list cannot be read, or the configuration contradicts it.
     #[error("{0}")]
     Catalog(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), ServerError> {
@@ -338,6 +381,7 @@ impl Server {
     /// Opens the volumes, binds the listener and starts the reactors.
     pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let n = config.reactor.cores.len();
+        config.admission.validate().map_err(ServerError::Config)?;
         let shared = Arc::new(ServerShared {
             registry: Arc::new(Registry::new()),
             connections: AtomicUsize::new(0),
@@ -347,6 +391,7 @@ impl Server {
             data_dir: config.data_dir.clone(),
             reactors: std::sync::OnceLock::new(),
             catalog: std::sync::Mutex::new(Catalog::default()),
+            admission: Admission::new(config.admission.clone()),
         });
         shared.open_all(&config)?;
         let (listener, local_addr) = bind(&config.listen)?;
@@ -443,7 +488,20 @@ fn post_accept(
             let sock = unsafe { OwnedFd::from_raw_fd(comp.result) };
             accepted(r, &sh, sock);
         } else if comp.result != -libc::ECANCELED {
-            tracing::warn!(errno = -comp.result, "accept failed");
+            if let Some(n) = sh.admission.accept_warn.check() {
+                let e = std::io::Error::from_raw_os_error(-comp.result);
+                tracing::warn!("accept failed: {e}{}", more_suffix(n));
+            }
+            // Out of descriptors or memory: retrying at once would spin (and log)
+            // until a connection closes; wait a little instead.
+            if matches!(
+                -comp.result,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            ) {
+                let sh2 = sh.clone();
+                r.add_timer(ACCEPT_RETRY, move |r| post_accept(r, sh2, l2));
+                return;
+            }
         }
         post_accept(r, sh, l2);
     });
@@ -458,23 +516,63 @@ fn post_accept(
     }
 }
 
+/// Pause before accepting again after running out of descriptors or memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// Admits a new connection into a handshake slot (see `admission`): at the
+/// handshake limit, or at the connection limit, the least recently active
+/// negotiating connection gives way; at the connection limit with nobody
+/// negotiating, the new one is refused. Connections made to give way close
+/// asynchronously, so the sockets open are bounded by `max_connections +
+/// max_handshakes`, a hard cap. Warnings are rate-limited with a count.
 fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
-    if shared.connections.load(Ordering::Relaxed) >= shared.max_connections {
-        tracing::warn!(
-            max = shared.max_connections,
-            "connection limit reached; refusing a client"
-        );
+    let adm = &shared.admission;
+    let open = shared.connections.load(Ordering::Relaxed);
+    let at_limit = open >= shared.max_connections;
+    let id = adm.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let target = shared.pick_reactor();
+    let hard_cap = shared.max_connections + adm.config.max_handshakes;
+    let admitted = if open >= hard_cap {
+        None
+    } else {
+        adm.handshakes.admit(id, target, at_limit)
+    };
+    let Some(evicted) = admitted else {
+        count(&adm.counters.connections_refused);
+        if let Some(n) = adm.refuse_warn.check() {
+            tracing::warn!(
+                "connection limit reached ({} connections, none negotiating); refusing a client{}",
+                shared.max_connections,
+                more_suffix(n)
+            );
+        }
         return; // dropping the descriptor closes it
+    };
+    count(&adm.counters.connections_accepted);
+    if let Some((victim, on)) = evicted {
+        count(&adm.counters.handshake_evictions);
+        if let Some(n) = adm.evict_warn.check() {
+            tracing::warn!(
+                "handshake limit reached ({} connections negotiating, or {} in all); closing the least recently active negotiation for a new client{}",
+                adm.config.max_handshakes,
+                shared.max_connections,
+                more_suffix(n)
+            );
+        }
+        if on == r.id() {
+            session::evict_handshake(r, victim);
+        } else {
+            r.send_to(on, move |r| session::evict_handshake(r, victim));
+        }
     }
     set_nodelay(&sock);
     shared.connections.fetch_add(1, Ordering::Relaxed);
-    let target = shared.pick_reactor();
     shared.per_reactor[target].fetch_add(1, Ordering::Relaxed);
     let sh = shared.clone();
     if target == r.id() {
-        session::start(r, sh, sock);
+        session::start(r, sh, sock, id);
     } else {
-        r.send_to(target, move |r| session::start(r, sh, sock));
+        r.send_to(target, move |r| session::start(r, sh, sock, id));
     }
 }
 

@@ -17,11 +17,36 @@
 //! A connection executes at most [`MAX_IN_FLIGHT`] requests and holds at most
 //! [`MAX_IN_FLIGHT_BYTES`] of request buffers (one request may overshoot), counting
 //! replies queued but not yet sent; past either it stops reading from the socket until
-//! replies go out — TCP back-pressure, never unbounded queues.
+//! replies go out — TCP back-pressure, never unbounded queues. Every queued reply byte
+//! counts (`unsent_bytes`): data replies, but also the greeting and handshake replies,
+//! acknowledgements of zero-length requests and errors of refused ones. Those not
+//! backed by the buffer budget are bounded on their own by [`REPLY_QUEUE_MAX_BYTES`]
+//! (small replies are coalesced, so memory follows the count), so a client that
+//! sends headers and never reads makes the server stop reading, not grow.
+//!
+//! # Buffer budget
+//! A READ or WRITE takes its length from the server-wide budget (`admission`) when
+//! its header is decoded; the connection stops reading while it waits (FIFO). The
+//! connection gives bytes back as soon as it holds more than its executing requests
+//! and unsent replies still use (`budget_held <= in_flight_bytes + unsent_bytes`
+//! after every change), and all of it when it closes. A WRITE buffer is allocated
+//! when the budget is granted, but large buffers are lazily mapped memory (see
+//! `AlignedBuf`): a header whose payload never comes costs no memory.
+//!
+//! # Timeouts
+//! The handshake has `handshake_timeout`. In transmission, a connection stalled on
+//! its client — a WRITE payload or a refused payload being read with no byte for
+//! `request_timeout`, or replies holding budget that the client does not read — is
+//! closed (`request_timeouts`); time spent waiting on the server (budget, disk) does
+//! not count. Progress is any byte received or sent, and on TCP any byte the peer
+//! acknowledged (a large send completes only once all of it is out).
 //!
 //! # Closing
 //! The socket descriptor is closed only when no receive or send referencing it is
 //! in flight, so a reused descriptor number can never receive a stale operation.
+//! An aborting connection cancels its receive and its send (a client that does not
+//! read would otherwise hold the send, and the connection, forever), and gives its
+//! whole budget back once closed.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -33,6 +58,7 @@ use std::time::Instant;
 
 use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
 
+use crate::admission::{count, Waiter};
 use crate::fault::Fault;
 use crate::image::{Delta, StackPin};
 use crate::io;
@@ -55,6 +81,12 @@ const RX_BUF_BYTES: usize = 256 * 1024;
 const SEND_BATCH: usize = 64;
 /// Largest piece a partially sent buffer's tail is copied into.
 const PARTIAL_SEND_PIECE: usize = 256 * 1024;
+/// Queued reply bytes not backed by the buffer budget (acknowledgements, errors,
+/// handshake replies, READ headers) at which a connection stops reading.
+const REPLY_QUEUE_MAX_BYTES: usize = 256 * 1024;
+/// Small replies are appended to the last queued one up to this size, so that a
+/// queue of tiny replies costs its bytes, not an allocation each.
+const COALESCE_MAX_BYTES: usize = 64 * 1024;
 /// Extents per BLOCK_STATUS reply at most.
 const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
 /// Chunk size of the write-zeros fallback (when fallocate cannot zero).
@@ -127,7 +159,24 @@ pub(crate) struct Conn {
     unsent_bytes: usize,
     tx: VecDeque<Reply>,
     send_outstanding: bool,
+    /// The outstanding sendmsg, cancelled when the connection aborts (a client that
+    /// does not read would otherwise keep it, and the connection, forever).
+    send_op: Option<OpId>,
+    /// Bytes of the outstanding sendmsg.
+    sending_bytes: usize,
     handshake_timer: Option<TimerId>,
+    /// Bytes held from the server-wide buffer budget (module docs).
+    budget_held: usize,
+    /// A decoded READ or WRITE waiting for budget; the connection reads nothing more
+    /// until it is granted.
+    budget_wait: Option<Request>,
+    /// When bytes last moved on the socket, or a receive or send was posted.
+    last_progress: Instant,
+    /// Bytes the TCP peer had acknowledged at the last stall check.
+    acked_seen: u64,
+    stall_timer: Option<TimerId>,
+    /// This pause was counted already (counted once per pause, by reason).
+    pause_counted: bool,
     /// When each executing request started, by cookie, for the latency histograms
     /// (at most `MAX_IN_FLIGHT` entries; a client reusing an in-flight cookie loses
     /// that sample rather than corrupting another).
@@ -137,8 +186,8 @@ pub(crate) struct Conn {
 /// The connections of one reactor (reactor-local state).
 #[derive(Default)]
 pub(crate) struct ReactorConns {
+    /// By server-wide connection id (`admission`).
     map: RefCell<HashMap<u64, ConnRef>>,
-    next_id: std::cell::Cell<u64>,
 }
 
 fn conns(r: &Reactor) -> Rc<ReactorConns> {
@@ -181,11 +230,23 @@ pub(crate) fn close_volume(r: &mut Reactor, volume: &str) {
     }
 }
 
-/// Takes over an accepted socket on this reactor and starts the handshake.
-pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd) {
+/// Closes connection `id` if it is still negotiating: it was made to give way to a
+/// new connection at the handshake limit (`server::accepted`).
+pub(crate) fn evict_handshake(r: &mut Reactor, id: u64) {
+    let Some(c) = conns(r).map.borrow().get(&id).cloned() else {
+        return;
+    };
+    let negotiating = matches!(c.borrow().phase, Phase::Handshake(_));
+    if negotiating {
+        tracing::debug!(conn = id, "negotiation closed to make way for a new client");
+        begin_close(r, &c, State::Aborting);
+    }
+}
+
+/// Takes over an accepted socket on this reactor and starts the handshake. `id` is
+/// the server-wide connection id its handshake slot was admitted under.
+pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd, id: u64) {
     let set = conns(r);
-    let id = set.next_id.get();
-    set.next_id.set(id + 1);
     let hs = Handshake::new(HandshakeLimits::default());
     let sref = FileRef::Raw(sock.as_raw_fd());
     let timeout = shared.handshake_timeout;
@@ -205,7 +266,15 @@ pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd) {
         unsent_bytes: 0,
         tx: VecDeque::new(),
         send_outstanding: false,
+        send_op: None,
+        sending_bytes: 0,
         handshake_timer: None,
+        budget_held: 0,
+        budget_wait: None,
+        last_progress: Instant::now(),
+        acked_seen: 0,
+        stall_timer: None,
+        pause_counted: false,
         started: HashMap::new(),
     }));
     set.map.borrow_mut().insert(id, conn.clone());
@@ -227,14 +296,94 @@ pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd) {
             Phase::Handshake(hs) => hs.take_output(),
             Phase::Transmission(_) => Vec::new(),
         };
-        cb.tx.push_back(Reply::Bytes(greeting));
+        queue_bytes(&mut cb, greeting);
     }
     kick_send(r, &conn);
     post_recv(r, &conn);
 }
 
+/// Why a connection stopped reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pause {
+    /// A request waits for the buffer budget (counted when it starts waiting).
+    Budget,
+    /// The connection's own in-flight bounds.
+    Bounds,
+    /// Too many reply bytes not backed by the budget (a client not reading).
+    Replies,
+}
+
+fn pause_reason(c: &Conn) -> Option<Pause> {
+    if c.budget_wait.is_some() {
+        Some(Pause::Budget)
+    } else if c.in_flight >= MAX_IN_FLIGHT
+        || c.in_flight_bytes + c.unsent_bytes >= MAX_IN_FLIGHT_BYTES
+    {
+        Some(Pause::Bounds)
+    } else if (c.in_flight_bytes + c.unsent_bytes).saturating_sub(c.budget_held)
+        >= REPLY_QUEUE_MAX_BYTES
+    {
+        Some(Pause::Replies)
+    } else {
+        None
+    }
+}
+
 fn paused(c: &Conn) -> bool {
-    c.in_flight >= MAX_IN_FLIGHT || c.in_flight_bytes + c.unsent_bytes >= MAX_IN_FLIGHT_BYTES
+    pause_reason(c).is_some()
+}
+
+/// Counts a pause once, when it begins (server `stats`).
+fn note_pause(c: &mut Conn) {
+    let reason = match pause_reason(c) {
+        Some(r) if c.state == State::Open => r,
+        _ => {
+            c.pause_counted = false;
+            return;
+        }
+    };
+    if c.pause_counted {
+        return;
+    }
+    c.pause_counted = true;
+    let counters = &c.shared.admission.counters;
+    match reason {
+        Pause::Budget => {}
+        Pause::Bounds => count(&counters.connection_bound_pauses),
+        Pause::Replies => count(&counters.reply_queue_pauses),
+    }
+}
+
+/// Queues reply bytes, counted in `unsent_bytes` and appended to the last queued
+/// reply when that one is small (module docs: bounds).
+fn queue_bytes(c: &mut Conn, bytes: Vec<u8>) {
+    push_small(&mut c.tx, &mut c.unsent_bytes, bytes);
+}
+
+/// [`queue_bytes`] on the two fields, for callers that borrow other parts of `Conn`.
+fn push_small(tx: &mut VecDeque<Reply>, unsent_bytes: &mut usize, bytes: Vec<u8>) {
+    if bytes.is_empty() {
+        return;
+    }
+    *unsent_bytes += bytes.len();
+    if let Some(Reply::Bytes(last)) = tx.back_mut() {
+        if last.len() + bytes.len() <= COALESCE_MAX_BYTES {
+            last.extend_from_slice(&bytes);
+            return;
+        }
+    }
+    tx.push_back(Reply::Bytes(bytes));
+}
+
+/// Drops every queued reply (the connection aborts); only the outstanding send's
+/// bytes stay counted, until it completes.
+fn clear_tx(c: &mut Conn) {
+    c.tx.clear();
+    c.unsent_bytes = if c.send_outstanding {
+        c.sending_bytes
+    } else {
+        0
+    };
 }
 
 fn post_recv(r: &mut Reactor, conn: &ConnRef) {
@@ -250,7 +399,15 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     match r.submit(Op::recv(c.sref, buf, 0, len), move |r, comp| {
         on_recv(r, &conn2, comp)
     }) {
-        Ok(id) => c.recv_op = Some(id),
+        Ok(id) => {
+            c.recv_op = Some(id);
+            c.last_progress = Instant::now();
+            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
+            drop(c);
+            if watch {
+                arm_stall_timer(r, conn);
+            }
+        }
         Err(rej) => {
             // Slab full: the reactor is saturated. Retry when a buffer frees up.
             c.rx = rej.op.into_buf().and_then(|b| match b {
@@ -277,6 +434,7 @@ fn on_recv(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
         };
         if n > 0 {
             c.rx_end = n as usize;
+            c.last_progress = Instant::now();
         }
     }
     if n == 0 {
@@ -314,6 +472,7 @@ fn process(r: &mut Reactor, conn: &ConnRef) {
             break;
         }
     }
+    note_pause(&mut conn.borrow_mut());
     kick_send(r, conn);
     post_recv(r, conn);
     maybe_finish(r, conn);
@@ -330,15 +489,17 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
         return false;
     };
     let input = &rx[c.rx_start..c.rx_end];
+    // Negotiating: the least recently active negotiation gives way first.
+    c.shared.admission.handshakes.touch(c.id);
     let res = hs.feed(input, &*c.shared.registry);
+    // The handshake's output counts in the reply bound like any reply: a client that
+    // pipelines options and never reads stops being read (module docs: bounds).
     let out = hs.take_output();
-    if !out.is_empty() {
-        c.tx.push_back(Reply::Bytes(out));
-    }
+    push_small(&mut c.tx, &mut c.unsent_bytes, out);
     match res {
         Err(e) => {
             tracing::info!(conn = c.id, error = %e, "handshake failed; closing");
-            c.tx.clear();
+            clear_tx(c);
             c.state = State::Aborting;
             false
         }
@@ -359,6 +520,7 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                     if let Some(t) = c.handshake_timer.take() {
                         r.cancel_timer(t);
                     }
+                    c.shared.admission.handshakes.remove(c.id);
                     let policy = RequestPolicy::from_negotiated(&neg, Unaligned::Reject);
                     let contexts = neg
                         .meta_contexts
@@ -415,18 +577,17 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
     cref.rx_start += decoded.consumed;
     if t.decoder.drain_remaining() == 0 {
         if let Some(out) = t.refused_write_reply.take() {
-            cref.tx.push_back(Reply::Bytes(out));
+            // Counted when it was held back; `push_small` counts it again.
+            cref.unsent_bytes = cref.unsent_bytes.saturating_sub(out.len());
+            push_small(&mut cref.tx, &mut cref.unsent_bytes, out);
         }
     }
     let structured = t.structured;
     match decoded.event {
         None => true,
-        Some(Event::Request(req)) if req.command == Command::Write => {
-            let buf = alloc_buf(r, req.length as usize, t.volume.backend().is_direct());
-            cref.in_flight_bytes += req.length as usize;
-            cref.in_flight += 1;
-            t.cur_write = Some((req, buf, 0));
-            true
+        Some(Event::Request(req)) if matches!(req.command, Command::Read | Command::Write) => {
+            drop(c);
+            admit_data(r, conn, req)
         }
         Some(Event::Payload { data, remaining }) => {
             if let Some((_, buf, filled)) = t.cur_write.as_mut() {
@@ -443,9 +604,6 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
         }
         Some(Event::Request(req)) => {
             cref.in_flight += 1;
-            if req.command == Command::Read {
-                cref.in_flight_bytes += req.length as usize;
-            }
             drop(c);
             execute(r, conn, req, None);
             true
@@ -458,7 +616,7 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
             } else {
                 reply::success_reply(&mut out, structured, req.cookie);
             }
-            cref.tx.push_back(Reply::Bytes(out));
+            push_small(&mut cref.tx, &mut cref.unsent_bytes, out);
             true
         }
         Some(Event::Reject { request, errno }) => {
@@ -472,9 +630,11 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
             );
             bump(&t.volume.counters(r.id()).errors, 1);
             if t.decoder.drain_remaining() > 0 {
+                // Counted now: it is memory held until the payload is drained.
+                cref.unsent_bytes += out.len();
                 t.refused_write_reply = Some(out);
             } else {
-                cref.tx.push_back(Reply::Bytes(out));
+                push_small(&mut cref.tx, &mut cref.unsent_bytes, out);
             }
             true
         }
@@ -483,6 +643,205 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
             false
         }
     }
+}
+
+/// Takes a READ's or WRITE's bytes from the buffer budget and starts it, or parks
+/// it until the budget grants them (module docs); false stops processing.
+fn admit_data(r: &mut Reactor, conn: &ConnRef, req: Request) -> bool {
+    let (granted, woken) = {
+        let mut c = conn.borrow_mut();
+        let adm = &c.shared.admission;
+        // The decoder caps lengths at 32 MiB and the budget is at least that.
+        let bytes = (req.length as usize).min(adm.budget.total());
+        let me = Waiter {
+            reactor: r.id(),
+            conn: c.id,
+            bytes,
+        };
+        let (granted, woken) = adm.budget.acquire(me);
+        if granted {
+            c.budget_held += bytes;
+        } else {
+            count(&adm.counters.buffer_budget_waits);
+            c.budget_wait = Some(req);
+        }
+        // The shared state is cloned (a contended count) only when someone is woken.
+        (
+            granted,
+            (!woken.is_empty()).then(|| (c.shared.clone(), woken)),
+        )
+    };
+    if let Some((shared, woken)) = woken {
+        wake(r, &shared, woken);
+    }
+    if granted {
+        start_data(r, conn, req);
+    }
+    granted
+}
+
+/// A READ or WRITE whose budget is held: a WRITE starts receiving its payload, a
+/// READ executes.
+fn start_data(r: &mut Reactor, conn: &ConnRef, req: Request) {
+    let len = req.length as usize;
+    let mut c = conn.borrow_mut();
+    c.in_flight += 1;
+    c.in_flight_bytes += len;
+    if req.command == Command::Write {
+        let buf = alloc_buf(r, len, true);
+        if let Phase::Transmission(t) = &mut c.phase {
+            t.cur_write = Some((req, buf, 0));
+        }
+        return;
+    }
+    drop(c);
+    execute(r, conn, req, None);
+}
+
+/// The budget granted `bytes` to connection `id` (a message from the reactor that
+/// released them). Gives them back if the connection no longer waits.
+pub(crate) fn budget_granted(r: &mut Reactor, shared: Arc<ServerShared>, id: u64, bytes: usize) {
+    let conn = conns(r).map.borrow().get(&id).cloned();
+    let req = conn.as_ref().and_then(|c| {
+        let mut cb = c.borrow_mut();
+        let req = cb.budget_wait.take().filter(|_| cb.state == State::Open)?;
+        cb.budget_held += bytes;
+        Some(req)
+    });
+    let (Some(conn), Some(req)) = (conn, req) else {
+        return give_back(r, &shared, bytes);
+    };
+    start_data(r, &conn, req);
+    process(r, &conn);
+}
+
+/// Returns `bytes` to the budget and wakes the waiters it lets through.
+fn give_back(r: &mut Reactor, shared: &Arc<ServerShared>, bytes: usize) {
+    let woken = shared.admission.budget.release(bytes);
+    wake(r, shared, woken);
+}
+
+/// Hands grants to their connections' reactors (by message, also to this one: the
+/// caller may hold a connection borrowed).
+fn wake(r: &mut Reactor, shared: &Arc<ServerShared>, woken: Vec<Waiter>) {
+    for w in woken {
+        let sh = shared.clone();
+        r.send_to(w.reactor, move |r| budget_granted(r, sh, w.conn, w.bytes));
+    }
+}
+
+/// Gives back budget this connection holds beyond what its executing requests and
+/// unsent replies still use (module docs: buffer budget).
+fn release_excess(r: &mut Reactor, conn: &ConnRef) {
+    let (shared, woken) = {
+        let mut c = conn.borrow_mut();
+        let extra = c
+            .budget_held
+            .saturating_sub(c.in_flight_bytes + c.unsent_bytes);
+        if extra == 0 {
+            return;
+        }
+        c.budget_held -= extra;
+        let woken = c.shared.admission.budget.release(extra);
+        if woken.is_empty() {
+            return;
+        }
+        (c.shared.clone(), woken)
+    };
+    wake(r, &shared, woken);
+}
+
+/// Whether the connection waits on its client in a way that holds resources
+/// (module docs: timeouts).
+fn stalled_on_client(c: &Conn) -> bool {
+    if matches!(c.state, State::Aborting | State::Closed) {
+        return false;
+    }
+    let Phase::Transmission(t) = &c.phase else {
+        return false;
+    };
+    let mid_request =
+        c.recv_op.is_some() && (t.cur_write.is_some() || t.decoder.drain_remaining() > 0);
+    let unread = c.send_outstanding && c.budget_held > 0;
+    mid_request || unread
+}
+
+/// Watches a connection stalled on its client; closes it after `request_timeout`
+/// without progress. One timer per connection at most, re-armed while it waits.
+fn arm_stall_timer(r: &mut Reactor, conn: &ConnRef) {
+    let mut c = conn.borrow_mut();
+    if c.stall_timer.is_some() {
+        return;
+    }
+    let timeout = c.shared.admission.config.request_timeout;
+    let due = timeout.saturating_sub(c.last_progress.elapsed());
+    let weak = Rc::downgrade(conn);
+    c.stall_timer = Some(r.add_timer(due, move |r| {
+        if let Some(conn) = weak.upgrade() {
+            stall_check(r, &conn, timeout);
+        }
+    }));
+}
+
+fn stall_check(r: &mut Reactor, conn: &ConnRef, timeout: std::time::Duration) {
+    let expired = {
+        let mut c = conn.borrow_mut();
+        c.stall_timer = None;
+        if !stalled_on_client(&c) {
+            return; // re-armed when it waits on the client again
+        }
+        // A send completes only when all of it is out (io_uring retries a stream
+        // socket's partial sends), which takes long for a big batch to a slow
+        // reader: on TCP, what the peer acknowledged shows it is still reading.
+        if c.send_outstanding {
+            if let Some(acked) = tcp_bytes_acked(&c.sref) {
+                if acked != c.acked_seen {
+                    c.acked_seen = acked;
+                    c.last_progress = Instant::now();
+                }
+            }
+        }
+        c.last_progress.elapsed() >= timeout
+    };
+    if !expired {
+        return arm_stall_timer(r, conn);
+    }
+    let (id, shared) = {
+        let c = conn.borrow();
+        (c.id, c.shared.clone())
+    };
+    count(&shared.admission.counters.request_timeouts);
+    tracing::info!(
+        conn = id,
+        timeout_s = timeout.as_secs(),
+        "request stalled on the client (payload not arriving or replies not read); closing"
+    );
+    begin_close(r, conn, State::Aborting);
+}
+
+/// Bytes the peer of a TCP socket acknowledged so far (`None`: not TCP).
+fn tcp_bytes_acked(sock: &FileRef) -> Option<u64> {
+    let FileRef::Raw(fd) = *sock else {
+        return None;
+    };
+    // SAFETY: an all-zero tcp_info is a valid value (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which we own; `fd` is
+    // the connection's socket, open while the connection is (it closes in
+    // `maybe_finish`, after which no stall check runs).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Older kernels return a shorter struct without the counter.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
 }
 
 fn errno_message(e: NbdErrno) -> &'static str {
@@ -899,11 +1258,12 @@ fn context_extents(
             io::block_status(volume, layers, off, len, max)
         });
     }
-    let Some(since) = ctx.name.strip_prefix(META_CHANGED_PREFIX) else {
+    if !ctx.name.starts_with(META_CHANGED_PREFIX) {
         return Err("unknown metadata context");
-    };
-    // Gone once `since` is being released: its changes merge into older ones.
-    match io::changed_layers(&pin.stack().deltas, layers.len(), since) {
+    }
+    // Bound to the backup selected, by its delta's id: gone once that backup is being
+    // released (its changes merge into older ones), even if a new backup took its name.
+    match io::changed_layers_of(&pin.stack().deltas, layers.len(), ctx.binding) {
         Some(changed) => Ok(io::changed_status(volume, changed, off, len, max)),
         None => Err("that backup was released: changes since it are no longer tracked"),
     }
@@ -1022,10 +1382,16 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: b
             }
         }
         if c.state != State::Aborting {
-            c.unsent_bytes += reply.len();
-            c.tx.push_back(reply);
+            match reply {
+                Reply::Bytes(b) => queue_bytes(&mut c, b),
+                data => {
+                    c.unsent_bytes += data.len();
+                    c.tx.push_back(data);
+                }
+            }
         }
     }
+    release_excess(r, conn);
     kick_send(r, conn);
     if was_paused {
         process(r, conn);
@@ -1066,7 +1432,17 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
     let conn2 = conn.clone();
     let res = r.submit(op, move |r, comp| on_sent(r, &conn2, comp, lens, total));
     match res {
-        Ok(_) => c.send_outstanding = true,
+        Ok(id) => {
+            c.send_outstanding = true;
+            c.send_op = Some(id);
+            c.sending_bytes = total;
+            c.last_progress = Instant::now();
+            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
+            drop(c);
+            if watch {
+                arm_stall_timer(r, conn);
+            }
+        }
         Err(rej) => {
             // Slab full: keep the bytes, in order, and retry shortly.
             let mut bytes = Vec::with_capacity(total);
@@ -1089,16 +1465,22 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, 
     {
         let mut c = conn.borrow_mut();
         c.send_outstanding = false;
+        c.send_op = None;
+        c.sending_bytes = 0;
         let was_paused = paused(&c);
         if res > 0 {
-            // Saturating: small replies queued outside `finish` are not counted.
+            // Saturating only for an aborted connection, whose queue was dropped.
+            debug_assert!(c.state == State::Aborting || res as usize <= c.unsent_bytes);
             c.unsent_bytes = c.unsent_bytes.saturating_sub(res as usize);
+            c.last_progress = Instant::now();
         }
         resume = was_paused && !paused(&c);
         if res < 0 {
-            tracing::debug!(conn = c.id, errno = -res, "send failed; closing");
+            if -res != libc::ECANCELED {
+                tracing::debug!(conn = c.id, errno = -res, "send failed; closing");
+            }
             c.state = State::Aborting;
-            c.tx.clear();
+            clear_tx(&mut c);
         } else if (res as usize) < total {
             // Partial send: queue the unsent rest first, in order. Untouched buffers go
             // back as they are; only the cut buffer's tail is copied, in pieces of at
@@ -1131,6 +1513,7 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, 
             }
         }
     }
+    release_excess(r, conn);
     kick_send(r, conn);
     if resume {
         process(r, conn); // sends, reads again and closes as needed
@@ -1140,7 +1523,7 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, 
 }
 
 fn begin_close(r: &mut Reactor, conn: &ConnRef, how: State) {
-    let recv = {
+    let (recv, send) = {
         let mut c = conn.borrow_mut();
         if c.state == State::Closed {
             return;
@@ -1149,7 +1532,7 @@ fn begin_close(r: &mut Reactor, conn: &ConnRef, how: State) {
             c.state = how;
         }
         if how == State::Aborting {
-            c.tx.clear();
+            clear_tx(&mut c);
         }
         // A WRITE whose payload never fully arrived will not execute: release its
         // budget, or `maybe_finish` waits for it forever and the connection leaks.
@@ -1161,12 +1544,39 @@ fn begin_close(r: &mut Reactor, conn: &ConnRef, how: State) {
             c.in_flight -= 1;
             c.in_flight_bytes -= req.length as usize;
         }
-        c.recv_op
+        // A request waiting for budget will not run: it was decoded, so a clean
+        // close answers it (ESHUTDOWN) rather than leaving the client waiting.
+        if let Some(req) = c.budget_wait.take() {
+            cancel_budget_wait(r, &c);
+            if c.state == State::Draining {
+                let structured = matches!(&c.phase, Phase::Transmission(t) if t.structured);
+                let mut out = Vec::new();
+                let e = NbdErrno::Shutdown;
+                reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e));
+                queue_bytes(&mut c, out);
+            }
+        }
+        // A client that does not read would hold the send (and the connection)
+        // forever.
+        let send = c.send_op.filter(|_| how == State::Aborting);
+        (c.recv_op, send)
     };
     if let Some(id) = recv {
         r.cancel(id); // on_recv runs with ECANCELED and calls maybe_finish
     }
+    if let Some(id) = send {
+        r.cancel(id); // on_sent runs with ECANCELED (or the bytes it sent)
+    }
+    release_excess(r, conn);
+    kick_send(r, conn);
     maybe_finish(r, conn);
+}
+
+/// Withdraws the connection's wait for budget (a grant already on its way is given
+/// back by `budget_granted`).
+fn cancel_budget_wait(r: &mut Reactor, c: &Conn) {
+    let (_, woken) = c.shared.admission.budget.cancel(c.id);
+    wake(r, &c.shared, woken);
 }
 
 /// Closes the socket once nothing refers to it any more.
@@ -1183,14 +1593,24 @@ fn maybe_finish(r: &mut Reactor, conn: &ConnRef) {
     if let Some(t) = c.handshake_timer.take() {
         r.cancel_timer(t);
     }
+    if let Some(t) = c.stall_timer.take() {
+        r.cancel_timer(t);
+    }
     if let Phase::Transmission(t) = &c.phase {
         t.volume.connection_closed();
     }
+    if c.budget_wait.take().is_some() {
+        cancel_budget_wait(r, &c);
+    }
+    c.shared.admission.handshakes.remove(c.id);
     c.sock = None; // closes the descriptor
     c.shared.connections.fetch_sub(1, Ordering::Relaxed);
     c.shared.per_reactor[r.id()].fetch_sub(1, Ordering::Relaxed);
     let id = c.id;
+    let held = std::mem::take(&mut c.budget_held);
+    let shared = c.shared.clone();
     drop(c);
+    give_back(r, &shared, held);
     conns(r).map.borrow_mut().remove(&id);
     tracing::debug!(conn = id, "connection closed");
 }

@@ -216,7 +216,7 @@ fn settle(ctl: &mut std::sync::MutexGuard<'_, Control>, vol: &Volume) {
             ready_us = b.started.map(|t| t.elapsed().as_micros() as u64);
             b.ready_us = ready_us;
         }
-        vol.set_backup_exported(&name, true);
+        vol.set_backup_exported(&name, Some(delta_id));
         tracing::info!(
             volume = vol.name(),
             backup = %name,
@@ -594,7 +594,7 @@ pub fn backup_release(
         b.state = BackupState::Merging;
         b.clone()
     };
-    vol.set_backup_exported(name, false);
+    vol.set_backup_exported(name, None);
     // Connections to the backup's export go away first (it is no longer listed).
     for h in reactors.iter() {
         let (v, n) = (vol.name().to_string(), name.to_string());

@@ -227,10 +227,11 @@ pub struct Volume {
     /// (`switchover::finish_later`): at most one per volume.
     pub(crate) drain_helper: AtomicBool,
     pub control: Mutex<Control>,
-    /// Names of ready backups (their exports). Separate from `control` because the
-    /// handshake reads it on reactor threads, and `control` is held across drains,
-    /// which wait for those very reactors.
-    ready_backups: RwLock<Vec<String>>,
+    /// Ready backups (their exports), by name, with the id of the delta above each
+    /// (what binds `x-ringblk:changed/NAME` to that backup, not to the name).
+    /// Separate from `control` because the handshake reads it on reactor threads, and
+    /// `control` is held across drains, which wait for those very reactors.
+    ready_backups: RwLock<Vec<(String, u64)>>,
     /// Serialises merges of this volume's deltas: a merge captures the layer below
     /// its delta at the start, which a concurrent merge could otherwise drop.
     pub(crate) merge_lock: Mutex<()>,
@@ -498,7 +499,7 @@ impl Volume {
                         if merging {
                             sum.merging.push(entry.backup.clone());
                         } else {
-                            ready.push(entry.backup.clone());
+                            ready.push((entry.backup.clone(), entry.id));
                         }
                         sum.backups.push(entry.backup);
                         deltas.push(Arc::new(d));
@@ -610,17 +611,26 @@ impl Volume {
         self.ready_backups
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
-    pub(crate) fn set_backup_exported(&self, name: &str, exported: bool) {
+    /// The id of the delta above ready backup `name` (unique for the volume's life).
+    pub fn ready_backup_delta(&self, name: &str) -> Option<u64> {
+        let list = self.ready_backups.read().unwrap_or_else(|p| p.into_inner());
+        list.iter().find(|(n, _)| n == name).map(|&(_, id)| id)
+    }
+
+    /// Exports backup `name`, whose delta is `delta` (`Some`), or stops (`None`).
+    pub(crate) fn set_backup_exported(&self, name: &str, delta: Option<u64>) {
         let mut list = self
             .ready_backups
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        list.retain(|b| b != name);
-        if exported {
-            list.push(name.to_string());
+        list.retain(|(b, _)| b != name);
+        if let Some(id) = delta {
+            list.push((name.to_string(), id));
         }
     }
 
@@ -656,6 +666,13 @@ impl Volume {
                 (r.epoch, s.pins(), s.writes.clone())
             })
             .collect()
+    }
+
+    /// Requests of this volume still running, on any stack (a snapshot).
+    pub(crate) fn requests_in_flight(&self) -> u64 {
+        let ctl = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.with_stack(&ctl, |s| s.pins().total());
+        current + self.undrained_upto(&ctl, u64::MAX).unwrap_or(0)
     }
 
     /// Requests still pinned to retired stacks of epoch `upto` or older; `None`
@@ -949,5 +966,16 @@ impl ExportCatalog for Registry {
             );
         }
         out
+    }
+
+    /// `x-ringblk:changed/NAME`: the id of the delta above backup NAME now, so that
+    /// the context keeps meaning that backup after a new one takes its name (0: none).
+    fn meta_context_binding(&self, export: &str, context: &str) -> u64 {
+        let Some(since) = context.strip_prefix(META_CHANGED_PREFIX) else {
+            return 0;
+        };
+        self.resolve(export)
+            .and_then(|(v, _)| v.ready_backup_delta(since))
+            .unwrap_or(0)
     }
 }

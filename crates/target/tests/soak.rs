@@ -374,7 +374,10 @@ fn soak_every_size_with_backups_and_hostile_clients() {
     );
     assert_eq!(job["error"], 0, "fio job error: {job}");
     assert!(reads > 0 && writes > 0, "fio did no I/O: {job}");
-    assert!(backup_failures.is_empty(), "backup commands failed: {backup_failures:#?}");
+    assert!(
+        backup_failures.is_empty(),
+        "backup commands failed: {backup_failures:#?}"
+    );
     assert!(cycles >= 3, "only {cycles} backup cycles");
     let zero_sent = zero_sent.expect("zero-length client");
 

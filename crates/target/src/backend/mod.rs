@@ -93,6 +93,13 @@ impl Backend {
         self.can_punch
     }
 
+    /// Releases the write lock on the file (see [`crate::filelock::WriteLock::release`]).
+    pub(crate) fn release_write_lock(&self) {
+        if let (Some(lock), Some(file)) = (&self.lock, &self.file) {
+            lock.release(file);
+        }
+    }
+
     /// Allocation status of `[offset, offset + len)` for `base:allocation`, at most
     /// `max_extents` extents covering a prefix of the range.
     pub fn block_status(&self, offset: u64, len: u32, max_extents: usize) -> Vec<Extent> {

@@ -133,6 +133,13 @@ pub trait ExportCatalog {
     fn list(&self) -> Vec<ExportInfo>;
     /// Metadata contexts the export (by canonical name) supports, e.g. `base:allocation`.
     fn meta_contexts(&self, export: &str) -> Vec<String>;
+    /// What context `context` of `export` refers to at the moment it is selected, as
+    /// an opaque token kept in [`MetaContext::binding`]: a context whose name can come
+    /// to mean something else later (a backup released and re-created under the same
+    /// name) is answered for what the client selected, or not at all. 0 by default.
+    fn meta_context_binding(&self, _export: &str, _context: &str) -> u64 {
+        0
+    }
 }
 
 /// Bounds on what one client may make the handshake do.
@@ -171,6 +178,8 @@ pub struct MetaContext {
     pub id: u32,
     /// Context name, e.g. `base:allocation`.
     pub name: String,
+    /// [`ExportCatalog::meta_context_binding`] when it was selected.
+    pub binding: u64,
 }
 
 /// What the handshake agreed on; everything the transmission phase needs.
@@ -728,6 +737,7 @@ impl Handshake {
                 selected.push(MetaContext {
                     id,
                     name: name.to_owned(),
+                    binding: catalog.meta_context_binding(&export.name, name),
                 });
             }
         }

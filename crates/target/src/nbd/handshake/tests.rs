@@ -139,7 +139,8 @@ fn go_with_structured_replies_and_base_allocation() {
         n.meta_contexts,
         vec![MetaContext {
             id: 1,
-            name: "base:allocation".into()
+            name: "base:allocation".into(),
+            binding: 0,
         }]
     );
     let expected = TF_HAS_FLAGS
