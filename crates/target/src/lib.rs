@@ -13,6 +13,7 @@ pub mod fault;
 pub mod image;
 mod io;
 pub mod latency;
+pub mod listen;
 pub mod methods;
 pub mod nbd;
 mod park;
