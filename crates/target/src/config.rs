@@ -60,7 +60,7 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-/// Parses `--volume NAME=PATH[,size=SIZE][,block-size=512|4096][,backend=file|mem|null][,read-only][,direct=on|off]`.
+/// Parses `--volume NAME=PATH[,size=SIZE][,block-size=512|4096][,backend=file|mem|null][,read-only][,direct=on|off][,grow=true]`.
 /// For mem and null the PATH part may be empty: `--volume ram=,backend=mem,size=1G`.
 pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
     let (name, rest) = s
@@ -77,6 +77,7 @@ pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
         read_only: false,
         direct: true,
         chunk_size: 4096,
+        grow: false,
     };
     for kv in parts {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -95,9 +96,16 @@ pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
                     _ => return Err(format!("invalid direct={v:?}: use on or off")),
                 }
             }
+            "grow" => {
+                spec.grow = match v {
+                    "true" | "on" | "1" | "" => true,
+                    "false" | "off" | "0" => false,
+                    _ => return Err(format!("invalid grow={v:?}: use true or false")),
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown volume option {other:?} (size, block-size, chunk-size, backend, read-only, direct)"
+                    "unknown volume option {other:?} (size, block-size, chunk-size, backend, read-only, direct, grow)"
                 ))
             }
         }
@@ -154,6 +162,9 @@ pub struct FileVolume {
     pub read_only: bool,
     pub direct: Option<bool>,
     pub chunk_size: Option<String>,
+    /// Let `size` grow an existing smaller file (see `--volume ...,grow=true`).
+    #[serde(default)]
+    pub grow: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
@@ -251,6 +262,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
                 .map_or(Ok(4096), |c| {
                     c.try_into().map_err(|_| "chunk_size too large".to_string())
                 })?,
+            grow: v.grow,
         });
     }
     if volumes.is_empty() {
@@ -263,6 +275,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             read_only: false,
             direct: true,
             chunk_size: 4096,
+            grow: false,
         });
     }
     for v in volumes.iter_mut() {
@@ -369,6 +382,14 @@ mod tests {
         assert!(parse_volume("novalue").is_err());
         assert!(parse_volume("a=b,colour=red").is_err());
         assert!(parse_volume("a=b,backend=tape").is_err());
+        assert!(
+            !v.grow,
+            "growing an existing file is asked for, never the default"
+        );
+        assert!(parse_volume("a=b,size=1G,grow=true").expect("valid").grow);
+        assert!(parse_volume("a=b,size=1G,grow").expect("valid").grow);
+        assert!(!parse_volume("a=b,grow=false").expect("valid").grow);
+        assert!(parse_volume("a=b,grow=maybe").is_err());
     }
 
     #[test]

@@ -52,7 +52,12 @@ CONFIG FILE (TOML; flags override it):
   size = \"10G\"
   block_size = 512       # or 4096
   backend = \"file\"       # file | mem | null
-  read_only = false")]
+  read_only = false
+  grow = false           # true: size may grow an existing smaller file
+
+An existing file smaller than size= is refused, never grown silently: add grow=true
+to the --volume spec (grow = true in the file) to grow it. A size smaller than the
+file serves the first SIZE bytes and leaves the file as it is.")]
     Serve(ServeArgs),
     /// Check a data dir's manifests and journals offline (like thin_check).
     #[command(
@@ -164,8 +169,9 @@ struct ServeArgs {
     /// system calls) or everyN (once N are queued) [default: eager].
     #[arg(long, value_name = "POLICY", value_parser = parse_submit)]
     submit: Option<SubmitPolicy>,
-    /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off].
-    /// Repeatable. Without any, vol0 is served from DATA_DIR/vol0.img (1 GiB).
+    /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off][,grow=true].
+    /// Repeatable. Without any, vol0 is served from DATA_DIR/vol0.img (1 GiB). A new
+    /// file is created at SIZE; an existing smaller one is grown only with grow=true.
     #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
     volumes: Vec<VolumeSpec>,
     /// Most NBD connections at once [default: 1024].

@@ -47,6 +47,10 @@ pub struct VolumeSpec {
     /// never copies.
     #[serde(default = "default_chunk")]
     pub chunk_size: u32,
+    /// Let `size_bytes` grow an existing, smaller, non-empty file. Off, such a size is
+    /// refused: a typo in a size must never change a user's image.
+    #[serde(default)]
+    pub grow: bool,
 }
 
 fn default_chunk() -> u32 {
@@ -292,6 +296,7 @@ impl Volume {
                     size_bytes: spec.size_bytes,
                     read_only: spec.read_only,
                     direct: spec.direct,
+                    grow: spec.grow,
                 };
                 backend::file::open(path, opts).map_err(|source| VolumeError::Open {
                     path: path.display().to_string(),

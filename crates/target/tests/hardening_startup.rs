@@ -331,3 +331,140 @@ fn unix_listen_replaces_only_a_stale_socket() {
     run_ok(Command::new("nbdinfo").args(["--size", &uri]));
     drop(srv);
 }
+
+// ---------------------------------------------------------------------------------------
+// Item 17: size= never grows an existing file unless asked
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).expect("read")
+}
+
+/// Guards against: `--volume v=PATH,size=SIZE` silently growing an existing image that
+/// is smaller than SIZE. Refused with the file's size and how to ask for growth;
+/// `grow=true` (flag or TOML) grows it; a smaller SIZE serves the first SIZE bytes and
+/// leaves the file as it is; a new file is created at SIZE.
+#[test]
+fn size_larger_than_an_existing_file_needs_grow() {
+    const MIB: u64 = 1 << 20;
+    let dir = tmpdir();
+    let log = dir.path().join("stderr.log");
+    let data = dir.path().join("data");
+    let data_s = data.to_str().expect("utf8");
+    let img = dir.path().join("user.img");
+    let content: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&img, &content).expect("write the image");
+    let vol = |opts: &str| format!("v={}{opts}", img.display());
+    let base = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_s,
+        "--cores",
+        "0",
+    ];
+    let with = |spec: &str| {
+        let mut a = base.to_vec();
+        a.extend(["--volume", spec]);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+
+    let args = with(&vol(",size=4M"));
+    let (code, err) = serve(&strs(&args), &log).refused("size= larger than the file");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&img.display().to_string())
+            && err.contains(&MIB.to_string())
+            && err.contains("grow=true"),
+        "the refusal must name the file, its size and grow=true: {err}"
+    );
+    assert_eq!(
+        file_bytes(&img),
+        content,
+        "the refused start changed the image"
+    );
+
+    // A smaller size serves the first bytes and leaves the file alone.
+    let args = with(&vol(",size=512K"));
+    let srv = serve(&strs(&args), &log).running("size= smaller than the file");
+    assert!(
+        srv.banner
+            .iter()
+            .any(|l| l.contains("v ") && l.contains("512.0 KiB")),
+        "{:?}",
+        srv.banner
+    );
+    drop(srv);
+    assert_eq!(
+        file_bytes(&img),
+        content,
+        "a smaller size= changed the image"
+    );
+
+    // grow=true grows it, sparse, keeping the data.
+    let args = with(&vol(",size=4M,grow=true"));
+    let srv = serve(&strs(&args), &log).running("grow=true");
+    assert!(
+        srv.banner.iter().any(|l| l.contains("4.0 MiB")),
+        "{:?}",
+        srv.banner
+    );
+    drop(srv);
+    let grown = file_bytes(&img);
+    assert_eq!(grown.len() as u64, 4 * MIB);
+    assert_eq!(&grown[..MIB as usize], &content[..]);
+
+    // The config file's `grow = true` does the same.
+    let toml = dir.path().join("c.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[volume]]\nname = \"v\"\npath = \"{}\"\nsize = \"8M\"\n",
+            img.display()
+        ),
+    )
+    .expect("write toml");
+    let mut a = base.to_vec();
+    let toml_s = toml.to_str().expect("utf8");
+    a.extend(["--config", toml_s]);
+    let (_, err) = serve(&a, &log).refused("TOML size larger than the file");
+    assert!(err.contains("grow"), "{err}");
+    assert_eq!(std::fs::metadata(&img).expect("stat").len(), 4 * MIB);
+    let mut text = std::fs::read_to_string(&toml).expect("read toml");
+    text.push_str("grow = true\n");
+    std::fs::write(&toml, text).expect("write toml");
+    drop(serve(&a, &log).running("TOML grow = true"));
+    assert_eq!(std::fs::metadata(&img).expect("stat").len(), 8 * MIB);
+
+    // A new file is created at the size asked for.
+    let new = dir.path().join("new.img");
+    let spec = format!("n={},size=2M", new.display());
+    drop(serve(&strs(&with(&spec)), &log).running("a new file"));
+    assert_eq!(std::fs::metadata(&new).expect("stat").len(), 2 * MIB);
+
+    // The RPC refuses the same growth, and the help says how to ask for it.
+    let srv = Server::start(&["--volume", "ram=,backend=mem,size=1M"]);
+    let out = run(ctl(&srv).args([
+        "call",
+        "volume_create",
+        &format!(
+            r#"{{"name":"u","path":"{}","size_bytes":{}}}"#,
+            img.display(),
+            16 * MIB
+        ),
+    ]));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("grow"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::metadata(&img).expect("stat").len(), 8 * MIB);
+    let help = run_ok(Command::new(env!("CARGO_BIN_EXE_ringblk")).args(["serve", "--help"]));
+    assert!(
+        help.contains("grow=true") && help.contains("grow = true"),
+        "{help}"
+    );
+}
