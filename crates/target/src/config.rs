@@ -220,7 +220,11 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             .unwrap_or_else(|| data_dir.join("ringblk.sock")),
     )?;
     let cores = match flags.cores.or(file.cores) {
-        Some(list) => parse_cores(&list)?.into_iter().map(Some).collect(),
+        Some(list) => {
+            let cores = parse_cores(&list)?;
+            check_cores(&list, &cores, &core_ids())?;
+            cores.into_iter().map(Some).collect()
+        }
         None => {
             let ids = core_ids();
             if ids.is_empty() {
@@ -334,6 +338,26 @@ fn absolute(p: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// Every core of `--cores LIST` must be one this process may run on (checked before
+/// the start creates anything; the reactor pool would refuse it later). An empty
+/// `available` (unknown) accepts any list.
+fn check_cores(list: &str, cores: &[usize], available: &[usize]) -> Result<(), String> {
+    match cores
+        .iter()
+        .find(|c| !available.is_empty() && !available.contains(c))
+    {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "--cores {list}: core {c} is not available to this process (available: {})",
+            available
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )),
+    }
+}
+
 fn core_ids() -> Vec<usize> {
     let mut ids: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
@@ -366,6 +390,10 @@ mod tests {
         assert!(parse_cores("3-1").is_err());
         assert!(parse_cores("x").is_err());
         assert!(parse_cores("").is_err());
+        assert_eq!(check_cores("0-1", &[0, 1], &[0, 1, 2]), Ok(()));
+        let err = check_cores("0,5", &[0, 5], &[0, 1]).expect_err("core 5");
+        assert!(err.contains("core 5") && err.contains("0,1"), "{err}");
+        assert_eq!(check_cores("7", &[7], &[]), Ok(()));
     }
 
     #[test]

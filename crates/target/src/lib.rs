@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod config;
 pub mod copyjob;
+pub mod datadir;
 pub mod durable;
 pub mod fault;
 pub mod image;
@@ -21,6 +22,7 @@ pub mod persist;
 pub mod rpc;
 pub mod server;
 mod session;
+pub mod startup;
 pub mod switchover;
 pub mod volume;
 

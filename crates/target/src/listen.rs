@@ -77,7 +77,13 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, String> {
     let shown = addr.to_string();
     let (sock, addr, unix_file) = match addr {
         ListenAddr::Tcp(a) => {
-            let l = bind_tcp(a).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+            let l = bind_tcp(a).map_err(|e| match e.raw_os_error() {
+                Some(libc::EADDRINUSE) => format!(
+                    "cannot listen on {shown}: {e}: another process listens there; stop it \
+                     or choose another --listen address"
+                ),
+                _ => format!("cannot listen on {shown}: {e}"),
+            })?;
             let local = l
                 .local_addr()
                 .map_err(|e| format!("cannot listen on {shown}: {e}"))?;
@@ -87,7 +93,9 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, String> {
             (Sock::Tcp(l), ListenAddr::Tcp(local), None)
         }
         ListenAddr::Unix(p) => {
-            check_unix_path(p)?;
+            if let Some(why) = unix_path_problem(p) {
+                return Err(format!("cannot listen on {shown}: {why}"));
+            }
             remove_stale_socket(p)?;
             let l = UnixListener::bind(p).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
             let id = file_id(p);
@@ -124,23 +132,23 @@ fn bind_tcp(a: &SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
-/// What `bind` would refuse at a Unix socket path, without changing anything: for
-/// a start that checks everything before it creates a file.
-pub fn check_unix_path(p: &Path) -> Result<(), String> {
-    let shown = p.display();
+/// Why a Unix socket cannot be bound at `p` (`None`: it can), without changing
+/// anything: a live socket, or a file that is not a socket, is never replaced; a stale
+/// socket (nothing accepts on it) will be. Shared with the start's checks of the RPC
+/// socket path.
+pub fn unix_path_problem(p: &Path) -> Option<String> {
     match std::fs::symlink_metadata(p) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("cannot listen on unix:{shown}: {e}")),
-        Ok(m) if !m.file_type().is_socket() => Err(format!(
-            "cannot listen on unix:{shown}: it exists and is not a socket; ringblk replaces \
-             only a stale socket there: move it away or choose another path"
-        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => Some(e.to_string()),
+        Ok(m) if !m.file_type().is_socket() => Some(
+            "it exists and is not a socket; only a stale socket there is replaced: \
+             move it away or choose another path"
+                .into(),
+        ),
         Ok(_) => match UnixStream::connect(p) {
-            Ok(_) => Err(format!(
-                "cannot listen on unix:{shown}: another server is listening on it"
-            )),
-            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(()),
-            Err(e) => Err(format!("cannot listen on unix:{shown}: probing it: {e}")),
+            Ok(_) => Some("another server is listening on it".into()),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => None,
+            Err(e) => Some(format!("probing it: {e}")),
         },
     }
 }

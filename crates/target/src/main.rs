@@ -14,6 +14,7 @@ use ringblk_target::config::{self, Flags, PollMode};
 use ringblk_target::methods::Methods;
 use ringblk_target::rpc::RpcServer;
 use ringblk_target::server::{ListenAddr, Server};
+use ringblk_target::startup;
 use ringblk_target::volume::VolumeSpec;
 
 #[derive(Parser)]
@@ -65,7 +66,8 @@ file serves the first SIZE bytes and leaves the file as it is.")]
 checksum and contents; that every delta it lists has its data file and journal;
 that every journal's frames check out (a torn tail from a crash is reported, not an
 error) and replay strictly (no install over a mapped chunk, no unmap of an unmapped
-one, no physical chunk mapped twice or out of range). Never writes.
+one, no physical chunk mapped twice or out of range). Never writes
+nor locks: it may run beside a server on the same data dir (a note says so).
 
 EXIT STATUS: 0 consistent, 1 inconsistencies found (listed), 2 usage error.
 
@@ -96,8 +98,18 @@ fn check(args: CheckArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // A running server is no error (check only reads), but what it reads is a moment
+    // of files being written: say so, with the server's pid.
+    let server = ringblk_target::datadir::holder(&args.data_dir).map(|pid| {
+        let who = pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"));
+        format!(
+            "a ringblk server ({who}) is running on this data dir: this is a snapshot of \
+             files in use (a journal tail being written may show as torn)"
+        )
+    });
     let store = ringblk_target::durable::store::DirStore::new(&args.data_dir);
-    let rep = ringblk_target::durable::check::check(&store, args.volume.as_deref());
+    let mut rep = ringblk_target::durable::check::check(&store, args.volume.as_deref());
+    rep.notes.extend(server);
     if args.json {
         let v = serde_json::json!({
             "ok": rep.ok(),
@@ -248,12 +260,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_connections: args.max_connections,
         handshake_timeout_secs: args.handshake_timeout,
     })?;
-    std::fs::create_dir_all(&resolved.data_dir).map_err(|e| {
-        format!(
-            "cannot create data dir {}: {e}",
-            resolved.data_dir.display()
-        )
-    })?;
+    // Everything is checked, the data dir locked and the listener bound before any
+    // file is created; dropping `start` on an error undoes what this start created.
+    let mut start = startup::prepare(&resolved)?;
 
     // Block the stop signals before any thread starts so that every thread inherits
     // the mask and only the main thread's sigwait sees them.
@@ -265,15 +274,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
     let reactors = resolved.server.reactor.cores.len();
     let idle = resolved.server.reactor.idle;
-    let server = Server::start(resolved.server).map_err(|e| e.to_string())?;
-    let rpc = RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone())))
-        .map_err(|e| {
-            format!(
+    let listener = start
+        .take_listener()
+        .ok_or("the NBD listener was not bound")?;
+    let server = Server::start_on(resolved.server, listener).map_err(|e| e.to_string())?;
+    let rpc = match RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone()))) {
+        Ok(rpc) => rpc,
+        Err(e) => {
+            server.shutdown();
+            return Err(format!(
                 "cannot start the RPC socket {}: {}",
                 resolved.rpc.display(),
                 e.message
-            )
-        })?;
+            ));
+        }
+    };
+    let lock = start.started();
 
     print_banner(&server, reactors, &idle.to_string(), &resolved.rpc);
 
@@ -304,6 +320,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             ),
             Err(e) => tracing::error!(volume = v.name(), error = %e, "final commit failed"),
         }
+    }
+    // Only now may another server use the data dir.
+    if let Some(lock) = lock {
+        lock.release();
     }
     tracing::info!("stopped");
     Ok(())

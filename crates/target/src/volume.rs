@@ -67,6 +67,48 @@ fn default_true() -> bool {
     true
 }
 
+impl VolumeSpec {
+    /// What can be checked of the spec alone, without touching a file: the name,
+    /// block and chunk size, what the backend needs, a given size. [`Volume::open`]
+    /// runs it first, and a start runs it for every volume before it creates anything.
+    pub fn validate(&self) -> Result<(), VolumeError> {
+        check_name(&self.name)?;
+        let name = self.name.as_str();
+        if self.block_size != 512 && self.block_size != 4096 {
+            return Err(invalid(name, "block size must be 512 or 4096"));
+        }
+        let cs = self.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) || cs < self.block_size {
+            return Err(invalid(
+                name,
+                "chunk size must be a power of two from 4 KiB to 1 MiB",
+            ));
+        }
+        match self.backend {
+            BackendKind::File if self.path.is_none() => {
+                return Err(invalid(name, "a file volume needs a path"))
+            }
+            BackendKind::Mem | BackendKind::Null if self.size_bytes.is_none() => {
+                return Err(invalid(
+                    name,
+                    format!("a {} volume needs a size", self.backend),
+                ))
+            }
+            _ => {}
+        }
+        match self.size_bytes {
+            Some(s) if s == 0 || s % self.block_size as u64 != 0 => Err(invalid(
+                name,
+                format!(
+                    "size {s} is not a positive multiple of the block size {}",
+                    self.block_size
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A volume could not be created.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -274,18 +316,10 @@ impl Volume {
         reactors: usize,
         data_dir: &std::path::Path,
     ) -> Result<Volume, VolumeError> {
-        check_name(&spec.name)?;
+        // Before the backend is opened: a bad spec must not create a file.
+        spec.validate()?;
         let name = spec.name.as_str();
-        if spec.block_size != 512 && spec.block_size != 4096 {
-            return Err(invalid(name, "block size must be 512 or 4096"));
-        }
         let cs = spec.chunk_size;
-        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) || cs < spec.block_size {
-            return Err(invalid(
-                name,
-                "chunk size must be a power of two from 4 KiB to 1 MiB",
-            ));
-        }
         let (backend, size_bytes) = match spec.backend {
             BackendKind::File => {
                 let path = spec

@@ -150,6 +150,21 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// Every entry under `dir` with its size (directories as `None`), sorted.
+fn listing(dir: &Path) -> Vec<(String, Option<u64>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            let m = std::fs::symlink_metadata(e.path()).expect("stat");
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, m.is_file().then_some(m.len()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 // ---------------------------------------------------------------------------------------
 // A minimal NBD client: the handshake into an export, then one READ
 
@@ -275,6 +290,100 @@ fn a_restart_listens_on_the_same_port_after_kill9_and_sigterm() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Item 2: one server per data dir
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String, String> {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    if uri.contains('@') {
+        c.arg("-r"); // a backup is a read-only export
+    }
+    c.arg(uri);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(&mut c);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && !text.contains("failed") {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// Guards against: a second `ringblk serve` on a running server's data dir running
+/// recovery there, which removed the running server's prepared delta as an orphan, so
+/// that its next FLUSH failed and its backup was lost at the next start. The second
+/// start (another port, another RPC socket) must exit non-zero naming the holder's pid,
+/// before it reads or writes anything in the data dir.
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tmpdir();
+    let img = dir.path().join("v.img");
+    let spec = format!("v={},size=64M", img.display());
+    let srv = Server::start_in(dir, &["--volume", &spec]);
+    let uri = srv.uri("v");
+    qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]).expect("base data");
+    run_ok(ctl(&srv).args(["backup", "create", "v", "b1"]));
+    qemu_io(&uri, &["write -P 0x22 0 512k", "flush"]).expect("data over the backup");
+    let before = listing(srv.dir.path());
+
+    let other = tmpdir();
+    let rpc = other.path().join("b.sock");
+    let second = serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            srv.dir.path().to_str().expect("utf8"),
+            "--rpc",
+            rpc.to_str().expect("utf8"),
+            "--volume",
+            &spec,
+        ],
+        &other.path().join("second.log"),
+    );
+    let (code, stderr) = second.refused("second server on the same data dir");
+    assert_eq!(code, Some(1), "{stderr}");
+    let pid = srv.child.id().to_string();
+    assert!(
+        stderr.contains(&pid) && stderr.contains(&srv.dir.path().display().to_string()),
+        "the refusal must name the data dir and the holder's pid {pid}: {stderr}"
+    );
+    assert_eq!(
+        listing(srv.dir.path()),
+        before,
+        "the refused start changed the data dir"
+    );
+
+    // `ringblk check` reads only: it runs beside the server, and says so.
+    let check = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_ringblk"))
+            .args(["check", "--data-dir"])
+            .arg(srv.dir.path()),
+    );
+    assert!(check.contains("consistent"), "{check}");
+    assert!(
+        check.contains(&pid),
+        "check should say a server runs: {check}"
+    );
+
+    // The first server is untouched: its next group commit works ...
+    qemu_io(&uri, &["write -P 0x33 512k 512k", "flush"]).expect("FLUSH after the refused start");
+    // ... and its backup comes back after a restart.
+    let srv = srv.restart(false, &["--volume", &spec]);
+    let list = run_ok(ctl(&srv).args(["--json", "backup", "list", "v"]));
+    assert!(list.contains("\"b1\""), "{list}");
+    qemu_io(&srv.uri("v@b1"), &["read -P 0x11 0 1M"]).expect("the backup's data");
+    qemu_io(
+        &srv.uri("v"),
+        &["read -P 0x22 0 512k", "read -P 0x33 512k 512k"],
+    )
+    .expect("the live data");
+}
+
+// ---------------------------------------------------------------------------------------
 // Item 13: `--listen unix:PATH` replaces only a stale socket
 
 /// Guards against: `--listen unix:PATH` deleting whatever was at PATH when nothing
@@ -330,6 +439,128 @@ fn unix_listen_replaces_only_a_stale_socket() {
     let uri = format!("nbd+unix:///v?socket={}", live.display());
     run_ok(Command::new("nbdinfo").args(["--size", &uri]));
     drop(srv);
+}
+
+// ---------------------------------------------------------------------------------------
+// Item 16: a failed start leaves nothing behind
+
+/// Guards against: `ringblk serve --cores 5` (or a port in use, or a bad volume spec)
+/// creating the default 1 GiB `vol0.img` (and the data dir) before it failed.
+#[test]
+fn a_failed_start_creates_nothing() {
+    let dir = tmpdir();
+    let log = dir.path().join("stderr.log");
+    let data = dir.path().join("data");
+    let data_s = data.to_str().expect("utf8");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let missing_core = (cores + 3).to_string();
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr").to_string();
+    let extra = dir.path().join("extra.img");
+    let extra_spec = format!("x={},size=1M", extra.display());
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "a core that does not exist",
+            vec!["--listen", "127.0.0.1:0", "--cores", &missing_core],
+            "core",
+        ),
+        ("a port in use", vec!["--listen", &taken_addr], &taken_addr),
+        (
+            "a bad block size on a second volume",
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--volume",
+                &extra_spec,
+                "--volume",
+                "y=,backend=mem,size=1M,block-size=1024",
+            ],
+            "block size",
+        ),
+        (
+            "two volumes with one name",
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--volume",
+                &extra_spec,
+                "--volume",
+                "x=,backend=mem,size=1M",
+            ],
+            "\"x\"",
+        ),
+    ];
+    for (what, args, needle) in &cases {
+        let mut all = vec!["--data-dir", data_s];
+        all.extend(args);
+        let (code, err) = serve(&all, &log).refused(what);
+        assert_eq!(code, Some(1), "{what}: {err}");
+        assert!(
+            err.contains(needle),
+            "{what}: the error should name {needle}: {err}"
+        );
+        assert!(
+            !data.exists(),
+            "{what}: the failed start created {}: {:?}",
+            data.display(),
+            listing(&data)
+        );
+        assert!(
+            !extra.exists(),
+            "{what}: the failed start created {}",
+            extra.display()
+        );
+    }
+
+    // With an existing data dir, the same failures leave it as it was.
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::write(data.join("keep"), b"k").expect("write");
+    let before = listing(&data);
+    for (what, args, _) in &cases {
+        let mut all = vec!["--data-dir", data_s];
+        all.extend(args);
+        serve(&all, &log).refused(what);
+        assert_eq!(
+            listing(&data),
+            before,
+            "{what}: the failed start changed the data dir"
+        );
+        assert!(
+            !extra.exists(),
+            "{what}: the failed start created {}",
+            extra.display()
+        );
+    }
+    drop(taken);
+
+    // A failure after the start created a volume file (the second volume's recovery
+    // fails on a corrupt manifest) removes that file and keeps every other one.
+    let y = data.join("y.img");
+    std::fs::write(&y, vec![0u8; 1 << 20]).expect("write y");
+    std::fs::write(data.join("y.manifest"), b"not a manifest").expect("write manifest");
+    let before = listing(&data);
+    let x = data.join("x.img");
+    let x_spec = format!("x={},size=1M", x.display());
+    let y_spec = format!("y={}", y.display());
+    let args = [
+        "--data-dir",
+        data_s,
+        "--listen",
+        "127.0.0.1:0",
+        "--volume",
+        &x_spec,
+        "--volume",
+        &y_spec,
+    ];
+    let (code, err) = serve(&args, &log).refused("recovery of the second volume fails");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("\"y\"") && err.contains("recovery"), "{err}");
+    assert!(!x.exists(), "the failed start left {} behind", x.display());
+    assert_eq!(
+        listing(&data),
+        before,
+        "the failed start changed the data dir"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
