@@ -68,8 +68,10 @@ fn file_id(p: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
-/// Binds and listens on `addr`. TCP: `SO_REUSEADDR`, so that connections of a
-/// previous server still in TIME_WAIT do not block a restart; backlog SOMAXCONN.
+/// Binds and listens on `addr`. TCP: `SO_REUSEADDR`, so that the previous server's
+/// connections on the port (in TIME_WAIT, or still open in a dying ring) do not block
+/// a restart (without it, the restart test fails at once); backlog SOMAXCONN, so a
+/// burst of clients waits in the kernel rather than being refused.
 /// Unix: a stale socket file at the path (nothing accepts on it) is replaced; a live
 /// socket or anything that is not a socket is an error that names the path, and is
 /// left as it is. Errors are operator messages.
@@ -107,8 +109,8 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, String> {
         addr,
         unix_file,
     };
-    // Non-blocking: a client that resets between poll and accept must not block the
-    // accept thread (it could not see a stop then).
+    // Non-blocking: a client that resets between the epoll wakeup and accept must not
+    // block the accept thread (it could not see a stop then).
     match &bound.sock {
         Sock::Tcp(l) => l.set_nonblocking(true),
         Sock::Unix(l) => l.set_nonblocking(true),

@@ -4,9 +4,10 @@
 //! One reactor thread per core serves NBD connections. A thread of its own accepts
 //! them ([`crate::listen`] says why not the ring) and hands each to reactor 0, which
 //! passes it to the reactor with the fewest connections, so several connections to
-//! one volume land on different reactors and are served in parallel. The JSON-RPC server has its own thread (control plane).
-//! The main thread waits for SIGINT/SIGTERM and then stops everything gracefully:
-//! listeners close, connections finish their in-flight requests, reactors join.
+//! one volume land on different reactors and are served in parallel. The JSON-RPC
+//! server has its own thread (control plane). The main thread waits for SIGINT or
+//! SIGTERM and then stops everything gracefully: the listener closes, connections
+//! finish their in-flight requests, reactors join.
 //!
 //! # Start order
 //! [`Server::start`] binds the listener before it opens (and maybe creates) any
@@ -198,7 +199,13 @@ impl Server {
         for v in shared.registry.list() {
             crate::switchover::resume_merges(pool.handles(), &v);
         }
-        let acceptor = start_acceptor(&shared, &pool, listener)?;
+        let acceptor = match start_acceptor(&shared, &pool, listener) {
+            Ok(a) => a,
+            Err(e) => {
+                pool.shutdown();
+                return Err(e);
+            }
+        };
         Ok(Server {
             shared,
             pool: Some(pool),
