@@ -273,7 +273,9 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         volumes.push(VolumeSpec {
             name: DEFAULT_VOLUME.into(),
             path: Some(data_dir.join(format!("{DEFAULT_VOLUME}.img"))),
-            size_bytes: Some(DEFAULT_VOLUME_BYTES),
+            // Filled in below: 1 GiB for a new file; an existing vol0.img is served
+            // at its own size (never grown, see `grow`).
+            size_bytes: None,
             block_size: 512,
             backend: BackendKind::File,
             read_only: false,
@@ -433,6 +435,9 @@ mod tests {
         );
         assert_eq!(r.server.volumes.len(), 1);
         assert_eq!(r.server.volumes[0].name, "vol0");
+        if !cwd.join("ringblk-data/vol0.img").exists() {
+            assert_eq!(r.server.volumes[0].size_bytes, Some(DEFAULT_VOLUME_BYTES));
+        }
         assert!(matches!(r.server.reactor.idle, IdlePolicy::Adaptive { .. }));
         assert_eq!(r.server.reactor.submit, SubmitPolicy::Eager);
     }

@@ -676,6 +676,29 @@ fn size_larger_than_an_existing_file_needs_grow() {
     drop(serve(&strs(&with(&spec)), &log).running("a new file"));
     assert_eq!(std::fs::metadata(&new).expect("stat").len(), 2 * MIB);
 
+    // Zero configuration over an existing, smaller vol0.img serves it at its size.
+    let zero = dir.path().join("zero");
+    std::fs::create_dir(&zero).expect("mkdir");
+    std::fs::write(zero.join("vol0.img"), &content).expect("write vol0.img");
+    let zero_args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        zero.to_str().expect("utf8"),
+        "--cores",
+        "0",
+    ];
+    let srv = serve(&zero_args, &log).running("zero config over a 1 MiB vol0.img");
+    assert!(
+        srv.banner
+            .iter()
+            .any(|l| l.contains("vol0") && l.contains("1.0 MiB")),
+        "{:?}",
+        srv.banner
+    );
+    drop(srv);
+    assert_eq!(file_bytes(&zero.join("vol0.img")), content);
+
     // The RPC refuses the same growth, and the help says how to ask for it.
     let srv = Server::start(&["--volume", "ram=,backend=mem,size=1M"]);
     let out = run(ctl(&srv).args([
