@@ -701,21 +701,17 @@ fn size_larger_than_an_existing_file_needs_grow() {
 
     // The RPC refuses the same growth, and the help says how to ask for it.
     let srv = Server::start(&["--volume", "ram=,backend=mem,size=1M"]);
-    let out = run(ctl(&srv).args([
-        "call",
-        "volume_create",
-        &format!(
-            r#"{{"name":"u","path":"{}","size_bytes":{}}}"#,
-            img.display(),
-            16 * MIB
-        ),
-    ]));
+    let img_s = img.to_str().expect("utf8");
+    let create = ["volume", "create", "u", "--path", img_s, "--size", "16M"];
+    let out = run(ctl(&srv).args(create));
     assert!(!out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("grow"),
         "{out:?}"
     );
     assert_eq!(std::fs::metadata(&img).expect("stat").len(), 8 * MIB);
+    run_ok(ctl(&srv).args(create).arg("--grow"));
+    assert_eq!(std::fs::metadata(&img).expect("stat").len(), 16 * MIB);
     let help = run_ok(Command::new(env!("CARGO_BIN_EXE_ringblk")).args(["serve", "--help"]));
     assert!(
         help.contains("grow=true") && help.contains("grow = true"),
