@@ -162,8 +162,8 @@ struct ServeArgs {
     /// JSON-RPC Unix socket for ringblk-ctl [default: DATA_DIR/ringblk.sock].
     #[arg(long, value_name = "PATH")]
     rpc: Option<PathBuf>,
-    /// Directory for the default volume, the RPC socket and (later) delta images
-    /// [default: ./ringblk-data].
+    /// Directory for the default volume, the RPC socket, backups' deltas and manifests;
+    /// one server at a time (it holds DATA_DIR/ringblk.lock) [default: ./ringblk-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Cores to run one reactor each on, e.g. 0,1 or 0-3 [default: every core].
