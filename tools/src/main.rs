@@ -214,6 +214,10 @@ struct CreateArgs {
     /// Export the volume read-only.
     #[arg(long)]
     read_only: bool,
+
+    /// Let --size grow an existing, smaller backing file (refused without it).
+    #[arg(long)]
+    grow: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -481,6 +485,9 @@ fn create_params(args: &CreateArgs) -> Value {
     }
     if args.read_only {
         params.insert("read_only".into(), json!(true));
+    }
+    if args.grow {
+        params.insert("grow".into(), json!(true));
     }
     Value::Object(params)
 }

@@ -63,7 +63,7 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-/// Parses `--volume NAME=PATH[,size=SIZE][,block-size=512|4096][,backend=file|mem|null][,read-only][,direct=on|off]`.
+/// Parses `--volume NAME=PATH[,size=SIZE][,block-size=512|4096][,backend=file|mem|null][,read-only][,direct=on|off][,grow=true]`.
 /// For mem and null the PATH part may be empty: `--volume ram=,backend=mem,size=1G`.
 pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
     let (name, rest) = s
@@ -80,6 +80,7 @@ pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
         read_only: false,
         direct: true,
         chunk_size: 4096,
+        grow: false,
     };
     for kv in parts {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -98,9 +99,16 @@ pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
                     _ => return Err(format!("invalid direct={v:?}: use on or off")),
                 }
             }
+            "grow" => {
+                spec.grow = match v {
+                    "true" | "on" | "1" | "" => true,
+                    "false" | "off" | "0" => false,
+                    _ => return Err(format!("invalid grow={v:?}: use true or false")),
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown volume option {other:?} (size, block-size, chunk-size, backend, read-only, direct)"
+                    "unknown volume option {other:?} (size, block-size, chunk-size, backend, read-only, direct, grow)"
                 ))
             }
         }
@@ -161,6 +169,9 @@ pub struct FileVolume {
     pub read_only: bool,
     pub direct: Option<bool>,
     pub chunk_size: Option<String>,
+    /// Let `size` grow an existing smaller file (see `--volume ...,grow=true`).
+    #[serde(default)]
+    pub grow: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
@@ -221,7 +232,11 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             .unwrap_or_else(|| data_dir.join("ringblk.sock")),
     )?;
     let cores = match flags.cores.or(file.cores) {
-        Some(list) => parse_cores(&list)?.into_iter().map(Some).collect(),
+        Some(list) => {
+            let cores = parse_cores(&list)?;
+            check_cores(&list, &cores, &core_ids())?;
+            cores.into_iter().map(Some).collect()
+        }
         None => {
             let ids = core_ids();
             if ids.is_empty() {
@@ -263,6 +278,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
                 .map_or(Ok(4096), |c| {
                     c.try_into().map_err(|_| "chunk_size too large".to_string())
                 })?,
+            grow: v.grow,
         });
     }
     // Only for a data dir without a volume list (see `catalog`).
@@ -271,12 +287,15 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         volumes.push(VolumeSpec {
             name: DEFAULT_VOLUME.into(),
             path: Some(data_dir.join(format!("{DEFAULT_VOLUME}.img"))),
-            size_bytes: Some(DEFAULT_VOLUME_BYTES),
+            // Filled in below: 1 GiB for a new file; an existing vol0.img is served
+            // at its own size (never grown, see `grow`).
+            size_bytes: None,
             block_size: 512,
             backend: BackendKind::File,
             read_only: false,
             direct: true,
             chunk_size: 4096,
+            grow: false,
         });
     }
     for v in volumes.iter_mut() {
@@ -354,6 +373,26 @@ fn absolute(p: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// Every core of `--cores LIST` must be one this process may run on (checked before
+/// the start creates anything; the reactor pool would refuse it later). An empty
+/// `available` (unknown) accepts any list.
+fn check_cores(list: &str, cores: &[usize], available: &[usize]) -> Result<(), String> {
+    match cores
+        .iter()
+        .find(|c| !available.is_empty() && !available.contains(c))
+    {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "--cores {list}: core {c} is not available to this process (available: {})",
+            available
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )),
+    }
+}
+
 fn core_ids() -> Vec<usize> {
     let mut ids: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
@@ -386,6 +425,10 @@ mod tests {
         assert!(parse_cores("3-1").is_err());
         assert!(parse_cores("x").is_err());
         assert!(parse_cores("").is_err());
+        assert_eq!(check_cores("0-1", &[0, 1], &[0, 1, 2]), Ok(()));
+        let err = check_cores("0,5", &[0, 5], &[0, 1]).expect_err("core 5");
+        assert!(err.contains("core 5") && err.contains("0,1"), "{err}");
+        assert_eq!(check_cores("7", &[7], &[]), Ok(()));
     }
 
     #[test]
@@ -402,6 +445,14 @@ mod tests {
         assert!(parse_volume("novalue").is_err());
         assert!(parse_volume("a=b,colour=red").is_err());
         assert!(parse_volume("a=b,backend=tape").is_err());
+        assert!(
+            !v.grow,
+            "growing an existing file is asked for, never the default"
+        );
+        assert!(parse_volume("a=b,size=1G,grow=true").expect("valid").grow);
+        assert!(parse_volume("a=b,size=1G,grow").expect("valid").grow);
+        assert!(!parse_volume("a=b,grow=false").expect("valid").grow);
+        assert!(parse_volume("a=b,grow=maybe").is_err());
     }
 
     #[test]
@@ -417,6 +468,9 @@ mod tests {
         );
         assert_eq!(r.server.volumes.len(), 1);
         assert_eq!(r.server.volumes[0].name, "vol0");
+        if !cwd.join("ringblk-data/vol0.img").exists() {
+            assert_eq!(r.server.volumes[0].size_bytes, Some(DEFAULT_VOLUME_BYTES));
+        }
         assert!(matches!(r.server.reactor.idle, IdlePolicy::Adaptive { .. }));
         assert_eq!(r.server.reactor.submit, SubmitPolicy::Eager);
     }

@@ -1434,6 +1434,7 @@ mod tests {
             read_only: false,
             direct: false,
             chunk_size: CHUNK as u32,
+            grow: false,
         };
         Volume::open(spec, 1, dir).expect("volume")
     }

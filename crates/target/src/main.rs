@@ -14,6 +14,7 @@ use ringblk_target::config::{self, Flags, PollMode};
 use ringblk_target::methods::Methods;
 use ringblk_target::rpc::RpcServer;
 use ringblk_target::server::{ListenAddr, Server};
+use ringblk_target::startup;
 use ringblk_target::volume::VolumeSpec;
 
 #[derive(Parser)]
@@ -55,7 +56,12 @@ CONFIG FILE (TOML; flags override it):
   size = \"10G\"
   block_size = 512       # or 4096
   backend = \"file\"       # file | mem | null
-  read_only = false")]
+  read_only = false
+  grow = false           # true: size may grow an existing smaller file
+
+An existing file smaller than size= is refused, never grown silently: add grow=true
+to the --volume spec (grow = true in the file) to grow it. A size smaller than the
+file serves the first SIZE bytes and leaves the file as it is.")]
     Serve(Box<ServeArgs>),
     /// Check a data dir's manifests and journals offline (like thin_check).
     #[command(
@@ -66,7 +72,8 @@ error) and replay strictly (no install over a mapped chunk, no unmap of an unmap
 one, no physical chunk mapped twice or out of range); that the base image is the
 file the backups were taken of; that the volume list (volumes.json) parses and its
 volumes' base files exist. A volume the server would leave out at start is named
-with the reason. Never writes.
+with the reason. Never writes nor locks: it may run beside a server on the same
+data dir (a note says so).
 
 EXIT STATUS: 0 consistent, 1 inconsistencies found (listed), 2 usage error.
 
@@ -97,8 +104,18 @@ fn check(args: CheckArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // A running server is no error (check only reads), but what it reads is a moment
+    // of files being written: say so, with the server's pid.
+    let server = ringblk_target::datadir::holder(&args.data_dir).map(|pid| {
+        let who = pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"));
+        format!(
+            "a ringblk server ({who}) is running on this data dir: this is a snapshot of \
+             files in use (a journal tail being written may show as torn)"
+        )
+    });
     let store = ringblk_target::durable::store::DirStore::new(&args.data_dir);
-    let rep = ringblk_target::durable::check::check(&store, args.volume.as_deref());
+    let mut rep = ringblk_target::durable::check::check(&store, args.volume.as_deref());
+    rep.notes.extend(server);
     if args.json {
         let v = serde_json::json!({
             "ok": rep.ok(),
@@ -151,8 +168,8 @@ struct ServeArgs {
     /// JSON-RPC Unix socket for ringblk-ctl [default: DATA_DIR/ringblk.sock].
     #[arg(long, value_name = "PATH")]
     rpc: Option<PathBuf>,
-    /// Directory for the default volume, the RPC socket and (later) delta images
-    /// [default: ./ringblk-data].
+    /// Directory for the default volume, the RPC socket, backups' deltas and manifests;
+    /// one server at a time (it holds DATA_DIR/ringblk.lock) [default: ./ringblk-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Cores to run one reactor each on, e.g. 0,1 or 0-3 [default: every core].
@@ -170,12 +187,13 @@ struct ServeArgs {
     /// system calls) or everyN (once N are queued) [default: eager].
     #[arg(long, value_name = "POLICY", value_parser = parse_submit)]
     submit: Option<SubmitPolicy>,
-    /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off].
+    /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off][,grow=true].
     /// Repeatable. The data dir keeps the list of volumes the server had (those
     /// created over RPC too) and a restart brings them all back: --volume adds to
     /// that list and must agree with what it says of a volume it names (see
     /// --rebind). Without any, a first start serves vol0 from DATA_DIR/vol0.img
-    /// (1 GiB); once deleted, vol0 stays deleted.
+    /// (1 GiB); once deleted, vol0 stays deleted. A new file is created at SIZE; an
+    /// existing smaller one is grown only with grow=true.
     #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
     volumes: Vec<VolumeSpec>,
     /// Accept a changed volume: VOLUME's --volume spec replaces what the data dir's
@@ -278,12 +296,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         request_timeout_secs: args.request_timeout,
     })?;
     raise_nofile_limit(&resolved.server);
-    std::fs::create_dir_all(&resolved.data_dir).map_err(|e| {
-        format!(
-            "cannot create data dir {}: {e}",
-            resolved.data_dir.display()
-        )
-    })?;
+    // Everything is checked, the data dir locked and the listener bound before any
+    // file is created; dropping `start` on an error undoes what this start created.
+    let mut start = startup::prepare(&resolved)?;
 
     // Block the stop signals before any thread starts so that every thread inherits
     // the mask and only the main thread's sigwait sees them.
@@ -295,15 +310,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
     let reactors = resolved.server.reactor.cores.len();
     let idle = resolved.server.reactor.idle;
-    let server = Server::start(resolved.server).map_err(|e| e.to_string())?;
-    let rpc = RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone())))
-        .map_err(|e| {
-            format!(
+    let listener = start
+        .take_listener()
+        .ok_or("the NBD listener was not bound")?;
+    let server = Server::start_on(resolved.server, listener).map_err(|e| e.to_string())?;
+    let rpc = match RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone()))) {
+        Ok(rpc) => rpc,
+        Err(e) => {
+            server.shutdown();
+            return Err(format!(
                 "cannot start the RPC socket {}: {}",
                 resolved.rpc.display(),
                 e.message
-            )
-        })?;
+            ));
+        }
+    };
+    let lock = start.started();
 
     print_banner(&server, reactors, &idle.to_string(), &resolved.rpc);
 
@@ -334,6 +356,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             ),
             Err(e) => tracing::error!(volume = v.name(), error = %e, "final commit failed"),
         }
+    }
+    // Only now may another server use the data dir.
+    if let Some(lock) = lock {
+        lock.release();
     }
     tracing::info!("stopped");
     Ok(())

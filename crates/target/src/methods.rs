@@ -71,6 +71,8 @@ struct CreateParams {
     direct: Option<bool>,
     #[serde(default)]
     chunk_size: Option<u32>,
+    #[serde(default)]
+    grow: bool,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +285,7 @@ impl RpcHandler for Methods {
                     read_only: p.read_only,
                     direct: p.direct.unwrap_or(true),
                     chunk_size: p.chunk_size.unwrap_or(4096),
+                    grow: p.grow,
                 };
                 let v = sh.add_volume(spec).map_err(volume_error)?;
                 Ok(volume_json(&v))

@@ -1,26 +1,31 @@
 //! The running server: reactors, listeners, the volume registry and the RPC socket.
 //!
 //! # Threads
-//! One reactor thread per core serves NBD connections; reactor 0 also accepts them
-//! (accept is cheap; the accepted socket is handed to the reactor with the fewest
-//! connections, so several connections to one volume land on different reactors and
-//! are served in parallel). The JSON-RPC server has its own thread (control plane).
-//! The main thread waits for SIGINT/SIGTERM and then stops everything gracefully:
-//! listeners close, connections finish their in-flight requests, reactors join.
+//! One reactor thread per core serves NBD connections. A thread of its own accepts
+//! them ([`crate::listen`] says why not the ring) and hands each to reactor 0, which
+//! passes it to the reactor with the fewest connections, so several connections to
+//! one volume land on different reactors and are served in parallel. The JSON-RPC
+//! server has its own thread (control plane). The main thread waits for SIGINT or
+//! SIGTERM and then stops everything gracefully: the listener closes, connections
+//! finish their in-flight requests, reactors join.
 //!
 //! # Limits
 //! At most `max_connections` connections are served, of which at most
 //! `max_handshakes` may still be negotiating (`accepted`); request buffers of all
 //! connections share one budget. See `admission` for both.
+//!
+//! # Start order
+//! [`Server::start`] binds the listener before it opens (and maybe creates) any
+//! volume file, so a port in use fails the start before anything is written.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringblk_reactor::{FileRef, Op, Reactor, ReactorConfig, ReactorHandle, ReactorPool};
+use ringblk_reactor::{Reactor, ReactorConfig, ReactorHandle, ReactorPool};
 
 use crate::admission::{count, more_suffix, Admission, AdmissionConfig};
 use crate::session;
@@ -329,6 +334,7 @@ impl ServerShared {
 pub struct Server {
     pub shared: Arc<ServerShared>,
     pool: Option<ReactorPool>,
+    acceptor: Option<crate::listen::Acceptor>,
     /// The address actually bound (port 0 resolved).
     pub local_addr: ListenAddr,
 }
@@ -336,12 +342,11 @@ pub struct Server {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The listener could not be bound (an operator message naming the address).
+    #[error("{0}")]
+    Listen(String),
+    #[error("cannot start the NBD accept thread: {0}")]
+    Accept(#[source] std::io::Error),
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
@@ -353,33 +358,20 @@ pub enum ServerError {
     Config(String),
 }
 
-fn bind(addr: &ListenAddr) -> Result<(OwnedFd, ListenAddr), ServerError> {
-    let err = |source| ServerError::Listen {
-        addr: addr.to_string(),
-        source,
-    };
-    match addr {
-        ListenAddr::Tcp(a) => {
-            let l = std::net::TcpListener::bind(a).map_err(err)?;
-            let local = l.local_addr().map_err(err)?;
-            if !a.ip().is_loopback() {
-                tracing::warn!(addr = %local, "listening on a non-loopback address: NBD has no authentication");
-            }
-            Ok((OwnedFd::from(l), ListenAddr::Tcp(local)))
-        }
-        ListenAddr::Unix(p) => {
-            if p.exists() && std::os::unix::net::UnixStream::connect(p).is_err() {
-                let _ = std::fs::remove_file(p); // stale socket from a killed server
-            }
-            let l = std::os::unix::net::UnixListener::bind(p).map_err(err)?;
-            Ok((OwnedFd::from(l), addr.clone()))
-        }
-    }
-}
-
 impl Server {
-    /// Opens the volumes, binds the listener and starts the reactors.
+    /// Binds the listener, opens the volumes and starts the reactors.
     pub fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let listener = crate::listen::bind(&config.listen).map_err(ServerError::Listen)?;
+        Self::start_on(config, listener)
+    }
+
+    /// [`Server::start`] on a listener bound beforehand (`ringblk serve` binds it
+    /// before it creates any file, so that a port in use leaves nothing behind).
+    /// `config.listen` is not used.
+    pub fn start_on(
+        config: ServerConfig,
+        listener: crate::listen::Bound,
+    ) -> Result<Server, ServerError> {
         let n = config.reactor.cores.len();
         config.admission.validate().map_err(ServerError::Config)?;
         let shared = Arc::new(ServerShared {
@@ -394,28 +386,28 @@ impl Server {
             admission: Admission::new(config.admission.clone()),
         });
         shared.open_all(&config)?;
-        let (listener, local_addr) = bind(&config.listen)?;
+        let local_addr = listener.addr.clone();
         shared.save_catalog()?;
-        let listener = Arc::new(std::sync::Mutex::new(Some(listener)));
-        let sh = shared.clone();
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {
             session::install(r);
             crate::latency::install(r);
-            if r.id() == 0 {
-                let fd = listener.lock().ok().and_then(|mut l| l.take());
-                if let Some(fd) = fd {
-                    start_accepting(r, sh.clone(), fd);
-                }
-            }
         });
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
         let _ = shared.reactors.set(pool.handles().clone());
         for v in shared.registry.list() {
             crate::switchover::resume_merges(pool.handles(), &v);
         }
+        let acceptor = match start_acceptor(&shared, &pool, listener) {
+            Ok(a) => a,
+            Err(e) => {
+                pool.shutdown();
+                return Err(e);
+            }
+        };
         Ok(Server {
             shared,
             pool: Some(pool),
+            acceptor: Some(acceptor),
             local_addr,
         })
     }
@@ -429,95 +421,31 @@ impl Server {
 
     /// Stops accepting, lets connections finish, joins the reactors.
     pub fn shutdown(mut self) {
+        // First the listener: it is closed (and its Unix socket file removed) when
+        // this returns, so no connection arrives at stopping reactors.
+        if let Some(mut a) = self.acceptor.take() {
+            a.stop();
+        }
         if let Some(p) = self.pool.take() {
             p.shutdown();
         }
-        if let ListenAddr::Unix(p) = &self.local_addr {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 
-struct Listener {
-    fd: Option<OwnedFd>,
-    accept: Option<ringblk_reactor::OpId>,
-    stopping: bool,
-}
-
-fn start_accepting(r: &mut Reactor, shared: Arc<ServerShared>, fd: OwnedFd) {
-    let l = std::rc::Rc::new(std::cell::RefCell::new(Listener {
-        fd: Some(fd),
-        accept: None,
-        stopping: false,
-    }));
-    let l2 = l.clone();
-    r.on_stop(move |r| {
-        let mut lb = l2.borrow_mut();
-        lb.stopping = true;
-        match lb.accept {
-            Some(id) => r.cancel(id),
-            None => lb.fd = None,
-        }
-    });
-    post_accept(r, shared, l);
-}
-
-fn post_accept(
-    r: &mut Reactor,
-    shared: Arc<ServerShared>,
-    l: std::rc::Rc<std::cell::RefCell<Listener>>,
-) {
-    let raw = match l.borrow().fd.as_ref() {
-        Some(fd) => fd.as_raw_fd(),
-        None => return,
-    };
-    let l2 = l.clone();
+/// Accepts on a thread of its own (see [`crate::listen`] for why not on the ring);
+/// reactor 0 places each connection, as before.
+fn start_acceptor(
+    shared: &Arc<ServerShared>,
+    pool: &ReactorPool,
+    listener: crate::listen::Bound,
+) -> Result<crate::listen::Acceptor, ServerError> {
     let sh = shared.clone();
-    let res = r.submit(Op::accept(FileRef::Raw(raw)), move |r, comp| {
-        l2.borrow_mut().accept = None;
-        if l2.borrow().stopping {
-            l2.borrow_mut().fd = None; // close the listener
-            if comp.result >= 0 {
-                // SAFETY: a successful accept returns a new descriptor we own.
-                drop(unsafe { OwnedFd::from_raw_fd(comp.result) });
-            }
-            return;
-        }
-        if comp.result >= 0 {
-            // SAFETY: a successful accept returns a new descriptor we own.
-            let sock = unsafe { OwnedFd::from_raw_fd(comp.result) };
-            accepted(r, &sh, sock);
-        } else if comp.result != -libc::ECANCELED {
-            if let Some(n) = sh.admission.accept_warn.check() {
-                let e = std::io::Error::from_raw_os_error(-comp.result);
-                tracing::warn!("accept failed: {e}{}", more_suffix(n));
-            }
-            // Out of descriptors or memory: retrying at once would spin (and log)
-            // until a connection closes; wait a little instead.
-            if matches!(
-                -comp.result,
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-            ) {
-                let sh2 = sh.clone();
-                r.add_timer(ACCEPT_RETRY, move |r| post_accept(r, sh2, l2));
-                return;
-            }
-        }
-        post_accept(r, sh, l2);
-    });
-    match res {
-        Ok(id) => l.borrow_mut().accept = Some(id),
-        Err(_) => {
-            let l2 = l.clone();
-            r.add_timer(Duration::from_millis(1), move |r| {
-                post_accept(r, shared, l2)
-            });
-        }
-    }
+    let deliver: crate::listen::Deliver = Arc::new(move |r, sock| accepted(r, &sh, sock));
+    let Some(first) = pool.handles().first().cloned() else {
+        return Err(ServerError::Accept(std::io::Error::other("no reactor")));
+    };
+    crate::listen::Acceptor::start(listener, first, deliver).map_err(ServerError::Accept)
 }
-
-/// Pause before accepting again after running out of descriptors or memory.
-const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// Admits a new connection into a handshake slot (see `admission`): at the
 /// handshake limit, or at the connection limit, the least recently active

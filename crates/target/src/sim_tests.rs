@@ -35,6 +35,7 @@ fn volume(dir: &std::path::Path) -> Arc<Volume> {
         read_only: false,
         direct: false,
         chunk_size: CHUNK as u32,
+        grow: false,
     };
     Arc::new(Volume::open(spec, 2, dir).expect("volume"))
 }

@@ -950,6 +950,7 @@ mod tests {
             read_only: false,
             direct: false,
             chunk_size: 4096,
+            grow: false,
         };
         Arc::new(Volume::open(spec, 2, dir).expect("volume"))
     }

@@ -48,6 +48,10 @@ pub struct VolumeSpec {
     /// never copies.
     #[serde(default = "default_chunk")]
     pub chunk_size: u32,
+    /// Let `size_bytes` grow an existing, smaller, non-empty file. Off, such a size is
+    /// refused: a typo in a size must never change a user's image.
+    #[serde(default)]
+    pub grow: bool,
 }
 
 fn default_chunk() -> u32 {
@@ -62,6 +66,48 @@ fn default_backend() -> BackendKind {
 }
 fn default_true() -> bool {
     true
+}
+
+impl VolumeSpec {
+    /// What can be checked of the spec alone, without touching a file: the name,
+    /// block and chunk size, what the backend needs, a given size. [`Volume::open`]
+    /// runs it first, and a start runs it for every volume before it creates anything.
+    pub fn validate(&self) -> Result<(), VolumeError> {
+        check_name(&self.name)?;
+        let name = self.name.as_str();
+        if self.block_size != 512 && self.block_size != 4096 {
+            return Err(invalid(name, "block size must be 512 or 4096"));
+        }
+        let cs = self.chunk_size;
+        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) || cs < self.block_size {
+            return Err(invalid(
+                name,
+                "chunk size must be a power of two from 4 KiB to 1 MiB",
+            ));
+        }
+        match self.backend {
+            BackendKind::File if self.path.is_none() => {
+                return Err(invalid(name, "a file volume needs a path"))
+            }
+            BackendKind::Mem | BackendKind::Null if self.size_bytes.is_none() => {
+                return Err(invalid(
+                    name,
+                    format!("a {} volume needs a size", self.backend),
+                ))
+            }
+            _ => {}
+        }
+        match self.size_bytes {
+            Some(s) if s == 0 || s % self.block_size as u64 != 0 => Err(invalid(
+                name,
+                format!(
+                    "size {s} is not a positive multiple of the block size {}",
+                    self.block_size
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A volume could not be created.
@@ -353,17 +399,10 @@ impl Volume {
         rebind: bool,
     ) -> Result<Volume, VolumeError> {
         check_name(&spec.name)?;
+        // Before the backend is opened: a bad spec must not create a file.
+        spec.validate()?;
         let name = spec.name.as_str();
-        if spec.block_size != 512 && spec.block_size != 4096 {
-            return Err(invalid(name, "block size must be 512 or 4096"));
-        }
         let cs = spec.chunk_size;
-        if !cs.is_power_of_two() || !(4096..=1 << 20).contains(&cs) || cs < spec.block_size {
-            return Err(invalid(
-                name,
-                "chunk size must be a power of two from 4 KiB to 1 MiB",
-            ));
-        }
         let (backend, size_bytes) = match spec.backend {
             BackendKind::File => {
                 let path = spec
@@ -374,6 +413,7 @@ impl Volume {
                     size_bytes: spec.size_bytes,
                     read_only: spec.read_only,
                     direct: spec.direct,
+                    grow: spec.grow,
                 };
                 let owner = format!("volume {name:?} (its base image)");
                 backend::file::open(path, opts, &owner).map_err(|source| {

@@ -208,7 +208,8 @@ fn serve_with_no_arguments_then_run_the_banner_commands() {
     );
 
     // Negative control: a second zero-config server in the same directory cannot take
-    // the port, says so and exits non-zero, and the first one keeps serving.
+    // the data dir (locked before the port is tried), says who holds it and exits
+    // non-zero, and the first one keeps serving.
     let second = run(Command::new(env!("CARGO_BIN_EXE_ringblk"))
         .arg("serve")
         .current_dir(cwd.path()));
@@ -217,11 +218,10 @@ fn serve_with_no_arguments_then_run_the_banner_commands() {
         !second.status.success(),
         "a second server on the same port must fail"
     );
-    // It may stop earlier, at vol0.img's write lock (issue #11 item 3).
+    let first_pid = guard.0.as_ref().expect("child").id().to_string();
     assert!(
-        (err.contains(&format!("127.0.0.1:{DEFAULT_PORT}")) && err.contains("in use"))
-            || (err.contains(r#"Failed to get "write" lock"#) && err.contains("vol0.img")),
-        "the failure must name the busy address or file: {err}"
+        err.contains("ringblk-data") && err.contains("in use") && err.contains(&first_pid),
+        "the failure must name the data dir and its holder's pid: {err}"
     );
     assert!(
         sock.exists(),

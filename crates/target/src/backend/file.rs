@@ -2,9 +2,11 @@
 //!
 //! Opened O_DIRECT by default so that reads and writes bypass the page cache, as an
 //! SPDK bdev would; when the filesystem refuses O_DIRECT (e.g. an old tmpfs) the file
-//! is opened buffered and a warning says so. A missing file is created sparse at the
-//! requested size; an existing one smaller than the requested size is grown sparse,
-//! never shrunk.
+//! is opened buffered and a warning says so. A missing (or empty) file is created
+//! sparse at the requested size. An existing file smaller than the requested size is
+//! refused unless `grow` is set (then it is grown sparse): a wrong size must never
+//! change a user's image. A requested size smaller than the file serves the first
+//! `size` bytes; the file is never shrunk.
 //!
 //! A writable backend holds the file's write lock (`filelock`) for as long as it is
 //! open, taken before anything changes the file (the growing `set_len`): a file
@@ -27,6 +29,8 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Try O_DIRECT first.
     pub direct: bool,
+    /// Let `size_bytes` grow an existing non-empty file that is smaller.
+    pub grow: bool,
 }
 
 /// Opens (creating if needed) a file or block device; returns the backend and its size.
@@ -63,10 +67,9 @@ pub fn open(path: &Path, opts: FileOptions, owner: &str) -> std::io::Result<(Bac
         meta.len()
     };
     if let Some(want) = opts.size_bytes {
-        if !is_block && want > size && !opts.read_only {
-            file.set_len(want)?;
+        if want <= size {
             size = want;
-        } else if want > size {
+        } else if is_block || opts.read_only {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
@@ -74,7 +77,13 @@ pub fn open(path: &Path, opts: FileOptions, owner: &str) -> std::io::Result<(Bac
                     path.display()
                 ),
             ));
+        } else if size > 0 && !opts.grow {
+            return Err(refuse_growth(path, size, want));
         } else {
+            if size > 0 {
+                tracing::info!(path = %path.display(), from = size, to = want, "growing the file (grow=true)");
+            }
+            file.set_len(want)?;
             size = want;
         }
     }
@@ -89,6 +98,44 @@ pub fn open(path: &Path, opts: FileOptions, owner: &str) -> std::io::Result<(Bac
         can_punch: true,
     };
     Ok((backend, size))
+}
+
+/// An existing non-empty file smaller than the size asked for, without `grow`.
+/// (An empty file holds nothing to protect: it is sized like a new one, which is also
+/// what a start interrupted between creating and sizing a file leaves.)
+fn refuse_growth(path: &Path, size: u64, want: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {size} bytes, smaller than the size asked for ({want} bytes); an existing \
+             image is never grown unless asked: add grow=true to the volume \
+             (--volume NAME=PATH,size=SIZE,grow=true; `grow = true` in the config file; \
+             \"grow\": true in volume_create), or give its size",
+            path.display()
+        ),
+    )
+}
+
+/// What [`open`] would refuse about the size of the existing file at `path` (a start
+/// checks this before it creates any file). A missing file passes.
+pub fn check_size(path: &Path, opts: FileOptions) -> std::io::Result<()> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    match opts.size_bytes {
+        Some(want) if meta.is_file() && want > meta.len() && meta.len() > 0 && !opts.grow => {
+            Err(refuse_growth(path, meta.len(), want))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {
