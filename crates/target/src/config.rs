@@ -138,6 +138,10 @@ pub struct FileConfig {
     pub submit: Option<String>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
+    /// As `--max-in-flight`.
+    pub max_in_flight: Option<usize>,
+    /// As `--commit-queue-depth`.
+    pub commit_queue_depth: Option<usize>,
     #[serde(default)]
     pub volume: Vec<FileVolume>,
 }
@@ -176,6 +180,8 @@ pub struct Flags {
     pub volumes: Vec<VolumeSpec>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
+    pub max_in_flight: Option<usize>,
+    pub commit_queue_depth: Option<usize>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -287,6 +293,19 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
     if max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }
+    let max_in_flight = slab_size(
+        flags.max_in_flight.or(file.max_in_flight),
+        max_connections,
+    )?;
+    let commit_queue_depth = flags
+        .commit_queue_depth
+        .or(file.commit_queue_depth)
+        .unwrap_or(DEFAULT_COMMIT_QUEUE_DEPTH);
+    if !(1..=COMMIT_QUEUE_DEPTH_MAX).contains(&commit_queue_depth) {
+        return Err(format!(
+            "--commit-queue-depth must be within 1..={COMMIT_QUEUE_DEPTH_MAX}"
+        ));
+    }
     let handshake_timeout = Duration::from_secs(
         flags
             .handshake_timeout_secs
@@ -301,16 +320,51 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
                 cores,
                 idle,
                 submit,
+                max_in_flight,
                 ..ReactorConfig::default()
             },
             volumes,
             max_connections,
+            commit_queue_depth,
             handshake_timeout,
             data_dir: data_dir.clone(),
         },
         rpc,
         data_dir,
     })
+}
+
+/// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
+/// their reactor (`persist` module docs).
+pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = 4096;
+const COMMIT_QUEUE_DEPTH_MAX: usize = 1 << 20;
+/// Reactor operations in flight per reactor by default.
+const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+/// Slab slots kept beyond the connections' own socket operations: the listener's
+/// accept, backup copy jobs, merges and zero-ahead writes.
+const SLAB_RESERVE: usize = 64;
+
+/// The per-reactor slab size. I/O that finds the slab full waits for a slot, which
+/// frees when an operation in flight completes; a connection may keep a receive and
+/// a send in flight indefinitely (a client that sends nothing, or reads nothing), so
+/// a slab that those could fill would never free a slot for the I/O waiting on it.
+/// Every reactor may get every connection, hence the floor of two per connection.
+fn slab_size(asked: Option<usize>, max_connections: usize) -> Result<usize, String> {
+    let floor = max_connections
+        .saturating_mul(2)
+        .saturating_add(SLAB_RESERVE);
+    match asked {
+        None => Ok(DEFAULT_MAX_IN_FLIGHT.max(floor)),
+        Some(n) if n >= floor && n <= u32::MAX as usize => Ok(n),
+        Some(n) if n > u32::MAX as usize => {
+            Err(format!("--max-in-flight {n} is too large (at most {})", u32::MAX))
+        }
+        Some(n) => Err(format!(
+            "--max-in-flight {n} is too small for --max-connections {max_connections}: each \
+             connection may keep a receive and a send in flight, so at least {floor} are \
+             needed; raise --max-in-flight or lower --max-connections"
+        )),
+    }
 }
 
 /// Paths are made absolute once, at start: the durable store names files relative

@@ -171,6 +171,14 @@ struct ServeArgs {
     /// Most NBD connections at once [default: 1024].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// I/O operations in flight per reactor; more wait in the reactor's queue until
+    /// one completes [default: 4096, or 2 per connection + 64 if that is more].
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// FLUSH/FUA requests of a volume queued for its group commit at most; more wait
+    /// on their reactor until the committer takes the queue [default: 4096].
+    #[arg(long, value_name = "N")]
+    commit_queue_depth: Option<usize>,
     /// Seconds a client may take to finish the handshake [default: 10].
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<u64>,
@@ -241,6 +249,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         volumes: args.volumes,
         max_connections: args.max_connections,
         handshake_timeout_secs: args.handshake_timeout,
+        max_in_flight: args.max_in_flight,
+        commit_queue_depth: args.commit_queue_depth,
     })?;
     std::fs::create_dir_all(&resolved.data_dir).map_err(|e| {
         format!(

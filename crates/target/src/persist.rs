@@ -76,6 +76,8 @@ pub struct Persist {
     pub inner: Arc<PersistInner>,
     tx: Mutex<Option<crossbeam_channel::Sender<Waiter>>>,
     volume: String,
+    /// Bound of the commit queue (`set_queue_depth`), fixed when the committer starts.
+    queue_depth: std::sync::atomic::AtomicUsize,
 }
 
 impl Persist {
@@ -98,7 +100,17 @@ impl Persist {
             }),
             tx: Mutex::new(None),
             volume: volume.to_string(),
+            queue_depth: std::sync::atomic::AtomicUsize::new(
+                crate::config::DEFAULT_COMMIT_QUEUE_DEPTH,
+            ),
         }
+    }
+
+    /// Sets the commit queue's bound (`--commit-queue-depth`); takes effect when the
+    /// committer starts, at the first commit.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth
+            .store(depth.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn persistent(&self) -> bool {
@@ -191,7 +203,9 @@ impl Persist {
         }
         // Bounded: a flood of flushes back-pressures the callers (a full queue
         // fails the send below, which the caller reports as EAGAIN-like ENOMEM).
-        let (t, rx) = crossbeam_channel::bounded::<Waiter>(4096);
+        let (t, rx) = crossbeam_channel::bounded::<Waiter>(
+            self.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let inner = self.inner.clone();
         std::thread::Builder::new()
             .name(format!("commit-{}", self.volume))
