@@ -16,6 +16,19 @@
 //! - A merging top delta takes no new fills: writes to chunks it holds go in place
 //!   (pinned, so the merge copies them after), writes to chunks it does not hold go to
 //!   the layer beneath.
+//!
+//! # Back-pressure
+//! A request becomes up to one operation per chunk (8 192 for a 32 MiB write in 4 KiB
+//! chunks), more than a reactor's slab may hold. Every operation of a request, here
+//! and on the session's fast path, goes through [`submit_io`]: one that finds the slab
+//! full waits in the reactor's FIFO wait queue and is submitted as completions free
+//! slots (SPDK's `spdk_bdev_queue_io_wait`), counted in the volume's `slab_waits`. A
+//! valid request never fails for lack of slots. The queue is bounded by the
+//! connections, not here: a connection executes at most `session::MAX_IN_FLIGHT`
+//! requests and `session::MAX_IN_FLIGHT_BYTES` of payload (one request may
+//! overshoot) before it stops reading its socket, and a request has at most one
+//! waiting operation per chunk it spans, plus one per read-merge; so the queue holds
+//! at most, per connection, that many chunks' worth of operations.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -23,13 +36,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ringblk_blockmap::{BlockMap, Claim, State};
-use ringblk_reactor::{AlignedBuf, FileRef, IoBuf, Op, Reactor};
+use ringblk_reactor::{AlignedBuf, Completion, FileRef, IoBuf, Op, Reactor, Submitted};
 
 use crate::image::{Delta, StackPin};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::{Extent, NbdErrno};
 use crate::park::park_chunk;
-use crate::volume::Volume;
+use crate::volume::{bump, Volume};
 
 pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), NbdErrno>)>;
 pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, NbdErrno>)>;
@@ -52,6 +65,21 @@ pub(crate) mod planted {
         return SKIP_DRAIN_WAIT.with(|c| c.get());
         #[cfg(not(test))]
         false
+    }
+}
+
+/// Submits one operation of a request of `vol`. When the reactor's slab is full the
+/// operation waits for a slot in the reactor's queue (module docs, *Back-pressure*)
+/// and the wait is counted in the volume's `slab_waits`; it never fails for lack of
+/// room. `cb` runs once, with the operation's result.
+pub fn submit_io(
+    r: &mut Reactor,
+    vol: &Volume,
+    op: Op,
+    cb: impl FnOnce(&mut Reactor, Completion) + 'static,
+) {
+    if r.submit_or_wait(op, cb) == Submitted::Waiting {
+        bump(&vol.counters(r.id()).slab_waits, 1);
     }
 }
 
@@ -173,7 +201,9 @@ pub fn read(
         let st2 = st.clone();
         let pin2 = pin.clone();
         let buf = AlignedBuf::direct(p.len);
-        let res = r.submit(
+        submit_io(
+            r,
+            vol,
             Op::read(file, loc_offset(p.loc), buf, p.len as u32),
             move |r, c| {
                 let _hold = pin2;
@@ -181,9 +211,6 @@ pub fn read(
                 finish_piece(r, &st2, c.op.into_buf(), p, n)
             },
         );
-        if res.is_err() {
-            finish_piece(r, &st, None, p, Err(libc::ENOMEM));
-        }
     }
 
     fn finish_piece(
@@ -390,13 +417,13 @@ fn when_zeroed(
         let fd = FileRef::Raw(delta.raw_fd());
         let d2 = delta.clone();
         let buf = AlignedBuf::direct(len as usize);
-        if let Err(rej) = r.submit(Op::write(fd, off, buf, len as u32), move |_, c| {
+        // Waits for a slab slot, ahead of the fills' own writes (which wait for it):
+        // giving the turn back instead starved zeroing whenever those writes kept
+        // the slab full, and every fill's re-check then allocated and dropped
+        // another zero buffer. At most one per delta is in flight or waiting.
+        r.submit_or_wait_first(Op::write(fd, off, buf, len as u32), move |_, c| {
             d2.zero_done(len, matches!(c.bytes(), Ok(n) if n as u64 == len))
-        }) {
-            // No room on the ring now: give the turn back; a later fill retries.
-            drop(rej);
-            delta.zero_done(0, true);
-        }
+        });
     }
     if delta.fill_ready(p, cb) {
         cont(r)
@@ -435,8 +462,8 @@ fn fill(
 type Guard = ringblk_blockmap::FillGuard<Arc<BlockMap>>;
 
 /// Writes the whole new content of `chunk` to its slot `p` in `delta`, then
-/// publishes it (`publish_after`). A rejected submission drops its callback, whose
-/// guard aborts the fill; `p` is then unused and goes back.
+/// publishes it (`publish_after`). The fill stays claimed (PENDING) while the write
+/// waits for a slab slot: other writers to the chunk park on it meanwhile.
 fn write_fill(
     r: &mut Reactor,
     w: &WriteRef,
@@ -446,18 +473,14 @@ fn write_fill(
     (buf, len): (IoBuf, u32),
     guard: Guard,
 ) {
-    let cb = w.borrow().vol.chunk_bytes() as u64;
+    let vol = w.borrow().vol.clone();
+    let cb = vol.chunk_bytes() as u64;
     let (w2, d2) = (w.clone(), delta.clone());
     let op = Op::write(FileRef::Raw(delta.raw_fd()), p * cb, buf, len);
-    let res = r.submit(op, move |r, c| {
+    submit_io(r, &vol, op, move |r, c| {
         let res = publish_after(c.bytes(), len, guard, &d2, chunk, p);
         piece_done(r, &w2, res)
     });
-    if let Err(rej) = res {
-        drop(rej);
-        delta.give_back(p);
-        piece_done(r, w, Err(NbdErrno::NoMem));
-    }
 }
 
 /// After a fill's data write: journal the mapping (before it is visible, so the
@@ -563,7 +586,8 @@ fn submit_write(
     hold: Option<Box<dyn std::any::Any>>,
 ) {
     let w2 = w.clone();
-    let res = r.submit(Op::write(file, off, buf, len), move |r, c| {
+    let vol = w.borrow().vol.clone();
+    submit_io(r, &vol, Op::write(file, off, buf, len), move |r, c| {
         drop(hold); // unpin only after the data is written
         let res = match c.bytes() {
             Ok(n) if n == len => Ok(()),
@@ -572,9 +596,6 @@ fn submit_write(
         };
         piece_done(r, &w2, res)
     });
-    if res.is_err() {
-        piece_done(r, w, Err(NbdErrno::NoMem));
-    }
 }
 
 /// FLUSH of a layered volume: a group commit (data files, then the journals of the

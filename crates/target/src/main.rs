@@ -53,7 +53,8 @@ CONFIG FILE (TOML; flags override it):
   block_size = 512       # or 4096
   backend = \"file\"       # file | mem | null
   read_only = false")]
-    Serve(ServeArgs),
+    // Boxed: the flags make this variant far larger than the others.
+    Serve(Box<ServeArgs>),
     /// Check a data dir's manifests and journals offline (like thin_check).
     #[command(
         after_help = "Checks, for VOLUME or every volume with a manifest in DIR: the manifest's
@@ -196,7 +197,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(args),
-        Command::Serve(args) => match serve(args) {
+        Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringblk: {e}");
