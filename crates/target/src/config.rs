@@ -293,10 +293,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
     if max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }
-    let max_in_flight = slab_size(
-        flags.max_in_flight.or(file.max_in_flight),
-        max_connections,
-    )?;
+    let max_in_flight = slab_size(flags.max_in_flight.or(file.max_in_flight), max_connections)?;
     let commit_queue_depth = flags
         .commit_queue_depth
         .or(file.commit_queue_depth)
@@ -356,9 +353,10 @@ fn slab_size(asked: Option<usize>, max_connections: usize) -> Result<usize, Stri
     match asked {
         None => Ok(DEFAULT_MAX_IN_FLIGHT.max(floor)),
         Some(n) if n >= floor && n <= u32::MAX as usize => Ok(n),
-        Some(n) if n > u32::MAX as usize => {
-            Err(format!("--max-in-flight {n} is too large (at most {})", u32::MAX))
-        }
+        Some(n) if n > u32::MAX as usize => Err(format!(
+            "--max-in-flight {n} is too large (at most {})",
+            u32::MAX
+        )),
         Some(n) => Err(format!(
             "--max-in-flight {n} is too small for --max-connections {max_connections}: each \
              connection may keep a receive and a send in flight, so at least {floor} are \

@@ -604,7 +604,9 @@ fn submit_write(
 pub fn flush(r: &mut Reactor, vol: &Arc<Volume>, pin: Rc<StackPin>, done: Done) {
     // The commit covers every delta of the volume, not only the pinned stack's.
     drop(pin);
-    vol.persist.commit_async(r, done);
+    if vol.persist.commit_async(r, done) == crate::persist::Queued::Waiting {
+        bump(&vol.counters(r.id()).commit_queue_waits, 1);
+    }
 }
 
 /// WRITE_ZEROES on a stack with deltas: zeros written through the delta path in
