@@ -867,7 +867,8 @@ fn context_extents(
     let (off, len) = (req.offset, req.length);
     if ctx.name == proto::META_BASE_ALLOCATION {
         return Ok(if layers.is_empty() {
-            volume.backend().block_status(off, len, max)
+            let mut lseeks = io::BLOCK_STATUS_LSEEKS_MAX;
+            volume.backend().block_status(off, len, max, &mut lseeks)
         } else {
             io::block_status(volume, layers, off, len, max)
         });
