@@ -440,6 +440,37 @@ mod tests {
         assert_eq!(r.server.reactor.submit, SubmitPolicy::Eager);
     }
 
+    /// A slab that the connections' receives and sends alone could fill would leave
+    /// I/O waiting for a slot forever: refused, with both flags named.
+    #[test]
+    fn max_in_flight_has_a_floor_per_connection() {
+        let with = |in_flight: Option<usize>, conns: Option<usize>| {
+            resolve(Flags {
+                max_in_flight: in_flight,
+                max_connections: conns,
+                ..Default::default()
+            })
+        };
+        let r = with(None, None).expect("defaults");
+        assert_eq!(r.server.reactor.max_in_flight, 4096);
+        assert_eq!(r.server.commit_queue_depth, DEFAULT_COMMIT_QUEUE_DEPTH);
+        let r = with(None, Some(4000)).expect("default grows with connections");
+        assert_eq!(r.server.reactor.max_in_flight, 2 * 4000 + SLAB_RESERVE);
+        let r = with(Some(96), Some(16)).expect("2 x 16 + 64");
+        assert_eq!(r.server.reactor.max_in_flight, 96);
+        let err = with(Some(95), Some(16)).expect_err("below the floor");
+        assert!(
+            err.contains("--max-in-flight 95") && err.contains("--max-connections 16"),
+            "{err}"
+        );
+        let err = resolve(Flags {
+            commit_queue_depth: Some(0),
+            ..Default::default()
+        })
+        .expect_err("empty commit queue");
+        assert!(err.contains("--commit-queue-depth"), "{err}");
+    }
+
     #[test]
     fn submit_policy_from_flag_or_file() {
         let dir = tempfile::tempdir().expect("tmp");
