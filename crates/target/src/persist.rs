@@ -246,7 +246,10 @@ impl Persist {
                     // next commit while this one runs. After the drain, so that a
                     // reactor that registered before this point finds room when woken
                     // and one that registers after it finds room when it tries again.
-                    let wake = std::mem::take(&mut *inner.room.lock().unwrap_or_else(|p| p.into_inner()));
+                    let wake = {
+                        let mut room = inner.room.lock().unwrap_or_else(|p| p.into_inner());
+                        std::mem::take(&mut *room)
+                    };
                     for w in wake {
                         w.wake();
                     }
