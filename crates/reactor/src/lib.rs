@@ -26,7 +26,9 @@ pub use iopoll::{probe_iopoll, IopollSupport};
 pub use msg::{Msg, ReactorHandle, ReactorStats, ReactorStatsSnapshot, SendError};
 pub use op::{falloc, Completion, FileRef, Op, SockAddrBuf};
 pub use pool::{manual_reactors, Init, ReactorPool};
-pub use reactor::{ForEachFn, ForEachNext, PollResult, PollerId, Reactor, Rejected, TimerId};
+pub use reactor::{
+    ForEachFn, ForEachNext, PollResult, PollerId, Reactor, Rejected, Submitted, TimerId,
+};
 pub use slab::{Callback, OpId};
 
 /// Errors setting up reactors. I/O errors of operations are not here: they come

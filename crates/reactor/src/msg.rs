@@ -51,6 +51,8 @@ pub struct ReactorStats {
     /// SQPOLL, flushes that may only wake the poller); sleeps and reaps are not
     /// counted. Per op, this is what the [`SubmitPolicy`](crate::SubmitPolicy) trades.
     pub submit_enters: AtomicU64,
+    /// Ops that found the slab full and waited for a slot (`submit_or_wait`).
+    pub slot_waits: AtomicU64,
 }
 
 /// A copy of [`ReactorStats`] at one moment.
@@ -65,6 +67,7 @@ pub struct ReactorStatsSnapshot {
     pub ops_completed: u64,
     pub messages: u64,
     pub submit_enters: u64,
+    pub slot_waits: u64,
 }
 
 impl ReactorStats {
@@ -85,6 +88,7 @@ impl ReactorStats {
             ops_completed: l(&self.ops_completed),
             messages: l(&self.messages),
             submit_enters: l(&self.submit_enters),
+            slot_waits: l(&self.slot_waits),
         }
     }
 }

@@ -12,9 +12,20 @@
 //! runs inside another.
 //!
 //! # Back-pressure
-//! A full slab makes [`Reactor::submit`] hand the op back ([`Rejected`]); a full SQ
-//! keeps prepared SQEs in a backlog (bounded by the slab, since every SQE but a
-//! cancel belongs to a slab entry) that is pushed on the next iteration.
+//! A full slab makes [`Reactor::submit`] hand the op back ([`Rejected`]);
+//! [`Reactor::submit_or_wait`] instead parks it in the reactor's FIFO wait queue
+//! (SPDK's `spdk_bdev_queue_io_wait`), and the loop puts waiting ops in flight, in
+//! order, as completions free slots: no timer polls for room. A full SQ keeps
+//! prepared SQEs in a backlog (bounded by the slab, since every SQE but a cancel
+//! belongs to a slab entry) that is pushed on the next iteration.
+//!
+//! The wait queue holds ops its callers created, so the callers bound it: the
+//! reactor does not refuse a waiting op (refusing would be the failure the queue
+//! exists to avoid). A caller that can create ops without limit must use `submit`
+//! and stop on [`Rejected`]. Ops that may stay in flight indefinitely (socket
+//! receives and sends, which complete only when a peer acts) must not be able to
+//! fill the slab on their own, or the ops waiting for them never get a slot: size
+//! `max_in_flight` above the most such ops a reactor holds.
 //!
 //! # Cancellation
 //! [`Reactor::cancel`] asks the kernel to cancel; the callback still runs with the
@@ -75,6 +86,16 @@ impl std::fmt::Debug for Rejected {
     }
 }
 
+/// What [`Reactor::submit_or_wait`] did with an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// In flight now.
+    Now(OpId),
+    /// The slab was full, or other ops were already waiting for it: the op waits in
+    /// the reactor's FIFO and goes in flight when a completion frees a slot.
+    Waiting,
+}
+
 /// How long a message to a full inbox waits before it is offered again.
 const INBOX_RETRY: Duration = Duration::from_micros(20);
 
@@ -110,6 +131,8 @@ pub struct Reactor {
     peers: Arc<[ReactorHandle]>,
     pool: BufPool,
     buf_waiters: VecDeque<Hook>,
+    /// Ops waiting for a slab slot, in submission order (`submit_or_wait`).
+    slot_waiters: VecDeque<(Op, Callback)>,
     doorbell_buf: Box<u64>,
     doorbell_armed: bool,
     stop_hooks: Vec<Hook>,
@@ -201,6 +224,7 @@ impl Reactor {
             peers,
             pool,
             buf_waiters: VecDeque::new(),
+            slot_waiters: VecDeque::new(),
             doorbell_buf: Box::new(0),
             doorbell_armed: false,
             stop_hooks: Vec::new(),
@@ -263,6 +287,54 @@ impl Reactor {
         cb: impl FnOnce(&mut Reactor, Completion) + 'static,
     ) -> Result<OpId, Rejected> {
         self.submit_to(op, Box::new(cb), RingKind::Main)
+    }
+
+    /// Like [`submit`](Self::submit), but an op that finds the slab full is not
+    /// handed back: it waits in the reactor's FIFO wait queue and is submitted, in
+    /// order, as completions free slots (module docs, *Back-pressure*). Once ops
+    /// wait, later ones queue behind them even if a slot is free, so a waiting op is
+    /// never overtaken by the stream of new ones. The caller bounds how many ops it
+    /// makes wait; a waiting op cannot be cancelled (it owns no kernel resources).
+    pub fn submit_or_wait(
+        &mut self,
+        op: Op,
+        cb: impl FnOnce(&mut Reactor, Completion) + 'static,
+    ) -> Submitted {
+        let cb: Callback = Box::new(cb);
+        if self.slot_waiters.is_empty() {
+            match self.submit_to(op, cb, RingKind::Main) {
+                Ok(id) => return Submitted::Now(id),
+                Err(rej) => self.slot_waiters.push_back((rej.op, rej.cb)),
+            }
+        } else {
+            self.slot_waiters.push_back((op, cb));
+        }
+        ReactorStats::add(&self.stats().slot_waits, 1);
+        Submitted::Waiting
+    }
+
+    /// Like [`submit_or_wait`](Self::submit_or_wait), but a waiting op goes to the
+    /// head of the wait queue: for an op that other waiting work depends on (a
+    /// delta's zero-ahead write, which every fill behind it waits for). The caller
+    /// keeps such ops few (one at a time per delta), so they cannot starve the rest.
+    pub fn submit_or_wait_first(
+        &mut self,
+        op: Op,
+        cb: impl FnOnce(&mut Reactor, Completion) + 'static,
+    ) -> Submitted {
+        match self.submit_to(op, Box::new(cb), RingKind::Main) {
+            Ok(id) => Submitted::Now(id),
+            Err(rej) => {
+                self.slot_waiters.push_front((rej.op, rej.cb));
+                ReactorStats::add(&self.stats().slot_waits, 1);
+                Submitted::Waiting
+            }
+        }
+    }
+
+    /// Ops waiting for a slab slot (`submit_or_wait`).
+    pub fn waiting_for_slots(&self) -> usize {
+        self.slot_waiters.len()
     }
 
     /// Like [`submit`](Self::submit) but on the IOPOLL ring (O_DIRECT file data ops
@@ -490,6 +562,8 @@ impl Reactor {
     pub fn poll_once(&mut self) -> bool {
         let mut work = self.reap() > 0;
         work |= self.dispatch_completions();
+        // Right after the completions that freed the slots: waiting ops go first.
+        work |= self.wake_slot_waiters();
         work |= self.run_timers();
         work |= self.run_pollers();
         work |= self.drain_inbox();
@@ -634,6 +708,27 @@ impl Reactor {
         n > 0
     }
 
+    /// Puts waiting ops in flight, oldest first, while the slab has room.
+    fn wake_slot_waiters(&mut self) -> bool {
+        let mut n = 0usize;
+        while !self.slab.is_full() {
+            let Some((op, cb)) = self.slot_waiters.pop_front() else {
+                break;
+            };
+            if let Err(rej) = self.submit_to(op, cb, RingKind::Main) {
+                // Cannot happen (the slab had room); keep the op and its turn.
+                debug_assert!(false, "slab refused an op with room");
+                self.slot_waiters.push_front((rej.op, rej.cb));
+                break;
+            }
+            n += 1;
+        }
+        if n > 0 {
+            self.submit_if_eager();
+        }
+        n > 0
+    }
+
     fn wake_buffer_waiters(&mut self) -> bool {
         let n = self.pool.available().min(self.buf_waiters.len());
         for _ in 0..n {
@@ -690,6 +785,7 @@ impl Reactor {
         if self.polled_in_flight > 0
             || !self.backlog.is_empty()
             || !self.buf_waiters.is_empty() && self.pool.available() > 0
+            || !self.slot_waiters.is_empty() && !self.slab.is_full()
         {
             return; // polled completions need polling, not sleeping
         }
@@ -780,7 +876,8 @@ impl Reactor {
         let Some(since) = self.stopping else {
             return false;
         };
-        if self.slab.len() == 0 && self.backlog.is_empty() {
+        // Waiting ops belong to requests still being served: they run first.
+        if self.slab.len() == 0 && self.backlog.is_empty() && self.slot_waiters.is_empty() {
             return true;
         }
         if !self.cancelled_all && since.elapsed() > self.config.shutdown_timeout {

@@ -97,6 +97,10 @@ impl Slab {
         self.slots.len() - self.free.len()
     }
 
+    pub fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
     pub fn insert(&mut self, op: Op, cb: Option<Callback>) -> Result<OpId, (Op, Option<Callback>)> {
         let Some(index) = self.free.pop() else {
             return Err((op, cb));

@@ -395,6 +395,42 @@ fn full_slab_and_empty_pool_are_back_pressure() {
     run_until(&mut r, || *woke.borrow());
 }
 
+/// Guards issue #11 item 4: ops past a full slab used to come back as `Rejected`
+/// and their requests failed with ENOMEM. `submit_or_wait` parks them in a FIFO
+/// that completions drain: every op runs, in submission order, never more than the
+/// slab at once, and with no timer polling for room.
+#[test]
+fn full_slab_parks_ops_in_fifo_order_until_slots_free() {
+    const SLOTS: usize = 4;
+    const OPS: usize = 100;
+    let mut r = one_reactor(ReactorConfig {
+        max_in_flight: SLOTS,
+        ..Default::default()
+    });
+    let order = Rc::new(RefCell::new(Vec::new()));
+    let mut waited = 0;
+    for i in 0..OPS {
+        let o = order.clone();
+        let sub = r.submit_or_wait(Op::Nop, move |r, c| {
+            assert_eq!(c.result, 0);
+            assert!(r.in_flight() < SLOTS, "the slab bound holds");
+            o.borrow_mut().push(i)
+        });
+        if sub == ringblk_reactor::Submitted::Waiting {
+            waited += 1;
+        }
+        assert!(r.in_flight() <= SLOTS);
+    }
+    assert_eq!(waited, OPS - SLOTS, "all but the first SLOTS ops wait");
+    assert_eq!(r.waiting_for_slots(), OPS - SLOTS);
+    // A plain submit still sees a full slab (and may take a slot that frees).
+    assert!(r.submit(Op::Nop, |_, _| {}).is_err());
+    run_until(&mut r, || order.borrow().len() == OPS);
+    assert_eq!(*order.borrow(), (0..OPS).collect::<Vec<_>>(), "FIFO order");
+    assert_eq!(r.waiting_for_slots(), 0);
+    assert_eq!(r.handle().stats().slot_waits, (OPS - SLOTS) as u64);
+}
+
 #[test]
 fn small_submission_queue_backlogs_instead_of_failing() {
     let mut r = one_reactor(ReactorConfig {

@@ -153,6 +153,10 @@ pub struct FileConfig {
     pub buffer_budget: Option<String>,
     pub max_handshakes: Option<usize>,
     pub request_timeout_secs: Option<u64>,
+    /// As `--max-in-flight`.
+    pub max_in_flight: Option<usize>,
+    /// As `--commit-queue-depth`.
+    pub commit_queue_depth: Option<usize>,
     #[serde(default)]
     pub volume: Vec<FileVolume>,
 }
@@ -199,6 +203,8 @@ pub struct Flags {
     pub buffer_budget_bytes: Option<u64>,
     pub max_handshakes: Option<usize>,
     pub request_timeout_secs: Option<u64>,
+    pub max_in_flight: Option<usize>,
+    pub commit_queue_depth: Option<usize>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -320,6 +326,15 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
     if max_connections == 0 {
         return Err("--max-connections must be at least 1".into());
     }
+    let commit_queue_depth = flags
+        .commit_queue_depth
+        .or(file.commit_queue_depth)
+        .unwrap_or(DEFAULT_COMMIT_QUEUE_DEPTH);
+    if !(1..=COMMIT_QUEUE_DEPTH_MAX).contains(&commit_queue_depth) {
+        return Err(format!(
+            "--commit-queue-depth must be within 1..={COMMIT_QUEUE_DEPTH_MAX}"
+        ));
+    }
     let handshake_timeout = Duration::from_secs(
         flags
             .handshake_timeout_secs
@@ -343,6 +358,10 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             .map_or(DEFAULT_REQUEST_TIMEOUT, Duration::from_secs),
     };
     admission.validate()?;
+    // Sockets open at once: the served connections and the negotiating ones that
+    // `admission` lets exist beside them.
+    let sockets = max_connections.saturating_add(admission.max_handshakes);
+    let max_in_flight = slab_size(flags.max_in_flight.or(file.max_in_flight), sockets)?;
     Ok(Resolved {
         server: ServerConfig {
             listen,
@@ -350,10 +369,12 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
                 cores,
                 idle,
                 submit,
+                max_in_flight,
                 ..ReactorConfig::default()
             },
             volumes,
             max_connections,
+            commit_queue_depth,
             handshake_timeout,
             data_dir: data_dir.clone(),
             volumes_implicit,
@@ -363,6 +384,38 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         rpc,
         data_dir,
     })
+}
+
+/// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
+/// their reactor (`persist` module docs).
+pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = 4096;
+const COMMIT_QUEUE_DEPTH_MAX: usize = 1 << 20;
+/// Reactor operations in flight per reactor by default.
+const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+/// Slab slots kept beyond the connections' own socket operations: the listener's
+/// accept, backup copy jobs, merges and zero-ahead writes.
+const SLAB_RESERVE: usize = 64;
+
+/// The per-reactor slab size. I/O that finds the slab full waits for a slot, which
+/// frees when an operation in flight completes; a connection may keep a receive and
+/// a send in flight indefinitely (a client that sends nothing, or reads nothing), so
+/// a slab that those could fill would never free a slot for the I/O waiting on it.
+/// Every reactor may get every connection, hence the floor of two per connection.
+fn slab_size(asked: Option<usize>, sockets: usize) -> Result<usize, String> {
+    let floor = sockets.saturating_mul(2).saturating_add(SLAB_RESERVE);
+    match asked {
+        None => Ok(DEFAULT_MAX_IN_FLIGHT.max(floor)),
+        Some(n) if n >= floor && n <= u32::MAX as usize => Ok(n),
+        Some(n) if n > u32::MAX as usize => Err(format!(
+            "--max-in-flight {n} is too large (at most {})",
+            u32::MAX
+        )),
+        Some(n) => Err(format!(
+            "--max-in-flight {n} is too small for {sockets} sockets (--max-connections plus \
+             --max-handshakes): each may keep a receive and a send in flight, so at least \
+             {floor} are needed; raise --max-in-flight or lower --max-connections"
+        )),
+    }
 }
 
 /// Paths are made absolute once, at start: the durable store names files relative
@@ -473,6 +526,49 @@ mod tests {
         }
         assert!(matches!(r.server.reactor.idle, IdlePolicy::Adaptive { .. }));
         assert_eq!(r.server.reactor.submit, SubmitPolicy::Eager);
+    }
+
+    /// A slab that the connections' receives and sends alone could fill would leave
+    /// I/O waiting for a slot forever: refused, with both flags named.
+    #[test]
+    fn max_in_flight_has_a_floor_per_connection() {
+        let with = |in_flight: Option<usize>, conns: Option<usize>| {
+            resolve(Flags {
+                max_in_flight: in_flight,
+                max_connections: conns,
+                max_handshakes: Some(8),
+                ..Default::default()
+            })
+        };
+        let r = with(None, None).expect("defaults");
+        assert_eq!(r.server.reactor.max_in_flight, 4096);
+        assert_eq!(r.server.commit_queue_depth, DEFAULT_COMMIT_QUEUE_DEPTH);
+        let r = with(None, Some(4000)).expect("default grows with connections");
+        assert_eq!(
+            r.server.reactor.max_in_flight,
+            2 * (4000 + 8) + SLAB_RESERVE
+        );
+        let r = with(Some(112), Some(16)).expect("2 x (16 + 8) + 64");
+        assert_eq!(r.server.reactor.max_in_flight, 112);
+        let err = with(Some(111), Some(16)).expect_err("below the floor");
+        assert!(
+            err.contains("--max-in-flight 111") && err.contains("24 sockets"),
+            "{err}"
+        );
+        // The negotiating connections count too: without them the floor is lower.
+        let r = resolve(Flags {
+            max_in_flight: Some(111),
+            max_connections: Some(16),
+            max_handshakes: Some(1),
+            ..Default::default()
+        });
+        assert!(r.is_ok(), "2 x (16 + 1) + 64 = 98 <= 111: {r:?}");
+        let err = resolve(Flags {
+            commit_queue_depth: Some(0),
+            ..Default::default()
+        })
+        .expect_err("empty commit queue");
+        assert!(err.contains("--commit-queue-depth"), "{err}");
     }
 
     #[test]

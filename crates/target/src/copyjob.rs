@@ -925,7 +925,12 @@ fn base_zero_chunks(vol: &Volume, off: u64, len: u64) -> Vec<bool> {
     let mut pos = off;
     while pos < end {
         let before = pos;
-        for e in vol.backend().block_status(pos, (end - pos) as u32, 64) {
+        // A copy job's unit is bounded already; its lseeks are not limited here.
+        let mut lseeks = u32::MAX;
+        for e in vol
+            .backend()
+            .block_status(pos, (end - pos) as u32, 64, &mut lseeks)
+        {
             let e_end = (pos + e.length as u64).min(end);
             if e.flags & STATE_ZERO == 0 {
                 let (a, b) = ((pos - off) / cb, (e_end - off).div_ceil(cb));

@@ -62,6 +62,7 @@ CONFIG FILE (TOML; flags override it):
 An existing file smaller than size= is refused, never grown silently: add grow=true
 to the --volume spec (grow = true in the file) to grow it. A size smaller than the
 file serves the first SIZE bytes and leaves the file as it is.")]
+    // Boxed: the flags make this variant far larger than the others.
     Serve(Box<ServeArgs>),
     /// Check a data dir's manifests and journals offline (like thin_check).
     #[command(
@@ -206,6 +207,14 @@ struct ServeArgs {
     /// Most NBD connections at once [default: 1024].
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// I/O operations in flight per reactor; more wait in the reactor's queue until
+    /// one completes [default: 4096, or 2 per connection + 64 if that is more].
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
+    /// FLUSH/FUA requests of a volume queued for its group commit at most; more wait
+    /// on their reactor until the committer takes the queue [default: 4096].
+    #[arg(long, value_name = "N")]
+    commit_queue_depth: Option<usize>,
     /// Seconds a client may take to finish the handshake [default: 10].
     #[arg(long, value_name = "SECS")]
     handshake_timeout: Option<u64>,
@@ -294,6 +303,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         buffer_budget_bytes: args.buffer_budget,
         max_handshakes: args.max_handshakes,
         request_timeout_secs: args.request_timeout,
+        max_in_flight: args.max_in_flight,
+        commit_queue_depth: args.commit_queue_depth,
     })?;
     raise_nofile_limit(&resolved.server);
     // Everything is checked, the data dir locked and the listener bound before any

@@ -393,6 +393,7 @@ impl RpcHandler for Methods {
                                 "ops_submitted": s.ops_submitted,
                                 "ops_completed": s.ops_completed,
                                 "messages": s.messages,
+                                "slot_waits": s.slot_waits,
                             })
                         })
                         .collect(),

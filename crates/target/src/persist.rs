@@ -10,17 +10,36 @@
 //! the volume's `control` lock (held across drains, which may wait on requests that
 //! wait on a commit).
 //!
+//! # Back-pressure
+//! The commit queue (the channel to the committer) is bounded per volume
+//! (`--commit-queue-depth`, [`Persist::set_queue_depth`]). A request that finds it
+//! full is not failed: it waits on its reactor, in a FIFO per volume, behind any
+//! earlier ones, and the reactor registers a wake-up with the committer. Right after
+//! the committer takes a batch off the queue it wakes every registered reactor, which
+//! moves its waiting requests into the queue (they are served by the next commit).
+//! Registering and then trying once more closes the race with a committer that
+//! emptied the queue in between. A waiting FLUSH keeps counting in its connection's
+//! in-flight requests, so a connection that floods FLUSHes stops being read once it
+//! reaches its limit: that limit (`session::MAX_IN_FLIGHT` per connection) is what
+//! bounds the reactor's wait queue. Waits are counted in the volume's
+//! `commit_queue_waits`.
+//!
 //! # Persistence
 //! Volumes on a file or block device keep their backups across restarts: the
 //! manifest and the deltas' journals live in the data dir. Volumes on `mem` or
 //! `null` keep nothing (their base does not survive a restart); for them a commit
 //! only syncs data files and their deltas are deleted when dropped.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ringblk_reactor::Reactor;
+use crossbeam_channel::{Sender, TrySendError};
+use ringblk_reactor::{Reactor, ReactorHandle};
 
 use crate::durable::commit::{commit, CommitOptions, CommitSet};
 use crate::durable::manifest::ManifestCell;
@@ -46,6 +65,11 @@ pub struct PersistInner {
     /// Commits run, and requests they served (stats: the group-commit ratio).
     commits: std::sync::atomic::AtomicU64,
     waiters: std::sync::atomic::AtomicU64,
+    /// Reactors with requests waiting for room in the commit queue; woken (and
+    /// emptied) each time the committer takes a batch. At most one entry per
+    /// reactor at a time but for rare duplicates, which only cause a spurious
+    /// wake-up (see [`RoomWaker`]).
+    room: Mutex<Vec<RoomWaker>>,
 }
 
 impl PersistInner {
@@ -78,6 +102,11 @@ pub struct Persist {
     pub inner: Arc<PersistInner>,
     tx: Mutex<Option<crossbeam_channel::Sender<Waiter>>>,
     volume: String,
+    /// Unique per `Persist` in the process: keys the reactors' wait queues (a
+    /// re-created volume of the same name is a different key).
+    key: u64,
+    /// Bound of the commit queue (`set_queue_depth`), fixed when the committer starts.
+    queue_depth: std::sync::atomic::AtomicUsize,
 }
 
 impl Persist {
@@ -97,15 +126,27 @@ impl Persist {
                 destroyed: std::sync::atomic::AtomicBool::new(false),
                 commits: std::sync::atomic::AtomicU64::new(0),
                 waiters: std::sync::atomic::AtomicU64::new(0),
+                room: Mutex::new(Vec::new()),
             }),
             tx: Mutex::new(None),
             volume: volume.to_string(),
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            queue_depth: std::sync::atomic::AtomicUsize::new(
+                crate::config::DEFAULT_COMMIT_QUEUE_DEPTH,
+            ),
         }
     }
 
     /// The data dir's store (deltas create, rename and delete files through it).
     pub fn store(&self) -> &Arc<DirStore> {
         &self.inner.store
+    }
+
+    /// Sets the commit queue's bound (`--commit-queue-depth`); takes effect when the
+    /// committer starts, at the first commit.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth
+            .store(depth.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn persistent(&self) -> bool {
@@ -196,9 +237,10 @@ impl Persist {
         if let Some(t) = tx.as_ref() {
             return Ok(t.clone());
         }
-        // Bounded: a flood of flushes back-pressures the callers (a full queue
-        // fails the send below, which the caller reports as EAGAIN-like ENOMEM).
-        let (t, rx) = crossbeam_channel::bounded::<Waiter>(4096);
+        // Bounded: a flood of flushes waits on its reactors (module docs).
+        let (t, rx) = crossbeam_channel::bounded::<Waiter>(
+            self.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
+        );
         let inner = self.inner.clone();
         std::thread::Builder::new()
             .name(format!("commit-{}", self.volume))
@@ -207,6 +249,17 @@ impl Persist {
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
+                    // The queue has room again: let waiting reactors fill it for the
+                    // next commit while this one runs. After the drain, so that a
+                    // reactor that registered before this point finds room when woken
+                    // and one that registers after it finds room when it tries again.
+                    let wake = {
+                        let mut room = inner.room.lock().unwrap_or_else(|p| p.into_inner());
+                        std::mem::take(&mut *room)
+                    };
+                    for w in wake {
+                        w.wake();
+                    }
                     let res = inner.run_commit();
                     let relaxed = std::sync::atomic::Ordering::Relaxed;
                     inner.commits.fetch_add(1, relaxed);
@@ -229,7 +282,9 @@ impl Persist {
     }
 
     /// Asks for a commit from a reactor; `done` runs on this reactor afterwards.
-    pub fn commit_async(&self, r: &mut Reactor, done: crate::io::Done) {
+    /// When the commit queue is full the request waits on this reactor to be queued
+    /// (module docs, *Back-pressure*): `Queued::Waiting`, never a failure.
+    pub fn commit_async(&self, r: &mut Reactor, done: crate::io::Done) -> Queued {
         let slot: Arc<Mutex<Option<io::Result<()>>>> = Arc::new(Mutex::new(None));
         let slot2 = slot.clone();
         let waker = crate::park::suspend(r, move |r| {
@@ -247,15 +302,44 @@ impl Persist {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(res);
             waker.wake();
         });
-        match self.sender() {
-            Ok(tx) => {
-                if let Err(e) = tx.try_send(waiter) {
-                    // Too many flushes queued: fail this one (through its waker, so
-                    // `done` still runs on this reactor, after we return).
-                    (e.into_inner())(Err(io::Error::from_raw_os_error(libc::ENOMEM)));
-                }
+        let tx = match self.sender() {
+            Ok(tx) => tx,
+            // No committer thread: fail through the waker, so `done` still runs on
+            // this reactor, after we return.
+            Err(e) => {
+                waiter(Err(e));
+                return Queued::Now;
             }
-            Err(e) => waiter(Err(e)),
+        };
+        let waits = commit_waits(r);
+        let mut by_volume = waits.by_volume.borrow_mut();
+        if let Some(o) = by_volume.get_mut(&self.key) {
+            // Others of this reactor wait already: behind them (FIFO), and their
+            // wake-up is registered.
+            o.waiting.push_back(waiter);
+            return Queued::Waiting;
+        }
+        match tx.try_send(waiter) {
+            Ok(()) => Queued::Now,
+            Err(TrySendError::Full(waiter)) => {
+                by_volume.insert(
+                    self.key,
+                    Overflow {
+                        tx,
+                        inner: self.inner.clone(),
+                        waiting: VecDeque::from([waiter]),
+                        armed: false,
+                    },
+                );
+                drop(by_volume);
+                move_waiting(r, self.key);
+                Queued::Waiting
+            }
+            // The committer is gone (it ends only with the volume): as a failed commit.
+            Err(TrySendError::Disconnected(waiter)) => {
+                waiter(Err(io::Error::from_raw_os_error(libc::EIO)));
+                Queued::Now
+            }
         }
     }
 
@@ -270,5 +354,164 @@ impl Persist {
             .map_err(|_| io::Error::from_raw_os_error(libc::ETIMEDOUT))?;
         rx.recv()
             .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
+    }
+}
+
+/// What [`Persist::commit_async`] did with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// In the commit queue (or already answered).
+    Now,
+    /// The queue was full: the request waits on its reactor to be queued.
+    Waiting,
+}
+
+/// Source of [`Persist`] keys.
+static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+
+/// One reactor's requests waiting for room in one volume's commit queue.
+struct Overflow {
+    tx: Sender<Waiter>,
+    inner: Arc<PersistInner>,
+    /// In arrival order. Bounded by the connections' in-flight limits (module docs).
+    waiting: VecDeque<Waiter>,
+    /// A wake-up is registered with the committer and has not run yet.
+    armed: bool,
+}
+
+/// Commit requests of this reactor waiting for queue room, by [`Persist`] key
+/// (reactor-local state: the waiters' callbacks stay on their reactor).
+#[derive(Default)]
+struct CommitWaits {
+    by_volume: RefCell<HashMap<u64, Overflow>>,
+}
+
+fn commit_waits(r: &mut Reactor) -> Rc<CommitWaits> {
+    match r.local::<CommitWaits>() {
+        Some(w) => w,
+        None => {
+            let w = Rc::new(CommitWaits::default());
+            r.set_local(w.clone());
+            w
+        }
+    }
+}
+
+/// Asks a reactor to move its waiting requests for one volume into the queue.
+/// A spurious wake-up (the requests were moved already) finds nothing to do.
+struct RoomWaker {
+    reactor: ReactorHandle,
+    key: u64,
+}
+
+impl RoomWaker {
+    fn wake(self) {
+        let key = self.key;
+        let resume = move |r: &mut Reactor| {
+            if let Some(o) = commit_waits(r).by_volume.borrow_mut().get_mut(&key) {
+                o.armed = false;
+            }
+            move_waiting(r, key);
+        };
+        // Called on the committer thread: a full inbox gets a short blocking retry,
+        // as the block map's wakers do (`park`). A stopped reactor needs nothing.
+        if let Err(ringblk_reactor::SendError::Full) = self.reactor.send(resume) {
+            let _ = self.reactor.send_blocking(resume, Duration::from_secs(1));
+        }
+    }
+}
+
+/// Moves this reactor's waiting requests for volume `key` into its commit queue, in
+/// order, until the queue is full again; then makes sure a wake-up is registered.
+fn move_waiting(r: &mut Reactor, key: u64) {
+    let waits = commit_waits(r);
+    let mut by_volume = waits.by_volume.borrow_mut();
+    let Some(o) = by_volume.get_mut(&key) else {
+        return;
+    };
+    let mut failed = Vec::new();
+    while let Some(w) = o.waiting.pop_front() {
+        match o.tx.try_send(w) {
+            Ok(()) => {}
+            Err(TrySendError::Full(w)) => {
+                o.waiting.push_front(w);
+                if o.armed {
+                    break; // a wake-up is on its way
+                }
+                o.armed = true;
+                o.inner
+                    .room
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(RoomWaker {
+                        reactor: r.handle().clone(),
+                        key,
+                    });
+                // Loop once more: the committer may have emptied the queue between
+                // the failed send and the registration, and would not wake us.
+            }
+            Err(TrySendError::Disconnected(w)) => failed.push(w),
+        }
+    }
+    if o.waiting.is_empty() {
+        by_volume.remove(&key);
+    }
+    drop(by_volume);
+    // Answered through their wakers: `done` runs on this reactor later, not here.
+    for w in failed {
+        w(Err(io::Error::from_raw_os_error(libc::EIO)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+
+    use ringblk_reactor::{manual_reactors, ReactorConfig};
+
+    use super::*;
+
+    /// Guards issue #11 item 11: a commit request that found the queue full failed
+    /// with ENOMEM. With a queue of one, a burst of requests from one reactor must
+    /// overflow it, wait, be moved into the queue by the committer's wake-ups (no
+    /// timer), and all succeed in the order they were made.
+    #[test]
+    fn a_full_commit_queue_makes_requests_wait_in_order() {
+        const N: usize = 200;
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(crate::durable::store::DirStore::new(dir.path()));
+        let persist = Persist::new("q", store, None, None, Vec::new());
+        persist.set_queue_depth(1);
+        let mut rs = manual_reactors(ReactorConfig::default()).expect("reactor");
+        let r = &mut rs[0];
+        let done = Rc::new(RefCell::new(Vec::new()));
+        let mut waited = 0;
+        for i in 0..N {
+            let d = done.clone();
+            let q = persist.commit_async(
+                r,
+                Box::new(move |_, res| d.borrow_mut().push((i, res.is_ok()))),
+            );
+            waited += usize::from(q == Queued::Waiting);
+        }
+        assert!(waited > 0, "{N} requests over a queue of 1: some must wait");
+        let start = Instant::now();
+        while done.borrow().len() < N {
+            r.poll_once();
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "requests stalled"
+            );
+        }
+        let done = done.borrow();
+        assert!(done.iter().all(|(_, ok)| *ok), "every commit succeeds");
+        let order: Vec<usize> = done.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, (0..N).collect::<Vec<_>>(), "in request order");
+        assert!(
+            commit_waits(r).by_volume.borrow().is_empty(),
+            "nothing left waiting"
+        );
     }
 }

@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub reactor: ReactorConfig,
     pub volumes: Vec<VolumeSpec>,
     pub max_connections: usize,
+    /// FLUSH/FUA requests queued per volume for its group commit at most.
+    pub commit_queue_depth: usize,
     pub handshake_timeout: Duration,
     /// Where delta images of backups are created.
     pub data_dir: PathBuf,
@@ -87,6 +89,7 @@ pub struct ServerShared {
     pub connections: AtomicUsize,
     pub per_reactor: Box<[AtomicUsize]>,
     pub max_connections: usize,
+    pub commit_queue_depth: usize,
     pub handshake_timeout: Duration,
     pub data_dir: PathBuf,
     pub reactors: std::sync::OnceLock<Arc<[ReactorHandle]>>,
@@ -217,6 +220,7 @@ impl ServerShared {
             &self.data_dir,
             rebind,
         )?);
+        v.persist.set_queue_depth(self.commit_queue_depth);
         self.registry.insert(v.clone())?;
         tracing::info!(volume = v.name(), size = v.size_bytes(), backend = %v.backend().kind(), "volume added");
         if let Some(r) = &v.recovered {
@@ -379,6 +383,7 @@ impl Server {
             connections: AtomicUsize::new(0),
             per_reactor: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             max_connections: config.max_connections,
+            commit_queue_depth: config.commit_queue_depth,
             handshake_timeout: config.handshake_timeout,
             data_dir: config.data_dir.clone(),
             reactors: std::sync::OnceLock::new(),

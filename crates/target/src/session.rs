@@ -1040,12 +1040,16 @@ fn execute_base(
         return;
     };
     let conn2 = conn.clone();
-    let submitted = match req.command {
+    // Every operation goes through `io::submit_io`: past a full slab it waits for a
+    // slot (io module docs, *Back-pressure*), never fails.
+    match req.command {
         Command::Read => {
             bump(&ctr.read_ops, 1);
             bump(&ctr.read_bytes, req.length as u64);
             let buf = alloc_buf(r, req.length as usize, true);
-            r.submit(
+            io::submit_io(
+                r,
+                &volume,
                 Op::read(file, req.offset, buf, req.length),
                 move |r, comp| {
                     drop(pin);
@@ -1071,7 +1075,9 @@ fn execute_base(
                 complete(r, conn, req, Err(NbdErrno::Io));
                 return;
             };
-            r.submit(
+            io::submit_io(
+                r,
+                &volume,
                 Op::write(file, req.offset, buf, req.length),
                 move |r, comp| {
                     drop(pin); // the write has landed: the drain may count it done
@@ -1087,7 +1093,7 @@ fn execute_base(
         }
         Command::Flush => {
             bump(&ctr.flush_ops, 1);
-            r.submit(Op::fdatasync(file), move |r, comp| {
+            io::submit_io(r, &volume, Op::fdatasync(file), move |r, comp| {
                 drop(pin);
                 let res = comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno);
                 complete(r, &conn2, req, res)
@@ -1101,7 +1107,7 @@ fn execute_base(
                 return;
             }
             let op = Op::fallocate(file, req.offset, req.length as u64, falloc::PUNCH_HOLE);
-            r.submit(op, move |r, comp| {
+            io::submit_io(r, &volume, op, move |r, comp| {
                 drop(pin);
                 let res = match comp.bytes() {
                     // TRIM is advisory: a device without a fast zero/discard keeps the data.
@@ -1128,7 +1134,7 @@ fn execute_base(
                 falloc::PUNCH_HOLE
             };
             let op = Op::fallocate(file, req.offset, req.length as u64, mode);
-            r.submit(op, move |r, comp| match comp.bytes() {
+            io::submit_io(r, &volume, op, move |r, comp| match comp.bytes() {
                 Ok(_) => finish_with_fua(r, &conn2, req, file, fua, Ok(())),
                 Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => {
                     if fast {
@@ -1144,22 +1150,12 @@ fn execute_base(
             // A hint: O_DIRECT volumes have no page cache to warm, so succeed at once.
             bump(&ctr.cache_ops, 1);
             complete(r, conn, req, Ok(()));
-            return;
         }
         Command::BlockStatus => {
             bump(&ctr.block_status_ops, 1);
             block_status(r, conn, req, &pin, &[]);
-            return;
         }
-        Command::Disc | Command::Unknown(_) => {
-            complete(r, conn, req, Err(NbdErrno::Inval));
-            return;
-        }
-    };
-    if let Err(rej) = submitted {
-        // The reactor's slab is full; fail this request rather than queue unboundedly.
-        drop(rej);
-        complete(r, conn, req, Err(NbdErrno::NoMem));
+        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(NbdErrno::Inval)),
     }
 }
 
@@ -1196,7 +1192,8 @@ fn finish_with_fua(
         return complete(r, conn, req, res);
     }
     let conn2 = conn.clone();
-    let sub = r.submit(Op::fdatasync(file), move |r, comp| {
+    let volume = file_of(conn).1;
+    io::submit_io(r, &volume, Op::fdatasync(file), move |r, comp| {
         complete(
             r,
             &conn2,
@@ -1204,9 +1201,6 @@ fn finish_with_fua(
             comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno),
         )
     });
-    if sub.is_err() {
-        complete(r, conn, req, Err(NbdErrno::NoMem));
-    }
 }
 
 /// Writes zeros chunk by chunk where fallocate cannot (block devices).
@@ -1227,7 +1221,10 @@ fn zero_fill(
     let n = (total - done).min(ZERO_FILL_CHUNK);
     let buf = AlignedBuf::direct(n as usize);
     let conn2 = conn.clone();
-    let sub = r.submit(
+    let volume = file_of(conn).1;
+    io::submit_io(
+        r,
+        &volume,
         Op::write(file, req.offset + done, buf, n as u32),
         move |r, comp| match comp.bytes() {
             Ok(w) if w as u64 == n => zero_fill(r, &conn2, req, file, done + n, pin),
@@ -1235,9 +1232,6 @@ fn zero_fill(
             Err(e) => complete(r, &conn2, req, Err(NbdErrno::from_os_errno(e))),
         },
     );
-    if sub.is_err() {
-        complete(r, conn, req, Err(NbdErrno::NoMem));
-    }
 }
 
 /// Extents of one selected context for `req`, over the view `layers` (a prefix of
@@ -1253,7 +1247,8 @@ fn context_extents(
     let (off, len) = (req.offset, req.length);
     if ctx.name == proto::META_BASE_ALLOCATION {
         return Ok(if layers.is_empty() {
-            volume.backend().block_status(off, len, max)
+            let mut lseeks = io::BLOCK_STATUS_LSEEKS_MAX;
+            volume.backend().block_status(off, len, max, &mut lseeks)
         } else {
             io::block_status(volume, layers, off, len, max)
         });

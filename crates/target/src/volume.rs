@@ -166,6 +166,12 @@ pub struct OpCounters {
     /// Requests that went through the image-stack path (map lookups) rather than
     /// the base fast path: zero growth proves a volume without backups does none.
     pub layered_ops: AtomicU64,
+    /// Reactor operations of this volume's requests that found the reactor's slab
+    /// full and waited for a slot (back-pressure, never a failure).
+    pub slab_waits: AtomicU64,
+    /// FLUSH/FUA commits that found the commit queue full and waited on their
+    /// reactor to be queued (`persist` module docs).
+    pub commit_queue_waits: AtomicU64,
 }
 
 /// Summed counters, as reported by `stats`.
@@ -183,6 +189,8 @@ pub struct VolumeStats {
     pub block_status_ops: u64,
     pub errors: u64,
     pub layered_ops: u64,
+    pub slab_waits: u64,
+    pub commit_queue_waits: u64,
     pub connections: usize,
 }
 
@@ -817,6 +825,8 @@ impl Volume {
             s.block_status_ops += l(&c.block_status_ops);
             s.errors += l(&c.errors);
             s.layered_ops += l(&c.layered_ops);
+            s.slab_waits += l(&c.slab_waits);
+            s.commit_queue_waits += l(&c.commit_queue_waits);
         }
         s
     }

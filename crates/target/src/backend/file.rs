@@ -150,19 +150,37 @@ fn block_device_size(file: &File) -> std::io::Result<u64> {
     Ok(size)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// `lseek` calls made by this thread (tests bound BLOCK_STATUS's work with it).
+    pub(crate) static LSEEKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 fn lseek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
+    #[cfg(test)]
+    LSEEKS.with(|c| c.set(c.get() + 1));
     // SAFETY: plain syscall on a descriptor we own.
     let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
     (r >= 0).then_some(r as u64)
 }
 
-/// Data/hole extents of `[offset, offset + len)` using SEEK_DATA/SEEK_HOLE. Falls
-/// back to "all data" when the filesystem cannot tell (that is always correct).
-pub fn seek_extents(file: &File, offset: u64, len: u32, max_extents: usize) -> Vec<Extent> {
+/// Data/hole extents of `[offset, offset + len)` using SEEK_DATA/SEEK_HOLE, at most
+/// `max_extents` of them and at most `*lseeks` lseek calls (decremented by the calls
+/// made): the extents cover a prefix of the range, empty only when `*lseeks < 2`.
+/// Falls back to "all data" when the filesystem cannot tell (that is always correct).
+pub fn seek_extents(
+    file: &File,
+    offset: u64,
+    len: u32,
+    max_extents: usize,
+    lseeks: &mut u32,
+) -> Vec<Extent> {
     let end = offset.saturating_add(len as u64);
     let mut out = Vec::new();
     let mut pos = offset;
-    while pos < end && out.len() < max_extents.max(1) {
+    // An extent costs up to two calls: SEEK_DATA, then SEEK_HOLE when pos is data.
+    while pos < end && out.len() < max_extents.max(1) && *lseeks >= 2 {
+        *lseeks -= 1;
         let data = lseek(file, pos, libc::SEEK_DATA);
         let (flags, next) = match data {
             // ENXIO: no data at or after pos: the rest is a hole.
@@ -171,7 +189,10 @@ pub fn seek_extents(file: &File, offset: u64, len: u32, max_extents: usize) -> V
             }
             None => (0, end),
             Some(d) if d > pos => (STATE_HOLE | STATE_ZERO, d.min(end)),
-            Some(_) => (0, lseek(file, pos, libc::SEEK_HOLE).unwrap_or(end).min(end)),
+            Some(_) => {
+                *lseeks -= 1;
+                (0, lseek(file, pos, libc::SEEK_HOLE).unwrap_or(end).min(end))
+            }
         };
         let next = next.max(pos + 1).min(end);
         // Merge with the previous extent when the flags match (SEEK can split).

@@ -102,13 +102,21 @@ impl Backend {
 
     /// Allocation status of `[offset, offset + len)` for `base:allocation`, at most
     /// `max_extents` extents covering a prefix of the range.
-    pub fn block_status(&self, offset: u64, len: u32, max_extents: usize) -> Vec<Extent> {
+    /// Each extent may cost two `lseek` calls on the calling thread, taken from
+    /// `*lseeks`; none when that is below two (then the result may be empty).
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+        max_extents: usize,
+        lseeks: &mut u32,
+    ) -> Vec<Extent> {
         match &self.file {
             None => vec![Extent {
                 length: len,
                 flags: crate::nbd::proto::STATE_HOLE | crate::nbd::proto::STATE_ZERO,
             }],
-            Some(f) => file::seek_extents(f, offset, len, max_extents),
+            Some(f) => file::seek_extents(f, offset, len, max_extents, lseeks),
         }
     }
 }
