@@ -60,6 +60,12 @@ pub struct PersistInner {
     base: Option<String>,
     /// Every delta of the volume, bottom to top (what commits cover).
     deltas: Mutex<Vec<Arc<Delta>>>,
+    /// Held by a commit while it runs over its snapshot of `deltas`, and by
+    /// `remove_delta`: once a delta has left the set, no commit still syncs or
+    /// journals it by name, so its files may be renamed (reused for the next backup)
+    /// or removed. A commit that synced a merged delta's file after the rename failed
+    /// every waiting FLUSH with ENOENT (the soak's backup cycles under a FLUSH storm).
+    commit_gate: Mutex<()>,
     /// Set by `volume_delete`: nothing may write the manifest again.
     destroyed: std::sync::atomic::AtomicBool,
     /// Commits run, and requests they served (stats: the group-commit ratio).
@@ -81,6 +87,7 @@ impl PersistInner {
     }
 
     fn run_commit(&self) -> io::Result<()> {
+        let _gate = self.commit_gate.lock().unwrap_or_else(|p| p.into_inner());
         let deltas = self
             .deltas
             .lock()
@@ -123,6 +130,7 @@ impl Persist {
                 manifest,
                 base,
                 deltas: Mutex::new(deltas),
+                commit_gate: Mutex::new(()),
                 destroyed: std::sync::atomic::AtomicBool::new(false),
                 commits: std::sync::atomic::AtomicU64::new(0),
                 waiters: std::sync::atomic::AtomicU64::new(0),
@@ -166,8 +174,15 @@ impl Persist {
             .push(d);
     }
 
-    /// A merged delta leaves the commit set (after the manifest dropped it).
+    /// A merged delta leaves the commit set (after the manifest dropped it). Returns
+    /// once no commit that may still cover it runs (`commit_gate`). Blocking: call it
+    /// off the reactors (merges run on their own thread).
     pub fn remove_delta(&self, id: u64) {
+        let _gate = self
+            .inner
+            .commit_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.inner
             .deltas
             .lock()

@@ -220,7 +220,10 @@ fn json_progress_is_a_stream_of_objects() {
 #[test]
 fn copies_cancel_and_hold_their_backup() {
     let srv = Server::start(&["--volume", "big=,backend=mem,size=256M"]);
-    qemu_write(&srv.uri("big"), &[w(0x42, 100 * MIB, 4 * MIB)]);
+    // Enough data that a copy takes a while to write (holes are skipped): the Ctrl-C
+    // below must reach a running copy (with 4 MiB it was done in 194 ms, before the
+    // signal, in runs on a loaded machine).
+    qemu_write(&srv.uri("big"), &[w(0x42, 64 * MIB, 128 * MIB)]);
     ctl_json(&srv, &["backup", "create", "big", "b"]);
     let dest = srv.path("big.img");
     let params = serde_json::json!({"volume": "big", "name": "b", "dest": dest});
@@ -257,32 +260,29 @@ fn copies_cancel_and_hold_their_backup() {
     assert!(!unknown.status.success(), "no such job");
 
     // Ctrl-C: the CLI cancels its job and exits 1.
-    let cli = ctl(&srv)
+    let mut cli = ctl(&srv)
         .args(["--json", "backup", "copy", "big@b"])
         .arg(srv.path("big2.img"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("ringblk-ctl");
-    let start = Instant::now();
-    while !run_ok(ctl(&srv).args(["backup", "list", "big"])).contains("copying") {
-        assert!(
-            start.elapsed() < TOOL_TIMEOUT,
-            "the CLI's copy never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The signal goes as soon as the CLI reports the copy running (its first status
+    // line), not after a poll of `backup list` that a fast copy can outlast.
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(cli.stdout.take().expect("stdout")));
+    let first = lines
+        .next()
+        .expect("a first status line")
+        .expect("read the CLI's output");
+    let first: Value = serde_json::from_str(&first).expect("JSON");
+    assert_eq!(first["state"], "running", "{first}");
     let pid = nix::unistd::Pid::from_raw(cli.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let out = cli.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let last: Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("a status line"),
-    )
-    .expect("JSON");
+    assert_eq!(out.status.code(), Some(1), "{out:?} {rest:?}");
+    let last: Value = serde_json::from_str(rest.last().expect("a last status line")).expect("JSON");
     assert_eq!(last["state"], "cancelled", "{last}");
     // No hold left: the release goes through now.
     run_ok(ctl(&srv).args(["backup", "release", "big@b"]));

@@ -158,9 +158,9 @@ fn deep_queues_on_many_connections_wait_for_a_small_slab() {
         "--max-connections",
         "16",
         "--max-handshakes",
-        "8",
+        "16",
         "--max-in-flight",
-        "112",
+        "128",
     ]);
     fio_verify(&srv, "v", 12, 64);
     let st = stats(&srv, "v");
@@ -177,7 +177,7 @@ fn deep_queues_on_many_connections_wait_for_a_small_slab() {
     let fast_waits = counter(&st, "slab_waits");
     assert!(
         fast_waits > 0,
-        "768 requests over 96 slots must have waited (else the test proves nothing): {st}"
+        "768 requests over 128 slots must have waited (else the test proves nothing): {st}"
     );
     run_ok(ctl(&srv).args(["backup", "create", "v", "b1"]));
     fio_verify(&srv, "v", 12, 64);

@@ -533,11 +533,30 @@ fn a_failed_start_creates_nothing() {
     }
     drop(taken);
 
-    // A failure after the start created a volume file (the second volume's recovery
-    // fails on a corrupt manifest) removes that file and keeps every other one.
+    // A failure after the start created a volume file (another process holds the
+    // second volume's file: its write lock is refused when the volume opens) removes
+    // that file and keeps every other one. (A second volume whose recovery fails no
+    // longer fails the start: it is left out while the others serve.)
     let y = data.join("y.img");
     std::fs::write(&y, vec![0u8; 1 << 20]).expect("write y");
-    std::fs::write(data.join("y.manifest"), b"not a manifest").expect("write manifest");
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&y)
+        .expect("open y");
+    // SAFETY: a zeroed flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl reads the flock, which outlives the call, on a descriptor we hold.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&held),
+            libc::F_OFD_SETLK,
+            &fl,
+        )
+    };
+    assert_eq!(rc, 0, "lock y.img: {}", std::io::Error::last_os_error());
     let before = listing(&data);
     let x = data.join("x.img");
     let x_spec = format!("x={},size=1M", x.display());
@@ -552,9 +571,13 @@ fn a_failed_start_creates_nothing() {
         "--volume",
         &y_spec,
     ];
-    let (code, err) = serve(&args, &log).refused("recovery of the second volume fails");
+    let (code, err) = serve(&args, &log).refused("the second volume's file is locked");
+    drop(held);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("\"y\"") && err.contains("recovery"), "{err}");
+    assert!(
+        err.contains("y.img") && err.contains(r#"Failed to get "write" lock"#),
+        "{err}"
+    );
     assert!(!x.exists(), "the failed start left {} behind", x.display());
     assert_eq!(
         listing(&data),
@@ -603,6 +626,13 @@ fn size_larger_than_an_existing_file_needs_grow() {
         a.into_iter().map(str::to_string).collect::<Vec<_>>()
     };
 
+    // Each start below is the first of its data dir as far as this volume goes: the
+    // volume list a start persists (volumes.json) would otherwise hold the previous
+    // start's size, and a differing size is refused for that reason first (tested in
+    // hardening_persist).
+    let forget = || {
+        let _ = std::fs::remove_file(data.join("volumes.json"));
+    };
     let args = with(&vol(",size=4M"));
     let (code, err) = serve(&strs(&args), &log).refused("size= larger than the file");
     assert_eq!(code, Some(1), "{err}");
@@ -619,6 +649,7 @@ fn size_larger_than_an_existing_file_needs_grow() {
     );
 
     // A smaller size serves the first bytes and leaves the file alone.
+    forget();
     let args = with(&vol(",size=512K"));
     let srv = serve(&strs(&args), &log).running("size= smaller than the file");
     assert!(
@@ -636,6 +667,7 @@ fn size_larger_than_an_existing_file_needs_grow() {
     );
 
     // grow=true grows it, sparse, keeping the data.
+    forget();
     let args = with(&vol(",size=4M,grow=true"));
     let srv = serve(&strs(&args), &log).running("grow=true");
     assert!(
@@ -661,18 +693,21 @@ fn size_larger_than_an_existing_file_needs_grow() {
     let mut a = base.to_vec();
     let toml_s = toml.to_str().expect("utf8");
     a.extend(["--config", toml_s]);
+    forget();
     let (_, err) = serve(&a, &log).refused("TOML size larger than the file");
     assert!(err.contains("grow"), "{err}");
     assert_eq!(std::fs::metadata(&img).expect("stat").len(), 4 * MIB);
     let mut text = std::fs::read_to_string(&toml).expect("read toml");
     text.push_str("grow = true\n");
     std::fs::write(&toml, text).expect("write toml");
+    forget();
     drop(serve(&a, &log).running("TOML grow = true"));
     assert_eq!(std::fs::metadata(&img).expect("stat").len(), 8 * MIB);
 
     // A new file is created at the size asked for.
     let new = dir.path().join("new.img");
     let spec = format!("n={},size=2M", new.display());
+    forget();
     drop(serve(&strs(&with(&spec)), &log).running("a new file"));
     assert_eq!(std::fs::metadata(&new).expect("stat").len(), 2 * MIB);
 
