@@ -1,9 +1,9 @@
 //! The client codec against the server's independent sans-IO codec
-//! (`ringblk_target::nbd`): guards against both sides agreeing with themselves while
+//! (`ringblk_nbd`): guards against both sides agreeing with themselves while
 //! disagreeing with each other about the spec.
 
-use ringblk_target::nbd as server;
-use ringblk_target::nbd::{ExportCatalog, ExportInfo, HandshakeLimits};
+use ringblk_nbd as server;
+use ringblk_nbd::{ExportCatalog, ExportInfo, HandshakeLimits};
 
 use super::codec::{parse_reply, put_request, Cmd, Parsed};
 use super::handshake::{ClientHandshake, Export, HandshakeError, Status};

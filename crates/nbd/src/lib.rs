@@ -1,4 +1,12 @@
-//! Sans-IO NBD protocol: bytes in, events and replies out. No sockets here.
+//! ringblk-nbd: the sans-IO NBD protocol. Bytes in, events and replies out; no sockets,
+//! no threads, no clocks, no storage.
+//!
+//! # What this crate may import
+//! `std` and `thiserror`, nothing else, and nothing of ringblk: the storage target
+//! depends on this crate (for now, until the NBD session moves here behind a
+//! `frontend` feature), never the other way round, and the fuzz targets and the load
+//! generator build it without the rest of the server. Host-specific mappings (OS errno
+//! → [`NbdErrno`]) belong to the caller.
 //!
 //! - [`proto`]: wire constants, header lengths, [`NbdErrno`], [`ProtocolError`].
 //! - [`handshake`]: server side of fixed newstyle negotiation ([`Handshake`]).

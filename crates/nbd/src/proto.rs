@@ -225,8 +225,9 @@ pub const META_BASE_ALLOCATION: &str = "base:allocation";
 
 /// The only error values allowed on the wire ("Error values").
 ///
-/// Anything the server hits is mapped to one of these in exactly one place,
-/// [`NbdErrno::from_os_errno`] for OS errors; host errno values never reach the wire.
+/// Anything the server hits is mapped to one of these in exactly one place. For OS
+/// errors that place is on the server's side (ringblk-target's `os_errno` module), because this
+/// crate depends on std and thiserror only; host errno values never reach the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum NbdErrno {
@@ -269,29 +270,6 @@ impl NbdErrno {
     /// Parses a wire value; `None` for anything the spec does not define (including 0).
     pub fn from_wire(value: u32) -> Option<NbdErrno> {
         NbdErrno::ALL.into_iter().find(|e| e.wire() == value)
-    }
-
-    /// Maps a host `errno` (from a failed read/write/fsync) to the NBD set.
-    ///
-    /// The spec asks for `EDQUOT`/`EFBIG` → `ENOSPC`; permission-like errors become
-    /// `EPERM`; anything without a closer match is `EIO`.
-    pub fn from_os_errno(errno: i32) -> NbdErrno {
-        match errno {
-            libc::EPERM | libc::EACCES | libc::EROFS => NbdErrno::Perm,
-            libc::ENOMEM => NbdErrno::NoMem,
-            libc::EINVAL => NbdErrno::Inval,
-            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => NbdErrno::NoSpc,
-            libc::EOVERFLOW => NbdErrno::Overflow,
-            libc::EOPNOTSUPP => NbdErrno::NotSup,
-            libc::ESHUTDOWN => NbdErrno::Shutdown,
-            _ => NbdErrno::Io,
-        }
-    }
-
-    /// Maps an [`std::io::Error`]; errors without an OS code are `EIO`.
-    pub fn from_io_error(err: &std::io::Error) -> NbdErrno {
-        err.raw_os_error()
-            .map_or(NbdErrno::Io, NbdErrno::from_os_errno)
     }
 }
 
@@ -479,20 +457,6 @@ mod tests {
         }
         assert_eq!(NbdErrno::from_wire(0), None);
         assert_eq!(NbdErrno::from_wire(2), None);
-    }
-
-    #[test]
-    fn os_errno_mapping_never_leaks_host_values() {
-        assert_eq!(NbdErrno::from_os_errno(libc::EDQUOT), NbdErrno::NoSpc);
-        assert_eq!(NbdErrno::from_os_errno(libc::EFBIG), NbdErrno::NoSpc);
-        assert_eq!(NbdErrno::from_os_errno(libc::EROFS), NbdErrno::Perm);
-        assert_eq!(NbdErrno::from_os_errno(libc::EBADF), NbdErrno::Io);
-        for raw in 0..200 {
-            let e = NbdErrno::from_os_errno(raw);
-            assert!(NbdErrno::ALL.contains(&e));
-        }
-        let io = std::io::Error::other("no os code");
-        assert_eq!(NbdErrno::from_io_error(&io), NbdErrno::Io);
     }
 
     #[test]
