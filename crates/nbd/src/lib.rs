@@ -13,8 +13,10 @@
 //! - [`codec`]: transmission requests: decoding, validation, [`TransmissionDecoder`].
 //! - [`reply`]: simple and structured reply encoders.
 //! - [`fuzz`]: entry points shared by the cargo-fuzz targets and the corpus test.
+//! - [`client`]: the client side (handshake with `NBD_OPT_GO`, request encoder, simple
+//!   reply parser), used by ringblk-bench and checked against the server side.
 //!
-//! # Driving a connection
+//! # Driving a server connection
 //! 1. `let mut hs = Handshake::new(HandshakeLimits::default())`; send `hs.take_output()`
 //!    (the greeting).
 //! 2. For every received buffer: `hs.feed(buf, &catalog)`; send `hs.take_output()`.
@@ -28,6 +30,7 @@
 //! The protocol reference is `shared/reference/nbd-proto.md`; each module documents the
 //! choices it makes where the spec leaves room.
 
+pub mod client;
 pub mod codec;
 pub mod fuzz;
 pub mod handshake;

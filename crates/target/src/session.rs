@@ -1,6 +1,6 @@
 //! One NBD connection on one reactor: handshake, then the transmission phase.
 //!
-//! The protocol itself is the sans-IO [`crate::nbd`] codec; this module moves bytes
+//! The protocol itself is the sans-IO [`ringblk_nbd`] codec; this module moves bytes
 //! between it, the socket and the backend with reactor operations.
 //!
 //! # Ownership
