@@ -11,8 +11,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use crate::nbd::{ClientHandshake, Export, Status};
 use crate::uri::{Endpoint, NbdUri};
+use ringblk_nbd::client::{ClientHandshake, Export, Status};
 
 /// A connection in the transmission phase.
 pub struct Connection {

@@ -40,9 +40,10 @@ use ringblk_reactor::{
 };
 
 use crate::connect::Connection;
-use crate::nbd::{parse_reply, put_request, wire, Cmd, Parsed};
 use crate::pattern::{self, Rng};
 use crate::workload::{AddrGen, Mode, Phase};
+use ringblk_nbd::client::{parse_reply, put_request, Cmd, Parsed};
+use ringblk_nbd::proto;
 
 /// Latency histograms cover 1 ns ..= 100 s at 3 significant digits; slower
 /// operations are clamped to 100 s (and still counted).
@@ -216,7 +217,7 @@ impl Conn {
         } else {
             Vec::new()
         };
-        let rx_cap = (4 * (wire::SIMPLE_REPLY_HEADER_LEN + bs)).max(256 * 1024);
+        let rx_cap = (4 * (proto::SIMPLE_REPLY_HEADER_LEN + bs)).max(256 * 1024);
         Ok(Conn {
             idx,
             file,
@@ -541,7 +542,7 @@ impl Conn {
                     s.cmd,
                     s.offset,
                     s.len,
-                    wire::errno_name(error)
+                    proto::errno_name(error)
                 ));
             }
             return 0;

@@ -2,8 +2,8 @@
 //! HdrHistogram latency reports (table, JSON, `.hgrm`) and percentile-spectrum SVG
 //! plots. See `ringblk-bench --help`.
 //!
-//! Layout: `uri` (NBD URIs), `nbd/` (sans-IO client codec), `connect` (blocking
-//! handshake), `workload` (phases and address generators), `pattern` (verify blocks),
+//! Layout: `uri` (NBD URIs), `connect` (blocking handshake with
+//! `ringblk_nbd::client`, the sans-IO client codec), `workload` (phases and address generators), `pattern` (verify blocks),
 //! `engine` (the reactor transmission loop), `report` (table and JSON), `hgrm`
 //! (write and parse `.hgrm`), `plot` (SVG).
 //!
@@ -12,7 +12,6 @@
 
 mod connect;
 mod engine;
-mod nbd;
 mod pattern;
 mod report;
 mod uri;
@@ -270,7 +269,11 @@ fn idle_policy(a: &RunArgs) -> IdlePolicy {
 }
 
 /// Builds the phases of a run from the arguments and what the export allows.
-fn phases(a: &RunArgs, export: &nbd::Export, region_blocks: u64) -> Result<Vec<Phase>, String> {
+fn phases(
+    a: &RunArgs,
+    export: &ringblk_nbd::client::Export,
+    region_blocks: u64,
+) -> Result<Vec<Phase>, String> {
     let bs = a.bs as u32;
     let writes = if a.verify {
         a.verify_phases.contains(&VerifyPhase::Write)
@@ -332,10 +335,10 @@ fn phases(a: &RunArgs, export: &nbd::Export, region_blocks: u64) -> Result<Vec<P
 
 fn run(a: RunArgs) -> Result<bool, String> {
     let uri = uri::parse(&a.uri)?;
-    if a.bs == 0 || a.bs > u64::from(nbd::wire::PAYLOAD_DEFAULT_MAX_BYTES) {
+    if a.bs == 0 || a.bs > u64::from(ringblk_nbd::proto::PAYLOAD_DEFAULT_MAX_BYTES) {
         return Err(format!(
             "--bs must be within 1..={} bytes",
-            nbd::wire::PAYLOAD_DEFAULT_MAX_BYTES
+            ringblk_nbd::proto::PAYLOAD_DEFAULT_MAX_BYTES
         ));
     }
     let bs = a.bs as u32;

@@ -1,9 +1,9 @@
 //! Arbitrary request streams through the NBD transmission decoder under a fuzzed export.
-//! Input format: see `ringblk_target::nbd::fuzz`.
+//! Input format: see `ringblk_nbd::fuzz`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ringblk_target::nbd::fuzz_transmission(data);
+    ringblk_nbd::fuzz_transmission(data);
 });

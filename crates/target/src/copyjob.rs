@@ -80,9 +80,9 @@ use crate::durable::manifest::CopyEntry;
 use crate::filelock::WriteLock;
 use crate::image::Delta;
 use crate::io;
-use crate::nbd::proto::STATE_ZERO;
-use crate::nbd::NbdErrno;
 use crate::volume::{BackupState, Control, Volume};
+use ringblk_nbd::proto::STATE_ZERO;
+use ringblk_nbd::NbdErrno;
 
 /// Bytes per unit of work: one read, its writes, one hash step. A multiple of every
 /// chunk size (at most 1 MiB).

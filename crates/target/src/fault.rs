@@ -35,8 +35,9 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::nbd::codec::Command;
-use crate::nbd::NbdErrno;
+use crate::os_errno::FromOsErrno;
+use ringblk_nbd::codec::Command;
+use ringblk_nbd::NbdErrno;
 
 /// Rules armed at once per volume at most.
 pub const MAX_RULES: usize = 64;

@@ -39,9 +39,10 @@ use ringblk_blockmap::{BlockMap, Claim, State};
 use ringblk_reactor::{AlignedBuf, Completion, FileRef, IoBuf, Op, Reactor, Submitted};
 
 use crate::image::{Delta, StackPin};
-use crate::nbd::{Extent, NbdErrno};
+use crate::os_errno::FromOsErrno;
 use crate::park::park_chunk;
 use crate::volume::{bump, Volume};
+use ringblk_nbd::{Extent, NbdErrno};
 
 pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), NbdErrno>)>;
 pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, NbdErrno>)>;
@@ -826,9 +827,9 @@ mod block_status_tests {
     use super::*;
     use crate::backend::file::LSEEKS;
     use crate::backend::BackendKind;
-    use crate::nbd::proto::STATE_HOLE;
     use crate::volume::VolumeSpec;
     use ringblk_blockmap::Claim;
+    use ringblk_nbd::proto::STATE_HOLE;
 
     const SIZE: u64 = 4 << 30;
     const CB: u64 = 4096;

@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use ringblk_reactor::Reactor;
 use serde_json::{json, Value};
 
-use crate::nbd::codec::Command;
+use ringblk_nbd::codec::Command;
 
 /// Largest latency kept apart: one hour. Longer requests count as one hour.
 pub const LATENCY_NS_MAX: u64 = 3_600_000_000_000;

@@ -1,7 +1,8 @@
 //! ringblk-target: volumes, images, backup switchover, NBD server and JSON-RPC.
 //!
-//! Layout: `nbd/` is the sans-IO NBD protocol (handshake and transmission codec),
-//! `session` drives it over reactor sockets, `admission` holds the server-wide
+//! Layout: the sans-IO NBD protocol (handshake and transmission codec) is the
+//! `ringblk-nbd` crate; `session` drives it over reactor sockets and `os_errno` maps
+//! host errors to NBD errors (both leave this crate in #12 steps 1 and 5), `admission` holds the server-wide
 //! limits on what clients may hold, `volume` and `backend/` are the storage
 //! side, `server` wires listeners, reactors and volumes together, `rpc` is the
 //! JSON-RPC 2.0 control socket and `methods` the RPC methods.
@@ -20,7 +21,7 @@ mod io;
 pub mod latency;
 pub mod listen;
 pub mod methods;
-pub mod nbd;
+pub mod os_errno;
 mod park;
 pub mod persist;
 pub mod rpc;

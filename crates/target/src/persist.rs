@@ -45,7 +45,8 @@ use crate::durable::commit::{commit, CommitOptions, CommitSet};
 use crate::durable::manifest::ManifestCell;
 use crate::durable::store::{DirStore, Store};
 use crate::image::Delta;
-use crate::nbd::NbdErrno;
+use crate::os_errno::FromOsErrno;
+use ringblk_nbd::NbdErrno;
 
 type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
 

@@ -1,6 +1,6 @@
 //! One NBD connection on one reactor: handshake, then the transmission phase.
 //!
-//! The protocol itself is the sans-IO [`crate::nbd`] codec; this module moves bytes
+//! The protocol itself is the sans-IO [`ringblk_nbd`] codec; this module moves bytes
 //! between it, the socket and the backend with reactor operations.
 //!
 //! # Ownership
@@ -63,13 +63,14 @@ use crate::fault::Fault;
 use crate::image::{Delta, StackPin};
 use crate::io;
 use crate::latency;
-use crate::nbd::codec::{
-    Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
-};
-use crate::nbd::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
-use crate::nbd::{proto, reply, NbdErrno};
+use crate::os_errno::FromOsErrno;
 use crate::server::ServerShared;
 use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
+use ringblk_nbd::codec::{
+    Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
+};
+use ringblk_nbd::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
+use ringblk_nbd::{proto, reply, NbdErrno};
 
 /// Requests executing at once per connection.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -1243,7 +1244,7 @@ fn context_extents(
     pin: &StackPin,
     layers: &[Arc<Delta>],
     max: usize,
-) -> Result<Vec<crate::nbd::Extent>, &'static str> {
+) -> Result<Vec<ringblk_nbd::Extent>, &'static str> {
     let (off, len) = (req.offset, req.length);
     if ctx.name == proto::META_BASE_ALLOCATION {
         return Ok(if layers.is_empty() {

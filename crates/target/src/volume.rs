@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::backend::{self, Backend, BackendKind};
 use crate::image::{Stack, StackPin};
-use crate::nbd::{ExportCatalog, ExportInfo};
+use ringblk_nbd::{ExportCatalog, ExportInfo};
 
 /// Largest request payload served (the 32 MiB).
 pub const PAYLOAD_MAX_BYTES: u32 = 32 * 1024 * 1024;
@@ -1001,7 +1001,7 @@ impl ExportCatalog for Registry {
     /// volume, the older ones for a backup's export. A backup being released is no
     /// longer ready, so its context is no longer offered (see `io::changed_layers`).
     fn meta_contexts(&self, export: &str) -> Vec<String> {
-        let mut out = vec![crate::nbd::proto::META_BASE_ALLOCATION.to_string()];
+        let mut out = vec![ringblk_nbd::proto::META_BASE_ALLOCATION.to_string()];
         if let Some((v, backup)) = self.resolve(export) {
             // In switch order: backups become ready one at a time, under `control`.
             let ready = v.ready_backups();

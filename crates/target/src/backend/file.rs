@@ -18,8 +18,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{Backend, BackendKind};
-use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
-use crate::nbd::Extent;
+use ringblk_nbd::proto::{STATE_HOLE, STATE_ZERO};
+use ringblk_nbd::Extent;
 
 /// How to open a file backend.
 #[derive(Clone, Copy, Debug)]

@@ -22,7 +22,7 @@ pub mod null;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use crate::nbd::Extent;
+use ringblk_nbd::Extent;
 
 /// What kind of backend a volume has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -114,7 +114,7 @@ impl Backend {
         match &self.file {
             None => vec![Extent {
                 length: len,
-                flags: crate::nbd::proto::STATE_HOLE | crate::nbd::proto::STATE_ZERO,
+                flags: ringblk_nbd::proto::STATE_HOLE | ringblk_nbd::proto::STATE_ZERO,
             }],
             Some(f) => file::seek_extents(f, offset, len, max_extents, lseeks),
         }

@@ -1,7 +1,7 @@
 //! Transmission codec tests: header layout, validation table, decoder streaming and drain.
 
 use super::*;
-use crate::nbd::proto::*;
+use crate::proto::*;
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
@@ -566,8 +566,8 @@ fn advance_payload_past_the_end_is_a_caller_bug() {
 
 #[test]
 fn from_negotiated_copies_the_export_and_caps_the_payload() {
-    use crate::nbd::fuzz::StaticCatalog;
-    use crate::nbd::handshake::ExportCatalog;
+    use crate::fuzz::StaticCatalog;
+    use crate::handshake::ExportCatalog;
     let mut export = StaticCatalog::sample().lookup("disk").unwrap();
     export.block_size_max = u32::MAX;
     let n = Negotiated {

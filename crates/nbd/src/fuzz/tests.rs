@@ -2,12 +2,12 @@
 //! the generator below, and checks the fuzz oracle itself (negative controls).
 //!
 //! Regenerate the seeds after changing them here:
-//! `RINGBLK_BLESS_CORPUS=1 cargo test -p ringblk-target nbd::fuzz`.
+//! `RINGBLK_BLESS_CORPUS=1 cargo test -p ringblk-nbd fuzz`.
 
 use super::*;
-use crate::nbd::codec::{Command, CommandFlags, Request};
-use crate::nbd::proto::*;
-use crate::nbd::testutil::{client, meta_request, name_and_infos, opt};
+use crate::codec::{Command, CommandFlags, Request};
+use crate::proto::*;
+use crate::testutil::{client, meta_request, name_and_infos, opt};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 

@@ -1,12 +1,22 @@
-//! Sans-IO NBD protocol: bytes in, events and replies out. No sockets here.
+//! ringblk-nbd: the sans-IO NBD protocol. Bytes in, events and replies out; no sockets,
+//! no threads, no clocks, no storage.
+//!
+//! # What this crate may import
+//! `std` and `thiserror`, nothing else, and nothing of ringblk: the storage target
+//! depends on this crate (for now, until the NBD session moves here behind a
+//! `frontend` feature), never the other way round, and the fuzz targets and the load
+//! generator build it without the rest of the server. Host-specific mappings (OS errno
+//! → [`NbdErrno`]) belong to the caller.
 //!
 //! - [`proto`]: wire constants, header lengths, [`NbdErrno`], [`ProtocolError`].
 //! - [`handshake`]: server side of fixed newstyle negotiation ([`Handshake`]).
 //! - [`codec`]: transmission requests: decoding, validation, [`TransmissionDecoder`].
 //! - [`reply`]: simple and structured reply encoders.
 //! - [`fuzz`]: entry points shared by the cargo-fuzz targets and the corpus test.
+//! - [`client`]: the client side (handshake with `NBD_OPT_GO`, request encoder, simple
+//!   reply parser), used by ringblk-bench and checked against the server side.
 //!
-//! # Driving a connection
+//! # Driving a server connection
 //! 1. `let mut hs = Handshake::new(HandshakeLimits::default())`; send `hs.take_output()`
 //!    (the greeting).
 //! 2. For every received buffer: `hs.feed(buf, &catalog)`; send `hs.take_output()`.
@@ -20,6 +30,7 @@
 //! The protocol reference is `shared/reference/nbd-proto.md`; each module documents the
 //! choices it makes where the spec leaves room.
 
+pub mod client;
 pub mod codec;
 pub mod fuzz;
 pub mod handshake;

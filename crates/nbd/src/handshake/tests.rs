@@ -2,9 +2,9 @@
 //! server's output is parsed back into (option, reply type, data) triples.
 
 use super::*;
-use crate::nbd::fuzz::StaticCatalog;
-use crate::nbd::proto::*;
-use crate::nbd::testutil::{client, meta_request, name_and_infos, opt};
+use crate::fuzz::StaticCatalog;
+use crate::proto::*;
+use crate::testutil::{client, meta_request, name_and_infos, opt};
 use proptest::prelude::*;
 
 const FLAGS_FIXED: u32 = FLAG_C_FIXED_NEWSTYLE;

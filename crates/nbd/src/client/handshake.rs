@@ -15,7 +15,8 @@
 //! replies to one option past [`REPLIES_MAX`], so a hostile server cannot make the
 //! client buffer without limit.
 
-use super::wire::*;
+use super::{be_u16, be_u32, be_u64};
+use crate::proto::*;
 
 /// Largest option reply payload accepted (a reply carries at most a 4 KiB string plus
 /// a few fixed fields; 64 KiB leaves room for servers that send long descriptions).
@@ -88,7 +89,7 @@ impl Export {
 pub enum HandshakeError {
     #[error("not an NBD server (greeting magic {0:#018x})")]
     NotNbd(u64),
-    #[error("server speaks the oldstyle protocol, which ringblk-bench does not")]
+    #[error("server speaks the oldstyle protocol, which this client does not")]
     Oldstyle,
     #[error("server does not speak fixed newstyle (handshake flags {0:#06x})")]
     NotFixedNewstyle(u16),

@@ -9,7 +9,8 @@
 //! slice of the input, an incomplete one as [`Parsed::Incomplete`], and the caller keeps
 //! the unconsumed tail for the next receive.
 
-use super::wire::*;
+use super::{be_u32, be_u64};
+use crate::proto::*;
 
 /// Commands the load generator sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +111,7 @@ pub fn parse_reply<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::be_u16;
 
     fn simple(cookie: u64, error: u32, data: &[u8]) -> Vec<u8> {
         let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();

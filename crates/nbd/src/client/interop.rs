@@ -1,9 +1,10 @@
-//! The client codec against the server's independent sans-IO codec
-//! (`ringblk_target::nbd`): guards against both sides agreeing with themselves while
-//! disagreeing with each other about the spec.
+//! The client's state machines against the server's (handshake, request decoder, reply
+//! encoders): guards against both sides agreeing with themselves while disagreeing with
+//! each other about the spec. The two sides share `proto`'s constants, which
+//! `proto::tests::wire_constants_match_the_spec_literals` checks against the spec.
 
-use ringblk_target::nbd as server;
-use ringblk_target::nbd::{ExportCatalog, ExportInfo, HandshakeLimits};
+use crate as server;
+use crate::{ExportCatalog, ExportInfo, HandshakeLimits};
 
 use super::codec::{parse_reply, put_request, Cmd, Parsed};
 use super::handshake::{ClientHandshake, Export, HandshakeError, Status};
