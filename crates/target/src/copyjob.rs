@@ -1319,10 +1319,16 @@ fn send_in_order(job: &JobRef) {
                 .all(|m| tx.try_send(m).is_ok())
         });
         if !sent {
-            // The window keeps the queue below its capacity; a full or closed queue
-            // is a bug, reported as a failure rather than a wrong hash.
-            j.stop
-                .get_or_insert((JobState::Failed, Some("hash queue refused a unit".into())));
+            // A cancel stops the hasher at once, before this reactor sees it: then the
+            // closed queue means the cancel. Otherwise the window keeps the queue below
+            // its capacity, so a full or closed queue is a bug, reported as a failure
+            // rather than a wrong hash.
+            let stop = if j.shared.cancel.load(Ordering::Acquire) {
+                (JobState::Cancelled, None)
+            } else {
+                (JobState::Failed, Some("hash queue refused a unit".into()))
+            };
+            j.stop.get_or_insert(stop);
             return;
         }
         j.next_send += 1;
@@ -1359,7 +1365,12 @@ fn maybe_end(r: &mut Reactor, job: &JobRef) {
             .as_ref()
             .is_some_and(|tx| tx.try_send(HashMsg::Finish).is_ok());
         if !sent {
-            j.stop = Some((JobState::Failed, Some("hash queue refused".into())));
+            // As in `send_in_order`: a closed queue after a cancel is the cancel.
+            j.stop = Some(if j.shared.cancel.load(Ordering::Acquire) {
+                (JobState::Cancelled, None)
+            } else {
+                (JobState::Failed, Some("hash queue refused".into()))
+            });
             drop(j);
             return maybe_end(r, job);
         }
