@@ -11,6 +11,10 @@
 #   RINGBLK_ARGS="--submit batch" bench/compare.sh   extra `ringblk serve` flags
 #   bench/compare.sh --bench-client  also drive every NBD server with ringblk-bench
 #                                    (exact HdrHistogram latency; adds ~1/3 to the time)
+#   bench/compare.sh --ringblk-old OLD --ringblk-new NEW
+#                                    also run two given ringblk binaries (file and null
+#                                    backends) and print new/old per workload; e.g. a
+#                                    baseline build against the tree's (issue #12 gate)
 #
 # Systems (each started and stopped by this script, on a loopback port, by PID):
 #   ringblk        ringblk serve --volume v=FILE            (file backend, O_DIRECT, io_uring)
@@ -20,6 +24,11 @@
 # and the overhead pair, where no storage is touched at all:
 #   ringblk-null   ringblk serve --volume v=,backend=null
 #   nbdkit-null    nbdkit null
+# and with --ringblk-old/--ringblk-new, the same two ringblk set-ups per binary:
+#   ringblk-old, ringblk-new              (file backend, as `ringblk`)
+#   ringblk-old-null, ringblk-new-null    (null backend, as `ringblk-null`)
+# They take their turns in the same interleaved rounds (RINGBLK_ARGS applies to them
+# too), and the summary gets a table "ringblk new vs old" with the new/old ratios.
 #
 # Workloads (fio --ioengine=nbd for servers):
 #   rr4k-qd1      4 KiB random read, iodepth 1
@@ -45,9 +54,11 @@
 # python3; ci/test.sh installs them. Output: OUT/summary.md, OUT/hgrm/*.hgrm,
 # OUT/*.svg and every fio JSON in OUT/runs/. Default OUT: TARGET/compare/DATE.
 set -euo pipefail
+CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 
 REPEAT=3 RUNTIME=4 RAMP=1 SIZE=1G MODE=default OUT="" BENCH_CLIENT=0 BUILD=1
+RINGBLK_OLD="" RINGBLK_NEW=""
 WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-j2"
 NULL_WORKLOADS="rr4k-qd1 rr4k-qd32"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -60,6 +71,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --bench-client) BENCH_CLIENT=1 ;;
         --no-build) BUILD=0 ;;
+        --ringblk-old) RINGBLK_OLD=${2:-}; shift ;;
+        --ringblk-new) RINGBLK_NEW=${2:-}; shift ;;
         --quick) MODE=quick; REPEAT=1 RUNTIME=3 RAMP=1 SIZE=256M ;;
         --smoke) MODE=smoke; REPEAT=1 RUNTIME=1 RAMP=0 SIZE=64M
                  WORKLOADS="rr4k-qd32" NULL_WORKLOADS="rr4k-qd32" ;;
@@ -68,6 +81,22 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+
+# An absolute path for a binary named relative to where the script was started.
+abs_bin() {
+    local b=$1
+    case "$b" in /*) ;; *) b=$CALLER_PWD/$b ;; esac
+    [ -x "$b" ] || { echo "compare.sh: $1 is not an executable" >&2; exit 2; }
+    echo "$b"
+}
+if [ -n "$RINGBLK_OLD$RINGBLK_NEW" ]; then
+    if [ -z "$RINGBLK_OLD" ] || [ -z "$RINGBLK_NEW" ]; then
+        echo "compare.sh: --ringblk-old and --ringblk-new go together" >&2
+        exit 2
+    fi
+    RINGBLK_OLD=$(abs_bin "$RINGBLK_OLD")
+    RINGBLK_NEW=$(abs_bin "$RINGBLK_NEW")
+fi
 
 command -v fio >/dev/null || { echo "compare.sh: fio is required" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "compare.sh: python3 is required" >&2; exit 1; }
@@ -82,6 +111,11 @@ SYSTEMS="$SYSTEMS local"
 RBB_SYSTEMS=""
 if [ "$BENCH_CLIENT" = 1 ]; then
     for s in $SYSTEMS; do [ "$s" = local ] || RBB_SYSTEMS="$RBB_SYSTEMS $s+rbb"; done
+fi
+# After RBB_SYSTEMS: old and new are compared with fio only.
+if [ -n "$RINGBLK_OLD" ]; then
+    SYSTEMS="$SYSTEMS ringblk-old ringblk-new"
+    NULL_SYSTEMS="$NULL_SYSTEMS ringblk-old-null ringblk-new-null"
 fi
 
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -120,8 +154,8 @@ free_port() {
 
 # Waits until FILE exists and is non-empty (a pid file or a banner), at most 10 s.
 wait_file() {
-    local f=$1 pid=$2 i
-    for i in $(seq 100); do
+    local f=$1 pid=$2
+    for _ in $(seq 100); do
         if [ -s "$f" ]; then return 0; fi
         kill -0 "$pid" 2>/dev/null || { echo "compare.sh: server $pid died; see $OUT/server.log" >&2; return 1; }
         sleep 0.1
@@ -134,10 +168,15 @@ start_server() {
     local sys=${1%+rbb} port n
     n=$(date +%s%N)
     case "$sys" in
-        ringblk|ringblk-null)
-            local vol="v=$BACKING"
-            [ "$sys" = ringblk-null ] && vol="v=,backend=null,size=$SIZE"
-            "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
+        ringblk|ringblk-null|ringblk-old|ringblk-old-null|ringblk-new|ringblk-new-null)
+            local vol="v=$BACKING" bin=$RINGBLK
+            case "$sys" in *-null) vol="v=,backend=null,size=$SIZE" ;; esac
+            case "$sys" in
+                ringblk-old*) bin=$RINGBLK_OLD ;;
+                ringblk-new*) bin=$RINGBLK_NEW ;;
+            esac
+            # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
+            "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
                 --volume "$vol" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
             SERVER_PID=$!
             for _ in $(seq 100); do
@@ -220,14 +259,14 @@ PCTS="10:20:30:40:50:60:70:80:90:95:97.5:99:99.5:99.9:99.95:99.99:99.995:99.999:
 client_cmd() {
     local sys=$1 w=$2 base=$3
     if [ "${sys%+rbb}" != "$sys" ]; then
-        # shellcheck disable=SC2046 # bench_args is a list of words on purpose
+        # shellcheck disable=SC2046,SC2207 # bench_args is a list of words on purpose
         CLIENT=("$BENCH" run "$URI" $(bench_args "$w") --runtime "$RUNTIME" --ramp "$RAMP"
                 --quiet --json --hgrm "$base.hgrm")
         return
     fi
     local engine=(--ioengine=nbd "--uri=$URI")
     [ "$sys" = local ] && engine=(--ioengine=io_uring --direct=1 "--filename=$BACKING")
-    # shellcheck disable=SC2046 # workload_args is a list of words on purpose
+    # shellcheck disable=SC2046,SC2207 # workload_args is a list of words on purpose
     CLIENT=(fio --name="$w" "${engine[@]}" $(workload_args "$w") --size="$SIZE"
             --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --group_reporting
             --lat_percentiles=1 --percentile_list="$PCTS" --output-format=json)
@@ -366,6 +405,31 @@ for group, members in (("storage", ["ringblk", "qemu-nbd", "nbdkit", "local"]),
     print()
 print("Ratios are the median IOPS of the first system of the table divided by this row's; "
       "for `local` it is the fraction of the device's own limit that ringblk delivers over NBD.")
+
+# --ringblk-old/--ringblk-new: the two binaries side by side, new / old.
+pairs = [(w, backend, f"ringblk-old{sfx}", f"ringblk-new{sfx}")
+         for w in workloads for backend, sfx in (("file", ""), ("null", "-null"))
+         if (f"ringblk-old{sfx}", w) in runs and (f"ringblk-new{sfx}", w) in runs]
+if pairs:
+    print("\n## ringblk new vs old (--ringblk-old / --ringblk-new)\n")
+    print("| workload | backend | old IOPS | new IOPS | new ÷ old IOPS | old p99 | new p99 "
+          "| old IOPS/CPU-s | new IOPS/CPU-s | new ÷ old IOPS/CPU-s |")
+    print("|" + "---|" * 10)
+    for w, backend, old, new in pairs:
+        o, n = runs[(old, w)], runs[(new, w)]
+        for sysname, rs in ((old, o), (new, n)):  # for the plots
+            write_hgrm(os.path.join(out, "hgrm", f"{w}.{sysname}.hgrm"), median_run(rs))
+        oi, ni = med(o, "iops"), med(n, "iops")
+        oc, nc = med(o, "cpu"), med(n, "cpu")
+        opc = oi * (runtime + ramp) / oc if oc else None
+        npc = ni * (runtime + ramp) / nc if nc else None
+        ratio = f"{ni / oi:.3f}" if oi else "-"
+        cratio = f"{npc / opc:.3f}" if opc and npc else "-"
+        print(f"| {w} | {backend} | {fmt(oi)} | {fmt(ni)} | {ratio} | {fmt(medpct(o, 99.0), 1)} "
+              f"| {fmt(medpct(n, 99.0), 1)} | {fmt(opc)} | {fmt(npc)} | {cratio} |")
+    print()
+    print("new ÷ old above 1 is better for IOPS; #12's gate is new ÷ old IOPS >= 0.97 "
+          "(medians of the rounds; use the default 3 rounds for the gate).")
 PY
 
 echo "== plots" >&2

@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# Instructions per request of one ringblk binary, counted by callgrind (issue #12's
+# fast-path budget: Ir/request on the null backend may grow by 3 % at most).
+#
+#   bench/callgrind.sh BIN [--rw randread|randwrite] [--requests N]
+#   bench/callgrind.sh target/release/ringblk --rw randwrite
+#   bench/callgrind.sh target/baseline/ringblk --keep /tmp/cg    keep callgrind's files
+#
+# Options:
+#   --rw W           randread (default) or randwrite, 4 KiB requests at iodepth 32
+#   --requests N     requests counted (default 200000)
+#   --warmup S       seconds of the same workload before counting (default 2)
+#   --calibrate S    seconds of idle reactor loop counted for the spin correction (2)
+#   --poll P         the server's idle policy: busy (default) or interrupt (see below)
+#   --bench PATH     the ringblk-bench client (default TARGET/release/ringblk-bench,
+#                    built with cargo when missing)
+#   --keep DIR       copy callgrind's files to DIR/callgrind.out.{idle,W}
+#                    (for callgrind_annotate --inclusive=yes)
+#
+# What it does: starts, under `valgrind --tool=callgrind --instr-atstart=no`,
+#   BIN serve --listen 127.0.0.1:0 --data-dir TMP --volume v=,backend=null,size=1G
+#             --cores 0 --poll busy
+# (one reactor; port 0: the server picks a free port and prints it), warms up with
+# ringblk-bench for --warmup seconds, then counts two windows, each between
+# `callgrind_control -i on` and `-i off` and dumped on its own:
+#   1. idle: no client for --calibrate seconds: the cost of one idle iteration of
+#      the reactor loop (Ir / calls of Reactor::poll_once);
+#   2. counted: exactly N requests (`ringblk-bench run --size N*4KiB --iodepth 32` on
+#      a new connection; the client checks it completed N without errors).
+# It prints Ir/request = (Ir of window 2 - its idle iterations x idle cost) / N, where
+# idle iterations = poll_once calls of window 2 - the reactor's busy_ticks over it
+# (from the `reactor_list` RPC), and the raw totals. Every thread of the server
+# counts; the counted connection's handshake and disconnect are in (a fixed cost of a
+# fraction of an instruction per request at N = 200000). The client runs natively
+# with --poll interrupt so that it does not compete with the server for a core.
+#
+# Why busy polling and a correction, not --poll interrupt: valgrind 3.19 (Debian 12)
+# does not treat io_uring_enter as a blocking system call, so a reactor sleeping in
+# it holds valgrind's thread lock and the other threads never run (the server does
+# not even print its banner). A busy reactor never sleeps; its idle spinning depends
+# on timing (two identical runs: 8,078 and 10,422 raw Ir/request), and removing the
+# idle iterations leaves the work (the same runs: 7,757.0 and 7,761.7). With a
+# valgrind that handles a sleeping io_uring_enter, `--poll interrupt` counts work
+# only (the correction is then near zero).
+# Why --instr-atstart=no and not --collect-atstart=no: `callgrind_control -i on`
+# switches instrumentation; with collection off at start it counts nothing
+# (valgrind 3.19: totals 0).
+#
+# The work per request still depends a little on batching (requests per recv), so
+# compare runs of the same machine and repeat when a difference is near the budget.
+# Takes a minute or two for N = 200000 (callgrind slows the server ~50x). Needs
+# valgrind (installed with apt-get when missing and root) and python3. The server and
+# the temp dir are removed on every exit path (trap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "callgrind.sh: $*" >&2; exit 1; }
+
+BIN="" RW=randread N=200000 WARMUP=2 BENCH="" KEEP="" POLL=busy CALIBRATE=2
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rw) RW=${2:-}; shift ;;
+        --requests) N=${2:-}; shift ;;
+        --warmup) WARMUP=${2:-}; shift ;;
+        --bench) BENCH=${2:-}; shift ;;
+        --keep) KEEP=${2:-}; shift ;;
+        --poll) POLL=${2:-}; shift ;;
+        --calibrate) CALIBRATE=${2:-}; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "callgrind.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) [ -z "$BIN" ] || { echo "callgrind.sh: one BIN only (see --help)" >&2; exit 2; }
+           BIN=$1 ;;
+    esac
+    shift
+done
+[ -n "$BIN" ] || { echo "callgrind.sh: which ringblk binary? (see --help)" >&2; exit 2; }
+[ -x "$BIN" ] || die "$BIN is not an executable (build it: cargo build --release -p ringblk-target --bin ringblk)"
+case "$RW" in randread|randwrite) ;; *) die "--rw must be randread or randwrite, not '$RW'" ;; esac
+case "$N" in ''|*[!0-9]*|0) die "--requests must be a positive number, not '$N'" ;; esac
+case "$POLL" in busy|interrupt) ;; *) die "--poll must be busy or interrupt, not '$POLL'" ;; esac
+case "$CALIBRATE" in ''|*[!0-9]*|0) die "--calibrate must be whole seconds > 0, not '$CALIBRATE'" ;; esac
+case "$WARMUP" in ''|*[!0-9]*) die "--warmup must be whole seconds, not '$WARMUP'" ;; esac
+command -v python3 >/dev/null || die "python3 is required"
+
+if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
+    [ "$(id -u)" -eq 0 ] || die "valgrind is missing; install it (apt-get install valgrind)"
+    echo "== installing valgrind" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends valgrind >&2
+fi
+
+TARGET=${CARGO_TARGET_DIR:-target}
+if [ -z "$BENCH" ]; then
+    BENCH=$TARGET/release/ringblk-bench
+    if [ ! -x "$BENCH" ]; then
+        echo "== building $BENCH" >&2
+        cargo build --release --quiet -p ringblk-bench --bin ringblk-bench
+    fi
+fi
+[ -x "$BENCH" ] || die "$BENCH is not an executable"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/ringblk-callgrind.XXXXXX")
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 300); do  # valgrind may take a while to write its last dump
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+OUTFILE=$TMP/callgrind.out
+SERVE=("$BIN" serve --listen 127.0.0.1:0 --data-dir "$TMP/data"
+       --volume "v=,backend=null,size=1G" --cores 0 --poll "$POLL")
+echo "== valgrind --tool=callgrind --instr-atstart=no ${SERVE[*]}" >&2
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUTFILE" \
+    "${SERVE[@]}" > "$TMP/banner" 2> "$TMP/server.log" &
+SERVER_PID=$!
+port=""
+for _ in $(seq 1200); do  # 120 s: valgrind starts slowly
+    port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$TMP/banner" 2>/dev/null | cut -d: -f2 || true)
+    [ -n "$port" ] && break
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        cat "$TMP/server.log" >&2
+        SERVER_PID=""
+        die "the server exited before it listened (its log is above)"
+    fi
+    sleep 0.1
+done
+[ -n "$port" ] || { cat "$TMP/server.log" >&2; die "no 'listening on' banner in 120 s"; }
+URI="nbd://127.0.0.1:$port/v"
+CLIENT=("$BENCH" run "$URI" --rw "$RW" --bs 4k --iodepth 32 --poll interrupt --quiet
+        --timeout 120)
+
+if [ "$WARMUP" -gt 0 ]; then
+    echo "== warm-up: $RW ${WARMUP} s" >&2
+    "${CLIENT[@]}" --runtime "$WARMUP" > "$TMP/warmup.txt" 2>&1 \
+        || { cat "$TMP/warmup.txt" >&2; die "the warm-up run failed"; }
+fi
+
+control() {
+    callgrind_control "$@" "$SERVER_PID" > "$TMP/control.txt" 2>&1 \
+        || { cat "$TMP/control.txt" >&2; die "callgrind_control $* failed"; }
+}
+# The reactor's busy_ticks (loop iterations that did work), from the RPC socket.
+busy_ticks() {
+    python3 - "$TMP/data/ringblk.sock" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(60)
+s.connect(sys.argv[1])
+s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"reactor_list"}\n')
+buf = b""
+while not buf.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+print(sum(r["busy_ticks"] for r in json.loads(buf)["result"]))
+PY
+}
+# Dumps what was counted since the last dump into $OUTFILE.K and waits for the file.
+dump() {
+    control --dump="$2"
+    for _ in $(seq 600); do
+        grep -q '^totals:' "$OUTFILE.$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "no callgrind dump in $OUTFILE.$1 after 60 s"
+}
+
+echo "== calibrating: an idle reactor loop for ${CALIBRATE} s" >&2
+b0=$(busy_ticks)
+control -i on
+sleep "$CALIBRATE"
+control -i off
+b1=$(busy_ticks)
+dump 1 "idle"
+
+echo "== counting: $RW, $N requests of 4 KiB at iodepth 32" >&2
+b2=$(busy_ticks)
+control -i on
+"${CLIENT[@]}" --size "$((N * 4096))" --json > "$TMP/run.json" 2> "$TMP/run.err" \
+    || { cat "$TMP/run.err" >&2; die "the counted run failed"; }
+control -i off
+b3=$(busy_ticks)
+dump 2 "counted $RW"
+if [ -n "$KEEP" ]; then
+    mkdir -p "$KEEP"
+    cp "$OUTFILE.1" "$KEEP/callgrind.out.idle"
+    cp "$OUTFILE.2" "$KEEP/callgrind.out.$RW"
+    echo "== kept $KEEP/callgrind.out.{idle,$RW}" >&2
+fi
+
+python3 - "$OUTFILE.1" "$OUTFILE.2" "$TMP/run.json" "$N" "$RW" "$BIN" "$POLL" \
+    "$((b1 - b0))" "$((b3 - b2))" <<'PY'
+import json, re, sys
+cal, dump, run, n, rw, binary, poll, cal_busy, busy = sys.argv[1:]
+n, cal_busy, busy = int(n), int(cal_busy), int(busy)
+LOOP = "ringblk_reactor::reactor::Reactor::poll_once"
+
+def parse(path):
+    """Totals by event, and the calls of the reactor's poll_once (loop iterations)."""
+    events, totals, names, calls, callee = [], [], {}, 0, None
+    for line in open(path, errors="replace"):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("totals:"):
+            totals = [int(x) for x in line.split()[1:]]
+        elif line.startswith("cfn="):
+            m = re.match(r"cfn=(?:\((\d+)\))?\s*(.*)", line.rstrip("\n"))
+            if m.group(1) and m.group(2):
+                names[m.group(1)] = m.group(2)
+            callee = m.group(2) or names.get(m.group(1), "")
+        elif line.startswith("fn="):
+            m = re.match(r"fn=(?:\((\d+)\))?\s*(.*)", line.rstrip("\n"))
+            if m.group(1) and m.group(2):
+                names[m.group(1)] = m.group(2)
+            callee = None
+        elif line.startswith("calls=") and callee is not None:
+            if callee.startswith(LOOP):
+                calls += int(line.split()[0].split("=")[1])
+            callee = None
+    return dict(zip(events, totals)), calls
+
+report = json.load(open(run))
+ops = [o for ph in report["phases"] for o in ph["ops"] if o["op"] in ("read", "write")]
+done = sum(o["ops"] for o in ops)
+errors = sum(ph["io_errors"] + len(ph["connection_errors"]) for ph in report["phases"])
+if done != n:
+    sys.exit(f"callgrind.sh: the client completed {done} requests, not {n}")
+if errors:
+    sys.exit(f"callgrind.sh: the counted run had {errors} I/O or connection errors")
+cal_tot, cal_iter = parse(cal)
+tot, iters = parse(dump)
+ir, cal_ir = tot.get("Ir"), cal_tot.get("Ir")
+if not ir or not cal_ir:
+    sys.exit(f"callgrind.sh: no Ir in the dumps' totals ({tot}, {cal_tot})")
+if not cal_iter or not iters:
+    sys.exit(f"callgrind.sh: no calls of {LOOP} in the dumps (renamed? inlined?)")
+per_idle = cal_ir / cal_iter
+idle = max(iters - busy, 0)
+work = ir - idle * per_idle
+print(f"binary:            {binary}")
+print(f"workload:          {rw} 4 KiB, iodepth 32, {n} requests (null backend, --poll {poll})")
+print(f"Ir/request:        {work / n:,.1f}   (idle loop iterations removed)")
+print(f"Ir/request raw:    {ir / n:,.1f}   (everything counted, spinning included)")
+print(f"raw totals:        " + ", ".join(f"{k} {v:,}" for k, v in tot.items())
+      + f"; loop iterations {iters:,} of which busy {busy:,}, idle {idle:,}")
+print(f"idle calibration:  {per_idle:,.1f} Ir per idle iteration ({cal_ir:,} Ir / {cal_iter:,}"
+      f" iterations; busy iterations in it: {cal_busy})")
+PY
