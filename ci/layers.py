@@ -172,8 +172,11 @@ def main():
         )
     for name, where in sorted(unknown.items()):
         print(f"module {name!r} ({where}) has no rank in ci/layers.py: add it to RANKS")
-    verdict = "ok" if not bad and not unknown else "FAILED"
-    mode = " (report mode: not enforced)" if a.report else ""
+    if not bad and not unknown:
+        verdict = "ok"
+    else:
+        verdict = "to fix (report mode: not enforced)" if a.report else "refused"
+    mode = ""
     print(
         f"layers: {len(seen)} modules, {len(bad)} upward imports, "
         f"{len(unknown)} unranked: {verdict}{mode}"

@@ -208,7 +208,8 @@ struct ServeArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
     /// I/O operations in flight per reactor; more wait in the reactor's queue until
-    /// one completes [default: 4096, or 2 per connection + 64 if that is more].
+    /// one completes. At least 2 per socket (--max-connections + --max-handshakes)
+    /// + 64 [default: 4096, or that floor if it is more].
     #[arg(long, value_name = "N")]
     max_in_flight: Option<usize>,
     /// FLUSH/FUA requests of a volume queued for its group commit at most; more wait
