@@ -317,8 +317,11 @@ fn stalled_reader(port: u16, export: &str) -> TcpStream {
             break; // ACK
         }
     }
+    // 256 MiB of replies: more than the loopback socket buffers take (tcp_rmem may
+    // grow to 32 MiB here) plus the 64 MiB of unsent replies a connection may hold,
+    // so the server's send stays stuck.
     let mut reqs = Vec::new();
-    for cookie in 0..64u64 {
+    for cookie in 0..256u64 {
         reqs.extend_from_slice(&0x2560_9513u32.to_be_bytes());
         reqs.extend_from_slice(&0u16.to_be_bytes());
         reqs.extend_from_slice(&0u16.to_be_bytes()); // READ
@@ -328,6 +331,12 @@ fn stalled_reader(port: u16, export: &str) -> TcpStream {
     }
     s.write_all(&reqs).expect("READs");
     s
+}
+
+/// The `read_ops` counter of volume `v`.
+fn read_ops(srv: &Server, v: &str) -> u64 {
+    let st = call_ok(srv, "stats", json!({ "volume": v }));
+    st["volumes"][0]["read_ops"].as_u64().unwrap_or(0)
 }
 
 fn server_sockets(srv: &Server) -> usize {
@@ -372,9 +381,16 @@ fn a_lingering_deleted_volume_leaves_the_recreated_ones_files_alone() {
     call_ok(&srv, "backup_create", json!({"volume": "v", "name": "b1"}));
     write_flush(&srv, "v", 0x22, 0, MIB);
     let baseline = server_sockets(&srv);
+    let reads_before = read_ops(&srv, "v");
     let stalled = stalled_reader(srv.port, "v");
     wait_for("the stalled connection is accepted", || {
         server_sockets(&srv) > baseline
+    });
+    // Its READs must have run before the delete, so that their replies clog the
+    // socket and keep the connection (and the volume) alive: a delete that
+    // came first closed the idle connection at once (seen in CI).
+    wait_for("the stalled READs ran", || {
+        read_ops(&srv, "v") >= reads_before + 32
     });
 
     call_ok(&srv, "volume_delete", json!({"name": "v"}));
@@ -388,7 +404,9 @@ fn a_lingering_deleted_volume_leaves_the_recreated_ones_files_alone() {
     // The old volume really lingers: its connection is still open.
     assert!(
         server_sockets(&srv) > baseline,
-        "the deleted volume's stalled connection was closed early: the test proves nothing"
+        "the deleted volume's stalled connection was closed early: the test proves nothing; \
+         server log:\n{}",
+        log_of(&srv)
     );
     assert!(!log_of(&srv).contains("deleted volume released"));
     let files = delta_files(srv.dir.path(), "v");
