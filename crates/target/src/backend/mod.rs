@@ -22,7 +22,7 @@ pub mod null;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use ringblk_nbd::Extent;
+use crate::extent::{Extent, ExtentFlags};
 
 /// What kind of backend a volume has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -113,8 +113,8 @@ impl Backend {
     ) -> Vec<Extent> {
         match &self.file {
             None => vec![Extent {
-                length: len,
-                flags: ringblk_nbd::proto::STATE_HOLE | ringblk_nbd::proto::STATE_ZERO,
+                length_bytes: u64::from(len),
+                flags: ExtentFlags::UNALLOCATED | ExtentFlags::ZEROES,
             }],
             Some(f) => file::seek_extents(f, offset, len, max_extents, lseeks),
         }
