@@ -4,7 +4,7 @@
 //! faults, copy jobs) is a `BlockError`. Host `errno`s become one here, in
 //! [`BlockError::from_os_errno`], the only place that interprets them. A front end maps
 //! `BlockError` to its wire set at its edge (for NBD: `session::nbd_errno`, moving to
-//! `ringblk_nbd::frontend::errors` in #12 step 5). The layer never fails a valid request
+//! the NBD crate's `frontend::errors` in #12 step 5). The layer never fails a valid request
 //! for lack of internal room: it waits instead (back-pressure), so there is no
 //! "out of room" error here; see [`BlockError::NoMemory`] for the one kernel case.
 
