@@ -30,6 +30,7 @@ pub mod persist;
 pub mod rpc;
 pub mod server;
 mod session;
+pub mod spec;
 pub mod startup;
 pub mod switchover;
 pub mod volume;

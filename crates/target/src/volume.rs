@@ -20,53 +20,12 @@ use serde::Serialize;
 
 use crate::backend::{self, Backend, BackendKind};
 use crate::image::{Stack, StackPin};
+/// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
+pub use crate::spec::VolumeSpec;
 use ringblk_nbd::{ExportCatalog, ExportInfo};
 
 /// Largest request payload served (the 32 MiB).
 pub const PAYLOAD_MAX_BYTES: u32 = 32 * 1024 * 1024;
-
-/// What a volume is made from (CLI `--volume`, config file, or RPC `volume_create`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
-pub struct VolumeSpec {
-    pub name: String,
-    /// Backing file or device; ignored for mem and null.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    #[serde(default = "default_block_size")]
-    pub block_size: u32,
-    #[serde(default = "default_backend")]
-    pub backend: BackendKind,
-    #[serde(default)]
-    pub read_only: bool,
-    /// Open the file O_DIRECT (default); off uses the page cache.
-    #[serde(default = "default_true")]
-    pub direct: bool,
-    /// Redirect-on-write granularity of backups' deltas: a power of two from 4 KiB
-    /// to 1 MiB, at least the block size. 4 KiB (default): an aligned 4 KiB write
-    /// never copies.
-    #[serde(default = "default_chunk")]
-    pub chunk_size: u32,
-    /// Let `size_bytes` grow an existing, smaller, non-empty file. Off, such a size is
-    /// refused: a typo in a size must never change a user's image.
-    #[serde(default)]
-    pub grow: bool,
-}
-
-fn default_chunk() -> u32 {
-    4096
-}
-
-fn default_block_size() -> u32 {
-    512
-}
-fn default_backend() -> BackendKind {
-    BackendKind::File
-}
-fn default_true() -> bool {
-    true
-}
 
 impl VolumeSpec {
     /// What can be checked of the spec alone, without touching a file: the name,

@@ -24,38 +24,8 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use crate::extent::{Extent, ExtentFlags};
 
-/// What kind of backend a volume has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    File,
-    Mem,
-    Null,
-}
-
-impl std::str::FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "file" => Ok(BackendKind::File),
-            "mem" => Ok(BackendKind::Mem),
-            "null" => Ok(BackendKind::Null),
-            other => Err(format!(
-                "unknown backend {other:?} (expected file, mem or null)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BackendKind::File => "file",
-            BackendKind::Mem => "mem",
-            BackendKind::Null => "null",
-        })
-    }
-}
+/// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
+pub use crate::spec::BackendKind;
 
 /// An opened backend.
 #[derive(Debug)]
