@@ -21,7 +21,6 @@ pub mod fault;
 pub mod filelock;
 pub mod image;
 mod io;
-pub mod latency;
 pub mod listen;
 pub mod methods;
 pub mod ops;
@@ -31,6 +30,9 @@ pub mod rpc;
 pub mod server;
 mod session;
 pub mod spec;
+pub mod stats;
+/// Moved to [`stats::latency`] (#12 step 1); re-exported so paths keep working.
+pub use stats::latency;
 pub mod startup;
 pub mod switchover;
 pub mod volume;
