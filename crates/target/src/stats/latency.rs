@@ -245,6 +245,17 @@ pub fn volume_json(per_reactor: &[(usize, Option<&OpHistograms>)], hist: bool) -
 mod tests {
     use super::*;
 
+    /// The histogram slots and their JSON names are `IoKind`'s stat names, in order
+    /// (`ringblk-ctl stats --op` and the `stats` JSON read them).
+    #[test]
+    fn slots_follow_io_kind_stat_names() {
+        for (i, name) in OPS.iter().enumerate() {
+            assert_eq!(IoKind::ALL[i].stat_name(), *name);
+            assert_eq!(op_index(IoKind::ALL[i]), Some(i));
+        }
+        assert_eq!(op_index(IoKind::CompareAndWrite), None);
+    }
+
     #[test]
     fn clamps_instead_of_failing() {
         let mut h = OpHistograms::default();
