@@ -39,7 +39,6 @@ RANKS = {
     "extent": 0,  # new in step 1: protocol-free block status
     "spec": 0,  # new in step 1: VolumeSpec, BackendKind (from volume, backend, config)
     "park": 0,  # reactor continuations
-    "os_errno": 0,  # transitional (step 4C): OS errno -> NbdErrno; step 1 replaces it
     "filelock": 0,  # one writer per file (OFD write lock); backend, image, copyjob use it
     "datadir": 0,  # one server per data dir; used by startup only today, which leaves
     #                 the crate in 5.1 (the lock may go with it, or to Target)

@@ -242,9 +242,10 @@ pub const META_BASE_ALLOCATION: &str = "base:allocation";
 
 /// The only error values allowed on the wire ("Error values").
 ///
-/// Anything the server hits is mapped to one of these in exactly one place. For OS
-/// errors that place is on the server's side (ringblk-target's `os_errno` module), because this
-/// crate depends on std and thiserror only; host errno values never reach the wire.
+/// Anything the server hits is mapped to one of these in exactly one place. OS errors
+/// become a `BlockError` in ringblk-target (`BlockError::from_os_errno`), and the NBD
+/// front end maps those (today `session::nbd_errno` there), because this crate depends on
+/// std and thiserror only; host errno values never reach the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum NbdErrno {

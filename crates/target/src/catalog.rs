@@ -237,7 +237,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn spec(name: &str, path: &str, size: Option<u64>) -> VolumeSpec {
-        crate::config::parse_volume(&format!("{name}={path}"))
+        crate::spec::parse_volume(&format!("{name}={path}"))
             .map(|mut s| {
                 s.size_bytes = size;
                 s

@@ -12,33 +12,14 @@ use crate::admission::{
 };
 use crate::backend::BackendKind;
 use crate::server::{ListenAddr, ServerConfig};
+/// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
+pub use crate::spec::{parse_size, parse_volume};
 use crate::volume::VolumeSpec;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_DATA_DIR: &str = "./ringblk-data";
 pub const DEFAULT_VOLUME: &str = "vol0";
 pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
-
-/// Parses `4096`, `64K`, `512M`, `1G`, `2T` (also `KiB`, `MiB`, … and lowercase);
-/// binary units. Rejects zero-free garbage and overflow with a message.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid size {s:?}: expected a number with an optional K/M/G/T suffix")
-    })?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" | "kb" => 10,
-        "m" | "mib" | "mb" => 20,
-        "g" | "gib" | "gb" => 30,
-        "t" | "tib" | "tb" => 40,
-        _ => return Err(format!("invalid size unit in {s:?}: use K, M, G or T")),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
-}
 
 /// Parses a core list: `0,2,4-7`.
 pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
@@ -61,59 +42,6 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
         return Err(format!("core list {s:?} is empty"));
     }
     Ok(out)
-}
-
-/// Parses `--volume NAME=PATH[,size=SIZE][,block-size=512|4096][,backend=file|mem|null][,read-only][,direct=on|off][,grow=true]`.
-/// For mem and null the PATH part may be empty: `--volume ram=,backend=mem,size=1G`.
-pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
-    let (name, rest) = s
-        .split_once('=')
-        .ok_or_else(|| format!("invalid --volume {s:?}: expected NAME=PATH[,key=value...]"))?;
-    let mut parts = rest.split(',');
-    let path = parts.next().unwrap_or("");
-    let mut spec = VolumeSpec {
-        name: name.to_string(),
-        path: (!path.is_empty()).then(|| PathBuf::from(path)),
-        size_bytes: None,
-        block_size: 512,
-        backend: BackendKind::File,
-        read_only: false,
-        direct: true,
-        chunk_size: 4096,
-        grow: false,
-    };
-    for kv in parts {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        match k {
-            "size" => spec.size_bytes = Some(parse_size(v)?),
-            "block-size" | "block_size" => {
-                spec.block_size = v.parse().map_err(|_| format!("invalid block-size {v:?}"))?
-            }
-            "backend" => spec.backend = v.parse()?,
-            "read-only" | "ro" => spec.read_only = true,
-            "chunk-size" | "chunk_size" => spec.chunk_size = parse_size(v)?.try_into().map_err(|_| format!("chunk-size {v:?} too large"))?,
-            "direct" => {
-                spec.direct = match v {
-                    "on" | "true" | "1" | "" => true,
-                    "off" | "false" | "0" => false,
-                    _ => return Err(format!("invalid direct={v:?}: use on or off")),
-                }
-            }
-            "grow" => {
-                spec.grow = match v {
-                    "true" | "on" | "1" | "" => true,
-                    "false" | "off" | "0" => false,
-                    _ => return Err(format!("invalid grow={v:?}: use true or false")),
-                }
-            }
-            other => {
-                return Err(format!(
-                    "unknown volume option {other:?} (size, block-size, chunk-size, backend, read-only, direct, grow)"
-                ))
-            }
-        }
-    }
-    Ok(spec)
 }
 
 pub fn parse_poll(s: &str) -> Result<PollMode, String> {

@@ -77,12 +77,12 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::durable::manifest::CopyEntry;
+use crate::error::BlockError;
+use crate::extent::ExtentFlags;
 use crate::filelock::WriteLock;
 use crate::image::Delta;
 use crate::io;
 use crate::volume::{BackupState, Control, Volume};
-use ringblk_nbd::proto::STATE_ZERO;
-use ringblk_nbd::NbdErrno;
 
 /// Bytes per unit of work: one read, its writes, one hash step. A multiple of every
 /// chunk size (at most 1 MiB).
@@ -931,8 +931,8 @@ fn base_zero_chunks(vol: &Volume, off: u64, len: u64) -> Vec<bool> {
             .backend()
             .block_status(pos, (end - pos) as u32, 64, &mut lseeks)
         {
-            let e_end = (pos + e.length as u64).min(end);
-            if e.flags & STATE_ZERO == 0 {
+            let e_end = (pos + e.length_bytes).min(end);
+            if !e.flags.contains(ExtentFlags::ZEROES) {
                 let (a, b) = ((pos - off) / cb, (e_end - off).div_ceil(cb));
                 zero[a as usize..b as usize].fill(false);
             }
@@ -1016,7 +1016,7 @@ fn issue(r: &mut Reactor, job: &JobRef, u: u64) {
         (span_end - span_off) as u32,
         Box::new(move |r, res| match res {
             Ok(buf) => read_done(r, &job2, &unit2, &plan, span_off, buf),
-            Err(NbdErrno::NoMem) => retry_unit(r, &job2, &unit2),
+            Err(BlockError::NoMemory) => retry_unit(r, &job2, &unit2),
             Err(e) => {
                 let msg = format!("reading the backup at offset {span_off}: {e:?}");
                 stop_with(&job2, JobState::Failed, Some(msg));
@@ -1027,7 +1027,7 @@ fn issue(r: &mut Reactor, job: &JobRef, u: u64) {
     drop(pin);
 }
 
-/// The reactor had no room for the unit's reads: offer it again shortly.
+/// The kernel failed the unit's reads with ENOMEM: offer it again shortly.
 fn retry_unit(r: &mut Reactor, job: &JobRef, unit: &Rc<RefCell<Unit>>) {
     let u = unit.borrow().index;
     let job2 = job.clone();

@@ -35,9 +35,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::os_errno::FromOsErrno;
-use ringblk_nbd::codec::Command;
-use ringblk_nbd::NbdErrno;
+use crate::error::BlockError;
+use crate::ops::IoKind;
 
 /// Rules armed at once per volume at most.
 pub const MAX_RULES: usize = 64;
@@ -48,7 +47,7 @@ pub const DELAY_MS_MAX: u64 = 60_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Fail it with this error, without I/O.
-    Fail(NbdErrno),
+    Fail(BlockError),
     /// Hold it (admitted) this long, then run it.
     Delay(std::time::Duration),
 }
@@ -69,13 +68,13 @@ pub enum FaultOp {
 }
 
 impl FaultOp {
-    fn matches(self, cmd: Command) -> bool {
-        match (self, cmd) {
-            (_, Command::BlockStatus | Command::Disc | Command::Unknown(_)) => false,
+    fn matches(self, kind: IoKind) -> bool {
+        match (self, kind) {
+            (_, IoKind::BlockStatus) => false,
             (FaultOp::Any, _) => true,
-            (FaultOp::Read, Command::Read) => true,
-            (FaultOp::Write, Command::Write | Command::WriteZeroes) => true,
-            (FaultOp::Flush, Command::Flush) => true,
+            (FaultOp::Read, IoKind::Read) => true,
+            (FaultOp::Write, IoKind::Write | IoKind::WriteZeroes) => true,
+            (FaultOp::Flush, IoKind::Flush) => true,
             _ => false,
         }
     }
@@ -92,9 +91,9 @@ pub enum FaultErrno {
 }
 
 impl FaultErrno {
-    /// The NBD error the client sees, through the one errno mapping.
-    pub fn nbd(self) -> NbdErrno {
-        NbdErrno::from_os_errno(match self {
+    /// The error the request fails with, through the one errno mapping.
+    pub fn error(self) -> BlockError {
+        BlockError::from_os_errno(match self {
             FaultErrno::Eio => libc::EIO,
             FaultErrno::Enospc => libc::ENOSPC,
         })
@@ -133,12 +132,12 @@ pub struct FaultRule {
 }
 
 impl FaultRule {
-    /// Whether a request `cmd` on `[offset, offset + len)` falls under this rule.
-    fn matches(&self, cmd: Command, offset: u64, len: u32) -> bool {
-        if !self.op.matches(cmd) {
+    /// Whether a request of kind `kind` on `[offset, offset + len)` falls under this rule.
+    fn matches(&self, kind: IoKind, offset: u64, len: u32) -> bool {
+        if !self.op.matches(kind) {
             return false;
         }
-        if cmd == Command::Flush {
+        if kind == IoKind::Flush {
             return true;
         }
         // Overlap of half-open ranges; both ends are within the volume (checked at
@@ -264,8 +263,8 @@ impl Faults {
     /// The error to fail this request with, if an armed rule matches it (the oldest
     /// such rule, which counts the hit and goes once its count is used up).
     #[inline]
-    pub fn check(&self, cmd: Command, offset: u64, len: u32) -> Option<NbdErrno> {
-        match self.check_fault(cmd, offset, len)? {
+    pub fn check(&self, kind: IoKind, offset: u64, len: u32) -> Option<BlockError> {
+        match self.check_fault(kind, offset, len)? {
             Fault::Fail(e) => Some(e),
             // Callers that cannot hold a request run it at once.
             Fault::Delay(_) => None,
@@ -274,24 +273,24 @@ impl Faults {
 
     /// What to do to this request, if an armed rule matches it (as [`check`](Self::check)).
     #[inline]
-    pub fn check_fault(&self, cmd: Command, offset: u64, len: u32) -> Option<Fault> {
+    pub fn check_fault(&self, kind: IoKind, offset: u64, len: u32) -> Option<Fault> {
         if !self.armed.load(Ordering::Relaxed) {
             return None;
         }
-        self.check_armed(cmd, offset, len)
+        self.check_armed(kind, offset, len)
     }
 
     #[cold]
-    fn check_armed(&self, cmd: Command, offset: u64, len: u32) -> Option<Fault> {
+    fn check_armed(&self, kind: IoKind, offset: u64, len: u32) -> Option<Fault> {
         let mut rules = self.lock();
         let i = rules
             .list
             .iter()
-            .position(|r| r.matches(cmd, offset, len))?;
+            .position(|r| r.matches(kind, offset, len))?;
         let rule = &mut rules.list[i];
         rule.hits += 1;
         let fault = match rule.delay_ms {
-            0 => Fault::Fail(rule.errno.nbd()),
+            0 => Fault::Fail(rule.errno.error()),
             ms => Fault::Delay(std::time::Duration::from_millis(ms)),
         };
         if rule.count != 0 && rule.hits >= rule.count {
@@ -326,7 +325,7 @@ mod tests {
     #[test]
     fn nothing_armed_fails_nothing() {
         let f = Faults::default();
-        for cmd in [Command::Read, Command::Write, Command::Flush] {
+        for cmd in [IoKind::Read, IoKind::Write, IoKind::Flush] {
             assert_eq!(f.check(cmd, 0, 4096), None);
         }
         assert_eq!(f.injected(), 0);
@@ -338,13 +337,13 @@ mod tests {
         f.inject(spec(FaultOp::Read, 8192, Some(4096), 2), SIZE)
             .expect("inject");
         // Outside the range, or another op: untouched (and the count is not used).
-        assert_eq!(f.check(Command::Read, 0, 8192), None);
-        assert_eq!(f.check(Command::Read, 12288, 4096), None);
-        assert_eq!(f.check(Command::Write, 8192, 4096), None);
+        assert_eq!(f.check(IoKind::Read, 0, 8192), None);
+        assert_eq!(f.check(IoKind::Read, 12288, 4096), None);
+        assert_eq!(f.check(IoKind::Write, 8192, 4096), None);
         // Overlapping at either end: fails, twice, then the rule is gone.
-        assert_eq!(f.check(Command::Read, 4096, 8192), Some(NbdErrno::Io));
-        assert_eq!(f.check(Command::Read, 12287, 1), Some(NbdErrno::Io));
-        assert_eq!(f.check(Command::Read, 8192, 4096), None);
+        assert_eq!(f.check(IoKind::Read, 4096, 8192), Some(BlockError::Io));
+        assert_eq!(f.check(IoKind::Read, 12287, 1), Some(BlockError::Io));
+        assert_eq!(f.check(IoKind::Read, 8192, 4096), None);
         assert_eq!(f.injected(), 2);
         assert!(f.rules().is_empty());
         assert!(!f.armed.load(Ordering::Relaxed));
@@ -358,12 +357,15 @@ mod tests {
         let rule = f.inject(s, SIZE).expect("inject");
         assert_eq!(rule.length, SIZE);
         for _ in 0..100 {
-            assert_eq!(f.check(Command::Write, 0, 512), Some(NbdErrno::NoSpc));
-            assert_eq!(f.check(Command::WriteZeroes, 0, 512), Some(NbdErrno::NoSpc));
+            assert_eq!(f.check(IoKind::Write, 0, 512), Some(BlockError::NoSpace));
+            assert_eq!(
+                f.check(IoKind::WriteZeroes, 0, 512),
+                Some(BlockError::NoSpace)
+            );
         }
-        assert_eq!(f.check(Command::Read, 0, 512), None);
+        assert_eq!(f.check(IoKind::Read, 0, 512), None);
         assert_eq!(f.clear(), 1);
-        assert_eq!(f.check(Command::Write, 0, 512), None);
+        assert_eq!(f.check(IoKind::Write, 0, 512), None);
     }
 
     #[test]
@@ -371,22 +373,22 @@ mod tests {
         let f = Faults::default();
         f.inject(spec(FaultOp::Flush, 4096, Some(512), 1), SIZE)
             .expect("inject");
-        assert_eq!(f.check(Command::Read, 4096, 512), None);
+        assert_eq!(f.check(IoKind::Read, 4096, 512), None);
         // FLUSH has no range: the rule's range does not restrict it.
-        assert_eq!(f.check(Command::Flush, 0, 0), Some(NbdErrno::Io));
+        assert_eq!(f.check(IoKind::Flush, 0, 0), Some(BlockError::Io));
         f.inject(spec(FaultOp::Any, 0, None, 0), SIZE)
             .expect("inject");
         for cmd in [
-            Command::Read,
-            Command::Write,
-            Command::WriteZeroes,
-            Command::Trim,
-            Command::Cache,
-            Command::Flush,
+            IoKind::Read,
+            IoKind::Write,
+            IoKind::WriteZeroes,
+            IoKind::Unmap,
+            IoKind::Readahead,
+            IoKind::Flush,
         ] {
-            assert_eq!(f.check(cmd, 0, 512), Some(NbdErrno::Io), "{cmd:?}");
+            assert_eq!(f.check(cmd, 0, 512), Some(BlockError::Io), "{cmd:?}");
         }
-        assert_eq!(f.check(Command::BlockStatus, 0, 512), None);
+        assert_eq!(f.check(IoKind::BlockStatus, 0, 512), None);
     }
 
     #[test]
@@ -419,8 +421,8 @@ mod tests {
         let op: FaultOp = serde_json::from_value(serde_json::json!("any")).unwrap();
         assert_eq!(op, FaultOp::Any);
         let e: FaultErrno = serde_json::from_value(serde_json::json!("ENOSPC")).unwrap();
-        assert_eq!(e.nbd(), NbdErrno::NoSpc);
-        assert_eq!(FaultErrno::default().nbd(), NbdErrno::Io);
+        assert_eq!(e.error(), BlockError::NoSpace);
+        assert_eq!(FaultErrno::default().error(), BlockError::Io);
         // Only the errors a disk gives, by their usual names.
         for bad in ["trim", "EPERM", "eio"] {
             let v = serde_json::json!(bad);

@@ -38,14 +38,14 @@ use std::time::Duration;
 use ringblk_blockmap::{BlockMap, Claim, State};
 use ringblk_reactor::{AlignedBuf, Completion, FileRef, IoBuf, Op, Reactor, Submitted};
 
+use crate::error::BlockError;
+use crate::extent::{Extent, ExtentFlags};
 use crate::image::{Delta, StackPin};
-use crate::os_errno::FromOsErrno;
 use crate::park::park_chunk;
 use crate::volume::{bump, Volume};
-use ringblk_nbd::{Extent, NbdErrno};
 
-pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), NbdErrno>)>;
-pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, NbdErrno>)>;
+pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), BlockError>)>;
+pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, BlockError>)>;
 
 /// How often a partial fill re-checks whether its delta has drained.
 const DRAIN_RECHECK: Duration = Duration::from_micros(20);
@@ -183,7 +183,7 @@ pub fn read(
     struct St {
         out: Option<IoBuf>,
         remaining: usize,
-        err: Option<NbdErrno>,
+        err: Option<BlockError>,
         done: Option<DoneBuf>,
     }
     let st = Rc::new(RefCell::new(St {
@@ -223,7 +223,7 @@ pub fn read(
         let fin = {
             let mut s = st.borrow_mut();
             match n {
-                Err(e) => s.err = Some(NbdErrno::from_os_errno(e)),
+                Err(e) => s.err = Some(BlockError::from_os_errno(e)),
                 Ok(n) => {
                     if let (Some(b), Some(out)) = (buf, s.out.as_mut()) {
                         let n = (n as usize).min(p.len);
@@ -236,7 +236,7 @@ pub fn read(
             if s.remaining == 0 {
                 let res = match s.err {
                     Some(e) => Err(e),
-                    None => s.out.take().ok_or(NbdErrno::Io),
+                    None => s.out.take().ok_or(BlockError::Io),
                 };
                 s.done.take().map(|d| (d, res))
             } else {
@@ -258,7 +258,7 @@ struct WriteReq {
     /// Request length (`data` may be a larger pool buffer).
     len: u32,
     remaining: usize,
-    err: Option<NbdErrno>,
+    err: Option<BlockError>,
     done: Option<Done>,
 }
 
@@ -297,7 +297,7 @@ pub fn write(
     }
 }
 
-fn piece_done(r: &mut Reactor, w: &WriteRef, res: Result<(), NbdErrno>) {
+fn piece_done(r: &mut Reactor, w: &WriteRef, res: Result<(), BlockError>) {
     let fin = {
         let mut s = w.borrow_mut();
         if let Err(e) = res {
@@ -360,11 +360,11 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
         match delta.map.lookup(chunk).map(|e| e.state()) {
             Ok(State::Unmapped) => return write_piece(r, w, chunk, lo, hi, layer - 1),
             Ok(_) => {}
-            Err(_) => return piece_done(r, w, Err(NbdErrno::Inval)),
+            Err(_) => return piece_done(r, w, Err(BlockError::Invalid)),
         }
     }
     match BlockMap::claim_shared(&delta.map, chunk) {
-        Err(_) => piece_done(r, w, Err(NbdErrno::Inval)),
+        Err(_) => piece_done(r, w, Err(BlockError::Invalid)),
         Ok(Claim::Mapped(pin)) => {
             let off = pin.physical() * cb + (lo - chunk * cb);
             let buf = piece_bytes(w, lo, hi);
@@ -392,7 +392,7 @@ fn write_piece(r: &mut Reactor, w: &WriteRef, chunk: u64, lo: u64, hi: u64, laye
             }
             let Some(p) = delta.alloc(1) else {
                 guard.abort();
-                return piece_done(r, w, Err(NbdErrno::NoSpc));
+                return piece_done(r, w, Err(BlockError::NoSpace));
             };
             let w2 = w.clone();
             let d2 = delta.clone();
@@ -494,24 +494,24 @@ fn publish_after(
     delta: &Delta,
     chunk: u64,
     p: u64,
-) -> Result<(), NbdErrno> {
+) -> Result<(), BlockError> {
     match n {
         Ok(n) if n == want => {
             delta.journal(ringblk_blockmap::MapRecord::Install {
                 logical: chunk,
                 physical: p,
             });
-            guard.publish(p).map_err(|_| NbdErrno::Io)
+            guard.publish(p).map_err(|_| BlockError::Io)
         }
         Ok(_) => {
             guard.abort();
             delta.give_back(p);
-            Err(NbdErrno::NoSpc)
+            Err(BlockError::NoSpace)
         }
         Err(e) => {
             guard.abort();
             delta.give_back(p);
-            Err(NbdErrno::from_os_errno(e))
+            Err(BlockError::from_os_errno(e))
         }
     }
 }
@@ -591,8 +591,8 @@ fn submit_write(
         drop(hold); // unpin only after the data is written
         let res = match c.bytes() {
             Ok(n) if n == len => Ok(()),
-            Ok(_) => Err(NbdErrno::NoSpc),
-            Err(e) => Err(NbdErrno::from_os_errno(e)),
+            Ok(_) => Err(BlockError::NoSpace),
+            Err(e) => Err(BlockError::from_os_errno(e)),
         };
         piece_done(r, &w2, res)
     });
@@ -696,16 +696,16 @@ fn overlay_extents(
         .saturating_mul(cb)
         .min(end);
     let base_ext = base(offset, (window_end - offset) as u32);
-    let base_end = offset + base_ext.iter().map(|e| e.length as u64).sum::<u64>();
+    let base_end = offset + base_ext.iter().map(|e| e.length_bytes).sum::<u64>();
     let mut out: Vec<Extent> = Vec::new();
     let mut pos = offset;
     let mut bi = 0;
-    let mut b_end = offset + base_ext.first().map_or(0, |e| e.length as u64);
+    let mut b_end = offset + base_ext.first().map_or(0, |e| e.length_bytes);
     let mut last: Option<(u64, bool)> = None;
     while pos < base_end.min(window_end) {
         while b_end <= pos && bi + 1 < base_ext.len() {
             bi += 1;
-            b_end += base_ext[bi].length as u64;
+            b_end += base_ext[bi].length_bytes;
         }
         let chunk = pos / cb;
         let is_held = match last {
@@ -718,16 +718,19 @@ fn overlay_extents(
         };
         let chunk_end = ((chunk + 1) * cb).min(base_end);
         let (flags, next) = if is_held {
-            (0, chunk_end)
+            (ExtentFlags::NONE, chunk_end)
         } else {
             (base_ext[bi].flags, chunk_end.min(b_end))
         };
-        let n = (next - pos) as u32;
+        let n = next - pos;
         let full = out.len() >= max.max(1);
         match out.last_mut() {
-            Some(e) if e.flags == flags => e.length += n,
+            Some(e) if e.flags == flags => e.length_bytes += n,
             _ if full => break,
-            _ => out.push(Extent { length: n, flags }),
+            _ => out.push(Extent {
+                length_bytes: n,
+                flags,
+            }),
         }
         pos = next;
     }
@@ -735,8 +738,8 @@ fn overlay_extents(
         // No base answer at all (cannot happen with a fresh lseek budget): the first
         // chunk counts as data, which is always correct.
         out.push(Extent {
-            length: ((first + 1) * cb).min(end).saturating_sub(offset).max(1) as u32,
-            flags: 0,
+            length_bytes: ((first + 1) * cb).min(end).saturating_sub(offset).max(1),
+            flags: ExtentFlags::NONE,
         });
     }
     out
@@ -783,8 +786,8 @@ pub fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {
         .any(|d| matches!(d.map.lookup(chunk).map(|e| e.state()), Ok(s) if s != State::Unmapped))
 }
 
-/// `x-ringblk:changed/NAME` extents of `[offset, offset + len)`: flags 1 where a chunk
-/// is held by one of `changed` (see [`changed_layers`]), 0 elsewhere. Covers a prefix
+/// `x-ringblk:changed/NAME` extents of `[offset, offset + len)`: CHANGED where a chunk
+/// is held by one of `changed` (see [`changed_layers`]), no flag elsewhere. Covers a prefix
 /// of the range when `max` extents or the scan bound run out.
 pub fn changed_status(
     vol: &Volume,
@@ -801,13 +804,17 @@ pub fn changed_status(
     while pos < end && scanned < BLOCK_STATUS_CHUNKS_MAX {
         let chunk = pos / cb;
         let n = ((chunk + 1) * cb).min(end) - pos;
-        let flags = u32::from(held_by_any(changed, chunk));
+        let flags = if held_by_any(changed, chunk) {
+            ExtentFlags::CHANGED
+        } else {
+            ExtentFlags::NONE
+        };
         let full = out.len() >= max.max(1);
         match out.last_mut() {
-            Some(last) if last.flags == flags => last.length += n as u32,
+            Some(last) if last.flags == flags => last.length_bytes += n,
             _ if full => break,
             _ => out.push(Extent {
-                length: n as u32,
+                length_bytes: n,
                 flags,
             }),
         }
@@ -829,7 +836,6 @@ mod block_status_tests {
     use crate::backend::BackendKind;
     use crate::volume::VolumeSpec;
     use ringblk_blockmap::Claim;
-    use ringblk_nbd::proto::STATE_HOLE;
 
     const SIZE: u64 = 4 << 30;
     const CB: u64 = 4096;
@@ -913,7 +919,7 @@ mod block_status_tests {
                 "at {pos}: {} extents",
                 ext.len()
             );
-            let covered: u64 = ext.iter().map(|e| e.length as u64).sum();
+            let covered: u64 = ext.iter().map(|e| e.length_bytes).sum();
             assert!(
                 covered > 0 && covered <= len as u64,
                 "at {pos}: covered {covered}"
@@ -927,16 +933,16 @@ mod block_status_tests {
                 "request at {pos} covered {covered} bytes: more than {BLOCK_STATUS_CHUNKS_MAX} chunks examined"
             );
             for e in &ext {
-                let data = e.flags & STATE_HOLE == 0;
-                for b in pos / CB..(pos + e.length as u64) / CB {
+                let data = !e.flags.contains(ExtentFlags::UNALLOCATED);
+                for b in pos / CB..(pos + e.length_bytes) / CB {
                     assert_eq!(data, data_at(b), "block {b} (request at {pos}: {ext:?})");
                 }
                 assert_eq!(
-                    e.length as u64 % CB,
+                    e.length_bytes % CB,
                     0,
                     "extents end on block boundaries here"
                 );
-                pos += e.length as u64;
+                pos += e.length_bytes;
             }
         }
         assert_eq!(pos, SIZE);

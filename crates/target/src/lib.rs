@@ -1,8 +1,9 @@
 //! ringblk-target: volumes, images, backup switchover, NBD server and JSON-RPC.
 //!
 //! Layout: the sans-IO NBD protocol (handshake and transmission codec) is the
-//! `ringblk-nbd` crate; `session` drives it over reactor sockets and `os_errno` maps
-//! host errors to NBD errors (both leave this crate in #12 steps 1 and 5), `admission` holds the server-wide
+//! `ringblk-nbd` crate; `session` drives it over reactor sockets and maps the block
+//! layer's vocabulary (`error::BlockError`, `extent::Extent`, `ops::IoKind`, which know
+//! no protocol) to NBD's at its edge (it leaves this crate in #12 step 5), `admission` holds the server-wide
 //! limits on what clients may hold, `volume` and `backend/` are the storage
 //! side, `server` wires listeners, reactors and volumes together, `rpc` is the
 //! JSON-RPC 2.0 control socket and `methods` the RPC methods.
@@ -14,19 +15,24 @@ pub mod config;
 pub mod copyjob;
 pub mod datadir;
 pub mod durable;
+pub mod error;
+pub mod extent;
 pub mod fault;
 pub mod filelock;
 pub mod image;
 mod io;
-pub mod latency;
 pub mod listen;
 pub mod methods;
-pub mod os_errno;
+pub mod ops;
 mod park;
 pub mod persist;
 pub mod rpc;
 pub mod server;
 mod session;
+pub mod spec;
+pub mod stats;
+/// Moved to [`stats::latency`] (#12 step 1); re-exported so paths keep working.
+pub use stats::latency;
 pub mod startup;
 pub mod switchover;
 pub mod volume;

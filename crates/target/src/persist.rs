@@ -44,9 +44,8 @@ use ringblk_reactor::{Reactor, ReactorHandle};
 use crate::durable::commit::{commit, CommitOptions, CommitSet};
 use crate::durable::manifest::ManifestCell;
 use crate::durable::store::{DirStore, Store};
+use crate::error::BlockError;
 use crate::image::Delta;
-use crate::os_errno::FromOsErrno;
-use ringblk_nbd::NbdErrno;
 
 type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
 
@@ -309,10 +308,7 @@ impl Persist {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .unwrap_or_else(|| Err(io::Error::from_raw_os_error(libc::EIO)));
-            done(
-                r,
-                res.map_err(|e| NbdErrno::from_os_errno(e.raw_os_error().unwrap_or(libc::EIO))),
-            )
+            done(r, res.map_err(|e| BlockError::from_io_error(&e)))
         });
         let waiter: Waiter = Box::new(move |res| {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(res);

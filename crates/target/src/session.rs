@@ -59,11 +59,13 @@ use std::time::Instant;
 use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
 
 use crate::admission::{count, Waiter};
+use crate::error::BlockError;
+use crate::extent::{Extent, ExtentFlags};
 use crate::fault::Fault;
 use crate::image::{Delta, StackPin};
 use crate::io;
 use crate::latency;
-use crate::os_errno::FromOsErrno;
+use crate::ops::IoKind;
 use crate::server::ServerShared;
 use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
 use ringblk_nbd::codec::{
@@ -845,6 +847,90 @@ fn tcp_bytes_acked(sock: &FileRef) -> Option<u64> {
     (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
 }
 
+/// The NBD command's block request kind; `None` for DISC and unknown commands, which
+/// never reach the block layer (no fault, no latency, `Invalid` at most).
+fn io_kind(cmd: Command) -> Option<IoKind> {
+    Some(match cmd {
+        Command::Read => IoKind::Read,
+        Command::Write => IoKind::Write,
+        Command::Flush => IoKind::Flush,
+        Command::Trim => IoKind::Unmap,
+        Command::WriteZeroes => IoKind::WriteZeroes,
+        Command::Cache => IoKind::Readahead,
+        Command::BlockStatus => IoKind::BlockStatus,
+        Command::Disc | Command::Unknown(_) => return None,
+    })
+}
+
+/// THE mapping from the block layer's errors to NBD's (plan §2.6). `kind` matters only
+/// for `OutOfRange`: past the end is ENOSPC for a write-type request (the NBD spec's
+/// choice), EINVAL otherwise. Moves to `ringblk_nbd::frontend::errors` in #12 step 5.
+fn nbd_errno(kind: IoKind, e: BlockError) -> NbdErrno {
+    // No wildcard arm: a new `BlockError` variant must be mapped here on purpose.
+    match e {
+        BlockError::ReadOnly => NbdErrno::Perm,
+        BlockError::NoSpace => NbdErrno::NoSpc,
+        BlockError::Invalid => NbdErrno::Inval,
+        BlockError::OutOfRange if kind.is_write() => NbdErrno::NoSpc,
+        BlockError::OutOfRange => NbdErrno::Inval,
+        BlockError::TooLarge => NbdErrno::Overflow,
+        BlockError::NotSupported => NbdErrno::NotSup,
+        BlockError::Shutdown | BlockError::Removed => NbdErrno::Shutdown,
+        // Kernel ENOMEM only: NBD_ENOMEM as before #12 step 1 (plan §2.6 folds it into EIO).
+        BlockError::NoMemory => NbdErrno::NoMem,
+        // NBD has no compare-and-write: unreachable from this front end.
+        BlockError::Io | BlockError::Miscompare { .. } => NbdErrno::Io,
+    }
+}
+
+/// [`nbd_errno`] for the reply to `cmd`. DISC and unknown commands only ever fail with
+/// `Invalid` or `Removed`, for which the kind does not matter.
+fn reply_errno(cmd: Command, e: BlockError) -> NbdErrno {
+    nbd_errno(io_kind(cmd).unwrap_or(IoKind::Read), e)
+}
+
+/// Which NBD metadata context an extent list answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NbdContext {
+    /// `base:allocation`: STATE_HOLE and STATE_ZERO.
+    BaseAllocation,
+    /// `x-ringblk:changed/NAME`: 1 where changed since the backup.
+    Changed,
+}
+
+/// Block status extents in NBD's wire form for `ctx` (plan §2.9): base:allocation
+/// `flags = (UNALLOCATED → STATE_HOLE) | (ZEROES → STATE_ZERO)`, the changed context
+/// `flags = CHANGED → 1`. An extent list covers a prefix of the request, whose length
+/// is a u32, so every length fits.
+fn nbd_extents(ctx: NbdContext, extents: &[Extent]) -> Vec<reply::Extent> {
+    extents
+        .iter()
+        .map(|e| {
+            let mut flags = 0;
+            match ctx {
+                NbdContext::BaseAllocation => {
+                    if e.flags.contains(ExtentFlags::UNALLOCATED) {
+                        flags |= proto::STATE_HOLE;
+                    }
+                    if e.flags.contains(ExtentFlags::ZEROES) {
+                        flags |= proto::STATE_ZERO;
+                    }
+                }
+                NbdContext::Changed => {
+                    if e.flags.contains(ExtentFlags::CHANGED) {
+                        flags |= 1;
+                    }
+                }
+            }
+            debug_assert!(e.length_bytes <= u64::from(u32::MAX));
+            reply::Extent {
+                length: u32::try_from(e.length_bytes).unwrap_or(u32::MAX),
+                flags,
+            }
+        })
+        .collect()
+}
+
 fn errno_message(e: NbdErrno) -> &'static str {
     match e {
         NbdErrno::Perm => "export is read-only",
@@ -890,10 +976,9 @@ fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>
     let (_, volume, _) = file_of(conn);
     // Injected faults (`fault`): here, where both data paths start, before any I/O.
     // A failed WRITE's payload is dropped with the request: never applied.
-    let delay = match volume
-        .faults
-        .check_fault(req.command, req.offset, req.length)
-    {
+    let fault = io_kind(req.command)
+        .and_then(|kind| volume.faults.check_fault(kind, req.offset, req.length));
+    let delay = match fault {
         Some(Fault::Fail(e)) => {
             count_op(&volume, r.id(), &req);
             return complete(r, conn, req, Err(e));
@@ -920,7 +1005,7 @@ fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>
             Some([]) => None,
             Some(v) => Some(v.to_vec()),
             // Released while this connection was open.
-            None => return complete(r, conn, req, Err(NbdErrno::Shutdown)),
+            None => return complete(r, conn, req, Err(BlockError::Removed)),
         },
     };
     // An injected delay holds the request admitted (pinned) before its I/O.
@@ -984,7 +1069,7 @@ fn execute_layered(
         }
         Command::Write => match payload {
             Some(buf) => io::write(r, &volume, pin, req.offset, buf, req.length, then_reply),
-            None => then_reply(r, Err(NbdErrno::Io)),
+            None => then_reply(r, Err(BlockError::Io)),
         },
         Command::Flush => {
             let c2 = conn.clone();
@@ -998,13 +1083,13 @@ fn execute_layered(
         // TRIM is advisory: with deltas the base is shared with backups, so ignore it.
         Command::Trim | Command::Cache => then_reply(r, Ok(())),
         Command::WriteZeroes if req.flags.contains(CommandFlags::FAST_ZERO) => {
-            then_reply(r, Err(NbdErrno::NotSup))
+            then_reply(r, Err(BlockError::NotSupported))
         }
         Command::WriteZeroes => {
             io::write_zeroes(r, &volume, pin, req.offset, req.length as u64, then_reply)
         }
         Command::BlockStatus => block_status(r, conn, req, &pin, &layers),
-        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(NbdErrno::Inval)),
+        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(BlockError::Invalid)),
     }
 }
 
@@ -1063,7 +1148,7 @@ fn execute_base(
                             }
                             Ok(buf)
                         }
-                        Err(e) => Err(NbdErrno::from_os_errno(e)),
+                        Err(e) => Err(BlockError::from_os_errno(e)),
                     };
                     complete_read(r, &conn2, req, res)
                 },
@@ -1073,7 +1158,7 @@ fn execute_base(
             bump(&ctr.write_ops, 1);
             bump(&ctr.write_bytes, req.length as u64);
             let Some(buf) = payload else {
-                complete(r, conn, req, Err(NbdErrno::Io));
+                complete(r, conn, req, Err(BlockError::Io));
                 return;
             };
             io::submit_io(
@@ -1085,8 +1170,8 @@ fn execute_base(
                     let res = match comp.bytes() {
                         Ok(n) if n == req.length => Ok(()),
                         // A short O_DIRECT write means the device is out of space.
-                        Ok(_) => Err(NbdErrno::NoSpc),
-                        Err(e) => Err(NbdErrno::from_os_errno(e)),
+                        Ok(_) => Err(BlockError::NoSpace),
+                        Err(e) => Err(BlockError::from_os_errno(e)),
                     };
                     finish_with_fua(r, &conn2, req, file, fua, res)
                 },
@@ -1096,7 +1181,7 @@ fn execute_base(
             bump(&ctr.flush_ops, 1);
             io::submit_io(r, &volume, Op::fdatasync(file), move |r, comp| {
                 drop(pin);
-                let res = comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno);
+                let res = comp.bytes().map(|_| ()).map_err(BlockError::from_os_errno);
                 complete(r, &conn2, req, res)
             })
         }
@@ -1113,7 +1198,7 @@ fn execute_base(
                 let res = match comp.bytes() {
                     // TRIM is advisory: a device without a fast zero/discard keeps the data.
                     Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => Ok(()),
-                    res => res.map(|_| ()).map_err(NbdErrno::from_os_errno),
+                    res => res.map(|_| ()).map_err(BlockError::from_os_errno),
                 };
                 finish_with_fua(r, &conn2, req, file, fua, res)
             })
@@ -1123,7 +1208,7 @@ fn execute_base(
             let fast = req.flags.contains(CommandFlags::FAST_ZERO);
             if !volume.backend().can_punch() {
                 if fast {
-                    complete(r, conn, req, Err(NbdErrno::NotSup));
+                    complete(r, conn, req, Err(BlockError::NotSupported));
                 } else {
                     zero_fill(r, conn, req, file, 0, pin);
                 }
@@ -1139,12 +1224,12 @@ fn execute_base(
                 Ok(_) => finish_with_fua(r, &conn2, req, file, fua, Ok(())),
                 Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => {
                     if fast {
-                        complete(r, &conn2, req, Err(NbdErrno::NotSup))
+                        complete(r, &conn2, req, Err(BlockError::NotSupported))
                     } else {
                         zero_fill(r, &conn2, req, file, 0, pin)
                     }
                 }
-                Err(e) => complete(r, &conn2, req, Err(NbdErrno::from_os_errno(e))),
+                Err(e) => complete(r, &conn2, req, Err(BlockError::from_os_errno(e))),
             })
         }
         Command::Cache => {
@@ -1156,7 +1241,7 @@ fn execute_base(
             bump(&ctr.block_status_ops, 1);
             block_status(r, conn, req, &pin, &[]);
         }
-        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(NbdErrno::Inval)),
+        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(BlockError::Invalid)),
     }
 }
 
@@ -1187,7 +1272,7 @@ fn finish_with_fua(
     req: Request,
     file: FileRef,
     fua: bool,
-    res: Result<(), NbdErrno>,
+    res: Result<(), BlockError>,
 ) {
     if !fua || res.is_err() {
         return complete(r, conn, req, res);
@@ -1199,7 +1284,7 @@ fn finish_with_fua(
             r,
             &conn2,
             req,
-            comp.bytes().map(|_| ()).map_err(NbdErrno::from_os_errno),
+            comp.bytes().map(|_| ()).map_err(BlockError::from_os_errno),
         )
     });
 }
@@ -1229,8 +1314,8 @@ fn zero_fill(
         Op::write(file, req.offset + done, buf, n as u32),
         move |r, comp| match comp.bytes() {
             Ok(w) if w as u64 == n => zero_fill(r, &conn2, req, file, done + n, pin),
-            Ok(_) => complete(r, &conn2, req, Err(NbdErrno::NoSpc)),
-            Err(e) => complete(r, &conn2, req, Err(NbdErrno::from_os_errno(e))),
+            Ok(_) => complete(r, &conn2, req, Err(BlockError::NoSpace)),
+            Err(e) => complete(r, &conn2, req, Err(BlockError::from_os_errno(e))),
         },
     );
 }
@@ -1244,15 +1329,16 @@ fn context_extents(
     pin: &StackPin,
     layers: &[Arc<Delta>],
     max: usize,
-) -> Result<Vec<ringblk_nbd::Extent>, &'static str> {
+) -> Result<Vec<reply::Extent>, &'static str> {
     let (off, len) = (req.offset, req.length);
     if ctx.name == proto::META_BASE_ALLOCATION {
-        return Ok(if layers.is_empty() {
+        let extents = if layers.is_empty() {
             let mut lseeks = io::BLOCK_STATUS_LSEEKS_MAX;
             volume.backend().block_status(off, len, max, &mut lseeks)
         } else {
             io::block_status(volume, layers, off, len, max)
-        });
+        };
+        return Ok(nbd_extents(NbdContext::BaseAllocation, &extents));
     }
     if !ctx.name.starts_with(META_CHANGED_PREFIX) {
         return Err("unknown metadata context");
@@ -1260,7 +1346,10 @@ fn context_extents(
     // Bound to the backup selected, by its delta's id: gone once that backup is being
     // released (its changes merge into older ones), even if a new backup took its name.
     match io::changed_layers_of(&pin.stack().deltas, layers.len(), ctx.binding) {
-        Some(changed) => Ok(io::changed_status(volume, changed, off, len, max)),
+        Some(changed) => Ok(nbd_extents(
+            NbdContext::Changed,
+            &io::changed_status(volume, changed, off, len, max),
+        )),
         None => Err("that backup was released: changes since it are no longer tracked"),
     }
 }
@@ -1311,13 +1400,16 @@ fn block_status(
     finish(r, conn, req, Reply::Bytes(out), failed);
 }
 
-fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), NbdErrno>) {
+fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), BlockError>) {
     let structured = file_of(conn).2;
     let mut out = Vec::new();
     let failed = res.is_err();
     match res {
         Ok(()) => reply::success_reply(&mut out, structured, req.cookie),
-        Err(e) => reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e)),
+        Err(e) => {
+            let e = reply_errno(req.command, e);
+            reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e))
+        }
     }
     finish(r, conn, req, Reply::Bytes(out), failed);
 }
@@ -1327,13 +1419,14 @@ fn complete_read(
     r: &mut Reactor,
     conn: &ConnRef,
     req: Request,
-    res: Result<Option<IoBuf>, NbdErrno>,
+    res: Result<Option<IoBuf>, BlockError>,
 ) {
     let structured = file_of(conn).2;
     let len = req.length as usize;
     let reply = match res {
         Err(e) => {
             let mut out = Vec::new();
+            let e = reply_errno(req.command, e);
             reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e));
             return finish(r, conn, req, Reply::Bytes(out), true);
         }
@@ -1372,9 +1465,9 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: b
             if failed {
                 bump(&t.volume.counters(r.id()).errors, 1);
             }
-            if let Some(t0) = started {
+            if let (Some(t0), Some(kind)) = (started, io_kind(req.command)) {
                 let latency_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                latency::record(r, t.volume.name(), req.command, latency_ns);
+                latency::record(r, t.volume.name(), kind, latency_ns);
             }
         }
         if c.state != State::Aborting {
@@ -1609,4 +1702,117 @@ fn maybe_finish(r: &mut Reactor, conn: &ConnRef) {
     give_back(r, &shared, held);
     conns(r).map.borrow_mut().remove(&id);
     tracing::debug!(conn = id, "connection closed");
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+
+    /// The OS errno → NBD table as it was before #12 step 1 (`os_errno.rs`), typed
+    /// out again: the errors clients see must not change.
+    fn nbd_before_step1(errno: i32) -> NbdErrno {
+        match errno {
+            libc::EPERM | libc::EACCES | libc::EROFS => NbdErrno::Perm,
+            libc::ENOMEM => NbdErrno::NoMem,
+            libc::EINVAL => NbdErrno::Inval,
+            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => NbdErrno::NoSpc,
+            libc::EOVERFLOW => NbdErrno::Overflow,
+            libc::EOPNOTSUPP => NbdErrno::NotSup,
+            libc::ESHUTDOWN => NbdErrno::Shutdown,
+            _ => NbdErrno::Io,
+        }
+    }
+
+    #[test]
+    fn errno_mapping_gives_todays_nbd_errors() {
+        for kind in IoKind::ALL {
+            for errno in 0..200 {
+                let e = nbd_errno(kind, BlockError::from_os_errno(errno));
+                assert_eq!(e, nbd_before_step1(errno), "{kind:?} errno {errno}");
+                assert!(NbdErrno::ALL.contains(&e));
+            }
+        }
+        // The spot checks of the old os_errno test.
+        let via = |errno| nbd_errno(IoKind::Write, BlockError::from_os_errno(errno));
+        assert_eq!(via(libc::EDQUOT), NbdErrno::NoSpc);
+        assert_eq!(via(libc::EFBIG), NbdErrno::NoSpc);
+        assert_eq!(via(libc::EROFS), NbdErrno::Perm);
+        assert_eq!(via(libc::EBADF), NbdErrno::Io);
+        let io = std::io::Error::other("no os code");
+        assert_eq!(
+            nbd_errno(IoKind::Flush, BlockError::from_io_error(&io)),
+            NbdErrno::Io
+        );
+    }
+
+    #[test]
+    fn layer_only_errors_map_as_the_plan_says() {
+        // A backup released under an open connection: ESHUTDOWN, as before.
+        assert_eq!(
+            nbd_errno(IoKind::Read, BlockError::Removed),
+            NbdErrno::Shutdown
+        );
+        // Short writes / fast zero impossible / a DISC or unknown command.
+        assert_eq!(
+            nbd_errno(IoKind::Write, BlockError::NoSpace),
+            NbdErrno::NoSpc
+        );
+        assert_eq!(
+            nbd_errno(IoKind::WriteZeroes, BlockError::NotSupported),
+            NbdErrno::NotSup
+        );
+        assert_eq!(
+            reply_errno(Command::Unknown(99), BlockError::Invalid),
+            NbdErrno::Inval
+        );
+        for kind in IoKind::ALL {
+            let want = if kind.is_write() {
+                NbdErrno::NoSpc
+            } else {
+                NbdErrno::Inval
+            };
+            assert_eq!(nbd_errno(kind, BlockError::OutOfRange), want, "{kind:?}");
+        }
+        let miscompare = BlockError::Miscompare { offset: 7 };
+        assert_eq!(nbd_errno(IoKind::CompareAndWrite, miscompare), NbdErrno::Io);
+        // Injected faults reach clients as EIO and ENOSPC, as before.
+        use crate::fault::FaultErrno;
+        assert_eq!(
+            nbd_errno(IoKind::Read, FaultErrno::Eio.error()),
+            NbdErrno::Io
+        );
+        assert_eq!(
+            nbd_errno(IoKind::Write, FaultErrno::Enospc.error()),
+            NbdErrno::NoSpc
+        );
+    }
+
+    #[test]
+    fn extent_flags_map_to_wire_flags() {
+        let ext = |length_bytes, flags| Extent {
+            length_bytes,
+            flags,
+        };
+        let list = [
+            ext(4096, ExtentFlags::NONE),
+            ext(8192, ExtentFlags::UNALLOCATED | ExtentFlags::ZEROES),
+            ext(512, ExtentFlags::ZEROES),
+            ext(1024, ExtentFlags::CHANGED),
+        ];
+        let base = nbd_extents(NbdContext::BaseAllocation, &list);
+        let got: Vec<_> = base.iter().map(|e| (e.length, e.flags)).collect();
+        let hole_zero = proto::STATE_HOLE | proto::STATE_ZERO;
+        assert_eq!(
+            got,
+            [
+                (4096, 0),
+                (8192, hole_zero),
+                (512, proto::STATE_ZERO),
+                (1024, 0)
+            ]
+        );
+        let changed = nbd_extents(NbdContext::Changed, &list);
+        let got: Vec<_> = changed.iter().map(|e| (e.length, e.flags)).collect();
+        assert_eq!(got, [(4096, 0), (8192, 0), (512, 0), (1024, 1)]);
+    }
 }

@@ -20,53 +20,14 @@ use serde::Serialize;
 
 use crate::backend::{self, Backend, BackendKind};
 use crate::image::{Stack, StackPin};
+/// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
+pub use crate::spec::VolumeSpec;
+/// Moved to [`crate::stats::counters`] (#12 step 1); re-exported so paths keep working.
+pub use crate::stats::counters::{bump, OpCounters, VolumeStats};
 use ringblk_nbd::{ExportCatalog, ExportInfo};
 
 /// Largest request payload served (the 32 MiB).
 pub const PAYLOAD_MAX_BYTES: u32 = 32 * 1024 * 1024;
-
-/// What a volume is made from (CLI `--volume`, config file, or RPC `volume_create`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
-pub struct VolumeSpec {
-    pub name: String,
-    /// Backing file or device; ignored for mem and null.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    #[serde(default = "default_block_size")]
-    pub block_size: u32,
-    #[serde(default = "default_backend")]
-    pub backend: BackendKind,
-    #[serde(default)]
-    pub read_only: bool,
-    /// Open the file O_DIRECT (default); off uses the page cache.
-    #[serde(default = "default_true")]
-    pub direct: bool,
-    /// Redirect-on-write granularity of backups' deltas: a power of two from 4 KiB
-    /// to 1 MiB, at least the block size. 4 KiB (default): an aligned 4 KiB write
-    /// never copies.
-    #[serde(default = "default_chunk")]
-    pub chunk_size: u32,
-    /// Let `size_bytes` grow an existing, smaller, non-empty file. Off, such a size is
-    /// refused: a typo in a size must never change a user's image.
-    #[serde(default)]
-    pub grow: bool,
-}
-
-fn default_chunk() -> u32 {
-    4096
-}
-
-fn default_block_size() -> u32 {
-    512
-}
-fn default_backend() -> BackendKind {
-    BackendKind::File
-}
-fn default_true() -> bool {
-    true
-}
 
 impl VolumeSpec {
     /// What can be checked of the spec alone, without touching a file: the name,
@@ -147,51 +108,6 @@ impl VolumeError {
             VolumeError::Locked(_) => -libc::EBUSY,
         }
     }
-}
-
-/// Per-reactor operation counters of one volume.
-#[derive(Default, Debug)]
-#[repr(align(128))] // one slot per cache line pair: no false sharing between reactors
-pub struct OpCounters {
-    pub read_ops: AtomicU64,
-    pub read_bytes: AtomicU64,
-    pub write_ops: AtomicU64,
-    pub write_bytes: AtomicU64,
-    pub flush_ops: AtomicU64,
-    pub trim_ops: AtomicU64,
-    pub zero_ops: AtomicU64,
-    pub cache_ops: AtomicU64,
-    pub block_status_ops: AtomicU64,
-    pub errors: AtomicU64,
-    /// Requests that went through the image-stack path (map lookups) rather than
-    /// the base fast path: zero growth proves a volume without backups does none.
-    pub layered_ops: AtomicU64,
-    /// Reactor operations of this volume's requests that found the reactor's slab
-    /// full and waited for a slot (back-pressure, never a failure).
-    pub slab_waits: AtomicU64,
-    /// FLUSH/FUA commits that found the commit queue full and waited on their
-    /// reactor to be queued (`persist` module docs).
-    pub commit_queue_waits: AtomicU64,
-}
-
-/// Summed counters, as reported by `stats`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct VolumeStats {
-    pub name: String,
-    pub read_ops: u64,
-    pub read_bytes: u64,
-    pub write_ops: u64,
-    pub write_bytes: u64,
-    pub flush_ops: u64,
-    pub trim_ops: u64,
-    pub zero_ops: u64,
-    pub cache_ops: u64,
-    pub block_status_ops: u64,
-    pub errors: u64,
-    pub layered_ops: u64,
-    pub slab_waits: u64,
-    pub commit_queue_waits: u64,
-    pub connections: usize,
 }
 
 /// State of one backup of a volume.
@@ -894,11 +810,6 @@ impl Drop for Volume {
             drop(unsafe { Box::from_raw(r.stack) });
         }
     }
-}
-
-/// Adds one to a per-reactor counter (single writer per slot).
-pub fn bump(c: &AtomicU64, v: u64) {
-    c.fetch_add(v, Ordering::Relaxed);
 }
 
 /// Every volume, by name.

@@ -18,8 +18,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::{Backend, BackendKind};
-use ringblk_nbd::proto::{STATE_HOLE, STATE_ZERO};
-use ringblk_nbd::Extent;
+use crate::extent::{Extent, ExtentFlags};
 
 /// How to open a file backend.
 #[derive(Clone, Copy, Debug)]
@@ -185,21 +184,27 @@ pub fn seek_extents(
         let (flags, next) = match data {
             // ENXIO: no data at or after pos: the rest is a hole.
             None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
-                (STATE_HOLE | STATE_ZERO, end)
+                (ExtentFlags::UNALLOCATED | ExtentFlags::ZEROES, end)
             }
-            None => (0, end),
-            Some(d) if d > pos => (STATE_HOLE | STATE_ZERO, d.min(end)),
+            None => (ExtentFlags::NONE, end),
+            Some(d) if d > pos => (ExtentFlags::UNALLOCATED | ExtentFlags::ZEROES, d.min(end)),
             Some(_) => {
                 *lseeks -= 1;
-                (0, lseek(file, pos, libc::SEEK_HOLE).unwrap_or(end).min(end))
+                (
+                    ExtentFlags::NONE,
+                    lseek(file, pos, libc::SEEK_HOLE).unwrap_or(end).min(end),
+                )
             }
         };
         let next = next.max(pos + 1).min(end);
         // Merge with the previous extent when the flags match (SEEK can split).
         match out.last_mut() {
-            Some(Extent { length, flags: f }) if *f == flags => *length += (next - pos) as u32,
+            Some(Extent {
+                length_bytes,
+                flags: f,
+            }) if *f == flags => *length_bytes += next - pos,
             _ => out.push(Extent {
-                length: (next - pos) as u32,
+                length_bytes: next - pos,
                 flags,
             }),
         }

@@ -22,40 +22,10 @@ pub mod null;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 
-use ringblk_nbd::Extent;
+use crate::extent::{Extent, ExtentFlags};
 
-/// What kind of backend a volume has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    File,
-    Mem,
-    Null,
-}
-
-impl std::str::FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "file" => Ok(BackendKind::File),
-            "mem" => Ok(BackendKind::Mem),
-            "null" => Ok(BackendKind::Null),
-            other => Err(format!(
-                "unknown backend {other:?} (expected file, mem or null)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BackendKind::File => "file",
-            BackendKind::Mem => "mem",
-            BackendKind::Null => "null",
-        })
-    }
-}
+/// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
+pub use crate::spec::BackendKind;
 
 /// An opened backend.
 #[derive(Debug)]
@@ -113,8 +83,8 @@ impl Backend {
     ) -> Vec<Extent> {
         match &self.file {
             None => vec![Extent {
-                length: len,
-                flags: ringblk_nbd::proto::STATE_HOLE | ringblk_nbd::proto::STATE_ZERO,
+                length_bytes: u64::from(len),
+                flags: ExtentFlags::UNALLOCATED | ExtentFlags::ZEROES,
             }],
             Some(f) => file::seek_extents(f, offset, len, max_extents, lseeks),
         }

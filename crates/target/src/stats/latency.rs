@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use ringblk_reactor::Reactor;
 use serde_json::{json, Value};
 
-use ringblk_nbd::codec::Command;
+use crate::ops::IoKind;
 
 /// Largest latency kept apart: one hour. Longer requests count as one hour.
 pub const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
@@ -45,17 +45,17 @@ pub const OPS: [&str; 7] = [
     "block_status",
 ];
 
-/// The slot of `cmd` in [`OPS`], `None` for a command that is never executed.
-pub fn op_index(cmd: Command) -> Option<usize> {
-    match cmd {
-        Command::Read => Some(0),
-        Command::Write => Some(1),
-        Command::Flush => Some(2),
-        Command::Trim => Some(3),
-        Command::WriteZeroes => Some(4),
-        Command::Cache => Some(5),
-        Command::BlockStatus => Some(6),
-        _ => None,
+/// The slot of `kind` in [`OPS`], `None` for a kind that has no histogram yet.
+pub fn op_index(kind: IoKind) -> Option<usize> {
+    match kind {
+        IoKind::Read => Some(0),
+        IoKind::Write => Some(1),
+        IoKind::Flush => Some(2),
+        IoKind::Unmap => Some(3),
+        IoKind::WriteZeroes => Some(4),
+        IoKind::Readahead => Some(5),
+        IoKind::BlockStatus => Some(6),
+        IoKind::CompareAndWrite => None,
     }
 }
 
@@ -114,10 +114,10 @@ pub(crate) fn install(r: &mut Reactor) {
     r.set_local(Rc::new(ReactorLatency::default()));
 }
 
-/// Records one request of kind `cmd` on `volume` (data path: no lock, no allocation
+/// Records one request of kind `kind` on `volume` (data path: no lock, no allocation
 /// after a volume's first request of that kind here).
-pub(crate) fn record(r: &Reactor, volume: &str, cmd: Command, latency_ns: u64) {
-    let (Some(op), Some(lat)) = (op_index(cmd), r.local::<ReactorLatency>()) else {
+pub(crate) fn record(r: &Reactor, volume: &str, kind: IoKind, latency_ns: u64) {
+    let (Some(op), Some(lat)) = (op_index(kind), r.local::<ReactorLatency>()) else {
         return;
     };
     let mut vols = lat.volumes.borrow_mut();
@@ -244,6 +244,17 @@ pub fn volume_json(per_reactor: &[(usize, Option<&OpHistograms>)], hist: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The histogram slots and their JSON names are `IoKind`'s stat names, in order
+    /// (`ringblk-ctl stats --op` and the `stats` JSON read them).
+    #[test]
+    fn slots_follow_io_kind_stat_names() {
+        for (i, name) in OPS.iter().enumerate() {
+            assert_eq!(IoKind::ALL[i].stat_name(), *name);
+            assert_eq!(op_index(IoKind::ALL[i]), Some(i));
+        }
+        assert_eq!(op_index(IoKind::CompareAndWrite), None);
+    }
 
     #[test]
     fn clamps_instead_of_failing() {
