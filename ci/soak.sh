@@ -23,5 +23,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# The test drives ringblk-ctl, which `cargo test -p ringblk-target` does not build.
+cargo build "${profile[@]}" -p ringblk-ctl
 RINGBLK_SOAK_SECS=$secs exec cargo test "${profile[@]}" -p ringblk-target --test soak \
   -- --nocapture soak_every_size
