@@ -27,7 +27,7 @@
 //!    and give it `buf[consumed..]` and everything received after.
 //! 4. Loop `decoder.feed(input)` (see [`codec`]); answer with [`reply`] encoders.
 //!
-//! The protocol reference is `shared/reference/nbd-proto.md`; each module documents the
+//! The protocol reference is the NBD project's `doc/proto.md`; each module documents the
 //! choices it makes where the spec leaves room.
 
 pub mod client;
