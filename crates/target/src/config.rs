@@ -218,19 +218,12 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
     // Only for a data dir without a volume list (see `catalog`).
     let volumes_implicit = volumes.is_empty();
     if volumes.is_empty() {
-        volumes.push(VolumeSpec {
-            name: DEFAULT_VOLUME.into(),
-            path: Some(data_dir.join(format!("{DEFAULT_VOLUME}.img"))),
-            // Filled in below: 1 GiB for a new file; an existing vol0.img is served
-            // at its own size (never grown, see `grow`).
-            size_bytes: None,
-            block_size: 512,
-            backend: BackendKind::File,
-            read_only: false,
-            direct: true,
-            chunk_size: 4096,
-            grow: false,
-        });
+        // Its size is filled in below: 1 GiB for a new file; an existing vol0.img is
+        // served at its own size (never grown, see `grow`).
+        volumes.push(VolumeSpec::file(
+            DEFAULT_VOLUME,
+            Some(data_dir.join(format!("{DEFAULT_VOLUME}.img"))),
+        ));
     }
     for v in volumes.iter_mut() {
         if let Some(p) = v.path.take() {
@@ -316,7 +309,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
 
 /// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
 /// their reactor (`persist` module docs).
-pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = 4096;
+pub use crate::persist::DEFAULT_COMMIT_QUEUE_DEPTH;
 const COMMIT_QUEUE_DEPTH_MAX: usize = 1 << 20;
 /// Reactor operations in flight per reactor by default.
 const DEFAULT_MAX_IN_FLIGHT: usize = 4096;

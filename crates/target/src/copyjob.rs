@@ -3,7 +3,7 @@
 //! of the result that equals `sha256sum DEST`.
 //!
 //! # Where the work runs
-//! A job runs on its volume's home reactor (`switchover::home_reactor`, the reactor
+//! A job runs on its volume's home reactor (`Volume::home_reactor`, the reactor
 //! that owns the volume's control plane). It walks the image in units of
 //! [`UNIT_BYTES`], reads each through [`io::read`] — a fresh stack pin per unit and
 //! `backup_view(name)` taken from that pin, like a read on the `VOL@NAME` export —
@@ -510,7 +510,7 @@ pub fn start(
         return Err(CopyError::TooMany(JOBS_RUNNING_MAX));
     }
     let incremental = spec.changed_since.is_some();
-    let home = crate::switchover::home_reactor(vol, reactors.len());
+    let home = vol.home_reactor(reactors.len());
     let (shared, mut file, kind, lock) = {
         let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
         // Validate before DEST is touched: a mistyped backup name must not create or

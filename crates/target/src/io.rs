@@ -44,7 +44,9 @@ use crate::image::{Delta, StackPin};
 use crate::park::park_chunk;
 use crate::volume::{bump, Volume};
 
-pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), BlockError>)>;
+/// Completion of a request without data (defined with the committer, which completes
+/// FLUSH/FUA requests too).
+pub use crate::persist::Done;
 pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, BlockError>)>;
 
 /// How often a partial fill re-checks whether its delta has drained.

@@ -116,6 +116,13 @@ pub struct Persist {
     queue_depth: std::sync::atomic::AtomicUsize,
 }
 
+/// FLUSH/FUA requests of a volume queued for its group commit at most, unless
+/// `--commit-queue-depth` says otherwise; more wait on their reactor.
+pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = 4096;
+
+/// Completion of a request without data, on the reactor that submitted it.
+pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), crate::error::BlockError>)>;
+
 impl Persist {
     pub fn new(
         volume: &str,
@@ -139,9 +146,7 @@ impl Persist {
             tx: Mutex::new(None),
             volume: volume.to_string(),
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
-            queue_depth: std::sync::atomic::AtomicUsize::new(
-                crate::config::DEFAULT_COMMIT_QUEUE_DEPTH,
-            ),
+            queue_depth: std::sync::atomic::AtomicUsize::new(DEFAULT_COMMIT_QUEUE_DEPTH),
         }
     }
 
@@ -299,7 +304,7 @@ impl Persist {
     /// Asks for a commit from a reactor; `done` runs on this reactor afterwards.
     /// When the commit queue is full the request waits on this reactor to be queued
     /// (module docs, *Back-pressure*): `Queued::Waiting`, never a failure.
-    pub fn commit_async(&self, r: &mut Reactor, done: crate::io::Done) -> Queued {
+    pub fn commit_async(&self, r: &mut Reactor, done: Done) -> Queued {
         let slot: Arc<Mutex<Option<io::Result<()>>>> = Arc::new(Mutex::new(None));
         let slot2 = slot.clone();
         let waker = crate::park::suspend(r, move |r| {

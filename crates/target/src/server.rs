@@ -18,7 +18,6 @@
 //! [`Server::start`] binds the listener before it opens (and maybe creates) any
 //! volume file, so a port in use fails the start before anything is written.
 
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,36 +30,7 @@ use crate::admission::{count, more_suffix, Admission, AdmissionConfig};
 use crate::session;
 use crate::volume::{Registry, Volume, VolumeError, VolumeSpec};
 
-/// Where to listen for NBD clients.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err("unix: needs a socket path".into());
-            }
-            return Ok(ListenAddr::Unix(PathBuf::from(p)));
-        }
-        s.parse::<SocketAddr>()
-            .map(ListenAddr::Tcp)
-            .map_err(|e| format!("invalid listen address {s:?} ({e}); use ADDR:PORT or unix:PATH"))
-    }
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+pub use crate::listen::ListenAddr;
 
 /// Settings the server runs with (built from the CLI and config file).
 #[derive(Clone, Debug)]

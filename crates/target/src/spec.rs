@@ -71,6 +71,24 @@ pub struct VolumeSpec {
     pub grow: bool,
 }
 
+impl VolumeSpec {
+    /// A file volume `name` on `path` with every other setting at its default (the
+    /// same values serde fills in for a TOML or RPC spec that omits them).
+    pub fn file(name: &str, path: Option<PathBuf>) -> VolumeSpec {
+        VolumeSpec {
+            name: name.to_string(),
+            path,
+            size_bytes: None,
+            block_size: default_block_size(),
+            backend: default_backend(),
+            read_only: false,
+            direct: default_true(),
+            chunk_size: default_chunk(),
+            grow: false,
+        }
+    }
+}
+
 fn default_chunk() -> u32 {
     4096
 }
@@ -114,17 +132,7 @@ pub fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
         .ok_or_else(|| format!("invalid --volume {s:?}: expected NAME=PATH[,key=value...]"))?;
     let mut parts = rest.split(',');
     let path = parts.next().unwrap_or("");
-    let mut spec = VolumeSpec {
-        name: name.to_string(),
-        path: (!path.is_empty()).then(|| PathBuf::from(path)),
-        size_bytes: None,
-        block_size: 512,
-        backend: BackendKind::File,
-        read_only: false,
-        direct: true,
-        chunk_size: 4096,
-        grow: false,
-    };
+    let mut spec = VolumeSpec::file(name, (!path.is_empty()).then(|| PathBuf::from(path)));
     for kv in parts {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {

@@ -110,10 +110,7 @@ impl SwitchError {
 }
 
 pub(crate) fn home_reactor(vol: &Volume, n: usize) -> usize {
-    vol.name()
-        .bytes()
-        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
-        % n.max(1)
+    vol.home_reactor(n)
 }
 
 /// A drain round in progress: one message visiting every reactor, waiting on each

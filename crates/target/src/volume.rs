@@ -677,6 +677,15 @@ impl Volume {
         &self.spec.name
     }
 
+    /// The reactor (of `n`) that serializes this volume's control plane: switchover
+    /// rounds, merges, copy jobs. A hash of the name, so it is the same after a restart.
+    pub fn home_reactor(&self, n: usize) -> usize {
+        self.name()
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % n.max(1)
+    }
+
     pub fn spec(&self) -> &VolumeSpec {
         &self.spec
     }
