@@ -290,6 +290,28 @@ impl CopyShared {
     }
 }
 
+impl crate::volume::BackupHold for CopyShared {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn is_running(&self) -> bool {
+        CopyShared::is_running(self)
+    }
+
+    fn holds(&self, name: &str) -> bool {
+        CopyShared::holds(self, name)
+    }
+
+    fn backup(&self) -> &str {
+        &self.backup
+    }
+
+    fn percent(&self) -> u64 {
+        CopyShared::percent(self)
+    }
+}
+
 /// Every copy job of the server, by id (the RPC methods' table).
 #[derive(Default)]
 pub struct CopyJobs {

@@ -156,6 +156,22 @@ pub struct BackupInfo {
     pub started: Option<std::time::Instant>,
 }
 
+/// Something above the volume (a copy job) that keeps backups from being released
+/// while it runs. The volume keeps these in [`Control::copies`] without knowing what
+/// they are: the layer that defines the holder (`copyjob`) sits above this one.
+pub trait BackupHold: Send + Sync + std::fmt::Debug {
+    /// The holder's id (a copy job's number), for the refusal message.
+    fn id(&self) -> u64;
+    /// Whether it still holds anything: a finished holder is forgotten.
+    fn is_running(&self) -> bool;
+    /// Whether it keeps backup `name` from being released.
+    fn holds(&self, name: &str) -> bool;
+    /// The backup it reads (for `backup_list`'s `copy` field).
+    fn backup(&self) -> &str;
+    /// Progress, 0 to 100 (for `backup_list`).
+    fn percent(&self) -> u64;
+}
+
 /// Volume state only the control plane touches (backup commands serialise here).
 #[derive(Debug, Default)]
 pub struct Control {
@@ -164,7 +180,7 @@ pub struct Control {
     pub next_epoch: u64,
     /// Copy jobs of this volume's backups. A running one holds its backup (and its
     /// `changed_since` backup) against release; see `copyjob`'s module docs.
-    pub copies: Vec<Arc<crate::copyjob::CopyShared>>,
+    pub copies: Vec<Arc<dyn BackupHold>>,
     /// The next backup's delta, created ahead of its switch (`switchover::prepare`).
     pub prepared: Option<crate::image::Delta>,
 }
@@ -172,7 +188,7 @@ pub struct Control {
 impl Control {
     /// The running copy job that holds backup `name`, if any (finished jobs are
     /// forgotten here: their hold ended with them).
-    pub fn copy_holding(&mut self, name: &str) -> Option<Arc<crate::copyjob::CopyShared>> {
+    pub fn copy_holding(&mut self, name: &str) -> Option<Arc<dyn BackupHold>> {
         self.copies.retain(|c| c.is_running());
         self.copies.iter().find(|c| c.holds(name)).cloned()
     }
