@@ -60,6 +60,7 @@ RANKS = {
     "volume": 6,
     "events": 7,  # new in 2A.5
     "bdev": 8,  # new in 3B.4: the block I/O API
+    "drain": 8,  # 2A.4: drain rounds + SwitchError, shared by merge and switchover
     "merge": 9,  # split out of switchover in 2A.4
     "switchover": 10,
     "copyjob": 10,

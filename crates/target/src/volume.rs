@@ -530,6 +530,28 @@ impl Volume {
         })
     }
 
+    /// A new delta with the next id of `ctl` (this volume's control state);
+    /// `reuse` as in [`Delta::create`](crate::image::Delta::create).
+    pub(crate) fn new_delta(
+        &self,
+        ctl: &mut Control,
+        reuse: Option<(&crate::image::Delta, u64)>,
+    ) -> std::io::Result<crate::image::Delta> {
+        let id = ctl.next_delta_id;
+        ctl.next_delta_id += 1;
+        crate::image::Delta::create(
+            self.persist.store(),
+            self.file_stem(),
+            id,
+            "",
+            self.size_bytes(),
+            self.chunk_bytes(),
+            self.backend().is_direct() || self.backend().raw_fd().is_none(),
+            self.persist.persistent(),
+            reuse,
+        )
+    }
+
     /// Prefix of this volume's delta and journal file names in the data dir.
     pub fn file_stem(&self) -> &str {
         &self.file_stem
