@@ -66,6 +66,32 @@ fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
     }
 }
 
+/// Starts merging backup `name`'s delta down on a thread of its own (a release,
+/// or a `resumed` one that was merging when the server stopped). The outcome goes
+/// to the log: the backup disappears from the volume's list when it is done, and
+/// stays `merging` when it fails.
+pub(crate) fn spawn(
+    reactors: Arc<[ReactorHandle]>,
+    vol: &Arc<Volume>,
+    name: &str,
+    resumed: bool,
+) -> std::io::Result<()> {
+    let (vol2, name2) = (vol.clone(), name.to_string());
+    std::thread::Builder::new()
+        .name(format!("merge-{}", vol.name()))
+        .spawn(move || match merge(&reactors, &vol2, &name2) {
+            Ok(()) => {}
+            Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name2),
+            Err(e) if resumed => {
+                tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "resumed merge failed; backup left merging")
+            }
+            Err(e) => {
+                tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "merge failed; backup left merging")
+            }
+        })
+        .map(drop)
+}
+
 /// Resumes the releases that were merging when the server stopped (recovery).
 pub fn resume_merges(reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>) {
     let names: Vec<String> = {
@@ -78,18 +104,7 @@ pub fn resume_merges(reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>) {
     };
     for name in names {
         tracing::info!(volume = vol.name(), backup = %name, "resuming the release of a backup that was merging");
-        let (reactors, vol2) = (reactors.clone(), vol.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("merge-{}", vol.name()))
-            .spawn(move || {
-                match merge(&reactors, &vol2, &name) {
-                    Ok(()) => {}
-                    Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name),
-                    Err(e) => {
-                        tracing::error!(volume = vol2.name(), backup = %name, error = %e, "resumed merge failed; backup left merging")
-                    }
-                }
-            });
+        let spawned = spawn(reactors.clone(), vol, &name, true);
         if let Err(e) = spawned {
             tracing::error!(volume = vol.name(), error = %e, "cannot start a merge thread");
         }
@@ -104,7 +119,7 @@ impl Wake for ThreadWaker {
     }
 }
 
-pub(crate) fn merge_stopped(vol: &Volume, backup: &str) {
+fn merge_stopped(vol: &Volume, backup: &str) {
     tracing::info!(
         volume = vol.name(),
         backup,

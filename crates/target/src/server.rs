@@ -209,7 +209,7 @@ impl ServerShared {
         }
         // Releases interrupted by a stop continue (once the reactors run).
         if let Some(h) = self.reactors.get() {
-            crate::switchover::resume_merges(h, &v);
+            crate::merge::resume_merges(h, &v);
         }
         Ok(v)
     }
@@ -370,7 +370,7 @@ impl Server {
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
         let _ = shared.reactors.set(pool.handles().clone());
         for v in shared.registry.list() {
-            crate::switchover::resume_merges(pool.handles(), &v);
+            crate::merge::resume_merges(pool.handles(), &v);
         }
         let acceptor = match start_acceptor(&shared, &pool, listener) {
             Ok(a) => a,

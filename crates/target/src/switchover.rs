@@ -39,6 +39,9 @@
 //! running copy job reads, or uses as its `changed_since` base, is not released
 //! (EBUSY, [`SwitchError::Copying`]; see `copyjob`).
 //!
+//! The merge itself is [`crate::merge`]; the drain rounds both use are
+//! [`crate::drain`].
+//!
 //! After the last drain no request can reach the merged delta, so its data file
 //! becomes the next backup's prepared delta (renamed, contents stale but never
 //! read: a delta chunk is read only after a fill wrote all of it). Its written
@@ -54,9 +57,9 @@ use crate::drain::{finish_round, start_round, Round, RoundWait};
 /// Moved to [`crate::drain`] (#12 2A.4); re-exported so paths keep working.
 pub use crate::drain::{SwitchError, DRAIN_TIMEOUT};
 use crate::image::{Delta, Pins, Stack};
-/// Moved to [`crate::merge`] (#12 2A.4); re-exported so paths keep working.
+/// Moved to [`crate::merge`] (#12 2A.4); re-exported for sim_tests' path.
+#[cfg(test)]
 pub(crate) use crate::merge::merge;
-use crate::merge::merge_stopped;
 /// Moved to [`crate::merge`] (#12 2A.4); re-exported so paths keep working.
 pub use crate::merge::resume_merges;
 use crate::volume::{check_name, BackupInfo, BackupState, Control, Volume};
@@ -384,19 +387,7 @@ pub fn backup_release(
             Duration::from_secs(5),
         );
     }
-    let vol2 = vol.clone();
-    let name2 = name.to_string();
-    std::thread::Builder::new()
-        .name(format!("merge-{}", vol.name()))
-        .spawn(move || {
-            match merge(&reactors, &vol2, &name2) {
-                Ok(()) => {}
-                Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name2),
-                Err(e) => {
-                    tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "merge failed; backup left merging")
-                }
-            }
-        })?;
+    crate::merge::spawn(reactors, vol, name, false)?;
     Ok(info)
 }
 
