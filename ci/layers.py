@@ -58,7 +58,7 @@ RANKS = {
     "datapath": 5,  # new in 3B.3
     "io": 5,  # becomes datapath/{layered,status}.rs in 3B.3
     "volume": 6,
-    "events": 7,  # new in 2A.5
+    "events": 7,  # 2A.5: BdevEvent, per-reactor subscribers, notify rounds
     "bdev": 8,  # new in 3B.4: the block I/O API
     "drain": 8,  # 2A.4: drain rounds + SwitchError, shared by merge and switchover
     "merge": 9,  # split out of switchover in 2A.4

@@ -17,6 +17,7 @@ pub mod datadir;
 pub mod drain;
 pub mod durable;
 pub mod error;
+pub mod events;
 pub mod extent;
 pub mod fault;
 pub mod filelock;

@@ -226,13 +226,13 @@ impl ServerShared {
         let v = self.registry.remove(name)?;
         v.persist.destroy();
         if let Some(handles) = self.reactors.get() {
+            // Its users close (every view); it is out of the registry, so nobody
+            // opens it again (`events` # Ordering).
+            crate::events::notify(handles, &v, |_| true, crate::events::BdevEvent::Removed);
             for h in handles.iter() {
                 let n = name.to_string();
                 let _ = h.send_blocking(
-                    move |r| {
-                        session::close_volume(r, &n);
-                        crate::latency::forget(r, &n);
-                    },
+                    move |r| crate::latency::forget(r, &n),
                     Duration::from_secs(5),
                 );
             }

@@ -67,7 +67,7 @@ use crate::io;
 use crate::latency;
 use crate::ops::IoKind;
 use crate::server::ServerShared;
-use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
+use crate::volume::{bump, BackupId, View, Volume, META_CHANGED_PREFIX};
 use ringblk_nbd::codec::{
     Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
 };
@@ -130,6 +130,9 @@ struct Transmission {
     decoder: TransmissionDecoder,
     /// The WRITE whose payload is arriving.
     cur_write: Option<(Request, IoBuf, usize)>,
+    /// `BdevEvent`s of this export close the connection (the volume deleted, the
+    /// backup released); dropped with the connection.
+    _events: crate::events::Subscription,
     /// Error reply to a refused WRITE, held until the decoder has drained its payload:
     /// a client still sending that payload (libnbd) cannot match a reply to it yet.
     refused_write_reply: Option<Vec<u8>>,
@@ -207,30 +210,6 @@ pub(crate) fn install(r: &mut Reactor) {
             begin_close(r, &c, State::Draining);
         }
     });
-}
-
-/// Closes (cleanly) every connection to backup export `volume@backup` here.
-pub(crate) fn close_backup(r: &mut Reactor, volume: &str, backup: &str) {
-    let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
-    for c in all {
-        let matches = matches!(&c.borrow().phase,
-            Phase::Transmission(t) if t.volume.name() == volume && t.backup.as_deref() == Some(backup));
-        if matches {
-            begin_close(r, &c, State::Draining);
-        }
-    }
-}
-
-/// Closes (cleanly) every connection to `volume` on this reactor.
-pub(crate) fn close_volume(r: &mut Reactor, volume: &str) {
-    let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
-    for c in all {
-        let matches =
-            matches!(&c.borrow().phase, Phase::Transmission(t) if t.volume.name() == volume);
-        if matches {
-            begin_close(r, &c, State::Draining);
-        }
-    }
 }
 
 /// Closes connection `id` if it is still negotiating: it was made to give way to a
@@ -515,11 +494,24 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                     false
                 }
                 Status::Done(neg) => {
-                    let Some((volume, backup)) = c.shared.registry.resolve(&neg.export.name) else {
-                        // Removed between the option and now.
+                    let resolved = c.shared.registry.resolve(&neg.export.name);
+                    // A backup's view is named by its delta's id, not its name.
+                    let view = resolved.as_ref().and_then(|(v, b)| match b {
+                        None => Some(View::Live),
+                        Some(b) => v.ready_backup_delta(b).map(|id| View::Backup(BackupId(id))),
+                    });
+                    let (Some((volume, backup)), Some(view)) = (resolved, view) else {
+                        // Removed (or released) between the option and now.
                         c.state = State::Aborting;
                         return false;
                     };
+                    // In this same reactor step as the lookup (`events` # Ordering).
+                    let weak = Rc::downgrade(conn);
+                    let events = crate::events::subscribe(r, &volume, view, move |r, _| {
+                        if let Some(c) = weak.upgrade() {
+                            begin_close(r, &c, State::Draining);
+                        }
+                    });
                     if let Some(t) = c.handshake_timer.take() {
                         r.cancel_timer(t);
                     }
@@ -550,6 +542,7 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         decoder: TransmissionDecoder::new(policy),
                         cur_write: None,
                         refused_write_reply: None,
+                        _events: events,
                     }));
                     true
                 }

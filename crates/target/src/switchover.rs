@@ -56,13 +56,14 @@ use ringblk_reactor::{ForEachNext, Reactor, ReactorHandle};
 use crate::drain::{finish_round, start_round, Round, RoundWait};
 /// Moved to [`crate::drain`] (#12 2A.4); re-exported so paths keep working.
 pub use crate::drain::{SwitchError, DRAIN_TIMEOUT};
+use crate::events::BdevEvent;
 use crate::image::{Delta, Pins, Stack};
 /// Moved to [`crate::merge`] (#12 2A.4); re-exported for sim_tests' path.
 #[cfg(test)]
 pub(crate) use crate::merge::merge;
 /// Moved to [`crate::merge`] (#12 2A.4); re-exported so paths keep working.
 pub use crate::merge::resume_merges;
-use crate::volume::{check_name, BackupInfo, BackupState, Control, Volume};
+use crate::volume::{check_name, BackupId, BackupInfo, BackupState, Control, View, Volume};
 
 /// How long `backup_create` waits for its drain by default before it returns with
 /// the backup still `draining` (module docs: # Drain).
@@ -379,14 +380,10 @@ pub fn backup_release(
         b.clone()
     };
     vol.set_backup_exported(name, None);
-    // Connections to the backup's export go away first (it is no longer listed).
-    for h in reactors.iter() {
-        let (v, n) = (vol.name().to_string(), name.to_string());
-        let _ = h.send_blocking(
-            move |r| crate::session::close_backup(r, &v, &n),
-            Duration::from_secs(5),
-        );
-    }
+    // Users of the backup's view go away first (it is no longer listed, so nobody
+    // opens it again: `events` # Ordering).
+    let view = View::Backup(BackupId(info.delta_id));
+    crate::events::notify(&reactors, vol, move |v| v == view, BdevEvent::Removed);
     crate::merge::spawn(reactors, vol, name, false)?;
     Ok(info)
 }
