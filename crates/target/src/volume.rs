@@ -26,8 +26,9 @@ pub use crate::spec::VolumeSpec;
 pub use crate::stats::counters::{bump, OpCounters, VolumeStats};
 use ringblk_nbd::{ExportCatalog, ExportInfo};
 
-/// Largest request payload served (the 32 MiB).
-pub const PAYLOAD_MAX_BYTES: u32 = 32 * 1024 * 1024;
+/// Largest request payload served: [`crate::ops::IO_MAX_BYTES`] (moved there in #12
+/// 2A so that `admission` need not import `volume`).
+pub const PAYLOAD_MAX_BYTES: u32 = crate::ops::IO_MAX_BYTES;
 
 impl VolumeSpec {
     /// What can be checked of the spec alone, without touching a file: the name,
