@@ -72,8 +72,8 @@ RANKS = {
     "session": 21,  # NBD sessions on reactors -> crates/nbd frontend (5.2)
     # -- ranks 30-35: leave for crates/server (5.1) --------------------------------
     "rpc": 30,  # JSON-RPC 2.0 transport
-    "config": 31,  # ServerConfig, ListenAddr, TOML (ServerConfig/ListenAddr come from server.rs)
-    "listen": 32,  # bind + accept thread (+ admission's connection/handshake slots)
+    "listen": 31,  # ListenAddr, bind + accept thread (+ admission's connection/handshake slots)
+    "config": 32,  # ServerConfig (moved from server.rs in 2A), TOML, flags
     "startup": 33,  # validate before create, undo a failed start
     "server": 34,  # Server::start/shutdown wiring; its volume half becomes target.rs (2A.6),
     #               whose `session::close_volume` call is cut by events (2A.5)

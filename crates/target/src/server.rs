@@ -24,34 +24,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringblk_reactor::{Reactor, ReactorConfig, ReactorHandle, ReactorPool};
+use ringblk_reactor::{Reactor, ReactorHandle, ReactorPool};
 
-use crate::admission::{count, more_suffix, Admission, AdmissionConfig};
+use crate::admission::{count, more_suffix, Admission};
 use crate::session;
 use crate::volume::{Registry, Volume, VolumeError, VolumeSpec};
 
 pub use crate::listen::ListenAddr;
 
-/// Settings the server runs with (built from the CLI and config file).
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    pub listen: ListenAddr,
-    pub reactor: ReactorConfig,
-    pub volumes: Vec<VolumeSpec>,
-    pub max_connections: usize,
-    /// FLUSH/FUA requests queued per volume for its group commit at most.
-    pub commit_queue_depth: usize,
-    pub handshake_timeout: Duration,
-    /// Where delta images of backups are created.
-    pub data_dir: PathBuf,
-    /// `volumes` is the zero-configuration default (no flag or config file named
-    /// a volume): only a data dir without a volume list gets it (see `catalog`).
-    pub volumes_implicit: bool,
-    /// `--rebind NAME`: the operator's override for these volumes (see `catalog`).
-    pub rebind: Vec<String>,
-    /// Server-wide limits: buffer budget, handshake slots, request timeout.
-    pub admission: AdmissionConfig,
-}
+/// Moved to [`crate::config`] (#12 2A); re-exported so paths keep working.
+pub use crate::config::ServerConfig;
 
 /// State every reactor and the RPC thread share.
 pub struct ServerShared {
