@@ -38,6 +38,7 @@ pub mod stats;
 pub use stats::latency;
 pub mod startup;
 pub mod switchover;
+pub mod target;
 pub mod volume;
 
 #[cfg(test)]
