@@ -70,6 +70,8 @@ RANKS = {
     # Nothing of the block layer may import them; the whole nbd subtree leaves.
     "nbd": 20,  # sans-IO codec -> crates/nbd (4C.1)
     "session": 21,  # NBD sessions on reactors -> crates/nbd frontend (5.2)
+    "shared": 20,  # ServerShared (2A): what sessions, listeners and RPC share; below
+    #                both session and server, leaves with session as NbdShared (5.2)
     # -- ranks 30-35: leave for crates/server (5.1) --------------------------------
     "rpc": 30,  # JSON-RPC 2.0 transport
     "listen": 31,  # ListenAddr, bind + accept thread (+ admission's connection/handshake slots)

@@ -32,6 +32,7 @@ pub mod persist;
 pub mod rpc;
 pub mod server;
 mod session;
+pub mod shared;
 pub mod spec;
 pub mod stats;
 /// Moved to [`stats::latency`] (#12 step 1); re-exported so paths keep working.

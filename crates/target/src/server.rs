@@ -21,13 +21,12 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ringblk_reactor::{Reactor, ReactorHandle, ReactorPool};
 
 use crate::admission::{count, more_suffix, Admission};
 use crate::session;
-use crate::target::{Registry, Target, TargetError};
+use crate::target::{Target, TargetError};
 use crate::volume::VolumeError;
 
 pub use crate::listen::ListenAddr;
@@ -35,20 +34,8 @@ pub use crate::listen::ListenAddr;
 /// Moved to [`crate::config`] (#12 2A); re-exported so paths keep working.
 pub use crate::config::ServerConfig;
 
-/// State every reactor and the RPC thread share: the target (volumes) and what
-/// the NBD front end and the listeners need (connections, limits, admission).
-pub struct ServerShared {
-    /// Volumes, their persisted list, the reactors (`target`).
-    pub target: Arc<Target>,
-    /// `target.registry()`, for the NBD handshake.
-    pub registry: Arc<Registry>,
-    pub connections: AtomicUsize,
-    pub per_reactor: Box<[AtomicUsize]>,
-    pub max_connections: usize,
-    pub handshake_timeout: Duration,
-    /// Buffer budget, handshake slots and push-back counters (`admission`).
-    pub admission: Admission,
-}
+/// Moved to [`crate::shared`] (#12 2A); re-exported so paths keep working.
+pub use crate::shared::ServerShared;
 
 impl ServerShared {
     /// The reactor with the fewest connections (ties: lowest id).

@@ -66,7 +66,7 @@ use crate::image::{Delta, StackPin};
 use crate::io;
 use crate::latency;
 use crate::ops::IoKind;
-use crate::server::ServerShared;
+use crate::shared::ServerShared;
 use crate::volume::{bump, BackupId, View, Volume, META_CHANGED_PREFIX};
 use ringblk_nbd::codec::{
     Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
