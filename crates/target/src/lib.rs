@@ -35,9 +35,7 @@
 pub mod admission;
 pub mod backend;
 pub mod catalog;
-pub mod config;
 pub mod copyjob;
-pub mod datadir;
 pub mod drain;
 pub mod durable;
 pub mod error;
@@ -47,24 +45,51 @@ pub mod fault;
 pub mod filelock;
 pub mod image;
 mod io;
-pub mod listen;
 pub mod merge;
-pub mod methods;
 pub mod ops;
 mod park;
 pub mod persist;
-pub mod rpc;
-pub mod server;
 mod session;
 pub mod shared;
 pub mod spec;
 pub mod stats;
 /// Moved to [`stats::latency`] (#12 step 1); re-exported so paths keep working.
 pub use stats::latency;
-pub mod startup;
 pub mod switchover;
 pub mod target;
 pub mod volume;
+
+/// The NBD session, reachable from the server crate until it leaves this crate (#12
+/// step 5.2 moves `session` to `ringblk-nbd` and deletes this module). These three
+/// calls are all `ringblk-server` needs to serve NBD: install the per-reactor
+/// connection table, start a session on an accepted socket, and close a negotiating
+/// connection the listener's admission makes give way. `shared::ServerShared` is the
+/// state they share with the listener and the RPC methods.
+#[doc(hidden)]
+pub mod nbd_session_transitional {
+    use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+
+    use ringblk_reactor::Reactor;
+
+    use crate::shared::ServerShared;
+
+    /// Installs the reactor's NBD connection table; call once per reactor at start.
+    pub fn install(r: &mut Reactor) {
+        crate::session::install(r)
+    }
+
+    /// Starts an NBD session (handshake, then transmission) on `sock`, accepted by
+    /// the listener as connection `id`, on reactor `r`.
+    pub fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd, id: u64) {
+        crate::session::start(r, shared, sock, id)
+    }
+
+    /// Closes connection `id` if it lives on `r` and is still negotiating.
+    pub fn evict_handshake(r: &mut Reactor, id: u64) {
+        crate::session::evict_handshake(r, id)
+    }
+}
 
 #[cfg(test)]
 mod sim_tests;

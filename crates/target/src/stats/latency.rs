@@ -110,7 +110,7 @@ pub struct ReactorLatency {
     volumes: RefCell<VolumeHistograms>,
 }
 
-pub(crate) fn install(r: &mut Reactor) {
+pub fn install(r: &mut Reactor) {
     r.set_local(Rc::new(ReactorLatency::default()));
 }
 
@@ -132,7 +132,7 @@ pub(crate) fn record(r: &Reactor, volume: &str, kind: IoKind, latency_ns: u64) {
 
 /// Clones this reactor's histograms of `volumes` (all when `None`), then clears them
 /// if `reset`: in one step on the reactor, so no request falls between two intervals.
-pub(crate) fn snapshot(r: &Reactor, volumes: Option<&[String]>, reset: bool) -> VolumeHistograms {
+pub fn snapshot(r: &Reactor, volumes: Option<&[String]>, reset: bool) -> VolumeHistograms {
     let Some(lat) = r.local::<ReactorLatency>() else {
         return HashMap::new();
     };

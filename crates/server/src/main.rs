@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use ringblk_reactor::SubmitPolicy;
-use ringblk_target::config::{self, Flags, PollMode};
-use ringblk_target::methods::Methods;
-use ringblk_target::rpc::RpcServer;
-use ringblk_target::server::{ListenAddr, Server};
-use ringblk_target::startup;
+use ringblk_server::config::{self, Flags, PollMode};
+use ringblk_server::methods::Methods;
+use ringblk_server::rpc::RpcServer;
+use ringblk_server::server::{ListenAddr, Server};
+use ringblk_server::startup;
 use ringblk_target::volume::VolumeSpec;
 
 #[derive(Parser)]
@@ -107,7 +107,7 @@ fn check(args: CheckArgs) -> ExitCode {
     }
     // A running server is no error (check only reads), but what it reads is a moment
     // of files being written: say so, with the server's pid.
-    let server = ringblk_target::datadir::holder(&args.data_dir).map(|pid| {
+    let server = ringblk_server::datadir::holder(&args.data_dir).map(|pid| {
         let who = pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"));
         format!(
             "a ringblk server ({who}) is running on this data dir: this is a snapshot of \
@@ -380,7 +380,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 /// Raises the soft descriptor limit to the hard one: every connection is a socket,
 /// and a 1024 soft limit (the usual default) is below `--max-connections 1024`
 /// plus the handshake slots, volumes and rings. Warns when even the hard limit is.
-fn raise_nofile_limit(server: &ringblk_target::server::ServerConfig) {
+fn raise_nofile_limit(server: &ringblk_server::server::ServerConfig) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -37,15 +37,14 @@ pub use crate::config::ServerConfig;
 /// Moved to [`crate::shared`] (#12 2A); re-exported so paths keep working.
 pub use crate::shared::ServerShared;
 
-impl ServerShared {
-    /// The reactor with the fewest connections (ties: lowest id).
-    fn pick_reactor(&self) -> usize {
-        self.per_reactor
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, c)| c.load(Ordering::Relaxed))
-            .map_or(0, |(i, _)| i)
-    }
+/// The reactor with the fewest connections (ties: lowest id).
+fn pick_reactor(shared: &ServerShared) -> usize {
+    shared
+        .per_reactor
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, c)| c.load(Ordering::Relaxed))
+        .map_or(0, |(i, _)| i)
 }
 
 /// A running server.
@@ -190,7 +189,7 @@ fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
     let open = shared.connections.load(Ordering::Relaxed);
     let at_limit = open >= shared.max_connections;
     let id = adm.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let target = shared.pick_reactor();
+    let target = pick_reactor(shared);
     let hard_cap = shared.max_connections + adm.config.max_handshakes;
     let admitted = if open >= hard_cap {
         None

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ringblk_target::rpc::{parse_params, RpcConfig, RpcError, RpcHandler, RpcServer};
+use ringblk_server::rpc::{parse_params, RpcConfig, RpcError, RpcHandler, RpcServer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
