@@ -7,14 +7,14 @@ use std::time::Duration;
 use ringblk_reactor::{IdlePolicy, ReactorConfig, SubmitPolicy};
 use serde::Deserialize;
 
-use crate::admission::{
+use crate::listen::ListenAddr;
+use ringblk_target::admission::{
     AdmissionConfig, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_HANDSHAKES, DEFAULT_REQUEST_TIMEOUT,
 };
-use crate::backend::BackendKind;
-use crate::listen::ListenAddr;
-/// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
-pub use crate::spec::{parse_size, parse_volume};
-use crate::volume::VolumeSpec;
+use ringblk_target::backend::BackendKind;
+/// Moved to [`ringblk_target::spec`] (#12 step 1); re-exported so paths keep working.
+pub use ringblk_target::spec::{parse_size, parse_volume};
+use ringblk_target::volume::VolumeSpec;
 
 /// Settings the server runs with (built from the CLI and config file).
 #[derive(Clone, Debug)]
@@ -330,7 +330,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
 
 /// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
 /// their reactor (`persist` module docs).
-pub use crate::persist::DEFAULT_COMMIT_QUEUE_DEPTH;
+pub use ringblk_target::persist::DEFAULT_COMMIT_QUEUE_DEPTH;
 const COMMIT_QUEUE_DEPTH_MAX: usize = 1 << 20;
 /// Reactor operations in flight per reactor by default.
 const DEFAULT_MAX_IN_FLIGHT: usize = 4096;

@@ -8,11 +8,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::backend::BackendKind;
-use crate::latency::VolumeHistograms;
 use crate::rpc::{parse_params, RpcError, RpcHandler};
 use crate::server::ServerShared;
-use crate::volume::{Volume, VolumeError, VolumeSpec};
+use ringblk_target::backend::BackendKind;
+use ringblk_target::latency::VolumeHistograms;
+use ringblk_target::volume::{Volume, VolumeError, VolumeSpec};
 
 /// Every method, in the order the README documents them.
 pub const METHODS: &[&str] = &[
@@ -34,19 +34,19 @@ pub const METHODS: &[&str] = &[
 
 pub struct Methods {
     shared: Arc<ServerShared>,
-    copies: crate::copyjob::CopyJobs,
+    copies: ringblk_target::copyjob::CopyJobs,
 }
 
 impl Methods {
     pub fn new(shared: Arc<ServerShared>) -> Methods {
         let m = Methods {
             shared,
-            copies: crate::copyjob::CopyJobs::new(),
+            copies: ringblk_target::copyjob::CopyJobs::new(),
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
         if let Some(reactors) = m.shared.target.reactors() {
             for v in m.shared.registry.list() {
-                crate::copyjob::resume(&m.copies, reactors, &v);
+                ringblk_target::copyjob::resume(&m.copies, reactors, &v);
             }
         }
         m
@@ -120,9 +120,9 @@ struct JobParams {
 #[serde(deny_unknown_fields)]
 struct FaultInjectParams {
     volume: String,
-    op: crate::fault::FaultOp,
+    op: ringblk_target::fault::FaultOp,
     #[serde(default)]
-    errno: crate::fault::FaultErrno,
+    errno: ringblk_target::fault::FaultErrno,
     #[serde(default)]
     offset: u64,
     #[serde(default)]
@@ -145,11 +145,11 @@ struct VolumeParams {
     volume: String,
 }
 
-fn fault_error(e: crate::fault::FaultError) -> RpcError {
+fn fault_error(e: ringblk_target::fault::FaultError) -> RpcError {
     RpcError::new(e.rpc_code(), e.to_string())
 }
 
-fn copy_error(e: crate::copyjob::CopyError) -> RpcError {
+fn copy_error(e: ringblk_target::copyjob::CopyError) -> RpcError {
     RpcError::new(e.rpc_code(), e.to_string())
 }
 
@@ -160,7 +160,7 @@ struct BackupListParams {
     volume: Option<String>,
 }
 
-fn switch_error(e: crate::switchover::SwitchError) -> RpcError {
+fn switch_error(e: ringblk_target::switchover::SwitchError) -> RpcError {
     RpcError::new(e.rpc_code(), e.to_string())
 }
 
@@ -234,7 +234,10 @@ impl Methods {
             let (tx, names) = (tx.clone(), names.clone());
             h.send_blocking(
                 move |r| {
-                    let _ = tx.send((r.id(), crate::latency::snapshot(r, Some(&names), reset)));
+                    let _ = tx.send((
+                        r.id(),
+                        ringblk_target::latency::snapshot(r, Some(&names), reset),
+                    ));
                 },
                 TIMEOUT,
             )
@@ -350,12 +353,12 @@ impl RpcHandler for Methods {
                         if let Some(lat) = &lat {
                             let per: Vec<_> =
                                 lat.iter().map(|(id, m)| (*id, m.get(v.name()))).collect();
-                            j["latency"] = crate::latency::volume_json(&per, p.hist);
+                            j["latency"] = ringblk_target::latency::volume_json(&per, p.hist);
                         }
                         let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
                         j["deltas"] = json!(v.with_stack(&ctl, |s| s.deltas.len()));
                         drop(ctl);
-                        j["backups"] = Value::Array(crate::switchover::backup_list(v));
+                        j["backups"] = Value::Array(ringblk_target::switchover::backup_list(v));
                         // Injected errors are also in `errors` (they fail requests).
                         j["faults_injected"] = json!(v.faults.injected());
                         j["faults_delayed"] = json!(v.faults.delayed());
@@ -404,14 +407,15 @@ impl RpcHandler for Methods {
                 let p: BackupCreateParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
                 let reactors = self.reactors();
-                let wait = p
-                    .drain_wait_ms
-                    .map_or(crate::switchover::DRAIN_WAIT, Duration::from_millis);
-                let info = crate::switchover::backup_create(&reactors, &v, &p.name, wait)
+                let wait = p.drain_wait_ms.map_or(
+                    ringblk_target::switchover::DRAIN_WAIT,
+                    Duration::from_millis,
+                );
+                let info = ringblk_target::switchover::backup_create(&reactors, &v, &p.name, wait)
                     .map_err(switch_error)?;
                 let waiting = {
                     let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
-                    crate::switchover::waiting_requests(&ctl, &v, &info.name)
+                    ringblk_target::switchover::waiting_requests(&ctl, &v, &info.name)
                 };
                 let mut out = json!({
                     "volume": v.name(),
@@ -422,7 +426,7 @@ impl RpcHandler for Methods {
                     "ready_us": info.ready_us,
                     "waiting_requests": waiting,
                 });
-                if info.state == crate::volume::BackupState::Draining {
+                if info.state == ringblk_target::volume::BackupState::Draining {
                     out["message"] = json!(format!(
                         "backup {}@{} is switched but still draining: {waiting} request(s) \
                          admitted before the switch are still running; it becomes ready when \
@@ -441,26 +445,26 @@ impl RpcHandler for Methods {
                 };
                 Ok(Value::Array(
                     vols.iter()
-                        .flat_map(|v| crate::switchover::backup_list(v))
+                        .flat_map(|v| ringblk_target::switchover::backup_list(v))
                         .collect(),
                 ))
             }
             "backup_release" => {
                 let p: BackupParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
-                let info = crate::switchover::backup_release(self.reactors(), &v, &p.name)
+                let info = ringblk_target::switchover::backup_release(self.reactors(), &v, &p.name)
                     .map_err(switch_error)?;
                 Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
             }
             "backup_copy" => {
                 let p: CopyParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
-                let spec = crate::copyjob::CopySpec {
+                let spec = ringblk_target::copyjob::CopySpec {
                     backup: &p.name,
                     dest: &p.dest,
                     changed_since: p.changed_since.as_deref(),
                 };
-                let job = crate::copyjob::start(&self.copies, &self.reactors(), &v, spec)
+                let job = ringblk_target::copyjob::start(&self.copies, &self.reactors(), &v, spec)
                     .map_err(copy_error)?;
                 Ok(json!({"job": job.id, "volume": v.name(), "name": p.name,
                           "dest": p.dest, "bytes_total": job.bytes_total}))
@@ -481,7 +485,7 @@ impl RpcHandler for Methods {
             "fault_inject" => {
                 let p: FaultInjectParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
-                let spec = crate::fault::FaultSpec {
+                let spec = ringblk_target::fault::FaultSpec {
                     op: p.op,
                     errno: p.errno,
                     offset: p.offset,

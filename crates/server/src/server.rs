@@ -24,18 +24,18 @@ use std::sync::Arc;
 
 use ringblk_reactor::{Reactor, ReactorHandle, ReactorPool};
 
-use crate::admission::{count, more_suffix, Admission};
-use crate::session;
-use crate::target::{Target, TargetError};
-use crate::volume::VolumeError;
+use ringblk_target::admission::{count, more_suffix, Admission};
+use ringblk_target::nbd_session_transitional as session;
+use ringblk_target::target::{Target, TargetError};
+use ringblk_target::volume::VolumeError;
 
 pub use crate::listen::ListenAddr;
 
 /// Moved to [`crate::config`] (#12 2A); re-exported so paths keep working.
 pub use crate::config::ServerConfig;
 
-/// Moved to [`crate::shared`] (#12 2A); re-exported so paths keep working.
-pub use crate::shared::ServerShared;
+/// Moved to [`ringblk_target::shared`] (#12 2A); re-exported so paths keep working.
+pub use ringblk_target::shared::ServerShared;
 
 /// The reactor with the fewest connections (ties: lowest id).
 fn pick_reactor(shared: &ServerShared) -> usize {
@@ -124,7 +124,7 @@ impl Server {
         shared.target.save_catalog()?;
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {
             session::install(r);
-            crate::latency::install(r);
+            ringblk_target::latency::install(r);
         });
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
         shared.target.start(pool.handles().clone());
