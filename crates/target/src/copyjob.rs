@@ -158,23 +158,6 @@ pub enum CopyError {
     Start(String),
 }
 
-impl CopyError {
-    /// Negative errno for the JSON-RPC error code.
-    pub fn rpc_code(&self) -> i32 {
-        -match self {
-            CopyError::NotFound(..) | CopyError::NoJob(_) => libc::ENOENT,
-            CopyError::NotReady(..) | CopyError::TooMany(_) | CopyError::Locked(_) => libc::EBUSY,
-            CopyError::NotOlder(..)
-            | CopyError::DestKind(_)
-            | CopyError::DestIsVolume(_)
-            | CopyError::DestSize { .. } => libc::EINVAL,
-            CopyError::Dest { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            CopyError::NoReactors => libc::ENODEV,
-            CopyError::Start(_) => libc::EAGAIN,
-        }
-    }
-}
-
 /// Progress and outcome of one job, shared by its reactor, its hasher thread and the
 /// RPC threads. Counters only grow; the state leaves `Running` once.
 pub struct CopyShared {

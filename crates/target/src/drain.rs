@@ -57,23 +57,6 @@ pub enum SwitchError {
     VolumeDeleted(String),
 }
 
-impl SwitchError {
-    /// Negative errno for the JSON-RPC error code.
-    pub fn rpc_code(&self) -> i32 {
-        -match self {
-            SwitchError::Name(_) => libc::EINVAL,
-            SwitchError::Exists(..) => libc::EEXIST,
-            SwitchError::NotFound(..) => libc::ENOENT,
-            SwitchError::Busy(..) => libc::EBUSY,
-            SwitchError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            SwitchError::DrainTimeout(_) => libc::ETIMEDOUT,
-            SwitchError::ReadOnly => libc::EROFS,
-            SwitchError::Copying(..) => libc::EBUSY,
-            SwitchError::VolumeDeleted(_) => libc::ENODEV,
-        }
-    }
-}
-
 /// A drain round in progress: one message visiting every reactor, waiting on each
 /// until no request is pinned to any stack it covers (module docs: # Drain).
 pub(crate) struct Round {

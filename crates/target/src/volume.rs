@@ -96,20 +96,6 @@ pub enum VolumeError {
     Locked(crate::filelock::LockError),
 }
 
-impl VolumeError {
-    /// SPDK-style negative errno for JSON-RPC error codes.
-    pub fn rpc_code(&self) -> i32 {
-        match self {
-            VolumeError::Invalid { .. } => -libc::EINVAL,
-            VolumeError::Exists(_) => -libc::EEXIST,
-            VolumeError::NotFound(_) => -libc::ENODEV,
-            VolumeError::Open { source, .. } => -source.raw_os_error().unwrap_or(libc::EIO),
-            VolumeError::Unrecoverable { .. } => -libc::EIO,
-            VolumeError::Locked(_) => -libc::EBUSY,
-        }
-    }
-}
-
 /// What a client of the volume sees: the live volume, or the frozen image of one
 /// of its backups (read-only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
