@@ -75,7 +75,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ -n "$BIN" ] || { echo "callgrind.sh: which ringblk binary? (see --help)" >&2; exit 2; }
-[ -x "$BIN" ] || die "$BIN is not an executable (build it: cargo build --release -p ringblk-target --bin ringblk)"
+[ -x "$BIN" ] || die "$BIN is not an executable (build it: cargo build --release -p ringblk-server --bin ringblk)"
 case "$RW" in randread|randwrite) ;; *) die "--rw must be randread or randwrite, not '$RW'" ;; esac
 case "$N" in ''|*[!0-9]*|0) die "--requests must be a positive number, not '$N'" ;; esac
 case "$POLL" in busy|interrupt) ;; *) die "--poll must be busy or interrupt, not '$POLL'" ;; esac

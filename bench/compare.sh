@@ -158,9 +158,9 @@ PROFILE=${RINGBLK_PROFILE:-release}
 if [ "$BUILD" = 1 ]; then
     echo "== building $PROFILE binaries" >&2
     if [ "$PROFILE" = release ]; then
-        cargo build --release --quiet -p ringblk-target --bin ringblk -p ringblk-bench --bin ringblk-bench
+        cargo build --release --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench
     else
-        cargo build --quiet -p ringblk-target --bin ringblk -p ringblk-bench --bin ringblk-bench
+        cargo build --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench
     fi
 fi
 RINGBLK=$TARGET/$PROFILE/ringblk

@@ -82,7 +82,7 @@ def main():
     profile = os.environ.get("RINGBLK_PROFILE", "release")
     if not shutil.which("fio"):
         sys.exit("fio is not installed (ci/test.sh installs it)")
-    build = ["cargo", "build", "-q", "-p", "ringblk-target", "-p", "ringblk-ctl"]
+    build = ["cargo", "build", "-q", "-p", "ringblk-server", "-p", "ringblk-ctl"]
     sh(build + (["--release"] if profile == "release" else []), cwd=ROOT)
     base = os.path.join(ROOT, "target", "bench-data")
     os.makedirs(base, exist_ok=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Crash soak: the kill -9 test of crates/target/tests/crash.rs with many cycles, in
+# Crash soak: the kill -9 test of crates/server/tests/crash.rs with many cycles, in
 # release mode. Each cycle: a real NBD client writes and flushes, the server is
 # killed with SIGKILL at a random moment (with a backup active or a release merging
 # in some cycles), `ringblk check` runs on the data dir, the server restarts and
@@ -52,12 +52,12 @@ echo "==> crash soak: $cycles cycles, seed $seed, $profile build"
 # The test runs the workspace's binaries (ringblk and ringblk-ctl): build them and
 # the test first, so that the times below are the soak's alone.
 cargo build -q "${cargo_flags[@]}" --workspace --bins
-cargo test -q "${cargo_flags[@]}" -p ringblk-target --test crash --no-run
+cargo test -q "${cargo_flags[@]}" -p ringblk-server --test crash --no-run
 start=$(date +%s)
 log=$(mktemp "${TMPDIR:-/tmp}/crash-soak.XXXXXX.log")
 set +e
 RINGBLK_CRASH_CYCLES=$cycles RINGBLK_CRASH_SEED=$seed RINGBLK_CRASH_KEEP=$keep \
-  cargo test -q "${cargo_flags[@]}" -p ringblk-target --test crash -- --nocapture --test-threads 1 2>&1 |
+  cargo test -q "${cargo_flags[@]}" -p ringblk-server --test crash -- --nocapture --test-threads 1 2>&1 |
   tee "$log" | grep --line-buffered -E '^crash:|panicked|failed'
 status=${PIPESTATUS[0]}
 set -e

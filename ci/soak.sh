@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The hardening soak (crates/target/tests/soak.rs): 16 fio jobs of 4 KiB-32 MiB
+# The hardening soak (crates/server/tests/soak.rs): 16 fio jobs of 4 KiB-32 MiB
 # verified reads and writes while backups are created and released every 200 ms
 # and hostile clients (unread zero-length READs, bare 32 MiB WRITE headers, FLUSH
 # storms) run beside them. CI runs it for 20 s inside `cargo test`; this script runs
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-# The test drives ringblk-ctl, which `cargo test -p ringblk-target` does not build.
+# The test drives ringblk-ctl, which `cargo test -p ringblk-server` does not build.
 cargo build "${profile[@]}" -p ringblk-ctl
-RINGBLK_SOAK_SECS=$secs exec cargo test "${profile[@]}" -p ringblk-target --test soak \
+RINGBLK_SOAK_SECS=$secs exec cargo test "${profile[@]}" -p ringblk-server --test soak \
   -- --nocapture soak_every_size

@@ -4,7 +4,7 @@
 # The export is named "disk" (64 MiB, 4 KiB blocks) to match fuzz::StaticCatalog.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q -p ringblk-target --bin ringblk
+cargo build -q -p ringblk-server --bin ringblk
 work=$(mktemp -d)
 trap 'kill $srv $proxy 2>/dev/null || true; rm -rf "$work"' EXIT
 ./target/debug/ringblk serve --listen 127.0.0.1:10871 --data-dir "$work" \

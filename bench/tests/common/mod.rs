@@ -32,7 +32,7 @@ pub fn server_bin() -> PathBuf {
         // target/<profile>/ringblk-bench: the target dir is two levels up.
         let target_dir = dir.parent().expect("profile dir has a parent");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "ringblk-target", "--bin", "ringblk"])
+        cmd.args(["build", "-p", "ringblk-server", "--bin", "ringblk"])
             .env("CARGO_TARGET_DIR", target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if dir.file_name().is_some_and(|n| n == "release") {
