@@ -40,8 +40,6 @@ RANKS = {
     "spec": 0,  # new in step 1: VolumeSpec, BackendKind (from volume, backend, config)
     "park": 0,  # reactor continuations
     "filelock": 0,  # one writer per file (OFD write lock); backend, image, copyjob use it
-    "datadir": 0,  # one server per data dir; used by startup only today, which leaves
-    #                 the crate in 5.1 (the lock may go with it, or to Target)
     # -- rank 1: storage primitives -----------------------------------------------
     "buf": 1,  # new in 3B.2
     "admission": 1,  # today: buffer budget + handshake slots. The budget becomes
@@ -72,14 +70,9 @@ RANKS = {
     "session": 21,  # NBD sessions on reactors -> crates/nbd frontend (5.2)
     "shared": 20,  # ServerShared (2A): what sessions, listeners and RPC share; below
     #                both session and server, leaves with session as NbdShared (5.2)
-    # -- ranks 30-35: leave for crates/server (5.1) --------------------------------
-    "rpc": 30,  # JSON-RPC 2.0 transport
-    "listen": 31,  # ListenAddr, bind + accept thread (+ admission's connection/handshake slots)
-    "config": 32,  # ServerConfig (moved from server.rs in 2A), TOML, flags
-    "startup": 33,  # validate before create, undo a failed start
-    "server": 34,  # Server::start/shutdown wiring, listeners; holds Arc<Target> (2A.6)
-    "methods": 35,  # RPC methods over Target, switchover, copyjob
-    "main": 99,  # the `ringblk` binary's root (a crate of its own, uses ringblk_target::)
+    # The server's modules (rpc, listen, config, startup, server, methods, datadir
+    # and the bin's main) left for crates/server in 5.1: it sits above this crate
+    # and reaches the session only through lib.rs's nbd_session_transitional.
     "sim_tests": 99,  # #[cfg(test)] deterministic multi-reactor tests
 }
 # lib.rs declares the modules; it is the crate root, not a layer.

@@ -1,22 +1,26 @@
-//! ringblk-target: volumes, images, backup switchover, NBD server and JSON-RPC.
+//! ringblk-target: the block device layer. Volumes, image stacks, the data path,
+//! backup switchover, merges, copy jobs, durability and statistics; and, until #12
+//! step 5.2 moves it to `ringblk-nbd`, the NBD session.
 //!
 //! Layout: the sans-IO NBD protocol (handshake and transmission codec) is the
 //! `ringblk-nbd` crate; `session` drives it over reactor sockets and maps the block
 //! layer's vocabulary (`error::BlockError`, `extent::Extent`, `ops::IoKind`, which know
-//! no protocol) to NBD's at its edge (it leaves this crate in #12 step 5), `admission`
-//! holds the server-wide limits on what clients may hold, `target` holds the volumes
-//! and their persisted list, `server` wires listeners, reactors and the target
-//! together, `rpc` is the JSON-RPC 2.0 control socket and `methods` the RPC methods.
+//! no protocol) to NBD's at its edge, `shared` is what the sessions share with the
+//! listeners and RPC methods, `admission` holds the server-wide limits on what clients
+//! may hold, and `target` holds the volumes and their persisted list. The `ringblk`
+//! binary, its configuration, listeners, wiring and JSON-RPC server are the
+//! `ringblk-server` crate (`crates/server`, #12 step 5.1), which uses this one; it
+//! reaches the session only through [`nbd_session_transitional`].
 //!
 //! # Layers
 //! A module may use `crate::X` only if X has a strictly lower rank (its own subtree
 //! excepted); `ci/layers.py` checks it (`RANKS` there is this table) and
 //! `docs/design/block-layer-plan.md` (a) gives the final layout. Ranks 0–12 are the
-//! block device layer; 20 and up leave the crate in #12 step 5.
+//! block device layer; 20–21 leave the crate in #12 step 5.2.
 //!
 //! | rank | modules | what |
 //! |---|---|---|
-//! | 0 | `error`, `ops`, `extent`, `spec`, `park`, `filelock`, `datadir` | vocabulary, leaf helpers |
+//! | 0 | `error`, `ops`, `extent`, `spec`, `park`, `filelock` | vocabulary, leaf helpers |
 //! | 1 | `durable/`, `backend/`, `admission` (→ `buf`) | storage primitives, list format |
 //! | 2 | `stats/`, `fault` | accounting, injected errors |
 //! | 3 | `image` | deltas, stacks, pins, `Images` (base + published stack) |
@@ -30,7 +34,6 @@
 //! | 11 | `catalog` | volume list policy |
 //! | 12 | `target` | `Target`: registry, catalog, reactors |
 //! | 20–21 | `shared`, `session` | NBD front end (→ `ringblk-nbd`, step 5.2) |
-//! | 30–35 | `rpc`, `listen`, `config`, `startup`, `server`, `methods` | the server (→ `crates/server`, step 5.1) |
 
 pub mod admission;
 pub mod backend;
