@@ -1,9 +1,10 @@
 //! What the NBD sessions, the listeners and the RPC methods share: the target and
 //! the server-wide connection state (counters, limits, admission).
 //!
-//! It sits below both `session` and `server` so that neither imports the other's
-//! upward half: `server` (the wiring) starts sessions, sessions read this. Layer:
-//! rank 20; imports `target` and `admission`. It leaves the crate with the session
+//! It sits below `session` and is public for `ringblk-server` (its `server.rs`, the
+//! wiring, builds it and starts sessions through `nbd_session_transitional`), so the
+//! session never reaches up to the server. Layer: rank 20; imports `target` and
+//! `admission`. It leaves the crate with the session
 //! (#12 step 5, as the front end's own `NbdShared`).
 //!
 //! # Sharing
