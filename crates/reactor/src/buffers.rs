@@ -1,11 +1,13 @@
-//! I/O buffers: heap buffers aligned for O_DIRECT and a per-reactor pool of fixed
-//! (registered) buffers.
+//! I/O buffers: heap buffers aligned for O_DIRECT, a per-reactor pool of fixed
+//! (registered) buffers, and caller memory lent to the reactor ([`ForeignBuf`]).
 //!
 //! # Ownership
 //! A buffer handed to an [`Op`](crate::Op) is owned by the reactor's in-flight slab
 //! until the operation's final CQE; only then does [`Completion`](crate::Completion)
 //! give it back. A [`PoolBuf`] returns to its pool when dropped, so a buffer whose
 //! operation was orphaned returns to the pool only after the kernel is done with it.
+//! A [`ForeignBuf`] is held the same way, but its memory belongs to the caller: the
+//! reactor never frees it, and dropping the `ForeignBuf` only ends the loan.
 //!
 //! # Back-pressure
 //! [`BufPool::get`] returns `None` when the pool is empty; callers wait with
@@ -284,12 +286,86 @@ impl Drop for PoolBuf {
     }
 }
 
+/// Memory the caller owns and lends to one operation: a vhost guest's pages, an
+/// iSCSI Data-Out buffer, one segment of a scatter-gather list. Readv/writev over
+/// several of them move data straight between the file and caller memory.
+///
+/// # Ownership
+/// The loan runs from [`ForeignBuf::new`] until the `ForeignBuf` is dropped. Handed
+/// to an [`Op`](crate::Op), it sits in the in-flight slab like any [`IoBuf`] until
+/// the op's final CQE, and then comes back in the [`Completion`](crate::Completion)
+/// (or, for an orphaned op, is dropped by the slab at that CQE). Dropping it never
+/// frees or touches the memory. The caller learns that the kernel is done with the
+/// memory from the op's callback; an op holding foreign memory should therefore be
+/// cancelled ([`Reactor::cancel`](crate::Reactor::cancel): the callback still runs)
+/// rather than orphaned, unless the caller waits for the reactor to drain instead.
+///
+/// Not `Send`: the loan is to one reactor thread.
+pub struct ForeignBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl ForeignBuf {
+    /// Lends `len` bytes at `ptr` to the reactor.
+    ///
+    /// # Safety
+    /// - `ptr` is valid for reads and writes of `len` bytes from this call until the
+    ///   returned `ForeignBuf` is dropped. If it is handed to an op, that is no
+    ///   earlier than the op's final CQE: the memory must stay mapped and valid
+    ///   until the callback has run (or, for an orphaned op, until
+    ///   [`Reactor::in_flight`](crate::Reactor::in_flight) no longer counts it).
+    /// - While the `ForeignBuf` lives, nothing else reads or writes that memory: the
+    ///   kernel may be writing it (a read or receive) at any moment of an op, and
+    ///   [`IoBuf::as_slice`] hands out references to it.
+    /// - The ranges of foreign buffers in one op do not overlap when the op writes
+    ///   memory (read, readv, receive).
+    pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> ForeignBuf {
+        ForeignBuf { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The lent address (the caller's own pointer, unchanged).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `new`'s contract: valid for `len` bytes while self lives and
+        // accessed only through self; no op holds it while the caller has it.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice; &mut self makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for ForeignBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignBuf")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 /// A buffer an operation can own: a pool buffer (fixed where registered), an
-/// aligned heap buffer (O_DIRECT-safe) or a plain `Vec` (sockets, buffered files).
+/// aligned heap buffer (O_DIRECT-safe), a plain `Vec` (sockets, buffered files), or
+/// caller memory on loan ([`ForeignBuf`]; O_DIRECT only if the caller aligned it).
 pub enum IoBuf {
     Pool(PoolBuf),
     Aligned(AlignedBuf),
     Vec(Vec<u8>),
+    Foreign(ForeignBuf),
 }
 
 impl IoBuf {
@@ -298,6 +374,7 @@ impl IoBuf {
             IoBuf::Pool(b) => b.len(),
             IoBuf::Aligned(b) => b.len(),
             IoBuf::Vec(v) => v.len(),
+            IoBuf::Foreign(b) => b.len(),
         }
     }
 
@@ -310,6 +387,7 @@ impl IoBuf {
             IoBuf::Pool(b) => b.as_slice(),
             IoBuf::Aligned(b) => b.as_slice(),
             IoBuf::Vec(v) => v,
+            IoBuf::Foreign(b) => b.as_slice(),
         }
     }
 
@@ -318,11 +396,16 @@ impl IoBuf {
             IoBuf::Pool(b) => b.as_mut_slice(),
             IoBuf::Aligned(b) => b.as_mut_slice(),
             IoBuf::Vec(v) => v,
+            IoBuf::Foreign(b) => b.as_mut_slice(),
         }
     }
 
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.as_mut_slice().as_mut_ptr()
+        match self {
+            // The caller's pointer itself, without making a reference to its memory.
+            IoBuf::Foreign(b) => b.ptr.as_ptr(),
+            other => other.as_mut_slice().as_mut_ptr(),
+        }
     }
 
     /// The fixed-buffer index when this is a registered pool buffer.
@@ -343,6 +426,12 @@ impl From<PoolBuf> for IoBuf {
 impl From<AlignedBuf> for IoBuf {
     fn from(b: AlignedBuf) -> Self {
         IoBuf::Aligned(b)
+    }
+}
+
+impl From<ForeignBuf> for IoBuf {
+    fn from(b: ForeignBuf) -> Self {
+        IoBuf::Foreign(b)
     }
 }
 

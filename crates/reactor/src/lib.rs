@@ -20,7 +20,7 @@ mod pool;
 mod reactor;
 mod slab;
 
-pub use buffers::{AlignedBuf, BufPool, IoBuf, PoolBuf, DIRECT_IO_ALIGN};
+pub use buffers::{AlignedBuf, BufPool, ForeignBuf, IoBuf, PoolBuf, DIRECT_IO_ALIGN};
 pub use config::{IdlePolicy, ReactorConfig, SubmitPolicy};
 pub use iopoll::{probe_iopoll, IopollSupport};
 pub use msg::{Msg, ReactorHandle, ReactorStats, ReactorStatsSnapshot, SendError};

@@ -53,14 +53,16 @@ pub enum Op {
         buf: IoBuf,
         len: u32,
     },
-    /// Scatter read into whole buffers.
+    /// Scatter read into whole buffers. With [`IoBuf::Foreign`] segments this reads
+    /// straight into caller memory (a scatter-gather list); more than the kernel's
+    /// `IOV_MAX` (1024) segments complete with `-EINVAL`.
     Readv {
         file: FileRef,
         offset: u64,
         bufs: Vec<IoBuf>,
         iov: Vec<libc::iovec>,
     },
-    /// Gather write of whole buffers.
+    /// Gather write of whole buffers (caller memory too, as for `Readv`).
     Writev {
         file: FileRef,
         offset: u64,

@@ -1001,3 +1001,243 @@ fn sqpoll_reactor_round_trip() {
     assert_eq!(done.borrow()[0], 4096);
     assert!(got.borrow().as_deref() == Some(&pattern(3, 3, 4096)[..]));
 }
+
+/// Lends `mem[start..start + len]` to the reactor.
+///
+/// # Safety
+/// `mem` outlives the returned buffer and is not used by the caller until the op that
+/// holds it has completed (its callback ran) and the buffer was dropped.
+unsafe fn lend(mem: &mut [u8], start: usize, len: usize) -> IoBuf {
+    assert!(start + len <= mem.len(), "segment inside caller memory");
+    let p = std::ptr::NonNull::new(mem.as_mut_ptr().wrapping_add(start)).expect("non-null");
+    // SAFETY: the range lies inside `mem` (asserted); the caller keeps `mem` alive
+    // and untouched for the loan (this fn's own contract).
+    IoBuf::Foreign(unsafe { ForeignBuf::new(p, len) })
+}
+
+/// Runs one op to completion and gives back its result and buffers.
+fn run_op(r: &mut Reactor, op: Op) -> (i32, Vec<IoBuf>) {
+    let got = Rc::new(RefCell::new(None));
+    let g = got.clone();
+    r.submit(op, move |_, c| {
+        *g.borrow_mut() = Some((c.result, c.op.into_bufs()))
+    })
+    .expect("submit");
+    run_until(r, || got.borrow().is_some());
+    let out = got.borrow_mut().take().expect("completed");
+    out
+}
+
+/// The address and length each returned buffer names: a foreign buffer must come back
+/// as the very caller memory it was lent (never copied, never reallocated).
+fn foreign_ranges(bufs: &[IoBuf]) -> Vec<(usize, usize)> {
+    bufs.iter()
+        .map(|b| match b {
+            IoBuf::Foreign(f) => (f.as_ptr() as usize, f.len()),
+            _ => panic!("a foreign buffer came back as another kind"),
+        })
+        .collect()
+}
+
+/// Scatter-gather lists of caller memory (§2.4 of the block-layer plan): writev and
+/// readv move data between an O_DIRECT file and non-adjacent aligned pages of the
+/// caller's memory, and between a buffered file and misaligned segments of a plain
+/// `Vec`, without touching a byte outside the segments. Single-buffer read, send and
+/// receive take foreign memory too. Guards against a foreign buffer being copied
+/// (the data would not land in caller memory), mis-addressed (guards change) or freed
+/// by the reactor (the caller's memory is read after the loans end).
+#[test]
+fn foreign_segments_move_data_straight_to_and_from_caller_memory() {
+    const PAGE: usize = 4096;
+    const GUARD: u8 = 0xEE;
+    let dir = tmpdir();
+    let file = direct_file(&dir, 1 << 20);
+    let path = dir.path().join("disk.img");
+    let mut r = one_reactor(ReactorConfig::default());
+    let fref = FileRef::Raw(file.as_raw_fd());
+
+    // "Guest memory": six aligned pages owned by the test.
+    let mut mem = AlignedBuf::direct(6 * PAGE);
+    let a = pattern(7, 1, PAGE);
+    let b = pattern(8, 1, 2 * PAGE);
+    mem.as_mut_slice()[..PAGE].copy_from_slice(&a);
+    mem.as_mut_slice()[2 * PAGE..4 * PAGE].copy_from_slice(&b);
+    let base = mem.as_ptr() as usize;
+    // SAFETY: `mem` lives to the end of the test; the test touches it only after
+    // run_op returned and the returned buffers were dropped.
+    let segs = unsafe {
+        vec![
+            lend(mem.as_mut_slice(), 0, PAGE),
+            lend(mem.as_mut_slice(), 2 * PAGE, 2 * PAGE),
+        ]
+    };
+    let (res, back) = run_op(&mut r, Op::writev(fref, 8 * PAGE as u64, segs));
+    assert_eq!(res, 3 * PAGE as i32);
+    assert_eq!(
+        foreign_ranges(&back),
+        vec![(base, PAGE), (base + 2 * PAGE, 2 * PAGE)]
+    );
+    drop(back);
+    let on_disk = std::fs::read(&path).expect("read file");
+    assert!(on_disk[8 * PAGE..9 * PAGE] == a[..] && on_disk[9 * PAGE..11 * PAGE] == b[..]);
+
+    // readv back into other, non-adjacent pages; everything else keeps its guard.
+    mem.as_mut_slice().fill(GUARD);
+    // SAFETY: as above.
+    let segs = unsafe {
+        vec![
+            lend(mem.as_mut_slice(), PAGE, PAGE),
+            lend(mem.as_mut_slice(), 3 * PAGE, 2 * PAGE),
+        ]
+    };
+    let (res, back) = run_op(&mut r, Op::readv(fref, 8 * PAGE as u64, segs));
+    assert_eq!(res, 3 * PAGE as i32);
+    assert_eq!(
+        foreign_ranges(&back),
+        vec![(base + PAGE, PAGE), (base + 3 * PAGE, 2 * PAGE)]
+    );
+    drop(back);
+    let m = mem.as_slice();
+    assert!(m[PAGE..2 * PAGE] == a[..], "first segment holds the data");
+    assert!(
+        m[3 * PAGE..5 * PAGE] == b[..],
+        "second segment holds the data"
+    );
+    for guard in [0..PAGE, 2 * PAGE..3 * PAGE, 5 * PAGE..6 * PAGE] {
+        assert!(m[guard].iter().all(|&x| x == GUARD), "outside the segments");
+    }
+
+    // One foreign buffer in a plain read.
+    mem.as_mut_slice().fill(GUARD);
+    // SAFETY: as above.
+    let one = unsafe { lend(mem.as_mut_slice(), 5 * PAGE, PAGE) };
+    let (res, back) = run_op(&mut r, Op::read(fref, 8 * PAGE as u64, one, PAGE as u32));
+    assert_eq!(
+        (res, foreign_ranges(&back)),
+        (PAGE as i32, vec![(base + 5 * PAGE, PAGE)])
+    );
+    drop(back);
+    assert!(mem.as_slice()[5 * PAGE..] == a[..]);
+    assert!(mem.as_slice()[..5 * PAGE].iter().all(|&x| x == GUARD));
+
+    // Misaligned segments of a Vec, on a buffered file (no O_DIRECT rule applies).
+    let buffered = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open buffered");
+    let bref = FileRef::Raw(buffered.as_raw_fd());
+    let mut v = vec![GUARD; 10_000];
+    // SAFETY: `v` outlives the op; the test reads it only after run_op returned and
+    // the buffers were dropped.
+    let segs = unsafe { vec![lend(&mut v, 3, 100), lend(&mut v, 211, 3_001)] };
+    let (res, back) = run_op(&mut r, Op::readv(bref, 8 * PAGE as u64 + 5, segs));
+    assert_eq!(res, 3_101);
+    drop(back);
+    assert!(v[3..103] == a[5..105] && v[211..3_212] == a[105..3_106]);
+    assert!(v[..3]
+        .iter()
+        .chain(&v[103..211])
+        .chain(&v[3_212..])
+        .all(|&x| x == GUARD));
+
+    // Send from and receive into foreign memory.
+    let (s1, s2) = socketpair();
+    let (x, y) = v.split_at_mut(5_000);
+    x[..64].copy_from_slice(&a[..64]);
+    y[..64].fill(0);
+    // SAFETY: `x` and `y` are disjoint halves of `v`, untouched until both ops end.
+    let (out, inn) = unsafe { (lend(x, 0, 64), lend(y, 0, 64)) };
+    let (res, back) = run_op(&mut r, Op::send(FileRef::Raw(s1.as_raw_fd()), out, 0, 64));
+    assert_eq!(res, 64);
+    drop(back);
+    let (res, back) = run_op(&mut r, Op::recv(FileRef::Raw(s2.as_raw_fd()), inn, 0, 64));
+    assert_eq!(res, 64);
+    drop(back);
+    assert!(v[5_000..5_064] == a[..64]);
+}
+
+/// The ownership contract of a foreign buffer: once the final CQE of its op has been
+/// reaped, the kernel no longer targets the caller's memory. A receive into foreign
+/// memory is cancelled (callback runs with -ECANCELED and gives the loan back) or
+/// orphaned (the reactor drains); data sent to that socket afterwards must not reach
+/// the memory and must still be waiting in the socket. A second receive that is not
+/// cancelled shows the probe works: its data does land in caller memory.
+#[test]
+fn a_cancelled_op_leaves_foreign_memory_untouched_after_its_final_cqe() {
+    use std::io::{Read, Write};
+    const LEN: usize = 4096;
+    const UNTOUCHED: u8 = 0xAA;
+    let mut r = one_reactor(ReactorConfig::default());
+    let mut mem = vec![UNTOUCHED; 2 * LEN];
+    let base = mem.as_ptr() as usize;
+    let payload = pattern(3, 3, LEN);
+
+    for orphan in [false, true] {
+        mem.fill(UNTOUCHED);
+        let (a, mut b) = socketpair(); // the op that is cancelled
+        let (c, mut d) = socketpair(); // the control op that completes
+        let (victim, control) = mem.split_at_mut(LEN);
+        // SAFETY: `victim` and `control` are disjoint and outlive both ops; the test
+        // reads them only after each op's final CQE (callback run or reactor drained).
+        let (vbuf, cbuf) = unsafe { (lend(victim, 0, LEN), lend(control, 0, LEN)) };
+        let done = Rc::new(RefCell::new(None));
+        let dn = done.clone();
+        let id = r
+            .submit(
+                Op::recv(FileRef::Raw(a.as_raw_fd()), vbuf, 0, LEN as u32),
+                move |_, c| {
+                    assert!(!orphan, "an orphaned op's callback must never run");
+                    *dn.borrow_mut() = Some((c.result, foreign_ranges(&c.op.into_bufs())));
+                },
+            )
+            .expect("submit");
+        for _ in 0..5 {
+            r.poll_once(); // armed in the kernel
+        }
+        if orphan {
+            assert!(r.orphan(id));
+            let start = Instant::now();
+            while r.in_flight() > 0 {
+                r.poll_once();
+                assert!(start.elapsed() < DEADLINE, "orphan did not drain");
+            }
+        } else {
+            r.cancel(id);
+            run_until(&mut r, || done.borrow().is_some());
+            assert_eq!(
+                done.borrow_mut().take(),
+                Some((-libc::ECANCELED, vec![(base, LEN)])),
+                "cancelled, and the loan comes back as the same memory"
+            );
+        }
+
+        // The victim's memory is the caller's again; data for its socket arrives now.
+        b.write_all(&payload).expect("send to the cancelled socket");
+        let got = Rc::new(RefCell::new(None));
+        let g = got.clone();
+        r.submit(
+            Op::recv(FileRef::Raw(c.as_raw_fd()), cbuf, 0, LEN as u32),
+            move |_, c| *g.borrow_mut() = Some(c.result),
+        )
+        .expect("submit control");
+        d.write_all(&payload).expect("send to the control socket");
+        run_until(&mut r, || got.borrow().is_some());
+        for _ in 0..20 {
+            r.poll_once(); // give a stray kernel write every chance to show up
+        }
+        assert_eq!(*got.borrow(), Some(LEN as i32));
+        assert!(mem[LEN..] == payload[..], "control: a live op does write");
+        assert!(
+            mem[..LEN].iter().all(|&x| x == UNTOUCHED),
+            "cancelled op wrote caller memory after its final CQE (orphan: {orphan})"
+        );
+        let mut left = vec![0u8; LEN];
+        let mut a = a;
+        a.read_exact(&mut left).expect("data still in the socket");
+        assert!(
+            left == payload,
+            "nothing consumed the cancelled socket's data"
+        );
+    }
+}
