@@ -76,12 +76,12 @@ use ringblk_reactor::{falloc, AlignedBuf, Callback, FileRef, IoBuf, Op, Reactor,
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::datapath::layered as io;
 use crate::durable::manifest::CopyEntry;
 use crate::error::BlockError;
 use crate::extent::ExtentFlags;
 use crate::filelock::WriteLock;
 use crate::image::Delta;
-use crate::io;
 use crate::volume::{BackupState, Control, Volume};
 
 /// Bytes per unit of work: one read, its writes, one hash step. A multiple of every

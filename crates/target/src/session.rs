@@ -59,11 +59,11 @@ use std::time::Instant;
 use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
 
 use crate::admission::{count, Waiter};
+use crate::datapath::layered as io;
 use crate::error::BlockError;
 use crate::extent::{Extent, ExtentFlags};
 use crate::fault::Fault;
 use crate::image::{Delta, StackPin};
-use crate::io;
 use crate::latency;
 use crate::ops::IoKind;
 use crate::server::ServerShared;

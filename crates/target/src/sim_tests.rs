@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use ringblk_reactor::{manual_reactors, AlignedBuf, IoBuf, Reactor, ReactorConfig};
 
 use crate::backend::BackendKind;
-use crate::io;
+use crate::datapath::layered as io;
 use crate::switchover;
 use crate::volume::{Volume, VolumeSpec};
 
