@@ -667,7 +667,7 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
                 errno,
                 errno_message(errno),
             );
-            bump(&t.volume.counters(r.id()).errors, 1);
+            bump(&t.volume.label_counters(r.id(), t.bdev.label()).errors, 1);
             if t.decoder.drain_remaining() > 0 {
                 // Counted now: it is memory held until the payload is drained.
                 cref.unsent_bytes += out.len();
@@ -1099,7 +1099,7 @@ fn refuse(r: &mut Reactor, conn: &ConnRef, req: Request, e: BlockError, message:
     let structured = structured(conn) || req.command == Command::BlockStatus;
     reply::error_reply(&mut out, structured, req.cookie, errno, message);
     if let Phase::Transmission(t) = &conn.borrow().phase {
-        bump(&t.volume.counters(r.id()).errors, 1);
+        bump(&t.volume.label_counters(r.id(), t.bdev.label()).errors, 1);
     }
     finish(r, conn, req, Reply::Bytes(out));
 }
@@ -1172,7 +1172,7 @@ fn block_status_reply(r: &mut Reactor, conn: &ConnRef, req: Request, res: IoResu
         Ok(_) => {
             // An answer with nothing in it counts as an error, as before the layer.
             if let Phase::Transmission(t) = &conn.borrow().phase {
-                bump(&t.volume.counters(r.id()).errors, 1);
+                bump(&t.volume.label_counters(r.id(), t.bdev.label()).errors, 1);
             }
             reply::error_reply(
                 &mut out,
