@@ -20,9 +20,8 @@
 //! flags serves what the list holds, possibly nothing (it says so in the log).
 //!
 //! # Format
-//! One line of JSON `{"format":1,"volumes":[SPEC...]}`, then `crc32c=XXXXXXXX`
-//! over the JSON, replaced atomically (temp file, fsync, rename, fsync of the dir)
-//! like the manifests. A format this code does not know is refused, never misread.
+//! See [`crate::durable::volumes`]; a format this code does not know is refused,
+//! never misread.
 //!
 //! # Durability
 //! A `volume_create` answers after the list naming the volume is durable; a
@@ -33,57 +32,13 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-use crate::backend::BackendKind;
 use crate::durable::store::{read_all, replace_atomically, DirStore, Store};
-use crate::volume::VolumeSpec;
+use crate::spec::BackendKind;
+use crate::spec::VolumeSpec;
 
-pub const FILE_NAME: &str = "volumes.json";
-pub const FORMAT: u32 = 1;
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeList {
-    pub format: u32,
-    pub volumes: Vec<VolumeSpec>,
-}
-
-impl VolumeList {
-    pub fn new(volumes: Vec<VolumeSpec>) -> VolumeList {
-        VolumeList {
-            format: FORMAT,
-            volumes,
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let json = serde_json::to_string(self).unwrap_or_else(|_| unreachable!("plain data"));
-        format!("{json}\ncrc32c={:08x}\n", crc32c::crc32c(json.as_bytes())).into_bytes()
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<VolumeList, String> {
-        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
-        let mut lines = text.lines();
-        let json = lines.next().ok_or("empty")?;
-        let crc = lines
-            .next()
-            .and_then(|l| l.strip_prefix("crc32c="))
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .ok_or("no crc32c line")?;
-        if crc32c::crc32c(json.as_bytes()) != crc {
-            return Err("checksum mismatch".into());
-        }
-        let format = serde_json::from_str::<serde_json::Value>(json)
-            .ok()
-            .and_then(|v| v.get("format").and_then(|f| f.as_u64()));
-        if format != Some(FORMAT as u64) {
-            return Err(format!(
-                "unsupported format {format:?} (this ringblk reads format {FORMAT}; a newer release wrote it)"
-            ));
-        }
-        serde_json::from_str(json).map_err(|e| format!("does not parse: {e}"))
-    }
-}
+/// The on-disk format moved to [`crate::durable::volumes`] (#12 2A.3); re-exported so
+/// paths keep working.
+pub use crate::durable::volumes::{VolumeList, FILE_NAME, FORMAT};
 
 /// The list in `data_dir`; `None` when there is none (a first start, or a data dir
 /// of an older release).
@@ -243,20 +198,6 @@ mod tests {
                 s
             })
             .expect("spec")
-    }
-
-    #[test]
-    fn round_trip_checksum_and_unknown_format() {
-        let l = VolumeList::new(vec![spec("a", "/x/a.img", Some(1 << 20))]);
-        let b = l.encode();
-        assert_eq!(VolumeList::decode(&b), Ok(l));
-        let mut bad = b.clone();
-        bad[12] ^= 1;
-        assert!(VolumeList::decode(&bad).is_err());
-        let json = r#"{"format":2,"volumes":[]}"#;
-        let v2 = format!("{json}\ncrc32c={:08x}\n", crc32c::crc32c(json.as_bytes()));
-        let e = VolumeList::decode(v2.as_bytes()).expect_err("format 2");
-        assert!(e.contains("format"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!
 //! # Epochs and pins
 //! The current [`Stack`] is published through an atomic pointer. Every request
-//! *pins* the stack it was admitted under ([`Volume::pin`](crate::volume::Volume::pin))
+//! *pins* the stack it was admitted under ([`Images::pin`])
 //! and uses that stack until it completes, so a switchover never changes a request
 //! in flight. A pin is a per-reactor counter in the stack, written only by that
 //! reactor; the drain after a switch visits every reactor (a message round) and
@@ -44,11 +44,12 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ringblk_blockmap::{BlockMap, MapRecord};
 
+use crate::backend::Backend;
 use crate::durable::journal::{Journal, JournalHeader};
 use crate::durable::manifest::{delta_name, journal_name};
 use crate::durable::recover::RecoveredDelta;
@@ -659,5 +660,185 @@ impl Drop for StackPin {
         }
         let slot = self.stack().slot(self.reactor);
         slot.store(slot.load(Ordering::Relaxed) - 1, Ordering::Release);
+    }
+}
+
+/// A retired stack waiting for its drain; freed afterwards (module docs: # Reclamation).
+struct Retired {
+    stack: *mut Stack,
+    /// Its epoch: unique within the volume, what drain rounds name it by (an
+    /// address can be reused by a later stack).
+    epoch: u64,
+}
+// SAFETY: the pointer is only dereferenced (freed) by the control plane after the
+// drain proved no reactor uses it; Stack itself is Send + Sync.
+unsafe impl Send for Retired {}
+
+/// A volume's images: the base backend and the published stack of deltas above it,
+/// with the retired stacks still draining. What the data path reads and writes
+/// through; it knows nothing of backups' names' policy, RPC or front ends.
+///
+/// # Ownership and ordering
+/// The stack pointer changes only in [`publish`](Self::publish), and stacks are
+/// freed only in [`free_drained`](Self::free_drained) and on drop. Both, and every
+/// control-plane read of a stack, take a guard of the one mutex that serialises the
+/// owner's stack changes (`Volume::control`): the guard is the proof that no stack
+/// is freed during the call. Reactors only [`pin`](Self::pin).
+pub struct Images {
+    backend: Backend,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    /// The published image stack (see the module docs for the pin/drain protocol).
+    current: AtomicPtr<Stack>,
+    retired: Mutex<Vec<Retired>>,
+}
+
+impl std::fmt::Debug for Images {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Images")
+            .field("size_bytes", &self.size_bytes)
+            .field("chunk_bytes", &self.chunk_bytes)
+            .finish()
+    }
+}
+
+impl Images {
+    /// `stack` is published at once (the stack recovery rebuilt, or an empty one).
+    pub fn new(backend: Backend, size_bytes: u64, chunk_bytes: u32, stack: Stack) -> Images {
+        Images {
+            backend,
+            size_bytes,
+            chunk_bytes,
+            current: AtomicPtr::new(Box::into_raw(Box::new(stack))),
+            retired: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn chunk_bytes(&self) -> u32 {
+        self.chunk_bytes
+    }
+
+    /// Pins the current stack for one request admitted on `reactor` (call it on that
+    /// reactor's thread, and only there).
+    pub fn pin(&self, reactor: usize) -> StackPin {
+        let p = self.current.load(Ordering::Acquire);
+        // SAFETY: `p` is the published stack, loaded on this reactor in this loop
+        // iteration; a stack is freed only after a drain round that ran on every
+        // reactor after it was unpublished (module docs).
+        unsafe { StackPin::new(p, reactor) }
+    }
+
+    /// Pins the current stack for a write-type request (WRITE, WRITE_ZEROES, TRIM)
+    /// over `[offset, offset + len)`: also registers its chunks, so that first
+    /// partial writes of a later epoch wait only for the ones that overlap theirs.
+    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
+        let mut pin = self.pin(reactor);
+        let cb = self.chunk_bytes as u64;
+        if len > 0 {
+            let first = offset / cb;
+            let last = offset.saturating_add(len - 1) / cb;
+            pin.track_writes(first, last - first + 1);
+        }
+        pin
+    }
+
+    /// The current stack, for control-plane reads that do not outlive the call.
+    /// `_serial` is the guard of the owner's control mutex (type docs): stacks are
+    /// published and freed only under it, so the current one cannot be freed during `f`.
+    pub fn with_stack<C, R>(
+        &self,
+        _serial: &std::sync::MutexGuard<'_, C>,
+        f: impl FnOnce(&Stack) -> R,
+    ) -> R {
+        // SAFETY: see above; `free_drained` only frees stacks already replaced.
+        f(unsafe { &*self.current.load(Ordering::Acquire) })
+    }
+
+    /// Publishes `stack` (the switch) and retires the old one until a drain round
+    /// covers it. Call it holding the control mutex (stacks change only under it).
+    pub(crate) fn publish<C>(&self, _serial: &std::sync::MutexGuard<'_, C>, stack: Stack) {
+        let new = Box::into_raw(Box::new(stack));
+        let old = self.current.swap(new, Ordering::AcqRel);
+        // SAFETY: `old` was the published stack; only the control plane (which we
+        // hold) frees stacks, and only retired ones.
+        let epoch = unsafe { &*old }.epoch;
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Retired { stack: old, epoch });
+    }
+
+    /// What a drain round started now must watch: every retired stack, by epoch,
+    /// with its pin counters and write tracker.
+    pub(crate) fn retired_stacks<C>(
+        &self,
+        _serial: &std::sync::MutexGuard<'_, C>,
+    ) -> Vec<(u64, Arc<Pins>, Arc<WriteTracker>)> {
+        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .map(|r| {
+                // SAFETY: listed, so not freed; freeing needs the control mutex, held here.
+                let s = unsafe { &*r.stack };
+                (r.epoch, s.pins(), s.writes.clone())
+            })
+            .collect()
+    }
+
+    /// Requests still pinned to retired stacks of epoch `upto` or older; `None`
+    /// when no such stack is left (what a backup switched at `upto` waits for).
+    pub(crate) fn undrained_upto<C>(
+        &self,
+        _serial: &std::sync::MutexGuard<'_, C>,
+        upto: u64,
+    ) -> Option<u64> {
+        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut older = list.iter().filter(|r| r.epoch <= upto).peekable();
+        older.peek()?;
+        // SAFETY: listed, so not freed; freeing needs the control mutex, held here.
+        Some(older.map(|r| unsafe { &*r.stack }.pins().total()).sum())
+    }
+
+    /// Frees the retired stacks of `epochs`: a drain round that started after they
+    /// were unpublished found no request pinned to them on any reactor (module docs:
+    /// # Reclamation). Epochs already freed by another round are skipped.
+    pub(crate) fn free_drained<C>(&self, _serial: &std::sync::MutexGuard<'_, C>, epochs: &[u64]) {
+        let mut list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|r| {
+            if !epochs.contains(&r.epoch) {
+                return true;
+            }
+            // SAFETY: drained (above): no request holds it, no reactor can load it;
+            // rounds still running hold only its `Pins`.
+            drop(unsafe { Box::from_raw(r.stack) });
+            false
+        });
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        // The owner is gone, so no request or reactor can hold a pin, and no drain
+        // round has a waiter (each holds the owner); a round still on the reactors
+        // holds only its `Pins`.
+        let cur = *self.current.get_mut();
+        // SAFETY: allocated by Box::into_raw in new/publish; freed exactly once.
+        drop(unsafe { Box::from_raw(cur) });
+        for r in self
+            .retired
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            // SAFETY: as above.
+            drop(unsafe { Box::from_raw(r.stack) });
+        }
     }
 }

@@ -583,7 +583,7 @@ pub fn backup_release(
         // A running copy keeps its backup (and its changed-since base) stable: refuse
         // rather than cancel someone's copy behind their back (copyjob module docs).
         if let Some(job) = ctl.copy_holding(name) {
-            return Err(SwitchError::Copying(name.into(), job.id));
+            return Err(SwitchError::Copying(name.into(), job.id()));
         }
         let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) else {
             return Err(SwitchError::NotFound(vol.name().into(), name.into()));
@@ -910,8 +910,8 @@ pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
             let copy = ctl
                 .copies
                 .iter()
-                .find(|c| c.backup == b.name)
-                .map(|c| serde_json::json!({"job": c.id, "percent": c.percent()}));
+                .find(|c| c.backup() == b.name)
+                .map(|c| serde_json::json!({"job": c.id(), "percent": c.percent()}));
             serde_json::json!({
                 "volume": vol.name(),
                 "name": b.name,

@@ -2,8 +2,8 @@
 //!
 //! # Sharing
 //! A [`Volume`] is immutable after creation except for its counters and its
-//! `removed` flag (and the control plane's own state: `control`, the retired stacks,
-//! `drain_helper`), so every reactor reads it through an `Arc` without locks. The
+//! `removed` flag (and the control plane's own state: `control`, the published and
+//! retired stacks in [`Images`], `drain_helper`), so every reactor reads it through an `Arc` without locks. The
 //! [`Registry`] map is behind an `RwLock` that only the control plane takes: the
 //! handshake (to look an export up) and RPC calls. The data path never touches it.
 //!
@@ -13,13 +13,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
 use crate::backend::{self, Backend, BackendKind};
-use crate::image::{Stack, StackPin};
+use crate::image::{Images, Stack, StackPin};
 /// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
 pub use crate::spec::VolumeSpec;
 /// Moved to [`crate::stats::counters`] (#12 step 1); re-exported so paths keep working.
@@ -110,6 +110,19 @@ impl VolumeError {
     }
 }
 
+/// What a client of the volume sees: the live volume, or the frozen image of one
+/// of its backups (read-only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Live,
+    Backup(BackupId),
+}
+
+/// Names a backup for the life of its volume: the id of the delta created at its
+/// switch (never reused, unlike the backup's name; see `BackupInfo::delta_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackupId(pub u64);
+
 /// State of one backup of a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,6 +156,22 @@ pub struct BackupInfo {
     pub started: Option<std::time::Instant>,
 }
 
+/// Something above the volume (a copy job) that keeps backups from being released
+/// while it runs. The volume keeps these in [`Control::copies`] without knowing what
+/// they are: the layer that defines the holder (`copyjob`) sits above this one.
+pub trait BackupHold: Send + Sync + std::fmt::Debug {
+    /// The holder's id (a copy job's number), for the refusal message.
+    fn id(&self) -> u64;
+    /// Whether it still holds anything: a finished holder is forgotten.
+    fn is_running(&self) -> bool;
+    /// Whether it keeps backup `name` from being released.
+    fn holds(&self, name: &str) -> bool;
+    /// The backup it reads (for `backup_list`'s `copy` field).
+    fn backup(&self) -> &str;
+    /// Progress, 0 to 100 (for `backup_list`).
+    fn percent(&self) -> u64;
+}
+
 /// Volume state only the control plane touches (backup commands serialise here).
 #[derive(Debug, Default)]
 pub struct Control {
@@ -151,7 +180,7 @@ pub struct Control {
     pub next_epoch: u64,
     /// Copy jobs of this volume's backups. A running one holds its backup (and its
     /// `changed_since` backup) against release; see `copyjob`'s module docs.
-    pub copies: Vec<Arc<crate::copyjob::CopyShared>>,
+    pub copies: Vec<Arc<dyn BackupHold>>,
     /// The next backup's delta, created ahead of its switch (`switchover::prepare`).
     pub prepared: Option<crate::image::Delta>,
 }
@@ -159,7 +188,7 @@ pub struct Control {
 impl Control {
     /// The running copy job that holds backup `name`, if any (finished jobs are
     /// forgotten here: their hold ended with them).
-    pub fn copy_holding(&mut self, name: &str) -> Option<Arc<crate::copyjob::CopyShared>> {
+    pub fn copy_holding(&mut self, name: &str) -> Option<Arc<dyn BackupHold>> {
         self.copies.retain(|c| c.is_running());
         self.copies.iter().find(|c| c.holds(name)).cloned()
     }
@@ -169,30 +198,17 @@ impl Control {
 /// backup): `x-ringblk:changed/NAME`, flags bit 0 set on changed chunks.
 pub const META_CHANGED_PREFIX: &str = "x-ringblk:changed/";
 
-/// A retired stack waiting for its drain; freed afterwards (`image`: # Reclamation).
-struct Retired {
-    stack: *mut Stack,
-    /// Its epoch: unique within the volume, what drain rounds name it by (an
-    /// address can be reused by a later stack).
-    epoch: u64,
-}
-// SAFETY: the pointer is only dereferenced (freed) by the control plane after the
-// drain proved no reactor uses it; Stack itself is Send + Sync.
-unsafe impl Send for Retired {}
-
 /// A named export.
 pub struct Volume {
+    /// Base backend and image stacks (first: its stacks are freed before the other
+    /// fields drop, as the data path's memory).
+    images: Images,
     spec: VolumeSpec,
-    size_bytes: u64,
-    backend: Backend,
     removed: AtomicBool,
     connections: AtomicUsize,
     stats: Box<[OpCounters]>,
     reactors: usize,
     data_dir: PathBuf,
-    /// The published image stack (see `image` for the pin/drain protocol).
-    current: AtomicPtr<Stack>,
-    retired: Mutex<Vec<Retired>>,
     /// A thread is finishing drains that outlasted their command's wait
     /// (`switchover::finish_later`): at most one per volume.
     pub(crate) drain_helper: AtomicBool,
@@ -492,13 +508,12 @@ impl Volume {
                     source,
                 })?;
         }
-        let stack = Box::into_raw(Box::new(Stack::new(0, deltas, reactors)));
+        let images = Images::new(backend, size_bytes, cs, Stack::new(0, deltas, reactors));
         Ok(Volume {
+            images,
             persist,
             recovered: summary,
             spec,
-            size_bytes,
-            backend,
             removed: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             stats: (0..reactors.max(1))
@@ -506,8 +521,6 @@ impl Volume {
                 .collect(),
             reactors: reactors.max(1),
             data_dir: data_dir.to_path_buf(),
-            current: AtomicPtr::new(stack),
-            retired: Mutex::new(Vec::new()),
             drain_helper: AtomicBool::new(false),
             control: Mutex::new(control),
             ready_backups: RwLock::new(ready),
@@ -523,7 +536,79 @@ impl Volume {
     }
 
     pub fn chunk_bytes(&self) -> u32 {
-        self.spec.chunk_size
+        self.images.chunk_bytes()
+    }
+
+    /// The base backend and image stacks: what the data path works on.
+    pub fn images(&self) -> &Images {
+        &self.images
+    }
+
+    /// Manifest, journals and the committer.
+    pub fn persist(&self) -> &crate::persist::Persist {
+        &self.persist
+    }
+
+    /// Injected errors (`fault_inject`), checked once per request.
+    pub fn faults(&self) -> &crate::fault::Faults {
+        &self.faults
+    }
+
+    /// [`Images::pin`].
+    pub fn pin(&self, reactor: usize) -> StackPin {
+        self.images.pin(reactor)
+    }
+
+    /// [`Images::pin_write`].
+    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
+        self.images.pin_write(reactor, offset, len)
+    }
+
+    /// The current stack, for control-plane reads that do not outlive the call.
+    /// The guard proves the caller holds `control`: stacks are published and freed
+    /// only under it, so the current one cannot be freed during `f`.
+    pub fn with_stack<R>(
+        &self,
+        control: &std::sync::MutexGuard<'_, Control>,
+        f: impl FnOnce(&Stack) -> R,
+    ) -> R {
+        self.images.with_stack(control, f)
+    }
+
+    /// Publishes `stack` (the switch) and retires the old one until a drain round
+    /// covers it. Call it holding `control` (stacks change only under it).
+    pub(crate) fn publish(&self, control: &std::sync::MutexGuard<'_, Control>, stack: Stack) {
+        self.images.publish(control, stack)
+    }
+
+    /// [`Images::retired_stacks`].
+    pub(crate) fn retired_stacks(
+        &self,
+        control: &std::sync::MutexGuard<'_, Control>,
+    ) -> Vec<(
+        u64,
+        Arc<crate::image::Pins>,
+        Arc<crate::image::WriteTracker>,
+    )> {
+        self.images.retired_stacks(control)
+    }
+
+    /// [`Images::undrained_upto`].
+    pub(crate) fn undrained_upto(
+        &self,
+        control: &std::sync::MutexGuard<'_, Control>,
+        upto: u64,
+    ) -> Option<u64> {
+        self.images.undrained_upto(control, upto)
+    }
+
+    /// [`Images::free_drained`].
+    pub(crate) fn free_drained(
+        &self,
+        control: &std::sync::MutexGuard<'_, Control>,
+        epochs: &[u64],
+    ) {
+        self.images.free_drained(control, epochs)
     }
 
     pub fn reactors(&self) -> usize {
@@ -532,42 +617,6 @@ impl Volume {
 
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
-    }
-
-    /// Pins the current stack for one request admitted on `reactor` (call it on that
-    /// reactor's thread, and only there).
-    pub fn pin(&self, reactor: usize) -> StackPin {
-        let p = self.current.load(Ordering::Acquire);
-        // SAFETY: `p` is the published stack, loaded on this reactor in this loop
-        // iteration; a stack is freed only after a drain round that ran on every
-        // reactor after it was unpublished (image module docs).
-        unsafe { StackPin::new(p, reactor) }
-    }
-
-    /// Pins the current stack for a write-type request (WRITE, WRITE_ZEROES, TRIM)
-    /// over `[offset, offset + len)`: also registers its chunks, so that first
-    /// partial writes of a later epoch wait only for the ones that overlap theirs.
-    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
-        let mut pin = self.pin(reactor);
-        let cb = self.chunk_bytes() as u64;
-        if len > 0 {
-            let first = offset / cb;
-            let last = offset.saturating_add(len - 1) / cb;
-            pin.track_writes(first, last - first + 1);
-        }
-        pin
-    }
-
-    /// The current stack, for control-plane reads that do not outlive the call.
-    /// The guard proves the caller holds `control`: stacks are published and freed
-    /// only under it, so the current one cannot be freed during `f`.
-    pub fn with_stack<R>(
-        &self,
-        _control: &std::sync::MutexGuard<'_, Control>,
-        f: impl FnOnce(&Stack) -> R,
-    ) -> R {
-        // SAFETY: see above; `free_drained` only frees stacks already replaced.
-        f(unsafe { &*self.current.load(Ordering::Acquire) })
     }
 
     /// Ready backups, served as `VOL@NAME` exports.
@@ -598,79 +647,11 @@ impl Volume {
         }
     }
 
-    /// Publishes `stack` (the switch) and retires the old one until a drain round
-    /// covers it. Call it holding `control` (stacks change only under it).
-    pub(crate) fn publish(&self, _control: &std::sync::MutexGuard<'_, Control>, stack: Stack) {
-        let new = Box::into_raw(Box::new(stack));
-        let old = self.current.swap(new, Ordering::AcqRel);
-        // SAFETY: `old` was the published stack; only the control plane (which we
-        // hold) frees stacks, and only retired ones.
-        let epoch = unsafe { &*old }.epoch;
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Retired { stack: old, epoch });
-    }
-
-    /// What a drain round started now must watch: every retired stack, by epoch,
-    /// with its pin counters and write tracker.
-    pub(crate) fn retired_stacks(
-        &self,
-        _control: &std::sync::MutexGuard<'_, Control>,
-    ) -> Vec<(
-        u64,
-        Arc<crate::image::Pins>,
-        Arc<crate::image::WriteTracker>,
-    )> {
-        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        list.iter()
-            .map(|r| {
-                // SAFETY: listed, so not freed; freeing needs `control`, held here.
-                let s = unsafe { &*r.stack };
-                (r.epoch, s.pins(), s.writes.clone())
-            })
-            .collect()
-    }
-
     /// Requests of this volume still running, on any stack (a snapshot).
     pub(crate) fn requests_in_flight(&self) -> u64 {
         let ctl = self.control.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.with_stack(&ctl, |s| s.pins().total());
         current + self.undrained_upto(&ctl, u64::MAX).unwrap_or(0)
-    }
-
-    /// Requests still pinned to retired stacks of epoch `upto` or older; `None`
-    /// when no such stack is left (what a backup switched at `upto` waits for).
-    pub(crate) fn undrained_upto(
-        &self,
-        _control: &std::sync::MutexGuard<'_, Control>,
-        upto: u64,
-    ) -> Option<u64> {
-        let list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        let mut older = list.iter().filter(|r| r.epoch <= upto).peekable();
-        older.peek()?;
-        // SAFETY: listed, so not freed; freeing needs `control`, held here.
-        Some(older.map(|r| unsafe { &*r.stack }.pins().total()).sum())
-    }
-
-    /// Frees the retired stacks of `epochs`: a drain round that started after they
-    /// were unpublished found no request pinned to them on any reactor (`image`:
-    /// # Reclamation). Epochs already freed by another round are skipped.
-    pub(crate) fn free_drained(
-        &self,
-        _control: &std::sync::MutexGuard<'_, Control>,
-        epochs: &[u64],
-    ) {
-        let mut list = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain(|r| {
-            if !epochs.contains(&r.epoch) {
-                return true;
-            }
-            // SAFETY: drained (above): no request holds it, no reactor can load it;
-            // rounds still running hold only its `Pins`.
-            drop(unsafe { Box::from_raw(r.stack) });
-            false
-        });
     }
 
     pub fn name(&self) -> &str {
@@ -691,7 +672,7 @@ impl Volume {
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.images.size_bytes()
     }
 
     pub fn block_size(&self) -> u32 {
@@ -703,7 +684,7 @@ impl Volume {
     }
 
     pub fn backend(&self) -> &Backend {
-        &self.backend
+        self.images.backend()
     }
 
     pub fn is_removed(&self) -> bool {
@@ -771,11 +752,11 @@ impl Volume {
     /// What the handshake tells clients about this export.
     pub fn export_info(&self) -> ExportInfo {
         let bs = self.block_size();
-        let punch = self.backend.can_punch();
+        let punch = self.backend().can_punch();
         ExportInfo {
             name: self.name().to_string(),
-            description: format!("ringblk {} volume", self.backend.kind()),
-            size_bytes: self.size_bytes,
+            description: format!("ringblk {} volume", self.backend().kind()),
+            size_bytes: self.size_bytes(),
             read_only: self.read_only(),
             block_size_min: bs,
             block_size_preferred: bs.max(4096),
@@ -803,21 +784,7 @@ impl Drop for Volume {
             // Nothing of a mem/null volume survives it: neither do its deltas.
             self.persist.discard_deltas();
         }
-        // No Arc<Volume> is left, so no request or reactor can hold a pin, and no
-        // drain round has a waiter (each holds the volume); a round still on the
-        // reactors holds only its `Pins`.
-        let cur = *self.current.get_mut();
-        // SAFETY: allocated by Box::into_raw in open/publish; freed exactly once.
-        drop(unsafe { Box::from_raw(cur) });
-        for r in self
-            .retired
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            // SAFETY: as above.
-            drop(unsafe { Box::from_raw(r.stack) });
-        }
+        // The image stacks are freed when `images` drops, right after this.
     }
 }
 

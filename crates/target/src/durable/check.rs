@@ -146,15 +146,15 @@ fn check_base(v: &str, m: &Manifest, rep: &mut CheckReport) {
     }
 }
 
-/// The server's volume list (see `catalog`): what a restart would bring back.
+/// The server's volume list (see `volumes`): what a restart would bring back.
 fn check_volume_list(store: &dyn Store, rep: &mut CheckReport) {
-    let name = crate::catalog::FILE_NAME;
+    let name = super::volumes::FILE_NAME;
     if !store.exists(name) {
         return; // a data dir of an older release, or never started
     }
     let list = super::store::read_all(store, name)
         .map_err(|e| e.to_string())
-        .and_then(|b| crate::catalog::VolumeList::decode(&b));
+        .and_then(|b| super::volumes::VolumeList::decode(&b));
     let list = match list {
         Ok(l) => l,
         Err(e) => {
@@ -166,7 +166,7 @@ fn check_volume_list(store: &dyn Store, rep: &mut CheckReport) {
         let Some(p) = v
             .path
             .as_ref()
-            .filter(|_| v.backend == crate::backend::BackendKind::File)
+            .filter(|_| v.backend == crate::spec::BackendKind::File)
         else {
             continue;
         };

@@ -22,3 +22,4 @@ pub(crate) mod sim;
 #[cfg(test)]
 mod sim_tests;
 pub mod store;
+pub mod volumes;
