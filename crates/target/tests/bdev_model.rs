@@ -1243,3 +1243,75 @@ fn sg_lists_negative_control() {
         "bytes outside the list went unnoticed"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A backup view held across its release
+
+/// Plan §2.11: once a backup is released, requests on its view fail with `Removed`;
+/// they never read the newer data that the merge moves under the backup's layers.
+///
+/// Ignored: with b12-b at 72e0827 a view opened before `backup_release` keeps
+/// reading through the stack until the merge has removed the delta, and while the
+/// merge runs it reads data written after the backup (seen: 28 of 37 and 51 of 71
+/// reads of a 64 MiB volume in two runs). NBD closes its backup sessions before the merge starts, so no NBD
+/// client sees this; any other holder of a backup `Bdev` would. Un-ignore when
+/// backup views are fenced at release (e.g. `view_layers` refusing a backup that is
+/// merging).
+#[test]
+#[ignore = "known gap: a held backup view reads merged data during release (see doc)"]
+fn a_released_backup_view_never_reads_newer_data() {
+    const MIB: u64 = 1 << 20;
+    const VOL_MIB: u64 = 64;
+    let rig = Rig::new(256);
+    let vol = rig.volume("rel", BackendKind::Mem, VOL_MIB * MIB);
+    let live = rig.live(&vol);
+    let fill = |byte: u8| {
+        for i in 0..VOL_MIB {
+            let data = vec![byte; MIB as usize];
+            let res = rig.run(
+                0,
+                &live,
+                Req::Write {
+                    off: i * MIB,
+                    data,
+                    fua: false,
+                },
+            );
+            assert_eq!(res, Ok(Outcome::Complete));
+        }
+    };
+    fill(1);
+    switchover::backup_create(&rig.handles, &vol, "b", BOUND).expect("backup");
+    wait_for("backup ready", || {
+        vol.ready_backups().iter().any(|b| b == "b")
+    });
+    let view = Bdev::open_backup(vol.clone(), "b", Label::INTERNAL).expect("open b");
+    fill(2);
+    switchover::backup_release(rig.handles.clone(), &vol, "b").expect("release");
+    let mut newer = Vec::new();
+    let mut i = 0u64;
+    loop {
+        let off = (i * 7 % VOL_MIB) * MIB;
+        i += 1;
+        match rig.run(
+            1,
+            &view,
+            Req::Read {
+                off,
+                len: MIB as u32,
+            },
+        ) {
+            Ok(Outcome::Data(d)) if d.iter().all(|&b| b == 1) => {}
+            Ok(Outcome::Data(_)) => newer.push(off),
+            Err(BlockError::Removed) => break,
+            other => panic!("read of the released view at {off}: {other:?}"),
+        }
+        assert!(i < 100_000, "the released view never answered Removed");
+    }
+    assert!(
+        newer.is_empty(),
+        "{} of {i} reads of the released backup view returned newer data (at {:?}...)",
+        newer.len(),
+        &newer[..newer.len().min(4)]
+    );
+}
