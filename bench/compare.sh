@@ -15,6 +15,13 @@
 #                                    also run two given ringblk binaries (file and null
 #                                    backends) and print new/old per workload; e.g. a
 #                                    baseline build against the tree's (issue #12 gate)
+#   bench/compare.sh --only SYS,SYS,... run only the named systems (names as listed below,
+#                                    comma-separated; the others are skipped, and the
+#                                    backing file is not written when no file-backed
+#                                    system is left). The #12 performance gate, old vs
+#                                    new only, 5 interleaved rounds (~10 min):
+#     bench/compare.sh --repeat 5 --ringblk-old OLD --ringblk-new NEW \
+#         --only ringblk-old,ringblk-new,ringblk-old-null,ringblk-new-null
 #
 # Systems (each started and stopped by this script, on a loopback port, by PID):
 #   ringblk        ringblk serve --volume v=FILE            (file backend, O_DIRECT, io_uring)
@@ -58,7 +65,7 @@ CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 
 REPEAT=3 RUNTIME=4 RAMP=1 SIZE=1G MODE=default OUT="" BENCH_CLIENT=0 BUILD=1
-RINGBLK_OLD="" RINGBLK_NEW=""
+RINGBLK_OLD="" RINGBLK_NEW="" ONLY=""
 WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-j2"
 NULL_WORKLOADS="rr4k-qd1 rr4k-qd32"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -73,6 +80,7 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --ringblk-old) RINGBLK_OLD=${2:-}; shift ;;
         --ringblk-new) RINGBLK_NEW=${2:-}; shift ;;
+        --only) ONLY=${2:-}; shift ;;
         --quick) MODE=quick; REPEAT=1 RUNTIME=3 RAMP=1 SIZE=256M ;;
         --smoke) MODE=smoke; REPEAT=1 RUNTIME=1 RAMP=0 SIZE=64M
                  WORKLOADS="rr4k-qd32" NULL_WORKLOADS="rr4k-qd32" ;;
@@ -116,6 +124,31 @@ fi
 if [ -n "$RINGBLK_OLD" ]; then
     SYSTEMS="$SYSTEMS ringblk-old ringblk-new"
     NULL_SYSTEMS="$NULL_SYSTEMS ringblk-old-null ringblk-new-null"
+fi
+# --only: keep the named systems (in the order above); a name that is not a system of
+# this run is an error, not silently nothing.
+if [ -n "$ONLY" ]; then
+    known=" $SYSTEMS $NULL_SYSTEMS $RBB_SYSTEMS "
+    for s in ${ONLY//,/ }; do
+        case "$known" in
+            *" $s "*) ;;
+            *) echo "compare.sh: --only: $s is not a system of this run (they are:$known;" \
+                    "ringblk-old* and ringblk-new* need --ringblk-old/--ringblk-new)" >&2
+               exit 2 ;;
+        esac
+    done
+    keep() {
+        local out="" s
+        for s in $1; do
+            case ",$ONLY," in *",$s,"*) out="$out $s" ;; esac
+        done
+        echo "${out# }"
+    }
+    SYSTEMS=$(keep "$SYSTEMS")
+    NULL_SYSTEMS=$(keep "$NULL_SYSTEMS")
+    RBB_SYSTEMS=$(keep "$RBB_SYSTEMS")
+    [ -n "$SYSTEMS$NULL_SYSTEMS$RBB_SYSTEMS" ] || { echo "compare.sh: --only: no system left" >&2; exit 2; }
+    echo "== systems: $SYSTEMS $NULL_SYSTEMS $RBB_SYSTEMS" >&2
 fi
 
 TARGET=${CARGO_TARGET_DIR:-target}
@@ -175,6 +208,10 @@ start_server() {
                 ringblk-old*) bin=$RINGBLK_OLD ;;
                 ringblk-new*) bin=$RINGBLK_NEW ;;
             esac
+            # The redirect below truncates the banner in the forked child, which may
+            # run after the wait loop's first look: remove the last run's banner here,
+            # or its port may be read (connection refused).
+            rm -f "$OUT/banner"
             # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
             "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
                 --volume "$vol" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
@@ -289,9 +326,12 @@ run_one() {
     printf '  %-13s %-13s round %s done\n' "$sys" "$w" "$rep" >&2
 }
 
-echo "== backing file $BACKING ($SIZE, incompressible)" >&2
-fio --name=fill --filename="$BACKING" --size="$SIZE" --rw=write --bs=1M --direct=1 \
-    --ioengine=io_uring --iodepth=4 --refill_buffers > /dev/null
+# Null systems need no backing file: skip the fill when only they run (--only).
+if [ -n "$SYSTEMS$RBB_SYSTEMS" ]; then
+    echo "== backing file $BACKING ($SIZE, incompressible)" >&2
+    fio --name=fill --filename="$BACKING" --size="$SIZE" --rw=write --bs=1M --direct=1 \
+        --ioengine=io_uring --iodepth=4 --refill_buffers > /dev/null
+fi
 
 START=$(date +%s)
 for rep in $(seq "$REPEAT"); do
@@ -429,7 +469,7 @@ if pairs:
               f"| {fmt(medpct(n, 99.0), 1)} | {fmt(opc)} | {fmt(npc)} | {cratio} |")
     print()
     print("new ÷ old above 1 is better for IOPS; #12's gate is new ÷ old IOPS >= 0.97 "
-          "(medians of the rounds; use the default 3 rounds for the gate).")
+          "(medians of the rounds; the gate runs 5 rounds: --repeat 5, see --only).")
 PY
 
 echo "== plots" >&2

@@ -15,29 +15,18 @@
 //! server counter, that the bad condition was really provoked.
 
 mod common;
+use common::nbd::*;
 use common::*;
+use ringblk_nbd::client::Cmd;
+use ringblk_nbd::proto::*;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const C_FIXED_NEWSTYLE: u32 = 1;
-const C_NO_ZEROES: u32 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_ERR: u32 = 1 << 31;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const NBD_EINVAL: u32 = 22;
+const NBD_EINVAL: u32 = NbdErrno::Inval as u32;
 
 const MIB: u64 = 1 << 20;
 /// Liveness bound on blocking socket calls and on waiting for the server to act.
@@ -45,140 +34,11 @@ const MIB: u64 = 1 << 20;
 const IO_BOUND: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
-// A raw NBD client (simple replies)
-
-fn connect(port: u16) -> io::Result<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(IO_BOUND))?;
-    s.set_write_timeout(Some(IO_BOUND))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-fn read_n(s: &mut TcpStream, n: usize) -> io::Result<Vec<u8>> {
-    let mut b = vec![0u8; n];
-    s.read_exact(&mut b)?;
-    Ok(b)
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
-}
+// The raw NBD client is `common::nbd::Client` (simple replies).
 
 /// Greeting, fixed newstyle, GO `export`: a connection in the transmission phase.
-fn open(port: u16, export: &str) -> io::Result<TcpStream> {
-    let mut s = connect(port)?;
-    let g = read_n(&mut s, 18)?;
-    if be64(&g) != NBDMAGIC || be64(&g[8..]) != IHAVEOPT {
-        return Err(io::Error::other(format!("bad greeting {g:02x?}")));
-    }
-    let mut out = (C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes().to_vec();
-    let mut data = (export.len() as u32).to_be_bytes().to_vec();
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&OPT_GO.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(&data);
-    s.write_all(&out)?;
-    loop {
-        let h = read_n(&mut s, 20)?;
-        let len = be32(&h[16..]) as usize;
-        if be64(&h) != OPTION_REPLY_MAGIC || len > 1 << 20 {
-            return Err(io::Error::other(format!("bad option reply {h:02x?}")));
-        }
-        let kind = be32(&h[12..]);
-        read_n(&mut s, len)?;
-        if kind & REP_ERR != 0 {
-            return Err(io::Error::other(format!("GO {export} refused: {kind:#x}")));
-        }
-        if kind == REP_ACK {
-            return Ok(s);
-        }
-    }
-}
-
-fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    b[6..8].copy_from_slice(&cmd.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&offset.to_be_bytes());
-    b[24..28].copy_from_slice(&len.to_be_bytes());
-    b
-}
-
-/// One simple reply header: (error, cookie).
-fn simple_reply(s: &mut TcpStream) -> io::Result<(u32, u64)> {
-    let h = read_n(s, 16)?;
-    if be32(&h) != SIMPLE_REPLY_MAGIC {
-        return Err(io::Error::other(format!("bad simple reply {h:02x?}")));
-    }
-    Ok((be32(&h[4..]), be64(&h[8..])))
-}
-
-fn write_at(s: &mut TcpStream, cookie: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
-    s.write_all(&request(CMD_WRITE, cookie, offset, data.len() as u32))?;
-    s.write_all(data)?;
-    let (err, got) = simple_reply(s)?;
-    assert_eq!(got, cookie, "reply to another request");
-    Ok(err)
-}
-
-fn read_at(s: &mut TcpStream, cookie: u64, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-    s.write_all(&request(CMD_READ, cookie, offset, len))?;
-    let (err, got) = simple_reply(s)?;
-    assert_eq!(got, cookie, "reply to another request");
-    if err != 0 {
-        return Err(io::Error::other(format!(
-            "READ failed with NBD error {err}"
-        )));
-    }
-    read_n(s, len as usize)
-}
-
-fn disconnect(mut s: TcpStream) {
-    let _ = s.write_all(&request(CMD_DISC, 0, 0, 0));
-}
-
-/// Reads until the server closes the connection; Err if still open after `bound`.
-fn wait_closed(s: &mut TcpStream, bound: Duration) -> Result<(), String> {
-    s.set_read_timeout(Some(bound)).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::ConnectionAborted
-                        | io::ErrorKind::BrokenPipe
-                ) =>
-            {
-                return Ok(())
-            }
-            Err(e) => return Err(format!("still open after {bound:?}: {e}")),
-        }
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+fn open(port: u16, export: &str) -> io::Result<Client> {
+    Client::open(port, export, IO_BOUND)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -244,7 +104,7 @@ fn unread_replies_to_noop_and_refused_requests_are_bounded() {
     let srv = Server::start_logged(&["--volume", "v=,backend=mem,size=16M"]);
     let mut s = open(srv.port, "v").expect("handshake");
     let before = status_kib(&srv, "VmHWM:");
-    let mut writer = s.try_clone().expect("clone");
+    let mut writer = s.s.try_clone().expect("clone");
     let sender = std::thread::spawn(move || -> io::Result<()> {
         let mut batch = Vec::with_capacity(28 * 4096);
         for i in 0..REQUESTS {
@@ -255,7 +115,7 @@ fn unread_replies_to_noop_and_refused_requests_are_bounded() {
             } else {
                 0
             };
-            batch.extend_from_slice(&request(CMD_READ, i, offset, 0));
+            batch.extend_from_slice(&header(Cmd::Read, i, offset, 0));
             if batch.len() >= 28 * 4096 {
                 writer.write_all(&batch)?;
                 batch.clear();
@@ -272,7 +132,7 @@ fn unread_replies_to_noop_and_refused_requests_are_bounded() {
     }
     let during = status_kib(&srv, "VmHWM:");
     // Now read every reply, in order (no-ops and refusals reply at once).
-    let mut reader = BufReader::with_capacity(1 << 20, s.try_clone().expect("clone"));
+    let mut reader = BufReader::with_capacity(1 << 20, s.s.try_clone().expect("clone"));
     let mut h = [0u8; 16];
     for i in 0..REQUESTS {
         reader.read_exact(&mut h).expect("reply");
@@ -283,9 +143,9 @@ fn unread_replies_to_noop_and_refused_requests_are_bounded() {
     sender.join().expect("sender").expect("send requests");
     // Still in step: a real request works on the same connection.
     let data = pattern(1, 4096);
-    assert_eq!(write_at(&mut s, 1 << 40, 0, &data).unwrap(), 0);
-    assert_eq!(read_at(&mut s, (1 << 40) + 1, 0, 4096).unwrap(), data);
-    disconnect(s);
+    assert_eq!(s.write(1 << 40, 0, &data).unwrap(), 0);
+    assert_eq!(s.read_ok((1 << 40) + 1, 0, 4096).unwrap(), data);
+    s.disconnect();
     eprintln!("peak RSS {before} KiB before, {during} KiB while not reading");
     assert!(
         during < before + 64 * 1024,
@@ -318,12 +178,12 @@ fn bare_write_headers_wait_for_the_buffer_budget_and_time_out() {
         "1",
     ]);
     let before = status_kib(&srv, "VmHWM:");
-    let mut hostile: Vec<TcpStream> = (0..HOSTILE)
+    let mut hostile: Vec<Client> = (0..HOSTILE)
         .map(|i| open(srv.port, "v").unwrap_or_else(|e| panic!("hostile {i}: {e}")))
         .collect();
     // All headers at once, so that they compete for the budget together.
     for (i, s) in hostile.iter_mut().enumerate() {
-        s.write_all(&request(CMD_WRITE, i as u64, 0, 32 << 20))
+        s.send(&header(Cmd::Write, i as u64, 0, 32 << 20))
             .expect("header");
     }
     // A well-behaved client on its own connection: its requests wait their turn for
@@ -334,16 +194,18 @@ fn bare_write_headers_wait_for_the_buffer_budget_and_time_out() {
         for i in 0..4u64 {
             let data = pattern(i, MIB as usize);
             let off = (16 + i) * MIB;
-            match write_at(&mut s, 2 * i, off, &data) {
+            match s.write(2 * i, off, &data) {
                 Ok(0) => {}
                 other => return Err(format!("write {i}: {other:?}")),
             }
-            let got = read_at(&mut s, 2 * i + 1, off, MIB as u32).map_err(|e| e.to_string())?;
+            let got = s
+                .read_ok(2 * i + 1, off, MIB as u32)
+                .map_err(|e| e.to_string())?;
             if got != data {
                 return Err(format!("read back wrong bytes at {off}"));
             }
         }
-        disconnect(s);
+        s.disconnect();
         Ok(())
     });
     // Every hostile connection is closed once its request timed out.
@@ -353,7 +215,7 @@ fn bare_write_headers_wait_for_the_buffer_budget_and_time_out() {
         .enumerate()
         .filter_map(|(i, s)| {
             let left = deadline.saturating_duration_since(Instant::now());
-            let e = wait_closed(s, left.max(Duration::from_millis(1))).err()?;
+            let e = s.wait_closed(left.max(Duration::from_millis(1))).err()?;
             Some(format!("hostile {i}: {e}"))
         })
         .collect();
@@ -396,19 +258,15 @@ fn unread_read_replies_give_their_budget_back_after_the_timeout() {
     ]);
     let mut hog = open(srv.port, "v").expect("handshake");
     for i in 0..4 {
-        hog.write_all(&request(CMD_READ, i, 0, 32 << 20))
-            .expect("READ");
+        hog.send(&header(Cmd::Read, i, 0, 32 << 20)).expect("READ");
     }
     // Another client's 32 MiB WRITE and READ need the budget the hog holds.
     let data = pattern(9, 32 << 20);
     let mut s = open(srv.port, "v").expect("handshake");
-    assert_eq!(write_at(&mut s, 1, 0, &data).unwrap(), 0);
-    assert!(
-        read_at(&mut s, 2, 0, 32 << 20).unwrap() == data,
-        "wrong data"
-    );
-    disconnect(s);
-    wait_closed(&mut hog, IO_BOUND).expect("the hog is closed");
+    assert_eq!(s.write(1, 0, &data).unwrap(), 0);
+    assert!(s.read_ok(2, 0, 32 << 20).unwrap() == data, "wrong data");
+    s.disconnect();
+    hog.wait_closed(IO_BOUND).expect("the hog is closed");
     let stats = server_stats(&srv);
     assert!(counter(&stats, "request_timeouts") >= 1, "{stats}");
     assert_eq!(counter(&stats, "buffer_budget_used_bytes"), 0, "{stats}");
@@ -520,8 +378,11 @@ fn idle_connections_do_not_lock_out_real_clients() {
         "--handshake-timeout",
         "60",
     ]);
-    let idle: Vec<TcpStream> = (0..IDLE)
-        .map(|i| connect(srv.port).unwrap_or_else(|e| panic!("idle connection {i}: {e}")))
+    let idle: Vec<Client> = (0..IDLE)
+        .map(|i| {
+            Client::connect(srv.port, IO_BOUND)
+                .unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
         .collect();
     // The server has dealt with every idle connection before the real client comes:
     // each got its greeting (accepted) or was closed (refused, or made to give way).
@@ -529,7 +390,7 @@ fn idle_connections_do_not_lock_out_real_clients() {
     let mut idle = idle;
     for (i, s) in idle.iter_mut().enumerate() {
         let mut b = [0u8; 18];
-        if let Err(e) = s.read(&mut b) {
+        if let Err(e) = s.s.read(&mut b) {
             assert!(
                 e.kind() == io::ErrorKind::ConnectionReset,
                 "idle connection {i}: neither greeted nor closed: {e}"

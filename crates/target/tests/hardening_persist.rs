@@ -10,9 +10,10 @@
 //!   data dir of release 3af0bc6 still recovers.
 
 mod common;
+use common::nbd::{header, Client};
 use common::*;
+use ringblk_nbd::client::Cmd;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,63 +26,22 @@ const MIB: u64 = 1 << 20;
 const BOUND: Duration = Duration::from_secs(30);
 const LOG: &str = "server-stderr.log";
 
-/// Starts `bin serve` in `dir` with its stderr (at `info`) in `dir/LOG`. `Err`
-/// with that log when it exits before serving.
+/// Starts `bin serve --cores 0` in `dir` with its stderr (at `info`) appended to
+/// `dir/LOG`. `Err` with that log when it exits before serving.
 fn try_start_bin(
     bin: &Path,
     dir: tempfile::TempDir,
     extra: &[&str],
 ) -> Result<Server, (tempfile::TempDir, String)> {
-    let rpc = dir.path().join("ringblk.sock");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.path().join(LOG))
         .expect("log");
-    let mut child = Command::new(bin)
-        .arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--cores", "0"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .arg("--rpc")
-        .arg(&rpc)
-        .args(extra)
-        .env("RINGBLK_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn ringblk");
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut lines = Vec::new();
-    let mut port = None;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            let _ = child.wait();
-            let log = std::fs::read_to_string(dir.path().join(LOG)).unwrap_or_default();
-            return Err((dir, log));
-        }
-        if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-            port = rest.split_whitespace().next().and_then(|p| p.parse().ok());
-        }
-        let last = line.trim_start().starts_with("qemu-img info");
-        lines.push(line.trim_end().to_string());
-        if last {
-            break;
-        }
-    }
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    Ok(Server {
-        child,
-        port: port.expect("banner names the port"),
-        dir,
-        rpc,
-        stdout_lines: lines,
+    let args = [&["--cores", "0"], extra].concat();
+    Server::try_start_with(bin, dir, &args, "info", Stdio::from(log)).map_err(|failed| {
+        let log = std::fs::read_to_string(failed.dir.path().join(LOG)).unwrap_or_default();
+        (failed.dir, log)
     })
 }
 
@@ -292,45 +252,15 @@ fn backups_are_never_served_over_another_base() {
 /// and never reads a reply: the server cannot finish them, so the connection (and
 /// the volume it holds) lingers until the client closes.
 fn stalled_reader(port: u16, export: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(BOUND)).expect("timeout");
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).expect("greeting");
-    s.write_all(&3u32.to_be_bytes()).expect("flags"); // fixed newstyle, no zeroes
-    let mut opt = Vec::new();
-    opt.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
-    opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-    opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
-    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    opt.extend_from_slice(export.as_bytes());
-    opt.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&opt).expect("GO");
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).expect("option reply");
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-        let mut d = vec![0u8; len];
-        s.read_exact(&mut d).expect("option data");
-        assert_eq!(kind & (1 << 31), 0, "GO {export} refused");
-        if kind == 1 {
-            break; // ACK
-        }
-    }
+    let mut c = Client::open(port, export, BOUND).expect("handshake");
     // 256 MiB of replies: more than the loopback socket buffers take (tcp_rmem may
     // grow to 32 MiB here) plus the 64 MiB of unsent replies a connection may hold,
     // so the server's send stays stuck.
-    let mut reqs = Vec::new();
-    for cookie in 0..256u64 {
-        reqs.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        reqs.extend_from_slice(&0u16.to_be_bytes());
-        reqs.extend_from_slice(&0u16.to_be_bytes()); // READ
-        reqs.extend_from_slice(&cookie.to_be_bytes());
-        reqs.extend_from_slice(&0u64.to_be_bytes());
-        reqs.extend_from_slice(&(MIB as u32).to_be_bytes());
-    }
-    s.write_all(&reqs).expect("READs");
-    s
+    let reqs: Vec<u8> = (0..256u64)
+        .flat_map(|cookie| header(Cmd::Read, cookie, 0, MIB as u32))
+        .collect();
+    c.send(&reqs).expect("READs");
+    c.s
 }
 
 /// The `read_ops` counter of volume `v`.

@@ -8,9 +8,9 @@
 //! - item 17: `size=` larger than an existing file is refused unless `grow=true`.
 
 mod common;
+use common::nbd::Client;
 use common::*;
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,42 +63,22 @@ impl Started {
 /// stay untouched).
 fn serve(args: &[&str], log: &Path) -> Started {
     let err = std::fs::File::create(log).expect("create the stderr log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
-        .arg("serve")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringblk"));
+    cmd.arg("serve")
         .args(args)
         .env("RINGBLK_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("spawn ringblk");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut reader = std::io::BufReader::new(stdout);
-    let mut banner = Vec::new();
-    loop {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut reader, &mut line).expect("read banner");
-        if n == 0 {
-            let status = child.wait().expect("wait");
-            return Started::Exited {
-                code: status.code(),
-                stderr: std::fs::read_to_string(log).unwrap_or_default(),
-            };
-        }
-        let last = line.trim_start().starts_with("qemu-img info");
-        banner.push(line.trim_end().to_string());
-        if last {
-            break;
-        }
+        .stderr(Stdio::from(err));
+    match spawn_until_banner(cmd) {
+        Ok((child, banner)) => Started::Running(Running {
+            child,
+            banner,
+            stderr: log.to_path_buf(),
+        }),
+        Err((status, _)) => Started::Exited {
+            code: status.code(),
+            stderr: std::fs::read_to_string(log).unwrap_or_default(),
+        },
     }
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = reader.read_to_end(&mut sink);
-    });
-    Started::Running(Running {
-        child,
-        banner,
-        stderr: log.to_path_buf(),
-    })
 }
 
 impl Running {
@@ -166,75 +146,17 @@ fn listing(dir: &Path) -> Vec<(String, Option<u64>)> {
 }
 
 // ---------------------------------------------------------------------------------------
-// A minimal NBD client: the handshake into an export, then one READ
-
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_ERR: u32 = 1 << 31;
-
-fn read_n(s: &mut TcpStream, n: usize) -> std::io::Result<Vec<u8>> {
-    let mut b = vec![0u8; n];
-    s.read_exact(&mut b)?;
-    Ok(b)
-}
-
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
-}
+// A client in the transmission phase
 
 /// Connects to `port`, completes the handshake into `export` and reads its first
 /// sector: a client in the transmission phase, as a real one would be.
 fn nbd_session(port: u16, export: &str) -> Result<TcpStream, String> {
-    let e = |what: &str| {
-        let what = what.to_string();
-        move |err: std::io::Error| format!("{what}: {err}")
-    };
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(e("connect"))?;
-    s.set_read_timeout(Some(IO_BOUND)).map_err(e("timeout"))?;
-    let g = read_n(&mut s, 18).map_err(e("greeting"))?;
-    if be64(&g) != NBDMAGIC || be64(&g[8..]) != IHAVEOPT {
-        return Err(format!("bad greeting {g:02x?}"));
+    let mut c = Client::open(port, export, IO_BOUND).map_err(|e| format!("handshake: {e}"))?;
+    match c.read(7, 0, 512) {
+        Ok((0, _)) => Ok(c.s),
+        Ok((err, _)) => Err(format!("READ failed with NBD error {err}")),
+        Err(e) => Err(format!("READ: {e}")),
     }
-    s.write_all(&3u32.to_be_bytes()).map_err(e("flags"))?; // fixed newstyle, no zeroes
-    let mut opt = IHAVEOPT.to_be_bytes().to_vec();
-    opt.extend_from_slice(&OPT_GO.to_be_bytes());
-    opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
-    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    opt.extend_from_slice(export.as_bytes());
-    opt.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&opt).map_err(e("NBD_OPT_GO"))?;
-    loop {
-        let h = read_n(&mut s, 20).map_err(e("option reply"))?;
-        let (magic, kind, len) = (be64(&h), be32(&h[12..]), be32(&h[16..]));
-        if magic != OPTION_REPLY_MAGIC || len > 4096 {
-            return Err(format!("bad option reply {h:02x?}"));
-        }
-        read_n(&mut s, len as usize).map_err(e("option reply data"))?;
-        if kind & REP_ERR != 0 {
-            return Err(format!("GO {export} refused: {kind:#x}"));
-        }
-        if kind == REP_ACK {
-            break;
-        }
-    }
-    let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-    req.extend_from_slice(&[0, 0, 0, 0]); // flags, READ
-    req.extend_from_slice(&7u64.to_be_bytes());
-    req.extend_from_slice(&0u64.to_be_bytes());
-    req.extend_from_slice(&512u32.to_be_bytes());
-    s.write_all(&req).map_err(e("READ"))?;
-    let r = read_n(&mut s, 16 + 512).map_err(e("READ reply"))?;
-    if be32(&r) != 0x6744_6698 || be32(&r[4..]) != 0 || be64(&r[8..]) != 7 {
-        return Err(format!("bad READ reply {:02x?}", &r[..16]));
-    }
-    Ok(s)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@
 //! released every connection's socket.
 
 mod common;
+use common::nbd::*;
 use common::*;
+use ringblk_nbd::proto::*;
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{self, Write};
+use std::net::Shutdown;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,38 +24,10 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-// Wire values, from shared/reference/nbd-proto.md (spelled out here so that the test
-// does not trust the server's own constants).
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const C_FIXED_NEWSTYLE: u32 = 1;
-const C_NO_ZEROES: u32 = 2;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_STARTTLS: u32 = 5;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_EXTENDED_HEADERS: u32 = 11;
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_ERR: u32 = 1 << 31;
-const REP_ERR_UNSUP: u32 = REP_ERR | 1;
-const REP_ERR_INVALID: u32 = REP_ERR | 3;
-const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
-const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const NBD_EINVAL: u32 = 22;
-const NBD_ENOSPC: u32 = 28;
+// Wire values come from `ringblk_nbd::proto`; its test
+// `wire_constants_match_the_spec_literals` checks each against the spec's number.
+const NBD_EINVAL: u32 = NbdErrno::Inval as u32;
+const NBD_ENOSPC: u32 = NbdErrno::NoSpc as u32;
 
 const MIB: usize = 1 << 20;
 const VOL0_BYTES: u64 = 64 << 20;
@@ -65,318 +39,11 @@ const SCRATCH: &str = "scratch";
 const IO_BOUND: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
-// A hand-written NBD client
-
-struct Client {
-    s: TcpStream,
-}
-
-struct OptReply {
-    option: u32,
-    kind: u32,
-    data: Vec<u8>,
-}
-
-fn other(msg: String) -> io::Error {
-    io::Error::other(msg)
-}
-
-/// Export names in NBD_REP_SERVER replies.
-fn listed(replies: &[OptReply]) -> Vec<Vec<u8>> {
-    replies
-        .iter()
-        .filter(|r| r.kind == REP_SERVER && r.data.len() >= 4)
-        .map(|r| {
-            let n = u32::from_be_bytes(r.data[0..4].try_into().unwrap()) as usize;
-            r.data[4..].get(..n).unwrap_or_default().to_vec()
-        })
-        .collect()
-}
-
-fn closed_kind(k: ErrorKind) -> bool {
-    matches!(
-        k,
-        ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe
-            | ErrorKind::UnexpectedEof
-    )
-}
-
-impl Client {
-    fn connect(port: u16) -> io::Result<Client> {
-        let s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(IO_BOUND))?;
-        s.set_write_timeout(Some(IO_BOUND))?;
-        s.set_nodelay(true)?;
-        Ok(Client { s })
-    }
-
-    fn read_n(&mut self, n: usize) -> io::Result<Vec<u8>> {
-        let mut b = vec![0u8; n];
-        self.s.read_exact(&mut b)?;
-        Ok(b)
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.s.write_all(bytes)
-    }
-
-    /// Reads and checks the 18-byte greeting.
-    fn greeting(&mut self) -> io::Result<()> {
-        let g = self.read_n(18)?;
-        let magic = u64::from_be_bytes(g[0..8].try_into().unwrap());
-        let opt = u64::from_be_bytes(g[8..16].try_into().unwrap());
-        let flags = u16::from_be_bytes(g[16..18].try_into().unwrap());
-        if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(other(format!("bad greeting {g:02x?}")));
-        }
-        Ok(())
-    }
-
-    fn flags(&mut self, flags: u32) -> io::Result<()> {
-        self.send(&flags.to_be_bytes())
-    }
-
-    /// Greeting, then fixed-newstyle + no-zeroes client flags.
-    fn start(port: u16) -> io::Result<Client> {
-        let mut c = Client::connect(port)?;
-        c.greeting()?;
-        c.flags(C_FIXED_NEWSTYLE | C_NO_ZEROES)?;
-        Ok(c)
-    }
-
-    fn option_header(&mut self, magic: u64, option: u32, length: u32) -> io::Result<()> {
-        let mut b = Vec::with_capacity(16);
-        b.extend_from_slice(&magic.to_be_bytes());
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&length.to_be_bytes());
-        self.send(&b)
-    }
-
-    fn option(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
-        let mut b = Vec::with_capacity(16 + data.len());
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.send(&b)
-    }
-
-    fn reply(&mut self) -> io::Result<OptReply> {
-        let h = self.read_n(20)?;
-        let magic = u64::from_be_bytes(h[0..8].try_into().unwrap());
-        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-        if magic != OPTION_REPLY_MAGIC || len > MIB {
-            return Err(other(format!("bad option reply header {h:02x?}")));
-        }
-        let data = self.read_n(len)?;
-        Ok(OptReply { option, kind, data })
-    }
-
-    /// Replies to `option` up to and including the final one (ACK or an error).
-    fn replies(&mut self, option: u32) -> io::Result<Vec<OptReply>> {
-        let mut out = Vec::new();
-        loop {
-            let r = self.reply()?;
-            if r.option != option {
-                return Err(other(format!(
-                    "reply for option {} to option {option}",
-                    r.option
-                )));
-            }
-            let last = r.kind == REP_ACK || r.kind & REP_ERR != 0;
-            out.push(r);
-            if last {
-                return Ok(out);
-            }
-        }
-    }
-
-    /// The final reply type to `option` with `data`.
-    fn ask(&mut self, option: u32, data: &[u8]) -> io::Result<u32> {
-        self.option(option, data)?;
-        Ok(self.replies(option)?.last().map_or(0, |r| r.kind))
-    }
-
-    /// NBD_OPT_GO: Ok((size, transmission flags)) or Err(error reply type).
-    fn go(&mut self, export: &[u8]) -> io::Result<Result<(u64, u16), u32>> {
-        self.option(OPT_GO, &go_data(export))?;
-        let mut info = None;
-        for r in self.replies(OPT_GO)? {
-            if r.kind & REP_ERR != 0 {
-                return Ok(Err(r.kind));
-            }
-            if r.kind == REP_INFO && r.data.len() == 12 && r.data[0..2] == [0, 0] {
-                let size = u64::from_be_bytes(r.data[2..10].try_into().unwrap());
-                let flags = u16::from_be_bytes(r.data[10..12].try_into().unwrap());
-                info = Some((size, flags));
-            }
-        }
-        info.map(Ok)
-            .ok_or_else(|| other("GO acknowledged without NBD_INFO_EXPORT".into()))
-    }
-
-    fn request(
-        &mut self,
-        cmd: u16,
-        flags: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> io::Result<()> {
-        self.send(&request_bytes(
-            REQUEST_MAGIC,
-            cmd,
-            flags,
-            cookie,
-            offset,
-            len,
-            payload,
-        ))
-    }
-
-    /// A simple reply to `cookie`: its error, and `data_len` bytes of data on success.
-    fn simple_reply(&mut self, cookie: u64, data_len: usize) -> io::Result<(u32, Vec<u8>)> {
-        let h = self.read_n(16)?;
-        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
-        let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let got = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        if magic != SIMPLE_REPLY_MAGIC || got != cookie {
-            return Err(other(format!(
-                "bad simple reply {h:02x?} for cookie {cookie:#x}"
-            )));
-        }
-        let data = if error == 0 {
-            self.read_n(data_len)?
-        } else {
-            Vec::new()
-        };
-        Ok((error, data))
-    }
-
-    fn read(&mut self, cookie: u64, offset: u64, len: u32) -> io::Result<(u32, Vec<u8>)> {
-        self.request(CMD_READ, 0, cookie, offset, len, &[])?;
-        self.simple_reply(cookie, len as usize)
-    }
-
-    fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
-        self.request(CMD_WRITE, 0, cookie, offset, data.len() as u32, data)?;
-        Ok(self.simple_reply(cookie, 0)?.0)
-    }
-
-    fn disconnect(mut self) {
-        let _ = self.request(CMD_DISC, 0, 0, 0, 0, &[]);
-        let _ = self.wait_closed(IO_BOUND);
-    }
-
-    /// Reads until the server closes the connection (EOF or reset); returns what it sent
-    /// first. `Err` if the connection is still open after `bound`.
-    fn wait_closed(&mut self, bound: Duration) -> Result<Vec<u8>, String> {
-        self.s
-            .set_read_timeout(Some(bound))
-            .map_err(|e| e.to_string())?;
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match self.s.read(&mut buf) {
-                Ok(0) => return Ok(got),
-                Ok(n) => {
-                    if got.len() < MIB {
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                }
-                Err(e) if closed_kind(e.kind()) => return Ok(got),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(format!(
-                        "still open after {bound:?} ({e}); received {} bytes",
-                        got.len()
-                    ))
-                }
-            }
-        }
-    }
-
-    /// The server must close without sending anything more.
-    fn expect_silent_close(&mut self, what: &str) {
-        match self.wait_closed(IO_BOUND) {
-            Ok(b) if b.is_empty() => {}
-            Ok(b) => panic!(
-                "{what}: server sent {} bytes before closing: {:02x?}",
-                b.len(),
-                &b[..b.len().min(64)]
-            ),
-            Err(e) => panic!("{what}: not closed: {e}"),
-        }
-    }
-}
-
-fn go_data(export: &[u8]) -> Vec<u8> {
-    let mut d = (export.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(export);
-    d.extend_from_slice(&0u16.to_be_bytes());
-    d
-}
-
-fn request_bytes(
-    magic: u32,
-    cmd: u16,
-    flags: u16,
-    cookie: u64,
-    offset: u64,
-    len: u32,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut b = Vec::with_capacity(28 + payload.len());
-    b.extend_from_slice(&magic.to_be_bytes());
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&cmd.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b.extend_from_slice(payload);
-    b
-}
+// The hand-written NBD client is `common::nbd::Client`.
 
 /// A full handshake into `export` with simple replies.
 fn open(port: u16, export: &str) -> io::Result<Client> {
-    let mut c = Client::start(port)?;
-    match c.go(export.as_bytes())? {
-        Ok(_) => Ok(c),
-        Err(t) => Err(other(format!("GO {export} refused: {t:#x}"))),
-    }
-}
-
-/// Retries `open` until the server accepts (it frees a slot asynchronously after a
-/// client leaves), up to `bound`.
-fn open_when_accepted(port: u16, export: &str, bound: Duration) -> Result<Client, String> {
-    let start = Instant::now();
-    loop {
-        match open(port, export) {
-            Ok(c) => return Ok(c),
-            Err(e) if start.elapsed() > bound => {
-                return Err(format!("not accepted within {bound:?}: {e}"))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-/// Distinct bytes per seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    Client::open(port, export, IO_BOUND)
 }
 
 /// Writes `pattern(write_seed)` at `offset`, reads it back and compares with
@@ -613,17 +280,17 @@ fn bad_client_flags_close_the_connection() {
     let mut rig = Rig::start(&[], Mode::Reconnect);
     let cases: [(u32, &str); 5] = [
         (0x8000_0001, "unknown client flag bit 31"),
-        (C_FIXED_NEWSTYLE | 0x100, "unknown client flag bit 8"),
+        (FLAG_C_FIXED_NEWSTYLE | 0x100, "unknown client flag bit 8"),
         (0, "no fixed-newstyle flag"),
         (0xffff_ffff, "all client flags"),
         (
-            (NBDMAGIC >> 32) as u32,
+            (NBD_MAGIC >> 32) as u32,
             "server magic echoed as client flags",
         ),
     ];
     for round in 0..10 {
         for (flags, what) in cases {
-            let mut c = Client::connect(rig.port()).unwrap();
+            let mut c = Client::connect(rig.port(), IO_BOUND).unwrap();
             c.greeting().unwrap();
             c.flags(flags).unwrap();
             // Whatever follows must not be parsed: an option that would get a reply.
@@ -633,7 +300,7 @@ fn bad_client_flags_close_the_connection() {
         rig.assert_alive();
     }
     // Negative control: valid flags, and the same option is answered.
-    let mut c = Client::start(rig.port()).unwrap();
+    let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
     c.option(OPT_LIST, &[]).unwrap();
     let r = c.replies(OPT_LIST).unwrap();
     assert_eq!(r.last().unwrap().kind, REP_ACK);
@@ -651,10 +318,10 @@ fn bad_client_flags_close_the_connection() {
 #[test]
 fn bad_option_magic_closes_the_connection() {
     let mut rig = Rig::start(&[], Mode::Reconnect);
-    let magics = [IHAVEOPT ^ 1, NBDMAGIC, OPTION_REPLY_MAGIC, 0, u64::MAX];
+    let magics = [IHAVEOPT ^ 1, NBD_MAGIC, OPTION_REPLY_MAGIC, 0, u64::MAX];
     for round in 0..10 {
         for magic in magics {
-            let mut c = Client::start(rig.port()).unwrap();
+            let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
             // A valid option first (answered), then the bad header.
             assert_eq!(c.ask(OPT_STRUCTURED_REPLY, &[]).unwrap(), REP_ACK);
             c.option_header(magic, OPT_LIST, 0).unwrap();
@@ -663,7 +330,7 @@ fn bad_option_magic_closes_the_connection() {
         rig.assert_alive();
     }
     // Negative control: the right magic gets an answer and the connection stays.
-    let mut c = Client::start(rig.port()).unwrap();
+    let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
     c.option_header(IHAVEOPT, OPT_LIST, 0).unwrap();
     assert_eq!(c.replies(OPT_LIST).unwrap().last().unwrap().kind, REP_ACK);
     assert!(
@@ -692,7 +359,7 @@ fn oversize_option_lengths_are_drained_or_closed_never_buffered() {
         (OPT_GO, (16 << 20) + 1),
     ] {
         for _ in 0..3 {
-            let mut c = Client::start(rig.port()).unwrap();
+            let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
             c.option_header(IHAVEOPT, option, length).unwrap();
             // Keep sending data: a server that buffered or drained it would keep reading.
             let _ = c.send(&junk[..(length as usize).min(MIB) - 1]);
@@ -702,7 +369,7 @@ fn oversize_option_lengths_are_drained_or_closed_never_buffered() {
     }
     // Up to the drain limit the data is read and discarded, the option refused, and the
     // negotiation continues.
-    let mut c = Client::start(rig.port()).unwrap();
+    let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
     for (option, len, want) in [
         (OPT_GO, MIB, REP_ERR_TOO_BIG),
         (OPT_LIST, 100 * 1024, REP_ERR_TOO_BIG),
@@ -726,7 +393,7 @@ fn oversize_option_lengths_are_drained_or_closed_never_buffered() {
     assert_eq!(err, 0);
     c.disconnect();
     // ABORT's data is ignored, however long: drained then acknowledged.
-    let mut c = Client::start(rig.port()).unwrap();
+    let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
     c.option_header(IHAVEOPT, OPT_ABORT, 3 * MIB as u32)
         .unwrap();
     for _ in 0..3 {
@@ -749,7 +416,7 @@ fn export_names_long_unknown_and_malformed() {
     let long = vec![b'a'; 5000];
     let max_len_unknown = vec![b'b'; 4096];
     for _ in 0..5 {
-        let mut c = Client::start(rig.port()).unwrap();
+        let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
         assert_eq!(
             c.go(&long).unwrap(),
             Err(REP_ERR_TOO_BIG),
@@ -790,7 +457,7 @@ fn export_names_long_unknown_and_malformed() {
     }
     // EXPORT_NAME has no error reply: an unknown or over-long name closes.
     for name in [&b"nope"[..], &long, &max_len_unknown, b""] {
-        let mut c = Client::start(rig.port()).unwrap();
+        let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
         if name.is_empty() {
             // The empty name is the default export: it works (control for this loop).
             c.option(OPT_EXPORT_NAME, name).unwrap();
@@ -803,7 +470,7 @@ fn export_names_long_unknown_and_malformed() {
     }
     rig.assert_alive();
     // Negative control: EXPORT_NAME vol0 enters transmission (10 bytes, no zeroes).
-    let mut c = Client::start(rig.port()).unwrap();
+    let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
     c.option(OPT_EXPORT_NAME, b"vol0").unwrap();
     let r = c.read_n(10).unwrap();
     assert_eq!(u64::from_be_bytes(r[0..8].try_into().unwrap()), VOL0_BYTES);
@@ -812,9 +479,9 @@ fn export_names_long_unknown_and_malformed() {
     assert_eq!(c.read(6, 40 * MIB as u64, 4096).unwrap(), (0, data.clone()));
     c.disconnect();
     // Without NO_ZEROES the reply carries 124 zero bytes, and the stream is in step after.
-    let mut c = Client::connect(rig.port()).unwrap();
+    let mut c = Client::connect(rig.port(), IO_BOUND).unwrap();
     c.greeting().unwrap();
-    c.flags(C_FIXED_NEWSTYLE).unwrap();
+    c.flags(FLAG_C_FIXED_NEWSTYLE).unwrap();
     c.option(OPT_EXPORT_NAME, b"vol0").unwrap();
     let r = c.read_n(10 + 124).unwrap();
     assert_eq!(u64::from_be_bytes(r[0..8].try_into().unwrap()), VOL0_BYTES);
@@ -828,7 +495,7 @@ fn export_names_long_unknown_and_malformed() {
 fn unknown_options_are_refused_and_negotiation_continues() {
     let mut rig = Rig::start(&[], Mode::Reconnect);
     for _ in 0..5 {
-        let mut c = Client::start(rig.port()).unwrap();
+        let mut c = Client::start(rig.port(), IO_BOUND).unwrap();
         for (option, data) in [
             (0x1234u32, &b"0123456789"[..]),
             (0, b""),
@@ -1004,13 +671,13 @@ fn clients_vanishing_mid_request_release_their_slots() {
     let offset = 42 * MIB as u64;
     let before = pattern(1, 64 * 1024);
     {
-        let mut c = open_when_accepted(port, "vol0", IO_BOUND).unwrap();
+        let mut c = open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND).unwrap();
         assert_eq!(c.write(1, offset, &before).unwrap(), 0);
         c.disconnect();
     }
     let junk = pattern(2, 100 * 1024);
     for round in 0..12 {
-        let mut c = open_when_accepted(port, "vol0", IO_BOUND)
+        let mut c = open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         match round % 4 {
             // Mid-WRITE payload (1 MiB announced, 100 KiB sent), then FIN.
@@ -1046,7 +713,8 @@ fn clients_vanishing_mid_request_release_their_slots() {
     // Every slot came back: three more clients fit next to the good one...
     let mut held: Vec<Client> = (0..3)
         .map(|i| {
-            open_when_accepted(port, "vol0", IO_BOUND).unwrap_or_else(|e| panic!("slot {i}: {e}"))
+            open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND)
+                .unwrap_or_else(|e| panic!("slot {i}: {e}"))
         })
         .collect();
     // ...and an incomplete WRITE was never applied.
@@ -1127,24 +795,24 @@ fn stalled_handshakes_are_dropped_after_the_timeout() {
     let mut stalled = Vec::new();
     for _ in 0..4 {
         // Silent after connecting.
-        stalled.push(("silent", Client::connect(port).unwrap()));
+        stalled.push(("silent", Client::connect(port, IO_BOUND).unwrap()));
         // Silent after the client flags.
-        stalled.push(("after flags", Client::start(port).unwrap()));
+        stalled.push(("after flags", Client::start(port, IO_BOUND).unwrap()));
         // Half an option header.
-        let mut c = Client::start(port).unwrap();
+        let mut c = Client::start(port, IO_BOUND).unwrap();
         c.send(&IHAVEOPT.to_be_bytes()[..6]).unwrap();
         stalled.push(("half option header", c));
         // Option data promised, partly sent.
-        let mut c = Client::start(port).unwrap();
+        let mut c = Client::start(port, IO_BOUND).unwrap();
         c.option_header(IHAVEOPT, OPT_GO, 100).unwrap();
         c.send(&[0; 10]).unwrap();
         stalled.push(("partial option data", c));
         // An ABORT whose (ignored) data never ends.
-        let mut c = Client::start(port).unwrap();
+        let mut c = Client::start(port, IO_BOUND).unwrap();
         c.option_header(IHAVEOPT, OPT_ABORT, 1 << 30).unwrap();
         stalled.push(("endless ABORT data", c));
         // Busy negotiating, never finishing: options answered, but no GO.
-        let mut c = Client::start(port).unwrap();
+        let mut c = Client::start(port, IO_BOUND).unwrap();
         assert_eq!(c.ask(OPT_LIST, &[]).unwrap(), REP_ACK);
         stalled.push(("negotiating forever", c));
     }
@@ -1182,11 +850,12 @@ fn connection_limit_refuses_extras_and_recovers() {
     // The good client holds one slot; three more fill the limit.
     let mut held: Vec<Client> = (0..3)
         .map(|i| {
-            open_when_accepted(port, "vol0", IO_BOUND).unwrap_or_else(|e| panic!("holder {i}: {e}"))
+            open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND)
+                .unwrap_or_else(|e| panic!("holder {i}: {e}"))
         })
         .collect();
     for i in 0..6 {
-        let mut c = Client::connect(port).unwrap();
+        let mut c = Client::connect(port, IO_BOUND).unwrap();
         // Closed at once: not even a greeting.
         c.expect_silent_close(&format!("extra connection {i}"));
         rig.assert_alive();
@@ -1197,9 +866,10 @@ fn connection_limit_refuses_extras_and_recovers() {
     }
     // Negative control for the refusal check: with one slot free, a client is served.
     held.pop().unwrap().disconnect();
-    let c = open_when_accepted(port, "vol0", IO_BOUND).expect("a slot freed by a leaving client");
+    let c = open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND)
+        .expect("a slot freed by a leaving client");
     held.push(c);
-    let mut c = Client::connect(port).unwrap();
+    let mut c = Client::connect(port, IO_BOUND).unwrap();
     c.expect_silent_close("extra connection after refill");
     // Everybody leaves; a full set of new clients is accepted again.
     for c in held.drain(..) {
@@ -1207,7 +877,7 @@ fn connection_limit_refuses_extras_and_recovers() {
     }
     let mut again: Vec<Client> = (0..3)
         .map(|i| {
-            open_when_accepted(port, "vol0", IO_BOUND)
+            open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND)
                 .unwrap_or_else(|e| panic!("after release {i}: {e}"))
         })
         .collect();
@@ -1226,7 +896,7 @@ fn connection_limit_refuses_extras_and_recovers() {
 /// One connection of random bytes at a random protocol stage; then the client half-closes
 /// and the server must close too (within the liveness bound).
 fn random_session(rng: &mut StdRng, port: u16, kind: u32) -> Result<(), String> {
-    let mut c = Client::connect(port).map_err(|e| format!("connect: {e}"))?;
+    let mut c = Client::connect(port, IO_BOUND).map_err(|e| format!("connect: {e}"))?;
     let mut out = Vec::new();
     match kind {
         // Random bytes before even reading the greeting.
@@ -1244,7 +914,7 @@ fn random_session(rng: &mut StdRng, port: u16, kind: u32) -> Result<(), String> 
         2 => {
             c.greeting().map_err(|e| format!("greeting: {e}"))?;
             out.extend_from_slice(
-                &(C_FIXED_NEWSTYLE | (rng.gen_range(0..2) * C_NO_ZEROES)).to_be_bytes(),
+                &(FLAG_C_FIXED_NEWSTYLE | (rng.gen_range(0..2) * FLAG_C_NO_ZEROES)).to_be_bytes(),
             );
             for _ in 0..rng.gen_range(1..8) {
                 let magic = if rng.gen_bool(0.9) {
@@ -1382,7 +1052,7 @@ fn negative_controls_for_the_checks() {
     let rig = Rig::start(&["--max-connections", "2"], Mode::Persistent);
     let port = rig.port();
     // 1. The good client's verification detects wrong bytes.
-    let mut c = open_when_accepted(port, "vol0", IO_BOUND).unwrap();
+    let mut c = open_when_accepted(port, "vol0", IO_BOUND, IO_BOUND).unwrap();
     assert!(verify_round(&mut c, 1, 44 * MIB as u64, 10, 10).is_ok());
     let err =
         verify_round(&mut c, 5, 44 * MIB as u64, 11, 12).expect_err("wrong bytes must be detected");
@@ -1392,7 +1062,7 @@ fn negative_controls_for_the_checks() {
     // 3. With every slot held (as leaked connections would), open_when_accepted fails:
     //    the slot-release check in clients_vanishing_mid_request_release_their_slots can
     //    fail.
-    let refused = open_when_accepted(port, "vol0", Duration::from_secs(1));
+    let refused = open_when_accepted(port, "vol0", IO_BOUND, Duration::from_secs(1));
     assert!(
         refused.is_err(),
         "a third client was accepted with --max-connections 2"

@@ -30,7 +30,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::nbd::{header, Client};
 use common::{ctl, run, run_ok, tmpdir, Server};
+use ringblk_nbd::client::Cmd;
+use ringblk_nbd::proto::SIMPLE_REPLY_MAGIC;
 
 /// The server-wide budget for request data buffers the soak configures.
 const BUFFER_BUDGET_MIB: u64 = 384;
@@ -51,47 +54,12 @@ fn soak_secs() -> u64 {
 }
 
 // ---------------------------------------------------------------------------
-// A minimal raw NBD client: the hostile side must do what no real client does.
+// The hostile side must do what no real client does: `common::nbd` is the raw client.
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_EXPORT_NAME: u32 = 1;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_FLUSH: u16 = 3;
-
-/// Connects and negotiates `export` with NBD_OPT_EXPORT_NAME (no structured replies).
+/// Connects and negotiates `export` (no structured replies).
 fn nbd_connect(port: u16, export: &str) -> std::io::Result<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
     // Bounds on liveness only: a group commit under the fio load takes seconds.
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    s.set_write_timeout(Some(Duration::from_secs(120)))?;
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g)?;
-    if u64::from_be_bytes(g[0..8].try_into().unwrap_or_default()) != NBDMAGIC {
-        return Err(std::io::Error::other("bad greeting"));
-    }
-    s.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
-    let mut o = IHAVEOPT.to_be_bytes().to_vec();
-    o.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
-    o.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    o.extend_from_slice(export.as_bytes());
-    s.write_all(&o)?;
-    let mut info = [0u8; 10]; // size u64, transmission flags u16
-    s.read_exact(&mut info)?;
-    Ok(s)
-}
-
-fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    b[6..8].copy_from_slice(&cmd.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&offset.to_be_bytes());
-    b[24..28].copy_from_slice(&len.to_be_bytes());
-    b
+    Ok(Client::open(port, export, Duration::from_secs(120))?.s)
 }
 
 /// Item 5: zero-length READs sent as fast as the socket takes them, replies never
@@ -100,7 +68,7 @@ fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
 /// took, connections it closed).
 fn zero_length_reader(port: u16, stop: Arc<AtomicBool>) -> std::io::Result<(u64, u64)> {
     let batch: Vec<u8> = (0..256u64)
-        .flat_map(|i| request(CMD_READ, i, 0, 0))
+        .flat_map(|i| header(Cmd::Read, i, 0, 0))
         .collect();
     let (mut sent, mut closed) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
@@ -134,7 +102,7 @@ fn bare_write_header(port: u16, i: u64, stop: Arc<AtomicBool>) -> std::io::Resul
     let mut closed = 0;
     while !stop.load(Ordering::Relaxed) {
         let mut s = nbd_connect(port, "soak")?;
-        s.write_all(&request(CMD_WRITE, i, 0, 32 << 20))?;
+        s.write_all(&header(Cmd::Write, i, 0, 32 << 20))?;
         s.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut b = [0u8; 64];
         while !stop.load(Ordering::Relaxed) {
@@ -188,7 +156,7 @@ fn flush_storm(port: u16, stop: Arc<AtomicBool>) -> std::io::Result<(u64, u64, u
         }
     });
     let batch: Vec<u8> = (0..256u64)
-        .flat_map(|i| request(CMD_FLUSH, i, 0, 0))
+        .flat_map(|i| header(Cmd::Flush, i, 0, 0))
         .collect();
     while !stop.load(Ordering::Relaxed) {
         s.write_all(&batch)?;

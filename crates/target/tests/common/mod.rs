@@ -3,9 +3,11 @@
 //! when dropped. Also runs real client tools with a bounded time.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod nbd;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long any client tool may run before the test fails (liveness, not speed).
@@ -62,9 +64,29 @@ impl Server {
     }
 
     pub fn start_in_with_stderr(dir: tempfile::TempDir, extra: &[&str], stderr: Stdio) -> Server {
+        let bin = Path::new(env!("CARGO_BIN_EXE_ringblk"));
+        match Server::try_start_with(bin, dir, extra, "warn", stderr) {
+            Ok(srv) => srv,
+            Err(failed) => panic!(
+                "ringblk exited before serving ({}); output: {:?}",
+                failed.status, failed.banner
+            ),
+        }
+    }
+
+    /// `BIN serve --listen 127.0.0.1:0 --data-dir <dir> --rpc <dir>/ringblk.sock
+    /// <extra...>` with `RINGBLK_LOG=log_level` and its stderr to `stderr`. `Err` (with
+    /// the data dir back) when it exits before serving.
+    pub fn try_start_with(
+        bin: &Path,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        log_level: &str,
+        stderr: Stdio,
+    ) -> Result<Server, Failed> {
         let rpc = dir.path().join("ringblk.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringblk"))
-            .arg("serve")
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -72,46 +94,21 @@ impl Server {
             .arg("--rpc")
             .arg(&rpc)
             .args(extra)
-            .env("RINGBLK_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn ringblk");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = Vec::new();
-        let mut port = None;
-        let mut reader = BufReader::new(stdout);
-        // The banner ends with the qemu-img line (or the exports list when none).
-        loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line).expect("read banner");
-            if n == 0 {
-                let status = child.wait().expect("wait");
-                panic!("ringblk exited before serving ({status}); output: {lines:?}");
-            }
-            let line = line.trim_end().to_string();
-            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                port = rest.split_whitespace().next().and_then(|p| p.parse().ok());
-            }
-            let last = line.trim_start().starts_with("qemu-img info");
-            lines.push(line);
-            if last {
-                break;
-            }
-        }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        Server {
-            child,
-            port: port.expect("banner names the port"),
-            dir,
-            rpc,
-            stdout_lines: lines,
+            .env("RINGBLK_LOG", log_level)
+            .stderr(stderr);
+        match spawn_until_banner(cmd) {
+            Ok((child, lines)) => Ok(Server {
+                child,
+                port: banner_port(&lines).expect("banner names the port"),
+                dir,
+                rpc,
+                stdout_lines: lines,
+            }),
+            Err((status, banner)) => Err(Failed {
+                dir,
+                status,
+                banner,
+            }),
         }
     }
 
@@ -170,6 +167,54 @@ impl Drop for Server {
             self.terminate();
         }
     }
+}
+
+/// A server that exited before it served: its data dir, exit status and output.
+pub struct Failed {
+    pub dir: tempfile::TempDir,
+    pub status: ExitStatus,
+    pub banner: Vec<String>,
+}
+
+/// Spawns `cmd` (a `ringblk serve`; its stdout is taken here) and reads its banner, which
+/// ends with the qemu-img line (or the exports list when none). `Ok`: the running child
+/// and the banner lines; from then on a thread drains stdout so the server never blocks
+/// on a full pipe. `Err`: the process exited before serving; its status and output.
+pub fn spawn_until_banner(
+    mut cmd: Command,
+) -> Result<(Child, Vec<String>), (ExitStatus, Vec<String>)> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn ringblk");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(stdout);
+    loop {
+        let mut line = String::new();
+        // A read error is the end of the output too: the child is reaped below.
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait().expect("wait");
+            return Err((status, lines));
+        }
+        let last = line.trim_start().starts_with("qemu-img info");
+        lines.push(line.trim_end().to_string());
+        if last {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    Ok((child, lines))
+}
+
+/// The port of the banner's `listening on 127.0.0.1:PORT` line.
+pub fn banner_port(lines: &[String]) -> Option<u16> {
+    lines.iter().find_map(|line| {
+        let rest = line.split("listening on 127.0.0.1:").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// Runs a command with a time bound; returns its output (never panics on a non-zero
