@@ -12,10 +12,12 @@
 //!
 //! An `SgList` names memory the caller owns (vhost guest memory, an iSCSI Data-Out
 //! buffer). Its one constructor is `unsafe`: the caller promises the memory stays
-//! valid until the request's `done` has run. Until the reactor can do I/O straight
-//! into foreign memory (`IoBuf::Foreign`, plan §2.4, track C), every SG request goes
-//! through an aligned bounce `OwnBuf`: the layer copies caller memory into it before a
-//! write and out of it after a read, on the request's reactor.
+//! valid until the request's `done` has run. On the fast path (no deltas) an SG list
+//! goes as one readv/writev straight into caller memory (`IoBuf::Foreign`), unless
+//! [`needs_bounce`] says O_DIRECT cannot take its segments; then, and on the layered
+//! path, the request goes through an aligned bounce `OwnBuf`: the layer copies caller
+//! memory into it before a write and out of it after a read (counted in
+//! `sg_bounces`).
 //!
 //! # Bounds
 //! An `SgList` has at most [`SG_SEGS_MAX`] segments and its length fits a `u64`
@@ -26,7 +28,7 @@
 
 use std::ptr::NonNull;
 
-use ringblk_reactor::{AlignedBuf, IoBuf, Reactor};
+use ringblk_reactor::{AlignedBuf, ForeignBuf, IoBuf, Reactor};
 
 use crate::error::BlockError;
 
@@ -170,16 +172,46 @@ impl SgList {
 
     /// Zeroes the first `len` bytes of the list.
     pub fn fill_zero(&self, len: u64) {
+        self.fill_zero_range(0, len)
+    }
+
+    /// Zeroes bytes `[from, to)` of the list (clamped to its length).
+    pub fn fill_zero_range(&self, from: u64, to: u64) {
+        let mut at = 0u64;
+        for &(p, n) in &self.segs {
+            let (lo, hi) = (at.max(from), (at + u64::from(n)).min(to));
+            if lo < hi {
+                // SAFETY: the constructor's contract: the segment is valid for writes
+                // of `n` bytes, and `[lo - at, hi - at)` lies within it.
+                unsafe {
+                    std::ptr::write_bytes(p.as_ptr().add((lo - at) as usize), 0, (hi - lo) as usize)
+                };
+            }
+            at += u64::from(n);
+            if at >= to {
+                break;
+            }
+        }
+    }
+
+    /// The first `len` bytes of the list lent to the reactor, one `IoBuf::Foreign`
+    /// per segment (cut at `len`), for a readv/writev straight into caller memory.
+    pub(crate) fn foreign(&self, len: u64) -> Vec<IoBuf> {
+        let mut out = Vec::with_capacity(self.segs.len());
         let mut left = len;
         for &(p, n) in &self.segs {
             if left == 0 {
                 break;
             }
             let k = u64::from(n).min(left);
-            // SAFETY: the constructor's contract: valid for writes of `n >= k` bytes.
-            unsafe { std::ptr::write_bytes(p.as_ptr(), 0, k as usize) };
+            // SAFETY: the constructor's contract: the segment stays valid, and unused
+            // by the caller, until the request's `done` has run, which is after the
+            // operation's final CQE (the layer runs `done` from the op's callback);
+            // segments of one list do not overlap.
+            out.push(IoBuf::Foreign(unsafe { ForeignBuf::new(p, k as usize) }));
             left -= k;
         }
+        out
     }
 }
 

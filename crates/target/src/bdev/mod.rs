@@ -73,6 +73,13 @@ pub use request::{
     BlockOp, Done, IoOutput, IoResult, IoSink, ReadData, StatusKind, STATUS_KINDS_MAX,
 };
 
+/// Installs the block layer on reactor `r` (its ready-queue poller); otherwise done
+/// by the first `Bdev::channel` there. A front end that adds pollers of its own which
+/// must run after the layer's completions in each loop iteration calls this first.
+pub fn install(r: &mut Reactor) {
+    channel::install(r);
+}
+
 /// Sizes a front end advertises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {

@@ -71,6 +71,58 @@ pub(crate) fn read<V: DataVol, F>(
     })
 }
 
+/// Reads `len` bytes at `offset` of the base straight into caller memory (`bufs`:
+/// foreign segments covering exactly `len`); `fin` gets the bytes read, and the
+/// caller zeroes the rest (end of file, or all of it on a null base).
+pub(crate) fn read_sg<V: DataVol, F>(
+    r: &mut Reactor,
+    vol: &Arc<V>,
+    pin: StackPin,
+    offset: u64,
+    bufs: Vec<IoBuf>,
+    fin: F,
+) where
+    F: FnOnce(&mut Reactor, Result<u32, BlockError>) + 'static,
+{
+    let Some(file) = base_file(vol) else {
+        drop(pin);
+        return fin(r, Ok(0));
+    };
+    submit_io(r, vol, Op::readv(file, offset, bufs), move |r, comp| {
+        drop(pin);
+        let res = comp.bytes().map_err(BlockError::from_os_errno);
+        drop(comp.op); // ends the loan of the caller's memory before `fin`
+        fin(r, res)
+    })
+}
+
+/// Writes `len` bytes of caller memory (`bufs`: foreign segments covering exactly
+/// `len`) at `offset` of the base; FUA: durable before `fin`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_sg<V: DataVol, F>(
+    r: &mut Reactor,
+    vol: &Arc<V>,
+    pin: StackPin,
+    (offset, len): (u64, u32),
+    bufs: Vec<IoBuf>,
+    fua: bool,
+    fin: F,
+) where
+    F: FnOnce(&mut Reactor, Result<(), BlockError>) + 'static,
+{
+    let Some(file) = base_file(vol) else {
+        drop(pin);
+        return fin(r, Ok(()));
+    };
+    let vol2 = fua.then(|| vol.clone());
+    submit_io(r, vol, Op::writev(file, offset, bufs), move |r, comp| {
+        drop(pin);
+        let res = write_result(comp.bytes(), len);
+        drop(comp.op); // ends the loan of the caller's memory
+        with_fua(r, vol2, file, res, fin)
+    })
+}
+
 /// Writes `buf[..len]` at `offset` of the base; FUA: durable before `fin`.
 pub(crate) fn write<V: DataVol, F>(
     r: &mut Reactor,

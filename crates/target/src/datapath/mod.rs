@@ -96,7 +96,7 @@ pub(crate) enum Layers {
 /// The layers request of `kind` sees through the view `backup` (`None`: live;
 /// `Some(id)`: the read-only view of the backup whose delta has id `id`), from its
 /// pinned stack: THE branch between the fast and the layered path (plan §2.12).
-/// `Err(Removed)` when that backup is no longer in the stack (released while open).
+/// `Err(Removed)` when that backup is being released or gone (released while open).
 #[inline]
 pub(crate) fn view_layers(
     pin: &StackPin,
@@ -109,6 +109,10 @@ pub(crate) fn view_layers(
         None if !needs_list => Ok(Layers::Layered(Vec::new())),
         None => Ok(Layers::Layered(deltas.clone())),
         Some(id) => match deltas.iter().position(|d| d.id == id) {
+            // Being released: its merge moves newer data into the layers this view
+            // reads, so the view is gone from the moment the delta is marked merging
+            // (plan §2.11), not only once the delta has left the stack.
+            Some(pos) if deltas[pos].is_merging() => Err(BlockError::Removed),
             Some(0) => Ok(Layers::Fast),
             Some(pos) => Ok(Layers::Layered(deltas[..pos].to_vec())),
             None => Err(BlockError::Removed),

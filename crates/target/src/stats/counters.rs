@@ -37,6 +37,9 @@ pub struct OpCounters {
     /// FLUSH/FUA commits that found the commit queue full and waited on their
     /// reactor to be queued (`persist` module docs).
     pub commit_queue_waits: AtomicU64,
+    /// Scatter-gather requests copied through an aligned bounce buffer instead of
+    /// going straight into caller memory (`buf` module docs).
+    pub sg_bounces: AtomicU64,
 }
 
 /// Summed counters, as reported by `stats`.
@@ -56,6 +59,7 @@ pub struct VolumeStats {
     pub layered_ops: u64,
     pub slab_waits: u64,
     pub commit_queue_waits: u64,
+    pub sg_bounces: u64,
     pub connections: usize,
     /// The same counts by the label of who submitted the requests (labels with
     /// nothing counted are left out).
@@ -78,6 +82,7 @@ pub struct LabelStats {
     pub layered_ops: u64,
     pub slab_waits: u64,
     pub commit_queue_waits: u64,
+    pub sg_bounces: u64,
 }
 
 impl LabelStats {
@@ -96,6 +101,7 @@ impl LabelStats {
         self.layered_ops += l(&c.layered_ops);
         self.slab_waits += l(&c.slab_waits);
         self.commit_queue_waits += l(&c.commit_queue_waits);
+        self.sg_bounces += l(&c.sg_bounces);
     }
 }
 
@@ -154,6 +160,7 @@ impl VolumeCounters {
             layered_ops: total.layered_ops,
             slab_waits: total.slab_waits,
             commit_queue_waits: total.commit_queue_waits,
+            sg_bounces: total.sg_bounces,
             connections,
             by_label,
         }
@@ -175,6 +182,7 @@ impl LabelStats {
         self.layered_ops += o.layered_ops;
         self.slab_waits += o.slab_waits;
         self.commit_queue_waits += o.commit_queue_waits;
+        self.sg_bounces += o.sg_bounces;
     }
 }
 
