@@ -56,7 +56,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
+use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, PollResult, Reactor, TimerId};
 
 use crate::admission::{count, Waiter};
 use crate::bdev::{
@@ -188,6 +188,8 @@ pub(crate) struct Conn {
     /// The volume's channel was full at the last submit: reading waits for room
     /// (`Channel::when_room`).
     blocked_on_layer: bool,
+    /// In the reactor's list of connections to kick at the end of the iteration.
+    kick_queued: bool,
 }
 
 /// The connections of one reactor (reactor-local state).
@@ -196,12 +198,15 @@ pub(crate) struct ReactorConns {
     map: RefCell<HashMap<u64, ConnRef>>,
     /// This front end's stats label in the block layer ("nbd").
     label: Label,
+    /// Connections with replies to send at the end of this iteration (`queue_kick`).
+    dirty: RefCell<Vec<ConnRef>>,
 }
 
 impl Default for ReactorConns {
     fn default() -> ReactorConns {
         ReactorConns {
             map: RefCell::default(),
+            dirty: RefCell::default(),
             // Registered once per process by name; with all label slots taken (cannot
             // happen with the layer's own few front ends) requests count as internal.
             label: Label::register("nbd").unwrap_or(Label::INTERNAL),
@@ -216,7 +221,16 @@ fn conns(r: &Reactor) -> Rc<ReactorConns> {
 }
 
 pub(crate) fn install(r: &mut Reactor) {
-    r.set_local(Rc::new(ReactorConns::default()));
+    // The block layer's ready-queue poller first, so that the kick poller runs after
+    // it in each iteration (`queue_kick`).
+    crate::bdev::install(r);
+    let set = Rc::new(ReactorConns::default());
+    r.set_local(set.clone());
+    let weak = Rc::downgrade(&set);
+    r.add_poller(move |r| match weak.upgrade() {
+        Some(set) => kick_queued(r, &set),
+        None => PollResult::Idle,
+    });
     r.on_stop(|r| {
         let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
         for c in all {
@@ -296,6 +310,7 @@ pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd, i
         pause_counted: false,
         slots: Slots::default(),
         blocked_on_layer: false,
+        kick_queued: false,
     }));
     set.map.borrow_mut().insert(id, conn.clone());
     // A client that stalls in the handshake is dropped after a bounded time.
@@ -1064,31 +1079,39 @@ fn block_op(
 /// the connection's sink and the request's slot as its completion. A full channel
 /// pauses reading until it has room (plan §2.7).
 fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
-    let built = {
-        let c = conn.borrow();
-        let Phase::Transmission(t) = &c.phase else {
-            return;
-        };
-        block_op(r, t, &req, payload)
-            .map(|op| op.map(|op| (op, t.channel.clone(), t.bdev.clone(), t.sink.clone())))
+    let built = match &conn.borrow().phase {
+        Phase::Transmission(t) => block_op(r, t, &req, payload),
+        Phase::Handshake(_) => return,
     };
-    let (op, ch, bdev, sink) = match built {
-        Some(Ok(x)) => x,
+    let op = match built {
+        Some(Ok(op)) => op,
         Some(Err((e, message))) => return refuse(r, conn, req, e, message),
         None => return refuse(r, conn, req, BlockError::Invalid, "invalid command"),
     };
-    let slot = conn.borrow_mut().slots.insert(req);
-    if ch.submit(r, &bdev, op, Done::new(sink, slot)) == Pressure::Full {
+    let full = {
         let mut c = conn.borrow_mut();
-        if !c.blocked_on_layer {
+        let c = &mut *c;
+        let slot = c.slots.insert(req);
+        let Phase::Transmission(t) = &c.phase else {
+            return;
+        };
+        // The connection stays borrowed across submit: the layer never calls back
+        // into it there (`done` and `when_room` hooks run from the ready queue).
+        let pressure = t
+            .channel
+            .submit(r, &t.bdev, op, Done::new(t.sink.clone(), slot));
+        let full = pressure == Pressure::Full && !c.blocked_on_layer;
+        if full {
             c.blocked_on_layer = true;
-            drop(c);
-            let conn2 = conn.clone();
-            ch.when_room(r, move |r| {
-                conn2.borrow_mut().blocked_on_layer = false;
-                process(r, &conn2);
-            });
         }
+        full.then(|| t.channel.clone())
+    };
+    if let Some(ch) = full {
+        let conn2 = conn.clone();
+        ch.when_room(r, move |r| {
+            conn2.borrow_mut().blocked_on_layer = false;
+            process(r, &conn2);
+        });
     }
 }
 
@@ -1278,12 +1301,41 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply) {
         }
     }
     release_excess(r, conn);
-    kick_send(r, conn);
+    queue_kick(r, conn);
     if was_paused {
         process(r, conn);
     } else {
         maybe_finish(r, conn);
     }
+}
+
+/// Sends the replies of a request later in this loop iteration, after the other
+/// completions of the iteration (the block layer's ready queue, the reactor's
+/// completions), so that they go in one sendmsg: the kick poller runs after the
+/// block layer's (`install`). Without the poller (a reactor without `install`), at once.
+fn queue_kick(r: &mut Reactor, conn: &ConnRef) {
+    let Some(set) = r.local::<ReactorConns>() else {
+        return kick_send(r, conn);
+    };
+    let mut c = conn.borrow_mut();
+    if !c.kick_queued {
+        c.kick_queued = true;
+        set.dirty.borrow_mut().push(conn.clone());
+    }
+}
+
+/// The kick poller: sends what `queue_kick` left for this iteration.
+fn kick_queued(r: &mut Reactor, set: &ReactorConns) -> PollResult {
+    let dirty = std::mem::take(&mut *set.dirty.borrow_mut());
+    if dirty.is_empty() {
+        return PollResult::Idle;
+    }
+    for conn in &dirty {
+        conn.borrow_mut().kick_queued = false;
+        kick_send(r, conn);
+        maybe_finish(r, conn);
+    }
+    PollResult::Busy
 }
 
 /// Sends queued replies: one sendmsg at a time per socket, batching replies.
