@@ -226,11 +226,10 @@ pub(crate) fn install(r: &mut Reactor) {
     crate::bdev::install(r);
     let set = Rc::new(ReactorConns::default());
     r.set_local(set.clone());
-    let weak = Rc::downgrade(&set);
-    r.add_poller(move |r| match weak.upgrade() {
-        Some(set) => kick_queued(r, &set),
-        None => PollResult::Idle,
-    });
+    // The poller holds the set as the reactor's local table does: both live as
+    // long as the reactor.
+    let set2 = set.clone();
+    r.add_poller(move |r| kick_queued(r, &set2));
     r.on_stop(|r| {
         let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
         for c in all {
@@ -1324,18 +1323,19 @@ fn queue_kick(r: &mut Reactor, conn: &ConnRef) {
     }
 }
 
-/// The kick poller: sends what `queue_kick` left for this iteration.
+/// The kick poller: sends what `queue_kick` left for this iteration. Pops one at a
+/// time (the list keeps its allocation; nothing here queues more).
 fn kick_queued(r: &mut Reactor, set: &ReactorConns) -> PollResult {
-    let dirty = std::mem::take(&mut *set.dirty.borrow_mut());
-    if dirty.is_empty() {
-        return PollResult::Idle;
-    }
-    for conn in &dirty {
+    let mut work = PollResult::Idle;
+    loop {
+        let Some(conn) = set.dirty.borrow_mut().pop() else {
+            return work;
+        };
+        work = PollResult::Busy;
         conn.borrow_mut().kick_queued = false;
-        kick_send(r, conn);
-        maybe_finish(r, conn);
+        kick_send(r, &conn);
+        maybe_finish(r, &conn);
     }
-    PollResult::Busy
 }
 
 /// Sends queued replies: one sendmsg at a time per socket, batching replies.

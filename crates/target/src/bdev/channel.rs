@@ -98,17 +98,19 @@ impl BdevLocal {
         }
         let l = Rc::new(BdevLocal::default());
         r.set_local(l.clone());
-        let weak = Rc::downgrade(&l);
-        r.add_poller(move |r| match weak.upgrade() {
-            Some(l) => l.drain(r),
-            None => PollResult::Idle,
-        });
+        // The poller holds the table as the reactor's locals do: both live as long
+        // as the reactor.
+        let l2 = l.clone();
+        r.add_poller(move |r| l2.drain(r));
         l
     }
 
     /// Runs the completions queued so far (not those they queue: next round).
     fn drain(&self, r: &mut Reactor) -> PollResult {
         let n = self.ready.borrow().len();
+        if n == 0 {
+            return PollResult::Idle;
+        }
         for _ in 0..n {
             let Some(item) = self.ready.borrow_mut().pop_front() else {
                 break;
@@ -118,11 +120,7 @@ impl BdevLocal {
                 Ready::Hook(f) => f(r),
             }
         }
-        if n > 0 {
-            PollResult::Busy
-        } else {
-            PollResult::Idle
-        }
+        PollResult::Busy
     }
 }
 
