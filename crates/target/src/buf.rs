@@ -251,6 +251,32 @@ impl From<OwnBuf> for DataBuf {
     }
 }
 
+/// The memory alignment O_DIRECT I/O on `fd` needs: statx's `dio_mem_align`
+/// (Linux 6.1+, where the file system reports it), else
+/// [`DIO_MEM_ALIGN_DEFAULT`]. One system call: call it once per file and keep it.
+pub fn dio_mem_align(fd: std::os::fd::RawFd) -> u32 {
+    // SAFETY: an all-zero statx is a valid value (plain integers).
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open descriptor of the caller's; the empty path with
+    // AT_EMPTY_PATH names it; statx writes at most one `struct statx` into `st`,
+    // which we own.
+    let rc = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    let told = rc == 0 && st.stx_mask & libc::STATX_DIOALIGN != 0;
+    match st.stx_dio_mem_align {
+        // Only powers of two make sense; anything else is ignored.
+        a if told && a.is_power_of_two() => a,
+        _ => DIO_MEM_ALIGN_DEFAULT,
+    }
+}
+
 /// Whether I/O for `sg` on a file opened `direct` must bounce through an aligned
 /// buffer: only when some segment's address or length is not a multiple of
 /// `mem_align` (O_DIRECT's memory rule; offsets are block-aligned already).
@@ -303,6 +329,13 @@ mod tests {
         let segs = vec![(p, 1u32); SG_SEGS_MAX + 1];
         // SAFETY: refused before any use.
         assert!(unsafe { SgList::new(&segs) }.is_err());
+    }
+
+    #[test]
+    fn dio_alignment_is_a_power_of_two() {
+        let f = tempfile::tempfile().expect("tmp");
+        let a = dio_mem_align(std::os::fd::AsRawFd::as_raw_fd(&f));
+        assert!(a.is_power_of_two() && a <= 4096, "{a}");
     }
 
     #[test]

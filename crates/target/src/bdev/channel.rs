@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use ringblk_reactor::{PollResult, Reactor};
 
-use crate::buf::{needs_bounce, DataBuf, OwnBuf, SgList};
+use crate::buf::{dio_mem_align, needs_bounce, DataBuf, OwnBuf, SgList, DIO_MEM_ALIGN_DEFAULT};
 use crate::datapath::{self, fast, layered, status, DataVol, Layers, VolRef};
 use crate::error::BlockError;
 use crate::extent::Extent;
@@ -145,6 +145,7 @@ pub(super) fn channel_of(r: &mut Reactor, vol: &Arc<Volume>) -> Channel {
         room_waiters: RefCell::new(VecDeque::new()),
         hist: latency::histograms_of(r, vol.name()),
         local: local.clone(),
+        mem_align: mem_align_of(vol),
     });
     let mut chans = local.channels.borrow_mut();
     // Drop entries of channels nobody holds any more (the table stays as small as
@@ -166,6 +167,14 @@ impl DataVol for Volume {
 
     fn counters(&self, reactor: usize) -> &OpCounters {
         Volume::counters(self, reactor)
+    }
+}
+
+/// The O_DIRECT memory alignment of `vol`'s base (the fallback for no file).
+pub(super) fn mem_align_of(vol: &Volume) -> u32 {
+    match vol.backend().raw_fd() {
+        Some(fd) if vol.backend().is_direct() => dio_mem_align(fd),
+        _ => DIO_MEM_ALIGN_DEFAULT,
     }
 }
 
@@ -194,6 +203,8 @@ struct ChannelInner {
     room_waiters: RefCell<VecDeque<Hook>>,
     hist: SharedHistograms,
     local: Rc<BdevLocal>,
+    /// O_DIRECT memory alignment of the base file (`buf::dio_mem_align`).
+    mem_align: u32,
 }
 
 impl Channel {
@@ -471,7 +482,7 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             fua,
         } => {
             let direct = match &data {
-                DataBuf::Sg(sg) => sg_direct(&vol, &layers, sg),
+                DataBuf::Sg(sg) => sg_direct(&req.ch.0, &layers, sg),
                 DataBuf::Own(_) => false,
             };
             if let (true, DataBuf::Sg(sg)) = (direct, &data) {
@@ -581,13 +592,13 @@ fn layered_fua(vol: VolRef, pin: Rc<StackPin>, fua: bool, req: Req) -> layered::
 }
 
 /// Whether an SG request goes straight into caller memory: on the fast path, over
-/// a file, with segments O_DIRECT can take (`buf::needs_bounce`; the memory
-/// alignment is the 512-byte fallback until a statx DIOALIGN probe lands).
-fn sg_direct(vol: &Volume, layers: &Layers, sg: &SgList) -> bool {
-    let b = vol.backend();
+/// a file, with segments O_DIRECT can take (`buf::needs_bounce`, with the file's
+/// memory alignment probed when the channel was made).
+fn sg_direct(ch: &ChannelInner, layers: &Layers, sg: &SgList) -> bool {
+    let b = ch.vol.backend();
     matches!(layers, Layers::Fast)
         && b.raw_fd().is_some()
-        && !needs_bounce(sg, b.is_direct(), crate::buf::DIO_MEM_ALIGN_DEFAULT)
+        && !needs_bounce(sg, b.is_direct(), ch.mem_align)
 }
 
 /// The request's data as one reactor buffer: an `OwnBuf` as it is, an SG list
@@ -614,7 +625,7 @@ fn read(
     into: DataBuf,
 ) {
     if let DataBuf::Sg(sg) = &into {
-        if sg_direct(vol, &layers, sg) {
+        if sg_direct(&req.ch.0, &layers, sg) {
             let bufs = sg.foreign(u64::from(len));
             return fast::read_sg(r, vol, pin, offset, bufs, move |r, res| {
                 let res = res.map(|n| {

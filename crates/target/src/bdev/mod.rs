@@ -178,7 +178,7 @@ impl Bdev {
             block_size: v.block_size(),
             optimal_io_bytes: v.block_size().max(4096),
             max_io_bytes: PAYLOAD_MAX_BYTES,
-            mem_align: crate::buf::DIO_MEM_ALIGN_DEFAULT,
+            mem_align: channel::mem_align_of(v),
         }
     }
 
