@@ -28,7 +28,7 @@ import re
 import sys
 
 # Lower = more basic. The final ranks are PLAN12's table (keep in sync with the layer
-# table that lib.rs's top doc gets in step 7). Today's modules that will be renamed,
+# table in lib.rs's top doc). Today's modules that will be renamed,
 # split or moved out of the crate have the rank of where they are going, so that the
 # report lists exactly the imports #12 has to cut. Names that do not exist yet are
 # harmless here.
@@ -57,25 +57,27 @@ RANKS = {
     "persist": 4,
     "datapath": 5,  # new in 3B.3
     "volume": 6,
-    "events": 7,  # new in 2A.5
+    "events": 7,  # 2A.5: BdevEvent, per-reactor subscribers, notify rounds
     "bdev": 8,  # new in 3B.4: the block I/O API
+    "drain": 8,  # 2A.4: drain rounds + SwitchError, shared by merge and switchover
     "merge": 9,  # split out of switchover in 2A.4
     "switchover": 10,
     "copyjob": 10,
     "catalog": 11,
-    "target": 12,  # new in 2A.6: Target (from volume::Registry and server.rs's volume half)
+    "target": 12,  # 2A.6: Target (volume::Registry and server.rs's volume half)
     # -- ranks 20-21: leave for crates/nbd (above the target crate) -----------------
     # Nothing of the block layer may import them; the whole nbd subtree leaves.
     "nbd": 20,  # sans-IO codec -> crates/nbd (4C.1)
     "session": 21,  # NBD sessions on reactors -> crates/nbd frontend (5.2)
+    "shared": 20,  # ServerShared (2A): what sessions, listeners and RPC share; below
+    #                both session and server, leaves with session as NbdShared (5.2)
     # -- ranks 30-35: leave for crates/server (5.1) --------------------------------
     "rpc": 30,  # JSON-RPC 2.0 transport
-    "config": 31,  # ServerConfig, ListenAddr, TOML (ServerConfig/ListenAddr come from server.rs)
-    "listen": 32,  # bind + accept thread (+ admission's connection/handshake slots)
+    "listen": 31,  # ListenAddr, bind + accept thread (+ admission's connection/handshake slots)
+    "config": 32,  # ServerConfig (moved from server.rs in 2A), TOML, flags
     "startup": 33,  # validate before create, undo a failed start
-    "server": 34,  # Server::start/shutdown wiring; its volume half becomes target.rs (2A.6),
-    #               whose `session::close_volume` call is cut by events (2A.5)
-    "methods": 35,  # RPC methods over the server's volumes (then over Target)
+    "server": 34,  # Server::start/shutdown wiring, listeners; holds Arc<Target> (2A.6)
+    "methods": 35,  # RPC methods over Target, switchover, copyjob
     "main": 99,  # the `ringblk` binary's root (a crate of its own, uses ringblk_target::)
     "sim_tests": 99,  # #[cfg(test)] deterministic multi-reactor tests
 }

@@ -11,7 +11,7 @@
 //! buffer goes (the WRITE landed, the READ's reply was sent). A connection that cannot
 //! get its request's bytes stops reading and waits in one FIFO queue: nobody starves,
 //! and a large request is not overtaken forever by small ones. The budget is at least
-//! the largest request ([`crate::volume::PAYLOAD_MAX_BYTES`]), so every valid request
+//! the largest request ([`crate::ops::IO_MAX_BYTES`]), so every valid request
 //! runs once what others hold comes back — which it does, because what a connection
 //! holds is tied to I/O in flight, to a payload arriving or to replies being read,
 //! and `session`'s request timeout closes a client that stops sending or reading.
@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::volume::PAYLOAD_MAX_BYTES;
+use crate::ops::IO_MAX_BYTES;
 
 /// Default `--buffer-budget`.
 pub const DEFAULT_BUFFER_BUDGET_BYTES: u64 = 1 << 30;
@@ -84,7 +84,7 @@ impl Default for AdmissionConfig {
 impl AdmissionConfig {
     /// Refuses limits under which a valid request could never run.
     pub fn validate(&self) -> Result<(), String> {
-        let max = u64::from(PAYLOAD_MAX_BYTES);
+        let max = u64::from(IO_MAX_BYTES);
         if self.buffer_budget_bytes < max {
             return Err(format!(
                 "--buffer-budget {} bytes is smaller than the largest request (32 MiB): \

@@ -11,10 +11,31 @@ use crate::admission::{
     AdmissionConfig, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_HANDSHAKES, DEFAULT_REQUEST_TIMEOUT,
 };
 use crate::backend::BackendKind;
-use crate::server::{ListenAddr, ServerConfig};
+use crate::listen::ListenAddr;
 /// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
 pub use crate::spec::{parse_size, parse_volume};
 use crate::volume::VolumeSpec;
+
+/// Settings the server runs with (built from the CLI and config file).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: ListenAddr,
+    pub reactor: ReactorConfig,
+    pub volumes: Vec<VolumeSpec>,
+    pub max_connections: usize,
+    /// FLUSH/FUA requests queued per volume for its group commit at most.
+    pub commit_queue_depth: usize,
+    pub handshake_timeout: Duration,
+    /// Where delta images of backups are created.
+    pub data_dir: PathBuf,
+    /// `volumes` is the zero-configuration default (no flag or config file named
+    /// a volume): only a data dir without a volume list gets it (see `catalog`).
+    pub volumes_implicit: bool,
+    /// `--rebind NAME`: the operator's override for these volumes (see `catalog`).
+    pub rebind: Vec<String>,
+    /// Server-wide limits: buffer budget, handshake slots, request timeout.
+    pub admission: AdmissionConfig,
+}
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_DATA_DIR: &str = "./ringblk-data";

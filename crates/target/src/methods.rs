@@ -44,7 +44,7 @@ impl Methods {
             copies: crate::copyjob::CopyJobs::new(),
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
-        if let Some(reactors) = m.shared.reactors.get() {
+        if let Some(reactors) = m.shared.target.reactors() {
             for v in m.shared.registry.list() {
                 crate::copyjob::resume(&m.copies, reactors, &v);
             }
@@ -259,8 +259,8 @@ impl Methods {
 
     fn reactors(&self) -> Arc<[ringblk_reactor::ReactorHandle]> {
         self.shared
-            .reactors
-            .get()
+            .target
+            .reactors()
             .cloned()
             .unwrap_or_else(|| Arc::from(Vec::new()))
     }
@@ -287,7 +287,7 @@ impl RpcHandler for Methods {
                     chunk_size: p.chunk_size.unwrap_or(4096),
                     grow: p.grow,
                 };
-                let v = sh.add_volume(spec).map_err(volume_error)?;
+                let v = sh.target.add_volume(spec).map_err(volume_error)?;
                 Ok(volume_json(&v))
             }
             "volume_list" => {
@@ -296,7 +296,8 @@ impl RpcHandler for Methods {
                     sh.registry.list().iter().map(|v| volume_json(v)).collect();
                 // Volumes of the persisted list left out at start, and why.
                 out.extend(
-                    sh.failed_volumes()
+                    sh.target
+                        .failed_volumes()
                         .into_iter()
                         .map(|(s, e)| failed_json(&s, &e)),
                 );
@@ -304,7 +305,7 @@ impl RpcHandler for Methods {
             }
             "volume_delete" => {
                 let p: NameParams = parse_params(params)?;
-                sh.remove_volume(&p.name).map_err(volume_error)?;
+                sh.target.remove_volume(&p.name).map_err(volume_error)?;
                 Ok(Value::Bool(true))
             }
             // The same exports NBD_OPT_LIST offers: every volume, then the read-only
@@ -372,7 +373,7 @@ impl RpcHandler for Methods {
                 Ok(json!({ "volumes": stats, "server": server }))
             }
             "reactor_list" => {
-                let Some(handles) = sh.reactors.get() else {
+                let Some(handles) = sh.target.reactors() else {
                     return Ok(Value::Array(Vec::new()));
                 };
                 Ok(Value::Array(

@@ -3,6 +3,11 @@
 //! Faults are keyed by `IoKind`, latency histograms and op counters are indexed by it.
 //! A front end translates its commands to an `IoKind` at its edge (NBD: `session`).
 
+/// Largest data payload of one request the layer serves (the 32 MiB;
+/// `Geometry::max_io_bytes`). Front ends advertise it; the buffer budget must hold
+/// at least one such request.
+pub const IO_MAX_BYTES: u32 = 32 * 1024 * 1024;
+
 /// The kind of a block request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IoKind {

@@ -61,12 +61,12 @@ use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, PollResult, Reactor,
 use crate::admission::{count, Waiter};
 use crate::bdev::{
     BackupId, Bdev, BlockOp, Channel, DataBuf, Done, IoOutput, IoResult, IoSink, OwnBuf, Pressure,
-    ReadData, StatusKind, View,
+    ReadData, StatusKind, Subscription, View,
 };
 use crate::error::BlockError;
 use crate::extent::{Extent, ExtentFlags};
 use crate::ops::IoKind;
-use crate::server::ServerShared;
+use crate::shared::ServerShared;
 use crate::stats::Label;
 use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
 use ringblk_nbd::codec::{
@@ -121,8 +121,6 @@ enum Phase {
 
 struct Transmission {
     volume: Arc<Volume>,
-    /// `Some(name)` on a backup's read-only export `VOL@NAME`.
-    backup: Option<String>,
     /// The export opened in the block layer, its channel on this reactor and the
     /// connection's completion sink.
     bdev: Bdev,
@@ -133,6 +131,9 @@ struct Transmission {
     decoder: TransmissionDecoder,
     /// The WRITE whose payload is arriving.
     cur_write: Option<(Request, IoBuf, usize)>,
+    /// `BdevEvent`s of this export close the connection (the volume deleted, the
+    /// backup released); dropped with the connection.
+    _events: Subscription,
     /// Error reply to a refused WRITE, held until the decoder has drained its payload:
     /// a client still sending that payload (libnbd) cannot match a reply to it yet.
     refused_write_reply: Option<Vec<u8>>,
@@ -236,30 +237,6 @@ pub(crate) fn install(r: &mut Reactor) {
             begin_close(r, &c, State::Draining);
         }
     });
-}
-
-/// Closes (cleanly) every connection to backup export `volume@backup` here.
-pub(crate) fn close_backup(r: &mut Reactor, volume: &str, backup: &str) {
-    let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
-    for c in all {
-        let matches = matches!(&c.borrow().phase,
-            Phase::Transmission(t) if t.volume.name() == volume && t.backup.as_deref() == Some(backup));
-        if matches {
-            begin_close(r, &c, State::Draining);
-        }
-    }
-}
-
-/// Closes (cleanly) every connection to `volume` on this reactor.
-pub(crate) fn close_volume(r: &mut Reactor, volume: &str) {
-    let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
-    for c in all {
-        let matches =
-            matches!(&c.borrow().phase, Phase::Transmission(t) if t.volume.name() == volume);
-        if matches {
-            begin_close(r, &c, State::Draining);
-        }
-    }
 }
 
 /// Closes connection `id` if it is still negotiating: it was made to give way to a
@@ -551,11 +528,30 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                     false
                 }
                 Status::Done(neg) => {
-                    let Some((volume, backup)) = c.shared.registry.resolve(&neg.export.name) else {
-                        // Removed between the option and now.
+                    let resolved = c.shared.registry.resolve(&neg.export.name);
+                    // A backup's view is named by its delta's id, not its name.
+                    let view = resolved.as_ref().and_then(|(v, b)| match b {
+                        None => Some(View::Live),
+                        Some(b) => v.ready_backup_delta(b).map(|id| View::Backup(BackupId(id))),
+                    });
+                    let (Some((volume, _)), Some(view)) = (resolved, view) else {
+                        // Removed (or released) between the option and now.
                         c.state = State::Aborting;
                         return false;
                     };
+                    let Ok(bdev) = Bdev::open(volume.clone(), view, conns(r).label) else {
+                        // Released between the lookup and now.
+                        c.state = State::Aborting;
+                        return false;
+                    };
+                    let channel = bdev.channel(r);
+                    // In this same reactor step as the lookup (`events` # Ordering).
+                    let weak = Rc::downgrade(conn);
+                    let events = channel.subscribe(r, &bdev, move |r, _| {
+                        if let Some(c) = weak.upgrade() {
+                            begin_close(r, &c, State::Draining);
+                        }
+                    });
                     if let Some(t) = c.handshake_timer.take() {
                         r.cancel_timer(t);
                     }
@@ -570,17 +566,6 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         })
                         .cloned()
                         .collect();
-                    let label = conns(r).label;
-                    let bdev = match &backup {
-                        None => Bdev::open(volume.clone(), View::Live, label),
-                        Some(b) => Bdev::open_backup(volume.clone(), b, label),
-                    };
-                    let Ok(bdev) = bdev else {
-                        // Released between the option and now.
-                        c.state = State::Aborting;
-                        return false;
-                    };
-                    let channel = bdev.channel(r);
                     let sink: Rc<dyn IoSink> = Rc::new(ConnSink(weak_self));
                     volume.connection_opened();
                     tracing::debug!(
@@ -594,12 +579,12 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         channel,
                         sink,
                         volume,
-                        backup,
                         structured: neg.structured_replies,
                         contexts,
                         decoder: TransmissionDecoder::new(policy),
                         cur_write: None,
                         refused_write_reply: None,
+                        _events: events,
                     }));
                     true
                 }

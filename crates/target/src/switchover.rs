@@ -39,189 +39,41 @@
 //! running copy job reads, or uses as its `changed_since` base, is not released
 //! (EBUSY, [`SwitchError::Copying`]; see `copyjob`).
 //!
+//! The merge itself is [`crate::merge`]; the drain rounds both use are
+//! [`crate::drain`].
+//!
 //! After the last drain no request can reach the merged delta, so its data file
 //! becomes the next backup's prepared delta (renamed, contents stale but never
 //! read: a delta chunk is read only after a fill wrote all of it). Its written
 //! space spares that delta the zero-ahead writes a fresh file needs.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
-use ringblk_blockmap::{BeginMerge, BlockMap, Claim, Park};
 use ringblk_reactor::{ForEachNext, Reactor, ReactorHandle};
 
+use crate::drain::{finish_round, start_round, Round, RoundWait};
+/// Moved to [`crate::drain`] (#12 2A.4); re-exported so paths keep working.
+pub use crate::drain::{SwitchError, DRAIN_TIMEOUT};
+use crate::events::BdevEvent;
 use crate::image::{Delta, Pins, Stack};
-use crate::volume::{check_name, BackupInfo, BackupState, Control, Volume};
+/// Moved to [`crate::merge`] (#12 2A.4); re-exported for sim_tests' path.
+#[cfg(test)]
+pub(crate) use crate::merge::merge;
+/// Moved to [`crate::merge`] (#12 2A.4); re-exported so paths keep working.
+pub use crate::merge::resume_merges;
+use crate::volume::{check_name, BackupId, BackupInfo, BackupState, Control, View, Volume};
 
-/// How long a control thread waits to hand a drain round to a reactor whose inbox
-/// is full.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `backup_create` waits for its drain by default before it returns with
 /// the backup still `draining` (module docs: # Drain).
 pub const DRAIN_WAIT: Duration = Duration::from_secs(60);
 /// Attempts of the drain thread to start a round before it leaves the backups
 /// to the next command's round (which makes them ready too: `settle`).
 const ROUND_START_TRIES: u32 = 50;
-const DRAIN_RECHECK: Duration = Duration::from_micros(10);
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SwitchError {
-    #[error("invalid backup name: {0}")]
-    Name(String),
-    #[error("volume {0:?} already has a backup named {1:?}")]
-    Exists(String, String),
-    #[error("volume {0:?} has no backup named {1:?}")]
-    NotFound(String, String),
-    #[error("backup {0:?} is {1:?}; try again when it is ready")]
-    Busy(String, BackupState),
-    #[error("cannot create the delta image: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("drain did not finish within {0:?}")]
-    DrainTimeout(Duration),
-    #[error("the volume is read-only")]
-    ReadOnly,
-    #[error("backup {0:?} is in use by running copy job {1}; cancel it (backup_copy_cancel) or wait for it")]
-    Copying(String, u64),
-    #[error("volume {0:?} was deleted")]
-    VolumeDeleted(String),
-}
-
-impl SwitchError {
-    /// Negative errno for the JSON-RPC error code.
-    pub fn rpc_code(&self) -> i32 {
-        -match self {
-            SwitchError::Name(_) => libc::EINVAL,
-            SwitchError::Exists(..) => libc::EEXIST,
-            SwitchError::NotFound(..) => libc::ENOENT,
-            SwitchError::Busy(..) => libc::EBUSY,
-            SwitchError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            SwitchError::DrainTimeout(_) => libc::ETIMEDOUT,
-            SwitchError::ReadOnly => libc::EROFS,
-            SwitchError::Copying(..) => libc::EBUSY,
-            SwitchError::VolumeDeleted(_) => libc::ENODEV,
-        }
-    }
-}
 
 pub(crate) fn home_reactor(vol: &Volume, n: usize) -> usize {
     vol.home_reactor(n)
-}
-
-/// A drain round in progress: one message visiting every reactor, waiting on each
-/// until no request is pinned to any stack it covers (module docs: # Drain).
-pub(crate) struct Round {
-    done: crossbeam_channel::Receiver<()>,
-    /// The retired stacks it covers, by epoch.
-    epochs: Vec<u64>,
-}
-
-/// How a wait for a round ended without it completing.
-#[derive(Debug, PartialEq, Eq)]
-enum RoundWait {
-    /// Still running (the wait's bound passed).
-    Slow,
-    /// Dropped by stopping reactors: it will never complete.
-    Gone,
-}
-
-impl Round {
-    fn wait(&self, bound: Duration) -> Result<(), RoundWait> {
-        self.done.recv_timeout(bound).map_err(|e| match e {
-            crossbeam_channel::RecvTimeoutError::Timeout => RoundWait::Slow,
-            crossbeam_channel::RecvTimeoutError::Disconnected => RoundWait::Gone,
-        })
-    }
-
-    /// Waits as long as it takes (control threads whose work needs the drain).
-    fn wait_done(&self) -> Result<(), SwitchError> {
-        self.done
-            .recv()
-            .map_err(|_| SwitchError::Io(std::io::Error::from_raw_os_error(libc::ESHUTDOWN)))
-    }
-}
-
-/// Starts a drain round over every stack retired so far (call it after the
-/// publish that retired the stack of interest, holding `control`).
-pub(crate) fn start_round(
-    reactors: &[ReactorHandle],
-    vol: &Volume,
-    ctl: &std::sync::MutexGuard<'_, Control>,
-) -> Result<Round, SwitchError> {
-    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-    let retired = vol.retired_stacks(ctl);
-    let epochs = retired.iter().map(|(e, _, _)| *e).collect();
-    if reactors.is_empty() {
-        let _ = tx.send(());
-        return Ok(Round { done: rx, epochs });
-    }
-    // The round holds the pin counters it watches (not the stacks): it may outlive
-    // its waiter, and the stacks may be freed by another round meanwhile.
-    let pins: Arc<[Arc<Pins>]> = retired.into_iter().map(|(_, p, _)| p).collect();
-    let step: ringblk_reactor::ForEachFn =
-        Arc::new(move |r: &mut Reactor, next: ForEachNext| wait_unpinned(r, pins.clone(), next));
-    let home = home_reactor(vol, reactors.len());
-    reactors[home]
-        .send_blocking(
-            move |r| {
-                r.for_each_reactor(step, move |_| {
-                    let _ = tx.send(());
-                })
-            },
-            DRAIN_TIMEOUT,
-        )
-        .map_err(|_| SwitchError::DrainTimeout(DRAIN_TIMEOUT))?;
-    Ok(Round { done: rx, epochs })
-}
-
-/// After a round completed: frees the stacks it covered and makes ready every
-/// backup that no longer waits for a retired stack.
-pub(crate) fn finish_round(
-    ctl: &mut std::sync::MutexGuard<'_, Control>,
-    vol: &Volume,
-    round: &Round,
-) {
-    vol.free_drained(ctl, &round.epochs);
-    settle(ctl, vol);
-}
-
-/// Marks ready every draining backup whose switch's stack, and every stack older,
-/// is drained and freed.
-fn settle(ctl: &mut std::sync::MutexGuard<'_, Control>, vol: &Volume) {
-    let draining: Vec<(String, u64, u64)> = ctl
-        .backups
-        .iter()
-        .filter(|b| b.state == BackupState::Draining)
-        .filter(|b| vol.undrained_upto(ctl, b.drain_epoch).is_none())
-        .map(|b| (b.name.clone(), b.delta_id, b.drain_epoch))
-        .collect();
-    for (name, delta_id, epoch) in draining {
-        // Its delta is in the current stack: a draining backup cannot be released.
-        if let Some(d) =
-            vol.with_stack(ctl, |s| s.deltas.iter().find(|d| d.id == delta_id).cloned())
-        {
-            d.set_drained();
-        }
-        let mut ready_us = None;
-        if let Some(b) = ctl.backups.iter_mut().find(|b| b.name == name) {
-            b.state = BackupState::Ready;
-            ready_us = b.started.map(|t| t.elapsed().as_micros() as u64);
-            b.ready_us = ready_us;
-        }
-        vol.set_backup_exported(&name, Some(delta_id));
-        tracing::info!(
-            volume = vol.name(),
-            backup = %name,
-            epoch = epoch + 1,
-            ready_us,
-            "backup ready"
-        );
-    }
 }
 
 /// Requests backup `name` still waits for (0 unless it is draining).
@@ -317,14 +169,6 @@ pub fn quiesce(reactors: &[ReactorHandle], vol: &Volume, sw: &Switched) {
     }
 }
 
-fn wait_unpinned(r: &mut Reactor, pins: Arc<[Arc<Pins>]>, next: ForEachNext) {
-    if pins.iter().all(|p| p.pinned_on(r.id()) == 0) {
-        next.next(r);
-    } else {
-        r.add_timer(DRAIN_RECHECK, move |r| wait_unpinned(r, pins, next));
-    }
-}
-
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -347,27 +191,6 @@ impl Switched {
     }
 }
 
-/// A new delta with the next id; `reuse` as in [`Delta::create`].
-fn new_delta(
-    ctl: &mut Control,
-    vol: &Volume,
-    reuse: Option<(&Delta, u64)>,
-) -> std::io::Result<Delta> {
-    let id = ctl.next_delta_id;
-    ctl.next_delta_id += 1;
-    Delta::create(
-        vol.persist.store(),
-        vol.file_stem(),
-        id,
-        "",
-        vol.size_bytes(),
-        vol.chunk_bytes(),
-        vol.backend().is_direct() || vol.backend().raw_fd().is_none(),
-        vol.persist.persistent(),
-        reuse,
-    )
-}
-
 /// Creates the next backup's delta ahead of time, so that the next switch does no
 /// file creation. Unused, it is deleted with the volume, or at the next start as a
 /// file the manifest does not list.
@@ -376,7 +199,7 @@ pub fn prepare(vol: &Volume) {
     if ctl.prepared.is_some() || vol.read_only() || vol.is_removed() {
         return;
     }
-    match new_delta(&mut ctl, vol, None) {
+    match vol.new_delta(&mut ctl, None) {
         Ok(d) => {
             d.set_discard(true);
             ctl.prepared = Some(d);
@@ -403,7 +226,7 @@ pub fn switch(
     // made ahead of time by the previous backup command when possible (`prepare`).
     let mut delta = match ctl.prepared.take() {
         Some(d) => d,
-        None => new_delta(ctl, vol, None)?,
+        None => vol.new_delta(ctl, None)?,
     };
     delta.backup = name.to_string();
     delta.set_discard(false);
@@ -472,41 +295,6 @@ pub(crate) fn mark_ready(
         .find(|b| b.name == name)
         .cloned()
         .unwrap_or_else(|| unreachable!("switch() recorded the backup"))
-}
-
-/// Hands the data file of a merged delta to the next backup (as the prepared
-/// delta), so that its written prefix spares the next delta's fills the zero-ahead
-/// writes, which otherwise double the bytes a fresh delta writes. Only after the
-/// final drain: from then on no request can read or write the merged delta.
-/// A prepared delta that was never used is replaced when the merged file has more
-/// written space (it has none unless it is itself a reused file).
-fn reuse_for_next(ctl: &mut Control, vol: &Volume, merged: &Delta) {
-    if vol.read_only() || vol.is_removed() {
-        return;
-    }
-    let have = ctl.prepared.as_ref().map_or(0, |p| p.zeroed_bytes());
-    if merged.zeroed_bytes() <= have {
-        return;
-    }
-    let Some(zeroed) = merged.take_for_reuse() else {
-        return;
-    };
-    match new_delta(ctl, vol, Some((merged, zeroed))) {
-        Ok(d) => {
-            d.set_discard(true);
-            tracing::debug!(
-                volume = vol.name(),
-                delta = d.id,
-                zeroed,
-                "merged delta file reused"
-            );
-            // The unused one it replaces deletes its files on drop (discard).
-            ctl.prepared = Some(d);
-        }
-        Err(e) => {
-            tracing::debug!(volume = vol.name(), error = %e, "merged delta file not reused")
-        }
-    }
 }
 
 /// Freezes the volume's current image as backup `name` and redirects every request
@@ -592,304 +380,12 @@ pub fn backup_release(
         b.clone()
     };
     vol.set_backup_exported(name, None);
-    // Connections to the backup's export go away first (it is no longer listed).
-    for h in reactors.iter() {
-        let (v, n) = (vol.name().to_string(), name.to_string());
-        let _ = h.send_blocking(
-            move |r| crate::session::close_backup(r, &v, &n),
-            Duration::from_secs(5),
-        );
-    }
-    let vol2 = vol.clone();
-    let name2 = name.to_string();
-    std::thread::Builder::new()
-        .name(format!("merge-{}", vol.name()))
-        .spawn(move || {
-            match merge(&reactors, &vol2, &name2) {
-                Ok(()) => {}
-                Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name2),
-                Err(e) => {
-                    tracing::error!(volume = vol2.name(), backup = %name2, error = %e, "merge failed; backup left merging")
-                }
-            }
-        })?;
+    // Users of the backup's view go away first (it is no longer listed, so nobody
+    // opens it again: `events` # Ordering).
+    let view = View::Backup(BackupId(info.delta_id));
+    crate::events::notify(&reactors, vol, move |v| v == view, BdevEvent::Removed);
+    crate::merge::spawn(reactors, vol, name, false)?;
     Ok(info)
-}
-
-/// Resumes the releases that were merging when the server stopped (recovery).
-pub fn resume_merges(reactors: &Arc<[ReactorHandle]>, vol: &Arc<Volume>) {
-    let names: Vec<String> = {
-        let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-        ctl.backups
-            .iter()
-            .filter(|b| b.state == BackupState::Merging)
-            .map(|b| b.name.clone())
-            .collect()
-    };
-    for name in names {
-        tracing::info!(volume = vol.name(), backup = %name, "resuming the release of a backup that was merging");
-        let (reactors, vol2) = (reactors.clone(), vol.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("merge-{}", vol.name()))
-            .spawn(move || {
-                match merge(&reactors, &vol2, &name) {
-                    Ok(()) => {}
-                    Err(SwitchError::VolumeDeleted(_)) => merge_stopped(&vol2, &name),
-                    Err(e) => {
-                        tracing::error!(volume = vol2.name(), backup = %name, error = %e, "resumed merge failed; backup left merging")
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(volume = vol.name(), error = %e, "cannot start a merge thread");
-        }
-    }
-}
-
-struct ThreadWaker(std::thread::Thread);
-
-impl Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-fn merge_stopped(vol: &Volume, backup: &str) {
-    tracing::info!(
-        volume = vol.name(),
-        backup,
-        "merge stopped: the volume was deleted"
-    );
-}
-
-/// Fails once `volume_delete` removed the volume: a deleted volume's merge must
-/// not go on writing into a base that a volume created again under its name (or
-/// anyone else) may now own. Checked before each chunk, so it stops between
-/// chunks, never inside one.
-fn check_live(vol: &Volume) -> Result<(), SwitchError> {
-    match vol.is_removed() {
-        true => Err(SwitchError::VolumeDeleted(vol.name().to_string())),
-        false => Ok(()),
-    }
-}
-
-pub(crate) fn merge(
-    reactors: &[ReactorHandle],
-    vol: &Arc<Volume>,
-    name: &str,
-) -> Result<(), SwitchError> {
-    let _serial = vol.merge_lock.lock().unwrap_or_else(|p| p.into_inner());
-    check_live(vol)?;
-    let t0 = Instant::now();
-    let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-    let (delta, below) = vol
-        .with_stack(&ctl, |s| {
-            let pos = s.deltas.iter().position(|d| d.backup == name);
-            pos.map(|i| {
-                (
-                    s.deltas[i].clone(),
-                    i.checked_sub(1).map(|j| s.deltas[j].clone()),
-                )
-            })
-        })
-        .ok_or_else(|| SwitchError::NotFound(vol.name().into(), name.into()))?;
-    drop(ctl);
-    // A restart resumes the merge: the manifest says so before any chunk moves.
-    if let Some(m) = vol.persist.manifest() {
-        m.update(|m| {
-            for d in m.deltas.iter_mut().filter(|d| d.id == delta.id) {
-                d.state = crate::durable::manifest::DeltaState::Merging;
-            }
-        });
-    }
-    vol.persist.write_manifest()?;
-    // Every request must see `merging` before chunks move: mark, then drain the
-    // requests admitted before the mark, via a no-op stack swap.
-    delta.set_merging();
-    {
-        let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-        let deltas = vol.with_stack(&ctl, |s| s.deltas.clone());
-        let epoch = ctl.next_epoch;
-        ctl.next_epoch += 1;
-        vol.publish(&ctl, Stack::new(epoch, deltas, vol.reactors()));
-        let round = start_round(reactors, vol, &ctl)?;
-        // However long it takes (a request of an older epoch may be slow): a
-        // release is not given up for a slow request; `control` is free meanwhile.
-        drop(ctl);
-        round.wait_done()?;
-        let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-        finish_round(&mut ctl, vol, &round);
-    }
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let cb = vol.chunk_bytes() as u64;
-    let src = dup_file(delta.raw_fd())?;
-    let dst_fd = below
-        .as_ref()
-        .map(|d| d.raw_fd())
-        .or(vol.backend().raw_fd());
-    let dst = dst_fd.map(dup_file).transpose()?;
-    let mut buf = ringblk_reactor::AlignedBuf::direct(cb as usize);
-    let mut merged = 0u64;
-    let cap = delta.map.capacity();
-    loop {
-        let chunks: Vec<u64> = delta.map.iter(0, cap).map(|(c, _)| c).collect();
-        if chunks.is_empty() {
-            break;
-        }
-        for c in chunks {
-            check_live(vol)?;
-            let guard = loop {
-                match BlockMap::begin_merge_shared(&delta.map, c) {
-                    Ok(BeginMerge::Started(g)) => break Some(g),
-                    Ok(BeginMerge::Unmapped) | Err(_) => break None,
-                    Ok(BeginMerge::Busy(_)) => {
-                        if let Ok(Park::Parked) = delta.map.park(c, &waker) {
-                            std::thread::park_timeout(Duration::from_millis(5));
-                        }
-                    }
-                }
-            };
-            let Some(mut g) = guard else { continue };
-            while let Park::Parked = g.poll_drained(&waker) {
-                std::thread::park_timeout(Duration::from_millis(5));
-            }
-            src.read_exact_at(buf.as_mut_slice(), g.physical() * cb)?;
-            // Publish the copy below first.
-            match (&below, &dst) {
-                (Some(b), Some(dst)) => copy_into_delta(b, dst, c, cb, buf.as_slice(), &waker)?,
-                (None, Some(dst)) => {
-                    let end = ((c + 1) * cb).min(vol.size_bytes());
-                    dst.write_all_at(&buf.as_slice()[..(end - c * cb) as usize], c * cb)?
-                }
-                _ => {} // null base: nothing to keep
-            }
-            // Before the unmap is visible (journal order = map order); the commit
-            // writes it only after the copy's own records below (durable::commit).
-            delta.journal(ringblk_blockmap::MapRecord::Unmap { logical: c });
-            loop {
-                match g.finish() {
-                    Ok(()) => break,
-                    Err(back) => {
-                        g = back;
-                        std::thread::park_timeout(Duration::from_millis(1));
-                    }
-                }
-            }
-            merged += 1;
-        }
-    }
-    // The copies (data and their mappings below) and the unmaps are durable before
-    // the manifest forgets the delta.
-    let _ = dst;
-    check_live(vol)?;
-    vol.persist.commit_blocking()?;
-    if let Some(m) = vol.persist.manifest() {
-        m.update(|m| m.deltas.retain(|d| d.id != delta.id));
-    }
-    vol.persist.write_manifest()?;
-    vol.persist.remove_delta(delta.id);
-    delta.set_merged();
-    // Drop the empty delta in one stack swap, then drain and free.
-    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-    let deltas: Vec<Arc<Delta>> = vol.with_stack(&ctl, |s| {
-        s.deltas
-            .iter()
-            .filter(|d| d.id != delta.id)
-            .cloned()
-            .collect()
-    });
-    let epoch = ctl.next_epoch;
-    ctl.next_epoch += 1;
-    vol.publish(&ctl, Stack::new(epoch, deltas, vol.reactors()));
-    let round = start_round(reactors, vol, &ctl)?;
-    drop(ctl);
-    round.wait_done()?;
-    let mut ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
-    finish_round(&mut ctl, vol, &round);
-    ctl.backups.retain(|b| b.name != name);
-    reuse_for_next(&mut ctl, vol, &delta);
-    drop(ctl);
-    tracing::info!(
-        volume = vol.name(),
-        backup = name,
-        chunks = merged,
-        ms = t0.elapsed().as_millis() as u64,
-        "backup released"
-    );
-    Ok(())
-}
-
-/// An owned duplicate of a descriptor the volume keeps open.
-fn dup_file(fd: std::os::fd::RawFd) -> std::io::Result<File> {
-    // SAFETY: dup of a descriptor owned (and kept open) by the delta or backend.
-    let d = unsafe { libc::dup(fd) };
-    if d < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `d` is a fresh descriptor nobody else owns.
-    Ok(unsafe { File::from_raw_fd(d) })
-}
-
-/// Writes one chunk into delta `b` (the merge target): in place if `b` holds the
-/// chunk, else into a newly allocated chunk, published after the data is written.
-fn copy_into_delta(
-    b: &Delta,
-    dst: &File,
-    c: u64,
-    cb: u64,
-    data: &[u8],
-    waker: &Waker,
-) -> Result<(), SwitchError> {
-    loop {
-        match BlockMap::claim_shared(&b.map, c) {
-            Ok(Claim::Mapped(pin)) => {
-                dst.write_all_at(data, pin.physical() * cb)?;
-                return Ok(());
-            }
-            Ok(Claim::Fill(g)) => {
-                let Some(p) = b.alloc(1) else {
-                    g.abort();
-                    return Err(SwitchError::Io(std::io::Error::from_raw_os_error(
-                        libc::ENOSPC,
-                    )));
-                };
-                if let Err(e) = zeroed_blocking(b, dst, p, cb) {
-                    g.abort();
-                    return Err(SwitchError::Io(e));
-                }
-                dst.write_all_at(data, p * cb)?;
-                b.journal(ringblk_blockmap::MapRecord::Install {
-                    logical: c,
-                    physical: p,
-                });
-                g.publish(p)
-                    .map_err(|e| SwitchError::Io(std::io::Error::other(e.to_string())))?;
-                return Ok(());
-            }
-            Ok(Claim::Busy(_)) => {
-                if let Ok(Park::Parked) = b.map.park(c, waker) {
-                    std::thread::park_timeout(Duration::from_millis(5));
-                }
-            }
-            Err(e) => return Err(SwitchError::Io(std::io::Error::other(e.to_string()))),
-        }
-    }
-}
-
-/// Waits until physical chunk `p` of `b` may be written (`Delta::fill_ready`),
-/// doing the zero-ahead write itself when it is due (blocking: the merge thread).
-fn zeroed_blocking(b: &Delta, dst: &File, p: u64, cb: u64) -> std::io::Result<()> {
-    loop {
-        if let Some((off, len)) = b.zero_due(p, cb) {
-            let zeros = ringblk_reactor::AlignedBuf::direct(len as usize);
-            let res = dst.write_all_at(zeros.as_slice(), off);
-            b.zero_done(len, res.is_ok());
-        }
-        if b.fill_ready(p, cb) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
 }
 
 /// Backups of `vol` with their delta sizes, for `backup_list` and `stats`.

@@ -1,4 +1,4 @@
-//! Volumes (named exports) and the registry the handshake and the RPC server share.
+//! Volumes (named exports). The registry of them is `target::Registry`.
 //!
 //! # Sharing
 //! A [`Volume`] is immutable after creation except for its counters and its
@@ -11,7 +11,6 @@
 //! Statistics are per reactor (`stats[reactor_id]`), each slot written by one thread
 //! only, and summed on request.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,10 +25,11 @@ use crate::stats::counters::VolumeCounters;
 /// Moved to [`crate::stats::counters`] (#12 step 1); re-exported so paths keep working.
 pub use crate::stats::counters::{bump, OpCounters, VolumeStats};
 use crate::stats::Label;
-use ringblk_nbd::{ExportCatalog, ExportInfo};
+use ringblk_nbd::ExportInfo;
 
-/// Largest request payload served (the 32 MiB).
-pub const PAYLOAD_MAX_BYTES: u32 = 32 * 1024 * 1024;
+/// Largest request payload served: [`crate::ops::IO_MAX_BYTES`] (moved there in #12
+/// 2A so that `admission` need not import `volume`).
+pub const PAYLOAD_MAX_BYTES: u32 = crate::ops::IO_MAX_BYTES;
 
 impl VolumeSpec {
     /// What can be checked of the spec alone, without touching a file: the name,
@@ -530,6 +530,28 @@ impl Volume {
         })
     }
 
+    /// A new delta with the next id of `ctl` (this volume's control state);
+    /// `reuse` as in [`Delta::create`](crate::image::Delta::create).
+    pub(crate) fn new_delta(
+        &self,
+        ctl: &mut Control,
+        reuse: Option<(&crate::image::Delta, u64)>,
+    ) -> std::io::Result<crate::image::Delta> {
+        let id = ctl.next_delta_id;
+        ctl.next_delta_id += 1;
+        crate::image::Delta::create(
+            self.persist.store(),
+            self.file_stem(),
+            id,
+            "",
+            self.size_bytes(),
+            self.chunk_bytes(),
+            self.backend().is_direct() || self.backend().raw_fd().is_none(),
+            self.persist.persistent(),
+            reuse,
+        )
+    }
+
     /// Prefix of this volume's delta and journal file names in the data dir.
     pub fn file_stem(&self) -> &str {
         &self.file_stem
@@ -770,134 +792,5 @@ impl Drop for Volume {
             self.persist.discard_deltas();
         }
         // The image stacks are freed when `images` drops, right after this.
-    }
-}
-
-/// Every volume, by name.
-#[derive(Default)]
-pub struct Registry {
-    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
-    /// Export served to clients that ask for the empty name.
-    default_export: RwLock<Option<String>>,
-}
-
-impl Registry {
-    pub fn new() -> Registry {
-        Registry::default()
-    }
-
-    pub fn insert(&self, v: Arc<Volume>) -> Result<(), VolumeError> {
-        let mut map = self.volumes.write().unwrap_or_else(|p| p.into_inner());
-        if map.contains_key(v.name()) {
-            return Err(VolumeError::Exists(v.name().to_string()));
-        }
-        let mut def = self
-            .default_export
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if def.is_none() {
-            *def = Some(v.name().to_string());
-        }
-        map.insert(v.name().to_string(), v);
-        Ok(())
-    }
-
-    pub fn remove(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {
-        let mut map = self.volumes.write().unwrap_or_else(|p| p.into_inner());
-        let v = map
-            .remove(name)
-            .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        v.mark_removed();
-        let mut def = self
-            .default_export
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if def.as_deref() == Some(name) {
-            *def = map.keys().next().cloned();
-        }
-        Ok(v)
-    }
-
-    /// Resolves an export name: `VOL` (the live volume) or `VOL@BACKUP` (a ready
-    /// backup, read-only).
-    pub fn resolve(&self, export: &str) -> Option<(Arc<Volume>, Option<String>)> {
-        match export.split_once('@') {
-            None => self.get(export).map(|v| (v, None)),
-            Some((vol, backup)) => {
-                let v = self.get(vol).filter(|_| !vol.is_empty())?;
-                let ready = v.ready_backups().iter().any(|b| b == backup);
-                ready.then(|| (v, Some(backup.to_string())))
-            }
-        }
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
-        let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
-        if name.is_empty() {
-            let def = self
-                .default_export
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            return def.as_ref().and_then(|d| map.get(d).cloned());
-        }
-        map.get(name).cloned()
-    }
-
-    pub fn list(&self) -> Vec<Arc<Volume>> {
-        let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
-        map.values().cloned().collect()
-    }
-}
-
-impl ExportCatalog for Registry {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let (v, backup) = self.resolve(name)?;
-        Some(match backup {
-            None => v.export_info(),
-            Some(b) => v.backup_export_info(&b),
-        })
-    }
-
-    fn list(&self) -> Vec<ExportInfo> {
-        let mut out = Vec::new();
-        for v in Registry::list(self) {
-            out.push(v.export_info());
-            let ready = v.ready_backups();
-            out.extend(ready.iter().map(|b| v.backup_export_info(b)));
-        }
-        out
-    }
-
-    /// `base:allocation` everywhere; `x-ringblk:changed/NAME` for every ready backup
-    /// NAME taken before the export's own point in time: all of them for the live
-    /// volume, the older ones for a backup's export. A backup being released is no
-    /// longer ready, so its context is no longer offered (see `io::changed_layers`).
-    fn meta_contexts(&self, export: &str) -> Vec<String> {
-        let mut out = vec![ringblk_nbd::proto::META_BASE_ALLOCATION.to_string()];
-        if let Some((v, backup)) = self.resolve(export) {
-            // In switch order: backups become ready one at a time, under `control`.
-            let ready = v.ready_backups();
-            let upto = match backup {
-                None => ready.len(),
-                Some(b) => ready.iter().position(|x| *x == b).unwrap_or(0),
-            };
-            out.extend(
-                ready[..upto]
-                    .iter()
-                    .map(|x| format!("{META_CHANGED_PREFIX}{x}")),
-            );
-        }
-        out
-    }
-
-    /// `x-ringblk:changed/NAME`: the id of the delta above backup NAME now, so that
-    /// the context keeps meaning that backup after a new one takes its name (0: none).
-    fn meta_context_binding(&self, export: &str, context: &str) -> u64 {
-        let Some(since) = context.strip_prefix(META_CHANGED_PREFIX) else {
-            return 0;
-        };
-        self.resolve(export)
-            .and_then(|(v, _)| v.ready_backup_delta(since))
-            .unwrap_or(0)
     }
 }

@@ -31,6 +31,7 @@ use ringblk_reactor::{PollResult, Reactor};
 use crate::buf::{dio_mem_align, needs_bounce, DataBuf, OwnBuf, SgList, DIO_MEM_ALIGN_DEFAULT};
 use crate::datapath::{self, fast, layered, status, DataVol, Layers, VolRef};
 use crate::error::BlockError;
+use crate::events::{self, BdevEvent, Subscription};
 use crate::extent::Extent;
 use crate::fault::Fault;
 use crate::image::{Images, StackPin};
@@ -244,6 +245,20 @@ impl Channel {
         } else {
             self.0.room_waiters.borrow_mut().push_back(Box::new(f));
         }
+    }
+
+    /// Calls `f` on this reactor for every event of `bdev` (its volume deleted, its
+    /// backup released: `BdevEvent::Removed`; plan §2.11) until the returned
+    /// [`Subscription`] is dropped. `f` must not hold what keeps the subscription
+    /// alive (hold a weak reference). Subscribe in the same reactor step as the
+    /// lookup that found the volume (`events` # Ordering).
+    pub fn subscribe(
+        &self,
+        r: &mut Reactor,
+        bdev: &Bdev,
+        f: impl Fn(&mut Reactor, BdevEvent) + 'static,
+    ) -> Subscription {
+        events::subscribe(r, bdev.volume(), bdev.view(), f)
     }
 
     /// A layer-owned buffer for `len` bytes (a pool buffer if it fits, else aligned).

@@ -51,9 +51,8 @@
 //! # Departures from the plan (step 3, for now)
 //! Channels are created lazily by the first `Bdev::channel(r)` on a reactor and live
 //! while someone holds them (a reactor-local table of weak references), not in
-//! `Target::add_volume`'s round. Events (`Channel::subscribe`), per-label counters
-//! and histograms, the buffer budget in `OwnBuf`, direct SG I/O (`IoBuf::Foreign`)
-//! and CompareAndWrite come later; SG lists bounce through an aligned buffer.
+//! `Target::add_volume`'s round. Per-label histograms, the buffer budget in `OwnBuf`
+//! and CompareAndWrite come later.
 
 use std::sync::Arc;
 
@@ -67,6 +66,7 @@ mod channel;
 mod request;
 
 pub use crate::buf::{needs_bounce, DataBuf, OwnBuf, SgList, SG_SEGS_MAX};
+pub use crate::events::{BdevEvent, Subscription};
 pub use crate::volume::{BackupId, View};
 pub use channel::{Channel, Pressure, CHANNEL_DEPTH};
 pub use request::{
