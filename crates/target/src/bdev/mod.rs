@@ -80,6 +80,18 @@ pub fn install(r: &mut Reactor) {
     channel::install(r);
 }
 
+/// Why `Target::open` found nothing to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error("no such volume or backup")]
+    NotFound,
+    #[error("the backup is not ready yet (its old epoch is still draining)")]
+    NotReady,
+    #[error("the volume or backup is being removed")]
+    Removed,
+}
+
 /// Sizes a front end advertises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
