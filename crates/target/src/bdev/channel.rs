@@ -42,6 +42,7 @@ use crate::stats::latency::{self, SharedHistograms};
 use crate::stats::Label;
 use crate::volume::{Volume, PAYLOAD_MAX_BYTES};
 
+use super::lock;
 use super::request::{BlockOp, Done, IoOutput, IoResult, ReadData, StatusKind, STATUS_KINDS_MAX};
 use super::Bdev;
 
@@ -90,10 +91,12 @@ enum Ready {
 pub(crate) struct BdevLocal {
     ready: RefCell<VecDeque<Ready>>,
     channels: RefCell<HashMap<usize, Weak<ChannelInner>>>,
+    /// CompareAndWrite state of this reactor (range locks, CAWs in progress).
+    pub(super) locks: lock::LocalLocks,
 }
 
 impl BdevLocal {
-    fn get(r: &mut Reactor) -> Rc<BdevLocal> {
+    pub(super) fn get(r: &mut Reactor) -> Rc<BdevLocal> {
         if let Some(l) = r.local::<BdevLocal>() {
             return l;
         }
@@ -147,6 +150,7 @@ pub(super) fn channel_of(r: &mut Reactor, vol: &Arc<Volume>) -> Channel {
         hist: latency::histograms_of(r, vol.name()),
         local: local.clone(),
         mem_align: mem_align_of(vol),
+        lock: local.locks.cell(key),
     });
     let mut chans = local.channels.borrow_mut();
     // Drop entries of channels nobody holds any more (the table stays as small as
@@ -206,6 +210,8 @@ struct ChannelInner {
     local: Rc<BdevLocal>,
     /// O_DIRECT memory alignment of the base file (`buf::dio_mem_align`).
     mem_align: u32,
+    /// The volume's range locks on this reactor (CompareAndWrite, plan §2.10).
+    lock: Rc<lock::LockCell>,
 }
 
 impl Channel {
@@ -303,6 +309,9 @@ impl Channel {
             kind,
             label,
             t0,
+            gen: None,
+            owner: 0,
+            internal: false,
         };
         // Injected faults: here, where both paths start, before any I/O (a failed
         // write's data is dropped with the request: never applied).
@@ -317,9 +326,41 @@ impl Channel {
             None => None,
         };
         if kind == IoKind::CompareAndWrite {
-            req.finish(r, Err(BlockError::NotSupported));
-            self.0.starting.set(was);
-            return;
+            // (An injected delay does not apply to it.)
+            lock::begin(r, self, bdev, req, op);
+        } else {
+            self.admit(r, bdev.backup_delta(), req, op, delay);
+        }
+        self.0.starting.set(was);
+    }
+
+    /// The second half of `start`: a write-type request overlapping a range lock
+    /// parks until the unlock (plan §2.10); any other is counted in the channel's
+    /// write generation, pinned and dispatched. Also how a CompareAndWrite runs its
+    /// read and write (`req.owner`: its own lock does not hold them).
+    pub(super) fn admit(
+        &self,
+        r: &mut Reactor,
+        backup: Option<u64>,
+        mut req: Req,
+        op: BlockOp,
+        delay: Option<std::time::Duration>,
+    ) {
+        let kind = req.kind;
+        let (offset, len) = op.range();
+        let vol = &self.0.vol;
+        if kind.is_write() {
+            let cell = &self.0.lock;
+            if cell.blocks(offset, len, req.owner) {
+                let ch = self.clone();
+                cell.park(Box::new(move |r| {
+                    let was = ch.0.starting.replace(true);
+                    ch.admit(r, backup, req, op, delay);
+                    ch.0.starting.set(was);
+                }));
+                return;
+            }
+            req.gen = Some(cell.enter());
         }
         // Write-type requests register their chunks: a later epoch's partial first
         // writes wait only for the ones that overlap theirs (image module docs).
@@ -329,13 +370,11 @@ impl Channel {
             vol.pin(r.id())
         };
         let needs_list = matches!(kind, IoKind::Read | IoKind::BlockStatus);
-        let layers = match datapath::view_layers(&pin, bdev.backup_delta(), needs_list) {
+        let layers = match datapath::view_layers(&pin, backup, needs_list) {
             Ok(l) => l,
             Err(e) => {
                 drop(pin);
-                req.finish(r, Err(e));
-                self.0.starting.set(was);
-                return;
+                return req.finish(r, Err(e));
             }
         };
         match delay {
@@ -350,7 +389,14 @@ impl Channel {
             }
             None => dispatch(r, req, op, pin, layers),
         }
-        self.0.starting.set(was);
+    }
+
+    pub(super) fn volume(&self) -> &Arc<Volume> {
+        &self.0.vol
+    }
+
+    pub(super) fn local(&self) -> &Rc<BdevLocal> {
+        &self.0.local
     }
 
     /// Starts waiting requests while there is depth, then wakes `when_room` hooks.
@@ -371,19 +417,31 @@ impl Channel {
 }
 
 /// A started request's completion state (no allocation: it rides in the callback).
-struct Req {
-    ch: Channel,
-    done: Done,
-    kind: IoKind,
+pub(super) struct Req {
+    pub(super) ch: Channel,
+    pub(super) done: Done,
+    pub(super) kind: IoKind,
     /// Who submitted it: the counters it counts in.
-    label: Label,
-    t0: Instant,
+    pub(super) label: Label,
+    pub(super) t0: Instant,
+    /// The write generation it was counted in (write-type requests, `lock`).
+    pub(super) gen: Option<u8>,
+    /// The CompareAndWrite whose range lock does not hold this request back (0: none).
+    pub(super) owner: u64,
+    /// A CompareAndWrite's own read or write: no accounting, `done` at once.
+    pub(super) internal: bool,
 }
 
 impl Req {
     /// Completion hooks (module docs): depth, errors, latency, then `done`.
-    fn finish(self, r: &mut Reactor, res: IoResult) {
+    pub(super) fn finish(self, r: &mut Reactor, res: IoResult) {
         let ch = &self.ch.0;
+        if let Some(g) = self.gen {
+            ch.lock.leave(g);
+        }
+        if self.internal {
+            return self.done.run(r, res);
+        }
         ch.in_flight.set(ch.in_flight.get() - 1);
         if res.is_err() {
             bump(&ch.vol.label_counters(r.id(), self.label).errors, 1);
@@ -456,7 +514,7 @@ fn validate(bdev: &Bdev, op: &BlockOp) -> Result<(), BlockError> {
     let bad = match op {
         BlockOp::Read { into: b, .. } | BlockOp::Write { data: b, .. } => short(b) || !aligned,
         BlockOp::CompareAndWrite { compare, write, .. } => {
-            short(compare) || short(write) || !aligned
+            len > lock::CAW_MAX_BYTES || short(compare) || short(write) || !aligned
         }
         BlockOp::Unmap { .. } | BlockOp::WriteZeroes { .. } => !aligned,
         BlockOp::BlockStatus { kinds, .. } => kinds.is_empty() || kinds.len() > STATUS_KINDS_MAX,
@@ -583,8 +641,9 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             req.finish(r, Ok(IoOutput::Complete))
         }
         BlockOp::CompareAndWrite { .. } => {
+            // Runs through `lock`, never dispatched as one request.
             drop(pin);
-            req.finish(r, Err(BlockError::NotSupported))
+            req.finish(r, Err(BlockError::Invalid))
         }
     }
 }

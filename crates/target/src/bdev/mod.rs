@@ -51,8 +51,10 @@
 //! # Departures from the plan (step 3, for now)
 //! Channels are created lazily by the first `Bdev::channel(r)` on a reactor and live
 //! while someone holds them (a reactor-local table of weak references), not in
-//! `Target::add_volume`'s round. Per-label histograms, the buffer budget in `OwnBuf`
-//! and CompareAndWrite come later.
+//! `Target::add_volume`'s round. CompareAndWrite (`lock.rs`) grants one CAW per
+//! volume at a time rather than one per overlapping range, and runs its
+//! read-compare-write in `lock.rs` rather than `datapath/caw.rs`. Per-label
+//! histograms and the buffer budget in `OwnBuf` come later.
 
 use std::sync::Arc;
 
@@ -63,12 +65,14 @@ use crate::stats::Label;
 use crate::volume::{Volume, PAYLOAD_MAX_BYTES};
 
 mod channel;
+mod lock;
 mod request;
 
 pub use crate::buf::{needs_bounce, DataBuf, OwnBuf, SgList, SG_SEGS_MAX};
 pub use crate::events::{BdevEvent, Subscription};
 pub use crate::volume::{BackupId, View};
 pub use channel::{Channel, Pressure, CHANNEL_DEPTH};
+pub use lock::CAW_MAX_BYTES;
 pub use request::{
     BlockOp, Done, IoOutput, IoResult, IoSink, ReadData, StatusKind, STATUS_KINDS_MAX,
 };
@@ -206,7 +210,7 @@ impl Bdev {
             flush: true,
             fua: true,
             readahead: true,
-            compare_and_write: false,
+            compare_and_write: live && !v.read_only(),
             flush_covers_all_channels: true,
             rotational: false,
         }

@@ -68,7 +68,9 @@ pub enum BlockOp {
     },
     /// A hint; succeeds at once (O_DIRECT volumes have no page cache to warm).
     Readahead { offset: u64, len: u64 },
-    /// Not supported yet (`capabilities().compare_and_write == false`): `NotSupported`.
+    /// Atomically: reads the range, compares it with `compare` and, when equal,
+    /// writes `write` (`Miscompare { offset }` of the first differing byte
+    /// otherwise). At most `CAW_MAX_BYTES`; live views only (`bdev::lock`).
     CompareAndWrite {
         offset: u64,
         len: u32,
