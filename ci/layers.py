@@ -54,7 +54,6 @@ RANKS = {
     "image": 3,
     "persist": 4,
     "datapath": 5,  # new in 3B.3
-    "io": 5,  # becomes datapath/{layered,status}.rs in 3B.3
     "volume": 6,
     "events": 7,  # 2A.5: BdevEvent, per-reactor subscribers, notify rounds
     "bdev": 8,  # new in 3B.4: the block I/O API

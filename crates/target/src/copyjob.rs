@@ -76,12 +76,12 @@ use ringblk_reactor::{falloc, AlignedBuf, Callback, FileRef, IoBuf, Op, Reactor,
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::datapath::{layered as io, status};
 use crate::durable::manifest::CopyEntry;
 use crate::error::BlockError;
 use crate::extent::ExtentFlags;
 use crate::filelock::WriteLock;
 use crate::image::Delta;
-use crate::io;
 use crate::volume::{BackupState, Control, Volume};
 
 /// Bytes per unit of work: one read, its writes, one hash step. A multiple of every
@@ -906,7 +906,7 @@ fn plan_unit(
     let first = off / cb;
     let n = len.div_ceil(cb);
     let held: Vec<bool> = (first..first + n)
-        .map(|c| io::held_by_any(view, c))
+        .map(|c| status::held_by_any(view, c))
         .collect();
     let base_zero = if held.iter().all(|&h| h) {
         Vec::new() // the base is not consulted
@@ -917,7 +917,7 @@ fn plan_unit(
         .zip(0..)
         .map(|(c, i)| ChunkPlan {
             hole: !held[i] && base_zero.get(i).copied().unwrap_or(false),
-            target: changed.is_none_or(|l| io::held_by_any(l, c)),
+            target: changed.is_none_or(|l| status::held_by_any(l, c)),
         })
         .collect()
 }
@@ -980,7 +980,7 @@ fn issue(r: &mut Reactor, job: &JobRef, u: u64) {
     };
     let changed = match &older {
         None => None,
-        Some(o) => match io::changed_layers(&stack.deltas, view.len(), o) {
+        Some(o) => match status::changed_layers(&stack.deltas, view.len(), o) {
             Some(l) => Some(l),
             None => {
                 stop_with(
@@ -1532,20 +1532,20 @@ mod tests {
         let plan = plan_unit(&vol, &view, None, 0, UNIT_BYTES);
         assert!(!plan[3].hole && !plan[5].hole && plan[4].hole);
         // Changed since "b" (d2 and up): only chunk 5.
-        let changed = io::changed_layers(&view, 2, "b").expect("b is tracked");
+        let changed = status::changed_layers(&view, 2, "b").expect("b is tracked");
         let plan = plan_unit(&vol, &view, Some(changed), 0, UNIT_BYTES);
         let targets: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].target).collect();
         assert_eq!(targets, vec![5]);
         // Negative control: since "a" (d1 and up) chunk 3 changed too.
-        let changed = io::changed_layers(&view, 2, "a").expect("a is tracked");
+        let changed = status::changed_layers(&view, 2, "a").expect("a is tracked");
         let plan = plan_unit(&vol, &view, Some(changed), 0, UNIT_BYTES);
         let targets: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].target).collect();
         assert_eq!(targets, vec![3, 5]);
         // A merging (released) delta stops the tracking.
         d2.set_merging();
-        assert!(io::changed_layers(&view, 2, "b").is_none());
+        assert!(status::changed_layers(&view, 2, "b").is_none());
         assert!(
-            io::changed_layers(&view, 1, "b").is_none(),
+            status::changed_layers(&view, 1, "b").is_none(),
             "not below the view"
         );
     }

@@ -7,7 +7,9 @@
 //! layer's vocabulary (`error::BlockError`, `extent::Extent`, `ops::IoKind`, which know
 //! no protocol) to NBD's at its edge, `shared` is what the sessions share with the
 //! listeners and RPC methods, `admission` holds the server-wide limits on what clients
-//! may hold, and `target` holds the volumes and their persisted list. The `ringblk`
+//! may hold, `target` holds the volumes and their persisted list, and `bdev` is the
+//! protocol-free block I/O API every front end submits through (`datapath/` runs its
+//! requests). The `ringblk`
 //! binary, its configuration, listeners, wiring and JSON-RPC server are the
 //! `ringblk-server` crate (`crates/server`, #12 step 5.1), which uses this one; it
 //! reaches the session only through [`nbd_session_transitional`].
@@ -21,14 +23,14 @@
 //! | rank | modules | what |
 //! |---|---|---|
 //! | 0 | `error`, `ops`, `extent`, `spec`, `park`, `filelock` | vocabulary, leaf helpers |
-//! | 1 | `durable/`, `backend/`, `admission` (→ `buf`) | storage primitives, list format |
+//! | 1 | `buf`, `durable/`, `backend/`, `admission` (→ `buf`) | buffers, storage primitives, list format |
 //! | 2 | `stats/`, `fault` | accounting, injected errors |
 //! | 3 | `image` | deltas, stacks, pins, `Images` (base + published stack) |
 //! | 4 | `persist` | manifest cell, group commit |
-//! | 5 | `io` (→ `datapath/`) | the data path |
+//! | 5 | `datapath/` | the data path: fast (no deltas) and layered |
 //! | 6 | `volume` | `Volume`, `View`, `BackupId`, `BackupHold`, `home_reactor` |
 //! | 7 | `events` | `BdevEvent`, per-reactor subscribers, notify rounds |
-//! | 8 | `drain` (`bdev` in step 3) | drain rounds, `SwitchError` |
+//! | 8 | `bdev/`, `drain` | the block I/O API; drain rounds, `SwitchError` |
 //! | 9 | `merge` | release merges |
 //! | 10 | `switchover`, `copyjob` | backup create/release/list, copy-out |
 //! | 11 | `catalog` | volume list policy |
@@ -37,8 +39,11 @@
 
 pub mod admission;
 pub mod backend;
+pub mod bdev;
+mod buf;
 pub mod catalog;
 pub mod copyjob;
+mod datapath;
 pub mod drain;
 pub mod durable;
 pub mod error;
@@ -47,7 +52,6 @@ pub mod extent;
 pub mod fault;
 pub mod filelock;
 pub mod image;
-mod io;
 pub mod merge;
 pub mod ops;
 mod park;

@@ -56,18 +56,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ringblk_reactor::{falloc, AlignedBuf, Completion, FileRef, IoBuf, Op, OpId, Reactor, TimerId};
+use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, PollResult, Reactor, TimerId};
 
 use crate::admission::{count, Waiter};
+use crate::bdev::{
+    BackupId, Bdev, BlockOp, Channel, DataBuf, Done, IoOutput, IoResult, IoSink, OwnBuf, Pressure,
+    ReadData, StatusKind, Subscription, View,
+};
 use crate::error::BlockError;
 use crate::extent::{Extent, ExtentFlags};
-use crate::fault::Fault;
-use crate::image::{Delta, StackPin};
-use crate::io;
-use crate::latency;
 use crate::ops::IoKind;
 use crate::shared::ServerShared;
-use crate::volume::{bump, BackupId, View, Volume, META_CHANGED_PREFIX};
+use crate::stats::Label;
+use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
 use ringblk_nbd::codec::{
     Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
 };
@@ -91,9 +92,7 @@ const REPLY_QUEUE_MAX_BYTES: usize = 256 * 1024;
 /// queue of tiny replies costs its bytes, not an allocation each.
 const COALESCE_MAX_BYTES: usize = 64 * 1024;
 /// Extents per BLOCK_STATUS reply at most.
-const BLOCK_STATUS_EXTENTS_MAX: usize = 1024;
-/// Chunk size of the write-zeros fallback (when fallocate cannot zero).
-const ZERO_FILL_CHUNK: u64 = 1024 * 1024;
+const BLOCK_STATUS_EXTENTS_MAX: u32 = 1024;
 
 type ConnRef = Rc<RefCell<Conn>>;
 
@@ -122,9 +121,11 @@ enum Phase {
 
 struct Transmission {
     volume: Arc<Volume>,
-    /// `Some(name)` on a backup's read-only export `VOL@NAME`.
-    backup: Option<String>,
-    file: Option<FileRef>,
+    /// The export opened in the block layer, its channel on this reactor and the
+    /// connection's completion sink.
+    bdev: Bdev,
+    channel: Channel,
+    sink: Rc<dyn IoSink>,
     structured: bool,
     contexts: Vec<MetaContext>,
     decoder: TransmissionDecoder,
@@ -132,7 +133,7 @@ struct Transmission {
     cur_write: Option<(Request, IoBuf, usize)>,
     /// `BdevEvent`s of this export close the connection (the volume deleted, the
     /// backup released); dropped with the connection.
-    _events: crate::events::Subscription,
+    _events: Subscription,
     /// Error reply to a refused WRITE, held until the decoder has drained its payload:
     /// a client still sending that payload (libnbd) cannot match a reply to it yet.
     refused_write_reply: Option<Vec<u8>>,
@@ -183,17 +184,35 @@ pub(crate) struct Conn {
     stall_timer: Option<TimerId>,
     /// This pause was counted already (counted once per pause, by reason).
     pause_counted: bool,
-    /// When each executing request started, by cookie, for the latency histograms
-    /// (at most `MAX_IN_FLIGHT` entries; a client reusing an in-flight cookie loses
-    /// that sample rather than corrupting another).
-    started: HashMap<u64, Instant>,
+    /// Requests in the block layer, by the slot their completion names.
+    slots: Slots,
+    /// The volume's channel was full at the last submit: reading waits for room
+    /// (`Channel::when_room`).
+    blocked_on_layer: bool,
+    /// In the reactor's list of connections to kick at the end of the iteration.
+    kick_queued: bool,
 }
 
 /// The connections of one reactor (reactor-local state).
-#[derive(Default)]
 pub(crate) struct ReactorConns {
     /// By server-wide connection id (`admission`).
     map: RefCell<HashMap<u64, ConnRef>>,
+    /// This front end's stats label in the block layer ("nbd").
+    label: Label,
+    /// Connections with replies to send at the end of this iteration (`queue_kick`).
+    dirty: RefCell<Vec<ConnRef>>,
+}
+
+impl Default for ReactorConns {
+    fn default() -> ReactorConns {
+        ReactorConns {
+            map: RefCell::default(),
+            dirty: RefCell::default(),
+            // Registered once per process by name; with all label slots taken (cannot
+            // happen with the layer's own few front ends) requests count as internal.
+            label: Label::register("nbd").unwrap_or(Label::INTERNAL),
+        }
+    }
 }
 
 fn conns(r: &Reactor) -> Rc<ReactorConns> {
@@ -203,7 +222,15 @@ fn conns(r: &Reactor) -> Rc<ReactorConns> {
 }
 
 pub(crate) fn install(r: &mut Reactor) {
-    r.set_local(Rc::new(ReactorConns::default()));
+    // The block layer's ready-queue poller first, so that the kick poller runs after
+    // it in each iteration (`queue_kick`).
+    crate::bdev::install(r);
+    let set = Rc::new(ReactorConns::default());
+    r.set_local(set.clone());
+    // The poller holds the set as the reactor's local table does: both live as
+    // long as the reactor.
+    let set2 = set.clone();
+    r.add_poller(move |r| kick_queued(r, &set2));
     r.on_stop(|r| {
         let all: Vec<ConnRef> = conns(r).map.borrow().values().cloned().collect();
         for c in all {
@@ -257,7 +284,9 @@ pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd, i
         acked_seen: 0,
         stall_timer: None,
         pause_counted: false,
-        started: HashMap::new(),
+        slots: Slots::default(),
+        blocked_on_layer: false,
+        kick_queued: false,
     }));
     set.map.borrow_mut().insert(id, conn.clone());
     // A client that stalls in the handshake is dropped after a bounded time.
@@ -293,11 +322,15 @@ enum Pause {
     Bounds,
     /// Too many reply bytes not backed by the budget (a client not reading).
     Replies,
+    /// The volume's channel is full (`Pressure::Full`): waits for room.
+    Layer,
 }
 
 fn pause_reason(c: &Conn) -> Option<Pause> {
     if c.budget_wait.is_some() {
         Some(Pause::Budget)
+    } else if c.blocked_on_layer {
+        Some(Pause::Layer)
     } else if c.in_flight >= MAX_IN_FLIGHT
         || c.in_flight_bytes + c.unsent_bytes >= MAX_IN_FLIGHT_BYTES
     {
@@ -330,7 +363,7 @@ fn note_pause(c: &mut Conn) {
     c.pause_counted = true;
     let counters = &c.shared.admission.counters;
     match reason {
-        Pause::Budget => {}
+        Pause::Budget | Pause::Layer => {}
         Pause::Bounds => count(&counters.connection_bound_pauses),
         Pause::Replies => count(&counters.reply_queue_pauses),
     }
@@ -462,6 +495,7 @@ fn process(r: &mut Reactor, conn: &ConnRef) {
 
 /// Runs the handshake on buffered input; false stops processing.
 fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
+    let weak_self = Rc::downgrade(conn);
     let mut c = conn.borrow_mut();
     let c = &mut *c;
     let Phase::Handshake(hs) = &mut c.phase else {
@@ -500,14 +534,20 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         None => Some(View::Live),
                         Some(b) => v.ready_backup_delta(b).map(|id| View::Backup(BackupId(id))),
                     });
-                    let (Some((volume, backup)), Some(view)) = (resolved, view) else {
+                    let (Some((volume, _)), Some(view)) = (resolved, view) else {
                         // Removed (or released) between the option and now.
                         c.state = State::Aborting;
                         return false;
                     };
+                    let Ok(bdev) = Bdev::open(volume.clone(), view, conns(r).label) else {
+                        // Released between the lookup and now.
+                        c.state = State::Aborting;
+                        return false;
+                    };
+                    let channel = bdev.channel(r);
                     // In this same reactor step as the lookup (`events` # Ordering).
                     let weak = Rc::downgrade(conn);
-                    let events = crate::events::subscribe(r, &volume, view, move |r, _| {
+                    let events = channel.subscribe(r, &bdev, move |r, _| {
                         if let Some(c) = weak.upgrade() {
                             begin_close(r, &c, State::Draining);
                         }
@@ -526,6 +566,7 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         })
                         .cloned()
                         .collect();
+                    let sink: Rc<dyn IoSink> = Rc::new(ConnSink(weak_self));
                     volume.connection_opened();
                     tracing::debug!(
                         conn = c.id,
@@ -534,9 +575,10 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                         "negotiated"
                     );
                     c.phase = Phase::Transmission(Box::new(Transmission {
-                        file: volume.backend().raw_fd().map(FileRef::Raw),
+                        bdev,
+                        channel,
+                        sink,
                         volume,
-                        backup,
                         structured: neg.structured_replies,
                         contexts,
                         decoder: TransmissionDecoder::new(policy),
@@ -624,7 +666,7 @@ fn process_transmission(r: &mut Reactor, conn: &ConnRef) -> bool {
                 errno,
                 errno_message(errno),
             );
-            bump(&t.volume.counters(r.id()).errors, 1);
+            bump(&t.volume.label_counters(r.id(), t.bdev.label()).errors, 1);
             if t.decoder.drain_remaining() > 0 {
                 // Counted now: it is memory held until the payload is drained.
                 cref.unsent_bytes += out.len();
@@ -684,7 +726,7 @@ fn start_data(r: &mut Reactor, conn: &ConnRef, req: Request) {
     c.in_flight += 1;
     c.in_flight_bytes += len;
     if req.command == Command::Write {
-        let buf = alloc_buf(r, len, true);
+        let buf = OwnBuf::alloc(r, len).into_io();
         if let Phase::Transmission(t) = &mut c.phase {
             t.cur_write = Some((req, buf, 0));
         }
@@ -937,466 +979,243 @@ fn errno_message(e: NbdErrno) -> &'static str {
     }
 }
 
-/// A buffer for `len` bytes: a fixed pool buffer when it fits, else aligned heap.
-fn alloc_buf(r: &Reactor, len: usize, _direct: bool) -> IoBuf {
-    if len <= r.buffers().buf_size() {
-        if let Some(b) = r.get_buffer() {
-            return b.into();
-        }
-    }
-    AlignedBuf::direct(len).into()
+/// Whether the connection negotiated structured replies.
+fn structured(conn: &ConnRef) -> bool {
+    matches!(&conn.borrow().phase, Phase::Transmission(t) if t.structured)
 }
 
-fn file_of(conn: &ConnRef) -> (Option<FileRef>, Arc<Volume>, bool) {
-    let c = conn.borrow();
-    match &c.phase {
-        Phase::Transmission(t) => (t.file, t.volume.clone(), t.structured),
-        Phase::Handshake(_) => unreachable!("requests exist only in transmission"),
-    }
-}
-
-fn backup_of(conn: &ConnRef) -> Option<String> {
-    match &conn.borrow().phase {
-        Phase::Transmission(t) => t.backup.clone(),
-        Phase::Handshake(_) => None,
-    }
-}
-
-/// Starts the I/O for one admitted request: pins the volume's current image stack
-/// (the request's epoch) and takes the base fast path when no delta is involved.
-fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
-    conn.borrow_mut().started.insert(req.cookie, Instant::now());
-    let (_, volume, _) = file_of(conn);
-    // Injected faults (`fault`): here, where both data paths start, before any I/O.
-    // A failed WRITE's payload is dropped with the request: never applied.
-    let fault = io_kind(req.command)
-        .and_then(|kind| volume.faults.check_fault(kind, req.offset, req.length));
-    let delay = match fault {
-        Some(Fault::Fail(e)) => {
-            count_op(&volume, r.id(), &req);
-            return complete(r, conn, req, Err(e));
-        }
-        Some(Fault::Delay(d)) => Some(d),
-        None => None,
-    };
-    // Write-type requests register their chunks: a later epoch's partial first
-    // writes wait only for the ones that overlap theirs (image module docs).
-    let pin = Rc::new(match req.command {
-        Command::Write | Command::WriteZeroes | Command::Trim => {
-            volume.pin_write(r.id(), req.offset, req.length as u64)
-        }
-        _ => volume.pin(r.id()),
-    });
-    let layers = match backup_of(conn) {
-        None if pin.stack().deltas.is_empty() => None,
-        // Writes and flushes of the live volume use the pinned stack itself: no
-        // per-request copy of the layer list (an Arc count per delta that every
-        // reactor touches); reads and block status take it.
-        None if !matches!(req.command, Command::Read | Command::BlockStatus) => Some(Vec::new()),
-        None => Some(pin.stack().deltas.clone()),
-        Some(b) => match pin.stack().backup_view(&b) {
-            Some([]) => None,
-            Some(v) => Some(v.to_vec()),
-            // Released while this connection was open.
-            None => return complete(r, conn, req, Err(BlockError::Removed)),
-        },
-    };
-    // An injected delay holds the request admitted (pinned) before its I/O.
-    if let Some(d) = delay {
-        let conn = conn.clone();
-        r.add_timer(d, move |r| match layers {
-            None => execute_base(r, &conn, req, payload, pin),
-            Some(layers) => execute_layered(r, &conn, req, payload, pin, layers),
-        });
-        return;
-    }
-    match layers {
-        None => execute_base(r, conn, req, payload, pin),
-        Some(layers) => execute_layered(r, conn, req, payload, pin, layers),
-    }
-}
-
-/// Requests on a stack with deltas go through the `io` module.
-fn execute_layered(
-    r: &mut Reactor,
-    conn: &ConnRef,
-    req: Request,
+/// The block request of an NBD request (its payload, for a WRITE), or the error
+/// to reply without submitting anything. `None` for DISC and unknown commands,
+/// which never reach the block layer.
+fn block_op(
+    r: &Reactor,
+    t: &Transmission,
+    req: &Request,
     payload: Option<IoBuf>,
-    pin: Rc<StackPin>,
-    layers: Vec<Arc<Delta>>,
-) {
-    let volume = file_of(conn).1;
-    count_op(&volume, r.id(), &req);
-    bump(&volume.counters(r.id()).layered_ops, 1);
+) -> Option<Result<BlockOp, (BlockError, &'static str)>> {
+    let (offset, len) = (req.offset, req.length);
     let fua = req.flags.contains(CommandFlags::FUA);
-    let conn2 = conn.clone();
-    let pin2 = pin.clone();
-    let vol2 = volume.clone();
-    // FUA: flush the stack before replying.
-    let then_reply: io::Done = Box::new(move |r, res| {
-        if fua && res.is_ok() {
-            let c3 = conn2.clone();
-            io::flush(
-                r,
-                &vol2,
-                pin2,
-                Box::new(move |r, res| complete(r, &c3, req, res)),
-            );
-        } else {
-            complete(r, &conn2, req, res)
-        }
-    });
-    match req.command {
-        Command::Read => {
-            let c2 = conn.clone();
-            let (off, len) = (req.offset, req.length);
-            io::read(
-                r,
-                &volume,
-                pin,
-                layers,
-                off,
-                len,
-                Box::new(move |r, res| complete_read(r, &c2, req, res.map(Some))),
-            );
-        }
+    Some(Ok(match req.command {
+        Command::Read => BlockOp::Read {
+            offset,
+            len,
+            into: DataBuf::Own(OwnBuf::alloc(r, len as usize)),
+        },
         Command::Write => match payload {
-            Some(buf) => io::write(r, &volume, pin, req.offset, buf, req.length, then_reply),
-            None => then_reply(r, Err(BlockError::Io)),
+            Some(buf) => BlockOp::Write {
+                offset,
+                len,
+                data: DataBuf::Own(OwnBuf::from_io(buf)),
+                fua,
+            },
+            None => return Some(Err((BlockError::Io, "I/O error"))),
         },
-        Command::Flush => {
-            let c2 = conn.clone();
-            io::flush(
-                r,
-                &volume,
-                pin,
-                Box::new(move |r, res| complete(r, &c2, req, res)),
-            );
+        Command::Flush => BlockOp::Flush,
+        Command::Trim => BlockOp::Unmap {
+            offset,
+            len: u64::from(len),
+            fua,
+        },
+        Command::WriteZeroes => BlockOp::WriteZeroes {
+            offset,
+            len: u64::from(len),
+            may_unmap: !req.flags.contains(CommandFlags::NO_HOLE),
+            fast_only: req.flags.contains(CommandFlags::FAST_ZERO),
+            fua,
+        },
+        Command::Cache => BlockOp::Readahead {
+            offset,
+            len: u64::from(len),
+        },
+        Command::BlockStatus => {
+            let mut kinds = Vec::with_capacity(t.contexts.len());
+            for ctx in &t.contexts {
+                if ctx.name == proto::META_BASE_ALLOCATION {
+                    kinds.push(StatusKind::Allocation);
+                } else if ctx.name.starts_with(META_CHANGED_PREFIX) {
+                    // Bound to the backup selected, by its delta's id: gone once that
+                    // backup is being released, even if a new backup took its name.
+                    kinds.push(StatusKind::ChangedSince(BackupId(ctx.binding)));
+                } else {
+                    return Some(Err((BlockError::Invalid, "unknown metadata context")));
+                }
+            }
+            if kinds.is_empty() {
+                return Some(Err((BlockError::Invalid, "no metadata context selected")));
+            }
+            let max_extents = if req.flags.contains(CommandFlags::REQ_ONE) {
+                1
+            } else {
+                BLOCK_STATUS_EXTENTS_MAX
+            };
+            BlockOp::BlockStatus {
+                offset,
+                len: u64::from(len),
+                kinds,
+                max_extents,
+            }
         }
-        // TRIM is advisory: with deltas the base is shared with backups, so ignore it.
-        Command::Trim | Command::Cache => then_reply(r, Ok(())),
-        Command::WriteZeroes if req.flags.contains(CommandFlags::FAST_ZERO) => {
-            then_reply(r, Err(BlockError::NotSupported))
+        Command::Disc | Command::Unknown(_) => return None,
+    }))
+}
+
+/// Starts one admitted request: submits it through the volume's channel, with
+/// the connection's sink and the request's slot as its completion. A full channel
+/// pauses reading until it has room (plan §2.7).
+fn execute(r: &mut Reactor, conn: &ConnRef, req: Request, payload: Option<IoBuf>) {
+    let built = match &conn.borrow().phase {
+        Phase::Transmission(t) => block_op(r, t, &req, payload),
+        Phase::Handshake(_) => return,
+    };
+    let op = match built {
+        Some(Ok(op)) => op,
+        Some(Err((e, message))) => return refuse(r, conn, req, e, message),
+        None => return refuse(r, conn, req, BlockError::Invalid, "invalid command"),
+    };
+    let full = {
+        let mut c = conn.borrow_mut();
+        let c = &mut *c;
+        let slot = c.slots.insert(req);
+        let Phase::Transmission(t) = &c.phase else {
+            return;
+        };
+        // The connection stays borrowed across submit: the layer never calls back
+        // into it there (`done` and `when_room` hooks run from the ready queue).
+        let pressure = t
+            .channel
+            .submit(r, &t.bdev, op, Done::new(t.sink.clone(), slot));
+        let full = pressure == Pressure::Full && !c.blocked_on_layer;
+        if full {
+            c.blocked_on_layer = true;
         }
-        Command::WriteZeroes => {
-            io::write_zeroes(r, &volume, pin, req.offset, req.length as u64, then_reply)
-        }
-        Command::BlockStatus => block_status(r, conn, req, &pin, &layers),
-        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(BlockError::Invalid)),
+        full.then(|| t.channel.clone())
+    };
+    if let Some(ch) = full {
+        let conn2 = conn.clone();
+        ch.when_room(r, move |r| {
+            conn2.borrow_mut().blocked_on_layer = false;
+            process(r, &conn2);
+        });
     }
 }
 
-/// The no-delta fast path: one I/O on the base, no map lookups. `pin` rides in the
-/// callbacks so the drain of a later switchover waits for this request.
-fn execute_base(
-    r: &mut Reactor,
-    conn: &ConnRef,
-    req: Request,
-    payload: Option<IoBuf>,
-    pin: Rc<StackPin>,
-) {
-    let (file, volume, _) = file_of(conn);
-    let ctr = volume.counters(r.id());
-    let fua = req.flags.contains(CommandFlags::FUA);
-    let Some(file) = file else {
-        // Null backend: no I/O at all.
+/// Replies an error to a request that never reached the block layer.
+fn refuse(r: &mut Reactor, conn: &ConnRef, req: Request, e: BlockError, message: &str) {
+    let mut out = Vec::new();
+    let errno = reply_errno(req.command, e);
+    let structured = structured(conn) || req.command == Command::BlockStatus;
+    reply::error_reply(&mut out, structured, req.cookie, errno, message);
+    if let Phase::Transmission(t) = &conn.borrow().phase {
+        bump(&t.volume.label_counters(r.id(), t.bdev.label()).errors, 1);
+    }
+    finish(r, conn, req, Reply::Bytes(out));
+}
+
+/// The connection's requests in flight in the block layer, by slot: the slot is the
+/// tag of the request's `Done`. Bounded by the connection's in-flight bound.
+#[derive(Default)]
+struct Slots {
+    reqs: Vec<Option<Request>>,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn insert(&mut self, req: Request) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                self.reqs[i as usize] = Some(req);
+                u64::from(i)
+            }
+            None => {
+                self.reqs.push(Some(req));
+                (self.reqs.len() - 1) as u64
+            }
+        }
+    }
+
+    fn take(&mut self, tag: u64) -> Option<Request> {
+        let req = self.reqs.get_mut(usize::try_from(tag).ok()?)?.take()?;
+        self.free.push(tag as u32);
+        Some(req)
+    }
+}
+
+/// The block layer's completions for one connection.
+struct ConnSink(std::rc::Weak<RefCell<Conn>>);
+
+impl IoSink for ConnSink {
+    fn complete(&self, r: &mut Reactor, tag: u64, res: IoResult) {
+        // A connection lives while it has requests in flight (`maybe_finish`).
+        let Some(conn) = self.0.upgrade() else { return };
+        let Some(req) = conn.borrow_mut().slots.take(tag) else {
+            debug_assert!(false, "completion for an unknown slot {tag}");
+            return;
+        };
         match req.command {
             Command::Read => {
-                bump(&ctr.read_ops, 1);
-                bump(&ctr.read_bytes, req.length as u64);
-                complete_read(r, conn, req, Ok(None));
+                let res = res.map(|out| match out {
+                    IoOutput::Read(ReadData::Data(DataBuf::Own(b))) => Some(b.into_io()),
+                    _ => None, // zeros
+                });
+                complete_read(r, &conn, req, res)
             }
-            // BLOCK_STATUS needs its extents reply (one hole for null), not a bare ack.
-            Command::BlockStatus => {
-                bump(&ctr.block_status_ops, 1);
-                block_status(r, conn, req, &pin, &[]);
-            }
-            _ => {
-                count_op(&volume, r.id(), &req);
-                complete(r, conn, req, Ok(()));
-            }
+            Command::BlockStatus => block_status_reply(r, &conn, req, res),
+            _ => complete(r, &conn, req, res.map(|_| ())),
         }
-        return;
-    };
-    let conn2 = conn.clone();
-    // Every operation goes through `io::submit_io`: past a full slab it waits for a
-    // slot (io module docs, *Back-pressure*), never fails.
-    match req.command {
-        Command::Read => {
-            bump(&ctr.read_ops, 1);
-            bump(&ctr.read_bytes, req.length as u64);
-            let buf = alloc_buf(r, req.length as usize, true);
-            io::submit_io(
-                r,
-                &volume,
-                Op::read(file, req.offset, buf, req.length),
-                move |r, comp| {
-                    drop(pin);
-                    let res = match comp.bytes() {
-                        Ok(n) => {
-                            let mut buf = comp.op.into_buf();
-                            // Short read = end of file: the rest reads as zeros.
-                            if let Some(b) = buf.as_mut() {
-                                b.as_mut_slice()[n as usize..req.length as usize].fill(0);
-                            }
-                            Ok(buf)
-                        }
-                        Err(e) => Err(BlockError::from_os_errno(e)),
-                    };
-                    complete_read(r, &conn2, req, res)
-                },
-            )
-        }
-        Command::Write => {
-            bump(&ctr.write_ops, 1);
-            bump(&ctr.write_bytes, req.length as u64);
-            let Some(buf) = payload else {
-                complete(r, conn, req, Err(BlockError::Io));
-                return;
-            };
-            io::submit_io(
-                r,
-                &volume,
-                Op::write(file, req.offset, buf, req.length),
-                move |r, comp| {
-                    drop(pin); // the write has landed: the drain may count it done
-                    let res = match comp.bytes() {
-                        Ok(n) if n == req.length => Ok(()),
-                        // A short O_DIRECT write means the device is out of space.
-                        Ok(_) => Err(BlockError::NoSpace),
-                        Err(e) => Err(BlockError::from_os_errno(e)),
-                    };
-                    finish_with_fua(r, &conn2, req, file, fua, res)
-                },
-            )
-        }
-        Command::Flush => {
-            bump(&ctr.flush_ops, 1);
-            io::submit_io(r, &volume, Op::fdatasync(file), move |r, comp| {
-                drop(pin);
-                let res = comp.bytes().map(|_| ()).map_err(BlockError::from_os_errno);
-                complete(r, &conn2, req, res)
-            })
-        }
-        Command::Trim => {
-            bump(&ctr.trim_ops, 1);
-            if !volume.backend().can_punch() {
-                // TRIM is advisory: a device that cannot discard keeps the data.
-                complete(r, conn, req, Ok(()));
-                return;
-            }
-            let op = Op::fallocate(file, req.offset, req.length as u64, falloc::PUNCH_HOLE);
-            io::submit_io(r, &volume, op, move |r, comp| {
-                drop(pin);
-                let res = match comp.bytes() {
-                    // TRIM is advisory: a device without a fast zero/discard keeps the data.
-                    Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => Ok(()),
-                    res => res.map(|_| ()).map_err(BlockError::from_os_errno),
-                };
-                finish_with_fua(r, &conn2, req, file, fua, res)
-            })
-        }
-        Command::WriteZeroes => {
-            bump(&ctr.zero_ops, 1);
-            let fast = req.flags.contains(CommandFlags::FAST_ZERO);
-            if !volume.backend().can_punch() {
-                if fast {
-                    complete(r, conn, req, Err(BlockError::NotSupported));
-                } else {
-                    zero_fill(r, conn, req, file, 0, pin);
-                }
-                return;
-            }
-            let mode = if req.flags.contains(CommandFlags::NO_HOLE) {
-                falloc::ZERO_RANGE
-            } else {
-                falloc::PUNCH_HOLE
-            };
-            let op = Op::fallocate(file, req.offset, req.length as u64, mode);
-            io::submit_io(r, &volume, op, move |r, comp| match comp.bytes() {
-                Ok(_) => finish_with_fua(r, &conn2, req, file, fua, Ok(())),
-                Err(e) if e == libc::EOPNOTSUPP || e == libc::EINVAL => {
-                    if fast {
-                        complete(r, &conn2, req, Err(BlockError::NotSupported))
-                    } else {
-                        zero_fill(r, &conn2, req, file, 0, pin)
-                    }
-                }
-                Err(e) => complete(r, &conn2, req, Err(BlockError::from_os_errno(e))),
-            })
-        }
-        Command::Cache => {
-            // A hint: O_DIRECT volumes have no page cache to warm, so succeed at once.
-            bump(&ctr.cache_ops, 1);
-            complete(r, conn, req, Ok(()));
-        }
-        Command::BlockStatus => {
-            bump(&ctr.block_status_ops, 1);
-            block_status(r, conn, req, &pin, &[]);
-        }
-        Command::Disc | Command::Unknown(_) => complete(r, conn, req, Err(BlockError::Invalid)),
     }
 }
 
-fn count_op(volume: &Volume, reactor: usize, req: &Request) {
-    let c = volume.counters(reactor);
-    match req.command {
-        Command::Read => {
-            bump(&c.read_ops, 1);
-            bump(&c.read_bytes, req.length as u64)
-        }
-        Command::Write => {
-            bump(&c.write_ops, 1);
-            bump(&c.write_bytes, req.length as u64)
-        }
-        Command::Flush => bump(&c.flush_ops, 1),
-        Command::Trim => bump(&c.trim_ops, 1),
-        Command::WriteZeroes => bump(&c.zero_ops, 1),
-        Command::Cache => bump(&c.cache_ops, 1),
-        Command::BlockStatus => bump(&c.block_status_ops, 1),
-        _ => {}
-    }
-}
-
-/// FUA: the reply waits until the data is durable.
-fn finish_with_fua(
-    r: &mut Reactor,
-    conn: &ConnRef,
-    req: Request,
-    file: FileRef,
-    fua: bool,
-    res: Result<(), BlockError>,
-) {
-    if !fua || res.is_err() {
-        return complete(r, conn, req, res);
-    }
-    let conn2 = conn.clone();
-    let volume = file_of(conn).1;
-    io::submit_io(r, &volume, Op::fdatasync(file), move |r, comp| {
-        complete(
-            r,
-            &conn2,
-            req,
-            comp.bytes().map(|_| ()).map_err(BlockError::from_os_errno),
-        )
-    });
-}
-
-/// Writes zeros chunk by chunk where fallocate cannot (block devices).
-fn zero_fill(
-    r: &mut Reactor,
-    conn: &ConnRef,
-    req: Request,
-    file: FileRef,
-    done: u64,
-    pin: Rc<StackPin>,
-) {
-    let total = req.length as u64;
-    if done >= total {
-        drop(pin);
-        let fua = req.flags.contains(CommandFlags::FUA);
-        return finish_with_fua(r, conn, req, file, fua, Ok(()));
-    }
-    let n = (total - done).min(ZERO_FILL_CHUNK);
-    let buf = AlignedBuf::direct(n as usize);
-    let conn2 = conn.clone();
-    let volume = file_of(conn).1;
-    io::submit_io(
-        r,
-        &volume,
-        Op::write(file, req.offset + done, buf, n as u32),
-        move |r, comp| match comp.bytes() {
-            Ok(w) if w as u64 == n => zero_fill(r, &conn2, req, file, done + n, pin),
-            Ok(_) => complete(r, &conn2, req, Err(BlockError::NoSpace)),
-            Err(e) => complete(r, &conn2, req, Err(BlockError::from_os_errno(e))),
-        },
-    );
-}
-
-/// Extents of one selected context for `req`, over the view `layers` (a prefix of
-/// the pinned stack's deltas: all of them on the live export).
-fn context_extents(
-    volume: &Volume,
-    ctx: &MetaContext,
-    req: &Request,
-    pin: &StackPin,
-    layers: &[Arc<Delta>],
-    max: usize,
-) -> Result<Vec<reply::Extent>, &'static str> {
-    let (off, len) = (req.offset, req.length);
-    if ctx.name == proto::META_BASE_ALLOCATION {
-        let extents = if layers.is_empty() {
-            let mut lseeks = io::BLOCK_STATUS_LSEEKS_MAX;
-            volume.backend().block_status(off, len, max, &mut lseeks)
-        } else {
-            io::block_status(volume, layers, off, len, max)
-        };
-        return Ok(nbd_extents(NbdContext::BaseAllocation, &extents));
-    }
-    if !ctx.name.starts_with(META_CHANGED_PREFIX) {
-        return Err("unknown metadata context");
-    }
-    // Bound to the backup selected, by its delta's id: gone once that backup is being
-    // released (its changes merge into older ones), even if a new backup took its name.
-    match io::changed_layers_of(&pin.stack().deltas, layers.len(), ctx.binding) {
-        Some(changed) => Ok(nbd_extents(
-            NbdContext::Changed,
-            &io::changed_status(volume, changed, off, len, max),
-        )),
-        None => Err("that backup was released: changes since it are no longer tracked"),
-    }
-}
-
-/// BLOCK_STATUS: one reply chunk per selected context, all computed against the
-/// request's pinned stack, so they describe the same instant. A context that cannot
-/// be answered fails the whole request (EINVAL, with the reason).
-fn block_status(
-    r: &mut Reactor,
-    conn: &ConnRef,
-    req: Request,
-    pin: &StackPin,
-    layers: &[Arc<Delta>],
-) {
-    let (_, volume, _) = file_of(conn);
+/// BLOCK_STATUS: one reply chunk per selected context, all computed by the layer
+/// against one pinned stack, so they describe the same instant. A context that
+/// cannot be answered fails the whole request (EINVAL, with the reason).
+fn block_status_reply(r: &mut Reactor, conn: &ConnRef, req: Request, res: IoResult) {
     let contexts = match &conn.borrow().phase {
         Phase::Transmission(t) => t.contexts.clone(),
         Phase::Handshake(_) => Vec::new(),
     };
-    let max = if req.flags.contains(CommandFlags::REQ_ONE) {
-        1
-    } else {
-        BLOCK_STATUS_EXTENTS_MAX
-    };
-    let answers: Result<Vec<_>, &str> = contexts
-        .iter()
-        .map(|ctx| context_extents(&volume, ctx, &req, pin, layers, max).map(|e| (ctx.id, e)))
-        .collect();
-    let answers = match answers {
-        Ok(a) if a.is_empty() || a.iter().any(|(_, e)| e.is_empty()) => {
-            Err("no metadata context selected")
-        }
-        other => other,
-    };
     let mut out = Vec::new();
-    let failed = match answers {
-        Ok(a) => {
-            for (i, (id, extents)) in a.iter().enumerate() {
-                reply::put_block_status(&mut out, req.cookie, *id, extents, i + 1 == a.len());
+    let lists = match res {
+        Ok(IoOutput::Status(lists)) if lists.iter().all(|l| !l.is_empty()) => lists,
+        Ok(_) => {
+            // An answer with nothing in it counts as an error, as before the layer.
+            if let Phase::Transmission(t) = &conn.borrow().phase {
+                bump(&t.volume.label_counters(r.id(), t.bdev.label()).errors, 1);
             }
-            false
+            reply::error_reply(
+                &mut out,
+                true,
+                req.cookie,
+                NbdErrno::Inval,
+                "no metadata context selected",
+            );
+            return finish(r, conn, req, Reply::Bytes(out));
         }
-        Err(message) => {
+        Err(BlockError::Invalid) => {
+            let message = "that backup was released: changes since it are no longer tracked";
             reply::error_reply(&mut out, true, req.cookie, NbdErrno::Inval, message);
-            true
+            return finish(r, conn, req, Reply::Bytes(out));
+        }
+        Err(e) => {
+            let e = reply_errno(req.command, e);
+            reply::error_reply(&mut out, true, req.cookie, e, errno_message(e));
+            return finish(r, conn, req, Reply::Bytes(out));
         }
     };
-    finish(r, conn, req, Reply::Bytes(out), failed);
+    for (i, (ctx, list)) in contexts.iter().zip(&lists).enumerate() {
+        let which = if ctx.name == proto::META_BASE_ALLOCATION {
+            NbdContext::BaseAllocation
+        } else {
+            NbdContext::Changed
+        };
+        let extents = nbd_extents(which, list);
+        reply::put_block_status(&mut out, req.cookie, ctx.id, &extents, i + 1 == lists.len());
+    }
+    finish(r, conn, req, Reply::Bytes(out));
 }
 
 fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), BlockError>) {
-    let structured = file_of(conn).2;
+    let structured = structured(conn);
     let mut out = Vec::new();
-    let failed = res.is_err();
     match res {
         Ok(()) => reply::success_reply(&mut out, structured, req.cookie),
         Err(e) => {
@@ -1404,7 +1223,7 @@ fn complete(r: &mut Reactor, conn: &ConnRef, req: Request, res: Result<(), Block
             reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e))
         }
     }
-    finish(r, conn, req, Reply::Bytes(out), failed);
+    finish(r, conn, req, Reply::Bytes(out));
 }
 
 /// Replies to a READ with data (`None` = zeros without a buffer, for null).
@@ -1414,14 +1233,14 @@ fn complete_read(
     req: Request,
     res: Result<Option<IoBuf>, BlockError>,
 ) {
-    let structured = file_of(conn).2;
+    let structured = structured(conn);
     let len = req.length as usize;
     let reply = match res {
         Err(e) => {
             let mut out = Vec::new();
             let e = reply_errno(req.command, e);
             reply::error_reply(&mut out, structured, req.cookie, e, errno_message(e));
-            return finish(r, conn, req, Reply::Bytes(out), true);
+            return finish(r, conn, req, Reply::Bytes(out));
         }
         Ok(None) if structured => Reply::Bytes(
             reply::offset_hole_chunk(req.cookie, req.offset, req.length, true).to_vec(),
@@ -1440,11 +1259,13 @@ fn complete_read(
             Reply::Data { header, buf, len }
         }
     };
-    finish(r, conn, req, reply, false);
+    finish(r, conn, req, reply);
 }
 
 /// Queues the reply, releases the request's budget and resumes a paused reader.
-fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: bool) {
+/// (Errors and latency are counted by the block layer, or by the caller for requests
+/// that never reached it.)
+fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply) {
     let was_paused;
     {
         let mut c = conn.borrow_mut();
@@ -1452,16 +1273,6 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: b
         c.in_flight -= 1;
         if matches!(req.command, Command::Read | Command::Write) {
             c.in_flight_bytes -= req.length as usize;
-        }
-        let started = c.started.remove(&req.cookie);
-        if let Phase::Transmission(t) = &c.phase {
-            if failed {
-                bump(&t.volume.counters(r.id()).errors, 1);
-            }
-            if let (Some(t0), Some(kind)) = (started, io_kind(req.command)) {
-                let latency_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                latency::record(r, t.volume.name(), kind, latency_ns);
-            }
         }
         if c.state != State::Aborting {
             match reply {
@@ -1474,11 +1285,41 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply, failed: b
         }
     }
     release_excess(r, conn);
-    kick_send(r, conn);
+    queue_kick(r, conn);
     if was_paused {
         process(r, conn);
     } else {
         maybe_finish(r, conn);
+    }
+}
+
+/// Sends the replies of a request later in this loop iteration, after the other
+/// completions of the iteration (the block layer's ready queue, the reactor's
+/// completions), so that they go in one sendmsg: the kick poller runs after the
+/// block layer's (`install`). Without the poller (a reactor without `install`), at once.
+fn queue_kick(r: &mut Reactor, conn: &ConnRef) {
+    let Some(set) = r.local::<ReactorConns>() else {
+        return kick_send(r, conn);
+    };
+    let mut c = conn.borrow_mut();
+    if !c.kick_queued {
+        c.kick_queued = true;
+        set.dirty.borrow_mut().push(conn.clone());
+    }
+}
+
+/// The kick poller: sends what `queue_kick` left for this iteration. Pops one at a
+/// time (the list keeps its allocation; nothing here queues more).
+fn kick_queued(r: &mut Reactor, set: &ReactorConns) -> PollResult {
+    let mut work = PollResult::Idle;
+    loop {
+        let Some(conn) = set.dirty.borrow_mut().pop() else {
+            return work;
+        };
+        work = PollResult::Busy;
+        conn.borrow_mut().kick_queued = false;
+        kick_send(r, &conn);
+        maybe_finish(r, &conn);
     }
 }
 

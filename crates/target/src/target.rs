@@ -30,8 +30,11 @@ use std::time::Duration;
 use ringblk_nbd::{ExportCatalog, ExportInfo};
 use ringblk_reactor::ReactorHandle;
 
+use crate::bdev::{Bdev, OpenError};
 use crate::events::BdevEvent;
 use crate::spec::VolumeSpec;
+use crate::stats::Label;
+use crate::volume::{BackupId, View};
 use crate::volume::{Volume, VolumeError, META_CHANGED_PREFIX};
 
 /// Why the volumes could not be opened at start, or the list not written.
@@ -158,6 +161,11 @@ impl Target {
     /// Every volume, by name (shared with the NBD handshake).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// Opens `VOL` or `VOL@BACKUP` in the block layer ([`Registry::open`]).
+    pub fn open(&self, name: &str, label: Label) -> Result<Bdev, OpenError> {
+        self.registry.open(name, label)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -376,6 +384,39 @@ impl Registry {
         Ok(v)
     }
 
+    /// Opens `VOL` (live) or `VOL@BACKUP` (a ready backup, read-only) in the block
+    /// layer for a front end that counts its requests under `label` (plan §2.1).
+    pub fn open(&self, name: &str, label: Label) -> Result<Bdev, OpenError> {
+        let (vol, backup) = match name.split_once('@') {
+            None => (self.get(name).ok_or(OpenError::NotFound)?, None),
+            Some((v, b)) => {
+                let vol = self.get(v).filter(|_| !v.is_empty());
+                (vol.ok_or(OpenError::NotFound)?, Some(b))
+            }
+        };
+        if vol.is_removed() {
+            return Err(OpenError::Removed);
+        }
+        let view = match backup {
+            None => View::Live,
+            Some(b) => match vol.ready_backup_delta(b) {
+                Some(id) => View::Backup(BackupId(id)),
+                None if vol
+                    .control
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .backups
+                    .iter()
+                    .any(|i| i.name == b) =>
+                {
+                    return Err(OpenError::NotReady)
+                }
+                None => return Err(OpenError::NotFound),
+            },
+        };
+        Bdev::open(vol, view, label).map_err(|_| OpenError::Removed)
+    }
+
     /// Resolves an export name: `VOL` (the live volume) or `VOL@BACKUP` (a ready
     /// backup, read-only).
     pub fn resolve(&self, export: &str) -> Option<(Arc<Volume>, Option<String>)> {
@@ -457,5 +498,51 @@ impl ExportCatalog for Registry {
         self.resolve(export)
             .and_then(|(v, _)| v.ready_backup_delta(since))
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+    use crate::spec::BackendKind;
+
+    /// `Target::open` (plan §2.1): live and backup names, and each way it refuses.
+    #[test]
+    fn open_resolves_names_and_refuses_what_is_not_there() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t = Target::new(dir.path().to_path_buf(), 1, 64);
+        let spec = VolumeSpec {
+            name: "v".into(),
+            path: None,
+            size_bytes: Some(1 << 20),
+            block_size: 512,
+            backend: BackendKind::Mem,
+            read_only: false,
+            direct: false,
+            chunk_size: 16 << 10,
+            grow: false,
+        };
+        let vol = t.add_volume(spec).expect("volume");
+        let live = t.open("v", Label::INTERNAL).expect("live");
+        assert_eq!((live.name(), live.view()), ("v", View::Live));
+        assert_eq!(
+            t.open("w", Label::INTERNAL).err(),
+            Some(OpenError::NotFound)
+        );
+        assert_eq!(
+            t.open("v@b", Label::INTERNAL).err(),
+            Some(OpenError::NotFound)
+        );
+        assert_eq!(
+            t.open("@b", Label::INTERNAL).err(),
+            Some(OpenError::NotFound)
+        );
+        // A ready backup opens read-only by its delta's id.
+        vol.set_backup_exported("b", Some(7));
+        let b = t.open("v@b", Label::INTERNAL).expect("backup");
+        assert_eq!((b.name(), b.view()), ("v@b", View::Backup(BackupId(7))));
+        assert!(b.capabilities().read_only);
+        vol.mark_removed();
+        assert_eq!(t.open("v", Label::INTERNAL).err(), Some(OpenError::Removed));
     }
 }

@@ -12,7 +12,7 @@
 //! only, and summed on request.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
@@ -21,8 +21,10 @@ use crate::backend::{self, Backend, BackendKind};
 use crate::image::{Images, Stack, StackPin};
 /// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
 pub use crate::spec::VolumeSpec;
+use crate::stats::counters::VolumeCounters;
 /// Moved to [`crate::stats::counters`] (#12 step 1); re-exported so paths keep working.
 pub use crate::stats::counters::{bump, OpCounters, VolumeStats};
+use crate::stats::Label;
 use ringblk_nbd::ExportInfo;
 
 /// Largest request payload served: [`crate::ops::IO_MAX_BYTES`] (moved there in #12
@@ -192,7 +194,7 @@ pub struct Volume {
     spec: VolumeSpec,
     removed: AtomicBool,
     connections: AtomicUsize,
-    stats: Box<[OpCounters]>,
+    stats: VolumeCounters,
     reactors: usize,
     data_dir: PathBuf,
     /// A thread is finishing drains that outlasted their command's wait
@@ -502,9 +504,7 @@ impl Volume {
             spec,
             removed: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
-            stats: (0..reactors.max(1))
-                .map(|_| OpCounters::default())
-                .collect(),
+            stats: VolumeCounters::new(reactors),
             reactors: reactors.max(1),
             data_dir: data_dir.to_path_buf(),
             drain_helper: AtomicBool::new(false),
@@ -715,34 +715,19 @@ impl Volume {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// This reactor's counters (reactor ids beyond the array share the last slot).
+    /// This reactor's counters of work that belongs to no front end's request
+    /// (label `internal`; reactor ids beyond the array share the last slot).
     pub fn counters(&self, reactor: usize) -> &OpCounters {
-        &self.stats[reactor.min(self.stats.len() - 1)]
+        self.stats.get(reactor, Label::INTERNAL)
+    }
+
+    /// This reactor's counters of requests submitted under `label` (`bdev`).
+    pub fn label_counters(&self, reactor: usize, label: Label) -> &OpCounters {
+        self.stats.get(reactor, label)
     }
 
     pub fn stats(&self) -> VolumeStats {
-        let mut s = VolumeStats {
-            name: self.name().to_string(),
-            connections: self.connections(),
-            ..Default::default()
-        };
-        for c in self.stats.iter() {
-            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            s.read_ops += l(&c.read_ops);
-            s.read_bytes += l(&c.read_bytes);
-            s.write_ops += l(&c.write_ops);
-            s.write_bytes += l(&c.write_bytes);
-            s.flush_ops += l(&c.flush_ops);
-            s.trim_ops += l(&c.trim_ops);
-            s.zero_ops += l(&c.zero_ops);
-            s.cache_ops += l(&c.cache_ops);
-            s.block_status_ops += l(&c.block_status_ops);
-            s.errors += l(&c.errors);
-            s.layered_ops += l(&c.layered_ops);
-            s.slab_waits += l(&c.slab_waits);
-            s.commit_queue_waits += l(&c.commit_queue_waits);
-        }
-        s
+        self.stats.stats(self.name(), self.connections())
     }
 
     /// The read-only export of backup `backup` (`VOL@BACKUP`).

@@ -1,7 +1,7 @@
 //! Server-side request latency histograms: per volume, per reactor, per operation.
 //!
-//! A request's latency runs from `session::execute` (admitted, its I/O about to start)
-//! to `session::finish` (its reply queued). Requests answered without executing —
+//! A request's latency runs from `Channel::submit` (`bdev`) to just before its `done`
+//! runs. Requests answered without executing —
 //! refused by the decoder (`Event::Reject`) or zero-length no-ops — are not recorded:
 //! they never reach the storage path, and the volume's op counters skip them too.
 //!
@@ -72,6 +72,14 @@ pub struct OpHistograms {
 }
 
 impl OpHistograms {
+    /// Records one request of `kind` (kinds without a histogram are skipped).
+    #[inline]
+    pub fn record_kind(&mut self, kind: IoKind, latency_ns: u64) {
+        if let Some(op) = op_index(kind) {
+            self.record(op, latency_ns)
+        }
+    }
+
     fn record(&mut self, op: usize, latency_ns: u64) {
         debug_assert!(op < OPS.len());
         let h = self.ops[op].get_or_insert_with(new_histogram);
@@ -104,52 +112,56 @@ impl OpHistograms {
 /// One reactor's histograms by volume name, as [`snapshot`] returns them.
 pub type VolumeHistograms = HashMap<String, OpHistograms>;
 
+/// One volume's histograms on one reactor, shared with its channel (`bdev`), which
+/// records into them without a lookup.
+pub type SharedHistograms = Rc<RefCell<OpHistograms>>;
+
 /// The histograms of one reactor, by volume name.
 #[derive(Default)]
 pub struct ReactorLatency {
-    volumes: RefCell<VolumeHistograms>,
+    volumes: RefCell<HashMap<String, SharedHistograms>>,
 }
 
 pub fn install(r: &mut Reactor) {
     r.set_local(Rc::new(ReactorLatency::default()));
 }
 
-/// Records one request of kind `kind` on `volume` (data path: no lock, no allocation
-/// after a volume's first request of that kind here).
-pub(crate) fn record(r: &Reactor, volume: &str, kind: IoKind, latency_ns: u64) {
-    let (Some(op), Some(lat)) = (op_index(kind), r.local::<ReactorLatency>()) else {
-        return;
+/// The histograms of `volume` on this reactor, created on first use; a channel
+/// keeps them and records with [`OpHistograms::record_kind`] (data path: an index,
+/// no lock, no lookup). On a reactor without the table (a test's), detached ones.
+pub(crate) fn histograms_of(r: &Reactor, volume: &str) -> SharedHistograms {
+    let Some(lat) = r.local::<ReactorLatency>() else {
+        return SharedHistograms::default();
     };
     let mut vols = lat.volumes.borrow_mut();
-    match vols.get_mut(volume) {
-        Some(h) => h.record(op, latency_ns),
-        None => vols
-            .entry(volume.to_string())
-            .or_default()
-            .record(op, latency_ns),
-    }
+    vols.entry(volume.to_string()).or_default().clone()
 }
 
 /// Clones this reactor's histograms of `volumes` (all when `None`), then clears them
 /// if `reset`: in one step on the reactor, so no request falls between two intervals.
+/// Cleared in place: channels keep recording into the same histograms.
 pub fn snapshot(r: &Reactor, volumes: Option<&[String]>, reset: bool) -> VolumeHistograms {
     let Some(lat) = r.local::<ReactorLatency>() else {
         return HashMap::new();
     };
-    let mut vols = lat.volumes.borrow_mut();
+    let vols = lat.volumes.borrow();
     let wanted = |name: &str| volumes.is_none_or(|v| v.iter().any(|n| n == name));
-    let out = vols
-        .iter()
-        .filter(|(n, _)| wanted(n))
-        .map(|(n, h)| (n.clone(), h.clone()))
-        .collect();
-    if reset {
-        vols.retain(|n, _| !wanted(n));
-    }
-    out
+    // A channel creates its volume's entry before any request: empty ones are not
+    // reported, as before channels.
+    vols.iter()
+        .filter(|(n, h)| wanted(n) && h.borrow().ops.iter().any(Option::is_some))
+        .map(|(n, h)| {
+            let out = (n.clone(), h.borrow().clone());
+            if reset {
+                *h.borrow_mut() = OpHistograms::default();
+            }
+            out
+        })
+        .collect()
 }
 
-/// Drops the histograms of a removed volume (a new volume of that name starts empty).
+/// Drops the histograms of a removed volume (a new volume of that name starts empty;
+/// channels of the removed one record into their detached copy until they close).
 pub(crate) fn forget(r: &Reactor, volume: &str) {
     if let Some(lat) = r.local::<ReactorLatency>() {
         lat.volumes.borrow_mut().remove(volume);

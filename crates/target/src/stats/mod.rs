@@ -2,8 +2,8 @@
 //! ([`latency`]), and [`Label`], the name of who submitted a request.
 //!
 //! A front end registers its label once, on the control plane, and the layer keeps
-//! counts per label without interpreting it (plan #12 §2.8; counting per label comes
-//! with the block I/O API in step 3).
+//! counts per label without interpreting it (plan #12 §2.8): `counters::VolumeCounters`
+//! has a slot per (reactor, label), and `stats` reports them under `by_label`.
 
 use std::sync::Mutex;
 
@@ -64,6 +64,12 @@ impl Label {
     /// Its slot in per-label arrays (`< LABELS_MAX`).
     pub fn index(self) -> usize {
         usize::from(self.0)
+    }
+
+    /// The label in slot `i` (for reports; `i < LABELS_MAX`).
+    pub(crate) fn from_index(i: usize) -> Label {
+        debug_assert!(i < LABELS_MAX);
+        Label(i as u8)
     }
 }
 
