@@ -58,6 +58,16 @@ pub(crate) mod planted {
     #[cfg(test)]
     thread_local! {
         pub static SKIP_CAW_LOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        pub static SKIP_PARK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Writes overlapping an installed lock start anyway instead of parking.
+    #[inline]
+    pub fn skip_park() -> bool {
+        #[cfg(test)]
+        return SKIP_PARK.with(|c| c.get());
+        #[cfg(not(test))]
+        false
     }
 
     /// CAWs execute at once, without asking for (or installing) their lock.
@@ -89,7 +99,7 @@ impl LockCell {
     #[inline]
     pub(super) fn blocks(&self, offset: u64, len: u64, owner: u64) -> bool {
         let locks = self.locks.borrow();
-        if locks.is_empty() {
+        if locks.is_empty() || planted::skip_park() {
             return false;
         }
         let end = offset.saturating_add(len);
@@ -586,5 +596,104 @@ mod tests {
             last < wins,
             "without the lock, increments must be lost ({last} of {wins})"
         );
+    }
+
+    /// A write overlapping a CAW's range that arrives while the lock is installed
+    /// parks and completes only after the CAW (null volume: no I/O, so only the
+    /// protocol's order shows). Returns the completion order.
+    fn park_order(plant: bool) -> Vec<&'static str> {
+        planted::SKIP_PARK.with(|c| c.set(plant));
+        let dir = tempfile::tempdir().expect("tmp");
+        let spec = VolumeSpec {
+            name: "park".into(),
+            path: None,
+            size_bytes: Some(1 << 20),
+            block_size: BLOCK,
+            backend: BackendKind::Null,
+            read_only: false,
+            direct: false,
+            chunk_size: 16 << 10,
+            grow: false,
+        };
+        let vol = Arc::new(Volume::open(spec, 2, dir.path()).expect("volume"));
+        let mut rs = manual_reactors(ReactorConfig {
+            cores: vec![None, None],
+            ..Default::default()
+        })
+        .expect("reactors");
+        let bdev = Bdev::open(vol.clone(), View::Live, Label::INTERNAL).expect("open");
+        let chans: Vec<Channel> = rs.iter_mut().map(|r| bdev.channel(r)).collect();
+        let order: Rc<RefCell<Vec<&'static str>>> = Rc::default();
+        let o = order.clone();
+        let caw = BlockOp::CompareAndWrite {
+            offset: 0,
+            len: BLOCK,
+            compare: own(&[0u8; BLOCK as usize]),
+            write: own(&block_of(1)),
+            fua: false,
+        };
+        chans[0].submit(
+            &mut rs[0],
+            &bdev,
+            caw,
+            Done::from_fn(move |_, res| {
+                assert!(res.is_ok(), "caw: {res:?}");
+                o.borrow_mut().push("caw");
+            }),
+        );
+        // Poll only reactor 1 (the home here, or a peer) until its cell holds the
+        // lock; reactor 0 then has not executed the CAW yet.
+        let key = key_of(&vol);
+        let t0 = Instant::now();
+        let locked = |r: &mut Reactor| !BdevLocal::get(r).locks.cell(key).locks.borrow().is_empty();
+        while !plant && !locked(&mut rs[1]) {
+            rs[1].poll_once();
+            rs[0].poll_once();
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "lock never installed"
+            );
+            if !order.borrow().is_empty() {
+                break;
+            }
+        }
+        let o = order.clone();
+        let w = BlockOp::Write {
+            offset: 256 * 2,
+            len: BLOCK,
+            data: own(&block_of(9)),
+            fua: false,
+        };
+        chans[1].submit(
+            &mut rs[1],
+            &bdev,
+            w,
+            Done::from_fn(move |_, res| {
+                assert!(res.is_ok(), "write: {res:?}");
+                o.borrow_mut().push("write");
+            }),
+        );
+        while order.borrow().len() < 2 {
+            rs[1].poll_once();
+            rs[0].poll_once();
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "stalled: {:?}",
+                order.borrow()
+            );
+        }
+        planted::SKIP_PARK.with(|c| c.set(false));
+        let v = order.borrow().clone();
+        v
+    }
+
+    #[test]
+    fn a_write_meeting_the_lock_waits_for_the_caw() {
+        assert_eq!(park_order(false), ["caw", "write"]);
+    }
+
+    #[test]
+    fn planted_missing_park_lets_the_write_through() {
+        assert_eq!(park_order(true), ["write", "caw"]);
     }
 }
