@@ -67,6 +67,22 @@ fn absolute(dest: &Path) -> PathBuf {
     std::env::current_dir().map_or_else(|_| dest.to_path_buf(), |cwd| cwd.join(dest))
 }
 
+/// Why DEST may not be overwritten by a full copy without `--force`: it exists and
+/// is not an empty regular file (an unrelated file, an earlier copy, a device).
+/// `None`: it does not exist or is empty. DEST is on the server's host, which is
+/// this one (the RPC socket is a Unix socket).
+pub fn existing_dest(dest: &Path) -> Option<String> {
+    let meta = std::fs::metadata(absolute(dest)).ok()?;
+    if meta.is_file() && meta.len() == 0 {
+        return None;
+    }
+    Some(if meta.is_file() {
+        format!("exists ({} bytes)", meta.len())
+    } else {
+        "exists (not a regular file)".to_string()
+    })
+}
+
 pub fn run(client: &Client, args: &CopyArgs<'_>) -> ExitCode {
     match follow(client, args) {
         Ok(code) => code,
@@ -191,6 +207,18 @@ fn show(bar: &ProgressBar, status: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_or_empty_dest_is_free() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("d.img");
+        assert_eq!(existing_dest(&p), None);
+        std::fs::write(&p, b"").expect("write");
+        assert_eq!(existing_dest(&p), None);
+        std::fs::write(&p, b"x").expect("write");
+        assert!(existing_dest(&p).is_some_and(|w| w.contains("1 bytes")));
+        assert!(existing_dest(dir.path()).is_some());
+    }
 
     #[test]
     fn relative_dest_is_made_absolute() {

@@ -26,8 +26,11 @@ use serde_json::{json, Map, Value};
 
 use client::{Client, CtlError};
 
-/// Where `ringblk serve` puts its socket unless told otherwise.
-const DEFAULT_RPC: &str = "./ringblk-data/ringblk.sock";
+/// Where `ringblk serve` puts its socket unless told otherwise (the one default of
+/// both, `ringblk_target::spec::default_rpc_socket`), for `--help`.
+const DEFAULT_RPC_HELP: &str = "Path of the server's JSON-RPC socket [default: \
+/run/ringblk/ringblk.sock as root, else $XDG_RUNTIME_DIR/ringblk/ringblk.sock, as for \
+`ringblk serve`]";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,20 +44,20 @@ const DEFAULT_RPC: &str = "./ringblk-data/ringblk.sock";
         ringblk-ctl volume create vol0 --path /var/lib/ringblk/vol0.img --size 10G\n  \
         ringblk-ctl volume list\n  \
         ringblk-ctl --json stats vol0\n  \
+        ringblk-ctl backup create vol0@nightly\n  \
         ringblk-ctl --rpc /run/ringblk/ringblk.sock reactor list\n  \
         ringblk-ctl call volume_list '{}'",
     propagate_version = true
 )]
 struct Cli {
-    /// Path of the server's JSON-RPC socket.
     #[arg(
         long,
         global = true,
         value_name = "PATH",
         env = "RINGBLK_RPC",
-        default_value = DEFAULT_RPC
+        help = DEFAULT_RPC_HELP
     )]
-    rpc: PathBuf,
+    rpc: Option<PathBuf>,
 
     /// Print the raw JSON result (pretty-printed) instead of a table.
     #[arg(long, global = true)]
@@ -130,7 +133,7 @@ enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  \
-            ringblk-ctl backup create vol0 nightly\n  \
+            ringblk-ctl backup create vol0@nightly\n  \
             qemu-img convert -f raw -O qcow2 nbd://127.0.0.1:10809/vol0@nightly vol0.qcow2\n  \
             ringblk-ctl backup list vol0\n  \
             ringblk-ctl backup copy vol0@nightly /backup/vol0.img\n  \
@@ -171,7 +174,8 @@ enum VolumeCommand {
     /// Create a volume and export it.
     #[command(after_help = "Examples:\n  \
         ringblk-ctl volume create vol0 --path /var/lib/ringblk/vol0.img --size 10G\n  \
-        ringblk-ctl volume create scratch --path /tmp/scratch --size 512M --backend mem\n  \
+        ringblk-ctl volume create scratch --backend mem --size 512M\n  \
+        ringblk-ctl volume create fast --path /data/fast.img --size 1.5G --chunk-size 64K --direct off\n  \
         ringblk-ctl volume create golden --path /images/golden.img --read-only")]
     Create(CreateArgs),
 
@@ -194,14 +198,26 @@ struct CreateArgs {
     /// Volume name; also the NBD export name.
     name: String,
 
-    /// Backing file or image path, on the server's host.
+    /// Backing file or image path, on the server's host (needed for the file
+    /// backend; mem and null volumes have none).
     #[arg(long, value_name = "PATH")]
-    path: String,
+    path: Option<String>,
 
-    /// Size in bytes, or with a binary suffix K, M, G, T (e.g. 10G); when omitted the
-    /// server chooses (e.g. the size of an existing backing file).
+    /// Size: bytes, or a number with a binary suffix K, M, G, T (or KiB, MiB, GiB,
+    /// TiB; 1K = 1024), e.g. 4096, 512M, 10G, 1.5G; when omitted the server chooses
+    /// (e.g. the size of an existing backing file).
     #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
     size: Option<u64>,
+
+    /// Redirect-on-write granularity of backups' deltas: a power of two from 4K to
+    /// 1M, at least the block size [default: 4K].
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+    chunk_size: Option<u32>,
+
+    /// Open the backing file O_DIRECT (on) or through the page cache (off)
+    /// [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    direct: Option<bool>,
 
     /// Logical block size in bytes.
     #[arg(long, value_name = "512|4096", value_parser = parse_block_size)]
@@ -240,11 +256,22 @@ impl Backend {
 #[derive(Debug, Subcommand)]
 enum BackupCommand {
     /// Freeze VOLUME's image as backup NAME (served read-only as VOLUME@NAME).
-    #[command(after_help = "Example:\n  ringblk-ctl backup create vol0 nightly")]
-    Create { volume: String, name: String },
+    #[command(after_help = "Example:\n  ringblk-ctl backup create vol0@nightly\n\n\
+        The older form `backup create VOLUME NAME` still works, with a warning.")]
+    Create {
+        /// The backup to take, as VOLUME@NAME (as `release` and `copy` name it).
+        #[arg(value_name = "VOLUME@NAME")]
+        backup: String,
+        /// Deprecated second argument of `backup create VOLUME NAME`.
+        #[arg(hide = true)]
+        legacy_name: Option<String>,
+    },
     /// List backups with their state and delta size.
     #[command(after_help = "Examples:\n  ringblk-ctl backup list\n  ringblk-ctl backup list vol0")]
-    List { volume: Option<String> },
+    List {
+        /// Only this volume's backups [default: every volume's].
+        volume: Option<String>,
+    },
     /// Release VOLUME@NAME: its delta merges down online and the backup disappears.
     #[command(after_help = "Example:\n  ringblk-ctl backup release vol0@nightly")]
     Release {
@@ -275,6 +302,10 @@ enum BackupCommand {
         /// to VOLUME@NAME.
         #[arg(long, value_name = "OLDER")]
         changed_since: Option<String>,
+        /// Overwrite an existing DEST (a full copy refuses one without it; with
+        /// --changed-since DEST is the base being updated and must exist).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -288,7 +319,10 @@ enum FaultCommand {
     Inject(FaultArgs),
     /// Disarm every rule of VOLUME.
     #[command(after_help = "Example:\n  ringblk-ctl fault clear vol0")]
-    Clear { volume: String },
+    Clear {
+        /// The volume whose rules go.
+        volume: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -352,6 +386,37 @@ fn fault_params(args: &FaultArgs) -> Value {
         p["length"] = json!(length);
     }
     p
+}
+
+/// `backup create VOL@NAME`, or the deprecated `backup create VOL NAME` (with a
+/// warning on stderr).
+fn create_ref(backup: &str, legacy_name: Option<&str>) -> Result<(String, String), String> {
+    match legacy_name {
+        None => parse_backup_ref(backup),
+        Some(name) if !backup.contains('@') => {
+            eprintln!(
+                "warning: `backup create {backup} {name}` is deprecated; write \
+                 `backup create {backup}@{name}`"
+            );
+            Ok((backup.to_string(), name.to_string()))
+        }
+        Some(name) => Err(format!(
+            "'{backup}' already names the backup; drop the extra argument '{name}'"
+        )),
+    }
+}
+
+fn parse_chunk_size(text: &str) -> Result<u32, String> {
+    let bytes = size::parse_size(text)?;
+    u32::try_from(bytes).map_err(|_| format!("'{text}': a chunk size is at most 1M"))
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text.trim() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("'{text}': use on or off")),
+    }
 }
 
 fn parse_backup_ref(text: &str) -> Result<(String, String), String> {
@@ -438,10 +503,17 @@ fn request(command: &Command) -> (&str, Option<Value>) {
             ("stats", Some(p))
         }
         Command::Reactor(ReactorCommand::List) => ("reactor_list", Some(json!({}))),
-        Command::Backup(BackupCommand::Create { volume, name }) => (
-            "backup_create",
-            Some(json!({ "volume": volume, "name": name })),
-        ),
+        Command::Backup(BackupCommand::Create {
+            backup,
+            legacy_name,
+        }) => {
+            // Checked in `main` before any request is made.
+            let (volume, name) = create_ref(backup, legacy_name.as_deref()).unwrap_or_default();
+            (
+                "backup_create",
+                Some(json!({ "volume": volume, "name": name })),
+            )
+        }
         Command::Backup(BackupCommand::List { volume }) => match volume {
             Some(v) => ("backup_list", Some(json!({ "volume": v }))),
             None => ("backup_list", Some(json!({}))),
@@ -453,6 +525,7 @@ fn request(command: &Command) -> (&str, Option<Value>) {
             backup: (v, n),
             dest,
             changed_since,
+            ..
         }) => {
             let mut p = json!({ "volume": v, "name": n, "dest": dest });
             if let Some(older) = changed_since {
@@ -473,7 +546,9 @@ fn request(command: &Command) -> (&str, Option<Value>) {
 fn create_params(args: &CreateArgs) -> Value {
     let mut params = Map::new();
     params.insert("name".into(), json!(args.name));
-    params.insert("path".into(), json!(args.path));
+    if let Some(path) = &args.path {
+        params.insert("path".into(), json!(path));
+    }
     if let Some(size) = args.size {
         params.insert("size_bytes".into(), json!(size));
     }
@@ -488,6 +563,12 @@ fn create_params(args: &CreateArgs) -> Value {
     }
     if args.grow {
         params.insert("grow".into(), json!(true));
+    }
+    if let Some(chunk) = args.chunk_size {
+        params.insert("chunk_size".into(), json!(chunk));
+    }
+    if let Some(direct) = args.direct {
+        params.insert("direct".into(), json!(direct));
     }
     Value::Object(params)
 }
@@ -526,9 +607,9 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
     }
 }
 
-fn run(cli: &Cli) -> Result<String, CtlError> {
+fn run(cli: &Cli, rpc: &std::path::Path) -> Result<String, CtlError> {
     let (method, params) = request(&cli.command);
-    let result = Client::new(&cli.rpc, cli.timeout).call(method, params)?;
+    let result = Client::new(rpc, cli.timeout).call(method, params)?;
     if let Command::Stats {
         volume: Some(volume),
         hgrm,
@@ -554,14 +635,63 @@ fn run(cli: &Cli) -> Result<String, CtlError> {
     }
 }
 
+/// `--rpc`, `RINGBLK_RPC`, or the default that `ringblk serve` uses too.
+fn rpc_path(cli: &Cli) -> Result<PathBuf, String> {
+    match &cli.rpc {
+        Some(p) => Ok(p.clone()),
+        None => ringblk_target::spec::default_rpc_socket(
+            nix::unistd::geteuid().as_raw(),
+            std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        ),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let rpc = match rpc_path(&cli) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Backup(BackupCommand::Create {
+        backup,
+        legacy_name,
+    }) = &cli.command
+    {
+        if let Err(e) = create_ref(backup, legacy_name.as_deref()) {
+            eprintln!("error: invalid value for <VOLUME@NAME>: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Command::Volume(VolumeCommand::Create(args)) = &cli.command {
+        if args.path.is_none() && matches!(args.backend, None | Some(Backend::File)) {
+            eprintln!(
+                "error: --path <PATH> is needed for a file volume (mem and null volumes \
+                 take none)"
+            );
+            return ExitCode::from(2);
+        }
+    }
     if let Command::Backup(BackupCommand::Copy {
         backup: (volume, name),
         dest,
         changed_since,
+        force,
     }) = &cli.command
     {
+        if changed_since.is_none() && !force {
+            if let Some(why) = copy::existing_dest(dest) {
+                eprintln!(
+                    "error: {} {why}; a full copy would overwrite it: pass --force to \
+                     overwrite it, or --changed-since OLDER to update the copy of an \
+                     older backup it holds",
+                    dest.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
         // A job to follow, not one request and one result.
         let args = copy::CopyArgs {
             volume,
@@ -570,9 +700,9 @@ fn main() -> ExitCode {
             changed_since: changed_since.as_deref(),
             json: cli.json,
         };
-        return copy::run(&Client::new(&cli.rpc, cli.timeout), &args);
+        return copy::run(&Client::new(&rpc, cli.timeout), &args);
     }
-    match run(&cli) {
+    match run(&cli, &rpc) {
         Ok(out) => {
             let mut stdout = std::io::stdout().lock();
             match stdout

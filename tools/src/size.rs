@@ -1,55 +1,14 @@
-//! Byte sizes: parsing `10G`-style arguments and printing `1.0 GiB`-style values.
+//! Byte sizes: parsing `10G`-style arguments (the shared grammar of
+//! `ringblk_target::spec::parse_size`) and printing `1.0 GiB`-style values.
 //!
 //! Suffixes are binary (1K = 1024) because block devices and their users count in
-//! powers of two. `KB`/`MB`/`GB`/`TB` are refused rather than guessed: half the world
-//! reads them as powers of ten, and a volume 7% smaller than intended is a bad surprise.
+//! powers of two; `KB`/`MB`/`GB`/`TB` are refused rather than guessed.
 
 const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
 
-/// Parses a size in bytes: plain digits, or digits and a binary suffix
-/// `K`/`M`/`G`/`T` or `KiB`/`MiB`/`GiB`/`TiB` (case-insensitive, `B` for bytes).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, suffix) = text.split_at(digits_end);
-    let suffix = suffix.trim_start();
-    if digits.is_empty() {
-        return Err(format!(
-            "'{text}' is not a size: expected bytes, optionally with a binary suffix \
-             K, M, G or T (e.g. 4096, 512M, 10G)"
-        ));
-    }
-    if suffix.starts_with(['.', ',']) {
-        return Err(format!(
-            "'{text}': fractional sizes are not supported; use a smaller unit (e.g. 1536M)"
-        ));
-    }
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        "kb" | "mb" | "gb" | "tb" => {
-            let unit = &suffix[..1];
-            return Err(format!(
-                "'{text}': suffix '{suffix}' is ambiguous; sizes are binary, write \
-                 '{unit}' or '{unit}iB' (1{unit} = 1024^n bytes)",
-                unit = unit.to_ascii_uppercase()
-            ));
-        }
-        _ => {
-            return Err(format!(
-                "'{text}': unknown size suffix '{suffix}'; use K, M, G or T (binary)"
-            ))
-        }
-    };
-    let too_large = || format!("'{text}' is too large (maximum is 2^64-1 bytes)");
-    let number: u64 = digits.parse().map_err(|_| too_large())?;
-    number.checked_mul(1u64 << shift).ok_or_else(too_large)
-}
+/// The project's one size grammar (`ringblk serve`, its TOML file and this CLI parse
+/// sizes alike, and explain a bad one with the same message).
+pub use ringblk_target::spec::parse_size;
 
 /// `512 B`, `1.0 KiB`, `10.0 GiB`: one decimal, binary units.
 pub fn format_size(bytes: u64) -> String {
@@ -87,6 +46,7 @@ mod tests {
             ("2TiB", 2 << 40),
             (" 7 ", 7),
             ("16777215T", 16_777_215 << 40),
+            ("1.5G", 3 << 29),
         ] {
             assert_eq!(parse_size(text), Ok(bytes), "{text}");
         }
@@ -102,7 +62,8 @@ mod tests {
             ("10X", "unknown size suffix"),
             ("10GG", "unknown size suffix"),
             ("10G5", "unknown size suffix"),
-            ("1.5G", "fractional"),
+            ("10gb", "ambiguous"),
+            ("1.3K", "whole number of bytes"),
             ("10GB", "ambiguous"),
             ("10kb", "ambiguous"),
             ("16777216T", "too large"),

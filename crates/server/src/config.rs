@@ -12,6 +12,7 @@ use ringblk_target::admission::{
     AdmissionConfig, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_HANDSHAKES, DEFAULT_REQUEST_TIMEOUT,
 };
 use ringblk_target::backend::BackendKind;
+use ringblk_target::spec::{default_rpc_socket, SizeValue};
 /// Moved to [`ringblk_target::spec`] (#12 step 1); re-exported so paths keep working.
 pub use ringblk_target::spec::{parse_size, parse_volume};
 use ringblk_target::volume::VolumeSpec;
@@ -98,8 +99,8 @@ pub struct FileConfig {
     pub submit: Option<String>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
-    /// `--buffer-budget`, a size such as `1G`.
-    pub buffer_budget: Option<String>,
+    /// `--buffer-budget`: a size such as `"1G"`, or bytes as an integer.
+    pub buffer_budget: Option<SizeValue>,
     pub max_handshakes: Option<usize>,
     pub request_timeout_secs: Option<u64>,
     /// As `--max-in-flight`.
@@ -115,13 +116,14 @@ pub struct FileConfig {
 pub struct FileVolume {
     pub name: String,
     pub path: Option<PathBuf>,
-    pub size: Option<String>,
+    /// `"10G"`, `"1.5G"` or bytes as an integer (`67108864`).
+    pub size: Option<SizeValue>,
     pub block_size: Option<u32>,
     pub backend: Option<BackendKind>,
     #[serde(default)]
     pub read_only: bool,
     pub direct: Option<bool>,
-    pub chunk_size: Option<String>,
+    pub chunk_size: Option<SizeValue>,
     /// Let `size` grow an existing smaller file (see `--volume ...,grow=true`).
     #[serde(default)]
     pub grow: bool,
@@ -161,6 +163,9 @@ pub struct Flags {
 pub struct Resolved {
     pub server: ServerConfig,
     pub rpc: PathBuf,
+    /// `rpc` is the default socket (no flag, RINGBLK_RPC or file named one): its
+    /// directory is created at start.
+    pub rpc_default: bool,
     pub data_dir: PathBuf,
 }
 
@@ -180,12 +185,14 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         .or(file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
         .parse()?;
-    let rpc = absolute(
-        flags
-            .rpc
-            .or(file.rpc)
-            .unwrap_or_else(|| data_dir.join("ringblk.sock")),
-    )?;
+    let rpc_default = flags.rpc.is_none() && file.rpc.is_none();
+    let rpc = absolute(match flags.rpc.or(file.rpc) {
+        Some(p) => p,
+        None => default_rpc_socket(
+            nix::unistd::geteuid().as_raw(),
+            std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        )?,
+    })?;
     let cores = match flags.cores.or(file.cores) {
         Some(list) => {
             let cores = parse_cores(&list)?;
@@ -218,18 +225,24 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
     let mut volumes = flags.volumes;
     for v in file.volume {
         volumes.push(VolumeSpec {
-            name: v.name,
+            name: v.name.clone(),
             path: v.path,
-            size_bytes: v.size.as_deref().map(parse_size).transpose()?,
+            size_bytes: v
+                .size
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()
+                .map_err(|e| format!("volume {}: size: {e}", v.name))?,
             block_size: v.block_size.unwrap_or(512),
             backend: v.backend.unwrap_or(BackendKind::File),
             read_only: v.read_only,
             direct: v.direct.unwrap_or(true),
             chunk_size: v
                 .chunk_size
-                .as_deref()
-                .map(parse_size)
-                .transpose()?
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()
+                .map_err(|e| format!("volume {}: chunk_size: {e}", v.name))?
                 .map_or(Ok(4096), |c| {
                     c.try_into().map_err(|_| "chunk_size too large".to_string())
                 })?,
@@ -287,7 +300,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
     let admission = AdmissionConfig {
         buffer_budget_bytes: match (flags.buffer_budget_bytes, file.buffer_budget) {
             (Some(b), _) => b,
-            (None, Some(s)) => parse_size(&s).map_err(|e| format!("buffer_budget: {e}"))?,
+            (None, Some(s)) => s.bytes().map_err(|e| format!("buffer_budget: {e}"))?,
             (None, None) => DEFAULT_BUFFER_BUDGET_BYTES,
         },
         max_handshakes: flags
@@ -324,6 +337,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             admission,
         },
         rpc,
+        rpc_default,
         data_dir,
     })
 }
@@ -452,10 +466,19 @@ mod tests {
 
     #[test]
     fn zero_config_defaults() {
-        let r = resolve(Flags::default()).expect("defaults");
+        let r = match resolve(Flags::default()) {
+            Err(e) if e.contains("no default RPC socket") => return,
+            r => r.expect("defaults"),
+        };
         assert_eq!(r.server.listen, DEFAULT_LISTEN.parse().expect("addr"));
         let cwd = std::env::current_dir().expect("cwd");
-        assert_eq!(r.rpc, cwd.join("ringblk-data/ringblk.sock"));
+        // Absolute and the same as ringblk-ctl's: not under the data dir (#17).
+        let euid = nix::unistd::geteuid().as_raw();
+        let xdg = std::env::var_os("XDG_RUNTIME_DIR");
+        if let Ok(sock) = default_rpc_socket(euid, xdg.as_deref()) {
+            assert_eq!(r.rpc, sock);
+            assert!(r.rpc_default);
+        }
         assert_eq!(r.data_dir, cwd.join("ringblk-data"));
         assert_eq!(
             r.server.volumes[0].path.as_deref(),
@@ -532,6 +555,35 @@ mod tests {
         std::fs::write(&p, "submit = \"sometimes\"\n").expect("write");
         let err = from_file(None).expect_err("bad policy");
         assert!(err.contains("submit") && err.contains("sometimes"), "{err}");
+    }
+
+    /// TOML sizes follow the one size grammar and may be plain integers (#17: `size =
+    /// 67108864` was refused).
+    #[test]
+    fn toml_sizes_are_integers_or_the_size_grammar() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "rpc = \"/tmp/x.sock\"\nbuffer_budget = 67108864\n[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 67108864\nchunk_size = 8192\n[[volume]]\nname = \"b\"\nbackend = \"null\"\nsize = \"1.5G\"\n",
+        )
+        .expect("write");
+        let flags = Flags {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let r = resolve(flags.clone()).expect("integer sizes");
+        assert_eq!(r.server.volumes[0].size_bytes, Some(64 << 20));
+        assert_eq!(r.server.volumes[0].chunk_size, 8192);
+        assert_eq!(r.server.volumes[1].size_bytes, Some(3 << 29));
+        assert_eq!(r.server.admission.buffer_budget_bytes, 64 << 20);
+        assert!(!r.rpc_default);
+        std::fs::write(&p, "[[volume]]\nname = \"a\"\nsize = \"10gb\"\n").expect("write");
+        let err = resolve(flags).expect_err("ambiguous");
+        assert!(
+            err.contains("volume a: size") && err.contains("ambiguous"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `ringblk`: the block storage target.
 //!
 //! `ringblk serve` with no flags serves `./ringblk-data/vol0.img` (1 GiB, created
-//! sparse) on 127.0.0.1:10809 with a JSON-RPC socket at `./ringblk-data/ringblk.sock`.
+//! sparse) on 127.0.0.1:10809 with a JSON-RPC socket at `/run/ringblk/ringblk.sock`
+//! (root) or `$XDG_RUNTIME_DIR/ringblk/ringblk.sock`, where `ringblk-ctl` looks too.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -164,9 +165,32 @@ struct ServeArgs {
     config: Option<PathBuf>,
     /// NBD listen address: ADDR:PORT or unix:PATH [default: 127.0.0.1:10809].
     /// Port 0 picks a free port (printed at start).
-    #[arg(long, value_name = "ADDR:PORT|unix:PATH")]
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH", conflicts_with_all = ["port", "bind"])]
     listen: Option<String>,
-    /// JSON-RPC Unix socket for ringblk-ctl [default: DATA_DIR/ringblk.sock].
+    /// TCP port to listen on, as qemu-nbd's and nbdkit's -p [default: 10809].
+    #[arg(short = 'p', long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Address to listen on, as qemu-nbd's -b [default: 127.0.0.1].
+    #[arg(short = 'b', long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// Export every volume read-only, as qemu-nbd's and nbdkit's -r.
+    #[arg(short = 'r', long)]
+    read_only: bool,
+    /// Stay in the foreground (the default; accepted as nbdkit's --foreground).
+    #[arg(long, conflicts_with = "fork")]
+    foreground: bool,
+    /// Fork into the background once serving, as qemu-nbd's --fork: the parent exits
+    /// 0 when the server is ready (1, with the child's error on stderr, if it failed to
+    /// start). The fork happens before any thread starts; the server's stdout goes to
+    /// /dev/null once the banner is printed, its stderr (the log) stays.
+    #[arg(long)]
+    fork: bool,
+    /// Write the server's process id to FILE once it serves (removed at a clean stop).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// JSON-RPC Unix socket for ringblk-ctl (or RINGBLK_RPC, or rpc= in the file)
+    /// [default: /run/ringblk/ringblk.sock as root, else
+    /// $XDG_RUNTIME_DIR/ringblk/ringblk.sock; ringblk-ctl's default too].
     #[arg(long, value_name = "PATH")]
     rpc: Option<PathBuf>,
     /// Directory for the default volume, the RPC socket, backups' deltas and manifests;
@@ -189,6 +213,8 @@ struct ServeArgs {
     #[arg(long, value_name = "POLICY", value_parser = parse_submit)]
     submit: Option<SubmitPolicy>,
     /// A volume: NAME=PATH[,size=SIZE][,block-size=512|4096][,chunk-size=4K..1M][,backend=file|mem|null][,read-only][,direct=on|off][,grow=true].
+    /// SIZE: bytes, or a number with a binary suffix K, M, G, T (or KiB, MiB, GiB,
+    /// TiB; 1K = 1024), e.g. 4096, 512M, 10G, 1.5G; KB/MB/GB are refused as ambiguous.
     /// Repeatable. The data dir keeps the list of volumes the server had (those
     /// created over RPC too) and a restart brings them all back: --volume adds to
     /// that list and must agree with what it says of a volume it names (see
@@ -225,7 +251,7 @@ struct ServeArgs {
     max_handshakes: Option<usize>,
     /// Memory that request data buffers (READ and WRITE) of all connections may hold
     /// together; a connection waits for its turn when it is used up. At least 32M,
-    /// the largest request [default: 1G].
+    /// the largest request; binary units (1G = 2^30) [default: 1G].
     #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
     buffer_budget: Option<u64>,
     /// Seconds a request may stall on its client (WRITE payload started but not
@@ -234,9 +260,19 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     request_timeout: Option<u64>,
     /// Log filter (tracing syntax), e.g. info, debug, ringblk_target=trace [default: info,
-    /// or RINGBLK_LOG].
+    /// or RINGBLK_LOG]. An invalid filter is an error.
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    /// Log line format on stderr: text (coloured only when stderr is a terminal) or
+    /// json (one object per line).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_submit(s: &str) -> Result<SubmitPolicy, String> {
@@ -257,18 +293,88 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
-    let filter = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("RINGBLK_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let env = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Logs go to stderr: ANSI colours only when it is a terminal (never into a log
+/// file), text or JSON lines. A filter that does not parse is an error naming it
+/// (it used to fall back to `info` silently).
+fn init_logging(filter: Option<&str>, format: LogFormat) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let (filter, from) = match filter {
+        Some(f) => (f.to_string(), "--log"),
+        None => match std::env::var("RINGBLK_LOG") {
+            Ok(f) => (f, "RINGBLK_LOG"),
+            Err(_) => ("info".to_string(), "the default"),
+        },
+    };
+    let env = tracing_subscriber::EnvFilter::builder()
+        .parse(&filter)
+        .map_err(|e| format!("invalid log filter {filter:?} ({from}): {e}"))?;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(env)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+    Ok(())
+}
+
+/// `--port`/`--bind` as a `--listen` address (`None` when neither is given).
+fn listen_from(bind: Option<&str>, port: Option<u16>) -> Option<String> {
+    if bind.is_none() && port.is_none() {
+        return None;
+    }
+    let host = bind.unwrap_or("127.0.0.1");
+    let port = port.unwrap_or(10809);
+    Some(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
+}
+
+/// `--fork`: forks while this process has one thread (nothing started yet). The
+/// parent waits for the child to say it serves (one byte on a pipe) and exits 0, or
+/// exits 1 when the pipe closes without it (the child failed; its error went to the
+/// shared stderr). Returns, in the child, the pipe's write end for [`ready`].
+fn fork_and_wait() -> Result<std::os::fd::OwnedFd, String> {
+    use nix::unistd::{fork, pipe, setsid, ForkResult};
+    let (rx, tx) = pipe().map_err(|e| format!("--fork: pipe: {e}"))?;
+    // SAFETY: no thread has been started yet (the fork comes first in `serve`), so
+    // the child is a full copy of a single-threaded process and may do anything.
+    match unsafe { fork() }.map_err(|e| format!("--fork: {e}"))? {
+        ForkResult::Parent { child } => {
+            drop(tx);
+            let mut byte = [0u8; 1];
+            let mut f = std::fs::File::from(rx);
+            let ready = std::io::Read::read(&mut f, &mut byte).unwrap_or(0) == 1;
+            if ready {
+                std::process::exit(0);
+            }
+            let _ = nix::sys::wait::waitpid(child, None);
+            std::process::exit(1);
+        }
+        ForkResult::Child => {
+            drop(rx);
+            // Leave the caller's session: a closed terminal must not stop the server.
+            let _ = setsid();
+            Ok(tx)
+        }
+    }
+}
+
+/// Tells the `--fork` parent that the server serves, and sends stdout (which the
+/// parent's caller may be reading to its end) to /dev/null.
+fn ready(tx: std::os::fd::OwnedFd) {
+    let mut f = std::fs::File::from(tx);
+    let _ = f.write_all(b"1");
+    drop(f);
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = std::io::stdout().flush();
+        // SAFETY: dup2 onto fd 1 of a descriptor we own; stdout's Rust handle keeps
+        // writing to fd 1, now /dev/null.
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -287,11 +393,23 @@ fn human(bytes: u64) -> String {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    init_logging(args.log.as_deref());
-    let resolved = config::resolve(Flags {
+    // First, while this process has a single thread.
+    let fork_ready = if args.fork {
+        Some(fork_and_wait()?)
+    } else {
+        None
+    };
+    init_logging(args.log.as_deref(), args.log_format)?;
+    let listen = args
+        .listen
+        .or_else(|| listen_from(args.bind.as_deref(), args.port));
+    let rpc = args
+        .rpc
+        .or_else(|| std::env::var_os("RINGBLK_RPC").map(PathBuf::from));
+    let mut resolved = config::resolve(Flags {
         config: args.config,
-        listen: args.listen,
-        rpc: args.rpc,
+        listen,
+        rpc,
         data_dir: args.data_dir,
         cores: args.cores,
         poll: args.poll,
@@ -307,6 +425,22 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_in_flight: args.max_in_flight,
         commit_queue_depth: args.commit_queue_depth,
     })?;
+    if args.read_only {
+        for v in &mut resolved.server.volumes {
+            v.read_only = true;
+        }
+    }
+    if resolved.rpc_default {
+        if let Some(dir) = resolved.rpc.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            // Private: the socket's mode is set just after bind (see RpcServer).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
     raise_nofile_limit(&resolved.server);
     // Everything is checked, the data dir locked and the listener bound before any
     // file is created; dropping `start` on an error undoes what this start created.
@@ -340,6 +474,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let lock = start.started();
 
     print_banner(&server, reactors, &idle.to_string(), &resolved.rpc);
+    if let Some(path) = &args.pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            rpc.shutdown();
+            server.shutdown();
+            return Err(format!("--pid-file {}: {e}", path.display()));
+        }
+    }
+    if let Some(tx) = fork_ready {
+        ready(tx);
+    }
 
     let sig = sigs.wait().map_err(|e| format!("sigwait: {e}"))?;
     tracing::info!(signal = ?sig, "stopping: finishing in-flight requests");
@@ -372,6 +516,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     // Only now may another server use the data dir.
     if let Some(lock) = lock {
         lock.release();
+    }
+    if let Some(path) = &args.pid_file {
+        let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped");
     Ok(())

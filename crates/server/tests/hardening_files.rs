@@ -146,7 +146,10 @@ fn a_second_writer_of_a_file_is_refused_and_named() {
     let b_size = std::fs::metadata(&b).expect("b.img").len();
     let b_sha = sha256(&b);
     ctl_json(&srv, &["backup", "create", "vol0", "snap"]);
-    let out = run(ctl(&srv).args(["backup", "copy", "vol0@snap"]).arg(&b));
+    // --force: past ringblk-ctl's refusal of an existing DEST, to the server's lock.
+    let out = run(ctl(&srv)
+        .args(["backup", "copy", "vol0@snap", "--force"])
+        .arg(&b));
     let text = stderr_of(&out);
     assert!(
         !out.status.success(),

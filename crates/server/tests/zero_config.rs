@@ -120,8 +120,13 @@ fn serve_with_no_arguments_then_run_the_banner_commands() {
         allocated < 1 << 20,
         "vol0.img must be created sparse, but {allocated} bytes are allocated"
     );
-    // The RPC socket: ./ringblk-data/ringblk.sock, owner-only.
-    let sock = data.join("ringblk.sock");
+    // The RPC socket: at the absolute default ringblk-ctl looks at too (#17; it was
+    // ./ringblk-data/ringblk.sock), owner-only.
+    let sock = ringblk_target::spec::default_rpc_socket(
+        nix::unistd::geteuid().as_raw(),
+        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+    )
+    .expect("root or XDG_RUNTIME_DIR");
     let smeta = std::fs::metadata(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
     assert!(
         smeta.file_type().is_socket(),
