@@ -120,7 +120,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 OUTFILE=$TMP/callgrind.out
-SERVE=("$BIN" serve --listen 127.0.0.1:0 --data-dir "$TMP/data"
+SERVE=("$BIN" serve --listen 127.0.0.1:0 --data-dir "$TMP/data" --rpc "$TMP/ringblk.sock"
        --volume "v=,backend=null,size=1G" --cores 0 --poll "$POLL")
 echo "== valgrind --tool=callgrind --instr-atstart=no ${SERVE[*]}" >&2
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUTFILE" \
@@ -154,7 +154,7 @@ control() {
 }
 # The reactor's busy_ticks (loop iterations that did work), from the RPC socket.
 busy_ticks() {
-    python3 - "$TMP/data/ringblk.sock" <<'PY'
+    python3 - "$TMP/ringblk.sock" <<'PY'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(60)

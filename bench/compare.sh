@@ -213,7 +213,7 @@ start_server() {
             # or its port may be read (connection refused).
             rm -f "$OUT/banner"
             # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
-            "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
+            "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" --rpc "$OUT/ringblk.$n.sock" \
                 --volume "$vol" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
             SERVER_PID=$!
             for _ in $(seq 100); do
