@@ -67,6 +67,9 @@ fn serve(args: &[&str], log: &Path) -> Started {
     cmd.arg("serve")
         .args(args)
         .env("RINGBLK_LOG", "warn")
+        // Its own RPC socket (an --rpc in ARGS wins): the default one is shared by
+        // every server of the host since #17.
+        .env("RINGBLK_RPC", log.with_extension("sock"))
         .stderr(Stdio::from(err));
     match spawn_until_banner(cmd) {
         Ok((child, banner)) => Started::Running(Running {
