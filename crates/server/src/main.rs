@@ -43,6 +43,7 @@ enum Command {
 
 CONFIG FILE (TOML; flags override it):
   listen = \"127.0.0.1:10809\"
+  rpc = \"/run/ringblk/ringblk.sock\"
   data_dir = \"/var/lib/ringblk\"
   cores = \"0-1\"
   poll = \"adaptive\"      # busy | adaptive | interrupt
@@ -54,7 +55,7 @@ CONFIG FILE (TOML; flags override it):
   [[volume]]
   name = \"vol0\"
   path = \"/var/lib/ringblk/vol0.img\"
-  size = \"10G\"
+  size = \"10G\"           # binary units (1G = 2^30), \"1.5G\", or bytes: 10737418240
   block_size = 512       # or 4096
   backend = \"file\"       # file | mem | null
   read_only = false
@@ -173,7 +174,8 @@ struct ServeArgs {
     /// Address to listen on, as qemu-nbd's -b [default: 127.0.0.1].
     #[arg(short = 'b', long, value_name = "ADDR")]
     bind: Option<String>,
-    /// Export every volume read-only, as qemu-nbd's and nbdkit's -r.
+    /// Export the volumes of --volume and the file (and the default vol0) read-only,
+    /// as qemu-nbd's and nbdkit's -r (volumes created later over RPC are not).
     #[arg(short = 'r', long)]
     read_only: bool,
     /// Stay in the foreground (the default; accepted as nbdkit's --foreground).
@@ -193,7 +195,7 @@ struct ServeArgs {
     /// $XDG_RUNTIME_DIR/ringblk/ringblk.sock; ringblk-ctl's default too].
     #[arg(long, value_name = "PATH")]
     rpc: Option<PathBuf>,
-    /// Directory for the default volume, the RPC socket, backups' deltas and manifests;
+    /// Directory for the default volume, backups' deltas and manifests;
     /// one server at a time (it holds DATA_DIR/ringblk.lock) [default: ./ringblk-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -426,8 +428,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         commit_queue_depth: args.commit_queue_depth,
     })?;
     if args.read_only {
+        // The implicit vol0 only when its file exists: a read-only volume is never
+        // created, and a data dir with a volume list drops vol0 anyway (`catalog`).
+        let implicit = resolved.server.volumes_implicit;
         for v in &mut resolved.server.volumes {
-            v.read_only = true;
+            if !implicit || v.path.as_ref().is_some_and(|p| p.exists()) {
+                v.read_only = true;
+            }
         }
     }
     if resolved.rpc_default {
