@@ -339,6 +339,62 @@ impl Target {
     }
 }
 
+/// Offline checks and defaults the server needs before (or without) a `Target`:
+/// protocol-free facades over the private `durable`, `backend` and `persist`
+/// modules, so no front end or tool names the on-disk formats (#12 step 5.3).
+impl Target {
+    /// FLUSH/FUA requests queued for one volume's group commit at most, unless the
+    /// configuration says otherwise; more wait on their reactor (`persist` docs).
+    pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = crate::persist::DEFAULT_COMMIT_QUEUE_DEPTH;
+
+    /// `ringblk check`: reads the data dir `data_dir` (`volume`, or every volume and
+    /// the volume list) and reports what does not add up. Only reads files.
+    pub fn check_data_dir(data_dir: &Path, volume: Option<&str>) -> CheckReport {
+        let store = crate::durable::store::DirStore::new(data_dir);
+        let r = crate::durable::check::check(&store, volume);
+        CheckReport {
+            volumes: r.volumes,
+            errors: r.errors,
+            notes: r.notes,
+            lines: r.lines,
+        }
+    }
+
+    /// Refuses, before anything is created, a file volume whose existing file the
+    /// start would refuse to open: a directory, or a non-empty file smaller than
+    /// `spec.size_bytes` without `spec.grow`. A missing file is fine (it is created).
+    pub fn check_volume_file(spec: &VolumeSpec, path: &Path) -> std::io::Result<()> {
+        let opts = crate::backend::file::FileOptions {
+            size_bytes: spec.size_bytes,
+            read_only: spec.read_only,
+            direct: spec.direct,
+            grow: spec.grow,
+        };
+        crate::backend::file::check_size(path, opts)
+    }
+}
+
+/// What [`Target::check_data_dir`] found: plain text lines, so the durable formats
+/// stay private to the crate.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// The volumes checked.
+    pub volumes: Vec<String>,
+    /// Inconsistencies: a non-zero exit.
+    pub errors: Vec<String>,
+    /// Worth knowing, not wrong (torn tails, leftovers).
+    pub notes: Vec<String>,
+    /// One line per checked delta.
+    pub lines: Vec<String>,
+}
+
+impl CheckReport {
+    /// No inconsistency was found.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
 /// Every volume, by name.
 #[derive(Default)]
 pub struct Registry {

@@ -170,7 +170,7 @@ pub struct Control {
     /// `changed_since` backup) against release; see `copyjob`'s module docs.
     pub copies: Vec<Arc<dyn BackupHold>>,
     /// The next backup's delta, created ahead of its switch (`switchover::prepare`).
-    pub prepared: Option<crate::image::Delta>,
+    pub(crate) prepared: Option<crate::image::Delta>,
 }
 
 impl Control {
@@ -200,7 +200,7 @@ pub struct Volume {
     /// A thread is finishing drains that outlasted their command's wait
     /// (`switchover::finish_later`): at most one per volume.
     pub(crate) drain_helper: AtomicBool,
-    pub control: Mutex<Control>,
+    pub(crate) control: Mutex<Control>,
     /// Ready backups (their exports), by name, with the id of the delta above each
     /// (what binds `x-ringblk:changed/NAME` to that backup, not to the name).
     /// Separate from `control` because the handshake reads it on reactor threads, and
@@ -210,11 +210,11 @@ pub struct Volume {
     /// its delta at the start, which a concurrent merge could otherwise drop.
     pub(crate) merge_lock: Mutex<()>,
     /// Manifest, journals and the committer (see `persist`).
-    pub persist: crate::persist::Persist,
+    pub(crate) persist: crate::persist::Persist,
     /// What recovery found at open, for the log and for resuming merges.
     pub recovered: Option<RecoverySummary>,
     /// Injected errors (`fault_inject`), checked once per request.
-    pub faults: crate::fault::Faults,
+    pub(crate) faults: crate::fault::Faults,
     /// Prefix of this volume's delta and journal file names, unique to this
     /// lifetime of the volume (`durable::manifest::file_stem`).
     file_stem: String,
@@ -548,12 +548,12 @@ impl Volume {
     }
 
     /// The base backend and image stacks: what the data path works on.
-    pub fn images(&self) -> &Images {
+    pub(crate) fn images(&self) -> &Images {
         &self.images
     }
 
     /// Manifest, journals and the committer.
-    pub fn persist(&self) -> &crate::persist::Persist {
+    pub(crate) fn persist(&self) -> &crate::persist::Persist {
         &self.persist
     }
 
@@ -563,19 +563,19 @@ impl Volume {
     }
 
     /// [`Images::pin`].
-    pub fn pin(&self, reactor: usize) -> StackPin {
+    pub(crate) fn pin(&self, reactor: usize) -> StackPin {
         self.images.pin(reactor)
     }
 
     /// [`Images::pin_write`].
-    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
+    pub(crate) fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
         self.images.pin_write(reactor, offset, len)
     }
 
     /// The current stack, for control-plane reads that do not outlive the call.
     /// The guard proves the caller holds `control`: stacks are published and freed
     /// only under it, so the current one cannot be freed during `f`.
-    pub fn with_stack<R>(
+    pub(crate) fn with_stack<R>(
         &self,
         control: &std::sync::MutexGuard<'_, Control>,
         f: impl FnOnce(&Stack) -> R,
@@ -691,7 +691,7 @@ impl Volume {
         self.spec.read_only
     }
 
-    pub fn backend(&self) -> &Backend {
+    pub(crate) fn backend(&self) -> &Backend {
         self.images.backend()
     }
 
@@ -778,5 +778,47 @@ impl Drop for Volume {
             self.persist.discard_deltas();
         }
         // The image stacks are freed when `images` drops, right after this.
+    }
+}
+
+/// What the server reads of a volume's control-plane state, without naming the
+/// crate's private layers (`image`, `persist`): the plan's visibility rule (#12 5.3)
+/// keeps images, stacks and the manifest out of every front end's reach.
+impl Volume {
+    /// What the volume's base is (`file`, `mem`, `null`).
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend().kind()
+    }
+
+    /// The base file is open O_DIRECT (false: the page cache, or not a file).
+    pub fn is_direct(&self) -> bool {
+        self.backend().is_direct()
+    }
+
+    /// Backups of this volume, in any state.
+    pub fn backup_count(&self) -> usize {
+        self.control.lock().map_or(0, |c| c.backups.len())
+    }
+
+    /// Deltas in the current image stack (one per live backup, plus merging ones).
+    pub fn delta_count(&self) -> usize {
+        let ctl = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        self.with_stack(&ctl, |s| s.deltas.len())
+    }
+
+    /// Group commits run, and the FLUSH/FUA requests and merges they served.
+    pub fn commit_counts(&self) -> (u64, u64) {
+        self.persist.commit_counts()
+    }
+
+    /// The volume keeps a manifest (its backups survive a restart).
+    pub fn persistent(&self) -> bool {
+        self.persist.persistent()
+    }
+
+    /// Makes every acknowledged write and the manifest durable, blocking the calling
+    /// thread (not a reactor) until the group commit that covers them is done.
+    pub fn sync_metadata(&self) -> std::io::Result<()> {
+        self.persist.commit_blocking()
     }
 }
