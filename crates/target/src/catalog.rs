@@ -20,7 +20,7 @@
 //! flags serves what the list holds, possibly nothing (it says so in the log).
 //!
 //! # Format
-//! See [`crate::durable::volumes`]; a format this code does not know is refused,
+//! See `durable::volumes` (private); a format this code does not know is refused,
 //! never misread.
 //!
 //! # Durability

@@ -2,6 +2,27 @@
 //! backup switchover, merges, copy jobs, durability and statistics; and, until #12
 //! step 5.2 moves it to `ringblk-nbd`, the NBD session.
 //!
+//! # Layer
+//! Above `ringblk-reactor` and `ringblk-blockmap`, below every front end and the
+//! server. It may import those two crates, `ringblk-nbd` only until step 5.2 flips
+//! that dependency (today for `session`, `ExportInfo` and the metadata context
+//! names), and std-level crates (io-uring, nix, libc, crossbeam-channel, serde,
+//! serde_json, hdrhistogram, sha2, crc32c, thiserror, tracing). It must not depend
+//! on `ringblk-server`, clap, toml or tracing-subscriber (`ci/layers.py` checks
+//! the crate dependencies).
+//!
+//! What other crates see: the block I/O API ([`bdev`]: `Bdev`, `Channel`, `BlockOp`,
+//! the buffer types), its protocol-free vocabulary ([`error`], [`extent`], [`ops`],
+//! [`stats`]), what a volume is made of ([`spec`]), the control plane ([`target`]'s
+//! `Target`, [`volume`]'s `Volume` accessors, [`switchover`], [`copyjob`], [`merge`],
+//! [`events`], [`fault`]) and `ringblk check` (`target::Target::check_data_dir`).
+//! The layers under them, `backend`, `image`, `datapath`, `durable`, `buf`, `park`
+//! and `persist`, are private modules: images, block maps and backends are not
+//! public outside this crate, so no front end compiles against them. The crate root
+//! has `#![warn(unreachable_pub)]` (an error under clippy's `-D warnings`), and
+//! `ci/layers.py` refuses a `pub mod` or `pub use` of them and any re-export of
+//! `ringblk_blockmap`.
+//!
 //! Layout: the sans-IO NBD protocol (handshake and transmission codec) is the
 //! `ringblk-nbd` crate; `session` drives it over reactor sockets and maps the block
 //! layer's vocabulary (`error::BlockError`, `extent::Extent`, `ops::IoKind`, which know
@@ -16,18 +37,19 @@
 //!
 //! # Layers
 //! A module may use `crate::X` only if X has a strictly lower rank (its own subtree
-//! excepted); `ci/layers.py` checks it (`RANKS` there is this table) and
-//! `docs/design/block-layer-plan.md` (a) gives the final layout. Ranks 0–12 are the
-//! block device layer; 20–21 leave the crate in #12 step 5.2.
+//! excepted); `ci/layers.py` checks it (`RANKS` there is this table) and CI enforces
+//! it, which also rules out module circles. `docs/design/block-layer-plan.md` (a)
+//! gives the final layout. Ranks 0–12 are the block device layer; 20–21 leave the
+//! crate in #12 step 5.2. Private modules are marked (p).
 //!
 //! | rank | modules | what |
 //! |---|---|---|
-//! | 0 | `error`, `ops`, `extent`, `spec`, `park`, `filelock` | vocabulary, leaf helpers |
-//! | 1 | `buf`, `durable/`, `backend/`, `admission` (→ `buf`) | buffers, storage primitives, list format |
+//! | 0 | `error`, `ops`, `extent`, `spec`, `park` (p), `filelock` | vocabulary, leaf helpers |
+//! | 1 | `buf` (p), `durable/` (p), `backend/` (p), `admission` (→ `buf`) | buffers, storage primitives, list format |
 //! | 2 | `stats/`, `fault` | accounting, injected errors |
-//! | 3 | `image` | deltas, stacks, pins, `Images` (base + published stack) |
-//! | 4 | `persist` | manifest cell, group commit |
-//! | 5 | `datapath/` | the data path: fast (no deltas) and layered |
+//! | 3 | `image` (p) | deltas, stacks, pins, `Images` (base + published stack) |
+//! | 4 | `persist` (p) | manifest cell, group commit |
+//! | 5 | `datapath/` (p) | the data path: fast (no deltas) and layered |
 //! | 6 | `volume` | `Volume`, `View`, `BackupId`, `BackupHold`, `home_reactor` |
 //! | 7 | `events` | `BdevEvent`, per-reactor subscribers, notify rounds |
 //! | 8 | `bdev/`, `drain` | the block I/O API; drain rounds, `SwitchError` |
@@ -35,7 +57,46 @@
 //! | 10 | `switchover`, `copyjob` | backup create/release/list, copy-out |
 //! | 11 | `catalog` | volume list policy |
 //! | 12 | `target` | `Target`: registry, catalog, reactors |
-//! | 20–21 | `shared`, `session` | NBD front end (→ `ringblk-nbd`, step 5.2) |
+//! | 20–21 | `shared`, `session` (p) | NBD front end (→ `ringblk-nbd`, step 5.2) |
+//!
+//! # Ownership
+//! `Target` owns the volumes (`Arc<Volume>`, alive while a request, connection,
+//! merge or copy job holds one) and the persisted volume list. A `Volume` owns its
+//! base backend and its image stacks; a request pins the stack current at its
+//! admission, and a stack is freed only after a drain round shows no pin is left
+//! (`image`, `drain`). A `Channel` is one reactor's (`!Send`); request buffers move
+//! into the request and come back in a read's result, and caller memory (`SgList`)
+//! stays the caller's until `done` has run (`buf`).
+//!
+//! # Back-pressure
+//! A valid request is never failed for lack of internal room; it waits. A full
+//! `Channel` queues it and answers `Pressure::Full` (the front end stops reading);
+//! a full reactor slab parks its operations in the reactor's FIFO (`datapath`); a
+//! full commit queue parks FLUSH/FUA on their reactor (`persist`); a chunk another
+//! write is filling parks the writer in the block map. Every queue is bounded by the
+//! requests the front ends admit.
+//!
+//! # Ordering
+//! Requests start in submission order per channel and complete in any order. Data
+//! before mapping: a delta's chunk is published (and journaled) only after its data
+//! write completed. The switchover is one atomic stack publish; requests admitted
+//! before it finish on the old stack, and a partial first write into the new delta
+//! waits until no older write to its chunk is in flight (`datapath::layered`).
+//!
+//! # Durability
+//! A volume is a disk with a volatile write cache: a write is durable once a FLUSH
+//! or its own FUA has completed, on any channel of the volume. The group commit
+//! (`persist`) syncs data files before the journals that map them, bottom to top;
+//! manifests and the volume list are replaced atomically (write, fsync, rename,
+//! fsync the directory). Recovery replays the journals and drops only a torn tail
+//! (`durable`).
+//!
+//! # Cancellation
+//! The layer never drops a request: `done` runs exactly once, on the submitting
+//! reactor, even after the volume is removed or a backup released (then with
+//! `Removed`). A front end that goes away lets its requests complete; events
+//! (`events`) tell it to close, it is never closed by the layer. Copy jobs are
+//! cancelled by flag and stop once their I/O has drained (`copyjob`).
 
 #![warn(unreachable_pub)]
 

@@ -3,7 +3,7 @@
 //! # Sharing
 //! A [`Volume`] is immutable after creation except for its counters and its
 //! `removed` flag (and the control plane's own state: `control`, the published and
-//! retired stacks in [`Images`], `drain_helper`), so every reactor reads it through an `Arc` without locks. The
+//! retired stacks in `image::Images`, `drain_helper`), so every reactor reads it through an `Arc` without locks. The
 //! [`Registry`] map is behind an `RwLock` that only the control plane takes: the
 //! handshake (to look an export up) and RPC calls. The data path never touches it.
 //!
