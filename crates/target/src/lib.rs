@@ -21,7 +21,31 @@
 //! public outside this crate, so no front end compiles against them. The crate root
 //! has `#![warn(unreachable_pub)]` (an error under clippy's `-D warnings`), and
 //! `ci/layers.py` refuses a `pub mod` or `pub use` of them and any re-export of
-//! `ringblk_blockmap`.
+//! `ringblk_blockmap`. Doc tests (compiled as another crate would be) hold it: the
+//! public path compiles,
+//! ```
+//! fn serve(v: &ringblk_target::volume::Volume) -> (usize, bool) {
+//!     (v.backup_count(), v.persistent())
+//! }
+//! ```
+//! and the private layers do not:
+//! ```compile_fail
+//! use ringblk_target::image::Images;
+//! ```
+//! ```compile_fail
+//! use ringblk_target::backend::Backend;
+//! ```
+//! ```compile_fail
+//! use ringblk_target::durable::store::DirStore;
+//! ```
+//! ```compile_fail
+//! use ringblk_target::persist::Persist;
+//! ```
+//! ```compile_fail
+//! fn peek(v: &ringblk_target::volume::Volume) -> usize {
+//!     v.images().size_bytes() as usize // pub(crate): the stacks stay inside
+//! }
+//! ```
 //!
 //! Layout: the sans-IO NBD protocol (handshake and transmission codec) is the
 //! `ringblk-nbd` crate; `session` drives it over reactor sockets and maps the block
