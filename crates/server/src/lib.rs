@@ -6,11 +6,10 @@
 //! # Layer
 //! The top of the workspace: nothing imports this crate except its own binary and
 //! integration tests (`tests/`, which drive the built `ringblk` and `ringblk-ctl`).
-//! It may import `ringblk_target`'s public API and `ringblk_reactor`, plus clap,
-//! toml and tracing-subscriber, which the block layer must not depend on. The NBD
-//! session is reached only through `ringblk_target::nbd_session_transitional`
-//! (install, start, evict_handshake) until #12 step 5.2 moves the session into
-//! `ringblk-nbd`'s front end.
+//! It may import `ringblk_target`'s public API, `ringblk_reactor` and
+//! `ringblk_nbd::frontend` (the NBD front end: `NbdFrontend::{install, start,
+//! evict_handshake}`, `NbdShared`, `NbdExports`), plus clap, toml and
+//! tracing-subscriber, which the block layer must not depend on.
 //!
 //! Inside, lower modules do not use higher ones: `rpc` (JSON-RPC 2.0 transport, knows
 //! no method) and `datadir` (the data-dir lock) use nothing of this crate; `listen`
@@ -21,8 +20,8 @@
 //! # Contracts
 //! - Ownership: [`server::Server`] owns the reactor pool and the accept thread;
 //!   reactors, the accept thread and the RPC thread share one
-//!   `Arc<ringblk_target::shared::ServerShared>` (the `Target`, connection counters,
-//!   limits, admission). [`server::Server::shutdown`] closes the listener first, then
+//!   `Arc<ServerShared>` (`ringblk_nbd::frontend::NbdShared`: the `Target`, the
+//!   export catalog, connection counters, limits, admission). [`server::Server::shutdown`] closes the listener first, then
 //!   lets connections finish their requests and joins the reactors.
 //! - Start order: the listener is bound and every file is checked before any file is
 //!   created ([`startup`]); a failed start removes what it created.
