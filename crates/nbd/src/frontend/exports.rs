@@ -136,3 +136,66 @@ impl ExportCatalog for NbdExports {
             .unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringblk_target::spec::VolumeSpec;
+
+    /// What the handshake offers for live volumes: the `ExportInfo` that
+    /// `Volume::export_info` gave before it moved here (typed out), the default
+    /// export, the contexts and bindings of a volume without backups, and no export
+    /// for a name that is not there.
+    #[test]
+    fn live_exports_are_described_as_before_the_move() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let target = Arc::new(Target::new(dir.path().to_path_buf(), 1, 64));
+        let parse = |s: &str| s.parse::<VolumeSpec>().expect("spec");
+        target
+            .add_volume(parse("v=,backend=mem,size=1M,block-size=512"))
+            .expect("v");
+        target
+            .add_volume(parse("w=,backend=null,size=1M,block-size=4096,ro"))
+            .expect("w");
+        let exports = NbdExports::new(target.clone());
+        let want = |name: &str, kind: &str, bs: u32, read_only: bool| ExportInfo {
+            name: name.to_string(),
+            description: format!("ringblk {kind} volume"),
+            size_bytes: 1 << 20,
+            read_only,
+            block_size_min: bs,
+            block_size_preferred: bs.max(4096),
+            block_size_max: 32 << 20,
+            can_trim: true,
+            can_write_zeroes: true,
+            can_fast_zero: true,
+            can_cache: true,
+            can_multi_conn: true,
+            can_flush: true,
+            can_fua: true,
+            rotational: false,
+        };
+        let (v, w) = (want("v", "mem", 512, false), want("w", "null", 4096, true));
+        assert_eq!(exports.lookup("v"), Some(v.clone()));
+        assert_eq!(exports.lookup("w"), Some(w.clone()));
+        // The default export is the first volume.
+        assert_eq!(exports.lookup(""), Some(v.clone()));
+        assert_eq!(exports.lookup("x"), None);
+        assert_eq!(exports.lookup("v@b"), None);
+        let mut list = exports.list();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(list, [v, w]);
+        assert_eq!(exports.meta_contexts("v"), [proto::META_BASE_ALLOCATION]);
+        assert_eq!(exports.meta_context_binding("v", "x-ringblk:changed/b"), 0);
+        // A backup's export is its volume's, read-only, with nothing that writes.
+        let vol = target.registry().get("v").expect("v");
+        let b = backup_export_info(&vol, "b");
+        assert_eq!((b.name.as_str(), b.read_only), ("v@b", true));
+        assert_eq!(b.description, "ringblk backup b of v");
+        assert!(!b.can_trim && !b.can_write_zeroes && !b.can_fast_zero);
+        assert_eq!(
+            (b.size_bytes, b.block_size_min, b.can_flush),
+            (1 << 20, 512, true)
+        );
+    }
+}
