@@ -7,12 +7,12 @@
 //! knows no protocol: every NBD word, errno and flag is chosen in this module tree.
 //! Moved out of the target crate in #12 step 5.2.
 //!
-//! - [`session`]: one connection's state machine (handshake, then transmission).
+//! - `session`: one connection's state machine (handshake, then transmission).
 //! - [`NbdShared`]: what sessions, the listener and RPC share (the export catalog,
 //!   connection counters, timeouts, admission).
 //! - [`exports`]: [`NbdExports`], the handshake's catalog over the `Target`.
 //! - [`errors`]: THE mapping `BlockError` → `NbdErrno` ([`nbd_errno`]).
-//! - [`extents`]: `ExtentFlags` → `base:allocation` / changed-context wire flags.
+//! - `extents`: `ExtentFlags` → `base:allocation` / changed-context wire flags.
 //!
 //! # Wiring
 //! On every reactor, once, at start: [`NbdFrontend::install`]. For every accepted
@@ -27,8 +27,8 @@ use ringblk_reactor::Reactor;
 
 pub mod errors;
 pub mod exports;
-pub(crate) mod extents;
-pub mod session;
+mod extents;
+mod session;
 mod shared;
 
 pub use errors::nbd_errno;

@@ -24,7 +24,7 @@
 //! replies go out — TCP back-pressure, never unbounded queues. Every queued reply byte
 //! counts (`unsent_bytes`): data replies, but also the greeting and handshake replies,
 //! acknowledgements of zero-length requests and errors of refused ones. Those not
-//! backed by the buffer budget are bounded on their own by [`REPLY_QUEUE_MAX_BYTES`]
+//! backed by the buffer budget are bounded on their own by `REPLY_QUEUE_MAX_BYTES`
 //! (small replies are coalesced, so memory follows the count), so a client that
 //! sends headers and never reads makes the server stop reading, not grow.
 //!
