@@ -88,15 +88,10 @@ RANKS = {
     "copyjob": 10,
     "catalog": 11,
     "target": 12,  # 2A.6: Target (volume::Registry and server.rs's volume half)
-    # -- ranks 20-21: leave for crates/nbd (above the target crate) -----------------
-    # Nothing of the block layer may import them; the whole nbd subtree leaves.
-    "nbd": 20,  # sans-IO codec -> crates/nbd (4C.1)
-    "session": 21,  # NBD sessions on reactors -> crates/nbd frontend (5.2)
-    "shared": 20,  # ServerShared (2A): what sessions, listeners and RPC share; below
-    #                both session and server, leaves with session as NbdShared (5.2)
-    # The server's modules (rpc, listen, config, startup, server, methods, datadir
-    # and the bin's main) left for crates/server in 5.1: it sits above this crate
-    # and reaches the session only through lib.rs's nbd_session_transitional.
+    # The sans-IO codec (nbd, 4C.1), the front end's sessions and what they share
+    # (session, shared -> crates/nbd's frontend, 5.2) and the server's modules (rpc,
+    # listen, config, startup, server, methods, datadir and the bin's main ->
+    # crates/server, 5.1) left the crate: both crates sit above it.
     "sim_tests": 99,  # #[cfg(test)] deterministic multi-reactor tests
 }
 # lib.rs declares the modules; it is the crate root, not a layer.

@@ -8,12 +8,10 @@
 //! integration tests (`tests/`, which drive the built `ringblk` and `ringblk-ctl`).
 //! It may import `ringblk_target`'s public API (its images, block maps, backends
 //! and durable formats are private to it, so the server reads volumes through
-//! `Volume`, `Target`, `switchover` and `bdev` methods) and `ringblk_reactor`, plus
-//! clap, toml and tracing-subscriber, which the block layer must not depend on;
-//! `ringblk-nbd` only in its tests (the client side). The NBD
-//! session is reached only through `ringblk_target::nbd_session_transitional`
-//! (install, start, evict_handshake) until #12 step 5.2 moves the session into
-//! `ringblk-nbd`'s front end.
+//! `Volume`, `Target`, `switchover` and `bdev` methods), `ringblk_reactor` and
+//! `ringblk_nbd::frontend` (the NBD front end: `NbdFrontend::{install, start,
+//! evict_handshake}`, `NbdShared`, `NbdExports`), plus clap, toml and
+//! tracing-subscriber, which the block layer must not depend on.
 //!
 //! Inside, lower modules do not use higher ones: `rpc` (JSON-RPC 2.0 transport, knows
 //! no method) and `datadir` (the data-dir lock) use nothing of this crate; `listen`
@@ -23,10 +21,10 @@
 //!
 //! # Ownership
 //! [`server::Server`] owns the reactor pool and the accept thread; reactors, the
-//! accept thread and the RPC thread share one
-//! `Arc<ringblk_target::shared::ServerShared>` (the `Target`, connection counters,
-//! limits, admission). [`server::Server::shutdown`] closes the listener first, then
-//! lets connections finish their requests and joins the reactors.
+//! accept thread and the RPC thread share one `Arc<ServerShared>`
+//! (`ringblk_nbd::frontend::NbdShared`: the `Target`, the export catalog, connection
+//! counters, limits, admission). [`server::Server::shutdown`] closes the listener
+//! first, then lets connections finish their requests and joins the reactors.
 //!
 //! # Ordering
 //! Start order: the listener is bound and every file is checked before any file is

@@ -344,7 +344,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let sig = sigs.wait().map_err(|e| format!("sigwait: {e}"))?;
     tracing::info!(signal = ?sig, "stopping: finishing in-flight requests");
     rpc.shutdown();
-    let volumes = server.shared.registry.list();
+    let volumes = server.shared.target.registry().list();
     server.shutdown();
     // Like a disk flushing its cache at power-off: everything acknowledged so far
     // becomes durable; backups stay in the data dir for the next start.
@@ -423,7 +423,7 @@ fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::P
         server.local_addr,
         rpc.display()
     );
-    let vols = server.shared.registry.list();
+    let vols = server.shared.target.registry().list();
     let _ = writeln!(out, "exports:");
     for v in &vols {
         let path = v

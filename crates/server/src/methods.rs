@@ -48,7 +48,7 @@ impl Methods {
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
         if let Some(reactors) = m.shared.target.reactors() {
-            for v in m.shared.registry.list() {
+            for v in m.shared.target.registry().list() {
                 ringblk_target::copyjob::resume(&m.copies, reactors, &v);
             }
         }
@@ -274,7 +274,8 @@ fn failed_json(s: &VolumeSpec, error: &str) -> Value {
 impl Methods {
     fn volume(&self, name: &str) -> Result<Arc<Volume>, RpcError> {
         self.shared
-            .registry
+            .target
+            .registry()
             .get(name)
             .filter(|_| !name.is_empty())
             .ok_or_else(|| volume_error(VolumeError::NotFound(name.to_string())))
@@ -357,8 +358,13 @@ impl RpcHandler for Methods {
             }
             "volume_list" => {
                 let _: Value = params;
-                let mut out: Vec<Value> =
-                    sh.registry.list().iter().map(|v| volume_json(v)).collect();
+                let mut out: Vec<Value> = sh
+                    .target
+                    .registry()
+                    .list()
+                    .iter()
+                    .map(|v| volume_json(v))
+                    .collect();
                 // Volumes of the persisted list left out at start, and why.
                 out.extend(
                     sh.target
@@ -376,7 +382,8 @@ impl RpcHandler for Methods {
             // The same exports NBD_OPT_LIST offers: every volume, then the read-only
             // `VOL@NAME` export of each of its ready backups.
             "export_list" => Ok(Value::Array(
-                sh.registry
+                sh.target
+                    .registry()
                     .list()
                     .iter()
                     .flat_map(|v| {
@@ -395,11 +402,12 @@ impl RpcHandler for Methods {
                 let p: StatsParams = parse_params(params)?;
                 let vols: Vec<_> = match p.volume {
                     Some(name) => vec![sh
-                        .registry
+                        .target
+                        .registry()
                         .get(&name)
                         .filter(|_| !name.is_empty())
                         .ok_or_else(|| volume_error(VolumeError::NotFound(name)))?],
-                    None => sh.registry.list(),
+                    None => sh.target.registry().list(),
                 };
                 // Latencies need a round trip to every reactor: only when asked for.
                 let lat = if p.hist || p.reset {
@@ -498,7 +506,7 @@ impl RpcHandler for Methods {
                 let p: BackupListParams = parse_params(params)?;
                 let vols = match p.volume {
                     Some(n) => vec![self.volume(&n)?],
-                    None => sh.registry.list(),
+                    None => sh.target.registry().list(),
                 };
                 Ok(Value::Array(
                     vols.iter()

@@ -1,15 +1,14 @@
 //! ringblk-target: the block device layer. Volumes, image stacks, the data path,
-//! backup switchover, merges, copy jobs, durability and statistics; and, until #12
-//! step 5.2 moves it to `ringblk-nbd`, the NBD session.
+//! backup switchover, merges, copy jobs, durability and statistics. It knows no
+//! protocol.
 //!
 //! # Layer
-//! Above `ringblk-reactor` and `ringblk-blockmap`, below every front end and the
-//! server. It may import those two crates, `ringblk-nbd` only until step 5.2 flips
-//! that dependency (today for `session`, `ExportInfo` and the metadata context
-//! names), and std-level crates (io-uring, nix, libc, crossbeam-channel, serde,
-//! serde_json, hdrhistogram, sha2, crc32c, thiserror, tracing). It must not depend
-//! on `ringblk-server`, clap, toml or tracing-subscriber (`ci/layers.py` checks
-//! the crate dependencies).
+//! Above `ringblk-reactor` and `ringblk-blockmap`, below every front end (NBD's is
+//! `ringblk-nbd`'s `frontend`) and the server. It may import those two crates and
+//! std-level crates (io-uring, nix, libc, crossbeam-channel, serde, serde_json,
+//! hdrhistogram, sha2, crc32c, thiserror, tracing). It must not depend on
+//! `ringblk-nbd`, `ringblk-server`, clap, toml or tracing-subscriber (`ci/layers.py`
+//! checks the crate dependencies).
 //!
 //! What other crates see: the block I/O API ([`bdev`]: `Bdev`, `Channel`, `BlockOp`,
 //! the buffer types), its protocol-free vocabulary ([`error`], [`extent`], [`ops`],
@@ -47,24 +46,20 @@
 //! }
 //! ```
 //!
-//! Layout: the sans-IO NBD protocol (handshake and transmission codec) is the
-//! `ringblk-nbd` crate; `session` drives it over reactor sockets and maps the block
-//! layer's vocabulary (`error::BlockError`, `extent::Extent`, `ops::IoKind`, which know
-//! no protocol) to NBD's at its edge, `shared` is what the sessions share with the
-//! listeners and RPC methods, `admission` holds the server-wide limits on what clients
-//! may hold, `target` holds the volumes and their persisted list, and `bdev` is the
-//! protocol-free block I/O API every front end submits through (`datapath/` runs its
-//! requests). The `ringblk`
-//! binary, its configuration, listeners, wiring and JSON-RPC server are the
-//! `ringblk-server` crate (`crates/server`, #12 step 5.1), which uses this one; it
-//! reaches the session only through [`nbd_session_transitional`].
+//! Layout: `bdev` is the protocol-free block I/O API every front end submits through
+//! (`datapath/` runs its requests); its vocabulary (`error::BlockError`,
+//! `extent::Extent`, `ops::IoKind`) is mapped to a wire protocol by each front end at
+//! its edge, in the front end's own crate (NBD's is `ringblk-nbd`'s `frontend`,
+//! #12 step 5.2). `admission` holds the server-wide limits on what clients may hold,
+//! and `target` holds the volumes and their persisted list. The `ringblk` binary, its
+//! configuration, listeners, wiring and JSON-RPC server are the `ringblk-server`
+//! crate (`crates/server`), which uses this one and wires the front ends to it.
 //!
 //! # Layers
 //! A module may use `crate::X` only if X has a strictly lower rank (its own subtree
 //! excepted); `ci/layers.py` checks it (`RANKS` there is this table) and CI enforces
 //! it, which also rules out module circles. `docs/design/block-layer-plan.md` (a)
-//! gives the final layout. Ranks 0–12 are the block device layer; 20–21 leave the
-//! crate in #12 step 5.2. Private modules are marked (p).
+//! gives the final layout. Private modules are marked (p).
 //!
 //! | rank | modules | what |
 //! |---|---|---|
@@ -81,7 +76,6 @@
 //! | 10 | `switchover`, `copyjob` | backup create/release/list, copy-out |
 //! | 11 | `catalog` | volume list policy |
 //! | 12 | `target` | `Target`: registry, catalog, reactors |
-//! | 20–21 | `shared`, `session` (p) | NBD front end (→ `ringblk-nbd`, step 5.2) |
 //!
 //! # Ownership
 //! `Target` owns the volumes (`Arc<Volume>`, alive while a request, connection,
@@ -143,10 +137,6 @@ pub mod merge;
 pub mod ops;
 mod park;
 mod persist;
-// Leaves for ringblk-nbd in #12 step 5.2 (its items become that crate's API there).
-#[allow(unreachable_pub)]
-mod session;
-pub mod shared;
 pub mod spec;
 pub mod stats;
 /// Moved to [`stats::latency`] (#12 step 1); re-exported so paths keep working.
@@ -154,38 +144,6 @@ pub use stats::latency;
 pub mod switchover;
 pub mod target;
 pub mod volume;
-
-/// The NBD session, reachable from the server crate until it leaves this crate (#12
-/// step 5.2 moves `session` to `ringblk-nbd` and deletes this module). These three
-/// calls are all `ringblk-server` needs to serve NBD: install the per-reactor
-/// connection table, start a session on an accepted socket, and close a negotiating
-/// connection the listener's admission makes give way. `shared::ServerShared` is the
-/// state they share with the listener and the RPC methods.
-#[doc(hidden)]
-pub mod nbd_session_transitional {
-    use std::os::fd::OwnedFd;
-    use std::sync::Arc;
-
-    use ringblk_reactor::Reactor;
-
-    use crate::shared::ServerShared;
-
-    /// Installs the reactor's NBD connection table; call once per reactor at start.
-    pub fn install(r: &mut Reactor) {
-        crate::session::install(r)
-    }
-
-    /// Starts an NBD session (handshake, then transmission) on `sock`, accepted by
-    /// the listener as connection `id`, on reactor `r`.
-    pub fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd, id: u64) {
-        crate::session::start(r, shared, sock, id)
-    }
-
-    /// Closes connection `id` if it lives on `r` and is still negotiating.
-    pub fn evict_handshake(r: &mut Reactor, id: u64) {
-        crate::session::evict_handshake(r, id)
-    }
-}
 
 #[cfg(test)]
 mod sim_tests;

@@ -20,7 +20,7 @@
 //! Registering and then trying once more closes the race with a committer that
 //! emptied the queue in between. A waiting FLUSH keeps counting in its connection's
 //! in-flight requests, so a connection that floods FLUSHes stops being read once it
-//! reaches its limit: that limit (`session::MAX_IN_FLIGHT` per connection) is what
+//! reaches its limit: that limit (the front end's requests per connection) is what
 //! bounds the reactor's wait queue. Waits are counted in the volume's
 //! `commit_queue_waits`.
 //!

@@ -25,7 +25,6 @@ use crate::stats::counters::VolumeCounters;
 /// Moved to [`crate::stats::counters`] (#12 step 1); re-exported so paths keep working.
 pub use crate::stats::counters::{bump, OpCounters, VolumeStats};
 use crate::stats::Label;
-use ringblk_nbd::ExportInfo;
 
 /// Largest request payload served: [`crate::ops::IO_MAX_BYTES`] (moved there in #12
 /// 2A so that `admission` need not import `volume`).
@@ -181,10 +180,6 @@ impl Control {
         self.copies.iter().find(|c| c.holds(name)).cloned()
     }
 }
-
-/// Metadata context prefix of "chunks changed since backup NAME" (incremental
-/// backup): `x-ringblk:changed/NAME`, flags bit 0 set on changed chunks.
-pub const META_CHANGED_PREFIX: &str = "x-ringblk:changed/";
 
 /// A named export.
 pub struct Volume {
@@ -707,11 +702,13 @@ impl Volume {
         self.connections.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn connection_opened(&self) {
+    /// A front end's connection to this volume opened (the `connections` stat).
+    pub fn connection_opened(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn connection_closed(&self) {
+    /// A front end's connection to this volume closed.
+    pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -728,41 +725,6 @@ impl Volume {
 
     pub fn stats(&self) -> VolumeStats {
         self.stats.stats(self.name(), self.connections())
-    }
-
-    /// The read-only export of backup `backup` (`VOL@BACKUP`).
-    pub fn backup_export_info(&self, backup: &str) -> ExportInfo {
-        let mut info = self.export_info();
-        info.name = format!("{}@{backup}", self.name());
-        info.description = format!("ringblk backup {backup} of {}", self.name());
-        info.read_only = true;
-        info.can_trim = false;
-        info.can_write_zeroes = false;
-        info.can_fast_zero = false;
-        info
-    }
-
-    /// What the handshake tells clients about this export.
-    pub fn export_info(&self) -> ExportInfo {
-        let bs = self.block_size();
-        let punch = self.backend().can_punch();
-        ExportInfo {
-            name: self.name().to_string(),
-            description: format!("ringblk {} volume", self.backend().kind()),
-            size_bytes: self.size_bytes(),
-            read_only: self.read_only(),
-            block_size_min: bs,
-            block_size_preferred: bs.max(4096),
-            block_size_max: PAYLOAD_MAX_BYTES,
-            can_trim: punch,
-            can_write_zeroes: true,
-            can_fast_zero: punch,
-            can_cache: true,
-            can_multi_conn: true,
-            can_flush: true,
-            can_fua: true,
-            rotational: false,
-        }
     }
 }
 

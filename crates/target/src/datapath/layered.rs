@@ -24,8 +24,8 @@
 //! full waits in the reactor's FIFO wait queue and is submitted as completions free
 //! slots (SPDK's `spdk_bdev_queue_io_wait`), counted in the volume's `slab_waits`. A
 //! valid request never fails for lack of slots. The queue is bounded by the
-//! connections, not here: a connection executes at most `session::MAX_IN_FLIGHT`
-//! requests and `session::MAX_IN_FLIGHT_BYTES` of payload (one request may
+//! connections, not here: a connection executes at most its front end's bound
+//! of requests and of payload bytes (one request may
 //! overshoot) before it stops reading its socket, and a request has at most one
 //! waiting operation per chunk it spans, plus one per read-merge; so the queue holds
 //! at most, per connection, that many chunks' worth of operations.
