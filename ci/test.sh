@@ -57,8 +57,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # a violation planted in a temp copy, so a green run of the check means something.
 step "ci/layers.py --self-test (each layer rule catches a planted violation)"
 python3 ci/layers.py --self-test
-step "ci/layers.py (layering of ringblk-target, visibility, crate deps: enforced)"
-python3 ci/layers.py
+step "ci/layers.py (layering of ringblk-target, visibility, crate deps, no NBD in the target: enforced)"
+python3 ci/layers.py --after-5-2
 
 step "cargo test --workspace"
 cargo test --workspace
