@@ -51,10 +51,14 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-# PLAN12 (issue #12): the target crate's module layering. Report mode prints the
-# upward imports still to cut and never fails; step 5.3 drops --report to enforce.
-step "ci/layers.py --report (module layering of ringblk-target, not enforced yet)"
-python3 ci/layers.py --report
+# PLAN12 (issue #12) section g: the target crate's module ranks (no upward import,
+# hence no module circle), the private layers' visibility and the crates' dependency
+# directions. Enforced since step 5.3; --self-test first shows that each rule catches
+# a violation planted in a temp copy, so a green run of the check means something.
+step "ci/layers.py --self-test (each layer rule catches a planted violation)"
+python3 ci/layers.py --self-test
+step "ci/layers.py (layering of ringblk-target, visibility, crate deps, no NBD in the target: enforced)"
+python3 ci/layers.py --after-5-2
 
 step "cargo test --workspace"
 cargo test --workspace

@@ -48,6 +48,25 @@
 //! # Ok::<(), ringblk_blockmap::Error>(())
 //! ```
 //!
+//! # Layer
+//! A leaf of the workspace: it imports no other ringblk crate, only std,
+//! thiserror and libc (loom under `cfg(loom)`). Inside the workspace only
+//! `ringblk-target` uses it, and privately: its image, data path, merge and
+//! durability layers hold maps, and no map type is part of the target crate's public
+//! API (`ci/layers.py` checks that it is never re-exported).
+//!
+//! # Back-pressure
+//! The map never blocks and never queues a caller's work: a chunk another writer
+//! or a merge owns is [`Claim::Busy`] / [`BeginMerge::Busy`], and the caller parks
+//! ([`BlockMap::park`]) and retries when woken. Each parked writer costs one waiter
+//! node, so the caller bounds the waiters by bounding its requests.
+//!
+//! # Durability
+//! The map is memory only. Its state changes are described by [`MapRecord`]s
+//! (`Install` at publish, `Unmap` at merge finish) that the target journals, data
+//! first; [`BlockMap::from_records`] rebuilds a map from them at recovery and
+//! refuses a sequence no map could have produced (`record` module docs).
+//!
 //! # Ownership
 //! The map owns its tree; nodes are never freed while the map is alive, so guards
 //! and iterators borrow entries by reference (guards hold `&BlockMap` or

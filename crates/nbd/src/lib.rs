@@ -1,18 +1,21 @@
-//! ringblk-nbd: the sans-IO NBD protocol. Bytes in, events and replies out; no sockets,
-//! no threads, no clocks, no storage.
+//! ringblk-nbd: the NBD protocol. Its codec is sans-IO: bytes in, events and replies
+//! out; no sockets, no threads, no clocks, no storage. With the feature `frontend`
+//! (default) it is also the NBD front end of the block layer: sessions on reactors.
 //!
 //! # What this crate may import
-//! `std` and `thiserror`, nothing else, and nothing of ringblk: the storage target
-//! depends on this crate (for now, until the NBD session moves here behind a
-//! `frontend` feature), never the other way round, and the fuzz targets and the load
-//! generator build it without the rest of the server. Host-specific mappings (OS errno
-//! → [`NbdErrno`]) belong to the caller.
+//! The codec (every module but `frontend`): `std` and `thiserror`, nothing else, and
+//! nothing of ringblk; the fuzz targets and the load generator build it with
+//! `default-features = false`, without the rest of the server. `frontend` imports
+//! `ringblk-target` (its public, protocol-free block I/O API) and `ringblk-reactor`:
+//! the target depends on no protocol, and this crate never on `ringblk-server`.
+//! The mapping of the block layer's errors to [`NbdErrno`] is `frontend::nbd_errno`.
 //!
 //! - [`proto`]: wire constants, header lengths, [`NbdErrno`], [`ProtocolError`].
 //! - [`handshake`]: server side of fixed newstyle negotiation ([`Handshake`]).
 //! - [`codec`]: transmission requests: decoding, validation, [`TransmissionDecoder`].
 //! - [`reply`]: simple and structured reply encoders.
 //! - [`fuzz`]: entry points shared by the cargo-fuzz targets and the corpus test.
+//! - `frontend` (feature): `NbdFrontend`, the session, `NbdShared`, `NbdExports`.
 //! - [`client`]: the client side (handshake with `NBD_OPT_GO`, request encoder, simple
 //!   reply parser), used by ringblk-bench and checked against the server side.
 //!
@@ -32,6 +35,8 @@
 
 pub mod client;
 pub mod codec;
+#[cfg(feature = "frontend")]
+pub mod frontend;
 pub mod fuzz;
 pub mod handshake;
 pub mod proto;

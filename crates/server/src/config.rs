@@ -11,7 +11,7 @@ use crate::listen::ListenAddr;
 use ringblk_target::admission::{
     AdmissionConfig, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_HANDSHAKES, DEFAULT_REQUEST_TIMEOUT,
 };
-use ringblk_target::backend::BackendKind;
+use ringblk_target::spec::BackendKind;
 use ringblk_target::spec::{default_rpc_socket, SizeValue};
 /// Moved to [`ringblk_target::spec`] (#12 step 1); re-exported so paths keep working.
 pub use ringblk_target::spec::{parse_size, parse_volume};
@@ -344,7 +344,8 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
 
 /// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
 /// their reactor (`persist` module docs).
-pub use ringblk_target::persist::DEFAULT_COMMIT_QUEUE_DEPTH;
+pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize =
+    ringblk_target::target::Target::DEFAULT_COMMIT_QUEUE_DEPTH;
 const COMMIT_QUEUE_DEPTH_MAX: usize = 1 << 20;
 /// Reactor operations in flight per reactor by default.
 const DEFAULT_MAX_IN_FLIGHT: usize = 4096;

@@ -116,8 +116,8 @@ fn check(args: CheckArgs) -> ExitCode {
              files in use (a journal tail being written may show as torn)"
         )
     });
-    let store = ringblk_target::durable::store::DirStore::new(&args.data_dir);
-    let mut rep = ringblk_target::durable::check::check(&store, args.volume.as_deref());
+    let mut rep =
+        ringblk_target::target::Target::check_data_dir(&args.data_dir, args.volume.as_deref());
     rep.notes.extend(server);
     if args.json {
         let v = serde_json::json!({
@@ -495,17 +495,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let sig = sigs.wait().map_err(|e| format!("sigwait: {e}"))?;
     tracing::info!(signal = ?sig, "stopping: finishing in-flight requests");
     rpc.shutdown();
-    let volumes = server.shared.registry.list();
+    let volumes = server.shared.target.registry().list();
     server.shutdown();
     // Like a disk flushing its cache at power-off: everything acknowledged so far
     // becomes durable; backups stay in the data dir for the next start.
     for v in volumes {
-        let backups = v.control.lock().map(|c| c.backups.len()).unwrap_or(0);
+        let backups = v.backup_count();
         if backups == 0 {
             continue;
         }
-        match v.persist.commit_blocking() {
-            Ok(()) if v.persist.persistent() => {
+        match v.sync_metadata() {
+            Ok(()) if v.persistent() => {
                 tracing::info!(
                     volume = v.name(),
                     backups,
@@ -577,7 +577,7 @@ fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::P
         server.local_addr,
         rpc.display()
     );
-    let vols = server.shared.registry.list();
+    let vols = server.shared.target.registry().list();
     let _ = writeln!(out, "exports:");
     for v in &vols {
         let path = v
@@ -591,7 +591,7 @@ fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::P
             v.name(),
             human(v.size_bytes()),
             v.block_size(),
-            v.backend().kind(),
+            v.backend_kind(),
             path,
             if v.read_only() { "  (read-only)" } else { "" }
         );

@@ -10,10 +10,10 @@ use serde_json::{json, Value};
 
 use crate::rpc::{parse_params, RpcError, RpcHandler};
 use crate::server::ServerShared;
-use ringblk_target::backend::BackendKind;
 use ringblk_target::copyjob::CopyError;
 use ringblk_target::fault::FaultError;
 use ringblk_target::latency::VolumeHistograms;
+use ringblk_target::spec::BackendKind;
 use ringblk_target::switchover::SwitchError;
 use ringblk_target::volume::{Volume, VolumeError, VolumeSpec};
 
@@ -48,7 +48,7 @@ impl Methods {
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
         if let Some(reactors) = m.shared.target.reactors() {
-            for v in m.shared.registry.list() {
+            for v in m.shared.target.registry().list() {
                 ringblk_target::copyjob::resume(&m.copies, reactors, &v);
             }
         }
@@ -249,9 +249,9 @@ pub fn volume_json(v: &Volume) -> Value {
         "path": v.spec().path,
         "size_bytes": v.size_bytes(),
         "block_size": v.block_size(),
-        "backend": v.backend().kind(),
+        "backend": v.backend_kind(),
         "read_only": v.read_only(),
-        "direct": v.backend().is_direct(),
+        "direct": v.is_direct(),
         "connections": v.connections(),
         "state": "serving",
     })
@@ -274,7 +274,8 @@ fn failed_json(s: &VolumeSpec, error: &str) -> Value {
 impl Methods {
     fn volume(&self, name: &str) -> Result<Arc<Volume>, RpcError> {
         self.shared
-            .registry
+            .target
+            .registry()
             .get(name)
             .filter(|_| !name.is_empty())
             .ok_or_else(|| volume_error(VolumeError::NotFound(name.to_string())))
@@ -357,8 +358,13 @@ impl RpcHandler for Methods {
             }
             "volume_list" => {
                 let _: Value = params;
-                let mut out: Vec<Value> =
-                    sh.registry.list().iter().map(|v| volume_json(v)).collect();
+                let mut out: Vec<Value> = sh
+                    .target
+                    .registry()
+                    .list()
+                    .iter()
+                    .map(|v| volume_json(v))
+                    .collect();
                 // Volumes of the persisted list left out at start, and why.
                 out.extend(
                     sh.target
@@ -376,7 +382,8 @@ impl RpcHandler for Methods {
             // The same exports NBD_OPT_LIST offers: every volume, then the read-only
             // `VOL@NAME` export of each of its ready backups.
             "export_list" => Ok(Value::Array(
-                sh.registry
+                sh.target
+                    .registry()
                     .list()
                     .iter()
                     .flat_map(|v| {
@@ -395,11 +402,12 @@ impl RpcHandler for Methods {
                 let p: StatsParams = parse_params(params)?;
                 let vols: Vec<_> = match p.volume {
                     Some(name) => vec![sh
-                        .registry
+                        .target
+                        .registry()
                         .get(&name)
                         .filter(|_| !name.is_empty())
                         .ok_or_else(|| volume_error(VolumeError::NotFound(name)))?],
-                    None => sh.registry.list(),
+                    None => sh.target.registry().list(),
                 };
                 // Latencies need a round trip to every reactor: only when asked for.
                 let lat = if p.hist || p.reset {
@@ -417,19 +425,17 @@ impl RpcHandler for Methods {
                                 lat.iter().map(|(id, m)| (*id, m.get(v.name()))).collect();
                             j["latency"] = ringblk_target::latency::volume_json(&per, p.hist);
                         }
-                        let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
-                        j["deltas"] = json!(v.with_stack(&ctl, |s| s.deltas.len()));
-                        drop(ctl);
+                        j["deltas"] = json!(v.delta_count());
                         j["backups"] = Value::Array(ringblk_target::switchover::backup_list(v));
                         // Injected errors are also in `errors` (they fail requests).
-                        j["faults_injected"] = json!(v.faults.injected());
-                        j["faults_delayed"] = json!(v.faults.delayed());
-                        j["fault_rules"] = json!(v.faults.rules());
+                        j["faults_injected"] = json!(v.faults().injected());
+                        j["faults_delayed"] = json!(v.faults().delayed());
+                        j["fault_rules"] = json!(v.faults().rules());
                         // Group commit: FLUSH/FUA requests (and merges) served per commit.
-                        let (commits, waiters) = v.persist.commit_counts();
+                        let (commits, waiters) = v.commit_counts();
                         j["group_commits"] = json!(commits);
                         j["group_commit_waiters"] = json!(waiters);
-                        j["persistent"] = json!(v.persist.persistent());
+                        j["persistent"] = json!(v.persistent());
                         j
                     })
                     .collect();
@@ -475,10 +481,7 @@ impl RpcHandler for Methods {
                 );
                 let info = ringblk_target::switchover::backup_create(&reactors, &v, &p.name, wait)
                     .map_err(switch_error)?;
-                let waiting = {
-                    let ctl = v.control.lock().unwrap_or_else(|p| p.into_inner());
-                    ringblk_target::switchover::waiting_requests(&ctl, &v, &info.name)
-                };
+                let waiting = ringblk_target::switchover::waiting_requests(&v, &info.name);
                 let mut out = json!({
                     "volume": v.name(),
                     "name": info.name,
@@ -503,7 +506,7 @@ impl RpcHandler for Methods {
                 let p: BackupListParams = parse_params(params)?;
                 let vols = match p.volume {
                     Some(n) => vec![self.volume(&n)?],
-                    None => sh.registry.list(),
+                    None => sh.target.registry().list(),
                 };
                 Ok(Value::Array(
                     vols.iter()
@@ -555,19 +558,22 @@ impl RpcHandler for Methods {
                     count: p.count,
                     delay_ms: p.delay_ms,
                 };
-                let rule = v.faults.inject(spec, v.size_bytes()).map_err(fault_error)?;
+                let rule = v
+                    .faults()
+                    .inject(spec, v.size_bytes())
+                    .map_err(fault_error)?;
                 tracing::warn!(volume = v.name(), ?rule, "fault injection armed");
-                Ok(json!({"volume": v.name(), "rule": rule, "rules": v.faults.rules()}))
+                Ok(json!({"volume": v.name(), "rule": rule, "rules": v.faults().rules()}))
             }
             "fault_clear" => {
                 let p: VolumeParams = parse_params(params)?;
                 let v = self.volume(&p.volume)?;
-                let cleared = v.faults.clear();
+                let cleared = v.faults().clear();
                 if cleared > 0 {
                     tracing::warn!(volume = v.name(), cleared, "fault injection cleared");
                 }
                 Ok(json!({"volume": v.name(), "cleared": cleared,
-                          "injected": v.faults.injected()}))
+                          "injected": v.faults().injected()}))
             }
             other => Err(RpcError::method_not_found(other)),
         }

@@ -22,10 +22,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use ringblk_nbd::frontend::{NbdExports, NbdFrontend};
 use ringblk_reactor::{Reactor, ReactorHandle, ReactorPool};
 
 use ringblk_target::admission::{count, more_suffix, Admission};
-use ringblk_target::nbd_session_transitional as session;
 use ringblk_target::target::{Target, TargetError};
 use ringblk_target::volume::VolumeError;
 
@@ -34,8 +34,10 @@ pub use crate::listen::ListenAddr;
 /// Moved to [`crate::config`] (#12 2A); re-exported so paths keep working.
 pub use crate::config::ServerConfig;
 
-/// Moved to [`ringblk_target::shared`] (#12 2A); re-exported so paths keep working.
-pub use ringblk_target::shared::ServerShared;
+/// What sessions, the listener and RPC share: the NBD front end's
+/// [`NbdShared`](ringblk_nbd::frontend::NbdShared) (the `Target`, the export catalog,
+/// connection counters, timeouts, admission), under its old name (#12 5.2).
+pub use ringblk_nbd::frontend::NbdShared as ServerShared;
 
 /// The reactor with the fewest connections (ties: lowest id).
 fn pick_reactor(shared: &ServerShared) -> usize {
@@ -109,7 +111,7 @@ impl Server {
             config.commit_queue_depth,
         ));
         let shared = Arc::new(ServerShared {
-            registry: target.registry().clone(),
+            exports: Arc::new(NbdExports::new(target.clone())),
             target,
             connections: AtomicUsize::new(0),
             per_reactor: (0..n).map(|_| AtomicUsize::new(0)).collect(),
@@ -123,7 +125,7 @@ impl Server {
         let local_addr = listener.addr.clone();
         shared.target.save_catalog()?;
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {
-            session::install(r);
+            NbdFrontend::install(r);
             ringblk_target::latency::install(r);
         });
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
@@ -219,9 +221,9 @@ fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
             );
         }
         if on == r.id() {
-            session::evict_handshake(r, victim);
+            NbdFrontend::evict_handshake(r, victim);
         } else {
-            r.send_to(on, move |r| session::evict_handshake(r, victim));
+            r.send_to(on, move |r| NbdFrontend::evict_handshake(r, victim));
         }
     }
     set_nodelay(&sock);
@@ -229,9 +231,9 @@ fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
     shared.per_reactor[target].fetch_add(1, Ordering::Relaxed);
     let sh = shared.clone();
     if target == r.id() {
-        session::start(r, sh, sock, id);
+        NbdFrontend::start(r, sh, sock, id);
     } else {
-        r.send_to(target, move |r| session::start(r, sh, sock, id));
+        r.send_to(target, move |r| NbdFrontend::start(r, sh, sock, id));
     }
 }
 

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use crate::config::Resolved;
 use crate::datadir::DataDirLock;
 use crate::listen::Bound;
-use ringblk_target::backend::BackendKind;
+use ringblk_target::spec::BackendKind;
+use ringblk_target::target::Target;
 
 /// A start that passed every check, holding the data dir lock and the listener.
 pub struct Prepared {
@@ -88,14 +89,8 @@ fn check_files(resolved: &Resolved) -> Result<Vec<PathBuf>, String> {
         let Some(path) = v.path.as_ref().filter(|_| v.backend == BackendKind::File) else {
             continue;
         };
-        let opts = ringblk_target::backend::file::FileOptions {
-            size_bytes: v.size_bytes,
-            read_only: v.read_only,
-            direct: v.direct,
-            grow: v.grow,
-        };
         let bad = |why: String| format!("volume {:?}: {why}", v.name);
-        ringblk_target::backend::file::check_size(path, opts).map_err(|e| bad(e.to_string()))?;
+        Target::check_volume_file(v, path).map_err(|e| bad(e.to_string()))?;
         if path.exists() {
             continue;
         }

@@ -1,7 +1,7 @@
 //! What clients may hold of the server as a whole: the request buffer budget, the
 //! handshake slots, and counters of how often clients were pushed back.
 //!
-//! Per-connection bounds live in `session`; this module holds the server-wide ones,
+//! Per-connection bounds live in the front end's session; this module holds the server-wide ones,
 //! so that no number of connections can exhaust the server either.
 //!
 //! # Buffer budget
@@ -14,11 +14,11 @@
 //! the largest request ([`crate::ops::IO_MAX_BYTES`]), so every valid request
 //! runs once what others hold comes back — which it does, because what a connection
 //! holds is tied to I/O in flight, to a payload arriving or to replies being read,
-//! and `session`'s request timeout closes a client that stops sending or reading.
+//! and the session's request timeout closes a client that stops sending or reading.
 //!
 //! The fast path is one atomic subtraction; the queue's mutex is taken only while
 //! someone waits. Grants to waiters are handed over by message to the waiter's reactor
-//! (`session::budget_granted`), which gives them back if the connection went away.
+//! (the front end's `budget_granted`), which gives them back if the connection went away.
 //!
 //! # Handshake slots
 //! Connections still negotiating (`--max-handshakes`) have their own budget, smaller

@@ -37,7 +37,7 @@ pub const SG_SEGS_MAX: usize = 256;
 
 /// Alignment assumed for O_DIRECT buffers when the file system does not say
 /// (statx `dio_mem_align`); 512 is what every Linux block device accepts.
-pub const DIO_MEM_ALIGN_DEFAULT: u32 = 512;
+pub(crate) const DIO_MEM_ALIGN_DEFAULT: u32 = 512;
 
 /// A layer-owned buffer (module docs, *Ownership*).
 pub struct OwnBuf {
@@ -254,7 +254,7 @@ impl From<OwnBuf> for DataBuf {
 /// The memory alignment O_DIRECT I/O on `fd` needs: statx's `dio_mem_align`
 /// (Linux 6.1+, where the file system reports it), else
 /// [`DIO_MEM_ALIGN_DEFAULT`]. One system call: call it once per file and keep it.
-pub fn dio_mem_align(fd: std::os::fd::RawFd) -> u32 {
+pub(crate) fn dio_mem_align(fd: std::os::fd::RawFd) -> u32 {
     // SAFETY: an all-zero statx is a valid value (plain integers).
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is an open descriptor of the caller's; the empty path with

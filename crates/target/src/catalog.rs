@@ -20,7 +20,7 @@
 //! flags serves what the list holds, possibly nothing (it says so in the log).
 //!
 //! # Format
-//! See [`crate::durable::volumes`]; a format this code does not know is refused,
+//! See `durable::volumes` (private); a format this code does not know is refused,
 //! never misread.
 //!
 //! # Durability
@@ -38,11 +38,11 @@ use crate::spec::VolumeSpec;
 
 /// The on-disk format moved to [`crate::durable::volumes`] (#12 2A.3); re-exported so
 /// paths keep working.
-pub use crate::durable::volumes::{VolumeList, FILE_NAME, FORMAT};
+pub(crate) use crate::durable::volumes::{VolumeList, FILE_NAME};
 
 /// The list in `data_dir`; `None` when there is none (a first start, or a data dir
 /// of an older release).
-pub fn load(data_dir: &Path) -> Result<Option<VolumeList>, String> {
+pub(crate) fn load(data_dir: &Path) -> Result<Option<VolumeList>, String> {
     let store = DirStore::new(data_dir);
     if !store.exists(FILE_NAME) {
         return Ok(None);
@@ -58,7 +58,7 @@ pub fn load(data_dir: &Path) -> Result<Option<VolumeList>, String> {
 }
 
 /// Replaces the list in `data_dir` atomically; durable when it returns Ok.
-pub fn save(data_dir: &Path, list: &VolumeList) -> std::io::Result<()> {
+pub(crate) fn save(data_dir: &Path, list: &VolumeList) -> std::io::Result<()> {
     replace_atomically(&DirStore::new(data_dir), FILE_NAME, &list.encode())
 }
 
@@ -105,7 +105,7 @@ pub enum Origin {
 
 /// The volumes to open at start: see the module docs. `implicit`: `config` is the
 /// zero-configuration default, which only a data dir without a list gets.
-pub fn reconcile(
+pub(crate) fn reconcile(
     list: Option<&VolumeList>,
     config: &[VolumeSpec],
     implicit: bool,

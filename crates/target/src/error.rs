@@ -3,14 +3,16 @@
 //! Every failure on the data path (backend I/O, the layered path, group commit, injected
 //! faults, copy jobs) is a `BlockError`. Host `errno`s become one here, in
 //! [`BlockError::from_os_errno`], the only place that interprets them. A front end maps
-//! `BlockError` to its wire set at its edge (for NBD: `session::nbd_errno`, moving to
-//! the NBD crate's `frontend::errors` in #12 step 5). The layer never fails a valid request
+//! `BlockError` to its wire set at its edge, in its own crate (for NBD: one function in
+//! the NBD crate's `frontend::errors`). The layer never fails a valid request
 //! for lack of internal room: it waits instead (back-pressure), so there is no
 //! "out of room" error here; see [`BlockError::NoMemory`] for the one kernel case.
 
 /// Why a block request failed.
+///
+/// Deliberately not `#[non_exhaustive]`: every front end maps it without a wildcard
+/// arm (in its own crate), so a new variant fails their builds until it is mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
 pub enum BlockError {
     /// A device error, or a failure with no closer match.
     #[error("I/O error")]
@@ -39,8 +41,8 @@ pub enum BlockError {
     /// The volume was deleted, or the backup released, while the view was open.
     #[error("device removed")]
     Removed,
-    /// The kernel failed an I/O with ENOMEM. Transitional (#12 step 1): kept so that an
-    /// NBD client still sees NBD_ENOMEM for it, as before step 1; the plan (§2.6) folds it
+    /// The kernel failed an I/O with ENOMEM. Transitional (#12 step 1): kept so that a
+    /// front end can still answer it as out-of-memory (NBD does, as before step 1); the plan (§2.6) folds it
     /// into `Io`. Nothing in the layer produces it for lack of its own room.
     #[error("kernel out of memory")]
     NoMemory,

@@ -2,7 +2,7 @@
 //!
 //! Contract of a status list: it covers a prefix of the asked range, has at least one
 //! extent, each with `length_bytes > 0`. A front end maps the flags to its wire form at
-//! its edge (NBD: `session::nbd_extents`, base:allocation HOLE/ZERO and the changed
+//! its edge, in its own crate (NBD, for one: base:allocation hole/zero and the changed
 //! context's bit).
 
 use std::ops::{BitAnd, BitOr, BitOrAssign};

@@ -58,7 +58,7 @@ use crate::filelock::WriteLock;
 
 /// A redirect-on-write layer: a sparse data file plus its lookup table.
 #[derive(Debug)]
-pub struct Delta {
+pub(crate) struct Delta {
     /// Unique within the volume; names the data file.
     pub id: u64,
     /// The backup whose frozen image lies directly below this delta.
@@ -113,9 +113,9 @@ pub struct Delta {
 }
 
 /// One zero-ahead write (see [`Delta::zero_due`]).
-pub const ZERO_STEP_BYTES: u64 = 2 << 20;
+pub(crate) const ZERO_STEP_BYTES: u64 = 2 << 20;
 /// Zeroing starts the next step when the allocator is this close to its end.
-pub const ZERO_LOOKAHEAD_BYTES: u64 = 8 << 20;
+pub(crate) const ZERO_LOOKAHEAD_BYTES: u64 = 8 << 20;
 
 impl Delta {
     /// Creates an empty delta data file (sparse, the volume's size).
@@ -127,7 +127,7 @@ impl Delta {
     /// read: a chunk is read from a delta only once a fill wrote all of it. The
     /// file keeps its open file description, and with it its write lock.
     #[allow(clippy::too_many_arguments)]
-    pub fn create(
+    pub(crate) fn create(
         store: &Arc<DirStore>,
         volume: &str,
         id: u64,
@@ -207,7 +207,7 @@ impl Delta {
 
     /// A delta brought back by recovery: its data file as it is, its map and
     /// allocator from the journal. Drained (nothing of an old epoch is in flight).
-    pub fn recovered(
+    pub(crate) fn recovered(
         store: &Arc<DirStore>,
         volume: &str,
         r: RecoveredDelta,
@@ -259,7 +259,7 @@ impl Delta {
 
     /// Queues a map change for the next group commit. Call it *before* the change is
     /// made visible (publish, finish), so the journal's order is the map's order.
-    pub fn journal(&self, rec: MapRecord) {
+    pub(crate) fn journal(&self, rec: MapRecord) {
         if let Some(j) = &self.journal {
             j.append(rec);
         }
@@ -275,7 +275,7 @@ impl Delta {
     /// of the IOPS of the base. Fills go to consecutive physical chunks (bump
     /// allocation), so one large zero write ahead of them turns every fill into a
     /// plain overwrite.
-    pub fn fill_ready(&self, p: u64, chunk_bytes: u64) -> bool {
+    pub(crate) fn fill_ready(&self, p: u64, chunk_bytes: u64) -> bool {
         self.zeroing_off.load(Ordering::Acquire)
             || ((p + 1) * chunk_bytes).min(self.size_bytes)
                 <= self.zeroed_end.load(Ordering::Acquire)
@@ -284,7 +284,7 @@ impl Delta {
     /// After allocating chunk `p`: the range to zero next, if the allocator is near
     /// the end of the zeroed space and no zero write is in flight. The caller writes
     /// zeros there and then calls [`zero_done`](Self::zero_done).
-    pub fn zero_due(&self, p: u64, chunk_bytes: u64) -> Option<(u64, u64)> {
+    pub(crate) fn zero_due(&self, p: u64, chunk_bytes: u64) -> Option<(u64, u64)> {
         if self.zeroing_off.load(Ordering::Acquire) {
             return None;
         }
@@ -311,7 +311,7 @@ impl Delta {
     /// of its data file are written, for [`create`](Self::create)'s `reuse`.
     /// `None` while a zero write is in flight (it could land after the next delta's
     /// fills) or when nothing was written.
-    pub fn take_for_reuse(&self) -> Option<u64> {
+    pub(crate) fn take_for_reuse(&self) -> Option<u64> {
         self.zeroing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
@@ -321,18 +321,18 @@ impl Delta {
         (zeroed > 0).then_some(zeroed)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Bytes at the start of the data file known to be written (zeroed or filled).
-    pub fn zeroed_bytes(&self) -> u64 {
+    pub(crate) fn zeroed_bytes(&self) -> u64 {
         self.zeroed_end.load(Ordering::Acquire)
     }
 
     /// The zero write of `zero_due` finished: `ok` moves the zeroed end, an error
     /// turns zeroing off for this delta (fills then write into holes, as before).
-    pub fn zero_done(&self, len: u64, ok: bool) {
+    pub(crate) fn zero_done(&self, len: u64, ok: bool) {
         if ok {
             self.zeroed_end.fetch_add(len, Ordering::AcqRel);
         } else {
@@ -341,17 +341,13 @@ impl Delta {
         self.zeroing.store(false, Ordering::Release);
     }
 
-    pub fn raw_fd(&self) -> RawFd {
+    pub(crate) fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
-    }
-
-    pub fn is_direct(&self) -> bool {
-        self.direct
     }
 
     /// Allocates `n` consecutive physical chunks; `None` when the delta is full
     /// (cannot happen while the invariant above holds; reported as ENOSPC).
-    pub fn alloc(&self, n: u64) -> Option<u64> {
+    pub(crate) fn alloc(&self, n: u64) -> Option<u64> {
         if n == 1 && self.spare_count.load(Ordering::Relaxed) > 0 {
             let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(p) = spare.pop() {
@@ -367,7 +363,7 @@ impl Delta {
     /// Gives back chunk `p` of `alloc(1)` whose fill failed: it was neither journaled
     /// nor published, so nothing refers to it (whatever part of it was written is
     /// overwritten by the next fill, which writes the whole chunk).
-    pub fn give_back(&self, p: u64) {
+    pub(crate) fn give_back(&self, p: u64) {
         debug_assert!(p < self.capacity_chunks, "chunk {p} was never allocated");
         let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         spare.push(p);
@@ -375,13 +371,7 @@ impl Delta {
             .store(spare.len() as u64, Ordering::Relaxed);
     }
 
-    pub fn allocated_chunks(&self) -> u64 {
-        self.next_physical
-            .load(Ordering::Relaxed)
-            .min(self.capacity_chunks)
-    }
-
-    pub fn is_merging(&self) -> bool {
+    pub(crate) fn is_merging(&self) -> bool {
         self.merging.load(Ordering::Acquire)
     }
 
@@ -391,7 +381,7 @@ impl Delta {
 
     /// Whether a first partial write of `chunk` may read-merge from below now: no
     /// old-epoch write that may overlap the chunk is still in flight.
-    pub fn below_settled(&self, chunk: u64) -> bool {
+    pub(crate) fn below_settled(&self, chunk: u64) -> bool {
         if self.is_drained() {
             return true;
         }
@@ -414,7 +404,7 @@ impl Delta {
         self.quiesced.store(true, Ordering::Release);
     }
 
-    pub fn is_drained(&self) -> bool {
+    pub(crate) fn is_drained(&self) -> bool {
         self.drained.load(Ordering::Acquire)
     }
 
@@ -471,7 +461,7 @@ fn open_data_file(oo: &OpenOptions, path: &Path, direct: bool) -> std::io::Resul
 
 /// One published arrangement of a volume's layers.
 #[derive(Debug)]
-pub struct Stack {
+pub(crate) struct Stack {
     pub epoch: u64,
     /// Bottom to top; the base is implicit below them.
     pub deltas: Vec<Arc<Delta>>,
@@ -484,7 +474,7 @@ pub struct Stack {
 /// Requests admitted under one stack and not finished, per reactor: each slot is
 /// written only by its reactor (load + store), read by drains.
 #[derive(Debug)]
-pub struct Pins(Box<[AtomicU64]>);
+pub(crate) struct Pins(Box<[AtomicU64]>);
 
 impl Pins {
     fn slot(&self, reactor: usize) -> &AtomicU64 {
@@ -492,12 +482,12 @@ impl Pins {
     }
 
     /// Requests still running on `reactor`.
-    pub fn pinned_on(&self, reactor: usize) -> u64 {
+    pub(crate) fn pinned_on(&self, reactor: usize) -> u64 {
         self.slot(reactor).load(Ordering::Acquire)
     }
 
     /// Requests still running on any reactor (a snapshot, for reports).
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.0.iter().map(|p| p.load(Ordering::Acquire)).sum()
     }
 }
@@ -505,12 +495,12 @@ impl Pins {
 /// Buckets per reactor of a [`WriteTracker`].
 const TRACK_BUCKETS: usize = 1024;
 /// Requests covering more chunks than this count as covering all of them.
-pub const TRACK_WIDE_CHUNKS: u64 = 64;
+pub(crate) const TRACK_WIDE_CHUNKS: u64 = 64;
 
 /// In-flight write-type requests of one stack, per reactor, by hashed chunk. Each
 /// reactor writes only its own slot (load + store, like the pins).
 #[derive(Debug)]
-pub struct WriteTracker {
+pub(crate) struct WriteTracker {
     slots: Box<[TrackSlot]>,
 }
 
@@ -527,7 +517,7 @@ fn bump_slot(a: &AtomicU64, up: bool) {
 }
 
 impl WriteTracker {
-    pub fn new(reactors: usize) -> WriteTracker {
+    pub(crate) fn new(reactors: usize) -> WriteTracker {
         WriteTracker {
             slots: (0..reactors.max(1))
                 .map(|_| TrackSlot {
@@ -556,7 +546,7 @@ impl WriteTracker {
     }
 
     /// Whether a request that may overlap `chunk` is in flight on any reactor.
-    pub fn busy(&self, chunk: u64) -> bool {
+    pub(crate) fn busy(&self, chunk: u64) -> bool {
         let b = chunk as usize % TRACK_BUCKETS;
         self.slots
             .iter()
@@ -577,7 +567,7 @@ impl Drop for Stack {
 }
 
 impl Stack {
-    pub fn new(epoch: u64, deltas: Vec<Arc<Delta>>, reactors: usize) -> Stack {
+    pub(crate) fn new(epoch: u64, deltas: Vec<Arc<Delta>>, reactors: usize) -> Stack {
         Stack {
             epoch,
             deltas,
@@ -592,27 +582,22 @@ impl Stack {
         self.pins.slot(reactor)
     }
 
-    /// Requests of this stack still running on `reactor`.
-    pub fn pinned_on(&self, reactor: usize) -> u64 {
-        self.pins.pinned_on(reactor)
-    }
-
     /// The stack's pin counters, for a drain round that may outlive the stack's
     /// memory (module docs: # Reclamation).
-    pub fn pins(&self) -> Arc<Pins> {
+    pub(crate) fn pins(&self) -> Arc<Pins> {
         self.pins.clone()
     }
 
     /// The layers a backup's export reads: every delta strictly below the delta
     /// created at that backup's switch. `None` if the backup is not in this stack.
-    pub fn backup_view(&self, backup: &str) -> Option<&[Arc<Delta>]> {
+    pub(crate) fn backup_view(&self, backup: &str) -> Option<&[Arc<Delta>]> {
         let pos = self.deltas.iter().position(|d| d.backup == backup)?;
         Some(&self.deltas[..pos])
     }
 }
 
 /// A request's hold on the stack it was admitted under. Reactor-local (`!Send`).
-pub struct StackPin {
+pub(crate) struct StackPin {
     stack: *const Stack,
     reactor: usize,
     /// Chunks `(first, n)` registered in the stack's write tracker.
@@ -646,7 +631,7 @@ impl StackPin {
         }
     }
 
-    pub fn stack(&self) -> &Stack {
+    pub(crate) fn stack(&self) -> &Stack {
         // SAFETY: a pinned stack is not freed before the pin drops (the drain waits
         // for every pin of a retired stack).
         unsafe { &*self.stack }
@@ -684,7 +669,7 @@ unsafe impl Send for Retired {}
 /// control-plane read of a stack, take a guard of the one mutex that serialises the
 /// owner's stack changes (`Volume::control`): the guard is the proof that no stack
 /// is freed during the call. Reactors only [`pin`](Self::pin).
-pub struct Images {
+pub(crate) struct Images {
     backend: Backend,
     size_bytes: u64,
     chunk_bytes: u32,
@@ -704,7 +689,7 @@ impl std::fmt::Debug for Images {
 
 impl Images {
     /// `stack` is published at once (the stack recovery rebuilt, or an empty one).
-    pub fn new(backend: Backend, size_bytes: u64, chunk_bytes: u32, stack: Stack) -> Images {
+    pub(crate) fn new(backend: Backend, size_bytes: u64, chunk_bytes: u32, stack: Stack) -> Images {
         Images {
             backend,
             size_bytes,
@@ -714,21 +699,21 @@ impl Images {
         }
     }
 
-    pub fn backend(&self) -> &Backend {
+    pub(crate) fn backend(&self) -> &Backend {
         &self.backend
     }
 
-    pub fn size_bytes(&self) -> u64 {
+    pub(crate) fn size_bytes(&self) -> u64 {
         self.size_bytes
     }
 
-    pub fn chunk_bytes(&self) -> u32 {
+    pub(crate) fn chunk_bytes(&self) -> u32 {
         self.chunk_bytes
     }
 
     /// Pins the current stack for one request admitted on `reactor` (call it on that
     /// reactor's thread, and only there).
-    pub fn pin(&self, reactor: usize) -> StackPin {
+    pub(crate) fn pin(&self, reactor: usize) -> StackPin {
         let p = self.current.load(Ordering::Acquire);
         // SAFETY: `p` is the published stack, loaded on this reactor in this loop
         // iteration; a stack is freed only after a drain round that ran on every
@@ -739,7 +724,7 @@ impl Images {
     /// Pins the current stack for a write-type request (WRITE, WRITE_ZEROES, TRIM)
     /// over `[offset, offset + len)`: also registers its chunks, so that first
     /// partial writes of a later epoch wait only for the ones that overlap theirs.
-    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
+    pub(crate) fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
         let mut pin = self.pin(reactor);
         let cb = self.chunk_bytes as u64;
         if len > 0 {
@@ -753,7 +738,7 @@ impl Images {
     /// The current stack, for control-plane reads that do not outlive the call.
     /// `_serial` is the guard of the owner's control mutex (type docs): stacks are
     /// published and freed only under it, so the current one cannot be freed during `f`.
-    pub fn with_stack<C, R>(
+    pub(crate) fn with_stack<C, R>(
         &self,
         _serial: &std::sync::MutexGuard<'_, C>,
         f: impl FnOnce(&Stack) -> R,

@@ -1,7 +1,7 @@
 //! `IoKind`: the kinds of block request, and the names they have in stats.
 //!
 //! Faults are keyed by `IoKind`, latency histograms and op counters are indexed by it.
-//! A front end translates its commands to an `IoKind` at its edge (NBD: `session`).
+//! A front end translates its commands to an `IoKind` at its edge, in its own crate.
 
 /// Largest data payload of one request the layer serves (the 32 MiB;
 /// `Geometry::max_io_bytes`). Front ends advertise it; the buffer budget must hold

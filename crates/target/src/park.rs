@@ -65,7 +65,7 @@ fn resume(r: &mut Reactor, id: u64) {
 
 /// Keeps `cont` on this reactor until the returned waker is woken (from any
 /// thread); then it runs here. For work done off the reactor (group commit).
-pub fn suspend(r: &mut Reactor, cont: impl FnOnce(&mut Reactor) + 'static) -> Waker {
+pub(crate) fn suspend(r: &mut Reactor, cont: impl FnOnce(&mut Reactor) + 'static) -> Waker {
     let t = table(r);
     let id = t.next.get();
     t.next.set(id + 1);
@@ -78,7 +78,7 @@ pub fn suspend(r: &mut Reactor, cont: impl FnOnce(&mut Reactor) + 'static) -> Wa
 
 /// Parks `cont` until `chunk` of `map` is no longer busy; runs it at once (on the
 /// next loop iteration) if it already is not.
-pub fn park_chunk(
+pub(crate) fn park_chunk(
     r: &mut Reactor,
     map: &BlockMap,
     chunk: u64,

@@ -20,7 +20,7 @@
 //! Registering and then trying once more closes the race with a committer that
 //! emptied the queue in between. A waiting FLUSH keeps counting in its connection's
 //! in-flight requests, so a connection that floods FLUSHes stops being read once it
-//! reaches its limit: that limit (`session::MAX_IN_FLIGHT` per connection) is what
+//! reaches its limit: that limit (the front end's requests per connection) is what
 //! bounds the reactor's wait queue. Waits are counted in the volume's
 //! `commit_queue_waits`.
 //!
@@ -50,7 +50,7 @@ use crate::image::Delta;
 type Waiter = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// What the committer thread shares with the volume.
-pub struct PersistInner {
+pub(crate) struct PersistInner {
     /// Shared with the volume's deltas, which delete their files through it (so
     /// that it closes its descriptors of them; `store` module docs).
     pub store: Arc<DirStore>,
@@ -105,7 +105,7 @@ impl PersistInner {
 }
 
 /// A volume's durability state and its committer.
-pub struct Persist {
+pub(crate) struct Persist {
     pub inner: Arc<PersistInner>,
     tx: Mutex<Option<crossbeam_channel::Sender<Waiter>>>,
     volume: String,
@@ -118,13 +118,13 @@ pub struct Persist {
 
 /// FLUSH/FUA requests of a volume queued for its group commit at most, unless
 /// `--commit-queue-depth` says otherwise; more wait on their reactor.
-pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = 4096;
+pub(crate) const DEFAULT_COMMIT_QUEUE_DEPTH: usize = 4096;
 
 /// Completion of a request without data, on the reactor that submitted it.
-pub type Done = Box<dyn FnOnce(&mut Reactor, Result<(), crate::error::BlockError>)>;
+pub(crate) type Done = Box<dyn FnOnce(&mut Reactor, Result<(), crate::error::BlockError>)>;
 
 impl Persist {
-    pub fn new(
+    pub(crate) fn new(
         volume: &str,
         store: Arc<DirStore>,
         manifest: Option<ManifestCell>,
@@ -151,27 +151,27 @@ impl Persist {
     }
 
     /// The data dir's store (deltas create, rename and delete files through it).
-    pub fn store(&self) -> &Arc<DirStore> {
+    pub(crate) fn store(&self) -> &Arc<DirStore> {
         &self.inner.store
     }
 
     /// Sets the commit queue's bound (`--commit-queue-depth`); takes effect when the
     /// committer starts, at the first commit.
-    pub fn set_queue_depth(&self, depth: usize) {
+    pub(crate) fn set_queue_depth(&self, depth: usize) {
         self.queue_depth
             .store(depth.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn persistent(&self) -> bool {
+    pub(crate) fn persistent(&self) -> bool {
         self.inner.manifest.is_some()
     }
 
-    pub fn manifest(&self) -> Option<&ManifestCell> {
+    pub(crate) fn manifest(&self) -> Option<&ManifestCell> {
         self.inner.manifest.as_ref()
     }
 
     /// A new delta on top (at the switch, before it is published).
-    pub fn add_delta(&self, d: Arc<Delta>) {
+    pub(crate) fn add_delta(&self, d: Arc<Delta>) {
         self.inner
             .deltas
             .lock()
@@ -182,7 +182,7 @@ impl Persist {
     /// A merged delta leaves the commit set (after the manifest dropped it). Returns
     /// once no commit that may still cover it runs (`commit_gate`). Blocking: call it
     /// off the reactors (merges run on their own thread).
-    pub fn remove_delta(&self, id: u64) {
+    pub(crate) fn remove_delta(&self, id: u64) {
         let _gate = self
             .inner
             .commit_gate
@@ -196,7 +196,7 @@ impl Persist {
     }
 
     /// Group commits run so far, and the requests they served.
-    pub fn commit_counts(&self) -> (u64, u64) {
+    pub(crate) fn commit_counts(&self) -> (u64, u64) {
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         (
             self.inner.commits.load(relaxed),
@@ -205,7 +205,7 @@ impl Persist {
     }
 
     /// Marks every delta's files for deletion when it drops.
-    pub fn discard_deltas(&self) {
+    pub(crate) fn discard_deltas(&self) {
         for d in self
             .inner
             .deltas
@@ -219,7 +219,7 @@ impl Persist {
 
     /// `volume_delete`: the volume's backups go with it (manifest now, delta and
     /// journal files when the last request lets go of them).
-    pub fn destroy(&self) {
+    pub(crate) fn destroy(&self) {
         self.inner
             .destroyed
             .store(true, std::sync::atomic::Ordering::Release);
@@ -235,7 +235,7 @@ impl Persist {
     }
 
     /// Writes the manifest now if it changed (control plane, blocking).
-    pub fn write_manifest(&self) -> io::Result<()> {
+    pub(crate) fn write_manifest(&self) -> io::Result<()> {
         let Some(m) = self.inner.live_manifest() else {
             return Ok(());
         };
@@ -304,7 +304,7 @@ impl Persist {
     /// Asks for a commit from a reactor; `done` runs on this reactor afterwards.
     /// When the commit queue is full the request waits on this reactor to be queued
     /// (module docs, *Back-pressure*): `Queued::Waiting`, never a failure.
-    pub fn commit_async(&self, r: &mut Reactor, done: Done) -> Queued {
+    pub(crate) fn commit_async(&self, r: &mut Reactor, done: Done) -> Queued {
         let slot: Arc<Mutex<Option<io::Result<()>>>> = Arc::new(Mutex::new(None));
         let slot2 = slot.clone();
         let waker = crate::park::suspend(r, move |r| {
@@ -361,7 +361,7 @@ impl Persist {
     }
 
     /// A commit from a control thread (merge, shutdown); waits for it.
-    pub fn commit_blocking(&self) -> io::Result<()> {
+    pub(crate) fn commit_blocking(&self) -> io::Result<()> {
         let (t, rx) = crossbeam_channel::bounded(1);
         let waiter: Waiter = Box::new(move |res| {
             let _ = t.send(res);
@@ -376,7 +376,7 @@ impl Persist {
 
 /// What [`Persist::commit_async`] did with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Queued {
+pub(crate) enum Queued {
     /// In the commit queue (or already answered).
     Now,
     /// The queue was full: the request waits on its reactor to be queued.

@@ -77,7 +77,17 @@ pub(crate) fn home_reactor(vol: &Volume, n: usize) -> usize {
 }
 
 /// Requests backup `name` still waits for (0 unless it is draining).
-pub fn waiting_requests(ctl: &std::sync::MutexGuard<'_, Control>, vol: &Volume, name: &str) -> u64 {
+pub fn waiting_requests(vol: &Volume, name: &str) -> u64 {
+    let ctl = vol.control.lock().unwrap_or_else(|p| p.into_inner());
+    waiting_requests_locked(&ctl, vol, name)
+}
+
+/// [`waiting_requests`] under the caller's `control` lock.
+fn waiting_requests_locked(
+    ctl: &std::sync::MutexGuard<'_, Control>,
+    vol: &Volume,
+    name: &str,
+) -> u64 {
     ctl.backups
         .iter()
         .find(|b| b.name == name && b.state == BackupState::Draining)
@@ -412,7 +422,7 @@ pub fn backup_list(vol: &Volume) -> Vec<serde_json::Value> {
                 "volume": vol.name(),
                 "name": b.name,
                 // Requests a draining backup still waits for (module docs: # Drain).
-                "waiting_requests": waiting_requests(&ctl, vol, &b.name),
+                "waiting_requests": waiting_requests_locked(&ctl, vol, &b.name),
                 "copy": copy,
                 "export": format!("{}@{}", vol.name(), b.name),
                 "state": b.state,
@@ -467,7 +477,7 @@ mod tests {
     fn state(vol: &Volume, name: &str) -> (BackupState, u64) {
         let ctl = vol.control.lock().expect("control");
         let b = ctl.backups.iter().find(|b| b.name == name).expect("backup");
-        (b.state, waiting_requests(&ctl, vol, name))
+        (b.state, waiting_requests_locked(&ctl, vol, name))
     }
 
     /// Issue #11 item 8: a request pinned to the stack of epoch 0 outlasts the

@@ -1,14 +1,15 @@
 //! The block device layer's root object: every volume, the persisted list of them,
 //! and the reactors they are served on. What a server (the `ringblk` binary, a test
 //! harness) holds to add, remove, find and start volumes; front ends reach volumes
-//! through it (today the NBD handshake, through [`Registry`]).
+//! through it ([`Target::open`], and a front end's catalog of what it serves reads
+//! the [`Registry`]).
 //!
 //! Layer: rank 12, the top of the layer; may import every module of it. It imports
 //! no front end and nothing of the server's listeners, config or RPC.
 //!
 //! # Ownership
-//! `Target` owns the [`Registry`] (shared by `Arc` with the NBD handshake until the
-//! front end leaves the crate, #12 step 5) and the catalog: the persisted volume
+//! `Target` owns the [`Registry`] (front ends read it through [`Target::registry`])
+//! and the catalog: the persisted volume
 //! list and the volumes of it that could not be opened. Volumes are `Arc`s: a
 //! removed volume lives on while a connection, request or merge holds it.
 //!
@@ -27,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use ringblk_nbd::{ExportCatalog, ExportInfo};
 use ringblk_reactor::ReactorHandle;
 
 use crate::bdev::{Bdev, OpenError};
@@ -35,7 +35,7 @@ use crate::events::BdevEvent;
 use crate::spec::VolumeSpec;
 use crate::stats::Label;
 use crate::volume::{BackupId, View};
-use crate::volume::{Volume, VolumeError, META_CHANGED_PREFIX};
+use crate::volume::{Volume, VolumeError};
 
 /// Why the volumes could not be opened at start, or the list not written.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +158,7 @@ impl Target {
         self.reactors.get()
     }
 
-    /// Every volume, by name (shared with the NBD handshake).
+    /// Every volume, by name (front ends list and resolve their exports in it).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -339,6 +339,62 @@ impl Target {
     }
 }
 
+/// Offline checks and defaults the server needs before (or without) a `Target`:
+/// protocol-free facades over the private `durable`, `backend` and `persist`
+/// modules, so no front end or tool names the on-disk formats (#12 step 5.3).
+impl Target {
+    /// FLUSH/FUA requests queued for one volume's group commit at most, unless the
+    /// configuration says otherwise; more wait on their reactor (`persist` docs).
+    pub const DEFAULT_COMMIT_QUEUE_DEPTH: usize = crate::persist::DEFAULT_COMMIT_QUEUE_DEPTH;
+
+    /// `ringblk check`: reads the data dir `data_dir` (`volume`, or every volume and
+    /// the volume list) and reports what does not add up. Only reads files.
+    pub fn check_data_dir(data_dir: &Path, volume: Option<&str>) -> CheckReport {
+        let store = crate::durable::store::DirStore::new(data_dir);
+        let r = crate::durable::check::check(&store, volume);
+        CheckReport {
+            volumes: r.volumes,
+            errors: r.errors,
+            notes: r.notes,
+            lines: r.lines,
+        }
+    }
+
+    /// Refuses, before anything is created, a file volume whose existing file the
+    /// start would refuse to open: a directory, or a non-empty file smaller than
+    /// `spec.size_bytes` without `spec.grow`. A missing file is fine (it is created).
+    pub fn check_volume_file(spec: &VolumeSpec, path: &Path) -> std::io::Result<()> {
+        let opts = crate::backend::file::FileOptions {
+            size_bytes: spec.size_bytes,
+            read_only: spec.read_only,
+            direct: spec.direct,
+            grow: spec.grow,
+        };
+        crate::backend::file::check_size(path, opts)
+    }
+}
+
+/// What [`Target::check_data_dir`] found: plain text lines, so the durable formats
+/// stay private to the crate.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// The volumes checked.
+    pub volumes: Vec<String>,
+    /// Inconsistencies: a non-zero exit.
+    pub errors: Vec<String>,
+    /// Worth knowing, not wrong (torn tails, leftovers).
+    pub notes: Vec<String>,
+    /// One line per checked delta.
+    pub lines: Vec<String>,
+}
+
+impl CheckReport {
+    /// No inconsistency was found.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
 /// Every volume, by name.
 #[derive(Default)]
 pub struct Registry {
@@ -445,59 +501,6 @@ impl Registry {
     pub fn list(&self) -> Vec<Arc<Volume>> {
         let map = self.volumes.read().unwrap_or_else(|p| p.into_inner());
         map.values().cloned().collect()
-    }
-}
-
-impl ExportCatalog for Registry {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let (v, backup) = self.resolve(name)?;
-        Some(match backup {
-            None => v.export_info(),
-            Some(b) => v.backup_export_info(&b),
-        })
-    }
-
-    fn list(&self) -> Vec<ExportInfo> {
-        let mut out = Vec::new();
-        for v in Registry::list(self) {
-            out.push(v.export_info());
-            let ready = v.ready_backups();
-            out.extend(ready.iter().map(|b| v.backup_export_info(b)));
-        }
-        out
-    }
-
-    /// `base:allocation` everywhere; `x-ringblk:changed/NAME` for every ready backup
-    /// NAME taken before the export's own point in time: all of them for the live
-    /// volume, the older ones for a backup's export. A backup being released is no
-    /// longer ready, so its context is no longer offered (see `io::changed_layers`).
-    fn meta_contexts(&self, export: &str) -> Vec<String> {
-        let mut out = vec![ringblk_nbd::proto::META_BASE_ALLOCATION.to_string()];
-        if let Some((v, backup)) = self.resolve(export) {
-            // In switch order: backups become ready one at a time, under `control`.
-            let ready = v.ready_backups();
-            let upto = match backup {
-                None => ready.len(),
-                Some(b) => ready.iter().position(|x| *x == b).unwrap_or(0),
-            };
-            out.extend(
-                ready[..upto]
-                    .iter()
-                    .map(|x| format!("{META_CHANGED_PREFIX}{x}")),
-            );
-        }
-        out
-    }
-
-    /// `x-ringblk:changed/NAME`: the id of the delta above backup NAME now, so that
-    /// the context keeps meaning that backup after a new one takes its name (0: none).
-    fn meta_context_binding(&self, export: &str, context: &str) -> u64 {
-        let Some(since) = context.strip_prefix(META_CHANGED_PREFIX) else {
-            return 0;
-        };
-        self.resolve(export)
-            .and_then(|(v, _)| v.ready_backup_delta(since))
-            .unwrap_or(0)
     }
 }
 

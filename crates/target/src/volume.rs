@@ -3,7 +3,7 @@
 //! # Sharing
 //! A [`Volume`] is immutable after creation except for its counters and its
 //! `removed` flag (and the control plane's own state: `control`, the published and
-//! retired stacks in [`Images`], `drain_helper`), so every reactor reads it through an `Arc` without locks. The
+//! retired stacks in `image::Images`, `drain_helper`), so every reactor reads it through an `Arc` without locks. The
 //! [`Registry`] map is behind an `RwLock` that only the control plane takes: the
 //! handshake (to look an export up) and RPC calls. The data path never touches it.
 //!
@@ -25,7 +25,6 @@ use crate::stats::counters::VolumeCounters;
 /// Moved to [`crate::stats::counters`] (#12 step 1); re-exported so paths keep working.
 pub use crate::stats::counters::{bump, OpCounters, VolumeStats};
 use crate::stats::Label;
-use ringblk_nbd::ExportInfo;
 
 /// Largest request payload served: [`crate::ops::IO_MAX_BYTES`] (moved there in #12
 /// 2A so that `admission` need not import `volume`).
@@ -170,7 +169,7 @@ pub struct Control {
     /// `changed_since` backup) against release; see `copyjob`'s module docs.
     pub copies: Vec<Arc<dyn BackupHold>>,
     /// The next backup's delta, created ahead of its switch (`switchover::prepare`).
-    pub prepared: Option<crate::image::Delta>,
+    pub(crate) prepared: Option<crate::image::Delta>,
 }
 
 impl Control {
@@ -181,10 +180,6 @@ impl Control {
         self.copies.iter().find(|c| c.holds(name)).cloned()
     }
 }
-
-/// Metadata context prefix of "chunks changed since backup NAME" (incremental
-/// backup): `x-ringblk:changed/NAME`, flags bit 0 set on changed chunks.
-pub const META_CHANGED_PREFIX: &str = "x-ringblk:changed/";
 
 /// A named export.
 pub struct Volume {
@@ -200,7 +195,7 @@ pub struct Volume {
     /// A thread is finishing drains that outlasted their command's wait
     /// (`switchover::finish_later`): at most one per volume.
     pub(crate) drain_helper: AtomicBool,
-    pub control: Mutex<Control>,
+    pub(crate) control: Mutex<Control>,
     /// Ready backups (their exports), by name, with the id of the delta above each
     /// (what binds `x-ringblk:changed/NAME` to that backup, not to the name).
     /// Separate from `control` because the handshake reads it on reactor threads, and
@@ -210,11 +205,11 @@ pub struct Volume {
     /// its delta at the start, which a concurrent merge could otherwise drop.
     pub(crate) merge_lock: Mutex<()>,
     /// Manifest, journals and the committer (see `persist`).
-    pub persist: crate::persist::Persist,
+    pub(crate) persist: crate::persist::Persist,
     /// What recovery found at open, for the log and for resuming merges.
     pub recovered: Option<RecoverySummary>,
     /// Injected errors (`fault_inject`), checked once per request.
-    pub faults: crate::fault::Faults,
+    pub(crate) faults: crate::fault::Faults,
     /// Prefix of this volume's delta and journal file names, unique to this
     /// lifetime of the volume (`durable::manifest::file_stem`).
     file_stem: String,
@@ -548,12 +543,12 @@ impl Volume {
     }
 
     /// The base backend and image stacks: what the data path works on.
-    pub fn images(&self) -> &Images {
+    pub(crate) fn images(&self) -> &Images {
         &self.images
     }
 
     /// Manifest, journals and the committer.
-    pub fn persist(&self) -> &crate::persist::Persist {
+    pub(crate) fn persist(&self) -> &crate::persist::Persist {
         &self.persist
     }
 
@@ -563,19 +558,19 @@ impl Volume {
     }
 
     /// [`Images::pin`].
-    pub fn pin(&self, reactor: usize) -> StackPin {
+    pub(crate) fn pin(&self, reactor: usize) -> StackPin {
         self.images.pin(reactor)
     }
 
     /// [`Images::pin_write`].
-    pub fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
+    pub(crate) fn pin_write(&self, reactor: usize, offset: u64, len: u64) -> StackPin {
         self.images.pin_write(reactor, offset, len)
     }
 
     /// The current stack, for control-plane reads that do not outlive the call.
     /// The guard proves the caller holds `control`: stacks are published and freed
     /// only under it, so the current one cannot be freed during `f`.
-    pub fn with_stack<R>(
+    pub(crate) fn with_stack<R>(
         &self,
         control: &std::sync::MutexGuard<'_, Control>,
         f: impl FnOnce(&Stack) -> R,
@@ -691,7 +686,7 @@ impl Volume {
         self.spec.read_only
     }
 
-    pub fn backend(&self) -> &Backend {
+    pub(crate) fn backend(&self) -> &Backend {
         self.images.backend()
     }
 
@@ -707,11 +702,13 @@ impl Volume {
         self.connections.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn connection_opened(&self) {
+    /// A front end's connection to this volume opened (the `connections` stat).
+    pub fn connection_opened(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn connection_closed(&self) {
+    /// A front end's connection to this volume closed.
+    pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -729,41 +726,6 @@ impl Volume {
     pub fn stats(&self) -> VolumeStats {
         self.stats.stats(self.name(), self.connections())
     }
-
-    /// The read-only export of backup `backup` (`VOL@BACKUP`).
-    pub fn backup_export_info(&self, backup: &str) -> ExportInfo {
-        let mut info = self.export_info();
-        info.name = format!("{}@{backup}", self.name());
-        info.description = format!("ringblk backup {backup} of {}", self.name());
-        info.read_only = true;
-        info.can_trim = false;
-        info.can_write_zeroes = false;
-        info.can_fast_zero = false;
-        info
-    }
-
-    /// What the handshake tells clients about this export.
-    pub fn export_info(&self) -> ExportInfo {
-        let bs = self.block_size();
-        let punch = self.backend().can_punch();
-        ExportInfo {
-            name: self.name().to_string(),
-            description: format!("ringblk {} volume", self.backend().kind()),
-            size_bytes: self.size_bytes(),
-            read_only: self.read_only(),
-            block_size_min: bs,
-            block_size_preferred: bs.max(4096),
-            block_size_max: PAYLOAD_MAX_BYTES,
-            can_trim: punch,
-            can_write_zeroes: true,
-            can_fast_zero: punch,
-            can_cache: true,
-            can_multi_conn: true,
-            can_flush: true,
-            can_fua: true,
-            rotational: false,
-        }
-    }
 }
 
 impl Drop for Volume {
@@ -778,5 +740,47 @@ impl Drop for Volume {
             self.persist.discard_deltas();
         }
         // The image stacks are freed when `images` drops, right after this.
+    }
+}
+
+/// What the server reads of a volume's control-plane state, without naming the
+/// crate's private layers (`image`, `persist`): the plan's visibility rule (#12 5.3)
+/// keeps images, stacks and the manifest out of every front end's reach.
+impl Volume {
+    /// What the volume's base is (`file`, `mem`, `null`).
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend().kind()
+    }
+
+    /// The base file is open O_DIRECT (false: the page cache, or not a file).
+    pub fn is_direct(&self) -> bool {
+        self.backend().is_direct()
+    }
+
+    /// Backups of this volume, in any state.
+    pub fn backup_count(&self) -> usize {
+        self.control.lock().map_or(0, |c| c.backups.len())
+    }
+
+    /// Deltas in the current image stack (one per live backup, plus merging ones).
+    pub fn delta_count(&self) -> usize {
+        let ctl = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        self.with_stack(&ctl, |s| s.deltas.len())
+    }
+
+    /// Group commits run, and the FLUSH/FUA requests and merges they served.
+    pub fn commit_counts(&self) -> (u64, u64) {
+        self.persist.commit_counts()
+    }
+
+    /// The volume keeps a manifest (its backups survive a restart).
+    pub fn persistent(&self) -> bool {
+        self.persist.persistent()
+    }
+
+    /// Makes every acknowledged write and the manifest durable, blocking the calling
+    /// thread (not a reactor) until the group commit that covers them is done.
+    pub fn sync_metadata(&self) -> std::io::Result<()> {
+        self.persist.commit_blocking()
     }
 }

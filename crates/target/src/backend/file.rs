@@ -22,7 +22,7 @@ use crate::extent::{Extent, ExtentFlags};
 
 /// How to open a file backend.
 #[derive(Clone, Copy, Debug)]
-pub struct FileOptions {
+pub(crate) struct FileOptions {
     /// Size to create or grow to; `None` = use the file's size.
     pub size_bytes: Option<u64>,
     pub read_only: bool,
@@ -34,7 +34,7 @@ pub struct FileOptions {
 
 /// Opens (creating if needed) a file or block device; returns the backend and its size.
 /// `owner` names the volume in the lock conflicts of later writers (`filelock`).
-pub fn open(path: &Path, opts: FileOptions, owner: &str) -> std::io::Result<(Backend, u64)> {
+pub(crate) fn open(path: &Path, opts: FileOptions, owner: &str) -> std::io::Result<(Backend, u64)> {
     let mut oo = OpenOptions::new();
     oo.read(true).write(!opts.read_only);
     if !opts.read_only && opts.size_bytes.is_some() {
@@ -117,7 +117,7 @@ fn refuse_growth(path: &Path, size: u64, want: u64) -> std::io::Error {
 
 /// What [`open`] would refuse about the size of the existing file at `path` (a start
 /// checks this before it creates any file). A missing file passes.
-pub fn check_size(path: &Path, opts: FileOptions) -> std::io::Result<()> {
+pub(crate) fn check_size(path: &Path, opts: FileOptions) -> std::io::Result<()> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -167,7 +167,7 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
 /// `max_extents` of them and at most `*lseeks` lseek calls (decremented by the calls
 /// made): the extents cover a prefix of the range, empty only when `*lseeks < 2`.
 /// Falls back to "all data" when the filesystem cannot tell (that is always correct).
-pub fn seek_extents(
+pub(crate) fn seek_extents(
     file: &File,
     offset: u64,
     len: u32,

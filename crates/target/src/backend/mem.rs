@@ -9,7 +9,7 @@ use std::os::fd::FromRawFd;
 use super::{Backend, BackendKind};
 
 /// A zero-filled RAM backend of `size_bytes`.
-pub fn open(name: &str, size_bytes: u64) -> std::io::Result<Backend> {
+pub(crate) fn open(name: &str, size_bytes: u64) -> std::io::Result<Backend> {
     let cname = std::ffi::CString::new(format!("ringblk-{name}"))
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: cname is a valid NUL-terminated string; the result is checked.

@@ -15,9 +15,9 @@
 //! makes every completed write durable, whichever descriptor or reactor wrote it,
 //! since they share one inode. That is what lets volumes advertise CAN_MULTI_CONN.
 
-pub mod file;
-pub mod mem;
-pub mod null;
+pub(crate) mod file;
+pub(crate) mod mem;
+pub(crate) mod null;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,11 +25,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use crate::extent::{Extent, ExtentFlags};
 
 /// Moved to [`crate::spec`] (#12 step 1); re-exported so paths keep working.
-pub use crate::spec::BackendKind;
+pub(crate) use crate::spec::BackendKind;
 
 /// An opened backend.
 #[derive(Debug)]
-pub struct Backend {
+pub(crate) struct Backend {
     kind: BackendKind,
     /// `None` for the null backend.
     file: Option<File>,
@@ -46,20 +46,20 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn kind(&self) -> BackendKind {
+    pub(crate) fn kind(&self) -> BackendKind {
         self.kind
     }
 
     /// The descriptor every reactor submits I/O to; `None` for null.
-    pub fn raw_fd(&self) -> Option<RawFd> {
+    pub(crate) fn raw_fd(&self) -> Option<RawFd> {
         self.file.as_ref().map(|f| f.as_raw_fd())
     }
 
-    pub fn is_direct(&self) -> bool {
+    pub(crate) fn is_direct(&self) -> bool {
         self.direct
     }
 
-    pub fn can_punch(&self) -> bool {
+    pub(crate) fn can_punch(&self) -> bool {
         self.can_punch
     }
 
@@ -74,7 +74,7 @@ impl Backend {
     /// `max_extents` extents covering a prefix of the range.
     /// Each extent may cost two `lseek` calls on the calling thread, taken from
     /// `*lseeks`; none when that is below two (then the result may be empty).
-    pub fn block_status(
+    pub(crate) fn block_status(
         &self,
         offset: u64,
         len: u32,

@@ -5,7 +5,7 @@
 use super::{Backend, BackendKind};
 
 /// A null backend (its size is the volume's).
-pub fn open() -> Backend {
+pub(crate) fn open() -> Backend {
     Backend {
         kind: BackendKind::Null,
         file: None,

@@ -55,7 +55,7 @@ pub(crate) mod planted {
 
     /// Completions known at submit time run inline (breaking the rule).
     #[inline]
-    pub fn inline_done() -> bool {
+    pub(crate) fn inline_done() -> bool {
         #[cfg(test)]
         return INLINE_DONE.with(|c| c.get());
         #[cfg(not(test))]

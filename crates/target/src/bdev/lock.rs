@@ -63,7 +63,7 @@ pub(crate) mod planted {
 
     /// Writes overlapping an installed lock start anyway instead of parking.
     #[inline]
-    pub fn skip_park() -> bool {
+    pub(crate) fn skip_park() -> bool {
         #[cfg(test)]
         return SKIP_PARK.with(|c| c.get());
         #[cfg(not(test))]
@@ -72,7 +72,7 @@ pub(crate) mod planted {
 
     /// CAWs execute at once, without asking for (or installing) their lock.
     #[inline]
-    pub fn skip_caw_lock() -> bool {
+    pub(crate) fn skip_caw_lock() -> bool {
         #[cfg(test)]
         return SKIP_CAW_LOCK.with(|c| c.get());
         #[cfg(not(test))]

@@ -15,7 +15,7 @@
 //!
 //! # Usage
 //! ```text
-//! let label = Label::register("nbd")?;                       // once, control plane
+//! let label = Label::register("vhost")?;                     // once, control plane
 //! let bdev = Bdev::open(volume, View::Live, label)?;        // per session
 //! let ch = bdev.channel(r);                                  // on the session's reactor
 //! let mut buf = ch.alloc(r, 4096);                           // pool buffer if it fits

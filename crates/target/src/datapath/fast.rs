@@ -1,6 +1,5 @@
 //! The fast path: requests on a view without deltas, one I/O on the base, no map
-//! lookups (moved from the NBD session's `execute_base`, `finish_with_fua` and
-//! `zero_fill`, #12 step 3).
+//! lookups (moved from a front end's session, #12 step 3).
 //!
 //! Each function takes the request's stack pin and keeps it in the operation's
 //! callback until the I/O has landed, so the drain of a later switchover waits for

@@ -24,8 +24,8 @@
 //! full waits in the reactor's FIFO wait queue and is submitted as completions free
 //! slots (SPDK's `spdk_bdev_queue_io_wait`), counted in the volume's `slab_waits`. A
 //! valid request never fails for lack of slots. The queue is bounded by the
-//! connections, not here: a connection executes at most `session::MAX_IN_FLIGHT`
-//! requests and `session::MAX_IN_FLIGHT_BYTES` of payload (one request may
+//! connections, not here: a connection executes at most its front end's bound
+//! of requests and of payload bytes (one request may
 //! overshoot) before it stops reading its socket, and a request has at most one
 //! waiting operation per chunk it spans, plus one per read-merge; so the queue holds
 //! at most, per connection, that many chunks' worth of operations.
@@ -47,8 +47,8 @@ use super::{submit_io, DataVol, VolRef};
 
 /// Completion of a request without data (defined with the committer, which completes
 /// FLUSH/FUA requests too).
-pub use crate::persist::Done;
-pub type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, BlockError>)>;
+pub(crate) use crate::persist::Done;
+pub(crate) type DoneBuf = Box<dyn FnOnce(&mut Reactor, Result<IoBuf, BlockError>)>;
 
 /// How often a partial fill re-checks whether its delta has drained.
 const DRAIN_RECHECK: Duration = Duration::from_micros(20);
@@ -63,7 +63,7 @@ pub(crate) mod planted {
 
     /// Partial fills read-merge without waiting for the old epoch to drain.
     #[inline]
-    pub fn skip_drain_wait() -> bool {
+    pub(crate) fn skip_drain_wait() -> bool {
         #[cfg(test)]
         return SKIP_DRAIN_WAIT.with(|c| c.get());
         #[cfg(not(test))]
@@ -156,7 +156,7 @@ fn loc_offset(loc: Loc) -> u64 {
 }
 
 /// Reads `[offset, offset + len)` of the view `layers` (+ base) into a new buffer.
-pub fn read<V: DataVol + ?Sized>(
+pub(crate) fn read<V: DataVol + ?Sized>(
     r: &mut Reactor,
     vol: &V,
     pin: Rc<StackPin>,
@@ -268,7 +268,7 @@ struct WriteReq {
 type WriteRef = Rc<RefCell<WriteReq>>;
 
 /// Writes `data[..len]` at `offset` of the live view (`pin`'s stack).
-pub fn write(
+pub(crate) fn write(
     r: &mut Reactor,
     vol: &VolRef,
     pin: Rc<StackPin>,
@@ -604,7 +604,7 @@ fn submit_write(
 /// FLUSH of a layered volume: a group commit (data files, then the journals of the
 /// mappings that point at the data; `durable::commit`). Every write completed before
 /// is durable when `done` runs.
-pub fn flush(r: &mut Reactor, vol: &VolRef, pin: Rc<StackPin>, done: Done) {
+pub(crate) fn flush(r: &mut Reactor, vol: &VolRef, pin: Rc<StackPin>, done: Done) {
     // The commit covers every delta of the volume, not only the pinned stack's.
     drop(pin);
     if vol.persist().commit_async(r, done) == crate::persist::Queued::Waiting {
@@ -614,7 +614,7 @@ pub fn flush(r: &mut Reactor, vol: &VolRef, pin: Rc<StackPin>, done: Done) {
 
 /// WRITE_ZEROES on a stack with deltas: zeros written through the delta path in
 /// pieces of at most 1 MiB, one after another.
-pub fn write_zeroes(
+pub(crate) fn write_zeroes(
     r: &mut Reactor,
     vol: &VolRef,
     pin: Rc<StackPin>,

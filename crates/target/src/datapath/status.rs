@@ -20,14 +20,14 @@ use super::layered::{resolve, Loc};
 /// lookups in a debug build with a few deltas, and a client still maps a 1 TiB volume
 /// in 32 768 requests. The reply then covers a prefix of the request (NBD allows it:
 /// clients ask again for the rest).
-pub const BLOCK_STATUS_CHUNKS_MAX: u64 = 8192;
+pub(crate) const BLOCK_STATUS_CHUNKS_MAX: u64 = 8192;
 
 /// `lseek` calls (SEEK_DATA/SEEK_HOLE on the base image) one BLOCK_STATUS request
 /// makes at most. Each is a synchronous system call on the reactor thread that walks
 /// the file's extent tree; with one call pair per chunk, one request made up to
 /// 131 072 of them. 64 calls give at least 32 base extents per reply: a densely
 /// fragmented base is mapped in short replies, an ordinary one in 32 MiB ones.
-pub const BLOCK_STATUS_LSEEKS_MAX: u32 = 64;
+pub(crate) const BLOCK_STATUS_LSEEKS_MAX: u32 = 64;
 
 /// Allocation extents of a view with `layers` (none: the base alone, as the fast
 /// path sees it).
@@ -65,7 +65,7 @@ pub(crate) fn changed_since(
 /// base's own allocation. Covers a prefix of the range: at most
 /// [`BLOCK_STATUS_CHUNKS_MAX`] chunks, [`BLOCK_STATUS_LSEEKS_MAX`] lseek calls and `max`
 /// extents.
-pub fn block_status(
+pub(crate) fn block_status(
     vol: &Images,
     layers: &[Arc<Delta>],
     offset: u64,
@@ -161,7 +161,7 @@ fn overlay_extents(
 /// anything. Releasing `since` itself mixes its changes into older ones, so from the
 /// moment its delta is marked merging this returns `None` (as it does when `since`
 /// is not below the view's top, e.g. a backup newer than the exported one).
-pub fn changed_layers<'a>(
+pub(crate) fn changed_layers<'a>(
     deltas: &'a [Arc<Delta>],
     view_len: usize,
     since: &str,
@@ -174,7 +174,7 @@ pub fn changed_layers<'a>(
 /// [`changed_layers`] for the backup whose delta has id `delta` (a context bound to
 /// that backup when it was selected): `None` once that backup is gone, even when
 /// another backup now has its name.
-pub fn changed_layers_of(
+pub(crate) fn changed_layers_of(
     deltas: &[Arc<Delta>],
     view_len: usize,
     delta: u64,
@@ -186,7 +186,7 @@ pub fn changed_layers_of(
 
 /// Whether any of `layers` holds `chunk` (in any state: a pending fill is a write
 /// in progress, a merging chunk is still there until it is published below).
-pub fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {
+pub(crate) fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {
     layers
         .iter()
         .any(|d| matches!(d.map.lookup(chunk).map(|e| e.state()), Ok(s) if s != State::Unmapped))
@@ -195,7 +195,7 @@ pub fn held_by_any(layers: &[Arc<Delta>], chunk: u64) -> bool {
 /// `x-ringblk:changed/NAME` extents of `[offset, offset + len)`: CHANGED where a chunk
 /// is held by one of `changed` (see [`changed_layers`]), no flag elsewhere. Covers a prefix
 /// of the range when `max` extents or the scan bound run out.
-pub fn changed_status(
+pub(crate) fn changed_status(
     vol: &Images,
     changed: &[Arc<Delta>],
     offset: u64,

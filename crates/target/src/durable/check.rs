@@ -16,7 +16,7 @@ use super::recover::load_delta;
 use super::store::Store;
 
 #[derive(Debug, Default)]
-pub struct CheckReport {
+pub(crate) struct CheckReport {
     pub volumes: Vec<String>,
     /// Inconsistencies: a non-zero exit.
     pub errors: Vec<String>,
@@ -27,13 +27,14 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    pub fn ok(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn ok(&self) -> bool {
         self.errors.is_empty()
     }
 }
 
 /// Checks `volume`, or every volume with a manifest in the store.
-pub fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
+pub(crate) fn check(store: &dyn Store, volume: Option<&str>) -> CheckReport {
     let mut rep = CheckReport::default();
     let files = match store.list() {
         Ok(f) => f,

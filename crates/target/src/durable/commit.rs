@@ -22,7 +22,7 @@ use super::manifest::ManifestCell;
 use super::store::Store;
 
 /// The files of one volume a commit covers.
-pub struct CommitSet<'a> {
+pub(crate) struct CommitSet<'a> {
     pub manifest: Option<&'a ManifestCell>,
     /// Data files to fdatasync (store names).
     pub data: Vec<String>,
@@ -32,7 +32,7 @@ pub struct CommitSet<'a> {
 
 /// Test-only knobs (negative controls). The server always uses the default.
 #[derive(Clone, Copy, Debug)]
-pub struct CommitOptions {
+pub(crate) struct CommitOptions {
     /// fdatasync the journals (off only to prove the power-cut test catches it).
     pub sync_journal: bool,
 }
@@ -44,7 +44,11 @@ impl Default for CommitOptions {
 }
 
 /// Runs one commit; see the module docs.
-pub fn commit(store: &dyn Store, set: &CommitSet<'_>, opts: CommitOptions) -> io::Result<()> {
+pub(crate) fn commit(
+    store: &dyn Store,
+    set: &CommitSet<'_>,
+    opts: CommitOptions,
+) -> io::Result<()> {
     if let Some(m) = set.manifest {
         // The manifest may name a journal created lazily: it must exist first.
         for j in &set.journals {

@@ -32,25 +32,25 @@ use ringblk_blockmap::MapRecord;
 
 use super::store::Store;
 
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 const MAGIC: &[u8; 8] = b"RBLKJNL1";
 const VERSION: u32 = 1;
 const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"JFRM");
 const FRAME_HEADER: usize = 24;
 /// Largest payload of one frame: bounds replay memory per frame and the
 /// damage one bad length field can do.
-pub const FRAME_PAYLOAD_MAX: u32 = 64 << 20;
+pub(crate) const FRAME_PAYLOAD_MAX: u32 = 64 << 20;
 
 /// What the header says about the delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JournalHeader {
+pub(crate) struct JournalHeader {
     pub chunk_bytes: u32,
     pub capacity_chunks: u64,
     pub delta_id: u64,
 }
 
 impl JournalHeader {
-    pub fn encode(&self) -> [u8; SECTOR as usize] {
+    pub(crate) fn encode(&self) -> [u8; SECTOR as usize] {
         let mut s = [0u8; SECTOR as usize];
         s[..8].copy_from_slice(MAGIC);
         s[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -62,7 +62,7 @@ impl JournalHeader {
         s
     }
 
-    pub fn decode(s: &[u8]) -> Result<JournalHeader, String> {
+    pub(crate) fn decode(s: &[u8]) -> Result<JournalHeader, String> {
         if s.len() < SECTOR as usize {
             return Err(format!("header is {} bytes, needs 512", s.len()));
         }
@@ -104,7 +104,7 @@ fn frame_crc(len: u32, seq: u64, payload: &[u8]) -> u32 {
 }
 
 /// One frame, padded to whole sectors.
-pub fn encode_frame(seq: u64, records: &[MapRecord]) -> Vec<u8> {
+pub(crate) fn encode_frame(seq: u64, records: &[MapRecord]) -> Vec<u8> {
     let mut payload = Vec::with_capacity(records.len() * MapRecord::MAX_ENCODED_LEN);
     for r in records {
         r.encode(&mut payload);
@@ -142,7 +142,7 @@ fn decode_frame(b: &[u8]) -> Option<(u64, &[u8], usize)> {
 
 /// The result of reading a journal.
 #[derive(Debug, Default)]
-pub struct Replay {
+pub(crate) struct Replay {
     pub header: Option<JournalHeader>,
     pub records: Vec<MapRecord>,
     pub frames: u64,
@@ -157,7 +157,7 @@ pub struct Replay {
 }
 
 /// Parses a whole journal image (see the module docs for torn tail vs. corrupt).
-pub fn replay(bytes: &[u8]) -> Replay {
+pub(crate) fn replay(bytes: &[u8]) -> Replay {
     let mut out = Replay {
         next_seq: 1,
         end: SECTOR,
@@ -234,7 +234,7 @@ pub fn replay(bytes: &[u8]) -> Replay {
 /// The in-memory side of one delta's journal: records waiting for the next commit
 /// and where that commit appends.
 #[derive(Debug)]
-pub struct Journal {
+pub(crate) struct Journal {
     pub name: String,
     st: Mutex<JState>,
 }
@@ -253,20 +253,19 @@ struct JState {
 /// Records taken by a commit; handed back with [`Journal::committed`] or
 /// [`Journal::restore`].
 #[derive(Debug)]
-pub struct Taken {
+pub(crate) struct Taken {
     records: Vec<MapRecord>,
-}
-
-impl Taken {
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
 }
 
 impl Journal {
     /// A new, empty journal for a new delta: the file is created now; its header is
     /// written by the first commit.
-    pub fn create(store: &dyn Store, name: &str, header: JournalHeader) -> io::Result<Journal> {
+    #[cfg(test)]
+    pub(crate) fn create(
+        store: &dyn Store,
+        name: &str,
+        header: JournalHeader,
+    ) -> io::Result<Journal> {
         let j = Journal::lazy(name, header);
         j.ensure_file(store)?;
         Ok(j)
@@ -276,7 +275,7 @@ impl Journal {
     /// [`ensure_file`](Self::ensure_file) or the first write: keeps file creation
     /// off the backup switch. Whoever makes a manifest naming this journal durable
     /// calls `ensure_file` first (`commit` does).
-    pub fn lazy(name: &str, header: JournalHeader) -> Journal {
+    pub(crate) fn lazy(name: &str, header: JournalHeader) -> Journal {
         Journal {
             name: name.to_string(),
             st: Mutex::new(JState {
@@ -290,7 +289,7 @@ impl Journal {
     }
 
     /// Creates the file if it does not exist yet (see [`lazy`](Self::lazy)).
-    pub fn ensure_file(&self, store: &dyn Store) -> io::Result<()> {
+    pub(crate) fn ensure_file(&self, store: &dyn Store) -> io::Result<()> {
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
         if !st.created {
             store.create(&self.name)?;
@@ -301,7 +300,7 @@ impl Journal {
 
     /// A journal recovered by [`replay`]: appends continue at `replay.end`. The
     /// caller truncates the file there first (see [`super::recover`]).
-    pub fn resume(name: &str, header: JournalHeader, replay: &Replay) -> Journal {
+    pub(crate) fn resume(name: &str, header: JournalHeader, replay: &Replay) -> Journal {
         let fresh = replay.end == 0;
         Journal {
             name: name.to_string(),
@@ -316,7 +315,7 @@ impl Journal {
     }
 
     /// Queues a record for the next commit.
-    pub fn append(&self, rec: MapRecord) {
+    pub(crate) fn append(&self, rec: MapRecord) {
         self.st
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -324,17 +323,8 @@ impl Journal {
             .push(rec);
     }
 
-    /// Records not yet committed (for tests and stats).
-    pub fn pending_len(&self) -> usize {
-        self.st
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pending
-            .len()
-    }
-
     /// Takes every pending record (step 1 of a commit).
-    pub fn take(&self) -> Taken {
+    pub(crate) fn take(&self) -> Taken {
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
         Taken {
             records: std::mem::take(&mut st.pending),
@@ -342,7 +332,7 @@ impl Journal {
     }
 
     /// A failed commit puts its records back in front of newer ones, in order.
-    pub fn restore(&self, t: Taken) {
+    pub(crate) fn restore(&self, t: Taken) {
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
         let newer = std::mem::replace(&mut st.pending, t.records);
         st.pending.extend(newer);
@@ -350,7 +340,7 @@ impl Journal {
 
     /// Appends the taken records as one frame and syncs (unless `sync` is false: a
     /// test-only setting for the negative control). On error the records go back.
-    pub fn write(&self, store: &dyn Store, t: Taken, sync: bool) -> io::Result<()> {
+    pub(crate) fn write(&self, store: &dyn Store, t: Taken, sync: bool) -> io::Result<()> {
         let (needs_header, seq, end) = {
             let st = self.st.lock().unwrap_or_else(|p| p.into_inner());
             (st.header, st.next_seq, st.end)

@@ -31,11 +31,11 @@ use serde::{Deserialize, Serialize};
 use super::store::{replace_atomically, Store};
 
 /// The format this code writes.
-pub const FORMAT: u32 = 2;
+pub(crate) const FORMAT: u32 = 2;
 /// The format of releases up to 3af0bc6 (read as it is; see the module docs).
-pub const FORMAT_V1: u32 = 1;
+pub(crate) const FORMAT_V1: u32 = 1;
 
-pub fn manifest_name(volume: &str) -> String {
+pub(crate) fn manifest_name(volume: &str) -> String {
     format!("{volume}.manifest")
 }
 
@@ -48,7 +48,7 @@ pub fn manifest_name(volume: &str) -> String {
 /// when it went. A fresh incarnation per volume lifetime keeps the two apart.
 /// Volume names cannot contain '@' (`volume::check_name`), so `VOL@INC` never is
 /// another volume's name, nor a format-1 prefix.
-pub fn file_stem(volume: &str, incarnation: Option<&str>) -> String {
+pub(crate) fn file_stem(volume: &str, incarnation: Option<&str>) -> String {
     match incarnation {
         Some(inc) => format!("{volume}@{inc}"),
         None => volume.to_string(),
@@ -58,7 +58,7 @@ pub fn file_stem(volume: &str, incarnation: Option<&str>) -> String {
 /// A new incarnation: 16 hex digits from the kernel's random source (time and pid
 /// when that fails; uniqueness against files on disk is what matters, and the
 /// caller's name check covers the rest).
-pub fn new_incarnation() -> String {
+pub(crate) fn new_incarnation() -> String {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most `b.len()` bytes into the live local buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
@@ -74,16 +74,16 @@ pub fn new_incarnation() -> String {
 }
 
 /// `stem` as from [`file_stem`].
-pub fn delta_name(stem: &str, id: u64) -> String {
+pub(crate) fn delta_name(stem: &str, id: u64) -> String {
     format!("{stem}.{id}.delta")
 }
 
-pub fn journal_name(stem: &str, id: u64) -> String {
+pub(crate) fn journal_name(stem: &str, id: u64) -> String {
     format!("{stem}.{id}.journal")
 }
 
 /// `Some(id)` when `file` is a delta or journal file of `stem`.
-pub fn delta_id_of(stem: &str, file: &str) -> Option<u64> {
+pub(crate) fn delta_id_of(stem: &str, file: &str) -> Option<u64> {
     let rest = file.strip_prefix(stem)?.strip_prefix('.')?;
     let id = rest
         .strip_suffix(".delta")
@@ -93,7 +93,7 @@ pub fn delta_id_of(stem: &str, file: &str) -> Option<u64> {
 
 /// `Some((incarnation, id))` when `file` is a delta or journal file of `volume`
 /// in any incarnation (`None`: a format-1 name).
-pub fn delta_of_volume<'a>(volume: &str, file: &'a str) -> Option<(Option<&'a str>, u64)> {
+pub(crate) fn delta_of_volume<'a>(volume: &str, file: &'a str) -> Option<(Option<&'a str>, u64)> {
     let rest = file.strip_prefix(volume)?;
     match rest.strip_prefix('@') {
         None => delta_id_of(volume, file).map(|id| (None, id)),
@@ -113,7 +113,7 @@ pub fn delta_of_volume<'a>(volume: &str, file: &'a str) -> Option<(Option<&'a st
 /// (and when that inode was born, so that a reused inode number is not taken for
 /// the same file) and how long it is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BaseIdentity {
+pub(crate) struct BaseIdentity {
     pub path: String,
     pub dev: u64,
     pub ino: u64,
@@ -128,7 +128,7 @@ pub struct BaseIdentity {
 
 impl BaseIdentity {
     /// The identity of the file at `path` now (the path made canonical).
-    pub fn of(path: &std::path::Path) -> io::Result<BaseIdentity> {
+    pub(crate) fn of(path: &std::path::Path) -> io::Result<BaseIdentity> {
         use std::os::unix::fs::MetadataExt;
         let canon = std::fs::canonicalize(path)?;
         let md = std::fs::metadata(&canon)?;
@@ -148,7 +148,7 @@ impl BaseIdentity {
     }
 
     /// For messages: `PATH (device D, inode I, N bytes)`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let born = self
             .born_ns
             .map_or(String::new(), |b| format!(", born {b} ns"));
@@ -163,7 +163,7 @@ impl BaseIdentity {
     }
 
     /// Whether `found` is the file this identity was recorded of.
-    pub fn matches(&self, found: &BaseIdentity) -> bool {
+    pub(crate) fn matches(&self, found: &BaseIdentity) -> bool {
         let born = match (self.born_ns, found.born_ns) {
             (Some(a), Some(b)) => a == b,
             _ => true, // a filesystem without birth times: the rest must do
@@ -179,7 +179,7 @@ impl BaseIdentity {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DeltaState {
+pub(crate) enum DeltaState {
     /// Holds writes since its backup (the backup is served).
     Active,
     /// Its backup was released and it is being merged into the layer below; a
@@ -188,7 +188,7 @@ pub enum DeltaState {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeltaEntry {
+pub(crate) struct DeltaEntry {
     pub id: u64,
     /// The backup whose frozen image lies directly below this delta.
     pub backup: String,
@@ -198,7 +198,7 @@ pub struct DeltaEntry {
 
 /// A copy job to restart after a crash (`backup copy` that was running).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CopyEntry {
+pub(crate) struct CopyEntry {
     pub backup: String,
     pub dest: String,
     #[serde(default)]
@@ -206,7 +206,7 @@ pub struct CopyEntry {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub format: u32,
     pub volume: String,
     pub size_bytes: u64,
@@ -227,7 +227,7 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn new(volume: &str, size_bytes: u64, chunk_bytes: u32) -> Manifest {
+    pub(crate) fn new(volume: &str, size_bytes: u64, chunk_bytes: u32) -> Manifest {
         Manifest {
             format: FORMAT,
             volume: volume.to_string(),
@@ -243,19 +243,19 @@ impl Manifest {
     }
 
     /// The prefix of this volume's delta and journal file names.
-    pub fn file_stem(&self) -> String {
+    pub(crate) fn file_stem(&self) -> String {
         file_stem(&self.volume, self.incarnation.as_deref())
     }
 
     /// Always in the current [`FORMAT`] (a format-1 manifest read is upgraded).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut m = self.clone();
         m.format = FORMAT;
         let json = serde_json::to_string(&m).unwrap_or_else(|_| unreachable!("plain data"));
         format!("{json}\ncrc32c={:08x}\n", crc32c::crc32c(json.as_bytes())).into_bytes()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Manifest, String> {
         let text = std::str::from_utf8(bytes).map_err(|_| "manifest is not UTF-8".to_string())?;
         let mut lines = text.lines();
         let json = lines.next().ok_or("manifest is empty")?;
@@ -282,7 +282,7 @@ impl Manifest {
         Ok(m)
     }
 
-    pub fn load(store: &dyn Store, volume: &str) -> Result<Option<Manifest>, String> {
+    pub(crate) fn load(store: &dyn Store, volume: &str) -> Result<Option<Manifest>, String> {
         let name = manifest_name(volume);
         if !store.exists(&name) {
             return Ok(None);
@@ -296,7 +296,7 @@ impl Manifest {
 
 /// The manifest a volume wants on disk, and whether the disk has it yet.
 #[derive(Debug)]
-pub struct ManifestCell {
+pub(crate) struct ManifestCell {
     st: Mutex<CellState>,
     /// Serialises writers so an older generation never overwrites a newer one.
     /// Holds `true` once the volume is destroyed: no write may follow.
@@ -311,7 +311,7 @@ struct CellState {
 
 impl ManifestCell {
     /// `durable`: whether `m` is what the disk already holds.
-    pub fn new(m: Manifest, durable: bool) -> ManifestCell {
+    pub(crate) fn new(m: Manifest, durable: bool) -> ManifestCell {
         let durable_gen = durable.then_some(m.generation);
         ManifestCell {
             st: Mutex::new(CellState { m, durable_gen }),
@@ -320,20 +320,15 @@ impl ManifestCell {
     }
 
     /// Changes the manifest (a new generation); durable at the next write.
-    pub fn update<R>(&self, f: impl FnOnce(&mut Manifest) -> R) -> R {
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Manifest) -> R) -> R {
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
         let r = f(&mut st.m);
         st.m.generation += 1;
         r
     }
 
-    pub fn get(&self) -> Manifest {
+    pub(crate) fn get(&self) -> Manifest {
         self.st.lock().unwrap_or_else(|p| p.into_inner()).m.clone()
-    }
-
-    pub fn is_dirty(&self) -> bool {
-        let st = self.st.lock().unwrap_or_else(|p| p.into_inner());
-        st.durable_gen != Some(st.m.generation)
     }
 
     /// Holds off writers while a volume being destroyed removes the file, and
@@ -341,14 +336,14 @@ impl ManifestCell {
     /// commit that read the manifest before the volume was deleted) must not put
     /// the file back afterwards, where a volume created again under the name would
     /// find it and recover the deleted volume's backups.
-    pub fn write_lock(&self) -> std::sync::MutexGuard<'_, bool> {
+    pub(crate) fn write_lock(&self) -> std::sync::MutexGuard<'_, bool> {
         let mut w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         *w = true;
         w
     }
 
     /// Writes the manifest atomically if the disk's copy is older.
-    pub fn write_if_dirty(&self, store: &dyn Store) -> io::Result<()> {
+    pub(crate) fn write_if_dirty(&self, store: &dyn Store) -> io::Result<()> {
         let retired = self.write.lock().unwrap_or_else(|p| p.into_inner());
         if *retired {
             return Ok(()); // the volume was deleted (see `write_lock`)

@@ -12,14 +12,14 @@
 //! Everything here goes through [`store::Store`], so the same code runs on real
 //! files and on the simulated disk of the power-cut tests (`sim`).
 
-pub mod check;
-pub mod commit;
-pub mod journal;
-pub mod manifest;
-pub mod recover;
+pub(crate) mod check;
+pub(crate) mod commit;
+pub(crate) mod journal;
+pub(crate) mod manifest;
+pub(crate) mod recover;
 #[cfg(test)]
 pub(crate) mod sim;
 #[cfg(test)]
 mod sim_tests;
-pub mod store;
-pub mod volumes;
+pub(crate) mod store;
+pub(crate) mod volumes;

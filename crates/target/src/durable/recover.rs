@@ -23,7 +23,7 @@ use super::store::{read_all, Store};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum RecoverError {
+pub(crate) enum RecoverError {
     #[error("{0}")]
     Corrupt(String),
     #[error("{what}: {source}")]
@@ -41,7 +41,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RecoverError {
 
 /// One delta as recovered.
 #[derive(Debug)]
-pub struct RecoveredDelta {
+pub(crate) struct RecoveredDelta {
     pub entry: DeltaEntry,
     pub map: BlockMap,
     pub journal: Journal,
@@ -52,12 +52,11 @@ pub struct RecoveredDelta {
     /// not leak the delta's space. Empty for a merging delta (it takes no fills).
     pub spare: Vec<u64>,
     pub frames: u64,
-    pub records: usize,
     pub torn_tail_bytes: u64,
 }
 
 #[derive(Debug)]
-pub struct Recovered {
+pub(crate) struct Recovered {
     pub manifest: Manifest,
     pub deltas: Vec<RecoveredDelta>,
     pub orphans_removed: Vec<String>,
@@ -67,7 +66,7 @@ pub struct Recovered {
 
 /// Checks one delta's journal: the map it describes, or why it cannot be trusted.
 /// `stem`: the volume's file name prefix (`Manifest::file_stem`).
-pub fn load_delta(
+pub(crate) fn load_delta(
     store: &dyn Store,
     stem: &str,
     entry: &DeltaEntry,
@@ -132,7 +131,7 @@ pub fn load_delta(
 
 /// Recovers `volume` from `store`; `None` when it has no manifest (a fresh volume:
 /// leftover delta files of it are removed).
-pub fn recover(
+pub(crate) fn recover(
     store: &dyn Store,
     volume: &str,
     size_bytes: u64,
@@ -229,7 +228,6 @@ pub fn recover(
             next_physical: next,
             spare,
             frames: r.frames,
-            records: r.records.len(),
             torn_tail_bytes: r.torn_tail_bytes,
         });
     }

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 
 use super::store::Store;
 
-pub const SECTOR: usize = 512;
+pub(crate) const SECTOR: usize = 512;
 
 #[derive(Clone, Debug)]
 enum Pending {
@@ -56,7 +56,7 @@ struct State {
 
 /// See the module docs.
 #[derive(Debug, Default)]
-pub struct SimStore {
+pub(crate) struct SimStore {
     st: Mutex<State>,
 }
 
@@ -77,29 +77,29 @@ fn apply_write(buf: &mut Vec<u8>, off: u64, data: &[u8]) {
 }
 
 impl SimStore {
-    pub fn new() -> SimStore {
+    pub(crate) fn new() -> SimStore {
         SimStore::default()
     }
 
     /// The `n`-th mutating call from now (0: the next) fails, and so does every
     /// call after it, until [`power_cut`](Self::power_cut).
-    pub fn crash_after(&self, n: u64) {
+    pub(crate) fn crash_after(&self, n: u64) {
         self.st.lock().unwrap().ops_left = Some(n);
     }
 
     /// Mutating calls made so far.
-    pub fn ops(&self) -> u64 {
+    pub(crate) fn ops(&self) -> u64 {
         self.st.lock().unwrap().ops
     }
 
-    pub fn is_dead(&self) -> bool {
+    pub(crate) fn is_dead(&self) -> bool {
         self.st.lock().unwrap().dead
     }
 
     /// Power loss: every unsynced write is kept, dropped or torn per sector, and an
     /// ordered prefix of the unsynced directory changes survives. Afterwards the
     /// store is alive again and everything in it is durable.
-    pub fn power_cut(&self, seed: u64) {
+    pub(crate) fn power_cut(&self, seed: u64) {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut st = self.st.lock().unwrap();
         for ino in st.inodes.iter_mut() {
@@ -179,7 +179,7 @@ impl SimStore {
     }
 
     /// The current content of `name` (what reads see), for test assertions.
-    pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
+    pub(crate) fn contents(&self, name: &str) -> Option<Vec<u8>> {
         let st = self.st.lock().unwrap();
         st.names.get(name).map(|&i| st.inodes[i].cur.clone())
     }

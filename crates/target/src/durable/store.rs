@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Named files with explicit durability points. See the module docs.
-pub trait Store: Send + Sync {
+pub(crate) trait Store: Send + Sync {
     /// Creates `name` empty (truncating an existing file).
     fn create(&self, name: &str) -> io::Result<()>;
     fn exists(&self, name: &str) -> bool;
@@ -58,14 +58,14 @@ pub trait Store: Send + Sync {
 }
 
 /// Reads exactly `buf.len()` bytes; a short file reads as zeros past its end.
-pub fn read_full(store: &dyn Store, name: &str, off: u64, buf: &mut [u8]) -> io::Result<()> {
+pub(crate) fn read_full(store: &dyn Store, name: &str, off: u64, buf: &mut [u8]) -> io::Result<()> {
     let n = store.read_at(name, off, buf)?;
     buf[n..].fill(0);
     Ok(())
 }
 
 /// Reads a whole (small) file.
-pub fn read_all(store: &dyn Store, name: &str) -> io::Result<Vec<u8>> {
+pub(crate) fn read_all(store: &dyn Store, name: &str) -> io::Result<Vec<u8>> {
     let len = store.len(name)?;
     let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     let mut buf = vec![0u8; len];
@@ -74,7 +74,7 @@ pub fn read_all(store: &dyn Store, name: &str) -> io::Result<Vec<u8>> {
 }
 
 /// Replaces `name` atomically with `data`: temp file, sync, rename, sync directory.
-pub fn replace_atomically(store: &dyn Store, name: &str, data: &[u8]) -> io::Result<()> {
+pub(crate) fn replace_atomically(store: &dyn Store, name: &str, data: &[u8]) -> io::Result<()> {
     let tmp = format!("{name}.tmp");
     store.create(&tmp)?;
     store.write_at(&tmp, 0, data)?;
@@ -85,13 +85,13 @@ pub fn replace_atomically(store: &dyn Store, name: &str, data: &[u8]) -> io::Res
 
 /// Files a [`DirStore`] keeps open at most (module docs: # Descriptors). A volume
 /// uses about two per delta plus its base and manifest.
-pub const OPEN_FILES_MAX: usize = 64;
+pub(crate) const OPEN_FILES_MAX: usize = 64;
 
 /// Real files in a directory, with buffered (page cache) I/O of their own; the
 /// data path's O_DIRECT descriptors of the same files stay coherent with it for
 /// sync purposes (fdatasync flushes the inode, whichever descriptor asks).
 #[derive(Debug)]
-pub struct DirStore {
+pub(crate) struct DirStore {
     dir: PathBuf,
     open: Mutex<OpenFiles>,
 }
@@ -125,15 +125,9 @@ impl OpenFiles {
 }
 
 impl DirStore {
-    pub fn new(dir: impl Into<PathBuf>) -> DirStore {
-        DirStore {
-            dir: dir.into(),
-            open: Mutex::new(OpenFiles::default()),
-        }
-    }
-
     /// Files open in the cache (tests: it stays bounded and forgets removed files).
-    pub fn open_files(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open_files(&self) -> usize {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -141,11 +135,18 @@ impl DirStore {
             .len()
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> DirStore {
+        DirStore {
+            dir: dir.into(),
+            open: Mutex::new(OpenFiles::default()),
+        }
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 

@@ -19,31 +19,31 @@ use serde::{Deserialize, Serialize};
 use crate::spec::VolumeSpec;
 
 /// The list's name in the data dir.
-pub const FILE_NAME: &str = "volumes.json";
+pub(crate) const FILE_NAME: &str = "volumes.json";
 /// The one format this code reads and writes.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 /// Every volume the server had when the list last changed (`catalog`: # Truth).
-pub struct VolumeList {
+pub(crate) struct VolumeList {
     pub format: u32,
     pub volumes: Vec<VolumeSpec>,
 }
 
 impl VolumeList {
-    pub fn new(volumes: Vec<VolumeSpec>) -> VolumeList {
+    pub(crate) fn new(volumes: Vec<VolumeSpec>) -> VolumeList {
         VolumeList {
             format: FORMAT,
             volumes,
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let json = serde_json::to_string(self).unwrap_or_else(|_| unreachable!("plain data"));
         format!("{json}\ncrc32c={:08x}\n", crc32c::crc32c(json.as_bytes())).into_bytes()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<VolumeList, String> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<VolumeList, String> {
         let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
         let mut lines = text.lines();
         let json = lines.next().ok_or("empty")?;

@@ -1,7 +1,11 @@
 //! One NBD connection on one reactor: handshake, then the transmission phase.
 //!
-//! The protocol itself is the sans-IO [`ringblk_nbd`] codec; this module moves bytes
-//! between it, the socket and the backend with reactor operations.
+//! The protocol itself is this crate's sans-IO codec ([`crate::handshake`],
+//! [`crate::codec`], [`crate::reply`]); this module moves bytes between it, the socket
+//! and the block layer (`ringblk_target::bdev`: one `Bdev` and its `Channel` per
+//! connection) with reactor operations. Layer: the NBD front end (moved here from the
+//! target crate in #12 step 5.2); imports the target's public API, the reactor, and
+//! `errors`, `extents`, `exports` and `NbdShared` beside it.
 //!
 //! # Ownership
 //! A connection lives in an `Rc<RefCell<Conn>>` held by its reactor's connection set
@@ -20,7 +24,7 @@
 //! replies go out — TCP back-pressure, never unbounded queues. Every queued reply byte
 //! counts (`unsent_bytes`): data replies, but also the greeting and handshake replies,
 //! acknowledgements of zero-length requests and errors of refused ones. Those not
-//! backed by the buffer budget are bounded on their own by [`REPLY_QUEUE_MAX_BYTES`]
+//! backed by the buffer budget are bounded on their own by `REPLY_QUEUE_MAX_BYTES`
 //! (small replies are coalesced, so memory follows the count), so a client that
 //! sends headers and never reads makes the server stop reading, not grow.
 //!
@@ -57,23 +61,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, PollResult, Reactor, TimerId};
-
-use crate::admission::{count, Waiter};
-use crate::bdev::{
+use ringblk_target::admission::{count, Waiter};
+use ringblk_target::bdev::{
     BackupId, Bdev, BlockOp, Channel, DataBuf, Done, IoOutput, IoResult, IoSink, OwnBuf, Pressure,
     ReadData, StatusKind, Subscription, View,
 };
-use crate::error::BlockError;
-use crate::extent::{Extent, ExtentFlags};
-use crate::ops::IoKind;
-use crate::shared::ServerShared;
-use crate::stats::Label;
-use crate::volume::{bump, Volume, META_CHANGED_PREFIX};
-use ringblk_nbd::codec::{
+use ringblk_target::error::BlockError;
+use ringblk_target::stats::Label;
+use ringblk_target::volume::{bump, Volume};
+
+use super::errors::{errno_message, reply_errno};
+use super::exports::META_CHANGED_PREFIX;
+use super::extents::{nbd_extents, NbdContext};
+use super::NbdShared;
+use crate::codec::{
     Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
 };
-use ringblk_nbd::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
-use ringblk_nbd::{proto, reply, NbdErrno};
+use crate::handshake::{Handshake, HandshakeLimits, MetaContext, Status};
+use crate::{proto, reply, NbdErrno};
 
 /// Requests executing at once per connection.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -153,7 +158,7 @@ pub(crate) struct Conn {
     id: u64,
     sock: Option<OwnedFd>,
     sref: FileRef,
-    shared: Arc<ServerShared>,
+    shared: Arc<NbdShared>,
     phase: Phase,
     state: State,
     rx: Option<Vec<u8>>,
@@ -224,7 +229,7 @@ fn conns(r: &Reactor) -> Rc<ReactorConns> {
 pub(crate) fn install(r: &mut Reactor) {
     // The block layer's ready-queue poller first, so that the kick poller runs after
     // it in each iteration (`queue_kick`).
-    crate::bdev::install(r);
+    ringblk_target::bdev::install(r);
     let set = Rc::new(ReactorConns::default());
     r.set_local(set.clone());
     // The poller holds the set as the reactor's local table does: both live as
@@ -254,7 +259,7 @@ pub(crate) fn evict_handshake(r: &mut Reactor, id: u64) {
 
 /// Takes over an accepted socket on this reactor and starts the handshake. `id` is
 /// the server-wide connection id its handshake slot was admitted under.
-pub(crate) fn start(r: &mut Reactor, shared: Arc<ServerShared>, sock: OwnedFd, id: u64) {
+pub(crate) fn start(r: &mut Reactor, shared: Arc<NbdShared>, sock: OwnedFd, id: u64) {
     let set = conns(r);
     let hs = Handshake::new(HandshakeLimits::default());
     let sref = FileRef::Raw(sock.as_raw_fd());
@@ -507,7 +512,7 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
     let input = &rx[c.rx_start..c.rx_end];
     // Negotiating: the least recently active negotiation gives way first.
     c.shared.admission.handshakes.touch(c.id);
-    let res = hs.feed(input, &*c.shared.registry);
+    let res = hs.feed(input, &*c.shared.exports);
     // The handshake's output counts in the reply bound like any reply: a client that
     // pipelines options and never reads stops being read (module docs: bounds).
     let out = hs.take_output();
@@ -528,7 +533,7 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                     false
                 }
                 Status::Done(neg) => {
-                    let resolved = c.shared.registry.resolve(&neg.export.name);
+                    let resolved = c.shared.target.registry().resolve(&neg.export.name);
                     // A backup's view is named by its delta's id, not its name.
                     let view = resolved.as_ref().and_then(|(v, b)| match b {
                         None => Some(View::Live),
@@ -738,7 +743,7 @@ fn start_data(r: &mut Reactor, conn: &ConnRef, req: Request) {
 
 /// The budget granted `bytes` to connection `id` (a message from the reactor that
 /// released them). Gives them back if the connection no longer waits.
-pub(crate) fn budget_granted(r: &mut Reactor, shared: Arc<ServerShared>, id: u64, bytes: usize) {
+pub(crate) fn budget_granted(r: &mut Reactor, shared: Arc<NbdShared>, id: u64, bytes: usize) {
     let conn = conns(r).map.borrow().get(&id).cloned();
     let req = conn.as_ref().and_then(|c| {
         let mut cb = c.borrow_mut();
@@ -754,14 +759,14 @@ pub(crate) fn budget_granted(r: &mut Reactor, shared: Arc<ServerShared>, id: u64
 }
 
 /// Returns `bytes` to the budget and wakes the waiters it lets through.
-fn give_back(r: &mut Reactor, shared: &Arc<ServerShared>, bytes: usize) {
+fn give_back(r: &mut Reactor, shared: &Arc<NbdShared>, bytes: usize) {
     let woken = shared.admission.budget.release(bytes);
     wake(r, shared, woken);
 }
 
 /// Hands grants to their connections' reactors (by message, also to this one: the
 /// caller may hold a connection borrowed).
-fn wake(r: &mut Reactor, shared: &Arc<ServerShared>, woken: Vec<Waiter>) {
+fn wake(r: &mut Reactor, shared: &Arc<NbdShared>, woken: Vec<Waiter>) {
     for w in woken {
         let sh = shared.clone();
         r.send_to(w.reactor, move |r| budget_granted(r, sh, w.conn, w.bytes));
@@ -880,103 +885,6 @@ fn tcp_bytes_acked(sock: &FileRef) -> Option<u64> {
     // Older kernels return a shorter struct without the counter.
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
     (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
-}
-
-/// The NBD command's block request kind; `None` for DISC and unknown commands, which
-/// never reach the block layer (no fault, no latency, `Invalid` at most).
-fn io_kind(cmd: Command) -> Option<IoKind> {
-    Some(match cmd {
-        Command::Read => IoKind::Read,
-        Command::Write => IoKind::Write,
-        Command::Flush => IoKind::Flush,
-        Command::Trim => IoKind::Unmap,
-        Command::WriteZeroes => IoKind::WriteZeroes,
-        Command::Cache => IoKind::Readahead,
-        Command::BlockStatus => IoKind::BlockStatus,
-        Command::Disc | Command::Unknown(_) => return None,
-    })
-}
-
-/// THE mapping from the block layer's errors to NBD's (plan §2.6). `kind` matters only
-/// for `OutOfRange`: past the end is ENOSPC for a write-type request (the NBD spec's
-/// choice), EINVAL otherwise. Moves to `ringblk_nbd::frontend::errors` in #12 step 5.
-fn nbd_errno(kind: IoKind, e: BlockError) -> NbdErrno {
-    // No wildcard arm: a new `BlockError` variant must be mapped here on purpose.
-    match e {
-        BlockError::ReadOnly => NbdErrno::Perm,
-        BlockError::NoSpace => NbdErrno::NoSpc,
-        BlockError::Invalid => NbdErrno::Inval,
-        BlockError::OutOfRange if kind.is_write() => NbdErrno::NoSpc,
-        BlockError::OutOfRange => NbdErrno::Inval,
-        BlockError::TooLarge => NbdErrno::Overflow,
-        BlockError::NotSupported => NbdErrno::NotSup,
-        BlockError::Shutdown | BlockError::Removed => NbdErrno::Shutdown,
-        // Kernel ENOMEM only: NBD_ENOMEM as before #12 step 1 (plan §2.6 folds it into EIO).
-        BlockError::NoMemory => NbdErrno::NoMem,
-        // NBD has no compare-and-write: unreachable from this front end.
-        BlockError::Io | BlockError::Miscompare { .. } => NbdErrno::Io,
-    }
-}
-
-/// [`nbd_errno`] for the reply to `cmd`. DISC and unknown commands only ever fail with
-/// `Invalid` or `Removed`, for which the kind does not matter.
-fn reply_errno(cmd: Command, e: BlockError) -> NbdErrno {
-    nbd_errno(io_kind(cmd).unwrap_or(IoKind::Read), e)
-}
-
-/// Which NBD metadata context an extent list answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum NbdContext {
-    /// `base:allocation`: STATE_HOLE and STATE_ZERO.
-    BaseAllocation,
-    /// `x-ringblk:changed/NAME`: 1 where changed since the backup.
-    Changed,
-}
-
-/// Block status extents in NBD's wire form for `ctx` (plan §2.9): base:allocation
-/// `flags = (UNALLOCATED → STATE_HOLE) | (ZEROES → STATE_ZERO)`, the changed context
-/// `flags = CHANGED → 1`. An extent list covers a prefix of the request, whose length
-/// is a u32, so every length fits.
-fn nbd_extents(ctx: NbdContext, extents: &[Extent]) -> Vec<reply::Extent> {
-    extents
-        .iter()
-        .map(|e| {
-            let mut flags = 0;
-            match ctx {
-                NbdContext::BaseAllocation => {
-                    if e.flags.contains(ExtentFlags::UNALLOCATED) {
-                        flags |= proto::STATE_HOLE;
-                    }
-                    if e.flags.contains(ExtentFlags::ZEROES) {
-                        flags |= proto::STATE_ZERO;
-                    }
-                }
-                NbdContext::Changed => {
-                    if e.flags.contains(ExtentFlags::CHANGED) {
-                        flags |= 1;
-                    }
-                }
-            }
-            debug_assert!(e.length_bytes <= u64::from(u32::MAX));
-            reply::Extent {
-                length: u32::try_from(e.length_bytes).unwrap_or(u32::MAX),
-                flags,
-            }
-        })
-        .collect()
-}
-
-fn errno_message(e: NbdErrno) -> &'static str {
-    match e {
-        NbdErrno::Perm => "export is read-only",
-        NbdErrno::Inval => "invalid request (range, alignment, command or flags)",
-        NbdErrno::NoSpc => "request past the end of the export or out of space",
-        NbdErrno::Overflow => "request larger than the 32 MiB maximum",
-        NbdErrno::NotSup => "fast zeroing is not possible here",
-        NbdErrno::Shutdown => "server is shutting down",
-        NbdErrno::NoMem => "out of memory",
-        NbdErrno::Io => "I/O error",
-    }
 }
 
 /// Whether the connection negotiated structured replies.
@@ -1536,117 +1444,4 @@ fn maybe_finish(r: &mut Reactor, conn: &ConnRef) {
     give_back(r, &shared, held);
     conns(r).map.borrow_mut().remove(&id);
     tracing::debug!(conn = id, "connection closed");
-}
-
-#[cfg(test)]
-mod edge_tests {
-    use super::*;
-
-    /// The OS errno → NBD table as it was before #12 step 1 (`os_errno.rs`), typed
-    /// out again: the errors clients see must not change.
-    fn nbd_before_step1(errno: i32) -> NbdErrno {
-        match errno {
-            libc::EPERM | libc::EACCES | libc::EROFS => NbdErrno::Perm,
-            libc::ENOMEM => NbdErrno::NoMem,
-            libc::EINVAL => NbdErrno::Inval,
-            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => NbdErrno::NoSpc,
-            libc::EOVERFLOW => NbdErrno::Overflow,
-            libc::EOPNOTSUPP => NbdErrno::NotSup,
-            libc::ESHUTDOWN => NbdErrno::Shutdown,
-            _ => NbdErrno::Io,
-        }
-    }
-
-    #[test]
-    fn errno_mapping_gives_todays_nbd_errors() {
-        for kind in IoKind::ALL {
-            for errno in 0..200 {
-                let e = nbd_errno(kind, BlockError::from_os_errno(errno));
-                assert_eq!(e, nbd_before_step1(errno), "{kind:?} errno {errno}");
-                assert!(NbdErrno::ALL.contains(&e));
-            }
-        }
-        // The spot checks of the old os_errno test.
-        let via = |errno| nbd_errno(IoKind::Write, BlockError::from_os_errno(errno));
-        assert_eq!(via(libc::EDQUOT), NbdErrno::NoSpc);
-        assert_eq!(via(libc::EFBIG), NbdErrno::NoSpc);
-        assert_eq!(via(libc::EROFS), NbdErrno::Perm);
-        assert_eq!(via(libc::EBADF), NbdErrno::Io);
-        let io = std::io::Error::other("no os code");
-        assert_eq!(
-            nbd_errno(IoKind::Flush, BlockError::from_io_error(&io)),
-            NbdErrno::Io
-        );
-    }
-
-    #[test]
-    fn layer_only_errors_map_as_the_plan_says() {
-        // A backup released under an open connection: ESHUTDOWN, as before.
-        assert_eq!(
-            nbd_errno(IoKind::Read, BlockError::Removed),
-            NbdErrno::Shutdown
-        );
-        // Short writes / fast zero impossible / a DISC or unknown command.
-        assert_eq!(
-            nbd_errno(IoKind::Write, BlockError::NoSpace),
-            NbdErrno::NoSpc
-        );
-        assert_eq!(
-            nbd_errno(IoKind::WriteZeroes, BlockError::NotSupported),
-            NbdErrno::NotSup
-        );
-        assert_eq!(
-            reply_errno(Command::Unknown(99), BlockError::Invalid),
-            NbdErrno::Inval
-        );
-        for kind in IoKind::ALL {
-            let want = if kind.is_write() {
-                NbdErrno::NoSpc
-            } else {
-                NbdErrno::Inval
-            };
-            assert_eq!(nbd_errno(kind, BlockError::OutOfRange), want, "{kind:?}");
-        }
-        let miscompare = BlockError::Miscompare { offset: 7 };
-        assert_eq!(nbd_errno(IoKind::CompareAndWrite, miscompare), NbdErrno::Io);
-        // Injected faults reach clients as EIO and ENOSPC, as before.
-        use crate::fault::FaultErrno;
-        assert_eq!(
-            nbd_errno(IoKind::Read, FaultErrno::Eio.error()),
-            NbdErrno::Io
-        );
-        assert_eq!(
-            nbd_errno(IoKind::Write, FaultErrno::Enospc.error()),
-            NbdErrno::NoSpc
-        );
-    }
-
-    #[test]
-    fn extent_flags_map_to_wire_flags() {
-        let ext = |length_bytes, flags| Extent {
-            length_bytes,
-            flags,
-        };
-        let list = [
-            ext(4096, ExtentFlags::NONE),
-            ext(8192, ExtentFlags::UNALLOCATED | ExtentFlags::ZEROES),
-            ext(512, ExtentFlags::ZEROES),
-            ext(1024, ExtentFlags::CHANGED),
-        ];
-        let base = nbd_extents(NbdContext::BaseAllocation, &list);
-        let got: Vec<_> = base.iter().map(|e| (e.length, e.flags)).collect();
-        let hole_zero = proto::STATE_HOLE | proto::STATE_ZERO;
-        assert_eq!(
-            got,
-            [
-                (4096, 0),
-                (8192, hole_zero),
-                (512, proto::STATE_ZERO),
-                (1024, 0)
-            ]
-        );
-        let changed = nbd_extents(NbdContext::Changed, &list);
-        let got: Vec<_> = changed.iter().map(|e| (e.length, e.flags)).collect();
-        assert_eq!(got, [(4096, 0), (8192, 0), (512, 0), (1024, 1)]);
-    }
 }
