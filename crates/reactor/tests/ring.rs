@@ -491,6 +491,49 @@ fn submit_policy_sets_enters_per_iteration() {
     }
 }
 
+/// `hold_submit` (used by the block layer when a poller will complete a request later
+/// in the iteration): with `Eager`, what a callback queues after holding and what a
+/// poller queues later share the iteration's final enter. Negative control: the
+/// same iteration without the hold takes two enters.
+#[test]
+fn hold_submit_joins_a_callbacks_sqes_with_a_later_pollers() {
+    for (hold, enters) in [(true, 1u64), (false, 2)] {
+        let mut r = one_reactor(ReactorConfig::default().with_submit(SubmitPolicy::Eager));
+        let done = Rc::new(RefCell::new(0u64));
+        let armed = Rc::new(RefCell::new(false));
+        {
+            let (done, armed) = (done.clone(), armed.clone());
+            r.add_poller(move |r| {
+                if !std::mem::take(&mut *armed.borrow_mut()) {
+                    return PollResult::Idle;
+                }
+                let d = done.clone();
+                r.submit(Op::Nop, move |_, _| *d.borrow_mut() += 1)
+                    .expect("slab has room");
+                PollResult::Busy
+            });
+        }
+        let (d, a) = (done.clone(), armed.clone());
+        r.submit(Op::Nop, move |r, _| {
+            // As a front end's receive callback: re-arms (one SQE), and the block
+            // layer's ready queue holds a completion for the poller.
+            r.submit(Op::Nop, move |_, _| *d.borrow_mut() += 1)
+                .expect("slab has room");
+            if hold {
+                r.hold_submit();
+            }
+            *a.borrow_mut() = true;
+        })
+        .expect("slab has room");
+        r.poll_once(); // the first nop goes in
+        let before = r.handle().stats().submit_enters;
+        r.poll_once(); // its callback and the poller
+        let during = r.handle().stats().submit_enters - before;
+        assert_eq!(during, enters, "hold: {hold}: enters in the iteration");
+        run_until(&mut r, || *done.borrow() == 2);
+    }
+}
+
 #[test]
 fn timers_pollers_and_vectored_ops() {
     let dir = tmpdir();

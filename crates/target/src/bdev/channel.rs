@@ -449,6 +449,9 @@ impl Req {
         let ns = u64::try_from(self.t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         ch.hist.borrow_mut().record_kind(self.kind, ns);
         if ch.starting.get() && !planted::inline_done() {
+            // The ready-queue poller completes it later in this iteration, and its
+            // reply SQEs should share one enter with what the caller queues now.
+            r.hold_submit();
             let mut ready = ch.local.ready.borrow_mut();
             ready.push_back(Ready::Done(self.done, res));
             if !ch.waiting.borrow().is_empty() || !ch.room_waiters.borrow().is_empty() {
