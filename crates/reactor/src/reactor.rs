@@ -588,6 +588,11 @@ impl Reactor {
         self.hold_submit = true;
     }
 
+    /// Whether `hold_submit` is in force for the rest of this iteration.
+    pub fn submit_held(&self) -> bool {
+        self.hold_submit
+    }
+
     fn reap(&mut self) -> usize {
         let before = self.cqe_batch.len();
         // Completions queued as task work (COOP_TASKRUN) or overflowed reach the CQ

@@ -494,7 +494,14 @@ fn process(r: &mut Reactor, conn: &ConnRef) {
     }
     note_pause(&mut conn.borrow_mut());
     kick_send(r, conn);
-    post_recv(r, conn);
+    if r.submit_held() {
+        // The block layer completes a request later in this iteration (its ready
+        // queue): re-arm the receive after that reply is queued, so the kernel
+        // sends the reply before it arms the receive (same enter, SQE order).
+        queue_kick(r, conn);
+    } else {
+        post_recv(r, conn);
+    }
     maybe_finish(r, conn);
 }
 
@@ -1204,10 +1211,12 @@ fn finish(r: &mut Reactor, conn: &ConnRef, req: Request, reply: Reply) {
 /// Sends the replies of a request later in this loop iteration, after the other
 /// completions of the iteration (the block layer's ready queue, the reactor's
 /// completions), so that they go in one sendmsg: the kick poller runs after the
-/// block layer's (`install`). Without the poller (a reactor without `install`), at once.
+/// block layer's (`install`), and re-arms the receive after them (`process`).
+/// Without the poller (a reactor without `install`), at once.
 fn queue_kick(r: &mut Reactor, conn: &ConnRef) {
     let Some(set) = r.local::<ReactorConns>() else {
-        return kick_send(r, conn);
+        kick_send(r, conn);
+        return post_recv(r, conn);
     };
     let mut c = conn.borrow_mut();
     if !c.kick_queued {
@@ -1227,6 +1236,7 @@ fn kick_queued(r: &mut Reactor, set: &ReactorConns) -> PollResult {
         work = PollResult::Busy;
         conn.borrow_mut().kick_queued = false;
         kick_send(r, &conn);
+        post_recv(r, &conn);
         maybe_finish(r, &conn);
     }
 }
