@@ -40,6 +40,7 @@ def start_server(datadir, profile):
     exe = os.path.join(ROOT, "target", profile, "ringblk")
     img = os.path.join(datadir, "bench.img")
     p = subprocess.Popen([exe, "serve", "--listen", "127.0.0.1:0", "--data-dir", datadir,
+                          "--rpc", os.path.join(datadir, "ringblk.sock"),
                           "--volume", f"b={img},size={SIZE}"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     port = None
@@ -103,7 +104,7 @@ def main():
             got = {}
             for side in (("none", "delta") if i % 2 == 0 else ("delta", "none")):
                 if side == "delta":
-                    ctl(profile, rpc, "backup", "create", "b", f"steady{i}")
+                    ctl(profile, rpc, "backup", "create", f"b@steady{i}")
                 got[side] = fio(uri, RUNTIME)["iops"]
                 if side == "delta":
                     ctl(profile, rpc, "backup", "release", f"b@steady{i}")
@@ -120,7 +121,7 @@ def main():
             time.sleep(1.0)
             while not stop.is_set():
                 t = time.time() * 1000.0
-                info = ctl(profile, rpc, "backup", "create", "b", f"s{n}")
+                info = ctl(profile, rpc, "backup", "create", f"b@s{n}")
                 switches.append((t, info["switch_us"], info["ready_us"]))
                 if n > 0:
                     ctl(profile, rpc, "backup", "release", f"b@s{n - 1}")

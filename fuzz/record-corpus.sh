@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 cargo build -q -p ringblk-server --bin ringblk
 work=$(mktemp -d)
 trap 'kill $srv $proxy 2>/dev/null || true; rm -rf "$work"' EXIT
-./target/debug/ringblk serve --listen 127.0.0.1:10871 --data-dir "$work" \
+./target/debug/ringblk serve --listen 127.0.0.1:10871 --data-dir "$work" --rpc "$work/ringblk.sock" \
   --volume disk=,backend=mem,size=64M,block-size=4096 >/dev/null 2>&1 &
 srv=$!
 out=fuzz/corpus/handshake

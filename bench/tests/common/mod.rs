@@ -66,6 +66,10 @@ impl Server {
             .args(listen)
             .arg("--data-dir")
             .arg(dir.path())
+            // Its own control socket: the default is host-wide (/run/ringblk), and
+            // these tests run servers side by side.
+            .arg("--rpc")
+            .arg(dir.path().join("ringblk.sock"))
             .args(["--volume", "v=,backend=mem,size=256M"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
