@@ -178,6 +178,9 @@ SERVER_PID=""
 URI=""
 cleanup() {
     if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; fi
+    # The backing file is as large as --size (1 GiB by default) and is no result:
+    # runs kept in OUT would otherwise fill the disk, one backing file each.
+    rm -f "$BACKING"
 }
 trap cleanup EXIT INT TERM
 
