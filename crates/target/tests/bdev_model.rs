@@ -348,10 +348,10 @@ fn every_op(seed: u64, steps: usize, plant: Plant) -> Result<(), String> {
     }
     // The two paths did run: the layered volume's requests went through its deltas.
     let (f, l) = (fast.vol.stats(), layered.vol.stats());
-    if f.layered_ops != 0 || l.layered_ops == 0 {
+    if f.totals.layered_ops != 0 || l.totals.layered_ops == 0 {
         return Err(format!(
             "layered ops: {} on the volume without deltas, {} on the one with backups",
-            f.layered_ops, l.layered_ops
+            f.totals.layered_ops, l.totals.layered_ops
         ));
     }
     Ok(())

@@ -26,7 +26,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ringblk_reactor::{PollResult, Reactor};
+use ringblk_reactor::{Op, PollResult, Reactor};
 
 use crate::buf::{dio_mem_align, needs_bounce, DataBuf, OwnBuf, SgList, DIO_MEM_ALIGN_DEFAULT};
 use crate::datapath::{self, fast, layered, status, DataVol, Layers, VolRef};
@@ -531,8 +531,9 @@ fn validate(bdev: &Bdev, op: &BlockOp) -> Result<(), BlockError> {
 
 /// THE dispatch of a started request to the fast or the layered path (plan §2.12).
 fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layers) {
-    let vol = req.ch.0.vol.clone();
-    let dvol = &req.ch.0.dvol.clone();
+    // One Rc increment, not two atomic Arc ones: `req` moves into the callbacks.
+    let ch = req.ch.clone();
+    let (vol, dvol) = (&ch.0.vol, &ch.0.dvol);
     if let Layers::Layered(_) = layers {
         bump(&vol.label_counters(r.id(), req.label).layered_ops, 1);
     }
@@ -549,7 +550,7 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             req.finish(r, Ok(IoOutput::Complete))
         }
         BlockOp::Read { offset, len, into } => {
-            read(r, req, (&vol, dvol), pin, layers, (offset, len), into)
+            read(r, req, (vol, dvol), pin, layers, (offset, len), into)
         }
         BlockOp::Write {
             offset,
@@ -563,7 +564,8 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             };
             if let (true, DataBuf::Sg(sg)) = (direct, &data) {
                 let bufs = sg.foreign(u64::from(len));
-                return fast::write_sg(r, &vol, pin, (offset, len), bufs, fua, move |r, res| {
+                let make = move |f| Op::writev(f, offset, bufs);
+                return fast::write(r, vol, pin, len, make, fua, move |r, res| {
                     drop(data); // the caller's memory is theirs again with `done`
                     req.finish_unit(r, res)
                 });
@@ -574,7 +576,8 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             let (buf, _sg) = own_data(r, data, len);
             match layers {
                 Layers::Fast => {
-                    fast::write(r, &vol, pin, (offset, len), buf, fua, move |r, res| {
+                    let make = move |f| Op::write(f, offset, buf, len);
+                    fast::write(r, vol, pin, len, make, fua, move |r, res| {
                         req.finish_unit(r, res)
                     })
                 }
@@ -586,7 +589,7 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             }
         }
         BlockOp::Flush => match layers {
-            Layers::Fast => fast::flush(r, &vol, pin, move |r, res| req.finish_unit(r, res)),
+            Layers::Fast => fast::flush(r, vol, pin, move |r, res| req.finish_unit(r, res)),
             Layers::Layered(_) => layered::flush(
                 r,
                 dvol,
@@ -595,7 +598,7 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             ),
         },
         BlockOp::Unmap { offset, len, fua } => match layers {
-            Layers::Fast => fast::unmap(r, &vol, pin, (offset, len), fua, move |r, res| {
+            Layers::Fast => fast::unmap(r, vol, pin, (offset, len), fua, move |r, res| {
                 req.finish_unit(r, res)
             }),
             // Advisory: with deltas the base is shared with backups, so ignore it.
@@ -610,7 +613,7 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
         } => match layers {
             Layers::Fast => fast::write_zeroes(
                 r,
-                &vol,
+                vol,
                 pin,
                 (offset, len),
                 may_unmap,
@@ -635,7 +638,7 @@ fn dispatch(r: &mut Reactor, req: Req, op: BlockOp, pin: StackPin, layers: Layer
             kinds,
             max_extents,
         } => {
-            let res = block_status(&vol, &pin, &layers, (offset, len), &kinds, max_extents);
+            let res = block_status(vol, &pin, &layers, (offset, len), &kinds, max_extents);
             drop(pin);
             req.finish(r, res.map(IoOutput::Status))
         }
@@ -1005,7 +1008,10 @@ mod tests {
             .submit(&mut r, &mine, op, collect(&out));
         poll_until(&mut r, || out.borrow().len() == 6);
         let st = vol.stats();
-        assert_eq!((st.read_ops, st.read_bytes, st.errors), (5, 5 * 4096, 1));
+        assert_eq!(
+            (st.totals.read_ops, st.totals.read_bytes, st.totals.errors),
+            (5, 5 * 4096, 1)
+        );
         let by = |name: &str| st.by_label.get(name).cloned().unwrap_or_default();
         assert_eq!((by("s0").read_ops, by("s0").errors), (3, 1));
         assert_eq!((by("internal").read_ops, by("internal").errors), (2, 0));
@@ -1076,7 +1082,7 @@ mod tests {
             }
             other => panic!("read: {other:?}"),
         }
-        let bounces = vol.stats().sg_bounces;
+        let bounces = vol.stats().totals.sg_bounces;
         assert_eq!(bounces > 0, want_bounces, "sg_bounces {bounces}");
     }
 

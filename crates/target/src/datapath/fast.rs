@@ -95,40 +95,16 @@ pub(crate) fn read_sg<V: DataVol, F>(
     })
 }
 
-/// Writes `len` bytes of caller memory (`bufs`: foreign segments covering exactly
-/// `len`) at `offset` of the base; FUA: durable before `fin`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_sg<V: DataVol, F>(
-    r: &mut Reactor,
-    vol: &Arc<V>,
-    pin: StackPin,
-    (offset, len): (u64, u32),
-    bufs: Vec<IoBuf>,
-    fua: bool,
-    fin: F,
-) where
-    F: FnOnce(&mut Reactor, Result<(), BlockError>) + 'static,
-{
-    let Some(file) = base_file(vol) else {
-        drop(pin);
-        return fin(r, Ok(()));
-    };
-    let vol2 = fua.then(|| vol.clone());
-    submit_io(r, vol, Op::writev(file, offset, bufs), move |r, comp| {
-        drop(pin);
-        let res = write_result(comp.bytes(), len);
-        drop(comp.op); // ends the loan of the caller's memory
-        with_fua(r, vol2, file, res, fin)
-    })
-}
-
-/// Writes `buf[..len]` at `offset` of the base; FUA: durable before `fin`.
+/// Writes `len` bytes at an offset of the base with the op `make` builds for the
+/// base file (`Op::write` of a layer buffer, or `Op::writev` of caller memory);
+/// FUA: durable before `fin`. The op, and with it the buffer or the loan of the
+/// caller's memory, is dropped before the FUA sync and before `fin`.
 pub(crate) fn write<V: DataVol, F>(
     r: &mut Reactor,
     vol: &Arc<V>,
     pin: StackPin,
-    (offset, len): (u64, u32),
-    buf: IoBuf,
+    len: u32,
+    make: impl FnOnce(FileRef) -> Op,
     fua: bool,
     fin: F,
 ) where
@@ -139,9 +115,10 @@ pub(crate) fn write<V: DataVol, F>(
         return fin(r, Ok(()));
     };
     let vol2 = fua.then(|| vol.clone());
-    submit_io(r, vol, Op::write(file, offset, buf, len), move |r, comp| {
+    submit_io(r, vol, make(file), move |r, comp| {
         drop(pin); // the write has landed: the drain may count it done
         let res = write_result(comp.bytes(), len);
+        drop(comp.op);
         with_fua(r, vol2, file, res, fin)
     })
 }

@@ -46,20 +46,10 @@ pub struct OpCounters {
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct VolumeStats {
     pub name: String,
-    pub read_ops: u64,
-    pub read_bytes: u64,
-    pub write_ops: u64,
-    pub write_bytes: u64,
-    pub flush_ops: u64,
-    pub trim_ops: u64,
-    pub zero_ops: u64,
-    pub cache_ops: u64,
-    pub block_status_ops: u64,
-    pub errors: u64,
-    pub layered_ops: u64,
-    pub slab_waits: u64,
-    pub commit_queue_waits: u64,
-    pub sg_bounces: u64,
+    /// The volume's totals over every label (flattened: the JSON fields are
+    /// `read_ops`, `write_ops`, … at the top level, as before labels).
+    #[serde(flatten)]
+    pub totals: LabelStats,
     pub connections: usize,
     /// The same counts by the label of who submitted the requests (labels with
     /// nothing counted are left out).
@@ -147,20 +137,7 @@ impl VolumeCounters {
         }
         VolumeStats {
             name: name.to_string(),
-            read_ops: total.read_ops,
-            read_bytes: total.read_bytes,
-            write_ops: total.write_ops,
-            write_bytes: total.write_bytes,
-            flush_ops: total.flush_ops,
-            trim_ops: total.trim_ops,
-            zero_ops: total.zero_ops,
-            cache_ops: total.cache_ops,
-            block_status_ops: total.block_status_ops,
-            errors: total.errors,
-            layered_ops: total.layered_ops,
-            slab_waits: total.slab_waits,
-            commit_queue_waits: total.commit_queue_waits,
-            sg_bounces: total.sg_bounces,
+            totals: total,
             connections,
             by_label,
         }
