@@ -15,6 +15,11 @@
 #                                    also run two given ringblk binaries (file and null
 #                                    backends) and print new/old per workload; e.g. a
 #                                    baseline build against the tree's (issue #12 gate)
+#   bench/compare.sh --pin           servers (all their threads) on CPU 0, fio on CPU 1
+#                                    (ringblk with --cores 0): on a 2-core machine the
+#                                    scheduler then cannot move the client onto the
+#                                    reactor's core between rounds, the main source of
+#                                    run-to-run spread for the file workloads
 #   bench/compare.sh --only SYS,SYS,... run only the named systems (names as listed below,
 #                                    comma-separated; the others are skipped, and the
 #                                    backing file is not written when no file-backed
@@ -65,7 +70,7 @@ CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 
 REPEAT=3 RUNTIME=4 RAMP=1 SIZE=1G MODE=default OUT="" BENCH_CLIENT=0 BUILD=1
-RINGBLK_OLD="" RINGBLK_NEW="" ONLY=""
+RINGBLK_OLD="" RINGBLK_NEW="" ONLY="" PIN=0
 WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-j2"
 NULL_WORKLOADS="rr4k-qd1 rr4k-qd32"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -81,6 +86,7 @@ while [ $# -gt 0 ]; do
         --ringblk-old) RINGBLK_OLD=${2:-}; shift ;;
         --ringblk-new) RINGBLK_NEW=${2:-}; shift ;;
         --only) ONLY=${2:-}; shift ;;
+        --pin) PIN=1 ;;
         --quick) MODE=quick; REPEAT=1 RUNTIME=3 RAMP=1 SIZE=256M ;;
         --smoke) MODE=smoke; REPEAT=1 RUNTIME=1 RAMP=0 SIZE=64M
                  WORKLOADS="rr4k-qd32" NULL_WORKLOADS="rr4k-qd32" ;;
@@ -89,6 +95,15 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+
+# --pin: the prefixes that put a server and a client each on its own CPU.
+SERVER_PIN=() CLIENT_PIN=() RINGBLK_PIN=()
+if [ "$PIN" = 1 ]; then
+    MODE="$MODE, pinned"
+    command -v taskset >/dev/null || { echo "compare.sh: --pin needs taskset (util-linux)" >&2; exit 1; }
+    [ "$(nproc)" -ge 2 ] || { echo "compare.sh: --pin needs 2 CPUs" >&2; exit 2; }
+    SERVER_PIN=(taskset -c 0) CLIENT_PIN=(taskset -c 1) RINGBLK_PIN=(--cores 0)
+fi
 
 # An absolute path for a binary named relative to where the script was started.
 abs_bin() {
@@ -216,8 +231,8 @@ start_server() {
             # or its port may be read (connection refused).
             rm -f "$OUT/banner"
             # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
-            "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" --rpc "$OUT/ringblk.$n.sock" \
-                --volume "$vol" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
+            "${SERVER_PIN[@]}" "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" --rpc "$OUT/ringblk.$n.sock" \
+                --volume "$vol" "${RINGBLK_PIN[@]}" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
             SERVER_PID=$!
             for _ in $(seq 100); do
                 grep -q "listening on" "$OUT/banner" 2>/dev/null && break
@@ -231,7 +246,7 @@ start_server() {
         qemu-nbd)
             port=$(free_port)
             rm -f "$OUT/qemu.pid"
-            qemu-nbd -f raw --aio=io_uring --cache=none -x v -b 127.0.0.1 -p "$port" -t -e 16 \
+            "${SERVER_PIN[@]}" qemu-nbd -f raw --aio=io_uring --cache=none -x v -b 127.0.0.1 -p "$port" -t -e 16 \
                 --pid-file="$OUT/qemu.pid" "$BACKING" 2> "$OUT/server.log" &
             SERVER_PID=$!
             wait_file "$OUT/qemu.pid" "$SERVER_PID"
@@ -242,7 +257,7 @@ start_server() {
             rm -f "$OUT/nbdkit.pid"
             local plugin=(file "$BACKING")
             [ "$sys" = nbdkit-null ] && plugin=(null "$SIZE")
-            nbdkit -f -i 127.0.0.1 -p "$port" -P "$OUT/nbdkit.pid" "${plugin[@]}" 2> "$OUT/server.log" &
+            "${SERVER_PIN[@]}" nbdkit -f -i 127.0.0.1 -p "$port" -P "$OUT/nbdkit.pid" "${plugin[@]}" 2> "$OUT/server.log" &
             SERVER_PID=$!
             wait_file "$OUT/nbdkit.pid" "$SERVER_PID"
             URI="nbd://127.0.0.1:$port/"
@@ -300,14 +315,14 @@ client_cmd() {
     local sys=$1 w=$2 base=$3
     if [ "${sys%+rbb}" != "$sys" ]; then
         # shellcheck disable=SC2046,SC2207 # bench_args is a list of words on purpose
-        CLIENT=("$BENCH" run "$URI" $(bench_args "$w") --runtime "$RUNTIME" --ramp "$RAMP"
+        CLIENT=("${CLIENT_PIN[@]}" "$BENCH" run "$URI" $(bench_args "$w") --runtime "$RUNTIME" --ramp "$RAMP"
                 --quiet --json --hgrm "$base.hgrm")
         return
     fi
     local engine=(--ioengine=nbd "--uri=$URI")
     [ "$sys" = local ] && engine=(--ioengine=io_uring --direct=1 "--filename=$BACKING")
     # shellcheck disable=SC2046,SC2207 # workload_args is a list of words on purpose
-    CLIENT=(fio --name="$w" "${engine[@]}" $(workload_args "$w") --size="$SIZE"
+    CLIENT=("${CLIENT_PIN[@]}" fio --name="$w" "${engine[@]}" $(workload_args "$w") --size="$SIZE"
             --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --group_reporting
             --lat_percentiles=1 --percentile_list="$PCTS" --output-format=json)
 }

@@ -1,0 +1,2 @@
+//! ringblk-vhost: the vhost-user-blk front end (issue #13). Skeleton; see the crate's
+//! module docs once written.
