@@ -381,7 +381,7 @@ for line in open(os.path.join(out, "results.tsv")):
         runs.setdefault((sysname, w), []).append({
             "iops": o["iops"], "mbs": o["mb_s"], "n": o["ops"], "mean": l["mean"], "max": l["max"],
             "pct": {50.0: l["p50"], 99.0: l["p99"], 99.9: l["p99.9"]}, "cpu": int(ticks) / tck,
-            "local": False, "hgrm": path[:-len(".json")] + ".hgrm",
+            "local": False, "hgrm": path[:-len(".json")] + ".hgrm", "rep": int(rep),
         })
         continue
     job = load(path)["jobs"][0]
@@ -393,6 +393,7 @@ for line in open(os.path.join(out, "results.tsv")):
         "iops": s["iops"], "mbs": s["bw_bytes"] / 1e6, "pct": pct,
         "n": lat.get("N", s.get("total_ios", 0)), "mean": lat["mean"] / 1000.0,
         "max": lat["max"] / 1000.0, "cpu": int(ticks) / tck, "local": sysname == "local",
+        "rep": int(rep),
     })
 
 def median_run(rs):
@@ -470,9 +471,9 @@ pairs = [(w, backend, f"ringblk-old{sfx}", f"ringblk-new{sfx}")
          if (f"ringblk-old{sfx}", w) in runs and (f"ringblk-new{sfx}", w) in runs]
 if pairs:
     print("\n## ringblk new vs old (--ringblk-old / --ringblk-new)\n")
-    print("| workload | backend | old IOPS | new IOPS | new ÷ old IOPS | old p99 | new p99 "
+    print("| workload | backend | old IOPS | new IOPS | new ÷ old IOPS | paired ÷ (IQR) | old p99 | new p99 "
           "| old IOPS/CPU-s | new IOPS/CPU-s | new ÷ old IOPS/CPU-s |")
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for w, backend, old, new in pairs:
         o, n = runs[(old, w)], runs[(new, w)]
         for sysname, rs in ((old, o), (new, n)):  # for the plots
@@ -483,11 +484,20 @@ if pairs:
         npc = ni * (runtime + ramp) / nc if nc else None
         ratio = f"{ni / oi:.3f}" if oi else "-"
         cratio = f"{npc / opc:.3f}" if opc and npc else "-"
-        print(f"| {w} | {backend} | {fmt(oi)} | {fmt(ni)} | {ratio} | {fmt(medpct(o, 99.0), 1)} "
+        # Paired: new ÷ old within each round (the two ran back to back), then the
+        # median and quartiles of those ratios. A drift of the machine between rounds
+        # moves both members of a pair, so this spreads less than the ratio of medians.
+        by_rep = {r["rep"]: r["iops"] for r in o}
+        pr = sorted(r["iops"] / by_rep[r["rep"]] for r in n if by_rep.get(r["rep"]))
+        paired = (f"{statistics.median(pr):.3f} ({pr[len(pr) // 4]:.2f}-{pr[(3 * len(pr)) // 4]:.2f})"
+                  if pr else "-")
+        print(f"| {w} | {backend} | {fmt(oi)} | {fmt(ni)} | {ratio} | {paired} | {fmt(medpct(o, 99.0), 1)} "
               f"| {fmt(medpct(n, 99.0), 1)} | {fmt(opc)} | {fmt(npc)} | {cratio} |")
     print()
     print("new ÷ old above 1 is better for IOPS; #12's gate is new ÷ old IOPS >= 0.97 "
-          "(medians of the rounds; the gate runs 5 rounds: --repeat 5, see --only).")
+          "(medians of the rounds; the gate runs 5 rounds: --repeat 5, see --only). "
+          "`paired ÷` is the median of the per-round ratios with their interquartile range: "
+          "when that range is wider than the 3 % margin, the machine cannot decide the gate.")
 PY
 
 echo "== plots" >&2
