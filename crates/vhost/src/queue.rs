@@ -77,10 +77,11 @@ use ringblk_target::bdev::{
     self, Bdev, BlockOp, Channel, DataBuf, Done, IoResult, IoSink, Pressure, SgList,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::blk::plant::{planted, Plant};
 use crate::blk::{self, Kind, Scratch, ID_BYTES, S_IOERR, S_OK};
+use crate::errors::virtio_status;
 use crate::virtq::inflight::{Region, SplitInflight};
 use crate::virtq::{self, Desc};
 
@@ -94,14 +95,14 @@ pub const POP_BATCH: usize = 64;
 /// (a kick fd io_uring cannot wait on would otherwise spin).
 const KICK_EAGAIN_MAX: u32 = 16;
 
-/// The guest's memory as mapped from SET_MEM_TABLE. Stub until the control plane's
-/// `memory.rs` defines it (same type: an `Arc` of the mapping).
-pub type GuestMem = Arc<GuestMemoryMmap>;
+/// The guest's memory as mapped from SET_MEM_TABLE (an `Arc` of the mapping).
+pub use crate::memory::GuestMem;
 
 /// The INFLIGHT_SHMFD region of one queue (QEMU's split-queue layout,
-/// `QueueRegionSplit`), mapped by the control plane. Stub until `inflight.rs`
-/// defines it; the queue needs only the region's address and length, valid while
-/// the value lives ([`Region`]).
+/// `QueueRegionSplit`) as the queue sees it: the address and length of the control
+/// plane's mapping ([`crate::inflight::InflightQueue`], passed as `keep`), valid
+/// while the value lives ([`Region`]). The format's per-queue logic is
+/// `virtq::inflight`.
 pub struct InflightQueue {
     ptr: NonNull<u8>,
     len: usize,
@@ -666,7 +667,7 @@ impl Vq {
                 let sg = match unsafe { SgList::new(&self.scratch.segs) } {
                     Ok(sg) => DataBuf::Sg(sg),
                     Err(e) => {
-                        self.finish(slot, blk::virtio_status(&e));
+                        self.finish(slot, virtio_status(e));
                         return;
                     }
                 };
@@ -748,7 +749,7 @@ impl Vq {
         }
         if let Err(e) = &res {
             if s.result == S_OK {
-                s.result = blk::virtio_status(e);
+                s.result = virtio_status(*e);
             }
         }
         s.pending -= 1;
