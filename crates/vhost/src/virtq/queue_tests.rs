@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use ringblk_reactor::{manual_reactors, IdlePolicy, Reactor, ReactorConfig};
 use ringblk_target::bdev::{Bdev, BlockOp, DataBuf, Done, IoOutput, ReadData};
-use ringblk_target::spec::{BackendKind, VolumeSpec};
 use ringblk_target::stats::Label;
 use ringblk_target::target::Target;
+use serde::de::value::{Error as DeError, MapDeserializer};
+use serde::de::{IntoDeserializer, Visitor};
 
 use super::*;
 use crate::blk::plant::{self, Plant};
@@ -48,25 +49,76 @@ fn rig(idle: IdlePolicy) -> Rig {
     .expect("one reactor");
     let dir = tempfile::tempdir().expect("tempdir");
     let target = Target::new(dir.path().into(), 1, 16);
-    target
-        .add_volume(VolumeSpec {
-            name: "vol".into(),
-            path: None,
-            size_bytes: Some(VOL_BYTES),
-            block_size: 512,
-            backend: BackendKind::Mem,
-            read_only: false,
-            direct: false,
-            chunk_size: 4096,
-            grow: false,
-        })
-        .expect("volume");
+    // The spec goes in as the volume_create RPC's parameters would: this crate names
+    // only the target's front-end API (ci/layers.py rule 4), not its `spec` module.
+    let spec = serde::Deserialize::deserialize(MapDeserializer::<_, DeError>::new(
+        [
+            ("name", Val::Str("vol")),
+            ("backend", Val::Str("mem")),
+            ("size_bytes", Val::U64(VOL_BYTES)),
+            ("block_size", Val::U64(512)),
+            ("chunk_size", Val::U64(4096)),
+            ("direct", Val::Bool(false)),
+        ]
+        .into_iter(),
+    ))
+    .expect("volume spec");
+    target.add_volume(spec).expect("volume");
     let bdev = target.open("vol", Label::INTERNAL).expect("open");
     Rig {
         r,
         bdev,
         _target: target,
         _dir: dir,
+    }
+}
+
+/// A parameter value of the volume spec `rig` builds.
+#[derive(Clone, Copy)]
+enum Val {
+    Str(&'static str),
+    U64(u64),
+    Bool(bool),
+}
+
+impl<'de> IntoDeserializer<'de, DeError> for Val {
+    type Deserializer = Val;
+    fn into_deserializer(self) -> Val {
+        self
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for Val {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
+        match self {
+            Val::Str(s) => v.visit_borrowed_str(s),
+            Val::U64(n) => v.visit_u64(n),
+            Val::Bool(b) => v.visit_bool(b),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
+        v.visit_some(self)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, DeError> {
+        match self {
+            Val::Str(s) => v.visit_enum(s.into_deserializer()),
+            _ => self.deserialize_any(v),
+        }
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf unit unit_struct newtype_struct seq tuple tuple_struct map struct
+        identifier ignored_any
     }
 }
 
