@@ -80,6 +80,8 @@ pub(crate) mod plant {
         ReplyEarly,
         /// The queue signals the call eventfd whatever EVENT_IDX says.
         AlwaysSignal,
+        /// The queue keeps popping after the channel said `Full`.
+        PopWhenFull,
     }
 
     #[cfg(test)]

@@ -171,6 +171,9 @@ pub struct QueueCounters {
     pub resubmitted: AtomicU64,
     /// Requests completed with a status other than OK.
     pub errors: AtomicU64,
+    /// Times the volume's channel said `Full` and the queue stopped popping until
+    /// it had room again (module docs, *Back-pressure and bounds*).
+    pub full: AtomicU64,
     /// The queue met a structural fault and stopped (module docs, *Errors*).
     pub broken: AtomicBool,
 }
@@ -257,6 +260,9 @@ struct Vq {
     wake_timer: bool,
     need_signal: bool,
     poller: Option<PollerId>,
+    /// Avail pops made while waiting for room (tests: must stay 0).
+    #[cfg(test)]
+    pops_while_blocked: u64,
 }
 
 /// The queue as its poller, table and requests hold it; the block layer's sink.
@@ -339,6 +345,8 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         wake_timer: false,
         need_signal: false,
         poller: None,
+        #[cfg(test)]
+        pops_while_blocked: 0,
     };
     match fault {
         Some(why) => vq.break_queue(why),
@@ -392,6 +400,13 @@ pub fn set_mem(r: &mut Reactor, h: &QueueHandle, mem: GuestMem) {
 #[cfg(test)]
 pub(crate) fn next_avail_of(r: &mut Reactor, h: &QueueHandle) -> Option<u16> {
     lookup(r, h).map(|c| c.0.borrow().queue.next_avail())
+}
+
+/// How often a running queue popped its avail ring while waiting for room in the
+/// channel (tests: must be 0).
+#[cfg(test)]
+pub(crate) fn pops_while_blocked(r: &mut Reactor, h: &QueueHandle) -> Option<u64> {
+    lookup(r, h).map(|c| c.0.borrow().pops_while_blocked)
 }
 
 /// Reactor stop: every queue stops as in [`stop_queue`], without a reply.
@@ -473,7 +488,7 @@ fn poll(r: &mut Reactor, cell: &Rc<QueueCell>) -> PollResult {
     if vq.state != State::Running || vq.parked {
         return busy_if(work);
     }
-    if !vq.blocked {
+    if !vq.blocked || planted(Plant::PopWhenFull) {
         work |= vq.serve_resubmits(cell, r);
         work |= vq.pop(cell, r);
         // Requests answered at once (malformed, GET_ID) are signalled now.
@@ -579,6 +594,10 @@ impl Vq {
         let want = self.free.len().min(POP_BATCH);
         if want == 0 || self.state != State::Running {
             return false;
+        }
+        #[cfg(test)]
+        if self.blocked {
+            self.pops_while_blocked += 1;
         }
         let mem = self.mem.clone();
         let mut heads = [0u16; POP_BATCH];
@@ -725,6 +744,7 @@ impl Vq {
         let done = Done::new(sink, slot as u64);
         if self.channel.submit(r, &self.bdev, op, done) == Pressure::Full && !self.blocked {
             self.blocked = true;
+            self.counters.full.fetch_add(1, Ordering::Relaxed);
             let w = Rc::downgrade(cell);
             self.channel.when_room(r, move |_| {
                 if let Some(c) = w.upgrade() {

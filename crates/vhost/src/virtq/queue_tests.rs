@@ -1147,3 +1147,92 @@ fn inflight_log_tracks_requests_in_flight() {
     let marked = bytes.lock().unwrap()[16 + 16 * usize::from(req.head)];
     assert_eq!(marked, 0, "completed request still logged");
 }
+
+// -------------------------------------------------------------------------------------
+// Back-pressure
+
+/// 17 queues of 128 on one reactor and one volume, 128 requests each (every avail
+/// entry names the same chain): one iteration pops 64 per queue, more than the
+/// channel's CHANNEL_DEPTH (1024) at once, so the channel says Full. Checked: a queue
+/// that waits for room pops nothing until `when_room` (counted by the queue at every
+/// pop); every request completes OK (back-pressure, never failure); some queue did
+/// wait.
+fn pressure() -> Result<(), String> {
+    const QUEUES: usize = 17;
+    let mut rig = rig(IdlePolicy::Busy);
+    let mut qs: Vec<Q> = (0..QUEUES)
+        .map(|_| {
+            let mut d = Driver::new(128);
+            let req = d.read_req(0, 4096);
+            assert_eq!(req.head, 0);
+            d.set_avail_idx(128);
+            start(&mut rig, d, Opts::default())
+        })
+        .collect();
+    let mut done = vec![0usize; QUEUES];
+    let t0 = Instant::now();
+    while done.iter().any(|&n| n < 128) {
+        if t0.elapsed() > BOUND {
+            return Err(format!("not all served: {done:?}"));
+        }
+        rig.r.poll_once();
+        for (i, q) in qs.iter_mut().enumerate() {
+            let n = pops_while_blocked(&mut rig.r, &q.h).expect("running");
+            ensure(
+                n == 0,
+                format!("queue {i} popped {n} times while waiting for room"),
+            )?;
+            for (id, len) in q.d.used() {
+                ensure(
+                    id == 0 && len == 4097,
+                    format!("queue {i}: used ({id}, {len})"),
+                )?;
+                done[i] += 1;
+            }
+        }
+    }
+    for (i, q) in qs.iter().enumerate() {
+        ensure(
+            q.counters.errors.load(Ordering::Relaxed) == 0,
+            format!("queue {i}: errors"),
+        )?;
+    }
+    let full: u64 = qs
+        .iter()
+        .map(|q| q.counters.full.load(Ordering::Relaxed))
+        .sum();
+    ensure(full > 0, "the channel never said Full")
+}
+
+#[test]
+fn channel_full_stops_popping_until_room() {
+    pressure().unwrap();
+}
+
+#[test]
+fn channel_full_negative_control() {
+    let res = plant::with(Plant::PopWhenFull, pressure);
+    assert!(
+        res.is_err(),
+        "popping while the channel is full went unnoticed"
+    );
+}
+
+/// Adaptive mode parks after its idle spell like interrupt mode, and wakes on a kick.
+#[test]
+fn adaptive_mode_parks_after_the_spell() {
+    let mut rig = rig(IdlePolicy::Adaptive { poll_us: 1 });
+    let mut q = start(&mut rig, Driver::new(16), Opts::default());
+    let req = q.d.read_req(0, 512);
+    q.d.publish(req.head);
+    serve(&mut rig, &mut q, 1);
+    let parked = until(&mut rig.r, || q.d.read(USED, 2) == [0, 0]);
+    assert!(parked, "never parked");
+    let req = q.d.read_req(0, 512);
+    q.d.publish(req.head);
+    spin(&mut rig, 50);
+    assert_eq!(popped(&mut rig, &q), 1, "popped without a kick: not parked");
+    kick(&q.kick);
+    assert_eq!(serve(&mut rig, &mut q, 1).len(), 1);
+    assert_eq!(stop(&mut rig, &q), 2);
+}
