@@ -577,7 +577,7 @@ impl Vq {
 
     fn serve_resubmits(&mut self, cell: &Rc<QueueCell>, r: &mut Reactor) -> bool {
         let mut work = false;
-        while !self.free.is_empty() && self.state == State::Running {
+        while !self.free.is_empty() && !self.blocked && self.state == State::Running {
             let Some(head) = self.resubmit.pop_front() else {
                 break;
             };
@@ -599,28 +599,34 @@ impl Vq {
         if self.blocked {
             self.pops_while_blocked += 1;
         }
-        let mem = self.mem.clone();
         let mut heads = [0u16; POP_BATCH];
-        let n = {
-            let mut it = match self.queue.iter(&*mem) {
-                Ok(it) => it,
-                Err(e) => {
-                    self.break_queue(format!("avail ring: {e}"));
-                    return true;
-                }
-            };
-            let mut n = 0;
-            while n < want {
-                match it.next() {
-                    Some(chain) => {
-                        heads[n] = chain.head_index();
-                        n += 1;
+        // No Arc clone on an empty poll (the busy path): the iterator borrows the
+        // queue and the mapping as disjoint fields.
+        let popped = match self.queue.iter(&*self.mem) {
+            Ok(mut it) => {
+                let mut n = 0;
+                while n < want {
+                    match it.next() {
+                        Some(chain) => {
+                            heads[n] = chain.head_index();
+                            n += 1;
+                        }
+                        None => break,
                     }
-                    None => break,
                 }
+                Ok(n)
             }
-            n
+            Err(e) => Err(e),
         };
+        let n = match popped {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e) => {
+                self.break_queue(format!("avail ring: {e}"));
+                return true;
+            }
+        };
+        let mem = self.mem.clone();
         // Every popped head is served, even once the channel is full (it queues).
         for &head in &heads[..n] {
             if self.state != State::Running {
