@@ -1236,3 +1236,24 @@ fn adaptive_mode_parks_after_the_spell() {
     assert_eq!(serve(&mut rig, &mut q, 1).len(), 1);
     assert_eq!(stop(&mut rig, &q), 2);
 }
+
+/// A reactor stop ends its queues (waiting for their requests); a stop_queue that
+/// comes afterwards still gets the queue's next avail index, not the fallback 0
+/// (which is this test's control: 2 requests were served, so 0 fails it).
+#[test]
+fn reactor_stop_ends_queues_and_keeps_their_index() {
+    let mut rig = rig(IdlePolicy::Interrupt);
+    let mut q = start(&mut rig, Driver::new(16), Opts::default());
+    for _ in 0..2 {
+        let req = q.d.read_req(0, 512);
+        q.d.publish(req.head);
+        kick(&q.kick);
+        serve(&mut rig, &mut q, 1);
+    }
+    // Parked with a kick read armed: the stop must cancel it to finish.
+    spin(&mut rig, 4);
+    rig.r.handle().request_stop();
+    rig.r.run();
+    assert_eq!(next_avail_of(&mut rig.r, &q.h), None, "queue still running");
+    assert_eq!(stop(&mut rig, &q), 2);
+}
