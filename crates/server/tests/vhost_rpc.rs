@@ -203,6 +203,13 @@ fn vhost_flag_exports_at_start_and_refuses_bad_paths() {
     assert_eq!(list[0]["export"], "v");
     assert_eq!(list[0]["socket"], sock.to_str().expect("utf8"));
     assert_eq!(mode_of(&sock), 0o600);
+    // After a kill -9 the socket file stays behind, stale: the restart replaces it
+    // (QEMU's reconnect= finds the new server on the same path).
+    let srv = srv.restart(true, &["--cores", "0", "--volume", VOL, "--vhost", &arg]);
+    let fe = Frontend::connect(&sock, 1).expect("connect after restart");
+    fe.set_owner().expect("owner");
+    assert!(fe.get_features().is_ok());
+    drop(fe);
     drop(srv);
 
     // A path that is a regular file: the start fails, names it, and keeps the file.
@@ -293,5 +300,21 @@ fn a_vhost_user_frontend_negotiates_and_bad_messages_close_its_connection() {
     let listed = ok(&srv, "vhost_list", json!({}));
     assert!(listed[0]["connections"].as_u64() >= Some(2), "{listed}");
     assert!(listed[0]["last_error"].is_string(), "{listed}");
+
+    // vhost_delete with a client connected (idle between messages): the client is
+    // disconnected, the socket goes, the server carries on.
+    let fe = Frontend::connect(&sock, 2).expect("third client");
+    fe.set_owner().expect("owner");
+    assert_eq!(
+        fe.get_features().ok(),
+        Some(features),
+        "the third client is served"
+    );
+    assert_eq!(ok(&srv, "vhost_delete", json!({"socket": s})), true);
+    assert!(!sock.exists());
+    assert!(
+        fe.get_features().is_err(),
+        "the client survived vhost_delete"
+    );
     srv.assert_alive();
 }
