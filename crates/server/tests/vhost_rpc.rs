@@ -454,3 +454,41 @@ fn hostile_control_messages_close_only_their_connection() {
     drop(fe);
     srv.assert_alive();
 }
+
+/// `ringblk-ctl vhost create/list/delete`: a relative socket path is the caller's
+/// (the ctl's working directory), not the server's; the table has a line per queue.
+#[test]
+fn ringblk_ctl_vhost_commands() {
+    let srv = Server::start(&["--cores", "0", "--volume", VOL]);
+    let out = run_ok(ctl(&srv).current_dir(srv.dir.path()).args([
+        "vhost",
+        "create",
+        "v",
+        "rel.vhost",
+        "--queues",
+        "2",
+    ]));
+    assert!(out.contains("rel.vhost"), "{out}");
+    let sock = srv.path("rel.vhost");
+    assert!(
+        is_socket(&sock),
+        "the relative path was not taken from ctl's directory"
+    );
+    let table = run_ok(ctl(&srv).args(["vhost", "list"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "header and two queues: {table}");
+    assert!(
+        lines[0].starts_with("EXPORT") && lines[1].starts_with("v "),
+        "{table}"
+    );
+    let s = sock.to_str().expect("utf8");
+    let out = run_ok(ctl(&srv).args(["vhost", "delete", s]));
+    assert!(out.contains("deleted"), "{out}");
+    assert!(!sock.exists());
+    let out = run(ctl(&srv).args(["vhost", "delete", s]));
+    assert!(!out.status.success(), "deleting twice succeeded");
+    assert_eq!(
+        run_ok(ctl(&srv).args(["vhost", "list"])),
+        "no vhost-user exports\n"
+    );
+}
