@@ -144,6 +144,9 @@ pub struct QueueInfo {
     /// In-flight requests resubmitted after a reconnect.
     pub resubmitted: u64,
     pub errors: u64,
+    /// The queue met a structural fault (a chain without a reachable status byte)
+    /// and stopped serving until the client sets it up again.
+    pub broken: bool,
 }
 
 /// What `vhost_list` shows of one export.
@@ -345,6 +348,7 @@ fn info_of(e: &Export) -> ExportInfo {
                 served: c.served.load(Ordering::Relaxed),
                 resubmitted: c.resubmitted.load(Ordering::Relaxed),
                 errors: c.errors.load(Ordering::Relaxed),
+                broken: c.broken.load(Ordering::Relaxed),
             })
             .collect(),
     }
