@@ -31,7 +31,9 @@
 //! its size, whatever the driver's avail index says (a bad index breaks the queue).
 //! When `Channel::submit` answers `Pressure::Full`, the poller stops popping (the
 //! heads already popped are still submitted; the channel queues them) and resumes
-//! from `Channel::when_room`.
+//! from `Channel::when_room` (counted in [`QueueCounters::full`]). Per-request
+//! memory is the slot and the `SgList`'s segment vector (at most `SG_SEGS_MAX`);
+//! chain scratch space is per queue and bounded (`virtq`, `blk`).
 //!
 //! # Polling and parking
 //! `IdlePolicy::Busy`: notifications stay off and the poller reads the avail index
@@ -54,7 +56,15 @@
 //! # Stopping
 //! [`stop_queue`] stops popping, cancels the kick read, waits for every request in
 //! flight, then replies with the next avail index (the GET_VRING_BASE answer). A
-//! reactor stop does the same for all its queues, without a reply.
+//! reactor stop does the same for all its queues, without a reply; their index is
+//! kept for a `stop_queue` that comes afterwards.
+//!
+//! # Ordering
+//! Requests start in avail order (inflight resubmissions first) and complete in any
+//! order. A request's data is in guest memory (the kernel's reads completed) before
+//! its status byte is written, and the status byte before the used index is
+//! published (virtio-queue stores it with `Release`). Notifications go after the
+//! used index.
 //!
 //! # Inflight (INFLIGHT_SHMFD)
 //! With a region, every popped head is logged and cleared at completion

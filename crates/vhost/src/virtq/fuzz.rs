@@ -4,7 +4,7 @@
 //! [`fuzz_virtqueue`] lays arbitrary bytes out as a split virtqueue in a fake guest
 //! memory (two mapped regions with a hole between them) and runs what the queue's
 //! poller runs on the data path, minus the block layer: pop avail heads with
-//! virtio-queue, [`walk`](super::walk) each chain, [`parse`](crate::blk::parse) it,
+//! virtio-queue, [`walk`] each chain, [`parse`](crate::blk::parse) it,
 //! answer it (status byte, GET_ID, used ring, notification check) and keep an
 //! inflight log. It must never panic, and it asserts the parser's promises with an
 //! independent oracle:
