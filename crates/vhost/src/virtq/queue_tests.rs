@@ -1031,6 +1031,37 @@ fn event_idx(event_idx: bool) -> Result<(), String> {
     )
 }
 
+/// Without EVENT_IDX: the avail ring's NO_INTERRUPT flag suppresses calls.
+fn no_interrupt_flag(set: bool) -> Result<(), String> {
+    let mut rig = rig(IdlePolicy::Busy);
+    let mut q = start(&mut rig, Driver::new(16), Opts::default());
+    let req = q.d.read_req(0, 512);
+    one(&mut rig, &mut q, req);
+    ensure(take_signal(&q.call) == 1, "completion not signalled")?;
+    if set {
+        q.d.write(crate::virtq::testdriver::AVAIL, &1u16.to_le_bytes());
+    }
+    let req = q.d.read_req(0, 512);
+    one(&mut rig, &mut q, req);
+    ensure(
+        take_signal(&q.call) == 0,
+        "completion signalled against NO_INTERRUPT",
+    )
+}
+
+#[test]
+fn no_interrupt_flag_suppresses_calls() {
+    no_interrupt_flag(true).unwrap();
+}
+
+#[test]
+fn no_interrupt_flag_negative_control() {
+    assert!(
+        no_interrupt_flag(false).is_err(),
+        "without the flag every completion signals"
+    );
+}
+
 #[test]
 fn event_idx_suppresses_calls() {
     event_idx(true).unwrap();
