@@ -1340,3 +1340,74 @@ fn set_mem_negative_control() {
     );
     assert_eq!(popped(&mut rig, &q), 0);
 }
+
+/// A setup the queue cannot run (a size that is not a power of two, rings outside
+/// guest memory, a misaligned ring) starts broken: error eventfd signalled, nothing
+/// popped, and a stop answers the base it was given. Control: the same driver with
+/// a valid setup serves its request.
+#[test]
+fn unusable_setups_start_broken() {
+    let mut rig = rig(IdlePolicy::Busy);
+    for (name, size, used_ring) in [
+        ("size 12", 12u16, USED),
+        ("used ring outside memory", 16, MEM_BYTES as u64 - 8),
+        ("misaligned used ring", 16, USED + 2),
+        ("valid (control)", 16, USED),
+    ] {
+        let mut d = Driver::new(16);
+        let req = d.read_req(0, 512);
+        d.publish(req.head);
+        let (kick_fd, call, err) = (eventfd(), eventfd(), eventfd());
+        let counters = Arc::new(QueueCounters::default());
+        let h = start_queue(
+            &mut rig.r,
+            QueueSetup {
+                index: 0,
+                size,
+                desc_table: DESC,
+                avail_ring: crate::virtq::testdriver::AVAIL,
+                used_ring,
+                next_avail: 0,
+                event_idx: false,
+                mem: d.mem.clone(),
+                kick: kick_fd,
+                call: Some(dup(&call)),
+                err: Some(dup(&err)),
+                bdev: rig.bdev.clone(),
+                read_only: false,
+                inflight: None,
+                counters: counters.clone(),
+            },
+        );
+        let valid = name.starts_with("valid");
+        if valid {
+            let dd = &mut d;
+            assert!(
+                until(&mut rig.r, || dd.used_idx() == 1),
+                "{name}: not served"
+            );
+        } else {
+            spin(&mut rig, 8);
+            assert_eq!(d.used_idx(), 0, "{name}: served");
+        }
+        assert_eq!(counters.broken.load(Ordering::Relaxed), !valid, "{name}");
+        assert_eq!(
+            take_signal(&err),
+            u64::from(!valid),
+            "{name}: error eventfd"
+        );
+        let replied = Arc::new(Mutex::new(None));
+        let r2 = replied.clone();
+        stop_queue(
+            &mut rig.r,
+            &h,
+            Box::new(move |n| *r2.lock().unwrap() = Some(n)),
+        );
+        assert!(until(&mut rig.r, || replied.lock().unwrap().is_some()));
+        assert_eq!(
+            *replied.lock().unwrap(),
+            Some(u16::from(valid)),
+            "{name}: base"
+        );
+    }
+}
