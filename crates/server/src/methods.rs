@@ -453,6 +453,14 @@ impl RpcHandler for Methods {
             }
             "volume_delete" => {
                 let p: NameParams = parse_params(params)?;
+                // Its vhost-user exports first: they hold the volume open, and a
+                // removed volume could only fail their requests (clients see a
+                // disconnect instead, once their queues drained).
+                if sh.target.registry().get(&p.name).is_some() && !p.name.is_empty() {
+                    if let Some(v) = &self.vhost {
+                        v.delete_volume_exports(&p.name);
+                    }
+                }
                 sh.target.remove_volume(&p.name).map_err(volume_error)?;
                 Ok(Value::Bool(true))
             }
