@@ -420,6 +420,12 @@ pub(crate) fn next_avail_of(r: &mut Reactor, h: &QueueHandle) -> Option<u16> {
     lookup(r, h).map(|c| c.0.borrow().queue.next_avail())
 }
 
+/// Whether a running queue has its kick read armed (tests).
+#[cfg(test)]
+pub(crate) fn parked_of(r: &mut Reactor, h: &QueueHandle) -> Option<bool> {
+    lookup(r, h).map(|c| c.0.borrow().kick_op.is_some())
+}
+
 /// How often a running queue popped its avail ring while waiting for room in the
 /// channel (tests: must be 0).
 #[cfg(test)]
@@ -933,7 +939,17 @@ fn on_kick(r: &mut Reactor, cell: &Rc<QueueCell>, done: Completion) {
         vq.parked = false;
         vq.idle_since = None;
         match done.result {
-            n if n >= 0 => vq.kick_eagain = 0,
+            8 => vq.kick_eagain = 0,
+            n if n >= 0 => {
+                // Not an eventfd (a file at EOF reads 0 at once, forever): parking
+                // on it would spin, so poll instead.
+                tracing::warn!(
+                    queue = vq.index,
+                    bytes = n,
+                    "kick fd is not an eventfd; polling"
+                );
+                vq.kick_unusable = true;
+            }
             e if e == -libc::ECANCELED => {}
             e if e == -libc::EAGAIN || e == -libc::EINTR => {
                 vq.kick_eagain += 1;

@@ -1411,3 +1411,60 @@ fn unusable_setups_start_broken() {
         );
     }
 }
+
+/// A kick fd that is not an eventfd (here /dev/null: every read returns 0 at once)
+/// must not make an interrupt-mode queue spin between parking and waking: the queue
+/// falls back to polling and still serves requests published without a kick.
+/// Control: with a real eventfd the same unkicked request is not served.
+fn odd_kick(eventfd_kick: bool) -> Result<(), String> {
+    let mut rig = rig(IdlePolicy::Interrupt);
+    let mut d = Driver::new(16);
+    let req = d.read_req(0, 512);
+    let kick_fd = if eventfd_kick {
+        eventfd()
+    } else {
+        OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null"))
+    };
+    let h = start_queue(
+        &mut rig.r,
+        QueueSetup {
+            index: 0,
+            size: 16,
+            desc_table: DESC,
+            avail_ring: crate::virtq::testdriver::AVAIL,
+            used_ring: USED,
+            next_avail: 0,
+            event_idx: false,
+            mem: d.mem.clone(),
+            kick: kick_fd,
+            call: None,
+            err: None,
+            bdev: rig.bdev.clone(),
+            read_only: false,
+            inflight: None,
+            counters: Arc::new(QueueCounters::default()),
+        },
+    );
+    spin(&mut rig, 16);
+    // Without the fallback the queue re-arms a read that completes at once, every
+    // iteration: it is found parked at the end of each.
+    let parked = parked_of(&mut rig.r, &h).expect("running");
+    ensure(!parked, "parked on a kick fd that is not an eventfd")?;
+    d.publish(req.head);
+    spin(&mut rig, 16);
+    let popped = next_avail_of(&mut rig.r, &h).expect("running");
+    ensure(popped == 1, format!("popped {popped} without a kick"))
+}
+
+#[test]
+fn a_kick_fd_that_is_not_an_eventfd_falls_back_to_polling() {
+    odd_kick(false).unwrap();
+}
+
+#[test]
+fn a_kick_fd_that_is_not_an_eventfd_negative_control() {
+    assert!(
+        odd_kick(true).is_err(),
+        "a parked queue popped without a kick"
+    );
+}
