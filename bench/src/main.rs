@@ -447,6 +447,9 @@ fn run(a: RunArgs) -> Result<bool, String> {
             ringblk_nbd::proto::PAYLOAD_DEFAULT_MAX_BYTES
         ));
     }
+    if a.vhost.is_none() && (a.queues != 1 || a.queue_size.is_some()) {
+        return Err("--queues and --queue-size go with --vhost (NBD: --connections)".into());
+    }
     let results = match (&a.uri, &a.vhost) {
         (_, Some(path)) => run_vhost(&a, path)?,
         (Some(u), None) => run_nbd(&a, u)?,

@@ -108,7 +108,10 @@ struct QueueMem {
 }
 
 fn err(what: &str, e: blkio::Error) -> String {
-    format!("{what}: {e} ({})", e.errno())
+    match e.message() {
+        "" => format!("{what}: {}", e.errno()),
+        m => format!("{what}: {m}"),
+    }
 }
 
 impl Device {
