@@ -49,11 +49,12 @@
 # `ringblk-bench run --vhost SOCKET` (libblkio's virtio-blk-vhost-user driver;
 # VHOST_CLIENT_POLL=busy|adaptive|interrupt, default adaptive, is its --poll), and
 # local fio as the limit:
-#   ringblk-vhost      ringblk serve --volume v=FILE --vhost v=SOCK
+#   ringblk-vhost      ringblk serve --volume v=FILE, then RPC vhost_create {v, SOCK,
+#                      num_queues: 2} (ringblk-ctl call): two queues as the peer has
 #   qsd-vhost          qemu-storage-daemon --blockdev driver=file,cache.direct=on,aio=io_uring
 #                      --export type=vhost-user-blk,num-queues=2      (the peer)
 #   local              as above
-#   ringblk-vhost-null ringblk serve --volume v=,backend=null --vhost v=SOCK
+#   ringblk-vhost-null ringblk serve --volume v=,backend=null, the same export
 #   qsd-vhost-null     qemu-storage-daemon --blockdev driver=null-co ... (same export)
 # and the workloads rr4k-qd1, rr4k-qd32, rw4k-qd32, sr128k-qd8 and rr4k-qd32-q2
 # (4 KiB random read, iodepth 32 on each of two virtqueues; numjobs 2 for local fio),
@@ -210,14 +211,17 @@ PROFILE=${RINGBLK_PROFILE:-release}
 if [ "$BUILD" = 1 ]; then
     echo "== building $PROFILE binaries" >&2
     if [ "$PROFILE" = release ]; then
-        cargo build --release --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench
+        cargo build --release --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench \
+            -p ringblk-ctl --bin ringblk-ctl
     else
-        cargo build --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench
+        cargo build --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench \
+            -p ringblk-ctl --bin ringblk-ctl
     fi
 fi
 RINGBLK=$TARGET/$PROFILE/ringblk
 BENCH=$TARGET/$PROFILE/ringblk-bench
-for b in "$RINGBLK" "$BENCH"; do
+CTL=$TARGET/$PROFILE/ringblk-ctl
+for b in "$RINGBLK" "$BENCH" "$CTL"; do
     [ -x "$b" ] || { echo "compare.sh: $b missing (build it, or drop --no-build)" >&2; exit 1; }
 done
 OUT=${OUT:-$TARGET/compare/$(date +%Y%m%d-%H%M%S)}
@@ -306,9 +310,15 @@ start_server() {
             rm -f "$OUT/banner" "$SOCK"
             # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
             "${SERVER_PIN[@]}" "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
-                --rpc "$OUT/ringblk.$n.sock" --volume "$vol" --vhost "v=$SOCK" "${RINGBLK_PIN[@]}" \
+                --rpc "$OUT/ringblk.$n.sock" --volume "$vol" "${RINGBLK_PIN[@]}" \
                 ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
             SERVER_PID=$!
+            wait_socket "$OUT/ringblk.$n.sock" "$SERVER_PID"
+            # Two virtqueues as qemu-storage-daemon's num-queues=2, whatever the
+            # reactor count (--pin gives ringblk one reactor; its default is one
+            # queue per reactor).
+            "$CTL" --rpc "$OUT/ringblk.$n.sock" call vhost_create \
+                "{\"volume\": \"v\", \"socket\": \"$SOCK\", \"num_queues\": 2}" > /dev/null
             wait_socket "$SOCK" "$SERVER_PID"
             URI=$SOCK
             ;;
