@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::vhost::*;
+use common::vhost_target::*;
 use common::*;
 
 const MIB: u64 = 1 << 20;
