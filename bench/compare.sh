@@ -570,6 +570,39 @@ print("Ratios are the median IOPS of the first system of the table divided by th
       + (" (over vhost-user-blk in the vhost tables; there the last column divides IOPS per "
          "server CPU-second the same way)." if "vhost" in mode else "."))
 
+# --vhost: issue #13's targets, each figure against its goal (printed, never asserted).
+def per_cpu(sysname, w):
+    rs = runs.get((sysname, w))
+    c = rs and med(rs, "cpu")
+    return med(rs, "iops") * (runtime + ramp) / c if c else None
+
+def ratio_line(what, num, den, goal):
+    if num is None or den is None or not den:
+        return f"| {what} | - | {goal} | not measured |"
+    v = num / den
+    return f"| {what} | {v:.2f} | {goal} | {'met' if v >= float(goal.split()[-1].rstrip('×')) else 'NOT met'} |"
+
+if "vhost" in mode and any(s.startswith("ringblk-vhost") for s, _ in runs):
+    iops = lambda s, w: med(runs[(s, w)], "iops") if (s, w) in runs else None
+    print("\n## issue #13 targets (vhost-user-blk)\n")
+    print("| target | figure | goal | |")
+    print("|---|---|---|---|")
+    print(ratio_line("file, rr4k-qd32: ringblk ÷ local IOPS", iops("ringblk-vhost", "rr4k-qd32"),
+                     iops("local", "rr4k-qd32"), "≥ 0.95"))
+    print(ratio_line("file, rr4k-qd32: ringblk ÷ qemu-storage-daemon IOPS", iops("ringblk-vhost", "rr4k-qd32"),
+                     iops("qsd-vhost", "rr4k-qd32"), "≥ 1.5"))
+    if ("ringblk-vhost", "rr4k-qd1") in runs and ("local", "rr4k-qd1") in runs:
+        d = medpct(runs[("ringblk-vhost", "rr4k-qd1")], 50.0) - medpct(runs[("local", "rr4k-qd1")], 50.0)
+        print(f"| file, rr4k-qd1: ringblk p50 − local p50 (µs) | {d:.1f} | ≤ 10 | {'met' if d <= 10 else 'NOT met'} |")
+    else:
+        print("| file, rr4k-qd1: ringblk p50 − local p50 (µs) | - | ≤ 10 | not measured |")
+    for w in workloads:
+        if ("ringblk-vhost-null", w) in runs:
+            print(ratio_line(f"null, {w}: ringblk ÷ qemu-storage-daemon IOPS per server CPU-s",
+                             per_cpu("ringblk-vhost-null", w), per_cpu("qsd-vhost-null", w), "≥ 2"))
+    print("\nThe vhost systems are driven by ringblk-bench (libblkio), local by fio: the "
+          "client differs, so the local ratios include the difference of the two clients.")
+
 # --ringblk-old/--ringblk-new: the two binaries side by side, new / old.
 pairs = [(w, backend, f"ringblk-old{sfx}", f"ringblk-new{sfx}")
          for w in workloads for backend, sfx in (("file", ""), ("null", "-null"))
