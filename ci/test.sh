@@ -71,6 +71,8 @@ ci/loom.sh
 step "benchmark smoke runs (figures are not checked)"
 export RINGBLK_PROFILE=debug
 bench/compare.sh --smoke
+# vhost-user-blk: ringblk vs qemu-storage-daemon (qemu-utils) vs local fio, via libblkio.
+bench/compare.sh --vhost --smoke
 bench/switch-bench.sh --smoke
 if [ -f bench/src/bin/reactor_bench.rs ]; then
   cargo run -q -p ringblk-bench --bin reactor_bench -- --smoke
