@@ -330,6 +330,8 @@ struct Report {
     mark: u64,
     /// The highest ACK of the run.
     last_ack: u64,
+    /// `RB INFO` lines (kernel, serial, discard limit).
+    info: Vec<String>,
 }
 
 fn parse_num(s: &str) -> Option<u64> {
@@ -365,6 +367,7 @@ fn drive(guest: &mut Guest, backup: &mut dyn FnMut()) -> Report {
                 Some(m) => r.mark = m,
                 None => guest.fail(&format!("bad line {line:?}")),
             },
+            "INFO" => r.info.push(rest.to_string()),
             "RESULT" => {
                 let mut f = rest.splitn(3, ' ');
                 let check = f.next().unwrap_or_default().to_string();
@@ -624,6 +627,32 @@ impl Peer {
     }
 }
 
+/// `Ok` when `vhost_list` shows export vol0's queues 0 and 1 both served requests,
+/// on different reactors (the guest wrote from both vCPUs; blk-mq maps each vCPU to
+/// its own queue, and the server runs queue `i` on reactor `i % reactors`).
+fn queues_served_by_reactors(list: &Value) -> Result<(), String> {
+    let export = list
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["export"] == "vol0"))
+        .ok_or_else(|| format!("vol0 not in vhost_list: {list}"))?;
+    let busy: Vec<&Value> = export["queues"]
+        .as_array()
+        .map(|q| {
+            q.iter()
+                .filter(|q| q["served"].as_u64().unwrap_or(0) > 0)
+                .collect()
+        })
+        .unwrap_or_default();
+    let reactors: std::collections::BTreeSet<u64> =
+        busy.iter().filter_map(|q| q["reactor"].as_u64()).collect();
+    if busy.len() < 2 || reactors.len() < 2 {
+        return Err(format!(
+            "2 queues on 2 reactors should have served requests: {export}"
+        ));
+    }
+    Ok(())
+}
+
 /// The whole export, read through NBD with nbdcopy.
 fn nbd_bytes(uri: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join("nbd-copy.img");
@@ -679,10 +708,18 @@ fn linux_guest_on_vhost_user_blk() {
     );
     let started = Instant::now();
     let mut guest = Guest::boot(&kernel, &initrd, &vhost, dir.path(), &append);
+    // ringblk's per-queue counters, read while the guest still runs (after the
+    // pattern check wrote from both vCPUs, so through both queues).
+    let mut vhost_list = None;
     let report = {
         let dir = dir.path().to_path_buf();
-        let peer = &mut peer;
-        drive(&mut guest, &mut || peer.backup_create(&dir))
+        let (peer, vhost_list) = (&mut peer, &mut vhost_list);
+        drive(&mut guest, &mut || {
+            peer.backup_create(&dir);
+            if let Peer::Ringblk(srv) = peer {
+                *vhost_list = Some(rpc(srv, "vhost_list", json!({})));
+            }
+        })
     };
     eprintln!(
         "guest on {which}: ran in {:.1} s; {report:?}",
@@ -746,7 +783,26 @@ fn linux_guest_on_vhost_user_blk() {
     );
     assert!(nbd_is_hole(&peer.nbd_uri("vol0"), PATTERN_OFF, REGION_BYTES).is_err());
     if let Peer::Ringblk(srv) = &mut peer {
+        let list = vhost_list.expect("vhost_list read during the run");
+        queues_served_by_reactors(&list).unwrap_or_else(|e| panic!("{e}"));
         srv.assert_alive();
     }
     drop(guest);
+}
+
+/// Negative control of the per-queue counter check (it runs in ringblk mode only):
+/// one busy queue, or two busy queues on one reactor, must be refused.
+#[test]
+fn queue_counter_check_refuses_one_queue_or_one_reactor() {
+    let list = |q: Value| json!([{"export": "vol0", "queues": q}]);
+    let good = list(json!([{"index": 0, "reactor": 0, "served": 5},
+                           {"index": 1, "reactor": 1, "served": 3}]));
+    assert_eq!(queues_served_by_reactors(&good), Ok(()));
+    let one_queue = list(json!([{"index": 0, "reactor": 0, "served": 5},
+                                {"index": 1, "reactor": 1, "served": 0}]));
+    assert!(queues_served_by_reactors(&one_queue).is_err());
+    let one_reactor = list(json!([{"index": 0, "reactor": 0, "served": 5},
+                                  {"index": 1, "reactor": 0, "served": 3}]));
+    assert!(queues_served_by_reactors(&one_reactor).is_err());
+    assert!(queues_served_by_reactors(&json!([])).is_err());
 }
