@@ -159,7 +159,10 @@ enum Command {
     /// Call any RPC method with raw JSON params and print the JSON result.
     #[command(after_help = "Examples:\n  \
         ringblk-ctl call rpc_get_methods\n  \
-        ringblk-ctl call volume_delete '{\"name\": \"vol0\"}'")]
+        ringblk-ctl call volume_delete '{\"name\": \"vol0\"}'\n  \
+        ringblk-ctl call vhost_create '{\"volume\": \"vol0\", \"socket\": \"/run/ringblk/vol0.vhost\"}'\n  \
+        ringblk-ctl call vhost_list\n  \
+        ringblk-ctl call vhost_delete '{\"socket\": \"/run/ringblk/vol0.vhost\"}'")]
     Call {
         /// The method name, e.g. volume_list.
         method: String,

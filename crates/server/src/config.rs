@@ -156,6 +156,29 @@ pub struct Flags {
     pub request_timeout_secs: Option<u64>,
     pub max_in_flight: Option<usize>,
     pub commit_queue_depth: Option<usize>,
+    /// `--vhost VOL=SOCKET_PATH` (repeatable).
+    pub vhost: Vec<VhostArg>,
+}
+
+/// One `--vhost VOL=SOCKET_PATH`: export `VOL` (or `VOL@BACKUP`, read-only) as a
+/// vhost-user-blk device on a socket at `socket` (mode 0600).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostArg {
+    pub export: String,
+    pub socket: PathBuf,
+}
+
+/// Parses `VOL=SOCKET_PATH` (the first `=` separates them).
+pub fn parse_vhost(s: &str) -> Result<VhostArg, String> {
+    match s.split_once('=') {
+        Some((vol, path)) if !vol.is_empty() && !path.is_empty() => Ok(VhostArg {
+            export: vol.to_string(),
+            socket: PathBuf::from(path),
+        }),
+        _ => Err(format!(
+            "invalid --vhost {s:?}: use VOL=SOCKET_PATH, e.g. vol0=/run/ringblk/vol0.vhost"
+        )),
+    }
 }
 
 /// Everything `serve` needs, resolved.
@@ -167,6 +190,8 @@ pub struct Resolved {
     /// directory is created at start.
     pub rpc_default: bool,
     pub data_dir: PathBuf,
+    /// vhost-user exports to create once the server runs.
+    pub vhost: Vec<VhostArg>,
 }
 
 pub fn resolve(flags: Flags) -> Result<Resolved, String> {
@@ -339,6 +364,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         rpc,
         rpc_default,
         data_dir,
+        vhost: flags.vhost,
     })
 }
 
@@ -655,5 +681,18 @@ mod tests {
         })
         .expect_err("bad size");
         assert!(err.contains("buffer_budget"), "{err}");
+    }
+
+    /// `--vhost`'s grammar: the first `=` splits, a backup export keeps its `@`, and
+    /// a missing half is an error naming the form.
+    #[test]
+    fn vhost_flag_parses_vol_and_socket() {
+        let a = parse_vhost("vol0@mon=/tmp/a=b.sock").expect("parse");
+        assert_eq!(a.export, "vol0@mon");
+        assert_eq!(a.socket, PathBuf::from("/tmp/a=b.sock"));
+        for bad in ["vol0", "=/tmp/x", "vol0=", ""] {
+            let e = parse_vhost(bad).expect_err(bad);
+            assert!(e.contains("VOL=SOCKET_PATH"), "{e}");
+        }
     }
 }

@@ -225,6 +225,13 @@ struct ServeArgs {
     /// existing smaller one is grown only with grow=true.
     #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
     volumes: Vec<VolumeSpec>,
+    /// Export VOL (or a backup, VOL@BACKUP, read-only) as a vhost-user-blk device on
+    /// a Unix socket at SOCKET_PATH (mode 0600; a stale socket there is replaced,
+    /// anything else refused), for QEMU's vhost-user-blk-pci or libblkio's
+    /// virtio-blk-vhost-user. One virtqueue per reactor, at most 16. Repeatable.
+    /// RPC vhost_create/vhost_delete/vhost_list manage them while the server runs.
+    #[arg(long = "vhost", value_name = "VOL=SOCKET_PATH", value_parser = config::parse_vhost)]
+    vhost: Vec<config::VhostArg>,
     /// Accept a changed volume: VOLUME's --volume spec replaces what the data dir's
     /// volume list says of it, and its backups are served over its base image even
     /// if that is not the file they were taken of (restored from a copy, moved to
@@ -426,6 +433,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         request_timeout_secs: args.request_timeout,
         max_in_flight: args.max_in_flight,
         commit_queue_depth: args.commit_queue_depth,
+        vhost: args.vhost,
     })?;
     if args.read_only {
         // The implicit vol0 only when its file exists: a read-only volume is never
@@ -467,7 +475,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .take_listener()
         .ok_or("the NBD listener was not bound")?;
     let server = Server::start_on(resolved.server, listener).map_err(|e| e.to_string())?;
-    let rpc = match RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone()))) {
+    for v in &resolved.vhost {
+        let opts = ringblk_vhost::CreateOptions::default();
+        if let Err(e) = server.vhost.create(&v.export, &v.socket, opts) {
+            server.shutdown();
+            return Err(format!("--vhost {}={}: {e}", v.export, v.socket.display()));
+        }
+    }
+    let methods = Methods::new(server.shared.clone()).with_vhost(server.vhost.clone());
+    let rpc = match RpcServer::start(&resolved.rpc, Arc::new(methods)) {
         Ok(rpc) => rpc,
         Err(e) => {
             server.shutdown();
@@ -595,6 +611,20 @@ fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::P
             path,
             if v.read_only() { "  (read-only)" } else { "" }
         );
+    }
+    let vhost = server.vhost.list();
+    if !vhost.is_empty() {
+        let _ = writeln!(out, "vhost-user:");
+        for e in &vhost {
+            let _ = writeln!(
+                out,
+                "  {:<12} {}  {} queue(s){}",
+                e.export,
+                e.socket.display(),
+                e.num_queues,
+                if e.read_only { "  (read-only)" } else { "" }
+            );
+        }
     }
     if let Some(v) = vols.first() {
         let uri = match &host_port {

@@ -16,6 +16,7 @@ use ringblk_target::latency::VolumeHistograms;
 use ringblk_target::spec::BackendKind;
 use ringblk_target::switchover::SwitchError;
 use ringblk_target::volume::{Volume, VolumeError, VolumeSpec};
+use ringblk_vhost::{CreateOptions, VhostError, VhostFrontend};
 
 /// Every method, in the order the README documents them.
 pub const METHODS: &[&str] = &[
@@ -33,11 +34,16 @@ pub const METHODS: &[&str] = &[
     "backup_copy_cancel",
     "fault_inject",
     "fault_clear",
+    "vhost_create",
+    "vhost_delete",
+    "vhost_list",
 ];
 
 pub struct Methods {
     shared: Arc<ServerShared>,
     copies: ringblk_target::copyjob::CopyJobs,
+    /// The vhost-user front end (`vhost_*`); without it those methods answer ENODEV.
+    vhost: Option<Arc<VhostFrontend>>,
 }
 
 impl Methods {
@@ -45,6 +51,7 @@ impl Methods {
         let m = Methods {
             shared,
             copies: ringblk_target::copyjob::CopyJobs::new(),
+            vhost: None,
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
         if let Some(reactors) = m.shared.target.reactors() {
@@ -53,6 +60,19 @@ impl Methods {
             }
         }
         m
+    }
+
+    /// Serves `vhost_create`, `vhost_delete` and `vhost_list` through `vhost`.
+    #[must_use]
+    pub fn with_vhost(mut self, vhost: Arc<VhostFrontend>) -> Methods {
+        self.vhost = Some(vhost);
+        self
+    }
+
+    fn vhost(&self) -> Result<&Arc<VhostFrontend>, RpcError> {
+        self.vhost
+            .as_ref()
+            .ok_or_else(|| RpcError::new(-libc::ENODEV, "this server has no vhost front end"))
     }
 }
 
@@ -148,6 +168,50 @@ struct VolumeParams {
     volume: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VhostCreateParams {
+    /// `VOL`, or `VOL@BACKUP` (read-only).
+    volume: String,
+    socket: PathBuf,
+    /// Socket permission bits: an octal string ("0660") or a number (0o660 = 432).
+    #[serde(default)]
+    mode: Option<SocketMode>,
+    #[serde(default)]
+    num_queues: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SocketMode {
+    Bits(u32),
+    Octal(String),
+}
+
+impl SocketMode {
+    fn bits(&self) -> Result<u32, RpcError> {
+        let bits = match self {
+            SocketMode::Bits(b) => Some(*b),
+            SocketMode::Octal(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).ok(),
+        };
+        bits.filter(|b| *b <= 0o777).ok_or_else(|| {
+            RpcError::invalid_params(
+                "invalid params: mode must be permission bits such as \"0600\"",
+            )
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VhostDeleteParams {
+    socket: PathBuf,
+}
+
+fn vhost_error(e: VhostError) -> RpcError {
+    RpcError::new(vhost_code(&e), e.to_string())
+}
+
 fn fault_error(e: FaultError) -> RpcError {
     RpcError::new(fault_code(&e), e.to_string())
 }
@@ -214,6 +278,19 @@ pub fn switch_code(e: &SwitchError) -> i32 {
         SwitchError::ReadOnly => libc::EROFS,
         SwitchError::Copying(..) => libc::EBUSY,
         SwitchError::VolumeDeleted(_) => libc::ENODEV,
+        _ => libc::EIO,
+    }
+}
+
+/// JSON-RPC error code of a vhost-user export that could not be created or deleted.
+pub fn vhost_code(e: &VhostError) -> i32 {
+    -match e {
+        VhostError::NoExport(_) | VhostError::Removed(_) | VhostError::NoReactors => libc::ENODEV,
+        VhostError::NotASocket(_) | VhostError::Exists(_) => libc::EEXIST,
+        VhostError::SocketInUse { .. } => libc::EADDRINUSE,
+        VhostError::NotFound(_) => libc::ENOENT,
+        VhostError::Invalid(_) => libc::EINVAL,
+        VhostError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     }
 }
@@ -574,6 +651,31 @@ impl RpcHandler for Methods {
                 }
                 Ok(json!({"volume": v.name(), "cleared": cleared,
                           "injected": v.faults().injected()}))
+            }
+            "vhost_create" => {
+                let p: VhostCreateParams = parse_params(params)?;
+                let mut opts = CreateOptions {
+                    num_queues: p.num_queues,
+                    ..CreateOptions::default()
+                };
+                if let Some(m) = &p.mode {
+                    opts.mode = m.bits()?;
+                }
+                let info = self
+                    .vhost()?
+                    .create(&p.volume, &p.socket, opts)
+                    .map_err(vhost_error)?;
+                Ok(serde_json::to_value(info).unwrap_or(Value::Null))
+            }
+            "vhost_delete" => {
+                let p: VhostDeleteParams = parse_params(params)?;
+                self.vhost()?.delete(&p.socket).map_err(vhost_error)?;
+                Ok(Value::Bool(true))
+            }
+            "vhost_list" => {
+                let _: Value = params;
+                let list = self.vhost.as_ref().map(|v| v.list()).unwrap_or_default();
+                Ok(serde_json::to_value(list).unwrap_or(Value::Null))
             }
             other => Err(RpcError::method_not_found(other)),
         }

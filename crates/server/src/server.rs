@@ -28,6 +28,7 @@ use ringblk_reactor::{Reactor, ReactorHandle, ReactorPool};
 use ringblk_target::admission::{count, more_suffix, Admission};
 use ringblk_target::target::{Target, TargetError};
 use ringblk_target::volume::VolumeError;
+use ringblk_vhost::VhostFrontend;
 
 pub use crate::listen::ListenAddr;
 
@@ -54,6 +55,8 @@ pub struct Server {
     pub shared: Arc<ServerShared>,
     pool: Option<ReactorPool>,
     acceptor: Option<crate::listen::Acceptor>,
+    /// The vhost-user exports (a control thread each); stopped before the reactors.
+    pub vhost: Arc<VhostFrontend>,
     /// The address actually bound (port 0 resolved).
     pub local_addr: ListenAddr,
 }
@@ -87,6 +90,8 @@ pub enum ServerError {
     Catalog(String),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Vhost(#[from] ringblk_vhost::VhostError),
 }
 
 impl Server {
@@ -130,6 +135,13 @@ impl Server {
         });
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
         shared.target.start(pool.handles().clone());
+        let vhost = match VhostFrontend::new(shared.target.clone()) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                pool.shutdown();
+                return Err(e.into());
+            }
+        };
         let acceptor = match start_acceptor(&shared, &pool, listener) {
             Ok(a) => a,
             Err(e) => {
@@ -141,6 +153,7 @@ impl Server {
             shared,
             pool: Some(pool),
             acceptor: Some(acceptor),
+            vhost,
             local_addr,
         })
     }
@@ -159,6 +172,9 @@ impl Server {
         if let Some(mut a) = self.acceptor.take() {
             a.stop();
         }
+        // Then the vhost exports: their queues drain on the reactors, which must
+        // still run; their socket files go.
+        self.vhost.shutdown();
         if let Some(p) = self.pool.take() {
             p.shutdown();
         }
