@@ -22,10 +22,11 @@ use ringblk_target::volume::VolumeSpec;
 #[command(
     name = "ringblk",
     version,
-    about = "Polled-mode NBD block storage target on io_uring",
+    about = "Polled-mode NBD and vhost-user-blk block storage target on io_uring",
     long_about = "ringblk serves volumes over the NBD protocol to fio (ioengine=nbd), \
-qemu-img/qemu-io, nbdinfo/nbdcopy/nbdsh and the Linux nbd client, with one io_uring \
-reactor per core. Manage a running server with ringblk-ctl."
+qemu-img/qemu-io, nbdinfo/nbdcopy/nbdsh and the Linux nbd client, and as vhost-user-blk \
+devices (--vhost) to QEMU guests and libblkio clients, with one io_uring reactor per \
+core. Manage a running server with ringblk-ctl."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +40,7 @@ enum Command {
   ringblk serve
   ringblk serve --listen 127.0.0.1:10809 --volume data=/dev/nvme0n1 --cores 0-1 --poll busy
   ringblk serve --volume ram=,backend=mem,size=4G --volume nul=,backend=null,size=1T
+  ringblk serve --volume data=/var/tmp/data.img,size=10G --vhost data=/run/ringblk/data.vhost
   ringblk serve --config ringblk.toml
 
 CONFIG FILE (TOML; flags override it):

@@ -18,9 +18,10 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{json, Value};
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use std::os::fd::AsRawFd;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::VhostBackend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 
 /// One JSON-RPC call on the server's socket; the whole response object.
 fn rpc(srv: &Server, method: &str, params: Value) -> Value {
@@ -203,6 +204,13 @@ fn vhost_flag_exports_at_start_and_refuses_bad_paths() {
     assert_eq!(list[0]["export"], "v");
     assert_eq!(list[0]["socket"], sock.to_str().expect("utf8"));
     assert_eq!(mode_of(&sock), 0o600);
+    // After a kill -9 the socket file stays behind, stale: the restart replaces it
+    // (QEMU's reconnect= finds the new server on the same path).
+    let srv = srv.restart(true, &["--cores", "0", "--volume", VOL, "--vhost", &arg]);
+    let fe = Frontend::connect(&sock, 1).expect("connect after restart");
+    fe.set_owner().expect("owner");
+    assert!(fe.get_features().is_ok());
+    drop(fe);
     drop(srv);
 
     // A path that is a regular file: the start fails, names it, and keeps the file.
@@ -293,5 +301,194 @@ fn a_vhost_user_frontend_negotiates_and_bad_messages_close_its_connection() {
     let listed = ok(&srv, "vhost_list", json!({}));
     assert!(listed[0]["connections"].as_u64() >= Some(2), "{listed}");
     assert!(listed[0]["last_error"].is_string(), "{listed}");
+
+    // vhost_delete with a client connected (idle between messages): the client is
+    // disconnected, the socket goes, the server carries on.
+    let fe = Frontend::connect(&sock, 2).expect("third client");
+    fe.set_owner().expect("owner");
+    assert_eq!(
+        fe.get_features().ok(),
+        Some(features),
+        "the third client is served"
+    );
+    assert_eq!(ok(&srv, "vhost_delete", json!({"socket": s})), true);
+    assert!(!sock.exists());
+    assert!(
+        fe.get_features().is_err(),
+        "the client survived vhost_delete"
+    );
     srv.assert_alive();
+}
+
+/// A negotiated frontend with REPLY_ACK on, so that a refused message comes back
+/// as an error at once.
+fn negotiated(sock: &Path) -> Frontend {
+    let mut fe = Frontend::connect(sock, 2).expect("connect");
+    fe.set_owner().expect("owner");
+    let f = fe.get_features().expect("features");
+    fe.set_features(f).expect("set features");
+    let all = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    fe.get_protocol_features().expect("protocol features");
+    fe.set_protocol_features(all)
+        .expect("set protocol features");
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    fe
+}
+
+fn file_of(len: u64) -> std::fs::File {
+    let f = tempfile::tempfile().expect("tempfile");
+    f.set_len(len).expect("set_len");
+    f
+}
+
+fn region(gpa: u64, size: u64, va: u64, off: u64, fd: &impl AsRawFd) -> VhostUserMemoryRegionInfo {
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: va,
+        mmap_offset: off,
+        mmap_handle: fd.as_raw_fd(),
+    }
+}
+
+/// Hostile control messages (the client is not trusted): each is refused, closes
+/// only its own connection, and the next client is served; the server never
+/// panics. The bugs guarded: mapping a descriptor that is not a file, or a file
+/// shorter than its region (a later access would SIGBUS the server), overlapping or
+/// unaligned regions, an unbounded number of regions, a short inflight file, and
+/// protocol junk that the vhost crate must reject before it reaches us.
+#[test]
+fn hostile_control_messages_close_only_their_connection() {
+    let mut srv = Server::start_logged(&["--cores", "0", "--volume", VOL]);
+    let sock = srv.path("v.vhost");
+    let s = sock.to_str().expect("utf8");
+    ok(
+        &srv,
+        "vhost_create",
+        json!({"volume": "v", "socket": s, "num_queues": 2}),
+    );
+
+    let refused = |what: &str, call: &dyn Fn(&mut Frontend) -> bool| {
+        let mut fe = negotiated(&sock);
+        assert!(call(&mut fe), "{what}: accepted");
+        assert!(
+            fe.get_features().is_err(),
+            "{what}: the connection stayed open"
+        );
+    };
+    let (pipe_r, _pipe_w) = nix::unistd::pipe().expect("pipe");
+    refused("a pipe as guest memory", &|fe| {
+        fe.set_mem_table(&[region(0, 1 << 20, 0x10_0000, 0, &pipe_r)])
+            .is_err()
+    });
+    let short = file_of(4096);
+    refused("a file shorter than its region", &|fe| {
+        fe.set_mem_table(&[region(0, 1 << 20, 0x10_0000, 0, &short)])
+            .is_err()
+    });
+    let (a, b) = (file_of(1 << 20), file_of(1 << 20));
+    refused("overlapping regions", &|fe| {
+        let r = [
+            region(0, 1 << 20, 0x10_0000, 0, &a),
+            region(1 << 19, 1 << 20, 0x100_0000, 0, &b),
+        ];
+        fe.set_mem_table(&r).is_err()
+    });
+    refused("an unaligned mmap offset", &|fe| {
+        fe.set_mem_table(&[region(0, 4096, 0x10_0000, 12, &a)])
+            .is_err()
+    });
+    let files: Vec<_> = (0..33).map(|_| file_of(4096)).collect();
+    refused("a 33rd memory region", &|fe| {
+        for (i, f) in files.iter().enumerate() {
+            let i = i as u64;
+            let r = region(i << 20, 4096, 0x1000_0000 + (i << 20), 0, f);
+            let res = fe.add_mem_region(&r);
+            if i < 32 {
+                assert!(res.is_ok(), "region {i}: {:?}", res.err());
+            } else {
+                return res.is_err();
+            }
+        }
+        false
+    });
+    let tiny = file_of(100);
+    refused("a short inflight file", &|fe| {
+        let i = VhostUserInflight::new(2 * 2112, 0, 2, 128);
+        fe.set_inflight_fd(&i, tiny.as_raw_fd()).is_err()
+    });
+
+    // Protocol junk, as raw bytes (header: request, flags, size; flags 0 has no
+    // version bits; 0x1000 + 1 is over the message size bound): the server closes.
+    for junk in [
+        [999u32, 1, 0].map(u32::to_le_bytes).concat(),
+        [1u32, 0, 0].map(u32::to_le_bytes).concat(),
+        [5u32, 1, 0x1001].map(u32::to_le_bytes).concat(),
+        [0xdead_beefu32, 0xffff_ffff, 0xffff_ffff]
+            .map(u32::to_le_bytes)
+            .concat(),
+    ] {
+        let mut raw = UnixStream::connect(&sock).expect("connect");
+        // Liveness bound only: the server answers junk by closing at once.
+        raw.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .expect("timeout");
+        raw.write_all(&junk).expect("send");
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut raw, &mut buf);
+        assert!(
+            matches!(n, Ok(0)) || n.is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+            "{junk:?}"
+        );
+    }
+
+    // The next client is served, and a valid table still maps.
+    let mut fe = negotiated(&sock);
+    let mem = file_of(1 << 20);
+    fe.set_mem_table(&[region(0, 1 << 20, 0x10_0000, 0, &mem)])
+        .expect("a valid table");
+    assert_eq!(fe.get_queue_num().ok(), Some(2));
+    drop(fe);
+    srv.assert_alive();
+}
+
+/// `ringblk-ctl vhost create/list/delete`: a relative socket path is the caller's
+/// (the ctl's working directory), not the server's; the table has a line per queue.
+#[test]
+fn ringblk_ctl_vhost_commands() {
+    let srv = Server::start(&["--cores", "0", "--volume", VOL]);
+    let out = run_ok(ctl(&srv).current_dir(srv.dir.path()).args([
+        "vhost",
+        "create",
+        "v",
+        "rel.vhost",
+        "--queues",
+        "2",
+    ]));
+    assert!(out.contains("rel.vhost"), "{out}");
+    let sock = srv.path("rel.vhost");
+    assert!(
+        is_socket(&sock),
+        "the relative path was not taken from ctl's directory"
+    );
+    let table = run_ok(ctl(&srv).args(["vhost", "list"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "header and two queues: {table}");
+    assert!(
+        lines[0].starts_with("EXPORT") && lines[1].starts_with("v "),
+        "{table}"
+    );
+    let s = sock.to_str().expect("utf8");
+    let out = run_ok(ctl(&srv).args(["vhost", "delete", s]));
+    assert!(out.contains("deleted"), "{out}");
+    assert!(!sock.exists());
+    let out = run(ctl(&srv).args(["vhost", "delete", s]));
+    assert!(!out.status.success(), "deleting twice succeeded");
+    assert_eq!(
+        run_ok(ctl(&srv).args(["vhost", "list"])),
+        "no vhost-user exports\n"
+    );
 }

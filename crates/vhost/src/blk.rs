@@ -1,6 +1,6 @@
 //! virtio-blk requests, sans IO: a walked descriptor chain in, a checked request
-//! out ([`parse`]); the device limits the control plane advertises; the one mapping
-//! of block-layer errors to virtio status bytes ([`virtio_status`]).
+//! out ([`parse`]); the device limits the control plane advertises. (Block-layer
+//! errors become status bytes in `crate::errors`, the one mapping.)
 //!
 //! Layer: the vhost data plane, above `virtq` and below `queue`. Imports vm-memory,
 //! virtio-bindings and the block layer's vocabulary (`BlockError`, `SG_SEGS_MAX`);
@@ -29,7 +29,6 @@
 use std::ptr::NonNull;
 
 use ringblk_target::bdev::SG_SEGS_MAX;
-use ringblk_target::error::BlockError;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -81,6 +80,8 @@ pub(crate) mod plant {
         ReplyEarly,
         /// The queue signals the call eventfd whatever EVENT_IDX says.
         AlwaysSignal,
+        /// The queue keeps popping after the channel said `Full`.
+        PopWhenFull,
     }
 
     #[cfg(test)]
@@ -111,25 +112,6 @@ pub(crate) mod plant {
 
 use plant::{planted, Plant};
 const _: () = assert!(SEG_MAX as u64 * SIZE_MAX_BYTES as u64 <= 32 << 20);
-
-/// The one mapping of the block layer's errors to virtio-blk status bytes (the
-/// front end's error edge; exhaustive on purpose, so a new `BlockError` fails the
-/// build until it is mapped).
-pub(crate) fn virtio_status(e: &BlockError) -> u8 {
-    match e {
-        BlockError::NotSupported => S_UNSUPP,
-        BlockError::Io
-        | BlockError::NoSpace
-        | BlockError::ReadOnly
-        | BlockError::Invalid
-        | BlockError::OutOfRange
-        | BlockError::TooLarge
-        | BlockError::Shutdown
-        | BlockError::Removed
-        | BlockError::NoMemory
-        | BlockError::Miscompare { .. } => S_IOERR,
-    }
-}
 
 /// The GET_ID answer for a volume named `name`: its first 20 bytes, zero-padded.
 pub fn serial(name: &str) -> [u8; ID_BYTES] {

@@ -77,10 +77,11 @@ use ringblk_target::bdev::{
     self, Bdev, BlockOp, Channel, DataBuf, Done, IoResult, IoSink, Pressure, SgList,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::blk::plant::{planted, Plant};
 use crate::blk::{self, Kind, Scratch, ID_BYTES, S_IOERR, S_OK};
+use crate::errors::virtio_status;
 use crate::virtq::inflight::{Region, SplitInflight};
 use crate::virtq::{self, Desc};
 
@@ -94,14 +95,14 @@ pub const POP_BATCH: usize = 64;
 /// (a kick fd io_uring cannot wait on would otherwise spin).
 const KICK_EAGAIN_MAX: u32 = 16;
 
-/// The guest's memory as mapped from SET_MEM_TABLE. Stub until the control plane's
-/// `memory.rs` defines it (same type: an `Arc` of the mapping).
-pub type GuestMem = Arc<GuestMemoryMmap>;
+/// The guest's memory as mapped from SET_MEM_TABLE (an `Arc` of the mapping).
+pub use crate::memory::GuestMem;
 
 /// The INFLIGHT_SHMFD region of one queue (QEMU's split-queue layout,
-/// `QueueRegionSplit`), mapped by the control plane. Stub until `inflight.rs`
-/// defines it; the queue needs only the region's address and length, valid while
-/// the value lives ([`Region`]).
+/// `QueueRegionSplit`) as the queue sees it: the address and length of the control
+/// plane's mapping ([`crate::inflight::InflightQueue`], passed as `keep`), valid
+/// while the value lives ([`Region`]). The format's per-queue logic is
+/// `virtq::inflight`.
 pub struct InflightQueue {
     ptr: NonNull<u8>,
     len: usize,
@@ -170,6 +171,9 @@ pub struct QueueCounters {
     pub resubmitted: AtomicU64,
     /// Requests completed with a status other than OK.
     pub errors: AtomicU64,
+    /// Times the volume's channel said `Full` and the queue stopped popping until
+    /// it had room again (module docs, *Back-pressure and bounds*).
+    pub full: AtomicU64,
     /// The queue met a structural fault and stopped (module docs, *Errors*).
     pub broken: AtomicBool,
 }
@@ -256,6 +260,9 @@ struct Vq {
     wake_timer: bool,
     need_signal: bool,
     poller: Option<PollerId>,
+    /// Avail pops made while waiting for room (tests: must stay 0).
+    #[cfg(test)]
+    pops_while_blocked: u64,
 }
 
 /// The queue as its poller, table and requests hold it; the block layer's sink.
@@ -338,6 +345,8 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         wake_timer: false,
         need_signal: false,
         poller: None,
+        #[cfg(test)]
+        pops_while_blocked: 0,
     };
     match fault {
         Some(why) => vq.break_queue(why),
@@ -391,6 +400,13 @@ pub fn set_mem(r: &mut Reactor, h: &QueueHandle, mem: GuestMem) {
 #[cfg(test)]
 pub(crate) fn next_avail_of(r: &mut Reactor, h: &QueueHandle) -> Option<u16> {
     lookup(r, h).map(|c| c.0.borrow().queue.next_avail())
+}
+
+/// How often a running queue popped its avail ring while waiting for room in the
+/// channel (tests: must be 0).
+#[cfg(test)]
+pub(crate) fn pops_while_blocked(r: &mut Reactor, h: &QueueHandle) -> Option<u64> {
+    lookup(r, h).map(|c| c.0.borrow().pops_while_blocked)
 }
 
 /// Reactor stop: every queue stops as in [`stop_queue`], without a reply.
@@ -472,7 +488,7 @@ fn poll(r: &mut Reactor, cell: &Rc<QueueCell>) -> PollResult {
     if vq.state != State::Running || vq.parked {
         return busy_if(work);
     }
-    if !vq.blocked {
+    if !vq.blocked || planted(Plant::PopWhenFull) {
         work |= vq.serve_resubmits(cell, r);
         work |= vq.pop(cell, r);
         // Requests answered at once (malformed, GET_ID) are signalled now.
@@ -579,6 +595,10 @@ impl Vq {
         if want == 0 || self.state != State::Running {
             return false;
         }
+        #[cfg(test)]
+        if self.blocked {
+            self.pops_while_blocked += 1;
+        }
         let mem = self.mem.clone();
         let mut heads = [0u16; POP_BATCH];
         let n = {
@@ -666,7 +686,7 @@ impl Vq {
                 let sg = match unsafe { SgList::new(&self.scratch.segs) } {
                     Ok(sg) => DataBuf::Sg(sg),
                     Err(e) => {
-                        self.finish(slot, blk::virtio_status(&e));
+                        self.finish(slot, virtio_status(e));
                         return;
                     }
                 };
@@ -724,6 +744,7 @@ impl Vq {
         let done = Done::new(sink, slot as u64);
         if self.channel.submit(r, &self.bdev, op, done) == Pressure::Full && !self.blocked {
             self.blocked = true;
+            self.counters.full.fetch_add(1, Ordering::Relaxed);
             let w = Rc::downgrade(cell);
             self.channel.when_room(r, move |_| {
                 if let Some(c) = w.upgrade() {
@@ -748,7 +769,7 @@ impl Vq {
         }
         if let Err(e) = &res {
             if s.result == S_OK {
-                s.result = blk::virtio_status(e);
+                s.result = virtio_status(*e);
             }
         }
         s.pending -= 1;
