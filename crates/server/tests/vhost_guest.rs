@@ -948,3 +948,80 @@ fn vol0_stat(srv: &Server, key: &str) -> u64 {
         .and_then(|v| v[key].as_u64())
         .unwrap_or_else(|| panic!("no {key} for vol0 in stats: {all}"))
 }
+
+/// A backup exported over vhost-user (`vhost_create` of `vol0@b1`) is a read-only
+/// disk to a real guest (VIRTIO_BLK_F_RO): it reads the backup's bytes, not the live
+/// volume's, and a write forced past the kernel's read-only flag (`blockdev --setrw`)
+/// fails, leaving the backup unchanged. (Linux 6.1 refuses that write itself, EPERM:
+/// `--setrw` does not lift a read-only disk, so the server's IOERR for a write on a
+/// read-only export is not reached by this guest; a raw client has to test that.) The host wrote pattern B at 1 MiB, took the backup, then
+/// wrote pattern L there; the guest must see B (the negative control: the same
+/// region is checked against L and must differ).
+#[test]
+fn linux_guest_reads_a_backup_export_read_only() {
+    let (kernel, initrd) = build_guest();
+    let dir = tmpdir();
+    let vol = format!(
+        "vol0={},size={VOLUME_BYTES}",
+        dir.path().join("vol0.img").display()
+    );
+    let mut srv = Server::start_logged(&["--volume", &vol, "--cores", "0-1"]);
+    let seed = format!("{:08x}", rand::random::<u32>());
+    let before = pattern(&format!("B-{seed}"), REGION_BYTES);
+    let after = pattern(&format!("L-{seed}"), REGION_BYTES);
+    let write = |bytes: &[u8]| {
+        let src = dir.path().join("src.bin");
+        std::fs::write(&src, bytes).expect("write source");
+        let cmd = format!("write -s {} {PATTERN_OFF} {REGION_BYTES}", src.display());
+        run_ok(Command::new("qemu-io").args(["-f", "raw", &srv.uri("vol0"), "-c", &cmd]));
+    };
+    write(&before);
+    rpc(
+        &srv,
+        "backup_create",
+        json!({"volume": "vol0", "name": "b1"}),
+    );
+    write(&after);
+    let sock = dir.path().join("backup.sock");
+    rpc(
+        &srv,
+        "vhost_create",
+        json!({"volume": "vol0@b1", "socket": sock}),
+    );
+    let append = format!(
+        "console=ttyS0 loglevel=1 panic=-1 rb_checks=size,ro rb_size={VOLUME_BYTES} \
+         rb_seed={seed}"
+    );
+    let mut guest = Guest::boot(&kernel, &initrd, &sock, "", dir.path(), &append);
+    let mut results = Vec::new();
+    loop {
+        let line = guest.next();
+        if line == "END" {
+            break;
+        }
+        if let Some(r) = line.strip_prefix("RESULT ") {
+            results.push(r.to_string());
+        }
+    }
+    let st = guest.wait_exit();
+    assert!(st.success(), "QEMU exited with {st}");
+    eprintln!("backup export guest: {results:?}");
+    assert!(
+        results.iter().any(|r| r.starts_with("ro PASS")) && results.len() == 2,
+        "{results:?}"
+    );
+    assert!(results.iter().all(|r| r.contains(" PASS")), "{results:?}");
+    let list = rpc(&srv, "vhost_list", json!({}));
+    let export = list
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["export"] == "vol0@b1"))
+        .unwrap_or_else(|| panic!("vol0@b1 not in vhost_list: {list}"));
+    assert_eq!(export["read_only"], true, "{export}");
+    // The backup and the live volume, through NBD: neither took the guest's write.
+    let backup = nbd_bytes(&srv.uri("vol0@b1"), dir.path());
+    check_region(&backup, PATTERN_OFF, &before).expect("the backup keeps pattern B");
+    assert!(check_region(&backup, PATTERN_OFF, &after).is_err());
+    let live = nbd_bytes(&srv.uri("vol0"), dir.path());
+    check_region(&live, PATTERN_OFF, &after).expect("the live volume keeps pattern L");
+    srv.assert_alive();
+}
