@@ -875,7 +875,7 @@ fn linux_guest_writes_survive_kill9_and_restart_of_ringblk() {
         &kernel,
         &initrd,
         &vhost,
-        ",reconnect-ms=200",
+        reconnect_opt(),
         dir.path(),
         &append,
     );
@@ -936,6 +936,21 @@ fn linux_guest_writes_survive_kill9_and_restart_of_ringblk() {
             .unwrap_or_else(|e| panic!("range {k} through NBD: {e}"));
         let swapped = pattern(&format!("R{}-{seed}", (k + 1) % 4), REGION_BYTES);
         assert!(check_region(&live, (32 + k) * MIB, &swapped).is_err());
+    }
+}
+
+/// The chardev option that makes QEMU reconnect to a restarted back end: QEMU 9.2
+/// added `reconnect-ms` and deprecated `reconnect` (seconds); Debian's own QEMU 7.2
+/// (the version ci/test.sh installs when qemu-utils came from the release itself)
+/// knows only `reconnect`.
+fn reconnect_opt() -> &'static str {
+    let help = run(Command::new("qemu-system-x86_64").args(["-chardev", "socket,help"]));
+    let text =
+        String::from_utf8_lossy(&help.stdout).to_string() + &String::from_utf8_lossy(&help.stderr);
+    if text.contains("reconnect-ms") {
+        ",reconnect-ms=200"
+    } else {
+        ",reconnect=1"
     }
 }
 
