@@ -604,6 +604,11 @@ impl RpcHandler for Methods {
                 let v = self.volume(&p.volume)?;
                 let info = ringblk_target::switchover::backup_release(self.reactors(), &v, &p.name)
                     .map_err(switch_error)?;
+                // The backup's vhost-user exports can only fail from now on: their
+                // clients see a disconnect instead (as for volume_delete).
+                if let Some(vh) = &self.vhost {
+                    vh.delete_volume_exports(&format!("{}@{}", v.name(), info.name));
+                }
                 Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
             }
             "backup_copy" => {

@@ -115,6 +115,15 @@ fn vhost_exports_are_created_listed_and_deleted() {
     let spec = json!({"name": "vv", "backend": "mem", "size_bytes": 1 << 20});
     ok(&srv, "volume_create", spec);
     ok(&srv, "vhost_create", json!({"volume": "vv", "socket": w}));
+    // Releasing a backup deletes its export (and only its).
+    ok(&srv, "backup_create", json!({"volume": "vv", "name": "b"}));
+    let vb = srv.path("vb.vhost");
+    let b = vb.to_str().expect("utf8");
+    let backup = ok(&srv, "vhost_create", json!({"volume": "vv@b", "socket": b}));
+    assert_eq!(backup["read_only"], true);
+    assert_eq!(backup["export"], "vv@b");
+    ok(&srv, "backup_release", json!({"volume": "vv", "name": "b"}));
+    assert!(!vb.exists(), "the released backup's socket stayed");
     ok(&srv, "volume_delete", json!({"name": "v"}));
     let left = ok(&srv, "vhost_list", json!({}));
     assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
