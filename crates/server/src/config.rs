@@ -109,6 +109,18 @@ pub struct FileConfig {
     pub commit_queue_depth: Option<usize>,
     #[serde(default)]
     pub volume: Vec<FileVolume>,
+    /// As `--vhost VOL=SOCKET_PATH`, one table each.
+    #[serde(default)]
+    pub vhost: Vec<FileVhost>,
+}
+
+/// `[[vhost]]`: a vhost-user-blk export at start (as `--vhost`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVhost {
+    /// `VOL`, or `VOL@BACKUP` (read-only).
+    pub volume: String,
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -247,6 +259,17 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         (None, Some(s)) => s.parse().map_err(|e| format!("submit: {e}"))?,
         (None, None) => SubmitPolicy::default(),
     };
+    // Flags first, then the file's (flags add to the file here, like --volume).
+    let mut vhost = flags.vhost;
+    for v in file.vhost {
+        if v.volume.is_empty() || v.socket.as_os_str().is_empty() {
+            return Err("[[vhost]]: volume and socket must not be empty".into());
+        }
+        vhost.push(VhostArg {
+            export: v.volume,
+            socket: v.socket,
+        });
+    }
     let mut volumes = flags.volumes;
     for v in file.volume {
         volumes.push(VolumeSpec {
@@ -364,7 +387,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         rpc,
         rpc_default,
         data_dir,
-        vhost: flags.vhost,
+        vhost,
     })
 }
 
@@ -694,5 +717,47 @@ mod tests {
             let e = parse_vhost(bad).expect_err(bad);
             assert!(e.contains("VOL=SOCKET_PATH"), "{e}");
         }
+    }
+
+    /// `[[vhost]]` tables add exports after the `--vhost` flags; an unknown key is
+    /// refused like everywhere in the file.
+    #[test]
+    fn vhost_tables_in_the_config_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[[vhost]]\nvolume = \"vol0@b\"\nsocket = \"/run/b.vhost\"\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(file.clone()),
+            vhost: vec![parse_vhost("vol0=/run/a.vhost").expect("flag")],
+            ..Default::default()
+        })
+        .expect("resolve");
+        let got: Vec<_> = r
+            .vhost
+            .iter()
+            .map(|v| (v.export.as_str(), v.socket.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("vol0", PathBuf::from("/run/a.vhost")),
+                ("vol0@b", PathBuf::from("/run/b.vhost"))
+            ]
+        );
+        std::fs::write(
+            &file,
+            "[[vhost]]\nvolume = \"v\"\nsocket = \"/s\"\nmode = 1\n",
+        )
+        .expect("write");
+        let e = resolve(Flags {
+            config: Some(file),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(e.contains("mode"), "{e}");
     }
 }

@@ -62,6 +62,9 @@ CONFIG FILE (TOML; flags override it):
   backend = \"file\"       # file | mem | null
   read_only = false
   grow = false           # true: size may grow an existing smaller file
+  [[vhost]]              # as --vhost VOL=SOCKET_PATH
+  volume = \"vol0\"        # or \"vol0@BACKUP\" (read-only)
+  socket = \"/run/ringblk/vol0.vhost\"
 
 An existing file smaller than size= is refused, never grown silently: add grow=true
 to the --volume spec (grow = true in the file) to grow it. A size smaller than the

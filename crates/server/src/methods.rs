@@ -453,6 +453,14 @@ impl RpcHandler for Methods {
             }
             "volume_delete" => {
                 let p: NameParams = parse_params(params)?;
+                // Its vhost-user exports first: they hold the volume open, and a
+                // removed volume could only fail their requests (clients see a
+                // disconnect instead, once their queues drained).
+                if sh.target.registry().get(&p.name).is_some() && !p.name.is_empty() {
+                    if let Some(v) = &self.vhost {
+                        v.delete_volume_exports(&p.name);
+                    }
+                }
                 sh.target.remove_volume(&p.name).map_err(volume_error)?;
                 Ok(Value::Bool(true))
             }
@@ -596,6 +604,11 @@ impl RpcHandler for Methods {
                 let v = self.volume(&p.volume)?;
                 let info = ringblk_target::switchover::backup_release(self.reactors(), &v, &p.name)
                     .map_err(switch_error)?;
+                // The backup's vhost-user exports can only fail from now on: their
+                // clients see a disconnect instead (as for volume_delete).
+                if let Some(vh) = &self.vhost {
+                    vh.delete_volume_exports(&format!("{}@{}", v.name(), info.name));
+                }
                 Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
             }
             "backup_copy" => {

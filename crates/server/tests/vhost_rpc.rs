@@ -108,6 +108,27 @@ fn vhost_exports_are_created_listed_and_deleted() {
     );
     // The same path can be used again.
     ok(&srv, "vhost_create", json!({"volume": "v", "socket": s}));
+    // Deleting a volume deletes its exports (not another volume's, nor one whose
+    // name merely starts the same).
+    let vv = srv.path("vv.vhost");
+    let w = vv.to_str().expect("utf8");
+    let spec = json!({"name": "vv", "backend": "mem", "size_bytes": 1 << 20});
+    ok(&srv, "volume_create", spec);
+    ok(&srv, "vhost_create", json!({"volume": "vv", "socket": w}));
+    // Releasing a backup deletes its export (and only its).
+    ok(&srv, "backup_create", json!({"volume": "vv", "name": "b"}));
+    let vb = srv.path("vb.vhost");
+    let b = vb.to_str().expect("utf8");
+    let backup = ok(&srv, "vhost_create", json!({"volume": "vv@b", "socket": b}));
+    assert_eq!(backup["read_only"], true);
+    assert_eq!(backup["export"], "vv@b");
+    ok(&srv, "backup_release", json!({"volume": "vv", "name": "b"}));
+    assert!(!vb.exists(), "the released backup's socket stayed");
+    ok(&srv, "volume_delete", json!({"name": "v"}));
+    let left = ok(&srv, "vhost_list", json!({}));
+    assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+    assert_eq!(left[0]["export"], "vv");
+    assert!(!sock.exists() && !sock2.exists() && vv.exists());
     // A clean stop removes every socket.
     let st = srv.stop();
     assert!(st.success());

@@ -178,6 +178,9 @@ pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<Bound> {
             l
         }
     };
+    // Non-blocking: a client that connects and goes away between our poll and
+    // our accept must not leave the thread blocked in accept, deaf to a stop.
+    listener.set_nonblocking(true)?;
     let m = std::fs::symlink_metadata(path)?;
     Ok(Bound {
         listener,
@@ -250,10 +253,12 @@ fn run(dev: &Arc<DeviceShared>, listener: &UnixListener, stop: &Stop) {
         }
         let sock = match listener.accept() {
             Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                // A client that went away before we accepted it, or a transient
-                // lack of descriptors: keep listening.
+                // A transient failure (out of descriptors): keep listening, but
+                // not in a hot loop while the pending connection stays readable.
                 tracing::warn!(export = %dev.export, error = %e, "vhost accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
         };

@@ -26,7 +26,10 @@
 //! SET_VRING_ENABLE 0, RESET_OWNER and disconnect stop it
 //! ([`crate::queue::stop_queue`]): the control thread waits until its in-flight
 //! requests completed and takes the next avail index the queue reports. A new
-//! call/err/kick fd for a running queue stops and restarts it at that index.
+//! call/err/kick fd for a running queue stops and restarts it at that index, then
+//! signals the call fd once: a queue may have started on a kick before its call fd
+//! arrived (QEMU sends KICK, then CALL), and completions it made meanwhile would
+//! otherwise never interrupt the driver.
 //!
 //! # Ordering
 //! A stop returns only after the queue's requests have completed (their status
@@ -397,6 +400,12 @@ impl Conn {
         }
         if was_running {
             self.maybe_start(i)?;
+            // Requests the queue completed while it had no call fd (or the old
+            // one) may never have been signalled: one spurious interrupt makes the
+            // driver look at the used ring (harmless, virtio drivers expect them).
+            if let Some(call) = self.vrings.get(i).and_then(|v| v.call.as_ref()) {
+                signal(call);
+            }
         }
         Ok(())
     }
@@ -463,6 +472,20 @@ impl Conn {
             Err(invalid("vring outside the memory table"))
         }
     }
+}
+
+/// Adds 1 to eventfd `f` (a call fd). A full counter or a closed peer is ignored:
+/// the driver has a notification pending then anyway, or is gone.
+fn signal(f: &File) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local to a descriptor we own.
+    let _ = unsafe {
+        libc::write(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            (&one as *const u64).cast(),
+            8,
+        )
+    };
 }
 
 /// Runs `f` on reactor `h` and waits for what it sends back. The wait has no

@@ -289,6 +289,33 @@ impl VhostFrontend {
         Ok(())
     }
 
+    /// Deletes every export of volume `volume` (live or a backup of it): the server
+    /// calls it before it removes the volume, whose files an export keeps open and
+    /// whose requests could only fail from then on. Returns how many went.
+    pub fn delete_volume_exports(&self, volume: &str) -> usize {
+        let of_volume = |export: &str| {
+            export == volume
+                || export
+                    .strip_prefix(volume)
+                    .is_some_and(|rest| rest.starts_with('@'))
+        };
+        let gone: Vec<Export> = {
+            let mut exports = self.exports();
+            let keys: Vec<PathBuf> = exports
+                .iter()
+                .filter(|(_, e)| of_volume(&e.dev.export))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| exports.remove(k)).collect()
+        };
+        let n = gone.len();
+        for e in gone {
+            e.control.stop();
+            tracing::info!(export = %e.dev.export, socket = %e.socket.display(), "vhost-user export deleted with its volume");
+        }
+        n
+    }
+
     /// Every export, by socket path.
     pub fn list(&self) -> Vec<ExportInfo> {
         self.exports().values().map(info_of).collect()

@@ -279,6 +279,10 @@ impl IoSink for QueueCell {
 #[derive(Default)]
 struct Local {
     queues: RefCell<HashMap<u64, Rc<QueueCell>>>,
+    /// Next avail index of queues a reactor stop ended with no stop request
+    /// pending, for a `stop_queue` that comes later (bounded by the queues that
+    /// ran here; only a reactor stop adds to it).
+    ended: RefCell<HashMap<u64, u16>>,
 }
 
 fn local(r: &mut Reactor) -> Rc<Local> {
@@ -372,9 +376,12 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
 /// requests to complete, then `reply(next_avail)`. Runs on the queue's reactor.
 pub fn stop_queue(r: &mut Reactor, h: &QueueHandle, reply: Box<dyn FnOnce(u16) + Send>) {
     let Some(cell) = lookup(r, h) else {
-        // Stopped already (or never started here): nothing is in flight.
-        tracing::warn!(queue = h.index, "stop of a queue that is not running");
-        reply(0);
+        // Ended by a reactor stop (its index is kept), or never started here.
+        let ended = local(r).ended.borrow_mut().remove(&h.id);
+        if ended.is_none() {
+            tracing::warn!(queue = h.index, "stop of a queue that is not running");
+        }
+        reply(ended.unwrap_or(0));
         return;
     };
     {
@@ -443,7 +450,11 @@ fn finish_if_stopped(r: &mut Reactor, cell: &QueueCell) {
     };
     if let Some(p) = poller {
         r.remove_poller(p);
-        local(r).queues.borrow_mut().remove(&id);
+        let l = local(r);
+        l.queues.borrow_mut().remove(&id);
+        if replies.is_empty() {
+            l.ended.borrow_mut().insert(id, next_avail);
+        }
     }
     for reply in replies {
         reply(next_avail);
@@ -577,7 +588,7 @@ impl Vq {
 
     fn serve_resubmits(&mut self, cell: &Rc<QueueCell>, r: &mut Reactor) -> bool {
         let mut work = false;
-        while !self.free.is_empty() && self.state == State::Running {
+        while !self.free.is_empty() && !self.blocked && self.state == State::Running {
             let Some(head) = self.resubmit.pop_front() else {
                 break;
             };
@@ -599,28 +610,34 @@ impl Vq {
         if self.blocked {
             self.pops_while_blocked += 1;
         }
-        let mem = self.mem.clone();
         let mut heads = [0u16; POP_BATCH];
-        let n = {
-            let mut it = match self.queue.iter(&*mem) {
-                Ok(it) => it,
-                Err(e) => {
-                    self.break_queue(format!("avail ring: {e}"));
-                    return true;
-                }
-            };
-            let mut n = 0;
-            while n < want {
-                match it.next() {
-                    Some(chain) => {
-                        heads[n] = chain.head_index();
-                        n += 1;
+        // No Arc clone on an empty poll (the busy path): the iterator borrows the
+        // queue and the mapping as disjoint fields.
+        let popped = match self.queue.iter(&*self.mem) {
+            Ok(mut it) => {
+                let mut n = 0;
+                while n < want {
+                    match it.next() {
+                        Some(chain) => {
+                            heads[n] = chain.head_index();
+                            n += 1;
+                        }
+                        None => break,
                     }
-                    None => break,
                 }
+                Ok(n)
             }
-            n
+            Err(e) => Err(e),
         };
+        let n = match popped {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e) => {
+                self.break_queue(format!("avail ring: {e}"));
+                return true;
+            }
+        };
+        let mem = self.mem.clone();
         // Every popped head is served, even once the channel is full (it queues).
         for &head in &heads[..n] {
             if self.state != State::Running {

@@ -490,6 +490,26 @@ mod tests {
         }
     }
 
+    /// The oracle can fail: a parser planted to ignore the read-only flag hands the
+    /// read-only seed's write over, and the entry panics on it.
+    #[test]
+    fn oracle_negative_control() {
+        use crate::blk::plant::{self, Plant};
+        let seeds = seed::all();
+        let (_, ro) = seeds
+            .iter()
+            .find(|(n, _)| *n == "read-only-regions")
+            .expect("seed");
+        fuzz_virtqueue(ro);
+        let caught = std::panic::catch_unwind(|| {
+            plant::with(Plant::IgnoreReadOnly, || fuzz_virtqueue(ro));
+        });
+        assert!(
+            caught.is_err(),
+            "a write on a read-only queue passed the oracle"
+        );
+    }
+
     /// The seeds in `fuzz/corpus/virtqueue` are the ones `seed::all` builds
     /// (`RINGBLK_BLESS_CORPUS=1` rewrites them), and every file there passes.
     #[test]

@@ -1236,3 +1236,76 @@ fn adaptive_mode_parks_after_the_spell() {
     assert_eq!(serve(&mut rig, &mut q, 1).len(), 1);
     assert_eq!(stop(&mut rig, &q), 2);
 }
+
+/// A reactor stop ends its queues (waiting for their requests); a stop_queue that
+/// comes afterwards still gets the queue's next avail index, not the fallback 0
+/// (which is this test's control: 2 requests were served, so 0 fails it).
+#[test]
+fn reactor_stop_ends_queues_and_keeps_their_index() {
+    let mut rig = rig(IdlePolicy::Interrupt);
+    let mut q = start(&mut rig, Driver::new(16), Opts::default());
+    for _ in 0..2 {
+        let req = q.d.read_req(0, 512);
+        q.d.publish(req.head);
+        kick(&q.kick);
+        serve(&mut rig, &mut q, 1);
+    }
+    // Parked with a kick read armed: the stop must cancel it to finish.
+    spin(&mut rig, 4);
+    rig.r.handle().request_stop();
+    rig.r.run();
+    assert_eq!(next_avail_of(&mut rig.r, &q.h), None, "queue still running");
+    assert_eq!(stop(&mut rig, &q), 2);
+}
+
+/// set_mem: requests after it are read from, and answered in, the new mapping. Here
+/// the new table is another memory with its own copy of the rings (a driver that
+/// re-laid its memory). The control (below) is a queue never told.
+fn new_table() -> Result<(), String> {
+    let mut rig = rig(IdlePolicy::Busy);
+    let mut q = start(&mut rig, Driver::new(16), Opts::default());
+    let w = pattern(9, 4096);
+    vol_write(&mut rig, 4096, &w);
+    let req = q.d.read_req(8, 4096);
+    one(&mut rig, &mut q, req);
+    // The second memory: the same ring state (one request already used).
+    let mut d2 = Driver::new(16);
+    let first = d2.read_req(0, 512);
+    d2.publish(first.head);
+    d2.write(USED + 2, &1u16.to_le_bytes());
+    d2.used();
+    set_mem(&mut rig.r, &q.h, d2.mem.clone());
+    let req = d2.read_req(8, 4096);
+    d2.publish(req.head);
+    let d = &mut d2;
+    let served = until(&mut rig.r, || d.used_idx() == 2);
+    ensure(
+        served,
+        "the request in the new table was not answered there",
+    )?;
+    ensure(d2.byte(req.status) == S_OK, "status")?;
+    ensure(d2.read(req.data, 4096) == w, "bytes in the new table")
+}
+
+#[test]
+fn set_mem_takes_the_new_table() {
+    new_table().unwrap();
+}
+
+#[test]
+fn set_mem_negative_control() {
+    // Without set_mem the queue never sees the new memory (checked directly: the
+    // positive test's wait would run to BOUND).
+    let mut rig = rig(IdlePolicy::Busy);
+    let q = start(&mut rig, Driver::new(16), Opts::default());
+    let mut d2 = Driver::new(16);
+    let req = d2.read_req(0, 512);
+    d2.publish(req.head);
+    spin(&mut rig, 64);
+    assert_eq!(
+        d2.used_idx(),
+        0,
+        "a queue not told of the new table answered in it"
+    );
+    assert_eq!(popped(&mut rig, &q), 0);
+}
