@@ -31,7 +31,9 @@
 //! its size, whatever the driver's avail index says (a bad index breaks the queue).
 //! When `Channel::submit` answers `Pressure::Full`, the poller stops popping (the
 //! heads already popped are still submitted; the channel queues them) and resumes
-//! from `Channel::when_room`.
+//! from `Channel::when_room` (counted in [`QueueCounters::full`]). Per-request
+//! memory is the slot and the `SgList`'s segment vector (at most `SG_SEGS_MAX`);
+//! chain scratch space is per queue and bounded (`virtq`, `blk`).
 //!
 //! # Polling and parking
 //! `IdlePolicy::Busy`: notifications stay off and the poller reads the avail index
@@ -54,7 +56,15 @@
 //! # Stopping
 //! [`stop_queue`] stops popping, cancels the kick read, waits for every request in
 //! flight, then replies with the next avail index (the GET_VRING_BASE answer). A
-//! reactor stop does the same for all its queues, without a reply.
+//! reactor stop does the same for all its queues, without a reply; their index is
+//! kept for a `stop_queue` that comes afterwards.
+//!
+//! # Ordering
+//! Requests start in avail order (inflight resubmissions first) and complete in any
+//! order. A request's data is in guest memory (the kernel's reads completed) before
+//! its status byte is written, and the status byte before the used index is
+//! published (virtio-queue stores it with `Release`). Notifications go after the
+//! used index.
 //!
 //! # Inflight (INFLIGHT_SHMFD)
 //! With a region, every popped head is logged and cleared at completion
@@ -76,6 +86,7 @@ use ringblk_reactor::{Completion, FileRef, IdlePolicy, Op, OpId, PollResult, Pol
 use ringblk_target::bdev::{
     self, Bdev, BlockOp, Channel, DataBuf, Done, IoResult, IoSink, Pressure, SgList,
 };
+use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -409,6 +420,12 @@ pub(crate) fn next_avail_of(r: &mut Reactor, h: &QueueHandle) -> Option<u16> {
     lookup(r, h).map(|c| c.0.borrow().queue.next_avail())
 }
 
+/// Whether a running queue has its kick read armed (tests).
+#[cfg(test)]
+pub(crate) fn parked_of(r: &mut Reactor, h: &QueueHandle) -> Option<bool> {
+    lookup(r, h).map(|c| c.0.borrow().kick_op.is_some())
+}
+
 /// How often a running queue popped its avail ring while waiting for room in the
 /// channel (tests: must be 0).
 #[cfg(test)]
@@ -574,16 +591,34 @@ impl Vq {
             return false;
         }
         self.need_signal = false;
-        match self.queue.needs_notification(&*self.mem) {
+        match self.needs_notification() {
             Ok(false) if !planted(Plant::AlwaysSignal) => {}
             Ok(_) => {
                 if let Some(fd) = &self.call {
                     write_eventfd(fd);
                 }
             }
-            Err(e) => self.break_queue(format!("avail ring (used_event): {e}")),
+            Err(e) => self.break_queue(format!("avail ring (used_event, flags): {e}")),
         }
         true
+    }
+
+    /// Whether the driver wants a notification for what was just used: EVENT_IDX's
+    /// `used_event` (virtio-queue), else the avail ring's `VRING_AVAIL_F_NO_INTERRUPT`
+    /// flag, which virtio-queue ignores and a polling driver (libblkio without
+    /// EVENT_IDX) sets: honouring it saves an eventfd write per batch.
+    fn needs_notification(&mut self) -> Result<bool, virtio_queue::Error> {
+        if self.queue.event_idx_enabled() {
+            return self.queue.needs_notification(&*self.mem);
+        }
+        // The used index stores before the flags load (the driver orders the other
+        // way), as in `needs_notification`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags: u16 = self
+            .mem
+            .load(GuestAddress(self.queue.avail_ring()), Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
     }
 
     fn serve_resubmits(&mut self, cell: &Rc<QueueCell>, r: &mut Reactor) -> bool {
@@ -904,7 +939,17 @@ fn on_kick(r: &mut Reactor, cell: &Rc<QueueCell>, done: Completion) {
         vq.parked = false;
         vq.idle_since = None;
         match done.result {
-            n if n >= 0 => vq.kick_eagain = 0,
+            8 => vq.kick_eagain = 0,
+            n if n >= 0 => {
+                // Not an eventfd (a file at EOF reads 0 at once, forever): parking
+                // on it would spin, so poll instead.
+                tracing::warn!(
+                    queue = vq.index,
+                    bytes = n,
+                    "kick fd is not an eventfd; polling"
+                );
+                vq.kick_unusable = true;
+            }
             e if e == -libc::ECANCELED => {}
             e if e == -libc::EAGAIN || e == -libc::EINTR => {
                 vq.kick_eagain += 1;

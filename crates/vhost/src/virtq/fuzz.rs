@@ -4,7 +4,7 @@
 //! [`fuzz_virtqueue`] lays arbitrary bytes out as a split virtqueue in a fake guest
 //! memory (two mapped regions with a hole between them) and runs what the queue's
 //! poller runs on the data path, minus the block layer: pop avail heads with
-//! virtio-queue, [`walk`](super::walk) each chain, [`parse`](crate::blk::parse) it,
+//! virtio-queue, [`walk`] each chain, [`parse`](crate::blk::parse) it,
 //! answer it (status byte, GET_ID, used ring, notification check) and keep an
 //! inflight log. It must never panic, and it asserts the parser's promises with an
 //! independent oracle:
@@ -19,10 +19,12 @@
 //!
 //! # Input format
 //! byte 0: queue size `1 << (b % 9)` (1..=256); byte 1: bit 0 read-only, bit 1
-//! EVENT_IDX, bit 2 an inflight log; bytes 2..4: next avail index (LE); then the
+//! EVENT_IDX, bit 2 an inflight log, bit 3 an inflight log left by a previous server
+//! (its bytes follow the avail ring); bytes 2..4: next avail index (LE); then the
 //! descriptor table (`size * 16` bytes, at guest address 0), the avail ring
-//! (`4 + 2 * size + 2` bytes, at 0x1000), and the rest at 0x3000 (data buffers;
-//! bytes past 0xd000 go to the second region at 0x20000). Missing bytes are zeros.
+//! (`4 + 2 * size + 2` bytes, at 0x1000), with bit 3 the old log
+//! (`16 + 16 * size` bytes), and the rest at 0x3000 (data buffers; bytes past
+//! 0xd000 go to the second region at 0x20000). Missing bytes are zeros.
 
 use std::ptr::NonNull;
 
@@ -78,6 +80,12 @@ pub fn fuzz_virtqueue(data: &[u8]) {
     let avail_bytes = 4 + 2 * usize::from(size) + 2;
     let (table, rest) = rest.split_at(desc_bytes.min(rest.len()));
     let (avail, rest) = rest.split_at(avail_bytes.min(rest.len()));
+    // Bit 3: the inflight region left by a previous server comes from the input.
+    let (old_log, rest) = if flags & 8 != 0 {
+        rest.split_at(region_bytes(size).min(rest.len()))
+    } else {
+        rest.split_at(0)
+    };
     let data0 = REGION0_BYTES - DATA as usize;
     let (buf0, buf1) = rest.split_at(data0.min(rest.len()));
     let buf1 = &buf1[..buf1.len().min(REGION1_BYTES)];
@@ -107,9 +115,26 @@ pub fn fuzz_virtqueue(data: &[u8]) {
     q.set_ready(true);
     q.set_next_avail(next_avail);
     assert!(q.is_valid(&mem), "the fuzz rings are in memory");
-    let mut log = if flags & 4 != 0 {
-        let region = Heap(vec![0u8; region_bytes(size)].into_boxed_slice());
-        SplitInflight::open(region, size, 0).ok().map(|(l, _)| l)
+    // The used ring's index is 0 (fresh memory); with a log, pending heads are
+    // served first and the avail ring continues after them, as `queue` does.
+    let mut resubmit = Vec::new();
+    let mut log = if flags & 12 != 0 {
+        let mut bytes = vec![0u8; region_bytes(size)];
+        bytes[..old_log.len()].copy_from_slice(old_log);
+        match SplitInflight::open(Heap(bytes.into_boxed_slice()), size, 0) {
+            Ok((l, pending)) => {
+                assert!(
+                    pending.len() <= usize::from(size),
+                    "more pending than the ring"
+                );
+                if !pending.is_empty() {
+                    q.set_next_avail(pending.len() as u16);
+                }
+                resubmit = pending;
+                Some(l)
+            }
+            Err(_) => None,
+        }
     } else {
         None
     };
@@ -117,24 +142,30 @@ pub fn fuzz_virtqueue(data: &[u8]) {
     let id = blk::serial("fuzz-volume-with-a-long-name");
     let mut descs: Vec<Desc> = Vec::new();
     let mut scratch = Scratch::default();
-    let mut heads = Vec::new();
+    let mut heads = resubmit;
+    let resubmits = heads.len();
     {
         let Ok(mut it) = q.iter(&mem) else {
             return;
         };
         for chain in it.by_ref() {
             heads.push(chain.head_index());
-            assert!(heads.len() <= usize::from(size), "more heads than the ring");
+            assert!(
+                heads.len() - resubmits <= usize::from(size),
+                "more heads than the ring"
+            );
         }
     }
-    for head in heads {
+    for (k, head) in heads.into_iter().enumerate() {
         if walk(&mem, DESC_TABLE, size, head, &mut descs).is_err() {
             // The queue would be broken here: nothing more is served.
             return;
         }
         assert!(descs.len() <= CHAIN_DESCS_MAX);
         if let Some(l) = &mut log {
-            l.begin(head);
+            if k >= resubmits {
+                l.begin(head);
+            }
         }
         let Ok(req) = blk::parse(&mem, &descs, read_only, &mut scratch) else {
             return;
@@ -246,6 +277,8 @@ pub(crate) mod seed {
         avail_idx: u16,
         table: Vec<u8>,
         avail: Vec<u8>,
+        /// The old inflight log (input bit 3).
+        log: Vec<u8>,
         data: Vec<u8>,
     }
 
@@ -259,6 +292,7 @@ pub(crate) mod seed {
                 avail_idx: 0,
                 table: vec![0; usize::from(size) * 16],
                 avail: vec![0; 4 + 2 * usize::from(size) + 2],
+                log: vec![0; 16 + 16 * usize::from(size)],
                 data: Vec::new(),
             }
         }
@@ -349,11 +383,23 @@ pub(crate) mod seed {
             self.avail[2..4].copy_from_slice(&idx.to_le_bytes());
         }
 
+        /// The old log says `head` is in flight, popped `counter`-th.
+        pub fn logged(&mut self, head: u16, counter: u64) {
+            self.log[8] = 1; // version
+            self.log[10..12].copy_from_slice(&self.size.to_le_bytes());
+            let o = 16 + 16 * usize::from(head);
+            self.log[o] = 1;
+            self.log[o + 8..o + 16].copy_from_slice(&counter.to_le_bytes());
+        }
+
         pub fn bytes(&self) -> Vec<u8> {
             let mut v = vec![self.size.trailing_zeros() as u8, self.flags];
             v.extend_from_slice(&self.next_avail.to_le_bytes());
             v.extend_from_slice(&self.table);
             v.extend_from_slice(&self.avail);
+            if self.flags & 8 != 0 {
+                v.extend_from_slice(&self.log);
+            }
             v.extend_from_slice(&self.data);
             v
         }
@@ -453,6 +499,23 @@ pub(crate) mod seed {
         let a = q.indirect(0, &chain);
         q.publish(a);
         out.push(("too-many-segments", q.bytes()));
+        // A restart: the old log holds two reads in flight (popped in the other
+        // order), the avail ring one more after them.
+        let mut q = Input::new(8, 8);
+        for (first, counter) in [(0u16, 7u64), (3, 2)] {
+            let h = q.header(0, u64::from(first));
+            let d = q.put(&[0; 512]);
+            let s = q.put(&[0xff]);
+            let head = q.chain(first, &[(h, 16, 0), (d, 512, WRITE), (s, 1, WRITE)]);
+            q.logged(head, counter);
+            q.publish(head);
+        }
+        let h = q.header(1, 0);
+        let d = q.put(&[5; 512]);
+        let s = q.put(&[0xff]);
+        let c = q.chain(5, &[(h, 16, 0), (d, 512, 0), (s, 1, WRITE)]);
+        q.publish(c);
+        out.push(("resubmit", q.bytes()));
         out
     }
 }

@@ -1031,6 +1031,37 @@ fn event_idx(event_idx: bool) -> Result<(), String> {
     )
 }
 
+/// Without EVENT_IDX: the avail ring's NO_INTERRUPT flag suppresses calls.
+fn no_interrupt_flag(set: bool) -> Result<(), String> {
+    let mut rig = rig(IdlePolicy::Busy);
+    let mut q = start(&mut rig, Driver::new(16), Opts::default());
+    let req = q.d.read_req(0, 512);
+    one(&mut rig, &mut q, req);
+    ensure(take_signal(&q.call) == 1, "completion not signalled")?;
+    if set {
+        q.d.write(crate::virtq::testdriver::AVAIL, &1u16.to_le_bytes());
+    }
+    let req = q.d.read_req(0, 512);
+    one(&mut rig, &mut q, req);
+    ensure(
+        take_signal(&q.call) == 0,
+        "completion signalled against NO_INTERRUPT",
+    )
+}
+
+#[test]
+fn no_interrupt_flag_suppresses_calls() {
+    no_interrupt_flag(true).unwrap();
+}
+
+#[test]
+fn no_interrupt_flag_negative_control() {
+    assert!(
+        no_interrupt_flag(false).is_err(),
+        "without the flag every completion signals"
+    );
+}
+
 #[test]
 fn event_idx_suppresses_calls() {
     event_idx(true).unwrap();
@@ -1308,4 +1339,132 @@ fn set_mem_negative_control() {
         "a queue not told of the new table answered in it"
     );
     assert_eq!(popped(&mut rig, &q), 0);
+}
+
+/// A setup the queue cannot run (a size that is not a power of two, rings outside
+/// guest memory, a misaligned ring) starts broken: error eventfd signalled, nothing
+/// popped, and a stop answers the base it was given. Control: the same driver with
+/// a valid setup serves its request.
+#[test]
+fn unusable_setups_start_broken() {
+    let mut rig = rig(IdlePolicy::Busy);
+    for (name, size, used_ring) in [
+        ("size 12", 12u16, USED),
+        ("used ring outside memory", 16, MEM_BYTES as u64 - 8),
+        ("misaligned used ring", 16, USED + 2),
+        ("valid (control)", 16, USED),
+    ] {
+        let mut d = Driver::new(16);
+        let req = d.read_req(0, 512);
+        d.publish(req.head);
+        let (kick_fd, call, err) = (eventfd(), eventfd(), eventfd());
+        let counters = Arc::new(QueueCounters::default());
+        let h = start_queue(
+            &mut rig.r,
+            QueueSetup {
+                index: 0,
+                size,
+                desc_table: DESC,
+                avail_ring: crate::virtq::testdriver::AVAIL,
+                used_ring,
+                next_avail: 0,
+                event_idx: false,
+                mem: d.mem.clone(),
+                kick: kick_fd,
+                call: Some(dup(&call)),
+                err: Some(dup(&err)),
+                bdev: rig.bdev.clone(),
+                read_only: false,
+                inflight: None,
+                counters: counters.clone(),
+            },
+        );
+        let valid = name.starts_with("valid");
+        if valid {
+            let dd = &mut d;
+            assert!(
+                until(&mut rig.r, || dd.used_idx() == 1),
+                "{name}: not served"
+            );
+        } else {
+            spin(&mut rig, 8);
+            assert_eq!(d.used_idx(), 0, "{name}: served");
+        }
+        assert_eq!(counters.broken.load(Ordering::Relaxed), !valid, "{name}");
+        assert_eq!(
+            take_signal(&err),
+            u64::from(!valid),
+            "{name}: error eventfd"
+        );
+        let replied = Arc::new(Mutex::new(None));
+        let r2 = replied.clone();
+        stop_queue(
+            &mut rig.r,
+            &h,
+            Box::new(move |n| *r2.lock().unwrap() = Some(n)),
+        );
+        assert!(until(&mut rig.r, || replied.lock().unwrap().is_some()));
+        assert_eq!(
+            *replied.lock().unwrap(),
+            Some(u16::from(valid)),
+            "{name}: base"
+        );
+    }
+}
+
+/// A kick fd that is not an eventfd (here /dev/null: every read returns 0 at once)
+/// must not make an interrupt-mode queue spin between parking and waking: the queue
+/// falls back to polling and still serves requests published without a kick.
+/// Control: with a real eventfd the same unkicked request is not served.
+fn odd_kick(eventfd_kick: bool) -> Result<(), String> {
+    let mut rig = rig(IdlePolicy::Interrupt);
+    let mut d = Driver::new(16);
+    let req = d.read_req(0, 512);
+    let kick_fd = if eventfd_kick {
+        eventfd()
+    } else {
+        OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null"))
+    };
+    let h = start_queue(
+        &mut rig.r,
+        QueueSetup {
+            index: 0,
+            size: 16,
+            desc_table: DESC,
+            avail_ring: crate::virtq::testdriver::AVAIL,
+            used_ring: USED,
+            next_avail: 0,
+            event_idx: false,
+            mem: d.mem.clone(),
+            kick: kick_fd,
+            call: None,
+            err: None,
+            bdev: rig.bdev.clone(),
+            read_only: false,
+            inflight: None,
+            counters: Arc::new(QueueCounters::default()),
+        },
+    );
+    spin(&mut rig, 16);
+    // Without the fallback the queue re-arms a read that completes at once, every
+    // iteration: it is found parked at the end of each.
+    let parked = parked_of(&mut rig.r, &h).expect("running");
+    ensure(!parked, "parked on a kick fd that is not an eventfd")?;
+    d.publish(req.head);
+    spin(&mut rig, 16);
+    let popped = next_avail_of(&mut rig.r, &h).expect("running");
+    ensure(popped == 1, format!("popped {popped} without a kick"))
+}
+
+#[test]
+fn a_kick_fd_that_is_not_an_eventfd_falls_back_to_polling() {
+    odd_kick(false).unwrap();
+}
+
+#[test]
+fn a_kick_fd_that_is_not_an_eventfd_negative_control() {
+    assert!(
+        odd_kick(true).is_err(),
+        "a parked queue popped without a kick"
+    );
 }
