@@ -15,7 +15,7 @@
 //! # Tests
 //! - `linux_guest_on_ringblk`, `linux_guest_on_qemu_storage_daemon`: everything below;
 //!   against ringblk also its per-queue counters (2 queues served, on 2 reactors, and
-//!   nothing resubmitted).
+//!   nothing resubmitted) and the disk's serial (GET_ID: the volume's name).
 //! - `linux_guest_writes_survive_kill9_and_restart_of_ringblk`: issue item 3 (its doc).
 //! - `linux_guest_reads_a_backup_export_read_only`: a `VOL@BACKUP` vhost export.
 //! - `queue_counter_check_refuses_one_queue_or_one_reactor`: the counter check's
@@ -826,6 +826,12 @@ fn guest_run(which: &str) {
     if let Peer::Ringblk(srv) = &mut peer {
         let list = vhost_list.expect("vhost_list read during the run");
         queues_served_by_reactors(&list).unwrap_or_else(|e| panic!("{e}"));
+        // GET_ID answers the volume's name (the reference peer says "vhost_user_blk").
+        assert!(
+            report.info.iter().any(|i| i == "serial=vol0"),
+            "GET_ID: {:?}",
+            report.info
+        );
         // The reconnect test's counter is 0 when nothing was left in flight.
         assert_eq!(resubmitted(&list), 0, "{list}");
         eprintln!("vhost_list during the run: {list}");
