@@ -72,6 +72,7 @@ pub mod blk;
 pub mod control;
 pub mod device;
 pub mod errors;
+pub mod fuzz;
 pub mod inflight;
 pub mod memory;
 pub mod queue;

@@ -97,7 +97,7 @@ use crate::virtq::inflight::{Region, SplitInflight};
 use crate::virtq::{self, Desc};
 
 #[cfg(test)]
-#[path = "virtq/queue_tests.rs"]
+#[path = "queue_tests.rs"]
 mod tests;
 
 /// Avail heads popped per poller call at most.

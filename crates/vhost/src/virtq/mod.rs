@@ -34,7 +34,6 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-pub mod fuzz;
 pub mod inflight;
 #[cfg(test)]
 pub(crate) mod testdriver;

@@ -34,9 +34,9 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
-use super::inflight::{region_bytes, Region, SplitInflight};
-use super::{walk, Desc, CHAIN_DESCS_MAX};
 use crate::blk::{self, Kind, Scratch, DISCARD_SEG_MAX, SECTOR_BYTES, S_OK};
+use crate::virtq::inflight::{region_bytes, Region, SplitInflight};
+use crate::virtq::{walk, Desc, CHAIN_DESCS_MAX};
 use ringblk_target::bdev::SG_SEGS_MAX;
 
 /// Guest layout of the fuzz queue.
@@ -198,7 +198,7 @@ pub fn fuzz_virtqueue(data: &[u8]) {
 /// The oracle of [`blk::parse`]'s promises (module docs).
 fn check(mem: &GuestMemoryMmap, descs: &[Desc], read_only: bool, req: &blk::Request, s: &Scratch) {
     assert!(
-        super::in_memory(mem, req.status, 1),
+        crate::virtq::in_memory(mem, req.status, 1),
         "status byte outside memory"
     );
     let readable: u64 = descs
