@@ -45,7 +45,9 @@ kpkg=$(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-break
 	awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
 [ -n "$kpkg" ] || die "apt-cache knows no $meta (run apt-get update; ci/test.sh does)"
 kver=$(apt-cache policy "$kpkg" | awk '$1 == "Candidate:" { print $2; exit }')
-[ -n "$kver" ] && [ "$kver" != "(none)" ] || die "no candidate version of $kpkg"
+if [ -z "$kver" ] || [ "$kver" = "(none)" ]; then
+	die "no candidate version of $kpkg"
+fi
 
 self_hash=$(cat "$0" "$here/init" | sha256sum | cut -c1-12)
 key="${kpkg}_${kver}_busybox_${bb_ver}_${self_hash}"
@@ -64,9 +66,9 @@ log "building $key"
 (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >&2) ||
 	die "apt-get download $kpkg=$kver failed"
 dpkg -x "$work"/*.deb "$work/x"
-kdir=$(ls -d "$work"/x/lib/modules/*/ 2>/dev/null | head -n1)
+kdir=$(find "$work/x/lib/modules" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | head -n1)
 [ -n "$kdir" ] || die "$kpkg has no lib/modules"
-vmlinuz=$(ls "$work"/x/boot/vmlinuz-* 2>/dev/null | head -n1)
+vmlinuz=$(find "$work/x/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -n1)
 [ -n "$vmlinuz" ] || die "$kpkg has no boot/vmlinuz-*"
 
 # find_module NAME: the module file's path, or nothing when built in (or absent).
@@ -93,7 +95,7 @@ add() {
 	if [ -z "$path" ]; then
 		builtin "$name" || die "module $name is neither in $kpkg nor built in"
 		log "$name is built into the kernel"
-		state[$name]=done
+		state[$name]="done"
 		return
 	fi
 	plain="$root/modules/$name.ko"
@@ -107,7 +109,7 @@ add() {
 	deps=$(tr '\0' '\n' <"$plain" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')
 	for d in $deps; do add "$d"; done
 	echo "$name.ko" >>"$root/modules/order"
-	state[$name]=done
+	state[$name]="done"
 }
 for m in "${want_modules[@]}"; do add "$m"; done
 log "modules: $(tr '\n' ' ' <"$root/modules/order")"
