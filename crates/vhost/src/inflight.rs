@@ -30,7 +30,7 @@
 //! code's job.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::{FileOffset, MmapRegion};
@@ -62,18 +62,28 @@ pub enum InflightError {
     File(String),
 }
 
-/// A memfd of `len` zero bytes (close-on-exec).
+/// A memfd of `len` zero bytes (close-on-exec), sealed against any size change.
+/// The seals matter because GET_INFLIGHT_FD hands the client a duplicate: without
+/// `F_SEAL_SHRINK` it could truncate the file under our mapping and make the next
+/// access of a reactor fault (SIGBUS kills the server). `F_SEAL_SEAL` keeps it
+/// from lifting them.
 pub(crate) fn memfd(name: &str, len: u64) -> std::io::Result<File> {
     let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: memfd_create reads a NUL-terminated name we own; the descriptor it
     // returns is new and ours alone.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(file)
 }
 
@@ -129,6 +139,7 @@ impl InflightRegion {
                 need: end,
             });
         }
+        crate::memory::warn_if_shrinkable(&file, "inflight");
         InflightRegion::map(file, need, mmap_offset, num_queues, queue_size)
     }
 
@@ -350,6 +361,28 @@ mod tests {
         let (_, pending) =
             SplitInflight::open(again.queue(0).expect("q0"), 128, 0).expect("open q0");
         assert!(pending.is_empty());
+    }
+
+    /// The region handed to the client cannot be resized by it: the bug guarded is
+    /// a client truncating its duplicate of our memfd, after which a reactor's next
+    /// inflight write faults (SIGBUS). Negative control: an unsealed file of the
+    /// same kind shrinks.
+    #[test]
+    fn the_region_file_cannot_be_shrunk_by_the_client() {
+        let r = InflightRegion::create(1, 128).expect("create");
+        let theirs = r.file().try_clone().expect("dup");
+        assert!(theirs.set_len(0).is_err(), "the client shrank the region");
+        assert!(
+            theirs.set_len(1 << 20).is_err(),
+            "the client grew the region"
+        );
+        assert_eq!(theirs.metadata().expect("stat").len(), 2112);
+        let unsealed = tempfile::tempfile().expect("tmp");
+        unsealed.set_len(2112).expect("len");
+        assert!(
+            unsealed.set_len(0).is_ok(),
+            "the control: an unsealed file shrinks"
+        );
     }
 
     #[test]
