@@ -262,13 +262,9 @@ fn vhost_flag_exports_at_start_and_refuses_bad_paths() {
     assert!(help.contains("--vhost <VOL=SOCKET_PATH>"), "{help}");
 }
 
-/// The control plane over the wire: what a frontend reads (features, protocol
-/// features, queue count, the config space's capacity), a refused message (a vring
-/// size that is not a power of two) closing that connection without harming the
-/// server, and the next client being served on the same socket.
-#[test]
-fn a_vhost_user_frontend_negotiates_and_bad_messages_close_its_connection() {
-    let mut srv = Server::start_logged(&["--cores", "0", "--volume", VOL]);
+/// A server (one reactor) exporting `VOL` as `v` on socket `v.vhost`, 2 queues.
+fn exported() -> (Server, std::path::PathBuf) {
+    let srv = Server::start_logged(&["--cores", "0", "--volume", VOL]);
     let sock = srv.path("v.vhost");
     let s = sock.to_str().expect("utf8");
     ok(
@@ -276,6 +272,16 @@ fn a_vhost_user_frontend_negotiates_and_bad_messages_close_its_connection() {
         "vhost_create",
         json!({"volume": "v", "socket": s, "num_queues": 2}),
     );
+    (srv, sock)
+}
+
+/// The control plane over the wire: what a frontend reads (features, protocol
+/// features, queue count, the config space's capacity), a refused message (a vring
+/// size that is not a power of two) closing that connection without harming the
+/// server, and the next client being served on the same socket.
+#[test]
+fn a_vhost_user_frontend_negotiates_and_bad_messages_close_its_connection() {
+    let (mut srv, sock) = exported();
 
     let mut fe = Frontend::connect(&sock, 2).expect("connect");
     fe.set_owner().expect("owner");
@@ -333,7 +339,7 @@ fn a_vhost_user_frontend_negotiates_and_bad_messages_close_its_connection() {
         Some(features),
         "the third client is served"
     );
-    assert_eq!(ok(&srv, "vhost_delete", json!({"socket": s})), true);
+    assert_eq!(ok(&srv, "vhost_delete", json!({"socket": sock})), true);
     assert!(!sock.exists());
     assert!(
         fe.get_features().is_err(),
@@ -385,14 +391,7 @@ fn region(gpa: u64, size: u64, va: u64, off: u64, fd: &impl AsRawFd) -> VhostUse
 /// protocol junk that the vhost crate must reject before it reaches us.
 #[test]
 fn hostile_control_messages_close_only_their_connection() {
-    let mut srv = Server::start_logged(&["--cores", "0", "--volume", VOL]);
-    let sock = srv.path("v.vhost");
-    let s = sock.to_str().expect("utf8");
-    ok(
-        &srv,
-        "vhost_create",
-        json!({"volume": "v", "socket": s, "num_queues": 2}),
-    );
+    let (mut srv, sock) = exported();
 
     let refused = |what: &str, call: &dyn Fn(&mut Frontend) -> bool| {
         let mut fe = negotiated(&sock);
@@ -533,14 +532,7 @@ fn session(sock: &Path, mem: &std::fs::File, kick: &EventFd, call: &EventFd) -> 
 /// `control::serve`) made the test fail with 1021 descriptors against 20.
 #[test]
 fn a_thousand_connections_leak_no_descriptor_nor_thread() {
-    let mut srv = Server::start_logged(&["--cores", "0", "--volume", VOL]);
-    let sock = srv.path("v.vhost");
-    let s = sock.to_str().expect("utf8");
-    ok(
-        &srv,
-        "vhost_create",
-        json!({"volume": "v", "socket": s, "num_queues": 2}),
-    );
+    let (mut srv, sock) = exported();
     let mem = file_of(1 << 20);
     let kick = EventFd::new(libc::EFD_NONBLOCK).expect("kick");
     let call = EventFd::new(libc::EFD_NONBLOCK).expect("call");
