@@ -139,6 +139,12 @@ impl InflightRegion {
                 need: end,
             });
         }
+        // The region is never resized: seal it against shrinking when its file
+        // still allows it (a memfd made with MFD_ALLOW_SEALING, as ours are), so
+        // that the client cannot truncate it under the reactors' writes. Files
+        // that cannot be sealed are logged.
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+        let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
         crate::memory::warn_if_shrinkable(&file, "inflight");
         InflightRegion::map(file, need, mmap_offset, num_queues, queue_size)
     }
@@ -383,6 +389,25 @@ mod tests {
             unsealed.set_len(0).is_ok(),
             "the control: an unsealed file shrinks"
         );
+    }
+
+    /// A client's region that can still be sealed is sealed against shrinking by
+    /// SET_INFLIGHT_FD's open. Negative control: the same file shrinks before.
+    #[test]
+    fn an_opened_client_region_is_sealed_against_shrinking() {
+        let name = std::ffi::CString::new("client").expect("name");
+        // SAFETY: memfd_create reads a NUL-terminated name we own.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is the fresh descriptor just created.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(8192).expect("len");
+        f.set_len(4096)
+            .expect("the control: an unsealed memfd shrinks");
+        let theirs = f.try_clone().expect("dup");
+        let r = InflightRegion::open(f, 2112, 0, 1, 128).expect("open");
+        assert!(theirs.set_len(0).is_err(), "the client shrank its region");
+        drop(r);
     }
 
     #[test]

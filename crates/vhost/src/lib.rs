@@ -65,7 +65,8 @@
 //!   the mapping faults (SIGBUS ends the server). Files sealed with
 //!   `F_SEAL_SHRINK` (QEMU's `memory-backend-memfd`) cannot be; an unsealed one is
 //!   logged once ([`memory`]). Requiring the seal would refuse
-//!   `memory-backend-file` and hugetlbfs. The inflight memfd we create is sealed.
+//!   `memory-backend-file` and hugetlbfs. The inflight memfd we create is sealed,
+//!   and SET_INFLIGHT_FD seals the one it is given when the file still allows it.
 //! - Clear `O_NONBLOCK` on its call eventfd (the flag lives in the file
 //!   description it shares) and saturate the counter: the reactor's signal
 //!   `write` then blocks. Kick/call/err fds must be eventfds and are made
