@@ -387,7 +387,8 @@ fn region(gpa: u64, size: u64, va: u64, off: u64, fd: &impl AsRawFd) -> VhostUse
 /// only its own connection, and the next client is served; the server never
 /// panics. The bugs guarded: mapping a descriptor that is not a file, or a file
 /// shorter than its region (a later access would SIGBUS the server), overlapping or
-/// unaligned regions, an unbounded number of regions, a short inflight file, and
+/// unaligned regions, an unbounded number of regions, a kick or call descriptor
+/// that is not an eventfd (a spinning or blocked reactor), a short inflight file, and
 /// protocol junk that the vhost crate must reject before it reaches us.
 #[test]
 fn hostile_control_messages_close_only_their_connection() {
@@ -436,6 +437,19 @@ fn hostile_control_messages_close_only_their_connection() {
             }
         }
         false
+    });
+    refused("a regular file as kick fd", &|fe| {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the EventFd takes over a fresh descriptor of a file we own.
+        let not_eventfd = unsafe { EventFd::from_raw_fd(file_of(4096).into_raw_fd()) };
+        fe.set_vring_kick(0, &not_eventfd).is_err()
+    });
+    refused("a pipe as call fd", &|fe| {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let (_r, w) = nix::unistd::pipe().expect("pipe");
+        // SAFETY: the EventFd takes over the pipe's write end, which we own.
+        let pipe = unsafe { EventFd::from_raw_fd(w.into_raw_fd()) };
+        fe.set_vring_call(0, &pipe).is_err()
     });
     let tiny = file_of(100);
     refused("a short inflight file", &|fe| {
