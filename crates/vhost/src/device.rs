@@ -474,6 +474,35 @@ impl Conn {
     }
 }
 
+/// A kick, call or err descriptor from the client, made safe to use: it must be an
+/// eventfd, and it is switched to non-blocking. The bugs guarded: a pipe or socket
+/// as call fd blocks the `write` of a signal (the reactor's, or ours in
+/// `restart_around`) once full, and so does a blocking eventfd whose counter the
+/// client saturated; a regular file as kick fd reads "a kick" at once, every time,
+/// and keeps its reactor spinning. QEMU and libblkio create their eventfds
+/// non-blocking already. The flag lives in the open file description the client
+/// shares: a client that clears it again can still make a signal block (noted in
+/// the crate docs; the writer's side would need an io_uring write to be immune).
+fn checked_eventfd(f: File) -> VuResult<File> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map_err(|e| handler_error(format!("cannot identify a vring descriptor: {e}")))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(invalid(
+            "a vring's kick/call/err descriptor is not an eventfd",
+        ));
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
+    let set = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if !set {
+        return Err(VuError::ReqHandlerError(std::io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
 /// Adds 1 to eventfd `f` (a call fd). A full counter or a closed peer is ignored:
 /// the driver has a notification pending then anyway, or is gone.
 fn signal(f: &File) {
@@ -624,6 +653,7 @@ impl VhostUserBackendReqHandlerMut for Conn {
         self.vring(u32::from(index))?;
         // Polling without a kick fd is not supported: a sleeping reactor needs it.
         let fd = fd.ok_or(invalid("SET_VRING_KICK without a descriptor"))?;
+        let fd = checked_eventfd(fd)?;
         let i = usize::from(index);
         self.restart_around(i, |v| v.kick = Some(fd))?;
         self.maybe_start(i)
@@ -631,11 +661,13 @@ impl VhostUserBackendReqHandlerMut for Conn {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         self.vring(u32::from(index))?;
+        let fd = fd.map(checked_eventfd).transpose()?;
         self.restart_around(usize::from(index), |v| v.call = fd)
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         self.vring(u32::from(index))?;
+        let fd = fd.map(checked_eventfd).transpose()?;
         self.restart_around(usize::from(index), |v| v.err = fd)
     }
 
@@ -976,6 +1008,62 @@ mod tests {
         let st = c.get_vring_base(0).expect("base");
         assert_eq!({ st.num }, 0xffff);
         assert_eq!(c.get_queue_num().ok(), Some(2));
+    }
+
+    /// A blocking eventfd (as a hostile client would send), as a `File`.
+    fn blocking_eventfd() -> File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes no pointers; the new descriptor is ours alone.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is the fresh descriptor just created.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    fn nonblocking(f: &File) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        flags >= 0 && flags & libc::O_NONBLOCK != 0
+    }
+
+    /// Kick, call and err descriptors must be eventfds, and are made non-blocking.
+    /// The bugs guarded: a pipe as call fd (or a blocking eventfd the client
+    /// saturated) blocks the reactor's signal `write` forever; a regular file as
+    /// kick fd wakes its reactor on every read. Negative control: the eventfd
+    /// cases must be accepted, so a check refusing everything fails too.
+    #[test]
+    fn vring_descriptors_must_be_nonblocking_eventfds() {
+        let (_dir, mut c) = conn();
+        let (pipe_r, pipe_w) = nix::unistd::pipe().expect("pipe");
+        let not_eventfds = || {
+            [
+                File::from(pipe_r.try_clone().expect("dup")),
+                File::from(pipe_w.try_clone().expect("dup")),
+                crate::inflight::memfd("t", 4096).expect("memfd"),
+            ]
+        };
+        for f in not_eventfds() {
+            assert!(c.set_vring_kick(0, Some(f)).is_err(), "kick");
+        }
+        for f in not_eventfds() {
+            assert!(c.set_vring_call(0, Some(f)).is_err(), "call");
+        }
+        for f in not_eventfds() {
+            assert!(c.set_vring_err(0, Some(f)).is_err(), "err");
+        }
+        assert!(c.vrings[0].kick.is_none() && c.vrings[0].call.is_none());
+
+        let (kick, call, err) = (blocking_eventfd(), blocking_eventfd(), blocking_eventfd());
+        assert!(!nonblocking(&call), "the control: a blocking eventfd");
+        let dup = |f: &File| f.try_clone().expect("dup");
+        assert!(c.set_vring_kick(0, Some(dup(&kick))).is_ok());
+        assert!(c.set_vring_call(0, Some(dup(&call))).is_ok());
+        assert!(c.set_vring_err(0, Some(dup(&err))).is_ok());
+        assert!(c.set_vring_call(1, None).is_ok(), "no call fd is allowed");
+        for f in [&kick, &call, &err] {
+            assert!(nonblocking(f), "the client's eventfd was left blocking");
+        }
     }
 
     /// Vring addresses must lie in the memory table, the whole ring: the bug

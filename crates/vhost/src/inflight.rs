@@ -3,18 +3,17 @@
 //! a restarted server can resubmit them (QEMU `reconnect=`; SPDK and libvhost-user
 //! do the same).
 //!
-//! Layer: the control plane of the vhost front end; imports libc and vm-memory.
-//! The control plane creates or maps the region; the virtqueue code (`queue`)
-//! reads and writes its queue's part through [`InflightQueue`].
+//! Layer: the control plane of the vhost front end; imports libc, vm-memory and
+//! `virtq::inflight`. This module only creates, checks and maps the region and cuts
+//! it into per-queue parts ([`InflightQueue`]); the format's records and their
+//! ordering have one implementation, `virtq::inflight::SplitInflight`, which the
+//! data plane runs over a queue's part.
 //!
-//! # Format (QEMU's docs/interop/vhost-user.rst, "Inflight I/O tracking", split
-//! virtqueues; little-endian, this host's order)
-//! One region per queue, each [`queue_region_bytes`] long (16 header bytes and 16
-//! per descriptor, rounded up to 64), queue `i` at `i * queue_region_bytes`:
-//! ```text
-//! u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
-//! struct { u8 inflight; u8 padding[5]; u16 next; u64 counter; } desc[desc_num];
-//! ```
+//! # Layout (QEMU's docs/interop/vhost-user.rst, "Inflight I/O tracking", split
+//! virtqueues)
+//! One part per queue, each [`queue_region_bytes`] long (the format's
+//! `QueueRegionSplit` size, rounded up to 64 bytes as libvhost-user and DPDK do),
+//! queue `i` at `i * queue_region_bytes`.
 //!
 //! # Ownership and lifetime
 //! GET_INFLIGHT_FD creates a memfd here and gives QEMU a duplicate of it; QEMU keeps
@@ -31,27 +30,21 @@
 //! code's job.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::{FileOffset, MmapRegion};
 
-/// Bytes of one queue's header.
-pub const QUEUE_HEADER_BYTES: u64 = 16;
-/// Bytes of one descriptor's record.
-pub const DESC_STATE_BYTES: u64 = 16;
 /// Each queue's part starts on this boundary (libvhost-user's and DPDK's choice).
 pub const INFLIGHT_ALIGN_BYTES: u64 = 64;
 /// Queues and queue size accepted at most (virtio's split-queue maximum).
 pub const QUEUE_SIZE_MAX: u16 = 1024;
 pub const QUEUES_MAX: u16 = 64;
 
-/// Version written in a queue's header once it has been used.
-pub const INFLIGHT_VERSION: u16 = 1;
-
 /// One queue's part of the region, in bytes.
 pub fn queue_region_bytes(queue_size: u16) -> u64 {
-    let raw = QUEUE_HEADER_BYTES + DESC_STATE_BYTES * u64::from(queue_size);
+    // The format's size (`virtq::inflight`, the one implementation of the format).
+    let raw = crate::virtq::inflight::region_bytes(queue_size) as u64;
     raw.div_ceil(INFLIGHT_ALIGN_BYTES) * INFLIGHT_ALIGN_BYTES
 }
 
@@ -69,18 +62,28 @@ pub enum InflightError {
     File(String),
 }
 
-/// A memfd of `len` zero bytes (close-on-exec).
+/// A memfd of `len` zero bytes (close-on-exec), sealed against any size change.
+/// The seals matter because GET_INFLIGHT_FD hands the client a duplicate: without
+/// `F_SEAL_SHRINK` it could truncate the file under our mapping and make the next
+/// access of a reactor fault (SIGBUS kills the server). `F_SEAL_SEAL` keeps it
+/// from lifting them.
 pub(crate) fn memfd(name: &str, len: u64) -> std::io::Result<File> {
     let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: memfd_create reads a NUL-terminated name we own; the descriptor it
     // returns is new and ours alone.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(file)
 }
 
@@ -97,19 +100,14 @@ pub struct InflightRegion {
 
 impl InflightRegion {
     /// GET_INFLIGHT_FD: a new zeroed region for `num_queues` queues of `queue_size`
-    /// descriptors; each queue's `desc_num` is set, its `version` left 0 (unused).
+    /// descriptors. All zeros is the format's "unused" (version 0, desc_num 0):
+    /// `virtq::inflight` initialises a queue's part when the queue first opens it.
     pub fn create(num_queues: u16, queue_size: u16) -> Result<Arc<InflightRegion>, InflightError> {
         check_shape(num_queues, queue_size)?;
         let len = u64::from(num_queues) * queue_region_bytes(queue_size);
         let file =
             memfd("ringblk-vhost-inflight", len).map_err(|e| InflightError::File(e.to_string()))?;
-        let region = InflightRegion::map(file, len, 0, num_queues, queue_size)?;
-        for q in 0..num_queues {
-            if let Some(q) = region.queue(q) {
-                q.set_desc_num(queue_size);
-            }
-        }
-        Ok(region)
+        InflightRegion::map(file, len, 0, num_queues, queue_size)
     }
 
     /// SET_INFLIGHT_FD: maps the region QEMU hands (back) to us.
@@ -141,6 +139,13 @@ impl InflightRegion {
                 need: end,
             });
         }
+        // The region is never resized: seal it against shrinking when its file
+        // still allows it (a memfd made with MFD_ALLOW_SEALING, as ours are), so
+        // that the client cannot truncate it under the reactors' writes. Files
+        // that cannot be sealed are logged.
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+        let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        crate::memory::warn_if_shrinkable(&file, "inflight");
         InflightRegion::map(file, need, mmap_offset, num_queues, queue_size)
     }
 
@@ -218,9 +223,8 @@ fn check_shape(num_queues: u16, queue_size: u16) -> Result<(), InflightError> {
     Ok(())
 }
 
-/// One virtqueue's inflight records (module docs, *Format*). Cloning shares them.
-/// Every accessor is bounds-checked: a head at or past `queue_size` reads as not in
-/// flight and is not written.
+/// One virtqueue's part of the region (module docs, *Layout*). Cloning shares it.
+/// Its records are read and written through `virtq::inflight` only.
 #[derive(Clone, Debug)]
 pub struct InflightQueue {
     region: Arc<InflightRegion>,
@@ -233,8 +237,13 @@ impl InflightQueue {
     /// plane's own accessors (`virtq::inflight`). Mapped read/write and valid for
     /// [`len`](Self::len) bytes while this value (or a clone) lives.
     pub fn as_ptr(&self) -> std::ptr::NonNull<u8> {
-        // `map` is a live mapping (never null); `offset` is inside it (see `queue`).
-        std::ptr::NonNull::new(self.ptr::<u8>(0)).unwrap_or(std::ptr::NonNull::dangling())
+        // SAFETY: `offset` is `index * queue_region_bytes` for an index below the
+        // region's queue count (`InflightRegion::queue`), and the mapping is
+        // `num_queues * queue_region_bytes` long, so `offset + len()` stays inside
+        // that one mapping.
+        let p = unsafe { self.region.map.as_ptr().add(self.offset) };
+        // A live mapping is never at address 0.
+        std::ptr::NonNull::new(p).unwrap_or(std::ptr::NonNull::dangling())
     }
 
     /// Bytes of this queue's part ([`queue_region_bytes`] of the region's size).
@@ -251,116 +260,23 @@ impl InflightQueue {
     pub fn queue_size(&self) -> u16 {
         self.queue_size
     }
+}
 
-    pub fn features(&self) -> u64 {
-        self.read(0)
+/// The data plane's view of a queue's part (`virtq::inflight` runs over it).
+impl crate::virtq::inflight::Region for InflightQueue {
+    fn as_ptr(&self) -> std::ptr::NonNull<u8> {
+        InflightQueue::as_ptr(self)
     }
 
-    pub fn set_features(&self, v: u64) {
-        self.write(0, v)
-    }
-
-    /// 0 until the queue was first used with this region; then [`INFLIGHT_VERSION`].
-    pub fn version(&self) -> u16 {
-        self.read(8)
-    }
-
-    pub fn set_version(&self, v: u16) {
-        self.write(8, v)
-    }
-
-    pub fn desc_num(&self) -> u16 {
-        self.read(10)
-    }
-
-    pub fn set_desc_num(&self, v: u16) {
-        self.write(10, v)
-    }
-
-    pub fn last_batch_head(&self) -> u16 {
-        self.read(12)
-    }
-
-    pub fn set_last_batch_head(&self, v: u16) {
-        self.write(12, v)
-    }
-
-    pub fn used_idx(&self) -> u16 {
-        self.read(14)
-    }
-
-    pub fn set_used_idx(&self, v: u16) {
-        self.write(14, v)
-    }
-
-    /// Whether head `head` is recorded as taken and not yet completed.
-    pub fn inflight(&self, head: u16) -> bool {
-        self.desc_at(head)
-            .is_some_and(|at| self.read::<u8>(at) != 0)
-    }
-
-    pub fn set_inflight(&self, head: u16, v: bool) {
-        if let Some(at) = self.desc_at(head) {
-            self.write(at, u8::from(v))
-        }
-    }
-
-    pub fn next(&self, head: u16) -> u16 {
-        self.desc_at(head).map_or(0, |at| self.read(at + 6))
-    }
-
-    pub fn set_next(&self, head: u16, v: u16) {
-        if let Some(at) = self.desc_at(head) {
-            self.write(at + 6, v)
-        }
-    }
-
-    /// The order in which heads were taken (resubmission sorts by it).
-    pub fn counter(&self, head: u16) -> u64 {
-        self.desc_at(head).map_or(0, |at| self.read(at + 8))
-    }
-
-    pub fn set_counter(&self, head: u16, v: u64) {
-        if let Some(at) = self.desc_at(head) {
-            self.write(at + 8, v)
-        }
-    }
-
-    /// Offset of head `head`'s record within this queue's part.
-    fn desc_at(&self, head: u16) -> Option<usize> {
-        (head < self.queue_size)
-            .then(|| QUEUE_HEADER_BYTES as usize + DESC_STATE_BYTES as usize * usize::from(head))
-    }
-
-    fn ptr<T>(&self, at: usize) -> *mut T {
-        let end = self.offset + at + std::mem::size_of::<T>();
-        // Callers pass offsets inside the header or a checked head's record, which
-        // `queue_region_bytes` covers; `InflightRegion::queue` placed `offset`.
-        assert!(
-            end <= self.region.map.size(),
-            "inflight access out of its region"
-        );
-        // SAFETY: `offset + at + size_of::<T>()` is inside the mapping (checked
-        // just above), so the pointer stays within one allocation.
-        unsafe { self.region.map.as_ptr().add(self.offset + at).cast::<T>() }
-    }
-
-    fn read<T: Copy>(&self, at: usize) -> T {
-        // SAFETY: in bounds (see `ptr`); aligned: the mapping is page-aligned, each
-        // queue's part starts on 64 bytes and every field sits at a multiple of its
-        // size. Volatile: another process shares the memory.
-        unsafe { std::ptr::read_volatile(self.ptr::<T>(at)) }
-    }
-
-    fn write<T: Copy>(&self, at: usize, v: T) {
-        // SAFETY: as in `read`; the mapping is writable (PROT_WRITE, MAP_SHARED).
-        unsafe { std::ptr::write_volatile(self.ptr::<T>(at), v) }
+    fn len(&self) -> usize {
+        InflightQueue::len(self)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtq::inflight::SplitInflight;
     use std::os::unix::fs::FileExt;
 
     /// The sizes QEMU's peers (libvhost-user, DPDK) compute, so that a region we
@@ -378,48 +294,120 @@ mod tests {
         }
     }
 
-    /// Records land at the offsets of the format (read back through the file, as a
-    /// restarted server or QEMU sees them), survive a re-open of the same file, and
-    /// out-of-range heads neither read nor write.
+    /// Reads the 16-byte record at `at` of the region's file.
+    fn record(f: &File, at: u64) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        f.read_exact_at(&mut b, at).expect("read record");
+        b
+    }
+
+    fn u16_at(b: &[u8; 16], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+
+    fn u64_at(b: &[u8; 16], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().expect("8"))
+    }
+
+    /// Records that `virtq::inflight` writes through a queue's part land at the
+    /// byte offsets of QEMU's format in the region's file (as QEMU or a restarted
+    /// server sees them), in that queue's part only, and a re-open of the same file
+    /// finds them. The bug guarded: a part placed at the wrong offset (queues
+    /// overwriting each other, or a restarted server resubmitting nothing).
     #[test]
     fn records_sit_where_the_format_says_and_survive_reopen() {
         let r = InflightRegion::create(2, 128).expect("create");
         assert_eq!(r.mmap_size(), 2 * 2112);
-        let q1 = r.queue(1).expect("q1");
-        assert_eq!(q1.desc_num(), 128);
-        assert_eq!(q1.version(), 0);
-        q1.set_version(INFLIGHT_VERSION);
-        q1.set_inflight(5, true);
-        q1.set_counter(5, 0x1122_3344_5566_7788);
-        q1.set_next(5, 9);
-        q1.set_used_idx(77);
-        q1.set_inflight(128, true); // past the end: ignored
-        assert!(!q1.inflight(128));
         assert!(r.queue(2).is_none());
-
         let f = r.file().try_clone().expect("dup");
-        let base = 2112u64;
-        let mut b = [0u8; 16];
-        f.read_exact_at(&mut b, base).expect("header");
-        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 1);
-        assert_eq!(u16::from_le_bytes([b[10], b[11]]), 128);
-        assert_eq!(u16::from_le_bytes([b[14], b[15]]), 77);
-        f.read_exact_at(&mut b, base + 16 + 5 * 16).expect("desc 5");
-        assert_eq!(b[0], 1);
-        assert_eq!(u16::from_le_bytes([b[6], b[7]]), 9);
-        assert_eq!(
-            u64::from_le_bytes(b[8..16].try_into().expect("8")),
-            0x1122_3344_5566_7788
-        );
-        // Queue 0 untouched.
-        assert!(!r.queue(0).expect("q0").inflight(5));
+        let mut before = vec![0u8; 2 * 2112];
+        f.read_exact_at(&mut before, 0).expect("read");
+        assert!(before.iter().all(|&b| b == 0), "a new region is all zeros");
 
-        let again = InflightRegion::open(f, r.mmap_size(), 0, 2, 128).expect("open");
-        let q1b = again.queue(1).expect("q1");
-        assert!(q1b.inflight(5));
-        assert_eq!(q1b.counter(5), 0x1122_3344_5566_7788);
-        q1b.set_inflight(5, false);
-        assert!(!q1.inflight(5), "both mappings share the file");
+        let q1 = r.queue(1).expect("q1");
+        assert_eq!((q1.len(), q1.queue_size()), (2112, 128));
+        let (mut log, pending) = SplitInflight::open(q1, 128, 40).expect("open q1");
+        assert!(pending.is_empty());
+        log.begin(3); // counter 0
+        log.begin(5); // counter 1
+        log.begin(9); // counter 2
+        log.before_used(9);
+        log.after_used(9, 41);
+        log.begin(128); // past the queue: ignored
+
+        let base = 2112u64;
+        let h = record(&f, base);
+        assert_eq!(u16_at(&h, 8), 1, "version");
+        assert_eq!(u16_at(&h, 10), 128, "desc_num");
+        assert_eq!(u16_at(&h, 12), 9, "last_batch_head");
+        assert_eq!(u16_at(&h, 14), 41, "used_idx");
+        let d5 = record(&f, base + 16 + 5 * 16);
+        assert_eq!((d5[0], u64_at(&d5, 8)), (1, 1), "desc 5: inflight, counter");
+        let d9 = record(&f, base + 16 + 9 * 16);
+        assert_eq!(d9[0], 0, "desc 9 completed");
+        assert_eq!(u16_at(&d9, 6), 0, "desc 9's next: the batch head before it");
+        assert_eq!(u64_at(&d9, 8), 2);
+        // Negative control: the same reads at queue 0's offsets see nothing, so the
+        // checks above can fail, and queue 1's records did not spill into queue 0.
+        let mut q0 = vec![0u8; 2112];
+        f.read_exact_at(&mut q0, 0).expect("q0");
+        assert!(q0.iter().all(|&b| b == 0), "queue 0 untouched");
+
+        // A record written through the file (as a previous server left it) is
+        // found by a re-open of the same file, in pop order.
+        let mut d7 = [0u8; 16];
+        d7[0] = 1;
+        d7[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        f.write_all_at(&d7, base + 16 + 7 * 16)
+            .expect("write desc 7");
+        let again = InflightRegion::open(f, r.mmap_size(), 0, 2, 128).expect("reopen");
+        let (_, pending) =
+            SplitInflight::open(again.queue(1).expect("q1"), 128, 41).expect("open q1 again");
+        assert_eq!(pending, [3, 5, 7]);
+        let (_, pending) =
+            SplitInflight::open(again.queue(0).expect("q0"), 128, 0).expect("open q0");
+        assert!(pending.is_empty());
+    }
+
+    /// The region handed to the client cannot be resized by it: the bug guarded is
+    /// a client truncating its duplicate of our memfd, after which a reactor's next
+    /// inflight write faults (SIGBUS). Negative control: an unsealed file of the
+    /// same kind shrinks.
+    #[test]
+    fn the_region_file_cannot_be_shrunk_by_the_client() {
+        let r = InflightRegion::create(1, 128).expect("create");
+        let theirs = r.file().try_clone().expect("dup");
+        assert!(theirs.set_len(0).is_err(), "the client shrank the region");
+        assert!(
+            theirs.set_len(1 << 20).is_err(),
+            "the client grew the region"
+        );
+        assert_eq!(theirs.metadata().expect("stat").len(), 2112);
+        let unsealed = tempfile::tempfile().expect("tmp");
+        unsealed.set_len(2112).expect("len");
+        assert!(
+            unsealed.set_len(0).is_ok(),
+            "the control: an unsealed file shrinks"
+        );
+    }
+
+    /// A client's region that can still be sealed is sealed against shrinking by
+    /// SET_INFLIGHT_FD's open. Negative control: the same file shrinks before.
+    #[test]
+    fn an_opened_client_region_is_sealed_against_shrinking() {
+        let name = std::ffi::CString::new("client").expect("name");
+        // SAFETY: memfd_create reads a NUL-terminated name we own.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is the fresh descriptor just created.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(8192).expect("len");
+        f.set_len(4096)
+            .expect("the control: an unsealed memfd shrinks");
+        let theirs = f.try_clone().expect("dup");
+        let r = InflightRegion::open(f, 2112, 0, 1, 128).expect("open");
+        assert!(theirs.set_len(0).is_err(), "the client shrank its region");
+        drop(r);
     }
 
     #[test]

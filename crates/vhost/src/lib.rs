@@ -59,6 +59,23 @@
 //! IOERR when its status byte is reachable, otherwise the queue is marked broken;
 //! a refused control message closes the connection. Nothing a client sends
 //! panics the server.
+//!
+//! # What a hostile client can still do (known limits)
+//! - Truncate its own memory file after SET_MEM_TABLE: the next access through
+//!   the mapping faults (SIGBUS ends the server). Files sealed with
+//!   `F_SEAL_SHRINK` (QEMU's `memory-backend-memfd`) cannot be; an unsealed one is
+//!   logged once ([`memory`]). Requiring the seal would refuse
+//!   `memory-backend-file` and hugetlbfs. The inflight memfd we create is sealed,
+//!   and SET_INFLIGHT_FD seals the one it is given when the file still allows it.
+//! - Clear `O_NONBLOCK` on its call eventfd (the flag lives in the file
+//!   description it shares) and saturate the counter: the reactor's signal
+//!   `write` then blocks. Kick/call/err fds must be eventfds and are made
+//!   non-blocking when received ([`device`]), which stops every accidental case.
+//! - Keep a stop waiting: GET_VRING_BASE, a disconnect and `vhost_delete` wait
+//!   for the queue's in-flight requests (they may not be abandoned while they
+//!   point into guest memory), so they last as long as the slowest request.
+//! - Hold the socket: a socket serves one client at a time; a client that
+//!   connects and stays idle keeps the next one waiting in the backlog.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -283,7 +283,7 @@ fn map_region(spec: RegionSpec, file: File) -> Result<Region, MemError> {
             need,
         });
     }
-    warn_if_shrinkable(&file);
+    warn_if_shrinkable(&file, "memory");
     let size = usize::try_from(spec.size).map_err(|_| MemError::Overflow)?;
     let region = MmapRegion::from_file(FileOffset::new(file, spec.mmap_offset), size)
         .map_err(|e| MemError::Map(e.to_string()))?;
@@ -295,15 +295,17 @@ fn map_region(spec: RegionSpec, file: File) -> Result<Region, MemError> {
     })
 }
 
-/// Logs (once per process) a region whose file its owner could still shrink.
-fn warn_if_shrinkable(file: &File) {
+/// Logs (once per process) a client file (`what`: "memory", "inflight") that its
+/// owner could still shrink under our mapping.
+pub(crate) fn warn_if_shrinkable(file: &File, what: &str) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     // SAFETY: F_GET_SEALS reads the descriptor's seals; no memory is passed.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
     if !sealed && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         tracing::info!(
-            "a vhost-user client's memory file is not sealed against shrinking: the \
+            file = what,
+            "a vhost-user client's file is not sealed against shrinking: the \
              client could make the server fault by truncating it (use \
              memory-backend-memfd, which seals it)"
         );
