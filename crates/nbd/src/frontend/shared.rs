@@ -19,7 +19,7 @@ use std::time::Duration;
 use ringblk_target::admission::Admission;
 use ringblk_target::target::Target;
 
-use super::NbdExports;
+use super::{NbdExports, NbdTls};
 
 /// State every reactor and the RPC thread share: the target (volumes) and what
 /// the NBD front end and the listeners need (connections, limits, admission).
@@ -34,4 +34,6 @@ pub struct NbdShared {
     pub handshake_timeout: Duration,
     /// Buffer budget, handshake slots and push-back counters (`admission`).
     pub admission: Admission,
+    /// TLS mode, credentials and per-export access (#16; `NbdTls::default()`: no TLS).
+    pub tls: Arc<NbdTls>,
 }
