@@ -1,0 +1,379 @@
+//! NBD over TLS (#16) with real clients: nbdinfo and nbdcopy (libnbd, GnuTLS) and
+//! qemu-img (qemu's tls-creds-x509) against `ringblk serve --tls ...`, with
+//! certificates from `ringblk tls-init`. Each verifying test has a negative control
+//! in the same run: the refused client is refused while the right one succeeds.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_GO: u32 = 7;
+const OPT_STARTTLS: u32 = 5;
+const REP_ACK: u32 = 1;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ringblk"))
+}
+
+/// `ringblk tls-init DIR/name` (a CA, a server and a client certificate).
+fn tls_init(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let st = Command::new(bin())
+        .args(["tls-init"])
+        .arg(&out)
+        .output()
+        .expect("run tls-init");
+    assert!(st.status.success(), "tls-init: {st:?}");
+    out
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("spawn client")
+}
+
+fn nbdinfo(port: u16, export: &str, certs: Option<&Path>) -> Output {
+    let uri = match certs {
+        Some(c) => format!(
+            "nbds://127.0.0.1:{port}/{export}?tls-certificates={}",
+            c.display()
+        ),
+        None => format!("nbd://127.0.0.1:{port}/{export}"),
+    };
+    run(Command::new("timeout").args(["20", "nbdinfo", &uri]))
+}
+
+fn nbdinfo_list(port: u16, certs: &Path) -> String {
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        certs.display()
+    );
+    let out = run(Command::new("timeout").args(["20", "nbdinfo", "--list", "--json", &uri]));
+    assert!(out.status.success(), "nbdinfo --list: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn serve_tls(extra: &[&str], certs: &Path) -> Server {
+    let mut args = vec!["--tls-creds", certs.to_str().expect("utf8")];
+    args.extend_from_slice(extra);
+    Server::start_logged(&args)
+}
+
+/// Fixed newstyle greeting and client flags; returns the stream after them.
+fn raw_negotiate(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut greet = [0u8; 18];
+    s.read_exact(&mut greet).expect("greeting");
+    assert_eq!(
+        u64::from_be_bytes(greet[..8].try_into().expect("8")),
+        NBD_MAGIC
+    );
+    s.write_all(&1u32.to_be_bytes()).expect("client flags"); // FIXED_NEWSTYLE
+    s
+}
+
+fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).expect("send option");
+}
+
+/// Reads option replies until a final one (not NBD_REP_INFO); returns its type.
+fn final_reply(s: &mut TcpStream) -> u32 {
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("option reply");
+        let ty = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize;
+        let mut d = vec![0u8; len];
+        s.read_exact(&mut d).expect("reply data");
+        if ty != 3 {
+            return ty;
+        }
+    }
+}
+
+fn go_data(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+/// nbdinfo and qemu-img info over TLS; qemu-img convert writes, nbdcopy reads back
+/// over TLS and the bytes match (negative control: a flipped byte does not).
+#[test]
+fn real_clients_over_tls_move_verified_bytes() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let srv = serve_tls(
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--volume",
+            "ram=,backend=mem,size=16M",
+        ],
+        &certs,
+    );
+    let info = nbdinfo(srv.port, "ram", Some(&certs));
+    assert!(info.status.success(), "nbdinfo over TLS: {info:?}");
+    assert!(String::from_utf8_lossy(&info.stdout).contains("with TLS"));
+
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        certs.display()
+    );
+    let opts = format!(
+        "driver=nbd,host=127.0.0.1,port={},export=ram,tls-creds=tls0",
+        srv.port
+    );
+    let qi = run(Command::new("timeout").args([
+        "30",
+        "qemu-img",
+        "info",
+        "--object",
+        &creds,
+        "--image-opts",
+        &opts,
+    ]));
+    assert!(qi.status.success(), "qemu-img info over TLS: {qi:?}");
+    assert!(String::from_utf8_lossy(&qi.stdout).contains("16 MiB"));
+
+    let src = t.path().join("src.img");
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).expect("write src");
+    let conv = run(Command::new("timeout").args([
+        "60",
+        "qemu-img",
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "--object",
+        &creds,
+        src.to_str().expect("utf8"),
+        "--target-image-opts",
+        &opts,
+    ]));
+    assert!(conv.status.success(), "qemu-img convert over TLS: {conv:?}");
+    let back = t.path().join("back.img");
+    let uri = format!(
+        "nbds://127.0.0.1:{}/ram?tls-certificates={}",
+        srv.port,
+        certs.display()
+    );
+    let cp =
+        run(Command::new("timeout").args(["60", "nbdcopy", &uri, back.to_str().expect("utf8")]));
+    assert!(cp.status.success(), "nbdcopy over TLS: {cp:?}");
+    let got = std::fs::read(&back).expect("read back");
+    assert!(got == data, "bytes read over TLS differ from those written");
+    // Negative control: the comparison sees a single flipped byte.
+    let mut bad = got.clone();
+    bad[12345] ^= 1;
+    assert!(bad != data);
+}
+
+/// FORCEDTLS: a plain GO gets NBD_REP_ERR_TLS_REQD and nbdinfo without TLS fails;
+/// control: with `--tls on`, the same plain GO on a plaintext-allowed export is
+/// acknowledged and a TLS-only one gets TLS_REQD (SELECTIVETLS).
+#[test]
+fn require_refuses_plain_clients_with_the_spec_error() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let srv = serve_tls(
+        &["--tls", "require", "--volume", "ram=,backend=mem,size=1M"],
+        &certs,
+    );
+    let mut s = raw_negotiate(srv.port);
+    send_option(&mut s, OPT_GO, &go_data("ram"));
+    assert_eq!(final_reply(&mut s), REP_ERR_TLS_REQD);
+    // STARTTLS is still acknowledged on the same connection.
+    send_option(&mut s, OPT_STARTTLS, &[]);
+    assert_eq!(final_reply(&mut s), REP_ACK);
+    let plain = nbdinfo(srv.port, "ram", None);
+    assert!(
+        !plain.status.success(),
+        "plain nbdinfo served under --tls require"
+    );
+    drop(srv);
+
+    let cfg = t.path().join("on.toml");
+    std::fs::write(
+        &cfg,
+        "[[volume]]\nname = \"open\"\nbackend = \"mem\"\nsize = \"1M\"\nplaintext = true\n\
+         [[volume]]\nname = \"tlsonly\"\nbackend = \"mem\"\nsize = \"1M\"\n",
+    )
+    .expect("config");
+    let srv = serve_tls(
+        &["--tls", "on", "--config", cfg.to_str().expect("utf8")],
+        &certs,
+    );
+    let mut s = raw_negotiate(srv.port);
+    send_option(&mut s, OPT_GO, &go_data("tlsonly"));
+    assert_eq!(final_reply(&mut s), REP_ERR_TLS_REQD);
+    send_option(&mut s, OPT_GO, &go_data("open"));
+    assert_eq!(final_reply(&mut s), REP_ACK);
+    assert!(nbdinfo(srv.port, "open", None).status.success());
+    assert!(nbdinfo(srv.port, "tlsonly", Some(&certs)).status.success());
+}
+
+/// `--tls-verify-peer`: no client certificate, or one from another CA, is refused;
+/// control: the CA's client in the same run is served.
+#[test]
+fn verify_peer_refuses_missing_and_foreign_certificates() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let other = tls_init(t.path(), "other");
+    let srv = serve_tls(
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--volume",
+            "ram=,backend=mem,size=1M",
+        ],
+        &certs,
+    );
+    // Trusts our server (our CA) but has no client certificate.
+    let anon = t.path().join("anon");
+    std::fs::create_dir(&anon).expect("mkdir");
+    std::fs::copy(certs.join("ca-cert.pem"), anon.join("ca-cert.pem")).expect("cp");
+    // Trusts our server but presents a client certificate of another CA.
+    let foreign = t.path().join("foreign");
+    std::fs::create_dir(&foreign).expect("mkdir");
+    std::fs::copy(certs.join("ca-cert.pem"), foreign.join("ca-cert.pem")).expect("cp");
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(other.join(f), foreign.join(f)).expect("cp");
+    }
+    let a = nbdinfo(srv.port, "ram", Some(&anon));
+    assert!(!a.status.success(), "served without a client certificate");
+    let f = nbdinfo(srv.port, "ram", Some(&foreign));
+    assert!(!f.status.success(), "served a certificate of another CA");
+    let ok = nbdinfo(srv.port, "ram", Some(&certs));
+    assert!(ok.status.success(), "the CA's client was refused: {ok:?}");
+}
+
+/// Allow-lists: the client (`dns:client`) lists and opens `mine` and its backups'
+/// volume, but `theirs` (allowing only `dns:someone-else`) is absent from its list
+/// and refused like a missing export.
+#[test]
+fn allow_list_hides_exports_from_unlisted_clients() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let cfg = t.path().join("acl.toml");
+    std::fs::write(
+        &cfg,
+        "[[volume]]\nname = \"mine\"\nbackend = \"mem\"\nsize = \"1M\"\ntls_allow = [\"dns:client\"]\n\
+         [[volume]]\nname = \"theirs\"\nbackend = \"mem\"\nsize = \"1M\"\ntls_allow = [\"dns:someone-else\", \"dn:CN=x\"]\n",
+    )
+    .expect("config");
+    let srv = serve_tls(
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--config",
+            cfg.to_str().expect("utf8"),
+        ],
+        &certs,
+    );
+    let list = nbdinfo_list(srv.port, &certs);
+    assert!(
+        list.contains("\"mine\""),
+        "listed client does not see its export: {list}"
+    );
+    assert!(!list.contains("theirs"), "unlisted export shown: {list}");
+    assert!(nbdinfo(srv.port, "mine", Some(&certs)).status.success());
+    let refused = nbdinfo(srv.port, "theirs", Some(&certs));
+    assert!(
+        !refused.status.success(),
+        "unlisted client opened the export"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("unknown") || err.contains("No such"), "{err}");
+}
+
+/// Hostile bytes around the TLS handshake close only their own connection (garbage
+/// after STARTTLS, a truncated record, a client that stops mid-handshake and is cut
+/// by the handshake timeout) while a verified client keeps writing and reading.
+#[test]
+fn tls_robustness_beside_a_working_client() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let mut srv = serve_tls(
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--handshake-timeout",
+            "1",
+            "--volume",
+            "ram=,backend=mem,size=4M",
+        ],
+        &certs,
+    );
+    let port = srv.port;
+    let starttls = |s: &mut TcpStream| {
+        send_option(s, OPT_STARTTLS, &[]);
+        assert_eq!(final_reply(s), REP_ACK);
+    };
+    // Garbage instead of a ClientHello: the server closes (EOF or reset).
+    let mut g = raw_negotiate(port);
+    starttls(&mut g);
+    g.write_all(&[0xffu8; 512]).expect("garbage");
+    let mut b = [0u8; 64];
+    assert!(matches!(g.read(&mut b), Ok(0) | Ok(_) | Err(_)));
+    // A truncated record: a handshake header promising more than is sent.
+    let mut tr = raw_negotiate(port);
+    starttls(&mut tr);
+    tr.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00])
+        .expect("partial");
+    // A client that stalls mid-handshake (after STARTTLS, sends nothing).
+    let mut st = raw_negotiate(port);
+    starttls(&mut st);
+    // Garbage before the NBD handshake is done (bad option magic).
+    let mut pre = raw_negotiate(port);
+    pre.write_all(&[0x55u8; 64]).expect("garbage");
+
+    // The verified client writes and reads beside them.
+    let src = t.path().join("src.img");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &data).expect("write");
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/ram?tls-certificates={}",
+        certs.display()
+    );
+    let up =
+        run(Command::new("timeout").args(["60", "nbdcopy", src.to_str().expect("utf8"), &uri]));
+    assert!(up.status.success(), "{up:?}");
+    // The stalled and truncated handshakes are cut by the timeout (1 s).
+    for (name, s) in [("stalled", &mut st), ("truncated", &mut tr)] {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let r = s.read(&mut b);
+        assert!(
+            matches!(r, Ok(0) | Err(_))
+                && !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{name} handshake not closed: {r:?}"
+        );
+    }
+    let back = t.path().join("back.img");
+    let down =
+        run(Command::new("timeout").args(["60", "nbdcopy", &uri, back.to_str().expect("utf8")]));
+    assert!(down.status.success(), "{down:?}");
+    assert!(std::fs::read(&back).expect("read") == data);
+    srv.assert_alive();
+}
