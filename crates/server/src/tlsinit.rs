@@ -33,6 +33,31 @@ pub struct TlsInitArgs {
     /// Client certificate name: its subject CN and a DNS SAN [default: client].
     #[arg(long, value_name = "NAME", default_value = "client")]
     pub client_name: String,
+    /// Another client (repeatable): DIR/clients/NAME/ gets ca-cert.pem,
+    /// client-cert.pem and client-key.pem, a directory a client uses as it is.
+    #[arg(long = "client", value_name = "NAME")]
+    pub clients: Vec<String>,
+}
+
+/// Makes a client certificate for `name` signed by the CA; prints its identities.
+fn client_cert(
+    name: &str,
+    ca_cert: &rcgen::Certificate,
+    ca_key: &KeyPair,
+) -> Result<(String, String), String> {
+    let params = leaf(
+        vec![name.to_string()],
+        name,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = params.signed_by(&key, ca_cert, ca_key).map_err(err)?;
+    let ids = ringblk_nbd::frontend::tls::peer_identities(cert.der());
+    println!(
+        "client {name}: identities for tls_allow: {}",
+        ids.join(" | ")
+    );
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -102,25 +127,33 @@ pub fn run(args: &TlsInitArgs) -> Result<(), String> {
         .signed_by(&server_key, &ca_cert, &ca_key)
         .map_err(err)?;
 
-    let client = leaf(
-        vec![args.client_name.clone()],
-        &args.client_name,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )?;
-    let client_key = KeyPair::generate().map_err(err)?;
-    let client_cert = client
-        .signed_by(&client_key, &ca_cert, &ca_key)
-        .map_err(err)?;
+    for name in &args.clients {
+        // A name becomes a directory: no separators, no dot names.
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(format!("--client {name:?}: use a plain name"));
+        }
+    }
+    let (client_pem, client_key_pem) = client_cert(&args.client_name, &ca_cert, &ca_key)?;
 
     let d = &args.dir;
     write_new(d, "ca-cert.pem", &ca_cert.pem(), 0o644)?;
     write_new(d, "ca-key.pem", &ca_key.serialize_pem(), 0o600)?;
     write_new(d, "server-cert.pem", &server_cert.pem(), 0o644)?;
     write_new(d, "server-key.pem", &server_key.serialize_pem(), 0o600)?;
-    write_new(d, "client-cert.pem", &client_cert.pem(), 0o644)?;
-    write_new(d, "client-key.pem", &client_key.serialize_pem(), 0o600)?;
-    let ids = ringblk_nbd::frontend::tls::peer_identities(client_cert.der());
+    write_new(d, "client-cert.pem", &client_pem, 0o644)?;
+    write_new(d, "client-key.pem", &client_key_pem, 0o600)?;
+    for name in &args.clients {
+        let cd = d.join("clients").join(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cd)
+            .map_err(|e| format!("{}: {e}", cd.display()))?;
+        let (pem, key) = client_cert(name, &ca_cert, &ca_key)?;
+        write_new(&cd, "ca-cert.pem", &ca_cert.pem(), 0o644)?;
+        write_new(&cd, "client-cert.pem", &pem, 0o644)?;
+        write_new(&cd, "client-key.pem", &key, 0o600)?;
+    }
     println!("wrote {}", d.display());
-    println!("client identities for tls_allow: {}", ids.join(" | "));
     Ok(())
 }
