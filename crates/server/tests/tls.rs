@@ -374,7 +374,14 @@ fn fio_verify_job_over_nbds() {
     let t = tmpdir();
     let certs = tls_init(t.path(), "certs");
     let srv = serve_tls(
-        &["--tls", "require", "--volume", "ram=,backend=mem,size=16M"],
+        &[
+            "--tls",
+            "require",
+            "--log",
+            "info",
+            "--volume",
+            "ram=,backend=mem,size=16M",
+        ],
         &certs,
     );
     let uri = format!("--uri=nbds://127.0.0.1:{}/ram", srv.port);
@@ -406,10 +413,10 @@ fn fio_verify_job_over_nbds() {
     );
     // Under `--tls require` nothing but STARTTLS is served before TLS (see
     // `require_refuses_plain_clients_with_the_spec_error`), so fio's success above
-    // was over TLS; its ClientHellos show in the log (rustls notes the IP-literal SNI).
+    // was over TLS; the server logs each TLS session at info.
     assert!(
-        srv.stderr_log().contains("SNI"),
-        "no TLS ClientHello from fio"
+        srv.stderr_log().contains("TLS established"),
+        "fio did not use TLS"
     );
 }
 
