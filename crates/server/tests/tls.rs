@@ -86,7 +86,7 @@ fn raw_negotiate(port: u16) -> TcpStream {
     s
 }
 
-fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
+fn send_option(s: &mut impl Write, option: u32, data: &[u8]) {
     let mut m = IHAVEOPT.to_be_bytes().to_vec();
     m.extend_from_slice(&option.to_be_bytes());
     m.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -95,7 +95,7 @@ fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
 }
 
 /// Reads option replies until a final one (not NBD_REP_INFO); returns its type.
-fn final_reply(s: &mut TcpStream) -> u32 {
+fn final_reply(s: &mut impl Read) -> u32 {
     loop {
         let mut h = [0u8; 20];
         s.read_exact(&mut h).expect("option reply");
@@ -560,6 +560,159 @@ fn tls_robustness_beside_a_working_client() {
             "{name} handshake not closed: {r:?}"
         );
     }
+    let back = t.path().join("back.img");
+    let down =
+        run(Command::new("timeout").args(["60", "nbdcopy", &uri, back.to_str().expect("utf8")]));
+    assert!(down.status.success(), "{down:?}");
+    assert!(std::fs::read(&back).expect("read") == data);
+    srv.assert_alive();
+}
+
+/// A rustls client with `certs`' CA and client certificate.
+fn client_config(certs: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = CertificateDer::from_pem_file(certs.join("ca-cert.pem")).expect("ca");
+    roots.add(ca).expect("add ca");
+    let chain = vec![CertificateDer::from_pem_file(certs.join("client-cert.pem")).expect("cert")];
+    let key = PrivateKeyDer::from_pem_file(certs.join("client-key.pem")).expect("key");
+    #[allow(deprecated)] // ring, as the server uses
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client auth");
+    std::sync::Arc::new(cfg)
+}
+
+/// NBD negotiation up to an acknowledged STARTTLS.
+fn after_starttls(port: u16) -> TcpStream {
+    let mut s = raw_negotiate(port);
+    send_option(&mut s, OPT_STARTTLS, &[]);
+    assert_eq!(final_reply(&mut s), REP_ACK);
+    s
+}
+
+/// A completed TLS session after STARTTLS.
+fn tls_session(port: u16, certs: &Path) -> (rustls::ClientConnection, TcpStream) {
+    let mut s = after_starttls(port);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut c = rustls::ClientConnection::new(client_config(certs), name).expect("client");
+    while c.is_handshaking() {
+        c.complete_io(&mut s).expect("TLS handshake");
+    }
+    (c, s)
+}
+
+/// Whether the server closes `s` within `bound` (alerts before the close are read
+/// and dropped).
+fn closed_within(s: &mut TcpStream, bound: Duration) -> bool {
+    s.set_read_timeout(Some(bound)).expect("timeout");
+    let mut b = vec![0u8; 64 * 1024];
+    for _ in 0..1000 {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true, // reset
+        }
+    }
+    false // the server keeps sending
+}
+
+fn assert_closed(s: &mut TcpStream, what: &str) {
+    assert!(
+        closed_within(s, Duration::from_secs(5)),
+        "{what}: connection still open after 5 s"
+    );
+}
+
+/// Hostile TLS inside the session, each on its own connection: garbage in the
+/// middle of a ClientHello, a record cut short then EOF, a record cut short then a
+/// stall (the handshake timeout, 1 s, cuts it), a corrupted record after the TLS
+/// handshake. Each closes only itself: a well-behaved TLS client on the same path
+/// (the control) opens the export, and a verified nbdcopy writes and reads back the
+/// same bytes beside them; the server stays up.
+#[test]
+fn hostile_tls_records_close_only_their_connection() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let mut srv = serve_tls(
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--handshake-timeout",
+            "1",
+            "--volume",
+            "ram=,backend=mem,size=4M",
+        ],
+        &certs,
+    );
+    let port = srv.port;
+    // Garbage inside the TLS handshake: half a real ClientHello, then junk.
+    let mut g = after_starttls(port);
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut c = rustls::ClientConnection::new(client_config(&certs), name).expect("client");
+    let mut hello = Vec::new();
+    c.write_tls(&mut hello).expect("client hello");
+    g.write_all(&hello[..hello.len() / 2]).expect("half hello");
+    g.write_all(&[0xa5u8; 300]).expect("junk");
+    // A truncated record after the TLS handshake, then EOF.
+    let (_c1, mut eof) = tls_session(port, &certs);
+    eof.write_all(&[23, 3, 3, 0, 200, 1, 2, 3])
+        .expect("torn record");
+    eof.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    // A truncated record, then nothing (NBD handshake unfinished: the timeout).
+    let (_c2, mut stall) = tls_session(port, &certs);
+    stall
+        .write_all(&[23, 3, 3, 0, 200, 1, 2, 3])
+        .expect("torn record");
+    // A corrupted record: a real encrypted option with a flipped byte.
+    let (mut c3, mut bad) = tls_session(port, &certs);
+    send_option(&mut c3.writer(), OPT_GO, &go_data("ram"));
+    let mut rec = Vec::new();
+    while c3.wants_write() {
+        c3.write_tls(&mut rec).expect("record");
+    }
+    let last = rec.len() - 3;
+    rec[last] ^= 0x40;
+    bad.write_all(&rec).expect("corrupt record");
+
+    // Control: the same path without the damage opens the export.
+    let (mut ok, mut ok_sock) = tls_session(port, &certs);
+    {
+        let mut st = rustls::Stream::new(&mut ok, &mut ok_sock);
+        send_option(&mut st, OPT_GO, &go_data("ram"));
+        assert_eq!(final_reply(&mut st), REP_ACK, "control client refused");
+    }
+    // The verified client writes and reads beside them.
+    let src = t.path().join("src.img");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&src, &data).expect("write");
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/ram?tls-certificates={}",
+        certs.display()
+    );
+    let up =
+        run(Command::new("timeout").args(["60", "nbdcopy", src.to_str().expect("utf8"), &uri]));
+    assert!(up.status.success(), "{up:?}");
+    assert_closed(&mut g, "garbage in the ClientHello");
+    assert_closed(&mut eof, "torn record then EOF");
+    assert_closed(&mut stall, "torn record then stall");
+    assert_closed(&mut bad, "corrupted record");
+    // Negative control of the check: the healthy session is not seen as closed.
+    assert!(!closed_within(&mut ok_sock, Duration::from_secs(1)));
     let back = t.path().join("back.img");
     let down =
         run(Command::new("timeout").args(["60", "nbdcopy", &uri, back.to_str().expect("utf8")]));
