@@ -230,6 +230,9 @@ fn require_refuses_plain_clients_with_the_spec_error() {
     let mut s = raw_negotiate(srv.port);
     send_option(&mut s, OPT_GO, &go_data("tlsonly"));
     assert_eq!(final_reply(&mut s), REP_ERR_TLS_REQD);
+    // A missing name gets the same answer: a plain client learns no TLS-only name.
+    send_option(&mut s, OPT_GO, &go_data("no-such-export"));
+    assert_eq!(final_reply(&mut s), REP_ERR_TLS_REQD);
     send_option(&mut s, OPT_GO, &go_data("open"));
     assert_eq!(final_reply(&mut s), REP_ACK);
     assert!(nbdinfo(srv.port, "open", None).status.success());
@@ -713,6 +716,18 @@ fn hostile_tls_records_close_only_their_connection() {
     assert_closed(&mut bad, "corrupted record");
     // Negative control of the check: the healthy session is not seen as closed.
     assert!(!closed_within(&mut ok_sock, Duration::from_secs(1)));
+    // NBD_CMD_DISC: the server ends the TLS session cleanly with close_notify
+    // (rustls reports a close without it as UnexpectedEof).
+    {
+        let mut st = rustls::Stream::new(&mut ok, &mut ok_sock);
+        let mut disc = 0x2560_9513u32.to_be_bytes().to_vec();
+        disc.extend_from_slice(&[0, 0, 0, 2]); // flags 0, NBD_CMD_DISC
+        disc.extend_from_slice(&[0u8; 20]); // cookie, offset, length
+        st.write_all(&disc).expect("disc");
+        let mut b = [0u8; 16];
+        let r = st.read(&mut b);
+        assert!(matches!(r, Ok(0)), "no clean TLS close after DISC: {r:?}");
+    }
     let back = t.path().join("back.img");
     let down =
         run(Command::new("timeout").args(["60", "nbdcopy", &uri, back.to_str().expect("utf8")]));

@@ -436,10 +436,31 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     c.rx_start = 0;
     c.rx_end = 0;
     let tls = c.tls.is_some();
+    if c.tls.as_ref().is_some_and(|t| t.has_input()) {
+        // Ciphertext left over (`rx` was full when it was decrypted; `rx` is larger
+        // than `cin`, so this is not expected): decrypt it now and process it on the
+        // next turn of the loop (from here, processing would recurse).
+        let failed = {
+            let c = &mut *c;
+            let (Some(tls), Some(rx)) = (c.tls.as_mut(), c.rx.as_mut()) else {
+                return;
+            };
+            tls_pump(c.id, tls, rx, &mut c.rx_end).is_err()
+        };
+        drop(c);
+        let conn2 = conn.clone();
+        r.add_timer(std::time::Duration::ZERO, move |r| {
+            if failed {
+                begin_close(r, &conn2, State::Aborting)
+            } else {
+                process(r, &conn2)
+            }
+        });
+        return;
+    }
     let buf = match c.tls.as_mut() {
-        // Pending ciphertext is always decrypted before the receive is re-armed
-        // (`TlsConn::pump` runs while `rx` has room, and `rx` is larger than `cin`).
-        Some(t) if t.has_input() || t.eof => return,
+        // After close_notify nothing more is read.
+        Some(t) if t.eof => return,
         Some(t) => t.cin.take(),
         None => c.rx.take(),
     };
@@ -1709,6 +1730,22 @@ fn maybe_finish(r: &mut Reactor, conn: &ConnRef) {
         && ((c.tx.is_empty() && wire_idle) || c.state == State::Aborting);
     if c.state == State::Open || c.state == State::Closed || !idle {
         return;
+    }
+    if c.state == State::Draining {
+        // A clean close ends the TLS session with close_notify, sent last (GnuTLS
+        // clients report a close without it as a truncation).
+        if let Some(tls) = c.tls.as_mut().filter(|t| t.established && !t.close_sent) {
+            tls.close_sent = true;
+            tls.conn.send_close_notify();
+            drop(c);
+            kick_send(r, conn); // its completion calls maybe_finish again
+            if !conn.borrow().send_outstanding {
+                // Nothing went out (no record, or a send to retry): close now or
+                // when the retried send completes (`wire_out` keeps us not idle).
+                maybe_finish(r, conn);
+            }
+            return;
+        }
     }
     c.state = State::Closed;
     if let Some(t) = c.handshake_timer.take() {

@@ -21,8 +21,9 @@
 //!
 //! Hidden exports are absent from `NBD_OPT_LIST` and answered exactly like a missing
 //! one (`NBD_REP_ERR_UNKNOWN`; EXPORT_NAME disconnects), so a client cannot tell them
-//! from names that do not exist; the one exception is the spec's
-//! `NBD_REP_ERR_TLS_REQD` for a TLS-only export asked before TLS in mode `On`.
+//! from names that do not exist. Before TLS in mode `On`, every name a plain client
+//! may not open, missing or not, gets the spec's `NBD_REP_ERR_TLS_REQD`, so that
+//! answer tells nothing either.
 //!
 //! # Bounds
 //! Ciphertext is received into one buffer of [`TLS_RX_BYTES`] and given to rustls
@@ -239,14 +240,11 @@ impl ExportCatalog for Gated<'_> {
         self.inner.meta_context_binding(export, context)
     }
 
-    fn needs_tls(&self, name: &str) -> bool {
-        // Only for an export a TLS client could be served (SELECTIVETLS, spec).
-        self.tls.mode == TlsMode::On
-            && !self.tls_active
-            && self
-                .inner
-                .lookup(name)
-                .is_some_and(|i| !self.tls.visible(&i.name, false, &[]))
+    fn needs_tls(&self, _name: &str) -> bool {
+        // SELECTIVETLS: every name a plain client may not open gets TLS_REQD, missing
+        // ones too (the spec allows it), so the answer does not tell a plain client
+        // which TLS-only names exist.
+        self.tls.mode == TlsMode::On && !self.tls_active
     }
 }
 
@@ -275,6 +273,8 @@ pub(crate) struct TlsConn {
     pub established: bool,
     /// The peer sent close_notify.
     pub eof: bool,
+    /// Our close_notify was queued (a clean close sends it once, last).
+    pub close_sent: bool,
 }
 
 impl TlsConn {
@@ -295,6 +295,7 @@ impl TlsConn {
             peer: Vec::new(),
             established: false,
             eof: false,
+            close_sent: false,
         })
     }
 
