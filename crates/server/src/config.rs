@@ -800,4 +800,70 @@ mod tests {
             assert!(e.contains("VOL=SOCKET_PATH"), "{e}");
         }
     }
+
+    /// TLS settings that cannot work are refused at start, not at the first client
+    /// (#16): a mode without credentials, credentials or verification without a
+    /// mode, an allow-list entry of no known kind.
+    #[test]
+    fn tls_settings_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let bad = |flags: Flags, what: &str| {
+            let err = resolve(flags).expect_err(what);
+            assert!(err.contains("tls"), "{what}: {err}");
+        };
+        bad(
+            Flags {
+                tls: Some(TlsMode::On),
+                ..Default::default()
+            },
+            "on without creds",
+        );
+        bad(
+            Flags {
+                tls_creds: Some(dir.path().to_path_buf()),
+                ..Default::default()
+            },
+            "creds without a mode",
+        );
+        bad(
+            Flags {
+                tls_verify_peer: true,
+                ..Default::default()
+            },
+            "verify without a mode",
+        );
+        // Credentials that are not there name the file.
+        let err = resolve(Flags {
+            tls: Some(TlsMode::Require),
+            tls_creds: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        })
+        .expect_err("missing files");
+        assert!(err.contains("server-cert.pem"), "{err}");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 4096\ntls_allow = [\"alice\"]\n",
+        )
+        .expect("write");
+        bad(
+            Flags {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            "allow entry without a kind",
+        );
+        // Control: the same file with a known kind resolves (TLS off: hidden).
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 4096\ntls_allow = [\"dns:alice\"]\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect("valid allow-list");
+        assert_eq!(r.server.tls.access["a"].allow, ["dns:alice"]);
+    }
 }

@@ -237,6 +237,21 @@ fn require_refuses_plain_clients_with_the_spec_error() {
     assert_eq!(final_reply(&mut s), REP_ACK);
     assert!(nbdinfo(srv.port, "open", None).status.success());
     assert!(nbdinfo(srv.port, "tlsonly", Some(&certs)).status.success());
+    // NBD_OPT_LIST: a plain client sees only the plaintext export, a TLS one both.
+    let plain = run(Command::new("timeout").args([
+        "20",
+        "nbdinfo",
+        "--list",
+        "--json",
+        &format!("nbd://127.0.0.1:{}/", srv.port),
+    ]));
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    assert!(
+        plain.contains("\"open\"") && !plain.contains("tlsonly"),
+        "{plain}"
+    );
+    let tls = nbdinfo_list(srv.port, &certs);
+    assert!(tls.contains("\"open\"") && tls.contains("tlsonly"), "{tls}");
 }
 
 /// `--tls-verify-peer`: no client certificate, or one from another CA, is refused;
