@@ -600,11 +600,13 @@ fn start_tls(c: &mut Conn, leftover_from: usize) -> bool {
         c.state = State::Aborting;
         return false;
     };
+    // Everything queued so far goes in the clear, in order (a partial send's rest
+    // comes back as `Reply::Data` too).
     let mut clear = Vec::new();
     for rep in c.tx.drain(..) {
-        if let Reply::Bytes(b) = rep {
-            clear.extend_from_slice(&b);
-        }
+        let [a, b] = reply_pieces(&rep);
+        clear.extend_from_slice(a);
+        clear.extend_from_slice(b);
     }
     let mut tls = match TlsConn::new(config, clear) {
         Ok(t) => Box::new(t),
@@ -1649,8 +1651,22 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, 
                     skip = 0;
                 }
             }
-            for rep in rest.into_iter().rev() {
-                c.tx.push_front(rep);
+            if let Some(tls) = c.tls.as_mut() {
+                // Sent in the clear before STARTTLS took over: the rest still goes in
+                // the clear, ahead of the ACK and the TLS records (`start_tls`).
+                let mut clear = Vec::new();
+                for rep in &rest {
+                    let [a, b] = reply_pieces(rep);
+                    clear.extend_from_slice(a);
+                    clear.extend_from_slice(b);
+                }
+                tls.wire_plain += clear.len();
+                clear.append(&mut tls.wire_out);
+                tls.wire_out = clear;
+            } else {
+                for rep in rest.into_iter().rev() {
+                    c.tx.push_front(rep);
+                }
             }
         }
     }
