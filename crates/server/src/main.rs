@@ -54,6 +54,9 @@ CONFIG FILE (TOML; flags override it):
   buffer_budget = \"1G\"   # request buffers of all connections together
   max_handshakes = 128
   request_timeout_secs = 30
+  tls = \"require\"      # off | on | require: NBD over TLS (STARTTLS)
+  tls_creds = \"/etc/ringblk/tls\"   # ca-cert.pem, server-cert.pem, server-key.pem
+  tls_verify_peer = true
   [[volume]]
   name = \"vol0\"
   path = \"/var/lib/ringblk/vol0.img\"
@@ -62,6 +65,9 @@ CONFIG FILE (TOML; flags override it):
   backend = \"file\"       # file | mem | null
   read_only = false
   grow = false           # true: size may grow an existing smaller file
+  tls_allow = [\"dns:alice\", \"dn:CN=bob, O=ringblk\"]   # NBD clients (certificate
+                         # SAN or subject) that see this volume and its backups
+  plaintext = false      # with tls = \"on\": serve it to clients without TLS too
 
 An existing file smaller than size= is refused, never grown silently: add grow=true
 to the --volume spec (grow = true in the file) to grow it. A size smaller than the

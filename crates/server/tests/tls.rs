@@ -15,6 +15,7 @@ const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const OPT_GO: u32 = 7;
 const OPT_STARTTLS: u32 = 5;
+const OPT_EXPORT_NAME: u32 = 1;
 const REP_ACK: u32 = 1;
 const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 
@@ -361,7 +362,7 @@ fn allow_list_two_clients_same_run_covers_backups() {
         let refused = nbdinfo(srv.port, export, Some(&bob));
         assert!(!refused.status.success(), "bob opened {export}");
     }
-    // EXPORT_NAME (oldstyle-ish open) is refused too: qemu-img with bob's creds.
+    // qemu (GnuTLS, OPT_GO) with bob's credentials is refused too.
     let creds = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=client",
         bob.display()
@@ -380,6 +381,18 @@ fn allow_list_two_clients_same_run_covers_backups() {
         &opts,
     ]));
     assert!(!qi.status.success(), "qemu-img opened shared as bob");
+    // NBD_OPT_EXPORT_NAME over TLS: bob is disconnected (the option has no error
+    // reply), alice gets the export's size; same run, same server.
+    let export_name = |who: &Path| {
+        let (mut c, mut sock) = tls_session(srv.port, who);
+        let mut st = rustls::Stream::new(&mut c, &mut sock);
+        send_option(&mut st, OPT_EXPORT_NAME, b"shared");
+        let mut reply = [0u8; 10];
+        st.read_exact(&mut reply).ok().map(|()| reply)
+    };
+    let a = export_name(&alice).expect("alice: EXPORT_NAME refused");
+    assert_eq!(u64::from_be_bytes(a[..8].try_into().expect("8")), 4 << 20);
+    assert!(export_name(&bob).is_none(), "bob: EXPORT_NAME served");
 }
 
 /// fio's nbd engine (fio 3.33, libnbd) runs a verify job over `nbds://`. fio does not
