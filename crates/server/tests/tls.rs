@@ -763,3 +763,23 @@ fn hostile_tls_records_close_only_their_connection() {
     assert!(std::fs::read(&back).expect("read") == data);
     srv.assert_alive();
 }
+
+/// `tls-init` never overwrites: a second run on the same directory fails and leaves
+/// the CA as it was (a quick start must not replace a CA clients already trust).
+#[test]
+fn tls_init_refuses_to_overwrite() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let ca = std::fs::read(certs.join("ca-cert.pem")).expect("ca");
+    let again = run(Command::new(bin()).arg("tls-init").arg(&certs));
+    assert!(!again.status.success(), "second tls-init succeeded");
+    assert_eq!(std::fs::read(certs.join("ca-cert.pem")).expect("ca"), ca);
+    // Control: a fresh directory works, and its keys are private.
+    use std::os::unix::fs::PermissionsExt;
+    let other = tls_init(t.path(), "other");
+    let mode = std::fs::metadata(other.join("server-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "server key readable by others");
+}

@@ -1,7 +1,8 @@
 //! What the NBD sessions share with the listener and the RPC methods: the block
 //! layer's `Target`, the handshake's export catalog, the server-wide connection
-//! counters and limits, the handshake timeout, and admission (buffer budget,
-//! handshake slots, push-back counters).
+//! counters and limits, the handshake timeout, admission (buffer budget,
+//! handshake slots, push-back counters) and the TLS settings (`tls`: mode,
+//! credentials, per-volume access; read-only after start).
 //!
 //! Layer: the NBD front end; imports `ringblk_target::{target, admission}` and
 //! `exports`. The server (`ringblk-server`'s `server.rs`, the wiring) builds it and
