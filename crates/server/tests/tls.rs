@@ -783,3 +783,90 @@ fn tls_init_refuses_to_overwrite() {
         .mode();
     assert_eq!(mode & 0o077, 0, "server key readable by others");
 }
+
+/// A TLS session that completed GO on `export` (transmission phase).
+fn tls_transmission(
+    port: u16,
+    certs: &Path,
+    export: &str,
+) -> (rustls::ClientConnection, TcpStream) {
+    let (mut c, mut s) = tls_session(port, certs);
+    {
+        let mut st = rustls::Stream::new(&mut c, &mut s);
+        send_option(&mut st, OPT_GO, &go_data(export));
+        assert_eq!(final_reply(&mut st), REP_ACK, "GO over TLS");
+    }
+    (c, s)
+}
+
+/// An NBD request header (simple, no flags).
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
+    h.extend_from_slice(&0u16.to_be_bytes());
+    h.extend_from_slice(&kind.to_be_bytes());
+    h.extend_from_slice(&cookie.to_be_bytes());
+    h.extend_from_slice(&offset.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    h
+}
+
+/// The transmission-phase cases of the raw-socket suite, inside TLS: a bad request
+/// magic, a WRITE whose payload stops (cut by `--request-timeout`), a torn record
+/// mid-request then EOF. Each closes only itself; a healthy TLS session on the
+/// same export writes and reads its bytes back (the control) beside them.
+#[test]
+fn transmission_hostility_over_tls() {
+    let t = tmpdir();
+    let certs = tls_init(t.path(), "certs");
+    let mut srv = serve_tls(
+        &[
+            "--tls",
+            "require",
+            "--tls-verify-peer",
+            "--request-timeout",
+            "1",
+            "--volume",
+            "ram=,backend=mem,size=4M",
+        ],
+        &certs,
+    );
+    let port = srv.port;
+    let (mut c1, mut magic) = tls_transmission(port, &certs, "ram");
+    rustls::Stream::new(&mut c1, &mut magic)
+        .write_all(&[0x5au8; 28])
+        .expect("bad magic");
+    let (mut c2, mut stall) = tls_transmission(port, &certs, "ram");
+    {
+        let mut st = rustls::Stream::new(&mut c2, &mut stall);
+        st.write_all(&request(1, 7, 0, 65536))
+            .expect("write header");
+        st.write_all(&[1u8; 100]).expect("part of the payload");
+    }
+    let (_c3, mut torn) = tls_transmission(port, &certs, "ram");
+    torn.write_all(&[23, 3, 3, 0, 64, 9, 9])
+        .expect("torn record");
+    torn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+
+    // Control: a healthy session writes 4 KiB and reads it back.
+    let (mut ok, mut ok_sock) = tls_transmission(port, &certs, "ram");
+    {
+        let mut st = rustls::Stream::new(&mut ok, &mut ok_sock);
+        let block = vec![0xc3u8; 4096];
+        st.write_all(&request(1, 1, 8192, 4096)).expect("write");
+        st.write_all(&block).expect("payload");
+        let mut reply = [0u8; 16];
+        st.read_exact(&mut reply).expect("write reply");
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "write failed");
+        st.write_all(&request(0, 2, 8192, 4096)).expect("read");
+        st.read_exact(&mut reply).expect("read reply");
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "read failed");
+        let mut got = vec![0u8; 4096];
+        st.read_exact(&mut got).expect("read data");
+        assert!(got == block, "bytes differ");
+    }
+    assert_closed(&mut magic, "bad request magic over TLS");
+    assert_closed(&mut stall, "WRITE payload stalled over TLS");
+    assert_closed(&mut torn, "torn record mid-transmission");
+    assert!(!closed_within(&mut ok_sock, Duration::from_millis(1500)));
+    srv.assert_alive();
+}
