@@ -23,6 +23,11 @@
 #   bench/compare.sh --vhost         the vhost-user-blk section instead (issue #13): the
 #                                    systems and workloads below, same method; with
 #                                    --smoke: one workload, 1 s per system (CI)
+#   bench/compare.sh --tls           the NBD-over-TLS section instead (issue #16):
+#                                    ringblk-tls vs qemu-nbd-tls (same certificates from
+#                                    `ringblk tls-init`, same run), 4 KiB randread QD32
+#                                    and 128 KiB sequential read QD8; with --smoke, 1 s
+#                                    each (CI)
 #   bench/compare.sh --only SYS,SYS,... run only the named systems (names as listed below,
 #                                    comma-separated; the others are skipped, and the
 #                                    backing file is not written when no file-backed
@@ -44,6 +49,15 @@
 #   ringblk-old-null, ringblk-new-null    (null backend, as `ringblk-null`)
 # They take their turns in the same interleaved rounds (RINGBLK_ARGS applies to them
 # too), and the summary gets a table "ringblk new vs old" with the new/old ratios.
+#
+# With --tls, both servers serve the backing file over TLS (STARTTLS, TLS required)
+# with the server certificate of one `ringblk tls-init` directory, and fio connects
+# with nbds:// URIs:
+#   ringblk-tls    ringblk serve --tls require --tls-creds DIR --volume v=FILE
+#   qemu-nbd-tls   qemu-nbd ... --object tls-creds-x509,dir=DIR,endpoint=server,
+#                  verify-peer=off --tls-creds tls0
+# Neither asks for a client certificate: fio 3.33's nbd engine cannot pass libnbd a
+# certificate directory (it refuses tls-certificates= in a URI).
 #
 # With --vhost, the systems are vhost-user-blk back ends on the same file, driven by
 # `ringblk-bench run --vhost SOCKET` (libblkio's virtio-blk-vhost-user driver;
@@ -89,7 +103,7 @@ CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 
 REPEAT=3 RUNTIME=4 RAMP=1 SIZE=1G MODE=default OUT="" BENCH_CLIENT=0 BUILD=1
-RINGBLK_OLD="" RINGBLK_NEW="" ONLY="" PIN=0 VHOST=0
+RINGBLK_OLD="" RINGBLK_NEW="" ONLY="" PIN=0 VHOST=0 TLS=0
 WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-j2"
 NULL_WORKLOADS="rr4k-qd1 rr4k-qd32"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -107,6 +121,7 @@ while [ $# -gt 0 ]; do
         --only) ONLY=${2:-}; shift ;;
         --pin) PIN=1 ;;
         --vhost) VHOST=1 ;;
+        --tls) TLS=1 ;;
         --quick) MODE=quick; REPEAT=1 RUNTIME=3 RAMP=1 SIZE=256M ;;
         --smoke) MODE=smoke; REPEAT=1 RUNTIME=1 RAMP=0 SIZE=64M
                  WORKLOADS="rr4k-qd32" NULL_WORKLOADS="rr4k-qd32" ;;
@@ -159,6 +174,19 @@ if [ "$VHOST" = 1 ]; then
         echo "compare.sh: --vhost needs qemu-storage-daemon (package qemu-utils)" >&2; exit 1; }
     SYSTEMS="$SYSTEMS qsd-vhost local"
     NULL_SYSTEMS="$NULL_SYSTEMS qsd-vhost-null"
+elif [ "$TLS" = 1 ]; then
+    if [ -n "$RINGBLK_OLD" ] || [ "$BENCH_CLIENT" = 1 ]; then
+        echo "compare.sh: --tls goes without --ringblk-old/--ringblk-new and --bench-client" >&2
+        exit 2
+    fi
+    MODE="NBD over TLS, $MODE"
+    # The two workloads of #16, in --smoke too (1 s each).
+    WORKLOADS="rr4k-qd32 sr128k-qd8"
+    NULL_WORKLOADS=""
+    command -v qemu-nbd >/dev/null || {
+        echo "compare.sh: --tls needs qemu-nbd (package qemu-utils)" >&2; exit 1; }
+    SYSTEMS="ringblk-tls qemu-nbd-tls"
+    NULL_SYSTEMS=""
 else
 SYSTEMS="ringblk"
 NULL_SYSTEMS="ringblk-null"
@@ -229,6 +257,10 @@ mkdir -p "$OUT/runs" "$OUT/hgrm"
 OUT=$(cd "$OUT" && pwd)
 BACKING=$OUT/backing.img
 : > "$OUT/results.tsv"
+TLS_DIR=$OUT/tls
+if [ "$TLS" = 1 ] && [ ! -e "$TLS_DIR/server-cert.pem" ]; then
+    "$RINGBLK" tls-init "$TLS_DIR" > /dev/null
+fi
 
 SERVER_PID=""
 URI=""
@@ -284,6 +316,32 @@ start_server() {
             port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$OUT/banner" | cut -d: -f2)
             [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
             URI="nbd://127.0.0.1:$port/v"
+            ;;
+        ringblk-tls)
+            rm -f "$OUT/banner"
+            # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
+            "${SERVER_PIN[@]}" "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
+                --rpc "$OUT/ringblk.$n.sock" --volume "v=$BACKING" --tls require --tls-creds "$TLS_DIR" \
+                "${RINGBLK_PIN[@]}" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            for _ in $(seq 100); do
+                grep -q "listening on" "$OUT/banner" 2>/dev/null && break
+                kill -0 "$SERVER_PID" 2>/dev/null || { cat "$OUT/server.log" >&2; return 1; }
+                sleep 0.1
+            done
+            port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$OUT/banner" | cut -d: -f2)
+            [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
+            URI="nbds://127.0.0.1:$port/v"
+            ;;
+        qemu-nbd-tls)
+            port=$(free_port)
+            rm -f "$OUT/qemu.pid"
+            "${SERVER_PIN[@]}" qemu-nbd -f raw --aio=io_uring --cache=none -x v -b 127.0.0.1 -p "$port" -t -e 16 \
+                --object "tls-creds-x509,id=tls0,dir=$TLS_DIR,endpoint=server,verify-peer=off" --tls-creds tls0 \
+                --pid-file="$OUT/qemu.pid" "$BACKING" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            wait_file "$OUT/qemu.pid" "$SERVER_PID"
+            URI="nbds://127.0.0.1:$port/v"
             ;;
         qemu-nbd)
             port=$(free_port)
@@ -528,6 +586,7 @@ print(f"# ringblk peer comparison ({mode}: {rounds} round(s) x {runtime:g} s + {
 print("Medians over the rounds. Latency: fio total latency (µs; ringblk-bench's own for +rbb rows). CPU: server utime+stime "
       "over the run; IOPS/CPU-s: operations per server CPU-second.\n")
 for group, members in (("storage", ["ringblk", "qemu-nbd", "nbdkit", "local"]),
+                       ("NBD over TLS on the file (same certificates)", ["ringblk-tls", "qemu-nbd-tls"]),
                        ("null backend (protocol and server overhead only)", ["ringblk-null", "nbdkit-null"]),
                        ("ringblk-bench as the client (HdrHistogram latency)", ["ringblk+rbb", "qemu-nbd+rbb", "nbdkit+rbb"]),
                        ("vhost-user-blk on the file (ringblk-bench --vhost; local: fio)", ["ringblk-vhost", "qsd-vhost", "local"]),

@@ -117,6 +117,8 @@ export RINGBLK_PROFILE=debug
 bench/compare.sh --smoke
 # vhost-user-blk: ringblk vs qemu-storage-daemon (qemu-utils) vs local fio, via libblkio.
 bench/compare.sh --vhost --smoke
+# NBD over TLS (#16): ringblk vs qemu-nbd, same certificates (ringblk tls-init).
+bench/compare.sh --tls --smoke
 bench/switch-bench.sh --smoke
 if [ -f bench/src/bin/reactor_bench.rs ]; then
   cargo run -q -p ringblk-bench --bin reactor_bench -- --smoke

@@ -17,6 +17,10 @@ use ringblk_target::spec::{default_rpc_socket, SizeValue};
 pub use ringblk_target::spec::{parse_size, parse_volume};
 use ringblk_target::volume::VolumeSpec;
 
+use ringblk_nbd::frontend::{ExportAccess, NbdTls};
+use ringblk_nbd::TlsMode;
+use std::sync::Arc;
+
 /// Settings the server runs with (built from the CLI and config file).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -36,6 +40,8 @@ pub struct ServerConfig {
     pub rebind: Vec<String>,
     /// Server-wide limits: buffer budget, handshake slots, request timeout.
     pub admission: AdmissionConfig,
+    /// NBD over TLS (#16): mode, credentials, per-volume access.
+    pub tls: Arc<NbdTls>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -107,6 +113,12 @@ pub struct FileConfig {
     pub max_in_flight: Option<usize>,
     /// As `--commit-queue-depth`.
     pub commit_queue_depth: Option<usize>,
+    /// As `--tls`: off | on | require.
+    pub tls: Option<String>,
+    /// As `--tls-creds`.
+    pub tls_creds: Option<PathBuf>,
+    /// As `--tls-verify-peer`.
+    pub tls_verify_peer: Option<bool>,
     #[serde(default)]
     pub volume: Vec<FileVolume>,
     /// As `--vhost VOL=SOCKET_PATH`, one table each.
@@ -139,6 +151,14 @@ pub struct FileVolume {
     /// Let `size` grow an existing smaller file (see `--volume ...,grow=true`).
     #[serde(default)]
     pub grow: bool,
+    /// NBD clients allowed to see this volume and its backups, by certificate
+    /// identity: `dns:NAME`, `ip:ADDR`, `uri:URI` (exact SANs) or `dn:SUBJECT`
+    /// (exact subject DN). Empty: every client the TLS mode lets in.
+    #[serde(default)]
+    pub tls_allow: Vec<String>,
+    /// With `--tls on`, serve this volume to clients without TLS too.
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
@@ -170,6 +190,56 @@ pub struct Flags {
     pub commit_queue_depth: Option<usize>,
     /// `--vhost VOL=SOCKET_PATH` (repeatable).
     pub vhost: Vec<VhostArg>,
+    /// `--tls`.
+    pub tls: Option<TlsMode>,
+    /// `--tls-creds DIR`.
+    pub tls_creds: Option<PathBuf>,
+    /// `--tls-verify-peer`.
+    pub tls_verify_peer: bool,
+}
+
+/// Parses `--tls`: off | on | require.
+pub fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    match s {
+        "off" => Ok(TlsMode::Off),
+        "on" => Ok(TlsMode::On),
+        "require" => Ok(TlsMode::Require),
+        _ => Err(format!("invalid TLS mode {s:?}: use off, on or require")),
+    }
+}
+
+/// Checks one allow-list entry: a known identity kind and a non-empty value.
+fn check_identity(volume: &str, id: &str) -> Result<(), String> {
+    let ok = ["dns:", "ip:", "uri:", "dn:"]
+        .iter()
+        .any(|p| id.strip_prefix(p).is_some_and(|v| !v.is_empty()));
+    if !ok {
+        return Err(format!(
+            "volume {volume}: tls_allow entry {id:?}: use dns:NAME, ip:ADDR, uri:URI or dn:SUBJECT"
+        ));
+    }
+    Ok(())
+}
+
+/// The RPC socket grants full control of the server: refuse a path whose directory
+/// others can write (they could replace the socket, or race its creation).
+pub fn check_rpc_dir(rpc: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = rpc.parent() else {
+        return Ok(());
+    };
+    // A missing directory fails at bind with its own message.
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err(format!(
+            "--rpc {}: its directory {} is writable by others; put the socket in a private directory",
+            rpc.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// One `--vhost VOL=SOCKET_PATH`: export `VOL` (or `VOL@BACKUP`, read-only) as a
@@ -271,6 +341,40 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         });
     }
     let mut volumes = flags.volumes;
+    let mut access = std::collections::HashMap::new();
+    for v in &file.volume {
+        for id in &v.tls_allow {
+            check_identity(&v.name, id)?;
+        }
+        access.insert(
+            v.name.clone(),
+            ExportAccess {
+                allow: v.tls_allow.clone(),
+                plaintext: v.plaintext,
+            },
+        );
+    }
+    let tls_mode = match (flags.tls, &file.tls) {
+        (Some(m), _) => m,
+        (None, Some(s)) => parse_tls_mode(s)?,
+        (None, None) => TlsMode::Off,
+    };
+    let tls_creds = flags.tls_creds.clone().or(file.tls_creds.clone());
+    let verify_peer = flags.tls_verify_peer || file.tls_verify_peer.unwrap_or(false);
+    let tls_config = match (tls_mode, &tls_creds) {
+        (TlsMode::Off, None) if verify_peer => {
+            return Err("--tls-verify-peer needs --tls on or require".into())
+        }
+        (TlsMode::Off, None) => None,
+        (TlsMode::Off, Some(_)) => return Err("--tls-creds needs --tls on or require".into()),
+        (_, None) => return Err("--tls on|require needs --tls-creds DIR".into()),
+        (_, Some(dir)) => Some(NbdTls::load_config(dir, verify_peer).map_err(|e| e.to_string())?),
+    };
+    let tls = Arc::new(NbdTls {
+        mode: tls_mode,
+        config: tls_config,
+        access,
+    });
     for v in file.volume {
         volumes.push(VolumeSpec {
             name: v.name.clone(),
@@ -383,6 +487,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             volumes_implicit,
             rebind: flags.rebind,
             admission,
+            tls,
         },
         rpc,
         rpc_default,
@@ -759,5 +864,71 @@ mod tests {
         })
         .expect_err("unknown key");
         assert!(e.contains("mode"), "{e}");
+    }
+
+    /// TLS settings that cannot work are refused at start, not at the first client
+    /// (#16): a mode without credentials, credentials or verification without a
+    /// mode, an allow-list entry of no known kind.
+    #[test]
+    fn tls_settings_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let bad = |flags: Flags, what: &str| {
+            let err = resolve(flags).expect_err(what);
+            assert!(err.contains("tls"), "{what}: {err}");
+        };
+        bad(
+            Flags {
+                tls: Some(TlsMode::On),
+                ..Default::default()
+            },
+            "on without creds",
+        );
+        bad(
+            Flags {
+                tls_creds: Some(dir.path().to_path_buf()),
+                ..Default::default()
+            },
+            "creds without a mode",
+        );
+        bad(
+            Flags {
+                tls_verify_peer: true,
+                ..Default::default()
+            },
+            "verify without a mode",
+        );
+        // Credentials that are not there name the file.
+        let err = resolve(Flags {
+            tls: Some(TlsMode::Require),
+            tls_creds: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        })
+        .expect_err("missing files");
+        assert!(err.contains("server-cert.pem"), "{err}");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 4096\ntls_allow = [\"alice\"]\n",
+        )
+        .expect("write");
+        bad(
+            Flags {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            "allow entry without a kind",
+        );
+        // Control: the same file with a known kind resolves (TLS off: hidden).
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 4096\ntls_allow = [\"dns:alice\"]\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect("valid allow-list");
+        assert_eq!(r.server.tls.access["a"].allow, ["dns:alice"]);
     }
 }

@@ -58,3 +58,4 @@ pub mod methods;
 pub mod rpc;
 pub mod server;
 pub mod startup;
+pub mod tlsinit;

@@ -54,6 +54,9 @@ CONFIG FILE (TOML; flags override it):
   buffer_budget = \"1G\"   # request buffers of all connections together
   max_handshakes = 128
   request_timeout_secs = 30
+  tls = \"require\"      # off | on | require: NBD over TLS (STARTTLS)
+  tls_creds = \"/etc/ringblk/tls\"   # ca-cert.pem, server-cert.pem, server-key.pem
+  tls_verify_peer = true
   [[volume]]
   name = \"vol0\"
   path = \"/var/lib/ringblk/vol0.img\"
@@ -62,6 +65,9 @@ CONFIG FILE (TOML; flags override it):
   backend = \"file\"       # file | mem | null
   read_only = false
   grow = false           # true: size may grow an existing smaller file
+  tls_allow = [\"dns:alice\", \"dn:CN=bob, O=ringblk\"]   # NBD clients (certificate
+                         # SAN or subject) that see this volume and its backups
+  plaintext = false      # with tls = \"on\": serve it to clients without TLS too
   [[vhost]]              # as --vhost VOL=SOCKET_PATH
   volume = \"vol0\"        # or \"vol0@BACKUP\" (read-only)
   socket = \"/run/ringblk/vol0.vhost\"
@@ -90,6 +96,19 @@ EXAMPLES:
   ringblk check --data-dir /var/lib/ringblk vol0"
     )]
     Check(CheckArgs),
+    /// Make a CA, a server and a client certificate for NBD over TLS (quick start).
+    #[command(
+        after_help = "Writes, in DIR (created 0700): ca-cert.pem, ca-key.pem, server-cert.pem,
+server-key.pem (qemu's tls-creds-x509 layout for `ringblk serve --tls-creds DIR`),
+and client-cert.pem, client-key.pem for clients (nbdinfo's tls-certificates=DIR and
+qemu's tls-creds-x509 endpoint=client read the same directory). The client
+certificate's identities for tls_allow are printed. Existing files are not
+overwritten.
+
+EXAMPLES:
+  ringblk tls-init /etc/ringblk/tls --server-name nbd.example.com --client-name alice"
+    )]
+    TlsInit(ringblk_server::tlsinit::TlsInitArgs),
 }
 
 #[derive(clap::Args)]
@@ -281,6 +300,18 @@ struct ServeArgs {
     /// json (one object per line).
     #[arg(long, value_name = "FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// NBD over TLS (STARTTLS): off; on (TLS when the client asks; plain clients
+    /// see only volumes marked plaintext = true in the config file); require (no
+    /// option but STARTTLS before TLS) [default: off, or tls= in the file].
+    #[arg(long, value_name = "MODE", value_parser = config::parse_tls_mode)]
+    tls: Option<ringblk_nbd::TlsMode>,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (qemu's
+    /// tls-creds-x509 layout; `ringblk tls-init DIR` makes one).
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// Require a client certificate signed by ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -297,6 +328,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(args),
+        Command::TlsInit(args) => match ringblk_server::tlsinit::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringblk tls-init: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -439,6 +477,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_in_flight: args.max_in_flight,
         commit_queue_depth: args.commit_queue_depth,
         vhost: args.vhost,
+        tls: args.tls,
+        tls_creds: args.tls_creds,
+        tls_verify_peer: args.tls_verify_peer,
     })?;
     if args.read_only {
         // The implicit vol0 only when its file exists: a read-only volume is never
@@ -449,6 +490,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 v.read_only = true;
             }
         }
+    }
+    if !resolved.rpc_default {
+        // The default's directory is made 0700 below; a chosen one is checked.
+        config::check_rpc_dir(&resolved.rpc)?;
     }
     if resolved.rpc_default {
         if let Some(dir) = resolved.rpc.parent() {

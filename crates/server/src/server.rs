@@ -123,6 +123,7 @@ impl Server {
             max_connections: config.max_connections,
             handshake_timeout: config.handshake_timeout,
             admission: Admission::new(config.admission.clone()),
+            tls: config.tls.clone(),
         });
         shared
             .target
