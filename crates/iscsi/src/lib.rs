@@ -1,6 +1,8 @@
 //! ringblk-iscsi: the iSCSI protocol, sans-IO (work in progress, see the end).
 
 pub mod digest;
+pub mod discovery;
+pub mod login;
 pub mod pdu;
 #[cfg(test)]
 mod testutil;
