@@ -280,6 +280,42 @@ fn chap_login_one_way_and_mutual() {
     }
 }
 
+/// RFC 7143 §12.1.3: an initiator that hands our own challenge back (to make us compute
+/// a response it can replay) is refused even with the right CHAP_R.
+#[test]
+fn reflected_challenge_is_refused() {
+    let mut login = Login::new(chap_cfg(true), ENTROPY, 1, 0);
+    let mut first = LEADING.to_vec();
+    first.push(("AuthMethod", "CHAP"));
+    login.handle(&req(0, 1, false, false, &first));
+    login.handle(&req(0, 1, false, false, &[("CHAP_A", "5")]));
+    let proof = text::hex(&chap_response(7, b"s3cretpasswd12", &[7; 16]));
+    let ours = text::hex(&[7; 16]);
+    let body = [
+        ("CHAP_N", "alice"),
+        ("CHAP_R", proof.as_str()),
+        ("CHAP_I", "7"),
+        ("CHAP_C", ours.as_str()),
+    ];
+    let step = login.handle(&req(0, 1, true, false, &body));
+    assert_eq!(status_of(&step), status::AUTHENTICATION_FAILURE);
+    // Control: the same with a fresh challenge passes.
+    let mut login = Login::new(chap_cfg(true), ENTROPY, 1, 0);
+    login.handle(&req(0, 1, false, false, &first));
+    login.handle(&req(0, 1, false, false, &[("CHAP_A", "5")]));
+    let fresh = text::hex(&[8; 16]);
+    let body = [
+        ("CHAP_N", "alice"),
+        ("CHAP_R", proof.as_str()),
+        ("CHAP_I", "7"),
+        ("CHAP_C", fresh.as_str()),
+    ];
+    assert!(matches!(
+        login.handle(&req(0, 1, true, false, &body)),
+        LoginStep::Continue(_)
+    ));
+}
+
 /// Refusals, each with the status RFC 7143 §11.13.5 gives it.
 #[test]
 fn refusals_carry_their_status() {
@@ -416,6 +452,8 @@ fn answers_and_continuation() {
     text::push(&mut text, "DefaultTime2Wait", "5");
     text::push(&mut text, "HeaderDigest", "CRC32C,None");
     text::push(&mut text, "ImmediateData", "Maybe");
+    // InitialR2T's result is the OR: the initiator's Yes wins over our No.
+    text::push(&mut text, "InitialR2T", "Yes");
     let (a, b) = text.split_at(20);
     let mut p1 = req(1, 3, false, true, &[]);
     p1.data = a.to_vec();
@@ -443,6 +481,8 @@ fn answers_and_continuation() {
     assert_eq!(answer(&response, "DefaultTime2Wait").as_deref(), Some("5"));
     assert_eq!(answer(&response, "HeaderDigest").as_deref(), Some("CRC32C"));
     assert!(params.header_digest);
+    assert_eq!(answer(&response, "InitialR2T").as_deref(), Some("Yes"));
+    assert!(params.initial_r2t);
     assert_eq!(
         params.max_burst_length_bytes, 262_144,
         "a rejected value keeps the default"
