@@ -4,6 +4,7 @@ pub mod digest;
 pub mod discovery;
 pub mod login;
 pub mod pdu;
+pub mod scsi;
 #[cfg(test)]
 mod testutil;
 pub mod text;
