@@ -2,6 +2,7 @@
 
 pub mod digest;
 pub mod discovery;
+pub mod fuzz;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
