@@ -13,7 +13,9 @@
    clippy's -D warnings this keeps images, maps and backends out of every front end.
 3. Crate dependencies, from `cargo metadata --no-deps --format-version 1` (every
    dependency kind counts): ringblk-target must not depend on ringblk-server, clap,
-   toml or tracing-subscriber; ringblk-nbd must not depend on ringblk-server.
+   toml or tracing-subscriber; ringblk-nbd must not depend on ringblk-server;
+   ringblk-iscsi must not depend on ringblk-server, ringblk-blockmap, ringblk-reactor
+   or ringblk-nbd.
 4. With --after-5-2 (the lead switches it on when step 5.2 has moved the NBD front end
    into ringblk-nbd): ringblk-target must not depend on ringblk-nbd; ringblk-bench must
    depend on ringblk-nbd with default-features off; and every line of
@@ -232,6 +234,9 @@ def check_nbd_prose(src):
 FORBIDDEN = {
     "ringblk-target": ("ringblk-server", "clap", "toml", "tracing-subscriber"),
     "ringblk-nbd": ("ringblk-server",),
+    # The sans-IO iSCSI crate (#14) takes only BlockError from the target: no server, no
+    # block map or reactor of its own, no other front end.
+    "ringblk-iscsi": ("ringblk-server", "ringblk-blockmap", "ringblk-reactor", "ringblk-nbd"),
 }
 FORBIDDEN_AFTER_5_2 = {"ringblk-target": ("ringblk-nbd",)}
 
@@ -426,6 +431,12 @@ def self_test(src):
         None,
         "ringblk-nbd depends on ringblk-server",
         meta_edit=add_dep("ringblk-nbd", "ringblk-server"),
+    )
+    planted(
+        "iscsi -> blockmap",
+        None,
+        "ringblk-iscsi depends on ringblk-blockmap",
+        meta_edit=add_dep("ringblk-iscsi", "ringblk-blockmap"),
     )
     planted(
         "target -> nbd (after 5.2)",
