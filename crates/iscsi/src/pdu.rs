@@ -393,9 +393,7 @@ pub struct LogoutResponse {
 /// Reject (RFC 7143 §11.17). The data segment is the rejected PDU's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reject {
-    /// 0x02 data digest error, 0x04 command not supported, 0x05 immediate command
-    /// reject, 0x07 invalid data ack, 0x09 invalid PDU field, 0x0a long op reject,
-    /// 0x0b negotiation reset, 0x0c waiting for logout, 0x03 SNACK reject, 0x04…
+    /// See [`reject_reason`].
     pub reason: u8,
     pub stat_sn: u32,
     pub exp_cmd_sn: u32,
@@ -1050,6 +1048,42 @@ impl Pdu {
     }
 }
 
+/// Reject reasons (RFC 7143 §11.17.1).
+pub mod reject_reason {
+    pub const DATA_DIGEST_ERROR: u8 = 0x02;
+    pub const SNACK_REJECT: u8 = 0x03;
+    pub const PROTOCOL_ERROR: u8 = 0x04;
+    pub const COMMAND_NOT_SUPPORTED: u8 = 0x05;
+    pub const IMMEDIATE_COMMAND_REJECT: u8 = 0x06;
+    pub const TASK_IN_PROGRESS: u8 = 0x07;
+    pub const INVALID_DATA_ACK: u8 = 0x08;
+    pub const INVALID_PDU_FIELD: u8 = 0x09;
+    pub const LONG_OPERATION_REJECT: u8 = 0x0a;
+    pub const DEPRECATED: u8 = 0x0b;
+    pub const WAITING_FOR_LOGOUT: u8 = 0x0c;
+}
+
+/// A Reject of the PDU whose received header is `rejected` (see
+/// [`PduDecoder::last_header`]); the session supplies its sequence numbers.
+pub fn reject(
+    reason: u8,
+    rejected: &[u8; BHS_LEN],
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    max_cmd_sn: u32,
+) -> Pdu {
+    Pdu::new(
+        Bhs::Reject(Reject {
+            reason,
+            stat_sn,
+            exp_cmd_sn,
+            max_cmd_sn,
+            data_sn_or_r2t_sn: 0,
+        }),
+        rejected.to_vec(),
+    )
+}
+
 /// `len` rounded up to a multiple of 4 (data segments are padded so).
 pub const fn padded(len: usize) -> usize {
     len.next_multiple_of(4)
@@ -1141,6 +1175,12 @@ impl PduDecoder {
     /// The limits in force.
     pub fn limits(&self) -> DecoderLimits {
         self.limits
+    }
+
+    /// The received header of the PDU `feed` returned last, bytes as they came (a
+    /// Reject carries them back, reserved bits included). Valid until the next `feed`.
+    pub fn last_header(&self) -> &[u8; BHS_LEN] {
+        &self.header
     }
 
     /// True between PDUs: no partial PDU is buffered.

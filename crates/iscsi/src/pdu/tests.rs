@@ -336,3 +336,38 @@ proptest! {
         }
     }
 }
+
+/// A Reject carries the offending header exactly as received, reserved bits and all
+/// (a re-encoded header would drop them). SNACK (ERL > 0) is such a PDU here.
+#[test]
+fn reject_carries_the_received_header() {
+    let mut snack = [0u8; 48];
+    snack[0] = opcode::SNACK_REQUEST;
+    snack[1] = 0x81;
+    snack[16..20].copy_from_slice(&9u32.to_be_bytes());
+    snack[40] = 0xee; // a field this codec does not model
+    let mut dec = PduDecoder::new(DecoderLimits::default());
+    let Ok((48, Some(pdu))) = dec.feed(&snack) else {
+        panic!("SNACK did not frame");
+    };
+    assert_eq!(
+        pdu.bhs,
+        Bhs::Unknown {
+            opcode: 0x10,
+            itt: 9
+        }
+    );
+    let rej = reject(
+        reject_reason::COMMAND_NOT_SUPPORTED,
+        dec.last_header(),
+        1,
+        2,
+        3,
+    );
+    assert_eq!(rej.data, snack);
+    let wire = rej.to_bytes(Digests::default()).unwrap_or_default();
+    assert_eq!(wire[0], opcode::REJECT);
+    assert_eq!(wire[2], 0x05);
+    assert_eq!(&wire[16..20], &[0xff; 4], "Reject's ITT is reserved");
+    assert_eq!(&wire[48..], &snack);
+}
