@@ -22,6 +22,7 @@
 //!   the resulting [`login::SessionParams`].
 //! - [`discovery`]: Text requests in the full feature phase (`SendTargets`).
 //! - [`window`]: the CmdSN window (ExpCmdSN/MaxCmdSN) as back-pressure.
+//! - [`response`]: Data-In sequences (status in the last PDU) and SCSI Responses.
 //! - [`scsi`]: CDB decoding into [`scsi::ScsiRequest`], response pages, sense data,
 //!   persistent reservations ([`scsi::pr`]).
 //! - [`fuzz`]: entry points of the cargo-fuzz targets `iscsi_pdu` and `iscsi_login`.
@@ -50,8 +51,8 @@
 //! # Not done yet
 //! - The session in the full feature phase: a reactor-driven connection that ties these
 //!   pieces together, R2T generation and accounting (MaxOutstandingR2T, MaxBurstLength,
-//!   FirstBurstLength, immediate and unsolicited data), Data-In sequencing (DataSN,
-//!   MaxRecvDataSegmentLength splits, status in the last PDU), NOP-In pings, Task
+//!   FirstBurstLength, immediate and unsolicited data), Data-In bursts beyond
+//!   MaxBurstLength and zero-copy Data-In, NOP-In pings, Task
 //!   Management (ABORT TASK, ABORT TASK SET, LUN RESET, TARGET WARM RESET), Logout,
 //!   Reject generation, Async messages.
 //! - Wiring: submitting `ScsiRequest`s to the block layer, `--iscsi ADDR`, config and
@@ -68,6 +69,7 @@ pub mod discovery;
 pub mod fuzz;
 pub mod login;
 pub mod pdu;
+pub mod response;
 pub mod scsi;
 #[cfg(test)]
 mod testutil;

@@ -25,8 +25,11 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// `RINGBLK ` / the product, an NAA 6 designator built from a 64-bit volume id and a
-    /// 24-bit vendor id (an OUI; ringblk has none registered, so a locally chosen one).
+    /// Vendor `RINGBLK `, the product, and an NAA 6 designator holding the low 124 bits
+    /// of `volume_id` after the NAA nibble. NAA 6 wants an IEEE company id (OUI) in the
+    /// next 24 bits; ringblk has none registered, so those bits are part of the id too:
+    /// unique per volume, not globally registered. The caller persists `volume_id` with
+    /// the volume and draws a new one when a volume is re-created.
     pub fn new(product: &str, serial: &str, volume_id: u128) -> Identity {
         let mut p = [b' '; 16];
         for (d, s) in p.iter_mut().zip(
