@@ -69,6 +69,7 @@ pub mod discovery;
 pub mod fuzz;
 pub mod login;
 pub mod pdu;
+pub mod r2t;
 pub mod response;
 pub mod scsi;
 #[cfg(test)]
