@@ -10,8 +10,9 @@
 //! - [`fuzz_login`]: every login request gets exactly one login response, to its ITT;
 //!   a completed login's parameters are within RFC 7143's ranges, and with CHAP
 //!   configured it is authenticated; after login, the rest of the stream is decoded
-//!   with the negotiated digests and limits, and Text requests are answered within the
-//!   initiator's MaxRecvDataSegmentLength.
+//!   with the negotiated digests and limits, Text requests are answered within the
+//!   initiator's MaxRecvDataSegmentLength, and a write command's Data-Out never lands
+//!   outside its buffer.
 //!
 //! # Input formats
 //! - [`fuzz_pdu`]: byte 0 chooses how the rest is split into `feed` calls (0: one call;
@@ -31,6 +32,7 @@ use super::pdu::{
     padded, parse_ahs, Bhs, DecoderLimits, Digests, Pdu, PduDecoder, BHS_LEN,
     DATA_SEGMENT_MAX_BYTES,
 };
+use super::r2t::{BurstParams, WriteTransfer};
 use super::scsi::{self, Device, ScsiRequest};
 
 /// Splits input into pseudo-random pieces (see the module docs for `seed`).
@@ -220,6 +222,8 @@ pub struct LoginReport {
     pub logged_in: bool,
     /// PDUs decoded after login.
     pub full_feature_pdus: usize,
+    /// Bytes of write data accepted for the last write command.
+    pub write_bytes: u32,
 }
 
 /// [`fuzz_login`], saying how far it got.
@@ -236,6 +240,7 @@ pub fn fuzz_login_report(data: &[u8]) -> LoginReport {
     let mut split = Splitter::new(*seed);
     let mut params = None;
     let mut text = TextExchange::new();
+    let mut write = None;
     let mut pos = 0;
     while pos < stream.len() {
         let len = split.next_len(stream.len() - pos);
@@ -267,6 +272,8 @@ pub fn fuzz_login_report(data: &[u8]) -> LoginReport {
                 continue;
             };
             report.full_feature_pdus += 1;
+            check_write_data(&mut write, &pdu, p);
+            report.write_bytes = write.as_ref().map_or(0, |w| w.2.received_bytes());
             if let Bhs::TextRequest(req) = pdu.bhs {
                 if let Ok(reply) = text.handle(&req, &pdu.data, &cfg, p) {
                     assert!(reply.data.len() <= p.max_xmit_data_segment_length_bytes as usize);
@@ -276,6 +283,44 @@ pub fn fuzz_login_report(data: &[u8]) -> LoginReport {
         }
     }
     report
+}
+
+/// Write commands and their Data-Out through a [`WriteTransfer`]: every accepted PDU's
+/// data lands inside the command's buffer, never more than its length in total.
+fn check_write_data(
+    write: &mut Option<(u32, u32, WriteTransfer)>,
+    pdu: &Pdu,
+    p: &super::login::SessionParams,
+) {
+    match pdu.bhs {
+        Bhs::ScsiCommand(cmd) if cmd.write => {
+            let len = u32::try_from(pdu.data.len()).unwrap_or(u32::MAX);
+            *write =
+                WriteTransfer::new(BurstParams::from(p), cmd.expected_data_len, len, cmd.final_)
+                    .ok()
+                    .map(|w| (cmd.itt, cmd.expected_data_len, w));
+        }
+        Bhs::DataOut(d) => {
+            let Some((itt, edtl, w)) = write.as_mut() else {
+                return;
+            };
+            if d.itt != *itt {
+                return;
+            }
+            // Tags 1.. for R2Ts; at most MaxOutstandingR2T come back.
+            let mut tag = 1;
+            while w.next_r2t(tag).is_some() {
+                tag += 1;
+                assert!(tag <= u32::from(p.max_outstanding_r2t.max(1)) + 1);
+            }
+            let len = u32::try_from(pdu.data.len()).unwrap_or(u32::MAX);
+            if let Ok(at) = w.data_out(&d, len) {
+                assert!(u64::from(at) + u64::from(len) <= u64::from(*edtl));
+            }
+            assert!(w.received_bytes() <= *edtl);
+        }
+        _ => {}
+    }
 }
 
 fn pdu_wire_len(pdu: &Pdu, digests: Digests) -> usize {

@@ -23,6 +23,8 @@
 //! - [`discovery`]: Text requests in the full feature phase (`SendTargets`).
 //! - [`window`]: the CmdSN window (ExpCmdSN/MaxCmdSN) as back-pressure.
 //! - [`response`]: Data-In sequences (status in the last PDU) and SCSI Responses.
+//! - [`r2t`]: a write's data: immediate, unsolicited and R2T-requested Data-Out, each
+//!   PDU checked before its data is copied.
 //! - [`scsi`]: CDB decoding into [`scsi::ScsiRequest`], response pages, sense data,
 //!   persistent reservations ([`scsi::pr`]).
 //! - [`fuzz`]: entry points of the cargo-fuzz targets `iscsi_pdu` and `iscsi_login`.
@@ -45,14 +47,18 @@
 //!   decode CDBs with [`scsi::decode`], check Data-Out against
 //!   [`scsi::ScsiRequest::data_out_len`] and the Expected Data Transfer Length, answer
 //!   failures with CHECK CONDITION and [`scsi::sense_for`]'s sense, and check
-//!   reservations with [`scsi::pr::Reservations::check_access`] before I/O.
+//!   reservations with [`scsi::pr::Reservations::check_access`] before I/O. For a
+//!   write, run a [`r2t::WriteTransfer`]: send the R2Ts it asks for, place each Data-Out
+//!   where it says, submit once it is complete. Answer reads with
+//!   [`response::data_in`] and everything else with [`response::scsi_response`],
+//!   advancing StatSN once per status sent.
 //! - **Panics.** None on input: wire bytes are hostile (fuzzed, proptested).
 //!
 //! # Not done yet
 //! - The session in the full feature phase: a reactor-driven connection that ties these
-//!   pieces together, R2T generation and accounting (MaxOutstandingR2T, MaxBurstLength,
-//!   FirstBurstLength, immediate and unsolicited data), Data-In bursts beyond
-//!   MaxBurstLength and zero-copy Data-In, NOP-In pings, Task
+//!   pieces together (task table, tags, R2T tag allocation, per-connection bounds on
+//!   tasks and immediate commands), Data-In bursts beyond MaxBurstLength and zero-copy
+//!   Data-In/Data-Out buffers, NOP-In pings, Task
 //!   Management (ABORT TASK, ABORT TASK SET, LUN RESET, TARGET WARM RESET), Logout,
 //!   Reject generation, Async messages.
 //! - Wiring: submitting `ScsiRequest`s to the block layer, `--iscsi ADDR`, config and

@@ -115,10 +115,38 @@ fn append_full_feature(out: &mut Vec<u8>, digests: Digests) {
         cmd_sn: 2,
         exp_stat_sn: 1,
     });
+    // WRITE(10) of 8 KiB at LBA 16: 4 KiB immediate, the rest after an R2T (the fuzz
+    // target hands out tag 1 first).
+    let mut wcdb = [0u8; 16];
+    wcdb[..10].copy_from_slice(&[0x2a, 0, 0, 0, 0, 16, 0, 0, 16, 0]);
+    let write = Bhs::ScsiCommand(ScsiCommand {
+        immediate: false,
+        final_: true,
+        read: false,
+        write: true,
+        attr: 1,
+        lun: 0,
+        itt: 5,
+        expected_data_len: 8192,
+        cmd_sn: 2,
+        exp_stat_sn: 1,
+        cdb: wcdb,
+    });
+    let data_out = Bhs::DataOut(crate::pdu::DataOut {
+        final_: true,
+        lun: 0,
+        itt: 5,
+        ttt: 1,
+        exp_stat_sn: 1,
+        data_sn: 0,
+        buffer_offset: 4096,
+    });
     for pdu in [
         Pdu::new(read, vec![]),
         Pdu::new(nop, b"ping".to_vec()),
         Pdu::new(st, b"SendTargets=All\0".to_vec()),
+        Pdu::new(write, vec![0xab; 4096]),
+        Pdu::new(data_out, vec![0xcd; 4096]),
     ] {
         let _ = pdu.encode(digests, out);
     }
@@ -248,7 +276,8 @@ fn seeds_reach_full_feature() {
         let should = !matches!(name, "libiscsi-chap-replay" | "chap-wrong-secret");
         assert_eq!(r.logged_in, should, "{name}: {r:?}");
         if should && name != "libiscsi-discovery" {
-            assert!(r.full_feature_pdus >= 3, "{name}: {r:?}");
+            assert!(r.full_feature_pdus >= 5, "{name}: {r:?}");
+            assert_eq!(r.write_bytes, 8192, "{name}: the write seed completes");
         }
     }
 }
