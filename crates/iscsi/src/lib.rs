@@ -20,6 +20,7 @@
 //! - [`text`]: `key=value` text, C-bit accumulation and long-response splitting.
 //! - [`login`]: the target side of login: stages, CHAP, RFC 7143 §13 negotiation,
 //!   the resulting [`login::SessionParams`].
+//! - [`names`]: volume and backup names as iSCSI target names, reversibly escaped.
 //! - [`discovery`]: Text requests in the full feature phase (`SendTargets`).
 //! - [`window`]: the CmdSN window (ExpCmdSN/MaxCmdSN) as back-pressure.
 //! - [`response`]: Data-In sequences (status in the last PDU) and SCSI Responses.
@@ -62,8 +63,8 @@
 //!   Management (ABORT TASK, ABORT TASK SET, LUN RESET, TARGET WARM RESET), Logout,
 //!   Reject generation, Async messages.
 //! - Wiring: submitting `ScsiRequest`s to the block layer, `--iscsi ADDR`, config and
-//!   CHAP secrets, RPCs (`iscsi_target_list`, `iscsi_session_list`), stats, iSCSI names
-//!   for volumes and backups, persistent serials/NAA ids and reservations (APTPL).
+//!   CHAP secrets, RPCs (`iscsi_target_list`, `iscsi_session_list`), stats, using
+//!   [`names`] for the targets, persistent serials/NAA ids and reservations (APTPL).
 //! - Real-client tests: libiscsi's `iscsi-test-cu`, `iscsi-ls`/`iscsi-inq` against a
 //!   running server, qemu `iscsi://`, and the benchmark against tgtd.
 //! - Not planned at this level: ErrorRecoveryLevel > 0 (SNACK decodes as
@@ -74,6 +75,7 @@ pub mod digest;
 pub mod discovery;
 pub mod fuzz;
 pub mod login;
+pub mod names;
 pub mod pdu;
 pub mod r2t;
 pub mod response;
