@@ -216,8 +216,12 @@ mod tests {
     proptest! {
         /// Every volume/backup name the block layer allows (no '@', '/', whitespace or
         /// control characters) that fits maps to a valid iSCSI name and back to itself.
+        /// Half the names are printable ASCII, where the escaping rules bite. Negative
+        /// control: escaping with uppercase hex digits (which `unescape` refuses) fails
+        /// here (tried).
         #[test]
-        fn bijection(vol in "[^@/\\s\\p{Cc}]{1,40}", backup in prop::option::of("[^@/\\s\\p{Cc}]{1,20}")) {
+        fn bijection(vol in prop_oneof!["[!-.0-?A-~]{1,40}", "[^@/\\s\\p{Cc}]{1,40}"],
+                     backup in prop::option::of(prop_oneof!["[!-.0-?A-~]{1,20}", "[^@/\\s\\p{Cc}]{1,20}"])) {
             match target_name(DEFAULT_PREFIX, &vol, backup.as_deref()) {
                 Ok(name) => {
                     prop_assert!(check_iscsi_name(&name).is_ok());
