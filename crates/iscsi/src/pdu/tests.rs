@@ -38,7 +38,7 @@ fn big_limits() -> DecoderLimits {
 }
 
 /// RFC 3720 B.4's READ(10) PDU: every field where the RFC puts it. Negative control:
-/// swapping the EDTL and CmdSN offsets in `decode` fails here (tried).
+/// reading the EDTL from the CmdSN's offset in `decode` fails here (tried).
 #[test]
 fn rfc3720_read10_known_bytes() {
     let Bhs::ScsiCommand(cmd) = Bhs::decode(&READ10) else {
@@ -74,8 +74,8 @@ fn rfc3720_read10_known_bytes() {
 /// Every PDU libiscsi and tgtd exchanged decodes, and encodes back to the very same
 /// bytes: our field layout is theirs, for every opcode in the captures (login,
 /// text, SCSI command/response, Data-In with status, logout; both directions).
-/// Negative control: dropping the `S` bit from Data-In encoding, or putting the login
-/// TSIH at byte 12, fails this test on the captures (tried).
+/// Negative control: dropping the `S` bit from Data-In encoding fails this test on the
+/// captures (tried).
 #[test]
 fn captures_round_trip_byte_exact() {
     for (name, stream) in testutil::ALL {
