@@ -11,6 +11,11 @@
 //! - `libiscsi-inq-chap`: `iscsi-inq` with CHAP user `alice`, secret `s3cretpasswd12`
 //!   (tgtadm `--mode account`);
 //! - `libiscsi-inq-chap-wrong`: the same with secret `wrongpasswd1234` (refused 0x0201).
+//! - `libiscsi-test-cu-subset.i2t`: the initiator side of every connection (in order,
+//!   concatenated: each ends at a PDU boundary) of `iscsi-test-cu -d -t T` for T in
+//!   SCSI.ProutRegister, ProutReserve, ProutClear, ProutPreempt, PrinReadKeys,
+//!   PrinReportCapabilities, Reserve6, ModeSense6, Inquiry, ReadCapacity16,
+//!   TestUnitReady, StartStopUnit (libiscsi 1.19.0's conformance suite, against tgtd).
 
 use crate::pdu::{DecoderLimits, Digests, Pdu, PduDecoder, DATA_SEGMENT_MAX_BYTES};
 
@@ -25,8 +30,11 @@ pub(crate) const CHAP_T2I: &[u8] = include_bytes!("../testdata/libiscsi-inq-chap
 pub(crate) const CHAP_WRONG_I2T: &[u8] = include_bytes!("../testdata/libiscsi-inq-chap-wrong.i2t");
 pub(crate) const CHAP_WRONG_T2I: &[u8] = include_bytes!("../testdata/libiscsi-inq-chap-wrong.t2i");
 
+pub(crate) const TEST_CU_I2T: &[u8] = include_bytes!("../testdata/libiscsi-test-cu-subset.i2t");
+
 /// Every fixture stream, named.
-pub(crate) const ALL: [(&str, &[u8]); 10] = [
+pub(crate) const ALL: [(&str, &[u8]); 11] = [
+    ("test-cu-subset.i2t", TEST_CU_I2T),
     ("ls-discovery.i2t", LS_DISCOVERY_I2T),
     ("ls-discovery.t2i", LS_DISCOVERY_T2I),
     ("inq.i2t", INQ_I2T),
