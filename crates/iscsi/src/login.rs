@@ -130,6 +130,9 @@ pub struct LoginConfig {
     pub max_outstanding_r2t: u16,
     /// Whether CRC32C digests are accepted when the initiator offers them.
     pub digests_allowed: bool,
+    /// Whether CRC32C digests are required (None refused; an initiator that does not
+    /// offer CRC32C gets `Reject` and no digest).
+    pub digests_required: bool,
     /// CmdSN window granted from login on: MaxCmdSN = ExpCmdSN + window - 1.
     pub cmd_window: u32,
     /// Bound on one text across C-bit PDUs.
@@ -149,6 +152,7 @@ impl Default for LoginConfig {
             immediate_data: true,
             max_outstanding_r2t: 1,
             digests_allowed: true,
+            digests_required: false,
             cmd_window: 32,
             text_max_bytes: text::TEXT_MAX_BYTES,
         }
@@ -537,11 +541,13 @@ impl Login {
                 None
             }
             "HeaderDigest" | "DataDigest" => {
-                let crc = c.digests_allowed && value.split(',').any(|v| v == "CRC32C");
-                // The first value we support in the initiator's order.
-                let chosen = value
-                    .split(',')
-                    .find(|v| *v == "None" || (*v == "CRC32C" && crc));
+                // The first value in the initiator's order that we support and allow
+                // (RFC 7143 §6.2.1); with digests required, None is not allowed.
+                let chosen = value.split(',').find(|v| match *v {
+                    "None" => !c.digests_required,
+                    "CRC32C" => c.digests_allowed,
+                    _ => false,
+                });
                 if let Some(v) = chosen {
                     let on = v == "CRC32C";
                     if key == "HeaderDigest" {

@@ -50,7 +50,9 @@ pub struct DataInSequence {
 /// (EDTL): at most `max_xmit_bytes` of data per PDU (at least 1 byte of data each),
 /// DataSN from 0, buffer offsets in order, F on the last. Data beyond EDTL is not sent
 /// (overflow residual). With `good_status` the last PDU carries status GOOD and the
-/// residual (phase collapse); otherwise a SCSI Response must follow.
+/// residual (phase collapse); otherwise a SCSI Response must follow. Nothing to send
+/// (no data, or EDTL 0) gives no PDUs and `status_sent: false`: answer with
+/// [`scsi_response`].
 pub fn data_in(
     itt: u32,
     data: &[u8],
@@ -62,12 +64,15 @@ pub fn data_in(
     let (overflow, underflow, count) = residual(expected_len, data.len() as u64);
     let send = &data[..data.len().min(expected_len as usize)];
     let piece = (max_xmit_bytes as usize).max(1);
-    let chunks: Vec<&[u8]> = if send.is_empty() {
-        // A zero-length read still needs a PDU to carry its status.
-        vec![&[]]
-    } else {
-        send.chunks(piece).collect()
-    };
+    if send.is_empty() {
+        // No data, no Data-In: libiscsi (rightly) does not accept a Data-In for a
+        // command that moves no data. The status goes in a SCSI Response.
+        return DataInSequence {
+            pdus: Vec::new(),
+            status_sent: false,
+        };
+    }
+    let chunks: Vec<&[u8]> = send.chunks(piece).collect();
     let last = chunks.len() - 1;
     let mut pdus = Vec::with_capacity(chunks.len());
     let mut offset = 0u32;
@@ -95,10 +100,6 @@ pub fn data_in(
         // chunk.len() <= send.len() <= expected_len: fits a u32.
         offset += chunk.len() as u32;
         pdus.push(Pdu::new(Bhs::DataIn(bhs), chunk.to_vec()));
-    }
-    // Skip the empty placeholder when there is neither data nor status to carry.
-    if send.is_empty() && !good_status {
-        pdus.clear();
     }
     DataInSequence {
         status_sent: good_status,
@@ -234,9 +235,11 @@ mod tests {
             panic!()
         };
         assert!(r.underflow && r.residual == 412 && r.exp_data_sn == 1);
-        // Zero-length read with status: one empty PDU; without: none.
-        assert_eq!(data_in(1, &[], 0, 4096, sns, true).pdus.len(), 1);
-        assert!(data_in(1, &[], 0, 4096, sns, false).pdus.is_empty());
+        // Nothing to send: no Data-In at all, the status goes in a SCSI Response (a
+        // zero-length Data-In sent libiscsi into a reconnect loop in the interop test).
+        let none = data_in(1, &[], 0, 4096, sns, true);
+        assert!(none.pdus.is_empty() && !none.status_sent);
+        assert!(data_in(1, &data, 0, 4096, sns, true).pdus.is_empty());
         assert_eq!(residual(0, u64::MAX), (true, false, u32::MAX));
     }
 }

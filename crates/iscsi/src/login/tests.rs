@@ -491,6 +491,36 @@ fn answers_and_continuation() {
     assert_eq!(resp(&response).stat_sn, resp(&ack).stat_sn + 1);
 }
 
+/// Digest choice: the initiator's order, unless we require digests.
+#[test]
+fn digest_negotiation() {
+    let run = |c: LoginConfig, offer: &'static str| {
+        let mut body = LEADING.to_vec();
+        body.push(("HeaderDigest", offer));
+        match Login::new(c, ENTROPY, 1, 0).handle(&req(1, 3, true, false, &body)) {
+            LoginStep::Complete { response, params } => {
+                (answer(&response, "HeaderDigest"), params.header_digest)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let required = LoginConfig {
+        digests_required: true,
+        ..cfg()
+    };
+    let refused = LoginConfig {
+        digests_allowed: false,
+        ..cfg()
+    };
+    assert_eq!(run(cfg(), "None,CRC32C"), (Some("None".into()), false));
+    assert_eq!(
+        run(required.clone(), "None,CRC32C"),
+        (Some("CRC32C".into()), true)
+    );
+    assert_eq!(run(required, "None"), (Some("Reject".into()), false));
+    assert_eq!(run(refused, "CRC32C,None"), (Some("None".into()), false));
+}
+
 /// An unbounded C-bit text is cut off at the bound.
 #[test]
 fn continuation_is_bounded() {
