@@ -65,8 +65,14 @@
 //! - Wiring: submitting `ScsiRequest`s to the block layer, `--iscsi ADDR`, config and
 //!   CHAP secrets, RPCs (`iscsi_target_list`, `iscsi_session_list`), stats, using
 //!   [`names`] for the targets, persistent serials/NAA ids and reservations (APTPL).
-//! - Real-client tests: libiscsi's `iscsi-test-cu`, `iscsi-ls`/`iscsi-inq` against a
-//!   running server, qemu `iscsi://`, and the benchmark against tgtd.
+//! - Real-client tests against the server: libiscsi's `iscsi-test-cu`, qemu
+//!   `iscsi://`, and the benchmark against tgtd. What exists: `tests/libiscsi.rs` runs
+//!   `iscsi-ls`, `iscsi-inq` and `iscsi-readcapacity16` (discovery, CHAP one-way and
+//!   mutual, CRC32C header digests) against a test-only blocking loop over this
+//!   crate's pieces, and the unit tests replay captures of libiscsi talking to tgtd.
+//! - SCSI commands not decoded yet: REPORT SUPPORTED OPERATION CODES (libiscsi's
+//!   suite asks for it), PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA, SANITIZE,
+//!   EXTENDED COPY, WRITE ATOMIC, ORWRITE, PRE-FETCH.
 //! - Not planned at this level: ErrorRecoveryLevel > 0 (SNACK decodes as
 //!   [`pdu::Bhs::Unknown`]), several connections per session, READ FULL STATUS and
 //!   REGISTER AND MOVE in persistent reservations, descriptor-format sense.

@@ -29,6 +29,7 @@ use ringblk_iscsi::window::{Admit, CmdWindow};
 
 const VOL: &str = "iqn.2026-12.io.ringblk:vol0";
 const SECURE: &str = "iqn.2026-12.io.ringblk:secure";
+const MUTUAL: &str = "iqn.2026-12.io.ringblk:mutual";
 
 fn config(port: u16) -> LoginConfig {
     let addr = format!("127.0.0.1:{port},1");
@@ -48,6 +49,20 @@ fn config(port: u16) -> LoginConfig {
                         secret: b"s3cretpasswd12".to_vec(),
                     },
                     target: None,
+                }),
+            },
+            TargetEntry {
+                name: MUTUAL.into(),
+                addresses: vec![format!("127.0.0.1:{port},1")],
+                chap: Some(ChapConfig {
+                    initiator: ChapCredentials {
+                        user: "alice".into(),
+                        secret: b"s3cretpasswd12".to_vec(),
+                    },
+                    target: Some(ChapCredentials {
+                        user: "tgt".into(),
+                        secret: b"targetsecret99".to_vec(),
+                    }),
                 }),
             },
         ],
@@ -352,6 +367,17 @@ fn libiscsi_tools_against_the_sans_io_pieces() {
     let (ok, out) = run(&["iscsi-inq", &bad]);
     assert!(!ok && out.contains("Authentication failure"), "{out}");
     let (ok, out) = run(&["iscsi-inq", &format!("{portal}/{SECURE}/0")]);
+    assert!(!ok, "{out}");
+    // Mutual CHAP: libiscsi checks our CHAP_R; with the wrong target secret it must
+    // refuse us (the negative control of our side's answer).
+    let mutual = |secret: &str| {
+        format!(
+            "iscsi://alice%s3cretpasswd12@127.0.0.1:{port}/{MUTUAL}/0?target_user=tgt&target_password={secret}"
+        )
+    };
+    let (ok, out) = run(&["iscsi-inq", &mutual("targetsecret99")]);
+    assert!(ok && out.contains("Vendor:RINGBLK"), "{out}");
+    let (ok, out) = run(&["iscsi-inq", &mutual("notthesecret00")]);
     assert!(!ok, "{out}");
 }
 
