@@ -59,9 +59,11 @@
 //! - The session in the full feature phase: a reactor-driven connection that ties these
 //!   pieces together (task table, tags, R2T tag allocation, per-connection bounds on
 //!   tasks and immediate commands), Data-In bursts beyond MaxBurstLength and zero-copy
-//!   Data-In/Data-Out buffers, NOP-In pings, Task
-//!   Management (ABORT TASK, ABORT TASK SET, LUN RESET, TARGET WARM RESET), Logout,
-//!   Reject generation, Async messages.
+//!   Data-In/Data-Out buffers, NOP-In pings, Task Management (ABORT TASK, ABORT TASK
+//!   SET, LUN RESET, TARGET WARM RESET), Logout, deciding when to Reject (the builder
+//!   is [`pdu::reject`]), Async messages, and which commands bypass
+//!   `check_access` (SPC-5 lets INQUIRY, REPORT LUNS, PR IN/OUT and others through
+//!   any reservation).
 //! - Wiring: submitting `ScsiRequest`s to the block layer, `--iscsi ADDR`, config and
 //!   CHAP secrets, RPCs (`iscsi_target_list`, `iscsi_session_list`), stats, using
 //!   [`names`] for the targets, persistent serials/NAA ids and reservations (APTPL).
