@@ -5,7 +5,7 @@
 //! # Contract
 //! The session owns the sequence numbers: it passes the [`Sns`] for the response and
 //! advances StatSN only when a status went out (a SCSI Response, or a Data-In with the
-//! S bit: [`DataIn::status_sent`]). Read data is split into PDUs of at most the
+//! S bit: [`DataInSequence::status_sent`]). Read data is split into PDUs of at most the
 //! initiator's MaxRecvDataSegmentLength; the data is copied into the PDUs (the zero-copy
 //! path with iovecs is for the reactor session, not this module).
 
