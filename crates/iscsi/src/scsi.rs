@@ -320,6 +320,29 @@ pub fn decode(cdb: &[u8], dev: &Device) -> Result<ScsiRequest, Sense> {
         return Err(Sense::INVALID_FIELD_IN_CDB);
     }
     let c = &cdb[..need];
+    // RDPROTECT/WRPROTECT/VRPROTECT: no protection information here, so a non-zero
+    // field is refused (SBC-4 §5.x tables "... with no PI": INVALID FIELD IN CDB).
+    let protect_field = matches!(
+        opcode,
+        op::READ_10
+            | op::READ_12
+            | op::READ_16
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::WRITE_AND_VERIFY_10
+            | op::WRITE_AND_VERIFY_12
+            | op::WRITE_AND_VERIFY_16
+            | op::VERIFY_10
+            | op::VERIFY_12
+            | op::VERIFY_16
+            | op::WRITE_SAME_10
+            | op::WRITE_SAME_16
+            | op::COMPARE_AND_WRITE
+    );
+    if protect_field && c[1] & 0xe0 != 0 {
+        return Err(Sense::INVALID_FIELD_IN_CDB);
+    }
     match opcode {
         op::TEST_UNIT_READY => Ok(ScsiRequest::TestUnitReady),
         op::REQUEST_SENSE => Ok(ScsiRequest::RequestSense { alloc_len: c[4] }),

@@ -62,12 +62,15 @@ pub fn truncate(mut data: Vec<u8>, alloc_len: usize) -> Vec<u8> {
     data
 }
 
-/// Standard INQUIRY data (SPC-5 §6.7.2): direct access block device, SPC-5, HiSup,
-/// response format 2, CmdQue, with version descriptors for SBC-4, iSCSI and SPC-5.
+/// Standard INQUIRY data (SPC-5 §6.7.2): direct access block device, version SPC-4,
+/// HiSup, response format 2, CmdQue, with version descriptors for SBC-4, iSCSI, SPC-4
+/// and SBC-3.
 pub fn inquiry_standard(id: &Identity) -> Vec<u8> {
     let mut d = vec![0u8; 66];
     d[0] = 0x00; // peripheral qualifier 0, device type 0 (direct access block)
-    d[2] = 0x07; // SPC-5
+                 // SPC-4 (0x06): libiscsi 1.19's conformance suite knows no later version and
+                 // fails 0x07; the version descriptors still name SPC-5.
+    d[2] = 0x06;
     d[3] = 0x12; // HiSup, response data format 2
     d[4] = (d.len() - 5) as u8;
     d[5] = 0x00; // no TPGS (ALUA) yet
@@ -75,8 +78,10 @@ pub fn inquiry_standard(id: &Identity) -> Vec<u8> {
     d[8..16].copy_from_slice(&id.vendor);
     d[16..32].copy_from_slice(&id.product);
     d[32..36].copy_from_slice(&id.revision);
-    // Version descriptors at 58: SBC-4 (0x0600), iSCSI (0x0960), SPC-5 (0x05c0).
-    for (i, v) in [0x0600u16, 0x0960, 0x05c0].iter().enumerate() {
+    // Version descriptors at 58: SBC-4 (0x0600), iSCSI (0x0960), SPC-4 (0x0460) and
+    // SBC-3 (0x04c0): libiscsi 1.19 recognises SBC-3 and SPC-4 only, and fails a block
+    // limits page of SBC-3's length from a device that does not claim SBC-3.
+    for (i, v) in [0x0600u16, 0x0960, 0x0460, 0x04c0].iter().enumerate() {
         d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
     }
     d
