@@ -36,7 +36,22 @@ pub struct ServerConfig {
     pub rebind: Vec<String>,
     /// Server-wide limits: buffer budget, handshake slots, request timeout.
     pub admission: AdmissionConfig,
+    /// The iSCSI portal (`--iscsi` or `[iscsi]`); off when `None`.
+    pub iscsi: Option<IscsiConfig>,
 }
+
+/// The iSCSI front end's settings: where it listens, the IQN prefix of its target
+/// names, and one-way CHAP (from the config file only, never the command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IscsiConfig {
+    pub listen: std::net::SocketAddr,
+    pub prefix: String,
+    pub chap: Option<ringblk_iscsi::login::ChapConfig>,
+}
+
+/// `--iscsi` without an address listens here (loopback, the IANA port).
+pub const DEFAULT_ISCSI_LISTEN: &str = "127.0.0.1:3260";
+pub const DEFAULT_ISCSI_PREFIX: &str = "iqn.2026-12.io.ringblk";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_DATA_DIR: &str = "./ringblk-data";
@@ -112,6 +127,22 @@ pub struct FileConfig {
     /// As `--vhost VOL=SOCKET_PATH`, one table each.
     #[serde(default)]
     pub vhost: Vec<FileVhost>,
+    /// `[iscsi]`: its presence turns the iSCSI portal on (as `--iscsi`).
+    pub iscsi: Option<FileIscsi>,
+}
+
+/// `[iscsi]`: the iSCSI portal. CHAP secrets live only here (RFC 7143 wants 12 to 16
+/// bytes at least; shorter ones are refused at start).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIscsi {
+    /// `ADDR:PORT` [default: 127.0.0.1:3260]; `--iscsi ADDR:PORT` overrides it.
+    pub listen: Option<String>,
+    /// IQN prefix of target names [default: iqn.2026-12.io.ringblk].
+    pub iqn_prefix: Option<String>,
+    /// One-way CHAP: the initiator must prove this user and secret.
+    pub chap_user: Option<String>,
+    pub chap_secret: Option<String>,
 }
 
 /// `[[vhost]]`: a vhost-user-blk export at start (as `--vhost`).
@@ -170,6 +201,8 @@ pub struct Flags {
     pub commit_queue_depth: Option<usize>,
     /// `--vhost VOL=SOCKET_PATH` (repeatable).
     pub vhost: Vec<VhostArg>,
+    /// `--iscsi [ADDR:PORT]`.
+    pub iscsi: Option<String>,
 }
 
 /// One `--vhost VOL=SOCKET_PATH`: export `VOL` (or `VOL@BACKUP`, read-only) as a
@@ -270,6 +303,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             socket: v.socket,
         });
     }
+    let iscsi = resolve_iscsi(flags.iscsi, file.iscsi)?;
     let mut volumes = flags.volumes;
     for v in file.volume {
         volumes.push(VolumeSpec {
@@ -383,12 +417,57 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             volumes_implicit,
             rebind: flags.rebind,
             admission,
+            iscsi,
         },
         rpc,
         rpc_default,
         data_dir,
         vhost,
     })
+}
+
+/// The iSCSI portal from `--iscsi` and `[iscsi]`: on when either is given; the flag's
+/// address wins over the file's.
+fn resolve_iscsi(
+    flag: Option<String>,
+    file: Option<FileIscsi>,
+) -> Result<Option<IscsiConfig>, String> {
+    if flag.is_none() && file.is_none() {
+        return Ok(None);
+    }
+    let file = file.unwrap_or_default();
+    let addr = flag
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_ISCSI_LISTEN.to_string());
+    let listen = addr
+        .parse()
+        .map_err(|_| format!("invalid --iscsi {addr:?}: use ADDR:PORT, e.g. 127.0.0.1:3260"))?;
+    let prefix = file
+        .iqn_prefix
+        .unwrap_or_else(|| DEFAULT_ISCSI_PREFIX.to_string());
+    ringblk_iscsi::names::check_iscsi_name(&format!("{prefix}:x"))
+        .map_err(|e| format!("[iscsi] iqn_prefix {prefix:?}: {e}"))?;
+    let chap = match (file.chap_user, file.chap_secret) {
+        (None, None) => None,
+        (Some(user), Some(secret)) if !user.is_empty() && secret.len() >= 12 => {
+            Some(ringblk_iscsi::login::ChapConfig {
+                initiator: ringblk_iscsi::login::ChapCredentials {
+                    user,
+                    secret: secret.into_bytes(),
+                },
+                target: None,
+            })
+        }
+        _ => return Err(
+            "[iscsi]: chap_user and chap_secret go together; the secret needs at least 12 bytes"
+                .into(),
+        ),
+    };
+    Ok(Some(IscsiConfig {
+        listen,
+        prefix,
+        chap,
+    }))
 }
 
 /// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
