@@ -223,6 +223,50 @@ fn qemu_io_over_iscsi_reads_back_through_nbd_and_backups_are_read_only() {
     assert!(!out.contains("wrote"), "{out}");
 }
 
+/// CHAP from the config file's `[iscsi]` table: the right secret lists and opens the
+/// target; a wrong one and none are refused (the negative controls).
+#[test]
+fn chap_from_the_config_file() {
+    need("iscsi-ls", "libiscsi-bin");
+    let dir = tmpdir();
+    let img = dir.path().join("vol0.img");
+    let cfg = dir.path().join("ringblk.toml");
+    std::fs::write(
+        &cfg,
+        "[iscsi]\nlisten = \"127.0.0.1:0\"\nchap_user = \"alice\"\nchap_secret = \"s3cretpasswd12\"\n",
+    )
+    .expect("write config");
+    let spec = format!("vol0={},size=64M", img.display());
+    let cfg_arg = cfg.display().to_string();
+    let srv = Server::start_in(
+        dir,
+        &["--cores", "0", "--volume", &spec, "--config", &cfg_arg],
+    );
+    let port: u16 = srv
+        .stdout_lines
+        .iter()
+        .find_map(|l| {
+            let rest = l.split("iSCSI portal on 127.0.0.1:").nth(1)?;
+            rest.trim_end_matches(':').parse().ok()
+        })
+        .unwrap_or_else(|| panic!("banner names the iSCSI portal: {:?}", srv.stdout_lines));
+    let vol0 = format!("{PREFIX}:vol0");
+    let with = |secret: &str| format!("iscsi://alice%{secret}@127.0.0.1:{port}");
+    let (ok, out) = tool(&["iscsi-ls", "-s", &with("s3cretpasswd12")]);
+    assert!(ok && out.contains(&vol0), "{out}");
+    let (ok, out) = tool(&["iscsi-inq", &format!("{}/{vol0}/0", with("s3cretpasswd12"))]);
+    assert!(ok && out.contains("DIRECT_ACCESS"), "{out}");
+    let (ok, out) = tool(&["iscsi-inq", &format!("{}/{vol0}/0", with("wrongpasswd123"))]);
+    assert!(!ok, "a wrong secret is refused: {out}");
+    let (ok, out) = tool(&["iscsi-inq", &url(port, &vol0)]);
+    assert!(!ok, "no CHAP is refused: {out}");
+    let (ok, out) = tool(&["iscsi-ls", "-s", &format!("iscsi://127.0.0.1:{port}")]);
+    assert!(
+        !ok || !out.contains(&vol0),
+        "discovery without CHAP is refused: {out}"
+    );
+}
+
 /// Results of an `iscsi-test-cu` run (verbose output): test name and its outcome.
 fn cu_results(out: &str) -> Vec<(String, &'static str)> {
     let mut res = Vec::new();
