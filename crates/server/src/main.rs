@@ -238,7 +238,7 @@ struct ServeArgs {
     #[arg(long = "vhost", value_name = "VOL=SOCKET_PATH", value_parser = config::parse_vhost)]
     vhost: Vec<config::VhostArg>,
     /// Serve every volume as an iSCSI target (IQN iqn.2026-12.io.ringblk:VOL, LUN 0)
-    /// and every backup VOL@NAME as a read-only one (…:VOL.NAME) on ADDR:PORT; without
+    /// and every backup VOL@NAME as a read-only one (…:VOL:NAME) on ADDR:PORT; without
     /// a value on loopback, 127.0.0.1:3260. Off by default. The IQN prefix and CHAP
     /// (chap_user, chap_secret) are set in the config file's [iscsi] table, never here.
     /// RPC iscsi_list shows targets and sessions.

@@ -8,7 +8,7 @@
 //!
 //! # Targets
 //! Every volume is a target named [`crate::names::target_name`]`(prefix, VOL, None)`
-//! and every ready backup `VOL@NAME` a read-only one (`…:vol.name`), LUN 0 each; names
+//! and every ready backup `VOL@NAME` a read-only one (`…:vol:name`), LUN 0 each; names
 //! that do not fit an iSCSI name are left out (logged once per login config). The list
 //! is built at each connection's login, so volumes created later are served.
 //!

@@ -824,16 +824,21 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
     };
     let out_len = req.data_out_len(&vol.dev);
     let bp = BurstParams::from(&ff.params);
+    if matches!(req, ScsiRequest::CompareAndWrite { .. })
+        && u64::from(cmd.expected_data_len) != out_len
+    {
+        // SBC-4 §5.3: a Data-Out size other than twice the blocks is refused (libiscsi's
+        // CompareAndWrite.InvalidDataOutSize expects this sense); with 0 blocks (256
+        // does not fit the CDB's byte) the CDB itself is at fault.
+        let sense = if out_len == 0 {
+            Sense::INVALID_FIELD_IN_CDB
+        } else {
+            Sense::new(crate::scsi::sense::key::ILLEGAL_REQUEST, 0, 0)
+        };
+        answer_now(c, &cmd, Answer::Check(sense), true);
+        return;
+    }
     let state = if out_len > 0 {
-        if matches!(req, ScsiRequest::CompareAndWrite { .. })
-            && u64::from(cmd.expected_data_len) != out_len
-        {
-            // SBC-4 §5.3: a Data-Out size other than twice the blocks is refused
-            // (libiscsi's CompareAndWrite.InvalidDataOutSize expects this sense).
-            let sense = Sense::new(crate::scsi::sense::key::ILLEGAL_REQUEST, 0, 0);
-            answer_now(c, &cmd, Answer::Check(sense), true);
-            return;
-        }
         if !cmd.write || u64::from(cmd.expected_data_len) < out_len {
             answer_now(c, &cmd, Answer::Check(Sense::INVALID_FIELD_IN_CDB), true);
             return;
@@ -1017,7 +1022,15 @@ fn check_access(shared: &IscsiShared, vol: &Volume, req: &ScsiRequest) -> Result
             | ScsiRequest::GetLbaStatus { .. }
             | ScsiRequest::ModeSelect { .. }
     );
-    if !media {
+    // Under an SPC-2 reservation these conflict too (SPC-2 §5.5.1).
+    let legacy_only = matches!(
+        req,
+        ScsiRequest::ModeSense { .. }
+            | ScsiRequest::ReadCapacity10
+            | ScsiRequest::ReadCapacity16 { .. }
+            | ScsiRequest::StartStopUnit { .. }
+    );
+    if !media && !legacy_only {
         return Ok(());
     }
     let Ok(map) = shared.reservations.lock() else {
@@ -1026,6 +1039,12 @@ fn check_access(shared: &IscsiShared, vol: &Volume, req: &ScsiRequest) -> Result
     let Some(res) = map.get(&vol.name) else {
         return Ok(());
     };
+    if legacy_only {
+        return match res.legacy_holder() {
+            Some(h) if h != vol.nexus => Err(Answer::Status(status::RESERVATION_CONFLICT)),
+            _ => Ok(()),
+        };
+    }
     match res.check_access(&vol.nexus, req.writes()) {
         Ok(()) => Ok(()),
         Err(PrError::Conflict) => Err(Answer::Status(status::RESERVATION_CONFLICT)),

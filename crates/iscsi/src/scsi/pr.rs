@@ -154,6 +154,13 @@ impl Reservations {
         }
     }
 
+    /// The nexus holding an SPC-2 RESERVE(6/10) reservation, if any: under it every
+    /// command of another nexus but INQUIRY, REPORT LUNS, REQUEST SENSE, RELEASE and
+    /// the PR commands conflicts (SPC-2 §5.5.1), not only medium access.
+    pub fn legacy_holder(&self) -> Option<&str> {
+        self.legacy.as_deref()
+    }
+
     /// Whether `nexus` may run a command that reads (`writes` false) or modifies the
     /// medium, under the current reservations (SPC-5 table 69 for the block commands):
     /// `Err(Conflict)` when not.
