@@ -10,7 +10,7 @@
 //! not pass (REPORT SUPPORTED OPERATION CODES, not implemented) and must not count it.
 //!
 //! # iscsi-test-cu (libiscsi 1.19, `-d`, a 64 MiB file volume)
-//! [`CU_SUITES`] run; [`CU_PASS`] (141 tests) pass and are asserted to keep passing.
+//! [`CU_SUITES`] run; [`CU_PASS`] (151 tests) pass and are asserted to keep passing.
 //! The SCSI.ReadOnly suite runs against a backup target and must not fail (it skips
 //! its ORWRITE part). Known failures and skips (not asserted; the reasons):
 //! - `*.DpoFua`, `*.Dpo` (13 tests): SKIPPED, REPORT SUPPORTED OPERATION CODES is
@@ -21,11 +21,10 @@
 //! - `SCSI.GetLBAStatus.UnmapSingle`: FAILED, the first descriptor for an LBA after
 //!   a single unmapped block does not start at the requested LBA.
 //!
-//! Not run (they fail): `iSCSI.iSCSIResiduals` (an EDTL that disagrees with the CDB
-//! is refused instead of transferring the smaller and reporting the residual),
-//! `iSCSI.iSCSIdatasn` (a bad DataSN closes the connection), `SCSI.PrinServiceactionRange`
-//! (READ FULL STATUS is not implemented). Not run yet: MultipathIO, ExtendedCopy,
-//! Sanitize, OrWrite, Prefetch, WriteAtomic, ReportSupportedOpcodes (not decoded).
+//! Not run (they fail): `iSCSI.iSCSIdatasn` (a bad DataSN closes the connection),
+//! `SCSI.PrinServiceactionRange` (READ FULL STATUS is not implemented). Not run yet:
+//! MultipathIO, ExtendedCopy, Sanitize, OrWrite, Prefetch, WriteAtomic,
+//! ReportSupportedOpcodes (not decoded).
 //!
 //! Every server here gets its own data dir and RPC socket (the harness) and stops when
 //! dropped.
@@ -317,6 +316,7 @@ const CU_SUITES: &[&str] = &[
     "SCSI.Mandatory",
     "iSCSI.iSCSIcmdsn",
     "iSCSI.iSCSITMF",
+    "iSCSI.iSCSIResiduals",
     "SCSI.Reserve6",
     "SCSI.PrinReadKeys",
     "SCSI.PrinReportCapabilities",
@@ -444,6 +444,16 @@ const CU_PASS: &[&str] = &[
     "iSCSI.iSCSIcmdsn.iSCSICmdSnTooLow",
     "iSCSI.iSCSITMF.AbortTaskSimpleAsync",
     "iSCSI.iSCSITMF.LUNResetSimpleAsync",
+    "iSCSI.iSCSIResiduals.Read10Invalid",
+    "iSCSI.iSCSIResiduals.Read10Residuals",
+    "iSCSI.iSCSIResiduals.Read12Residuals",
+    "iSCSI.iSCSIResiduals.Read16Residuals",
+    "iSCSI.iSCSIResiduals.Write10Residuals",
+    "iSCSI.iSCSIResiduals.Write12Residuals",
+    "iSCSI.iSCSIResiduals.Write16Residuals",
+    "iSCSI.iSCSIResiduals.WriteVerify10Residuals",
+    "iSCSI.iSCSIResiduals.WriteVerify12Residuals",
+    "iSCSI.iSCSIResiduals.WriteVerify16Residuals",
     "SCSI.Reserve6.Simple",
     "SCSI.Reserve6.2Initiators",
     "SCSI.Reserve6.Logout",

@@ -712,13 +712,15 @@ fn answer_now(c: &mut Conn, cmd: &ScsiCommand, a: Answer, slot: bool) {
     if slot && !cmd.immediate {
         ff.window.complete();
     }
-    let pdus = build_answer(ff, cmd, a);
+    let pdus = build_answer(ff, cmd, a, None);
     for p in &pdus {
         queue(c, d, p);
     }
 }
 
-fn build_answer(ff: &mut Ff, cmd: &ScsiCommand, a: Answer) -> Vec<Pdu> {
+/// `out_len`: the Data-Out length the CDB asks for (`None`: as the EDTL says); the
+/// residual of a write is counted against it.
+fn build_answer(ff: &mut Ff, cmd: &ScsiCommand, a: Answer, out_len: Option<u64>) -> Vec<Pdu> {
     let s = sns(ff);
     ff.stat_sn = ff.stat_sn.wrapping_add(1);
     let edtl = cmd.expected_data_len;
@@ -746,10 +748,14 @@ fn build_answer(ff: &mut Ff, cmd: &ScsiCommand, a: Answer) -> Vec<Pdu> {
             }
             pdus
         }
-        Answer::Data(_) => {
-            // Writes and commands without data: residual against what was expected in
-            // the command's direction (nothing flows back).
-            let moved = if cmd.write { u64::from(edtl) } else { 0 };
+        Answer::Data(data) => {
+            // Writes, commands without data, and data the initiator expects none of
+            // (EDTL 0: all of it is overflow residual).
+            let moved = if cmd.write || out_len.is_some_and(|n| n > 0) {
+                out_len.unwrap_or(u64::from(edtl))
+            } else {
+                data.len() as u64
+            };
             vec![scsi_response(
                 cmd.itt,
                 status::GOOD,
@@ -839,7 +845,11 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
         return;
     }
     let state = if out_len > 0 {
-        if !cmd.write || u64::from(cmd.expected_data_len) < out_len {
+        // A WRITE whose EDTL disagrees with its CDB writes the smaller of the two (whole
+        // blocks) and reports the residual, as libiscsi's iSCSIResiduals expects; other
+        // commands need all their parameter data.
+        let is_write = matches!(req, ScsiRequest::Write { .. });
+        if !is_write && (!cmd.write || u64::from(cmd.expected_data_len) < out_len) {
             answer_now(c, &cmd, Answer::Check(Sense::INVALID_FIELD_IN_CDB), true);
             return;
         }
@@ -1213,6 +1223,9 @@ fn execute(r: &mut Reactor, conn: &ConnRef, itt: u32, buf: Vec<u8>) {
             len_bytes,
             fua,
         } => {
+            // The smaller of the CDB's length and what the initiator sent, in blocks.
+            let bs = dev.block_size_bytes.max(1);
+            let len_bytes = len_bytes.min(buf.len() as u32) / bs * bs;
             if len_bytes == 0 {
                 finish(r, conn, itt, None);
                 return;
@@ -1357,10 +1370,13 @@ fn part_done(r: &mut Reactor, conn: &ConnRef, itt: u32, offset: u64, res: IoResu
                     t.err = Some(e);
                 }
             }
+            // The layer's buffer may be longer than the request (a pool buffer): only
+            // the requested bytes are the data.
             Ok(IoOutput::Read(ReadData::Data(DataBuf::Own(b)))) => {
-                t.data = b.as_slice().to_vec();
+                let n = read_len(&t.req).min(b.len());
+                t.data = b.as_slice()[..n].to_vec();
             }
-            Ok(IoOutput::Read(ReadData::Zeroes(b))) => t.data = vec![0; b.len()],
+            Ok(IoOutput::Read(ReadData::Zeroes(_))) => t.data = vec![0; read_len(&t.req)],
             Ok(IoOutput::Read(ReadData::Data(_))) => {}
             Ok(IoOutput::Status(lists)) => {
                 let mut at = offset;
@@ -1385,6 +1401,16 @@ fn part_done(r: &mut Reactor, conn: &ConnRef, itt: u32, offset: u64, res: IoResu
     };
     if last {
         finish(r, conn, itt, None);
+    }
+}
+
+/// Bytes a READ or VERIFY asks for (0 for other commands).
+fn read_len(req: &ScsiRequest) -> usize {
+    match *req {
+        ScsiRequest::Read { len_bytes, .. } | ScsiRequest::Verify { len_bytes, .. } => {
+            len_bytes as usize
+        }
+        _ => 0,
     }
 }
 
@@ -1423,7 +1449,8 @@ fn finish(r: &mut Reactor, conn: &ConnRef, itt: u32, given: Option<Answer>) {
                 }
                 (None, _) => Answer::Data(task.data),
             });
-            let pdus = build_answer(ff, &task.cmd, a);
+            let out_len = ff.vol.as_ref().map(|v| task.req.data_out_len(&v.dev));
+            let pdus = build_answer(ff, &task.cmd, a, out_len);
             for p in &pdus {
                 queue(c, d, p);
             }
