@@ -176,6 +176,17 @@ fn qemu_io_over_iscsi_reads_back_through_nbd_and_backups_are_read_only() {
         );
         text
     };
+    // 64 writes of 1 MiB at once, each needing R2Ts: the session keeps reading their
+    // Data-Out while every window slot is taken (pausing on a full window deadlocks
+    // here: tried; run() bounds it).
+    let out = run(Command::new("qemu-img").args([
+        "bench", "-f", "raw", "-w", "-c", "64", "-d", "64", "-s", "1M", &vol0,
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = qio(&vol0, &["write -P 0xab 4096 1M", "write -P 0x5c 8M 64k"]);
     assert!(!out.contains("failed") && out.contains("wrote"), "{out}");
     // Byte-exact through NBD from the same volume.

@@ -8,12 +8,15 @@
 //!
 //! # Bounds and back-pressure
 //! At most [`WINDOW`] non-immediate commands run at once: the CmdSN window
-//! ([`crate::window::CmdWindow`]) never grants more, and the connection stops reading
-//! when they are all taken; immediate commands beyond [`IMMEDIATE_MAX`] get TASK SET
-//! FULL. A write's buffer is at most the device's maximum transfer; one receive
-//! buffer ([`RX_BYTES`]) is processed whole once read. Reading also stops while
-//! [`TX_MAX_BYTES`] of responses are unsent and while the volume's channel reported
-//! `Pressure::Full` (until `when_room`).
+//! ([`crate::window::CmdWindow`]) never grants more (commands past MaxCmdSN are
+//! dropped); immediate commands beyond [`IMMEDIATE_MAX`] get TASK SET FULL. A write's
+//! buffer is at most twice the maximum transfer, and a connection holds at most
+//! `WRITE_BYTES_MAX` of them (TASK SET FULL past it); one receive buffer (`RX_BYTES`)
+//! is processed whole once read. Reading stops while `TX_MAX_BYTES` of responses
+//! are unsent, while the volume's channel reported `Pressure::Full` (until
+//! `when_room`), during a logout and with more than 4 task management requests
+//! waiting; never for the window itself, since writes waiting for Data-Out need
+//! reading to go on.
 //!
 //! # Errors
 //! Block errors become sense data only through [`crate::scsi::sense_for`]. A PDU the
@@ -82,6 +85,8 @@ const LBA_STATUS_EXTENTS: u32 = 256;
 const WRITE_SAME_PATTERN_MAX: u64 = 32 << 20;
 /// Maximum transfer length advertised (and the bound on one write's buffer).
 const MAX_TRANSFER_BYTES: u32 = 8 << 20;
+/// Write buffers one connection holds at most; a write past it gets TASK SET FULL.
+const WRITE_BYTES_MAX: usize = 64 << 20;
 
 type ConnRef = Rc<RefCell<Conn>>;
 
@@ -121,6 +126,8 @@ struct Task {
     req: ScsiRequest,
     state: TaskState,
     parts: u32,
+    /// Write buffer bytes counted in `Ff::write_bytes` until the task ends.
+    held: usize,
     err: Option<BlockError>,
     aborted: bool,
     /// Data-In of a read (or the result page), built by parts.
@@ -147,6 +154,8 @@ struct Ff {
     vol: Option<Volume>,
     tasks: HashMap<u32, Task>,
     immediate: usize,
+    /// Bytes of write buffers held by tasks (at most [`WRITE_BYTES_MAX`]).
+    write_bytes: usize,
     next_ttt: u32,
     /// TMF responses waiting for the named tasks to finish.
     tmf: Vec<(TaskMgmtRequest, HashSet<u32>)>,
@@ -286,10 +295,9 @@ fn paused(c: &Conn) -> bool {
     }
     match &c.ff {
         Some(ff) => {
-            ff.blocked_on_layer
-                || ff.window.in_flight() >= WINDOW
-                || ff.logout.is_some()
-                || ff.tmf.len() > 4
+            // Not the window: it bounds commands already (the initiator sends none past
+            // MaxCmdSN), and writes waiting for Data-Out need reading to go on.
+            ff.blocked_on_layer || ff.logout.is_some() || ff.tmf.len() > 4
         }
         None => false,
     }
@@ -697,6 +705,7 @@ fn enter_ff(
         vol,
         tasks: HashMap::new(),
         immediate: 0,
+        write_bytes: 0,
         next_ttt: 1,
         tmf: Vec::new(),
         logout: None,
@@ -868,6 +877,12 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
                 return;
             }
         };
+        if ff.write_bytes + edtl as usize > WRITE_BYTES_MAX {
+            // Enough write data held already: the initiator retries later.
+            answer_now(c, &cmd, Answer::Status(status::TASK_SET_FULL), true);
+            return;
+        }
+        ff.write_bytes += edtl as usize;
         let mut buf = vec![0u8; edtl as usize];
         let n = pdu.data.len().min(buf.len());
         buf[..n].copy_from_slice(&pdu.data[..n]);
@@ -878,7 +893,11 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
     if cmd.immediate {
         ff.immediate += 1;
     }
-    let waiting = matches!(state, TaskState::Data { .. });
+    let held = match &state {
+        TaskState::Data { buf, .. } => buf.len(),
+        TaskState::Running => 0,
+    };
+    let waiting = held > 0 || matches!(state, TaskState::Data { .. });
     ff.tasks.insert(
         cmd.itt,
         Task {
@@ -886,6 +905,7 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
             req,
             state,
             parts: 0,
+            held,
             err: None,
             aborted: false,
             data: Vec::new(),
@@ -1424,6 +1444,7 @@ fn finish(r: &mut Reactor, conn: &ConnRef, itt: u32, given: Option<Answer>) {
         let Some(task) = ff.tasks.remove(&itt) else {
             return;
         };
+        ff.write_bytes = ff.write_bytes.saturating_sub(task.held);
         if task.cmd.immediate {
             ff.immediate = ff.immediate.saturating_sub(1);
         } else {
@@ -1570,6 +1591,7 @@ fn task_mgmt(r: &mut Reactor, conn: &ConnRef, req: TaskMgmtRequest) {
         ff.tmf.push((req, waits));
         for itt in dropped {
             if let Some(t) = ff.tasks.remove(&itt) {
+                ff.write_bytes = ff.write_bytes.saturating_sub(t.held);
                 if t.cmd.immediate {
                     ff.immediate = ff.immediate.saturating_sub(1);
                 } else {
