@@ -6,6 +6,15 @@
 //! A connection lives in an `Rc<RefCell<Conn>>` held by its reactor's table and by the
 //! callbacks of its socket operations and block requests (`Done::from_fn`).
 //!
+//! # Ordering
+//! PDUs are handled in arrival order; commands run concurrently and are answered in
+//! completion order. StatSN is assigned when a response is queued, and the queue is
+//! sent in order by one send at a time, so StatSN rises on the wire.
+//!
+//! # Panics
+//! None on input: every PDU field, CDB and Data-Out offset is checked (by the decoder,
+//! [`crate::scsi::decode`] and [`crate::r2t::WriteTransfer`]) before it is used.
+//!
 //! # Bounds and back-pressure
 //! At most [`WINDOW`] non-immediate commands run at once: the CmdSN window
 //! ([`crate::window::CmdWindow`]) never grants more (commands past MaxCmdSN are
@@ -523,8 +532,6 @@ fn handle_pdu(r: &mut Reactor, conn: &ConnRef, pdu: Pdu) {
         return;
     };
     let d = c.digests;
-    let label = c.shared.label;
-    let _ = label;
     match pdu.bhs {
         Bhs::ScsiCommand(cmd) => {
             drop(guard);
@@ -1108,7 +1115,7 @@ fn own(r: &mut Reactor, data: &[u8]) -> DataBuf {
 /// Runs a task whose data (if any) is in `buf`: answers at once, or submits block
 /// requests whose completions answer.
 fn execute(r: &mut Reactor, conn: &ConnRef, itt: u32, buf: Vec<u8>) {
-    let (req, cmd, immediate_answer, dev, shared) = {
+    let (req, answer, dev) = {
         let c = conn.borrow();
         let Some(ff) = c.ff.as_ref() else { return };
         let Some(vol) = ff.vol.as_ref() else { return };
@@ -1116,94 +1123,111 @@ fn execute(r: &mut Reactor, conn: &ConnRef, itt: u32, buf: Vec<u8>) {
             return;
         };
         let req = task.req.clone();
-        let pre = check_access(&c.shared, vol, &req).err();
-        let a = pre.or_else(|| {
-            let trunc = |d: Vec<u8>, n: usize| Answer::Data(pages::truncate(d, n));
-            Some(match &req {
-                ScsiRequest::TestUnitReady | ScsiRequest::StartStopUnit { .. } => {
-                    Answer::Data(Vec::new())
-                }
-                ScsiRequest::Inquiry {
-                    evpd: false,
-                    alloc_len,
-                    ..
-                } => trunc(pages::inquiry_standard(&vol.id), usize::from(*alloc_len)),
-                ScsiRequest::Inquiry {
-                    page, alloc_len, ..
-                } => match pages::inquiry_vpd(*page, &vol.id, &vol.dev) {
-                    Ok(d) => trunc(d, usize::from(*alloc_len)),
-                    Err(s) => Answer::Check(s),
-                },
-                ScsiRequest::ReportLuns { alloc_len, .. } => {
-                    trunc(pages::report_luns(), *alloc_len as usize)
-                }
-                ScsiRequest::ReadCapacity10 => Answer::Data(pages::read_capacity10(&vol.dev)),
-                ScsiRequest::ReadCapacity16 { alloc_len } => {
-                    trunc(pages::read_capacity16(&vol.dev), *alloc_len as usize)
-                }
-                ScsiRequest::ModeSense {
-                    ten,
-                    dbd,
-                    pc,
-                    page,
-                    subpage,
-                    alloc_len,
-                } => match pages::mode_sense(&vol.dev, *ten, *dbd, *pc, *page, *subpage) {
-                    Ok(d) => trunc(d, usize::from(*alloc_len)),
-                    Err(s) => Answer::Check(s),
-                },
-                ScsiRequest::ModeSelect { ten, .. } => {
-                    match pages::mode_select(&buf, *ten, &vol.dev) {
-                        Ok(_) => Answer::Data(Vec::new()),
-                        Err(s) => Answer::Check(s),
-                    }
-                }
-                ScsiRequest::RequestSense { alloc_len } => {
-                    trunc(Sense::NONE.to_fixed().to_vec(), usize::from(*alloc_len))
-                }
-                ScsiRequest::Reserve => pr_answer(
-                    with_reservations(&c.shared, &vol.name, |p| p.reserve_legacy(&vol.nexus))
-                        .unwrap_or(Ok(())),
-                    |_| Answer::Data(Vec::new()),
-                ),
-                ScsiRequest::Release => pr_answer(
-                    with_reservations(&c.shared, &vol.name, |p| p.release_legacy(&vol.nexus))
-                        .unwrap_or(Ok(())),
-                    |_| Answer::Data(Vec::new()),
-                ),
-                ScsiRequest::PersistentReserveIn { action, alloc_len } => pr_answer(
-                    with_reservations(&c.shared, &vol.name, |p| p.reserve_in(*action))
-                        .unwrap_or(Ok(Vec::new())),
-                    |d| Answer::Data(pages::truncate(d, usize::from(*alloc_len))),
-                ),
-                ScsiRequest::PersistentReserveOut {
-                    action,
-                    scope,
-                    pr_type,
-                    ..
-                } => pr_answer(
-                    with_reservations(&c.shared, &vol.name, |p| {
-                        p.reserve_out(&vol.nexus, *action, *scope, *pr_type, &buf)
-                    })
-                    .unwrap_or(Ok(Default::default())),
-                    |_| Answer::Data(Vec::new()),
-                ),
-                ScsiRequest::Verify { compare: false, .. } => Answer::Data(Vec::new()),
-                ScsiRequest::Unmap { .. } => match scsi::parse_unmap(&buf, &vol.dev) {
-                    Ok(ranges) if ranges.is_empty() => Answer::Data(Vec::new()),
-                    Ok(_) => return None,
-                    Err(s) => Answer::Check(s),
-                },
-                _ => return None,
-            })
-        });
-        (req, task.cmd, a, vol.dev.clone(), c.shared.clone())
+        let answer = match check_access(&c.shared, vol, &req) {
+            Err(a) => Some(a),
+            Ok(()) => answer_without_io(&c.shared, vol, &req, &buf),
+        };
+        (req, answer, vol.dev.clone())
     };
-    let _ = shared;
-    if let Some(a) = immediate_answer {
-        finish(r, conn, itt, Some(a));
-        return;
+    match answer {
+        Some(a) => finish(r, conn, itt, Some(a)),
+        None => submit_io(r, conn, itt, req, &buf, &dev),
     }
+    after_io(r, conn);
+}
+
+/// The answer of a command that needs no block request (`None`: it needs some).
+fn answer_without_io(
+    shared: &IscsiShared,
+    vol: &Volume,
+    req: &ScsiRequest,
+    buf: &[u8],
+) -> Option<Answer> {
+    let trunc = |d: Vec<u8>, n: usize| Answer::Data(pages::truncate(d, n));
+    Some(match &req {
+        ScsiRequest::TestUnitReady | ScsiRequest::StartStopUnit { .. } => Answer::Data(Vec::new()),
+        ScsiRequest::Inquiry {
+            evpd: false,
+            alloc_len,
+            ..
+        } => trunc(pages::inquiry_standard(&vol.id), usize::from(*alloc_len)),
+        ScsiRequest::Inquiry {
+            page, alloc_len, ..
+        } => match pages::inquiry_vpd(*page, &vol.id, &vol.dev) {
+            Ok(d) => trunc(d, usize::from(*alloc_len)),
+            Err(s) => Answer::Check(s),
+        },
+        ScsiRequest::ReportLuns { alloc_len, .. } => {
+            trunc(pages::report_luns(), *alloc_len as usize)
+        }
+        ScsiRequest::ReadCapacity10 => Answer::Data(pages::read_capacity10(&vol.dev)),
+        ScsiRequest::ReadCapacity16 { alloc_len } => {
+            trunc(pages::read_capacity16(&vol.dev), *alloc_len as usize)
+        }
+        ScsiRequest::ModeSense {
+            ten,
+            dbd,
+            pc,
+            page,
+            subpage,
+            alloc_len,
+        } => match pages::mode_sense(&vol.dev, *ten, *dbd, *pc, *page, *subpage) {
+            Ok(d) => trunc(d, usize::from(*alloc_len)),
+            Err(s) => Answer::Check(s),
+        },
+        ScsiRequest::ModeSelect { ten, .. } => match pages::mode_select(buf, *ten, &vol.dev) {
+            Ok(_) => Answer::Data(Vec::new()),
+            Err(s) => Answer::Check(s),
+        },
+        ScsiRequest::RequestSense { alloc_len } => {
+            trunc(Sense::NONE.to_fixed().to_vec(), usize::from(*alloc_len))
+        }
+        ScsiRequest::Reserve => pr_answer(
+            with_reservations(shared, &vol.name, |p| p.reserve_legacy(&vol.nexus))
+                .unwrap_or(Ok(())),
+            |_| Answer::Data(Vec::new()),
+        ),
+        ScsiRequest::Release => pr_answer(
+            with_reservations(shared, &vol.name, |p| p.release_legacy(&vol.nexus))
+                .unwrap_or(Ok(())),
+            |_| Answer::Data(Vec::new()),
+        ),
+        ScsiRequest::PersistentReserveIn { action, alloc_len } => pr_answer(
+            with_reservations(shared, &vol.name, |p| p.reserve_in(*action))
+                .unwrap_or(Ok(Vec::new())),
+            |d| Answer::Data(pages::truncate(d, usize::from(*alloc_len))),
+        ),
+        ScsiRequest::PersistentReserveOut {
+            action,
+            scope,
+            pr_type,
+            ..
+        } => pr_answer(
+            with_reservations(shared, &vol.name, |p| {
+                p.reserve_out(&vol.nexus, *action, *scope, *pr_type, buf)
+            })
+            .unwrap_or(Ok(Default::default())),
+            |_| Answer::Data(Vec::new()),
+        ),
+        ScsiRequest::Verify { compare: false, .. } => Answer::Data(Vec::new()),
+        ScsiRequest::Unmap { .. } => match scsi::parse_unmap(buf, &vol.dev) {
+            Ok(ranges) if ranges.is_empty() => Answer::Data(Vec::new()),
+            Ok(_) => return None,
+            Err(s) => Answer::Check(s),
+        },
+        _ => return None,
+    })
+}
+
+/// Submits the block requests of a media command; their completions answer it.
+fn submit_io(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    itt: u32,
+    req: ScsiRequest,
+    buf: &[u8],
+    dev: &Device,
+) {
     match req {
         ScsiRequest::Read {
             offset_bytes,
@@ -1286,7 +1310,7 @@ fn execute(r: &mut Reactor, conn: &ConnRef, itt: u32, buf: Vec<u8>) {
         }
         ScsiRequest::SynchronizeCache { .. } => submit(r, conn, itt, BlockOp::Flush),
         ScsiRequest::Unmap { .. } => {
-            let ranges = scsi::parse_unmap(&buf, &dev).unwrap_or_default();
+            let ranges = scsi::parse_unmap(buf, dev).unwrap_or_default();
             for u in ranges {
                 submit(
                     r,
@@ -1371,8 +1395,6 @@ fn execute(r: &mut Reactor, conn: &ConnRef, itt: u32, buf: Vec<u8>) {
         }
         _ => finish(r, conn, itt, Some(Answer::Check(Sense::INVALID_OPCODE))),
     }
-    let _ = cmd;
-    after_io(r, conn);
 }
 
 fn part_done(r: &mut Reactor, conn: &ConnRef, itt: u32, offset: u64, res: IoResult) {
@@ -1570,9 +1592,7 @@ fn task_mgmt(r: &mut Reactor, conn: &ConnRef, req: TaskMgmtRequest) {
             if let Some(vol) = ff.vol.as_ref() {
                 // A reset drops the legacy (RESERVE 6/10) reservation, whoever holds it;
                 // persistent ones stay (SPC-5 §5.14).
-                let (shared, name, nexus) = (c.shared.clone(), vol.name.clone(), vol.nexus.clone());
-                let _ = nexus;
-                let _ = with_reservations(&shared, &name, |p| p.reset());
+                let _ = with_reservations(&c.shared, &vol.name, |p| p.reset());
             }
         }
         let Some(ff) = c.ff.as_mut() else { return };
