@@ -785,6 +785,58 @@ mod tests {
         assert!(err.contains("buffer_budget"), "{err}");
     }
 
+    /// `--iscsi` and `[iscsi]`: off unless one is given; the flag's address wins; CHAP
+    /// needs both halves and a secret of 12 bytes or more (the refusals are the
+    /// negative controls).
+    #[test]
+    fn iscsi_flag_and_table_resolve() {
+        assert_eq!(resolve_iscsi(None, None), Ok(None));
+        let on = resolve_iscsi(Some(DEFAULT_ISCSI_LISTEN.into()), None)
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(on.listen.to_string(), "127.0.0.1:3260");
+        assert_eq!(on.prefix, DEFAULT_ISCSI_PREFIX);
+        assert_eq!(on.chap, None);
+        let table = || FileIscsi {
+            listen: Some("127.0.0.2:3261".into()),
+            iqn_prefix: Some("iqn.2027-01.org.example".into()),
+            chap_user: Some("alice".into()),
+            chap_secret: Some("s3cretpasswd12".into()),
+        };
+        let both = resolve_iscsi(Some("127.0.0.3:3262".into()), Some(table()))
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(both.listen.to_string(), "127.0.0.3:3262");
+        assert_eq!(both.prefix, "iqn.2027-01.org.example");
+        assert_eq!(
+            both.chap.map(|c| (c.initiator.user, c.initiator.secret)),
+            Some(("alice".to_string(), b"s3cretpasswd12".to_vec()))
+        );
+        let file_only = resolve_iscsi(None, Some(table()))
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(file_only.listen.to_string(), "127.0.0.2:3261");
+        let short = FileIscsi {
+            chap_secret: Some("short".into()),
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(short)).is_err());
+        let half = FileIscsi {
+            chap_secret: None,
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(half)).is_err());
+        let bad_prefix = FileIscsi {
+            iqn_prefix: Some("IQN with spaces".into()),
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(bad_prefix)).is_err());
+        assert!(resolve_iscsi(Some("nowhere".into()), None).is_err());
+    }
+
     /// `--vhost`'s grammar: the first `=` splits, a backup export keeps its `@`, and
     /// a missing half is an error naming the form.
     #[test]
