@@ -846,11 +846,14 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
     };
     let out_len = req.data_out_len(&vol.dev);
     let bp = BurstParams::from(&ff.params);
-    if matches!(req, ScsiRequest::CompareAndWrite { .. })
-        && u64::from(cmd.expected_data_len) != out_len
+    if matches!(
+        req,
+        ScsiRequest::CompareAndWrite { .. } | ScsiRequest::WriteSame { ndob: false, .. }
+    ) && u64::from(cmd.expected_data_len) != out_len
     {
-        // SBC-4 §5.3: a Data-Out size other than twice the blocks is refused (libiscsi's
-        // CompareAndWrite.InvalidDataOutSize expects this sense); with 0 blocks (256
+        // SBC-4 §5.3: a Data-Out size other than twice the blocks (one block for WRITE
+        // SAME) is refused (libiscsi's InvalidDataOutSize tests expect this sense); with
+        // 0 blocks (256
         // does not fit the CDB's byte) the CDB itself is at fault.
         let sense = if out_len == 0 {
             Sense::INVALID_FIELD_IN_CDB
@@ -1346,9 +1349,10 @@ fn submit_io(
                         fua: false,
                     },
                 );
-            } else if unmap || len_bytes > WRITE_SAME_PATTERN_MAX {
-                // UNMAP with a non-zero pattern cannot deallocate; too long a pattern
-                // is refused rather than buffered.
+            } else if len_bytes > WRITE_SAME_PATTERN_MAX {
+                // A non-zero pattern cannot deallocate: with UNMAP it is written anyway
+                // (deallocation is the device server's choice, SBC-4 5.50). Too long a
+                // pattern is refused rather than buffered.
                 finish(
                     r,
                     conn,
