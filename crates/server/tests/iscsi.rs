@@ -17,8 +17,10 @@
 //!   not implemented; `SCSI.Reserve6.TargetColdReset`: SKIPPED, no cold reset;
 //!   `SCSI.StartStopUnit.Simple`: SKIPPED, the medium is not removable.
 //! - `SCSI.WriteSame10/16.ZeroBlocks`: SKIPPED (WSNZ: zero blocks are refused).
-//! - `SCSI.GetLBAStatus.UnmapSingle`: FAILED, the first descriptor for an LBA after
-//!   a single unmapped block does not start at the requested LBA.
+//! - `SCSI.GetLBAStatus.UnmapSingle`: FAILED ("lba offset in first descriptor does
+//!   not match request" for LBA 8 after unmapping blocks 8..16), not understood yet:
+//!   qemu-img map over iSCSI, which uses GET LBA STATUS, reports such holes exactly
+//!   (asserted in the qemu test).
 //!
 //! Not run (they fail): `iSCSI.iSCSIdatasn` (a bad DataSN closes the connection),
 //! `SCSI.PrinServiceactionRange` (READ FULL STATUS is not implemented). Not run yet:
@@ -199,6 +201,27 @@ fn qemu_io_over_iscsi_reads_back_through_nbd_and_backups_are_read_only() {
     // Discard over iSCSI (UNMAP) succeeds.
     let out = qio(&vol0, &["discard 16M 1M"]);
     assert!(!out.contains("failed"), "{out}");
+    // qemu maps the volume with GET LBA STATUS: the discarded range is a hole, the
+    // written one data (each the other's negative control).
+    let out = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &vol0]));
+    let map: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img map: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let at = |off: u64| {
+        map.as_array()
+            .and_then(|m| {
+                m.iter().find(|e| {
+                    let start = e["start"].as_u64().unwrap_or(u64::MAX);
+                    start <= off && off < start + e["length"].as_u64().unwrap_or(0)
+                })
+            })
+            .map(|e| e["data"].clone())
+    };
+    assert_eq!(at(16 << 20), Some(json!(false)), "{map}");
+    assert_eq!(at(4096), Some(json!(true)), "{map}");
 
     // A backup is a read-only target with the data of its time.
     let made = rpc(
