@@ -57,16 +57,20 @@
 //!
 //! # Not done yet
 //! - The session ([`frontend`], its module docs) serves one connection per session,
-//!   Data-In up to the initiator's segment length per PDU (not zero-copy), no Async
-//!   messages; every command goes through `check_access` except those that never touch
-//!   the medium (INQUIRY, REPORT LUNS, PR IN/OUT, …). Unit serials and NAA ids derive
-//!   from the volume name and reservations live in memory (not persisted, no APTPL).
+//!   copies Data-In and Data-Out (not zero-copy), sends no Async messages, and closes
+//!   the connection on a bad Data-Out (DataSN, offset) instead of answering it. Medium
+//!   access goes through `check_access`; under RESERVE(6) MODE SENSE, READ CAPACITY
+//!   and START STOP UNIT of another nexus conflict too. LUN RESET aborts this
+//!   session's tasks only. Unit serials and NAA ids derive from the volume name (not a
+//!   persisted per-incarnation id), and reservations live in memory, shared by the
+//!   server's sessions (not persisted, no APTPL).
 //! - Wiring done: `ringblk serve --iscsi`, `[iscsi]` (IQN prefix, CHAP), RPC
 //!   `iscsi_list`, stats label `iscsi`. Not done: `iscsi_target_list` and
 //!   `iscsi_session_list` as separate RPCs, per-session CmdSN window in RPC output
 //!   (the login's is shown), the benchmark against tgtd.
 //! - Real-client tests: crates/server/tests/iscsi.rs (libiscsi tools, iscsi-test-cu
-//!   suites, qemu-io); the list of passing suites is asserted there.
+//!   suites, qemu-io/qemu-img, CHAP); the passing iscsi-test-cu tests are asserted
+//!   there and the others named with reasons. MultipathIO is not run yet.
 //! - SCSI commands not decoded yet: REPORT SUPPORTED OPERATION CODES (libiscsi's
 //!   suite asks for it), PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA, SANITIZE,
 //!   EXTENDED COPY, WRITE ATOMIC, ORWRITE, PRE-FETCH.
