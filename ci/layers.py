@@ -13,7 +13,9 @@
    clippy's -D warnings this keeps images, maps and backends out of every front end.
 3. Crate dependencies, from `cargo metadata --no-deps --format-version 1` (every
    dependency kind counts): ringblk-target must not depend on ringblk-server, clap,
-   toml or tracing-subscriber; ringblk-nbd must not depend on ringblk-server.
+   toml or tracing-subscriber; ringblk-nbd must not depend on ringblk-server;
+   ringblk-iscsi must not depend on ringblk-server, ringblk-blockmap or ringblk-nbd
+   (its front end, feature `frontend`, may depend on ringblk-reactor).
 4. The vhost front end (issue #13): every `ringblk_target::NAME` path in
    crates/vhost/src names a public API module of VHOST_TARGET_API (bdev, error,
    stats, target, ops, extent) -- never volume, images, maps or backends; and
@@ -238,6 +240,10 @@ FORBIDDEN = {
     "ringblk-target": ("ringblk-server", "ringblk-vhost", "clap", "toml", "tracing-subscriber"),
     "ringblk-nbd": ("ringblk-server",),
     "ringblk-vhost": ("ringblk-server", "ringblk-nbd", "clap", "toml", "tracing-subscriber"),
+    # The iSCSI crate (#14): the sans-IO part takes only BlockError from the target; its
+    # front end (feature `frontend`) runs sessions on reactors, so ringblk-reactor is
+    # allowed; never the server, the block map or another front end.
+    "ringblk-iscsi": ("ringblk-server", "ringblk-blockmap", "ringblk-nbd"),
 }
 
 # Rule 4: what crates/vhost/src may name of the block layer.
@@ -466,6 +472,12 @@ def self_test(src):
         None,
         "ringblk-nbd depends on ringblk-server",
         meta_edit=add_dep("ringblk-nbd", "ringblk-server"),
+    )
+    planted(
+        "iscsi -> blockmap",
+        None,
+        "ringblk-iscsi depends on ringblk-blockmap",
+        meta_edit=add_dep("ringblk-iscsi", "ringblk-blockmap"),
     )
     planted(
         "target -> nbd (after 5.2)",

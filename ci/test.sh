@@ -89,6 +89,29 @@ if [ ${#guest_pkgs[@]} -gt 0 ] && [ -z "${RINGBLK_SKIP_APT:-}" ]; then
 fi
 # --- end of the issue #13 guest block ------------------------------------------------
 
+# --- issue #14 iSCSI tests (crates/server/tests/iscsi.rs, crates/iscsi/tests) ---------
+# libiscsi-bin (iscsi-ls, iscsi-inq, iscsi-perf, iscsi-test-cu) and qemu's iscsi://
+# driver, qemu-block-extra, at exactly the installed qemu-utils version (from the suite
+# that version came from: backports are enabled by the block above when needed).
+iscsi_pkgs=()
+command -v iscsi-test-cu >/dev/null 2>&1 || iscsi_pkgs+=(libiscsi-bin)
+qemu_ver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+if [ -n "$qemu_ver" ] && \
+   [ "$(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true)" != "$qemu_ver" ]; then
+  iscsi_pkgs+=("qemu-block-extra=$qemu_ver")
+fi
+if [ ${#iscsi_pkgs[@]} -gt 0 ] && [ -z "${RINGBLK_SKIP_APT:-}" ]; then
+  step "installing the iSCSI tests' tools: ${iscsi_pkgs[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "ci/test.sh: need root to apt-get install: ${iscsi_pkgs[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${iscsi_pkgs[@]}"
+fi
+# --- end of the issue #14 iSCSI block -------------------------------------------------
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

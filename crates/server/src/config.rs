@@ -42,7 +42,22 @@ pub struct ServerConfig {
     pub admission: AdmissionConfig,
     /// NBD over TLS (#16): mode, credentials, per-volume access.
     pub tls: Arc<NbdTls>,
+    /// The iSCSI portal (`--iscsi` or `[iscsi]`); off when `None`.
+    pub iscsi: Option<IscsiConfig>,
 }
+
+/// The iSCSI front end's settings: where it listens, the IQN prefix of its target
+/// names, and one-way CHAP (from the config file only, never the command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IscsiConfig {
+    pub listen: std::net::SocketAddr,
+    pub prefix: String,
+    pub chap: Option<ringblk_iscsi::login::ChapConfig>,
+}
+
+/// `--iscsi` without an address listens here (loopback, the IANA port).
+pub const DEFAULT_ISCSI_LISTEN: &str = "127.0.0.1:3260";
+pub const DEFAULT_ISCSI_PREFIX: &str = "iqn.2026-12.io.ringblk";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_DATA_DIR: &str = "./ringblk-data";
@@ -124,6 +139,22 @@ pub struct FileConfig {
     /// As `--vhost VOL=SOCKET_PATH`, one table each.
     #[serde(default)]
     pub vhost: Vec<FileVhost>,
+    /// `[iscsi]`: its presence turns the iSCSI portal on (as `--iscsi`).
+    pub iscsi: Option<FileIscsi>,
+}
+
+/// `[iscsi]`: the iSCSI portal. CHAP secrets live only here (RFC 7143 wants 12 to 16
+/// bytes at least; shorter ones are refused at start).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIscsi {
+    /// `ADDR:PORT` [default: 127.0.0.1:3260]; `--iscsi ADDR:PORT` overrides it.
+    pub listen: Option<String>,
+    /// IQN prefix of target names [default: iqn.2026-12.io.ringblk].
+    pub iqn_prefix: Option<String>,
+    /// One-way CHAP: the initiator must prove this user and secret.
+    pub chap_user: Option<String>,
+    pub chap_secret: Option<String>,
 }
 
 /// `[[vhost]]`: a vhost-user-blk export at start (as `--vhost`).
@@ -196,6 +227,8 @@ pub struct Flags {
     pub tls_creds: Option<PathBuf>,
     /// `--tls-verify-peer`.
     pub tls_verify_peer: bool,
+    /// `--iscsi [ADDR:PORT]`.
+    pub iscsi: Option<String>,
 }
 
 /// Parses `--tls`: off | on | require.
@@ -340,6 +373,7 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             socket: v.socket,
         });
     }
+    let iscsi = resolve_iscsi(flags.iscsi, file.iscsi)?;
     let mut volumes = flags.volumes;
     let mut access = std::collections::HashMap::new();
     for v in &file.volume {
@@ -488,12 +522,57 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             rebind: flags.rebind,
             admission,
             tls,
+            iscsi,
         },
         rpc,
         rpc_default,
         data_dir,
         vhost,
     })
+}
+
+/// The iSCSI portal from `--iscsi` and `[iscsi]`: on when either is given; the flag's
+/// address wins over the file's.
+fn resolve_iscsi(
+    flag: Option<String>,
+    file: Option<FileIscsi>,
+) -> Result<Option<IscsiConfig>, String> {
+    if flag.is_none() && file.is_none() {
+        return Ok(None);
+    }
+    let file = file.unwrap_or_default();
+    let addr = flag
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_ISCSI_LISTEN.to_string());
+    let listen = addr
+        .parse()
+        .map_err(|_| format!("invalid --iscsi {addr:?}: use ADDR:PORT, e.g. 127.0.0.1:3260"))?;
+    let prefix = file
+        .iqn_prefix
+        .unwrap_or_else(|| DEFAULT_ISCSI_PREFIX.to_string());
+    ringblk_iscsi::names::check_iscsi_name(&format!("{prefix}:x"))
+        .map_err(|e| format!("[iscsi] iqn_prefix {prefix:?}: {e}"))?;
+    let chap = match (file.chap_user, file.chap_secret) {
+        (None, None) => None,
+        (Some(user), Some(secret)) if !user.is_empty() && secret.len() >= 12 => {
+            Some(ringblk_iscsi::login::ChapConfig {
+                initiator: ringblk_iscsi::login::ChapCredentials {
+                    user,
+                    secret: secret.into_bytes(),
+                },
+                target: None,
+            })
+        }
+        _ => return Err(
+            "[iscsi]: chap_user and chap_secret go together; the secret needs at least 12 bytes"
+                .into(),
+        ),
+    };
+    Ok(Some(IscsiConfig {
+        listen,
+        prefix,
+        chap,
+    }))
 }
 
 /// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
@@ -809,6 +888,58 @@ mod tests {
         })
         .expect_err("bad size");
         assert!(err.contains("buffer_budget"), "{err}");
+    }
+
+    /// `--iscsi` and `[iscsi]`: off unless one is given; the flag's address wins; CHAP
+    /// needs both halves and a secret of 12 bytes or more (the refusals are the
+    /// negative controls).
+    #[test]
+    fn iscsi_flag_and_table_resolve() {
+        assert_eq!(resolve_iscsi(None, None), Ok(None));
+        let on = resolve_iscsi(Some(DEFAULT_ISCSI_LISTEN.into()), None)
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(on.listen.to_string(), "127.0.0.1:3260");
+        assert_eq!(on.prefix, DEFAULT_ISCSI_PREFIX);
+        assert_eq!(on.chap, None);
+        let table = || FileIscsi {
+            listen: Some("127.0.0.2:3261".into()),
+            iqn_prefix: Some("iqn.2027-01.org.example".into()),
+            chap_user: Some("alice".into()),
+            chap_secret: Some("s3cretpasswd12".into()),
+        };
+        let both = resolve_iscsi(Some("127.0.0.3:3262".into()), Some(table()))
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(both.listen.to_string(), "127.0.0.3:3262");
+        assert_eq!(both.prefix, "iqn.2027-01.org.example");
+        assert_eq!(
+            both.chap.map(|c| (c.initiator.user, c.initiator.secret)),
+            Some(("alice".to_string(), b"s3cretpasswd12".to_vec()))
+        );
+        let file_only = resolve_iscsi(None, Some(table()))
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(file_only.listen.to_string(), "127.0.0.2:3261");
+        let short = FileIscsi {
+            chap_secret: Some("short".into()),
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(short)).is_err());
+        let half = FileIscsi {
+            chap_secret: None,
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(half)).is_err());
+        let bad_prefix = FileIscsi {
+            iqn_prefix: Some("IQN with spaces".into()),
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(bad_prefix)).is_err());
+        assert!(resolve_iscsi(Some("nowhere".into()), None).is_err());
     }
 
     /// `--vhost`'s grammar: the first `=` splits, a backup export keeps its `@`, and

@@ -256,6 +256,13 @@ struct ServeArgs {
     /// RPC vhost_create/vhost_delete/vhost_list manage them while the server runs.
     #[arg(long = "vhost", value_name = "VOL=SOCKET_PATH", value_parser = config::parse_vhost)]
     vhost: Vec<config::VhostArg>,
+    /// Serve every volume as an iSCSI target (IQN iqn.2026-12.io.ringblk:VOL, LUN 0)
+    /// and every backup VOL@NAME as a read-only one (…:VOL:NAME) on ADDR:PORT; without
+    /// a value on loopback, 127.0.0.1:3260. Off by default. The IQN prefix and CHAP
+    /// (chap_user, chap_secret) are set in the config file's [iscsi] table, never here.
+    /// RPC iscsi_list shows targets and sessions.
+    #[arg(long = "iscsi", value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = config::DEFAULT_ISCSI_LISTEN)]
+    iscsi: Option<String>,
     /// Accept a changed volume: VOLUME's --volume spec replaces what the data dir's
     /// volume list says of it, and its backups are served over its base image even
     /// if that is not the file they were taken of (restored from a copy, moved to
@@ -480,6 +487,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         tls: args.tls,
         tls_creds: args.tls_creds,
         tls_verify_peer: args.tls_verify_peer,
+        iscsi: args.iscsi,
     })?;
     if args.read_only {
         // The implicit vol0 only when its file exists: a read-only volume is never
@@ -532,7 +540,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             return Err(format!("--vhost {}={}: {e}", v.export, v.socket.display()));
         }
     }
-    let methods = Methods::new(server.shared.clone()).with_vhost(server.vhost.clone());
+    let methods = Methods::new(server.shared.clone())
+        .with_vhost(server.vhost.clone())
+        .with_iscsi(server.iscsi.clone());
     let rpc = match RpcServer::start(&resolved.rpc, Arc::new(methods)) {
         Ok(rpc) => rpc,
         Err(e) => {
@@ -661,6 +671,12 @@ fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::P
             path,
             if v.read_only() { "  (read-only)" } else { "" }
         );
+    }
+    if let (Some(i), Some(a)) = (&server.iscsi, &server.iscsi_addr) {
+        let _ = writeln!(out, "iSCSI portal on {a}:");
+        for (name, _, _) in i.targets() {
+            let _ = writeln!(out, "  iscsi://{a}/{name}/0");
+        }
     }
     let vhost = server.vhost.list();
     if !vhost.is_empty() {

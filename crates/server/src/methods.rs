@@ -37,6 +37,7 @@ pub const METHODS: &[&str] = &[
     "vhost_create",
     "vhost_delete",
     "vhost_list",
+    "iscsi_list",
 ];
 
 pub struct Methods {
@@ -44,6 +45,8 @@ pub struct Methods {
     copies: ringblk_target::copyjob::CopyJobs,
     /// The vhost-user front end (`vhost_*`); without it those methods answer ENODEV.
     vhost: Option<Arc<VhostFrontend>>,
+    /// The iSCSI front end (`iscsi_list`); without it that method answers ENODEV.
+    iscsi: Option<Arc<ringblk_iscsi::frontend::IscsiShared>>,
 }
 
 impl Methods {
@@ -52,6 +55,7 @@ impl Methods {
             shared,
             copies: ringblk_target::copyjob::CopyJobs::new(),
             vhost: None,
+            iscsi: None,
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
         if let Some(reactors) = m.shared.target.reactors() {
@@ -66,6 +70,16 @@ impl Methods {
     #[must_use]
     pub fn with_vhost(mut self, vhost: Arc<VhostFrontend>) -> Methods {
         self.vhost = Some(vhost);
+        self
+    }
+
+    /// Serves `iscsi_list` from `iscsi` (`None`: the portal is off).
+    #[must_use]
+    pub fn with_iscsi(
+        mut self,
+        iscsi: Option<Arc<ringblk_iscsi::frontend::IscsiShared>>,
+    ) -> Methods {
+        self.iscsi = iscsi;
         self
     }
 
@@ -689,6 +703,42 @@ impl RpcHandler for Methods {
                 let _: Value = params;
                 let list = self.vhost.as_ref().map(|v| v.list()).unwrap_or_default();
                 Ok(serde_json::to_value(list).unwrap_or(Value::Null))
+            }
+            "iscsi_list" => {
+                let _: Value = params;
+                let Some(i) = self.iscsi.as_ref() else {
+                    return Err(RpcError::new(
+                        -libc::ENODEV,
+                        "this server has no iSCSI portal (start it with --iscsi)",
+                    ));
+                };
+                let targets: Vec<Value> = i
+                    .targets()
+                    .into_iter()
+                    .map(|(name, volume, backup)| {
+                        serde_json::json!({"name": name, "volume": volume, "backup": backup})
+                    })
+                    .collect();
+                let sessions: Vec<Value> = i
+                    .sessions()
+                    .into_iter()
+                    .map(|(id, s)| {
+                        serde_json::json!({
+                            "connection": id,
+                            "initiator": s.initiator,
+                            "target": s.target,
+                            "tsih": s.tsih,
+                            "reactor": s.reactor,
+                            "exp_cmd_sn": s.exp_cmd_sn,
+                            "max_cmd_sn": s.max_cmd_sn,
+                        })
+                    })
+                    .collect();
+                Ok(serde_json::json!({
+                    "portal": i.portal,
+                    "targets": targets,
+                    "sessions": sessions,
+                }))
             }
             other => Err(RpcError::method_not_found(other)),
         }
