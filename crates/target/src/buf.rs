@@ -106,9 +106,18 @@ impl std::fmt::Debug for OwnBuf {
 /// Caller memory as a list of segments (module docs, *Ownership*). `!Send`: it
 /// belongs to the reactor of the request that carries it.
 pub struct SgList {
-    segs: Vec<(NonNull<u8>, u32)>,
+    /// Lists of at most [`SG_INLINE`] segments (a 4 KiB request in one guest page,
+    /// or split over two) live here, with no allocation per request.
+    inline: [(NonNull<u8>, u32); SG_INLINE],
+    /// Longer lists (empty, unallocated, for inline ones).
+    heap: Vec<(NonNull<u8>, u32)>,
+    /// Segments used in `inline`.
+    n: u8,
     len: u64,
 }
+
+/// Segments an [`SgList`] holds without allocating.
+const SG_INLINE: usize = 2;
 
 impl SgList {
     /// # Safety
@@ -121,8 +130,17 @@ impl SgList {
             return Err(BlockError::Invalid);
         }
         let len = segs.iter().map(|&(_, n)| u64::from(n)).sum();
+        let mut inline = [(NonNull::dangling(), 0); SG_INLINE];
+        let (n, heap) = if segs.len() <= SG_INLINE {
+            inline[..segs.len()].copy_from_slice(segs);
+            (segs.len() as u8, Vec::new())
+        } else {
+            (0, segs.to_vec())
+        };
         Ok(SgList {
-            segs: segs.to_vec(),
+            inline,
+            heap,
+            n,
             len,
         })
     }
@@ -137,13 +155,17 @@ impl SgList {
     }
 
     pub fn segments(&self) -> &[(NonNull<u8>, u32)] {
-        &self.segs
+        if self.heap.is_empty() {
+            &self.inline[..usize::from(self.n)]
+        } else {
+            &self.heap
+        }
     }
 
     /// Copies `dst.len()` bytes from the list's start into `dst` (at most the list).
     pub fn copy_out(&self, dst: &mut [u8]) {
         let mut at = 0;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             if at >= dst.len() {
                 break;
             }
@@ -158,7 +180,7 @@ impl SgList {
     /// Copies `src` into the list from its start (at most the list's length).
     pub fn copy_in(&self, src: &[u8]) {
         let mut at = 0;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             if at >= src.len() {
                 break;
             }
@@ -178,7 +200,7 @@ impl SgList {
     /// Zeroes bytes `[from, to)` of the list (clamped to its length).
     pub fn fill_zero_range(&self, from: u64, to: u64) {
         let mut at = 0u64;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             let (lo, hi) = (at.max(from), (at + u64::from(n)).min(to));
             if lo < hi {
                 // SAFETY: the constructor's contract: the segment is valid for writes
@@ -197,9 +219,9 @@ impl SgList {
     /// The first `len` bytes of the list lent to the reactor, one `IoBuf::Foreign`
     /// per segment (cut at `len`), for a readv/writev straight into caller memory.
     pub(crate) fn foreign(&self, len: u64) -> Vec<IoBuf> {
-        let mut out = Vec::with_capacity(self.segs.len());
+        let mut out = Vec::with_capacity(self.segments().len());
         let mut left = len;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             if left == 0 {
                 break;
             }
@@ -218,7 +240,7 @@ impl SgList {
 impl std::fmt::Debug for SgList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SgList")
-            .field("segments", &self.segs.len())
+            .field("segments", &self.segments().len())
             .field("len", &self.len)
             .finish()
     }
@@ -329,6 +351,27 @@ mod tests {
         let segs = vec![(p, 1u32); SG_SEGS_MAX + 1];
         // SAFETY: refused before any use.
         assert!(unsafe { SgList::new(&segs) }.is_err());
+    }
+
+    /// Lists short enough for the inline array and longer ones keep every segment,
+    /// in order, and their length (the copy above runs over three segments: heap).
+    #[test]
+    fn sg_list_keeps_segments_inline_and_on_the_heap() {
+        let mut b = vec![0u8; 512];
+        for n in [0usize, 1, SG_INLINE, SG_INLINE + 1, SG_SEGS_MAX] {
+            let segs: Vec<_> = (0..n)
+                .map(|i| {
+                    let p = NonNull::new(b[i % 500..].as_mut_ptr()).expect("non-null");
+                    (p, i as u32 + 1)
+                })
+                .collect();
+            // SAFETY: `b` outlives the list; only its segment table is read.
+            let sg = unsafe { SgList::new(&segs) }.expect("list");
+            assert_eq!(sg.segments(), &segs[..], "{n} segments");
+            let len: u64 = (1..=n as u64).sum();
+            assert_eq!(sg.len(), len);
+            assert_eq!(sg.foreign(len).len(), n);
+        }
     }
 
     #[test]
