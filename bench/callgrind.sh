@@ -330,10 +330,24 @@ cal, dump, run, n, rw, binary, poll, cal_busy, busy, vhost = sys.argv[1:]
 n, cal_busy, busy = int(n), int(cal_busy), int(busy)
 LOOP = "ringblk_reactor::reactor::Reactor::poll_once"
 
+MEMSET = 0  # Ir of memset (leaf functions: self cost), per dump parsed last
+
+
 def parse(path):
     """Totals by event, and the calls of the reactor's poll_once (loop iterations)."""
+    global MEMSET
     events, totals, names, calls, callee = [], [], {}, 0, None
+    fn, after_call, MEMSET = "", False, 0
     for line in open(path, errors="replace"):
+        if line[:1].isdigit() or line[:1] in "+-*":
+            # A cost line: the caller's own cost, or (after calls=) a call's.
+            if not after_call and "memset" in fn:
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    MEMSET += int(parts[1])
+            after_call = False
+            continue
+        after_call = False
         if line.startswith("events:"):
             events = line.split()[1:]
         elif line.startswith("totals:"):
@@ -347,9 +361,11 @@ def parse(path):
             m = re.match(r"fn=(?:\((\d+)\))?\s*(.*)", line.rstrip("\n"))
             if m.group(1) and m.group(2):
                 names[m.group(1)] = m.group(2)
+            fn = m.group(2) or names.get(m.group(1), "")
             callee = None
-        elif line.startswith("calls=") and callee is not None:
-            if callee.startswith(LOOP):
+        elif line.startswith("calls="):
+            after_call = True
+            if callee is not None and callee.startswith(LOOP):
                 calls += int(line.split()[0].split("=")[1])
             callee = None
     return dict(zip(events, totals)), calls
@@ -366,6 +382,7 @@ if errors:
     sys.exit(f"callgrind.sh: the counted run had {errors} I/O or connection errors")
 front = "vhost-user-blk, 1 virtqueue" if vhost == "1" else "NBD"
 tot, iters = parse(dump)
+memset = MEMSET
 ir = tot.get("Ir")
 if not ir:
     sys.exit(f"callgrind.sh: no Ir in the counted dump's totals ({tot})")
@@ -374,6 +391,7 @@ if cal == "-":
     print(f"binary:            {binary}")
     print(f"workload:          {rw} 4 KiB, iodepth 32, {n} requests (null-co, {front})")
     print(f"Ir/request:        {ir / n:,.1f}   (raw: everything counted)")
+    print(f"  of which memset: {MEMSET / n:,.1f}   (valgrind counts rep stosb once per byte)")
     print(f"raw totals:        " + ", ".join(f"{k} {v:,}" for k, v in tot.items()))
     sys.exit(0)
 cal_tot, cal_iter = parse(cal)
@@ -388,6 +406,8 @@ work = ir - idle * per_idle
 print(f"binary:            {binary}")
 print(f"workload:          {rw} 4 KiB, iodepth 32, {n} requests (null backend, {front}, --poll {poll})")
 print(f"Ir/request:        {work / n:,.1f}   (idle loop iterations removed)")
+print(f"  of which memset: {memset / n:,.1f}   (the null read's zero fill: valgrind counts rep stosb"
+      f" once per byte)")
 print(f"Ir/request raw:    {ir / n:,.1f}   (everything counted, spinning included)")
 print(f"raw totals:        " + ", ".join(f"{k} {v:,}" for k, v in tot.items())
       + f"; loop iterations {iters:,} of which busy {busy:,}, idle {idle:,}")
