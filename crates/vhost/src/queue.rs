@@ -224,6 +224,8 @@ struct Slot {
     head: u16,
     /// Guest address of the status byte.
     status: u64,
+    /// Its host address in `mem` (`blk::parse` checked it is mapped).
+    status_ptr: Option<NonNull<u8>>,
     /// Used length on success (data written + the status byte).
     ok_len: u32,
     /// Block requests not yet done (discard/zeroes segments are one each).
@@ -718,6 +720,7 @@ impl Vq {
         self.slots[slot] = Slot {
             head,
             status: req.status,
+            status_ptr: Some(req.status_ptr),
             ok_len: 1,
             pending: 1,
             result: S_OK,
@@ -840,10 +843,18 @@ impl Vq {
         let (head, status) = (s.head, s.status);
         let len = if st == S_OK { s.ok_len } else { 1 };
         s.pending = 0;
+        let status_ptr = s.status_ptr.take();
         self.free.push(i as u16);
-        // `parse` checked the status byte is in this mapping, which we hold.
-        if mem.write_obj(st, GuestAddress(status)).is_err() {
-            self.break_queue(format!("status byte at {status:#x}"));
+        match status_ptr {
+            // SAFETY: `parse` translated the status byte in `mem`, the mapping this
+            // slot held from then until here; one volatile store (the guest shares
+            // the byte).
+            Some(p) => unsafe { std::ptr::write_volatile(p.as_ptr(), st) },
+            None => {
+                if mem.write_obj(st, GuestAddress(status)).is_err() {
+                    self.break_queue(format!("status byte at {status:#x}"));
+                }
+            }
         }
         drop(mem);
         self.counters.served.fetch_add(1, Ordering::Relaxed);
