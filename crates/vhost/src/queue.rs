@@ -244,6 +244,13 @@ struct Vq {
     /// Host address of the avail ring's `idx` in `mem` (2-aligned, mapped), for
     /// the empty-poll check in `pop`; `None`: read through virtio-queue only.
     avail_idx: Option<NonNull<u16>>,
+    /// Host address of the used ring (flags, idx, elements) in `mem`, when it is
+    /// in one region and 4-aligned: `finish` writes elements and the index through
+    /// it. `None`: through virtio-queue's `add_used` (vm-memory).
+    used_ring: Option<NonNull<u8>>,
+    /// Used elements added since the last notification check (EVENT_IDX's window,
+    /// as virtio-queue's `num_added`, which our own writes bypass).
+    added: u16,
     kick: OwnedFd,
     call: Option<OwnedFd>,
     err: Option<OwnedFd>,
@@ -339,6 +346,8 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         queue,
         serial: blk::serial(s.bdev.name()),
         avail_idx: None,
+        used_ring: None,
+        added: 0,
         mem: s.mem,
         kick: s.kick,
         call: s.call,
@@ -373,6 +382,7 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         Some(why) => vq.break_queue(why),
         None => {
             vq.avail_idx = avail_idx_ptr(&vq.queue, &vq.mem);
+            vq.used_ring = used_ring_ptr(&vq.queue, &vq.mem);
             if let Some(region) = s.inflight {
                 vq.open_inflight(region);
             }
@@ -419,10 +429,13 @@ pub fn set_mem(r: &mut Reactor, h: &QueueHandle, mem: GuestMem) {
     if let Some(cell) = lookup(r, h) {
         let mut vq = cell.0.borrow_mut();
         // A queue broken from the start has a placeholder ring: no pointer.
-        vq.avail_idx = if vq.slots.is_empty() {
-            None
+        (vq.avail_idx, vq.used_ring) = if vq.slots.is_empty() {
+            (None, None)
         } else {
-            avail_idx_ptr(&vq.queue, &mem)
+            (
+                avail_idx_ptr(&vq.queue, &mem),
+                used_ring_ptr(&vq.queue, &mem),
+            )
         };
         vq.mem = mem;
     }
@@ -526,6 +539,19 @@ fn avail_idx_ptr(q: &Queue, mem: &GuestMem) -> Option<NonNull<u16>> {
         return None;
     }
     Some(p.cast())
+}
+
+/// The host address of the used ring (`le16 flags, le16 idx`, then `size` elements
+/// of `le32 id, le32 len`) in `mem`, when all of it lies in one region and it is
+/// 4-aligned (the spec's alignment; anything else goes through virtio-queue). Valid
+/// while `mem` is held, as [`avail_idx_ptr`].
+fn used_ring_ptr(q: &Queue, mem: &GuestMem) -> Option<NonNull<u8>> {
+    let bytes = 4 + 8 * u32::from(q.size());
+    let p = virtq::host_ptr(mem, q.used_ring(), bytes)?;
+    if p.as_ptr() as usize % 4 != 0 {
+        return None;
+    }
+    Some(p)
 }
 
 /// The queue value of a queue broken from the start (never popped from).
@@ -636,7 +662,26 @@ impl Vq {
     /// EVENT_IDX) sets: honouring it saves an eventfd write per batch.
     fn needs_notification(&mut self) -> Result<bool, virtio_queue::Error> {
         if self.queue.event_idx_enabled() {
-            return self.queue.needs_notification(&*self.mem);
+            // virtio-queue's rule with our own count of elements added since the
+            // last check (Linux's vring_need_event): notify when `used_event` lies
+            // in [old, new).
+            let new = std::num::Wrapping(self.queue.next_used());
+            let old = new - std::num::Wrapping(self.added);
+            self.added = 0;
+            // The used index stores before the used_event load.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let at = 4 + 2 * u64::from(self.queue.size());
+            let addr = self
+                .queue
+                .avail_ring()
+                .checked_add(at)
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            let used_event: u16 = self
+                .mem
+                .load(GuestAddress(addr), Ordering::Relaxed)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+            let used_event = std::num::Wrapping(u16::from_le(used_event));
+            return Ok(new - used_event - std::num::Wrapping(1) < new - old);
         }
         // The used index stores before the flags load (the driver orders the other
         // way), as in `needs_notification`.
@@ -900,7 +945,7 @@ impl Vq {
         if let Some(log) = &mut self.inflight {
             log.before_used(head);
         }
-        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
+        if let Err(e) = self.add_used(head, len) {
             self.break_queue(format!("used ring: {e}"));
             return;
         }
@@ -908,6 +953,38 @@ impl Vq {
             log.after_used(head, self.queue.next_used());
         }
         self.need_signal = true;
+    }
+
+    /// Publishes `head` in the used ring: the element, then the index with
+    /// `Release` (so the status byte and data before it are visible first), as
+    /// virtio-queue's `add_used` does, through the host pointer when there is one.
+    fn add_used(&mut self, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
+        let size = self.queue.size();
+        let Some(base) = self.used_ring else {
+            self.queue.add_used(&*self.mem, head, len)?;
+            self.added = self.added.wrapping_add(1);
+            return Ok(());
+        };
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        let next = self.queue.next_used();
+        let elem = 4 + 8 * usize::from(next % size);
+        let new = next.wrapping_add(1);
+        // SAFETY: `used_ring_ptr` found the `4 + 8 * size` bytes of the ring mapped
+        // in one region of `self.mem` (held) and 4-aligned; `elem + 8` is within
+        // them, the idx at offset 2 is 2-aligned. The guest shares the ring: volatile
+        // stores for the element, an atomic store for the index.
+        unsafe {
+            let e = base.as_ptr().add(elem);
+            std::ptr::write_volatile(e.cast::<u32>(), u32::from(head).to_le());
+            std::ptr::write_volatile(e.add(4).cast::<u32>(), len.to_le());
+            let idx = &*base.as_ptr().add(2).cast::<std::sync::atomic::AtomicU16>();
+            idx.store(new.to_le(), Ordering::Release);
+        }
+        self.queue.set_next_used(new);
+        self.added = self.added.wrapping_add(1);
+        Ok(())
     }
 
     /// Idle and unparked (module docs, *Polling and parking*); whether work showed
