@@ -329,6 +329,9 @@ import json, re, sys
 cal, dump, run, n, rw, binary, poll, cal_busy, busy, vhost = sys.argv[1:]
 n, cal_busy, busy = int(n), int(cal_busy), int(busy)
 LOOP = "ringblk_reactor::reactor::Reactor::poll_once"
+# Called once per iteration too (the block layer's ready-queue poller, a boxed closure
+# LTO cannot inline): counts the iterations when LTO inlines poll_once.
+LOOP_ALT = "ringblk_target::bdev::channel::BdevLocal::get::{{closure}}"
 
 MEMSET = 0  # Ir of memset (leaf functions: self cost), per dump parsed last
 
@@ -337,7 +340,7 @@ def parse(path):
     """Totals by event, and the calls of the reactor's poll_once (loop iterations)."""
     global MEMSET
     events, totals, names, calls, callee = [], [], {}, 0, None
-    fn, after_call, MEMSET = "", False, 0
+    fn, after_call, MEMSET, alt = "", False, 0, 0
     for line in open(path, errors="replace"):
         if line[:1].isdigit() or line[:1] in "+-*":
             # A cost line: the caller's own cost, or (after calls=) a call's.
@@ -367,8 +370,10 @@ def parse(path):
             after_call = True
             if callee is not None and callee.startswith(LOOP):
                 calls += int(line.split()[0].split("=")[1])
+            if callee is not None and callee.startswith(LOOP_ALT):
+                alt += int(line.split()[0].split("=")[1])
             callee = None
-    return dict(zip(events, totals)), calls
+    return dict(zip(events, totals)), calls or alt
 
 report = json.load(open(run))
 ops = [o for ph in report["phases"] for o in ph["ops"] if o["op"] in ("read", "write")]
