@@ -22,9 +22,13 @@
 //! (which [`stop_queue`] and [`set_mem`] look into), by every request's `Done` and by
 //! its armed kick read. Every request slot holds an `Arc` of the guest mapping its
 //! `SgList` points into until its `done` has run, so a new memory table never unmaps
-//! memory the kernel is still reading or writing. The kick, call and error eventfds
-//! are owned here and closed when the queue is dropped, after its kick read's final
-//! completion.
+//! memory the kernel is still reading or writing. The queue keeps host pointers to
+//! the avail ring's index and to the used ring (checked in one region and aligned,
+//! else `None` and virtio-queue's checked accesses), valid because the queue holds
+//! the mapping they point into, and replaced with it by [`set_mem`]; each slot keeps
+//! its status byte's pointer with the mapping it holds. The kick, call and error
+//! eventfds are owned here and closed when the queue is dropped, after its kick
+//! read's final completion.
 //!
 //! # Back-pressure and bounds
 //! A queue has one slot per descriptor of its ring: it never holds more requests than
