@@ -86,7 +86,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringblk_reactor::{Completion, FileRef, IdlePolicy, Op, OpId, PollResult, PollerId, Reactor};
+use ringblk_reactor::{
+    Completion, FileRef, IdlePolicy, Op, OpId, PollResult, PollerId, Reactor, TimerId,
+};
 use ringblk_target::bdev::{
     self, Bdev, BlockOp, Channel, DataBuf, Done, IoResult, IoSink, Pressure, SgList,
 };
@@ -284,7 +286,11 @@ struct Vq {
     kick_unusable: bool,
     kick_eagain: u32,
     idle_since: Option<Instant>,
-    wake_timer: bool,
+    /// The timer that wakes a reactor that slept before the queue parked; cancelled
+    /// when the queue parks or gets work (a timer that fires counts as work: the
+    /// reactor would then spin another `poll_us` before sleeping, and at low rates
+    /// each request cost two spells and 2.5 sleeps).
+    wake_timer: Option<TimerId>,
     need_signal: bool,
     poller: Option<PollerId>,
     /// Avail pops made while waiting for room (tests: must stay 0).
@@ -376,7 +382,7 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         kick_unusable: false,
         kick_eagain: 0,
         idle_since: None,
-        wake_timer: false,
+        wake_timer: None,
         need_signal: false,
         poller: None,
         #[cfg(test)]
@@ -581,6 +587,7 @@ fn poll(r: &mut Reactor, cell: &Rc<QueueCell>) -> PollResult {
     }
     if work {
         vq.idle_since = None;
+        vq.cancel_wake_timer(r);
         return PollResult::Busy;
     }
     if vq.blocked || vq.free.is_empty() || !vq.resubmit.is_empty() || vq.state != State::Running {
@@ -1004,14 +1011,13 @@ impl Vq {
                 if now.duration_since(since) >= spell {
                     return self.park(cell, r);
                 }
-                if !self.wake_timer {
-                    self.wake_timer = true;
+                if self.wake_timer.is_none() {
                     let w = Rc::downgrade(cell);
-                    r.add_timer(spell, move |_| {
+                    self.wake_timer = Some(r.add_timer(spell, move |_| {
                         if let Some(c) = w.upgrade() {
-                            c.0.borrow_mut().wake_timer = false;
+                            c.0.borrow_mut().wake_timer = None;
                         }
-                    });
+                    }));
                 }
                 false
             }
@@ -1042,6 +1048,7 @@ impl Vq {
             Ok(id) => {
                 self.kick_op = Some(id);
                 self.parked = true;
+                self.cancel_wake_timer(r);
                 false
             }
             Err(_) => {
@@ -1049,6 +1056,12 @@ impl Vq {
                 self.notifications_off();
                 true
             }
+        }
+    }
+
+    fn cancel_wake_timer(&mut self, r: &mut Reactor) {
+        if let Some(t) = self.wake_timer.take() {
+            r.cancel_timer(t);
         }
     }
 
