@@ -36,7 +36,7 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::virtq::{host_ptr, Desc};
+use crate::virtq::{host_ptr, read_volatile_bytes, Desc};
 
 /// virtio-blk sectors are 512 bytes whatever the block size.
 pub const SECTOR_BYTES: u64 = 512;
@@ -158,6 +158,8 @@ pub enum Kind {
 pub struct Request {
     /// Guest address of the status byte (checked to be in memory).
     pub status: u64,
+    /// Its host address in the mapping `parse` was given (valid while it is held).
+    pub status_ptr: NonNull<u8>,
     pub kind: Kind,
 }
 
@@ -226,8 +228,15 @@ impl Side<'_> {
         let mut at = 0usize;
         self.pieces(skip, out.len() as u64, |addr, n| {
             let end = at + n as usize;
-            mem.read_slice(&mut out[at..end], GuestAddress(addr))
-                .map_err(|_| ())?;
+            match host_ptr(mem, addr, n) {
+                // SAFETY: `host_ptr` found `n` bytes mapped in one region of `mem`,
+                // which the caller holds; `out[at..end]` is `n` bytes long.
+                Some(p) => unsafe { read_volatile_bytes(p, &mut out[at..end]) },
+                // A piece across two regions: vm-memory's read walks them.
+                None => mem
+                    .read_slice(&mut out[at..end], GuestAddress(addr))
+                    .map_err(|_| ())?,
+            }
             at = end;
             Ok(())
         })?;
@@ -265,12 +274,11 @@ pub fn parse(
         .addr
         .checked_add(u64::from(last.len) - 1)
         .ok_or(NoStatus::OutsideMemory(last.addr))?;
-    if host_ptr(mem, status, 1).is_none() {
-        return Err(NoStatus::OutsideMemory(status));
-    }
+    let status_ptr = host_ptr(mem, status, 1).ok_or(NoStatus::OutsideMemory(status))?;
     let fail = |st| {
         Ok(Request {
             status,
+            status_ptr,
             kind: Kind::Fail(st),
         })
     };
@@ -344,7 +352,11 @@ pub fn parse(
         _ => Err(S_UNSUPP),
     };
     match k {
-        Ok(kind) => Ok(Request { status, kind }),
+        Ok(kind) => Ok(Request {
+            status,
+            status_ptr,
+            kind,
+        }),
         Err(st) => fail(st),
     }
 }

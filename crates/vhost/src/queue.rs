@@ -22,9 +22,13 @@
 //! (which [`stop_queue`] and [`set_mem`] look into), by every request's `Done` and by
 //! its armed kick read. Every request slot holds an `Arc` of the guest mapping its
 //! `SgList` points into until its `done` has run, so a new memory table never unmaps
-//! memory the kernel is still reading or writing. The kick, call and error eventfds
-//! are owned here and closed when the queue is dropped, after its kick read's final
-//! completion.
+//! memory the kernel is still reading or writing. The queue keeps host pointers to
+//! the avail ring's index and to the used ring (checked in one region and aligned,
+//! else `None` and virtio-queue's checked accesses), valid because the queue holds
+//! the mapping they point into, and replaced with it by [`set_mem`]; each slot keeps
+//! its status byte's pointer with the mapping it holds. The kick, call and error
+//! eventfds are owned here and closed when the queue is dropped, after its kick
+//! read's final completion.
 //!
 //! # Back-pressure and bounds
 //! A queue has one slot per descriptor of its ring: it never holds more requests than
@@ -82,7 +86,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringblk_reactor::{Completion, FileRef, IdlePolicy, Op, OpId, PollResult, PollerId, Reactor};
+use ringblk_reactor::{
+    Completion, FileRef, IdlePolicy, Op, OpId, PollResult, PollerId, Reactor, TimerId,
+};
 use ringblk_target::bdev::{
     self, Bdev, BlockOp, Channel, DataBuf, Done, IoResult, IoSink, Pressure, SgList,
 };
@@ -224,6 +230,8 @@ struct Slot {
     head: u16,
     /// Guest address of the status byte.
     status: u64,
+    /// Its host address in `mem` (`blk::parse` checked it is mapped).
+    status_ptr: Option<NonNull<u8>>,
     /// Used length on success (data written + the status byte).
     ok_len: u32,
     /// Block requests not yet done (discard/zeroes segments are one each).
@@ -239,6 +247,16 @@ struct Vq {
     index: u16,
     queue: Queue,
     mem: GuestMem,
+    /// Host address of the avail ring's `idx` in `mem` (2-aligned, mapped), for
+    /// the empty-poll check in `pop`; `None`: read through virtio-queue only.
+    avail_idx: Option<NonNull<u16>>,
+    /// Host address of the used ring (flags, idx, elements) in `mem`, when it is
+    /// in one region and 4-aligned: `finish` writes elements and the index through
+    /// it. `None`: through virtio-queue's `add_used` (vm-memory).
+    used_ring: Option<NonNull<u8>>,
+    /// Used elements added since the last notification check (EVENT_IDX's window,
+    /// as virtio-queue's `num_added`, which our own writes bypass).
+    added: u16,
     kick: OwnedFd,
     call: Option<OwnedFd>,
     err: Option<OwnedFd>,
@@ -268,7 +286,11 @@ struct Vq {
     kick_unusable: bool,
     kick_eagain: u32,
     idle_since: Option<Instant>,
-    wake_timer: bool,
+    /// The timer that wakes a reactor that slept before the queue parked; cancelled
+    /// when the queue parks or gets work (a timer that fires counts as work: the
+    /// reactor would then spin another `poll_us` before sleeping, and at low rates
+    /// each request cost two spells and 2.5 sleeps).
+    wake_timer: Option<TimerId>,
     need_signal: bool,
     poller: Option<PollerId>,
     /// Avail pops made while waiting for room (tests: must stay 0).
@@ -333,6 +355,9 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         index: s.index,
         queue,
         serial: blk::serial(s.bdev.name()),
+        avail_idx: None,
+        used_ring: None,
+        added: 0,
         mem: s.mem,
         kick: s.kick,
         call: s.call,
@@ -357,7 +382,7 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         kick_unusable: false,
         kick_eagain: 0,
         idle_since: None,
-        wake_timer: false,
+        wake_timer: None,
         need_signal: false,
         poller: None,
         #[cfg(test)]
@@ -366,6 +391,8 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
     match fault {
         Some(why) => vq.break_queue(why),
         None => {
+            vq.avail_idx = avail_idx_ptr(&vq.queue, &vq.mem);
+            vq.used_ring = used_ring_ptr(&vq.queue, &vq.mem);
             if let Some(region) = s.inflight {
                 vq.open_inflight(region);
             }
@@ -410,7 +437,17 @@ pub fn stop_queue(r: &mut Reactor, h: &QueueHandle, reply: Box<dyn FnOnce(u16) +
 /// (requests in flight keep the one they were parsed in).
 pub fn set_mem(r: &mut Reactor, h: &QueueHandle, mem: GuestMem) {
     if let Some(cell) = lookup(r, h) {
-        cell.0.borrow_mut().mem = mem;
+        let mut vq = cell.0.borrow_mut();
+        // A queue broken from the start has a placeholder ring: no pointer.
+        (vq.avail_idx, vq.used_ring) = if vq.slots.is_empty() {
+            (None, None)
+        } else {
+            (
+                avail_idx_ptr(&vq.queue, &mem),
+                used_ring_ptr(&vq.queue, &mem),
+            )
+        };
+        vq.mem = mem;
     }
 }
 
@@ -501,6 +538,32 @@ fn make_queue(s: &QueueSetup) -> Result<Queue, String> {
     Ok(q)
 }
 
+/// The host address of the avail ring's `idx` field in `mem`, when it is mapped and
+/// 2-aligned (the spec aligns the avail ring to 2; anything else reads through
+/// virtio-queue). Valid while `mem` is held: the queue holds it, and replaces the
+/// pointer with the mapping (`set_mem`).
+fn avail_idx_ptr(q: &Queue, mem: &GuestMem) -> Option<NonNull<u16>> {
+    let at = q.avail_ring().checked_add(2)?;
+    let p = virtq::host_ptr(mem, at, 2)?;
+    if p.as_ptr() as usize % 2 != 0 {
+        return None;
+    }
+    Some(p.cast())
+}
+
+/// The host address of the used ring (`le16 flags, le16 idx`, then `size` elements
+/// of `le32 id, le32 len`) in `mem`, when all of it lies in one region and it is
+/// 4-aligned (the spec's alignment; anything else goes through virtio-queue). Valid
+/// while `mem` is held, as [`avail_idx_ptr`].
+fn used_ring_ptr(q: &Queue, mem: &GuestMem) -> Option<NonNull<u8>> {
+    let bytes = 4 + 8 * u32::from(q.size());
+    let p = virtq::host_ptr(mem, q.used_ring(), bytes)?;
+    if p.as_ptr() as usize % 4 != 0 {
+        return None;
+    }
+    Some(p)
+}
+
 /// The queue value of a queue broken from the start (never popped from).
 fn placeholder_queue(next_avail: u16) -> Queue {
     // A size of 1 is a power of two: `new` cannot refuse it (not client input).
@@ -524,6 +587,7 @@ fn poll(r: &mut Reactor, cell: &Rc<QueueCell>) -> PollResult {
     }
     if work {
         vq.idle_since = None;
+        vq.cancel_wake_timer(r);
         return PollResult::Busy;
     }
     if vq.blocked || vq.free.is_empty() || !vq.resubmit.is_empty() || vq.state != State::Running {
@@ -609,7 +673,26 @@ impl Vq {
     /// EVENT_IDX) sets: honouring it saves an eventfd write per batch.
     fn needs_notification(&mut self) -> Result<bool, virtio_queue::Error> {
         if self.queue.event_idx_enabled() {
-            return self.queue.needs_notification(&*self.mem);
+            // virtio-queue's rule with our own count of elements added since the
+            // last check (Linux's vring_need_event): notify when `used_event` lies
+            // in [old, new).
+            let new = std::num::Wrapping(self.queue.next_used());
+            let old = new - std::num::Wrapping(self.added);
+            self.added = 0;
+            // The used index stores before the used_event load.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let at = 4 + 2 * u64::from(self.queue.size());
+            let addr = self
+                .queue
+                .avail_ring()
+                .checked_add(at)
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            let used_event: u16 = self
+                .mem
+                .load(GuestAddress(addr), Ordering::Relaxed)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+            let used_event = std::num::Wrapping(u16::from_le(used_event));
+            return Ok(new - used_event - std::num::Wrapping(1) < new - old);
         }
         // The used index stores before the flags load (the driver orders the other
         // way), as in `needs_notification`.
@@ -644,6 +727,17 @@ impl Vq {
         #[cfg(test)]
         if self.blocked {
             self.pops_while_blocked += 1;
+        }
+        if let Some(p) = self.avail_idx {
+            // The empty poll of a busy reactor: one load instead of virtio-queue's
+            // checked read (a stale value only defers the pop to the next call;
+            // `iter` reads the index again, with Acquire, when there is work).
+            // SAFETY: `avail_idx_ptr` checked the two bytes are mapped and
+            // 2-aligned in `self.mem`, which the queue holds.
+            let idx = u16::from_le(unsafe { std::ptr::read_volatile(p.as_ptr()) });
+            if idx == self.queue.next_avail() {
+                return false;
+            }
         }
         let mut heads = [0u16; POP_BATCH];
         // No Arc clone on an empty poll (the busy path): the iterator borrows the
@@ -718,6 +812,7 @@ impl Vq {
         self.slots[slot] = Slot {
             head,
             status: req.status,
+            status_ptr: Some(req.status_ptr),
             ok_len: 1,
             pending: 1,
             result: S_OK,
@@ -840,10 +935,18 @@ impl Vq {
         let (head, status) = (s.head, s.status);
         let len = if st == S_OK { s.ok_len } else { 1 };
         s.pending = 0;
+        let status_ptr = s.status_ptr.take();
         self.free.push(i as u16);
-        // `parse` checked the status byte is in this mapping, which we hold.
-        if mem.write_obj(st, GuestAddress(status)).is_err() {
-            self.break_queue(format!("status byte at {status:#x}"));
+        match status_ptr {
+            // SAFETY: `parse` translated the status byte in `mem`, the mapping this
+            // slot held from then until here; one volatile store (the guest shares
+            // the byte).
+            Some(p) => unsafe { std::ptr::write_volatile(p.as_ptr(), st) },
+            None => {
+                if mem.write_obj(st, GuestAddress(status)).is_err() {
+                    self.break_queue(format!("status byte at {status:#x}"));
+                }
+            }
         }
         drop(mem);
         self.counters.served.fetch_add(1, Ordering::Relaxed);
@@ -853,7 +956,7 @@ impl Vq {
         if let Some(log) = &mut self.inflight {
             log.before_used(head);
         }
-        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
+        if let Err(e) = self.add_used(head, len) {
             self.break_queue(format!("used ring: {e}"));
             return;
         }
@@ -861,6 +964,38 @@ impl Vq {
             log.after_used(head, self.queue.next_used());
         }
         self.need_signal = true;
+    }
+
+    /// Publishes `head` in the used ring: the element, then the index with
+    /// `Release` (so the status byte and data before it are visible first), as
+    /// virtio-queue's `add_used` does, through the host pointer when there is one.
+    fn add_used(&mut self, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
+        let size = self.queue.size();
+        let Some(base) = self.used_ring else {
+            self.queue.add_used(&*self.mem, head, len)?;
+            self.added = self.added.wrapping_add(1);
+            return Ok(());
+        };
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        let next = self.queue.next_used();
+        let elem = 4 + 8 * usize::from(next % size);
+        let new = next.wrapping_add(1);
+        // SAFETY: `used_ring_ptr` found the `4 + 8 * size` bytes of the ring mapped
+        // in one region of `self.mem` (held) and 4-aligned; `elem + 8` is within
+        // them, the idx at offset 2 is 2-aligned. The guest shares the ring: volatile
+        // stores for the element, an atomic store for the index.
+        unsafe {
+            let e = base.as_ptr().add(elem);
+            std::ptr::write_volatile(e.cast::<u32>(), u32::from(head).to_le());
+            std::ptr::write_volatile(e.add(4).cast::<u32>(), len.to_le());
+            let idx = &*base.as_ptr().add(2).cast::<std::sync::atomic::AtomicU16>();
+            idx.store(new.to_le(), Ordering::Release);
+        }
+        self.queue.set_next_used(new);
+        self.added = self.added.wrapping_add(1);
+        Ok(())
     }
 
     /// Idle and unparked (module docs, *Polling and parking*); whether work showed
@@ -876,14 +1011,13 @@ impl Vq {
                 if now.duration_since(since) >= spell {
                     return self.park(cell, r);
                 }
-                if !self.wake_timer {
-                    self.wake_timer = true;
+                if self.wake_timer.is_none() {
                     let w = Rc::downgrade(cell);
-                    r.add_timer(spell, move |_| {
+                    self.wake_timer = Some(r.add_timer(spell, move |_| {
                         if let Some(c) = w.upgrade() {
-                            c.0.borrow_mut().wake_timer = false;
+                            c.0.borrow_mut().wake_timer = None;
                         }
-                    });
+                    }));
                 }
                 false
             }
@@ -914,6 +1048,7 @@ impl Vq {
             Ok(id) => {
                 self.kick_op = Some(id);
                 self.parked = true;
+                self.cancel_wake_timer(r);
                 false
             }
             Err(_) => {
@@ -921,6 +1056,12 @@ impl Vq {
                 self.notifications_off();
                 true
             }
+        }
+    }
+
+    fn cancel_wake_timer(&mut self, r: &mut Reactor) {
+        if let Some(t) = self.wake_timer.take() {
+            r.cancel_timer(t);
         }
     }
 
