@@ -38,7 +38,13 @@ impl Tmpfs {
         // mode=0700: a tmpfs root is 1777 by default, and the server refuses an RPC
         // socket (it lives in the data directory) in a directory others can write.
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()
             .unwrap_or_else(|e| panic!("cannot run mount: {e}"));

@@ -206,52 +206,65 @@ impl<R: Region> SplitInflight<R> {
         self.write_u16(OFF_USED_IDX, used_idx);
     }
 
-    fn ptr(&self, off: usize, n: usize) -> *mut u8 {
-        // Offsets come from this module's layout with heads < desc_num, and
-        // `open` checked region_bytes(desc_num) <= len.
-        assert!(
-            off + n <= self.region.len(),
-            "inflight offset past the region"
-        );
+    /// The address of `n` bytes at `off`, or `None` past the region. Offsets come
+    /// from this module's layout with heads < desc_num, and `open` checked
+    /// region_bytes(desc_num) <= len; still, a miss must not panic the server (the
+    /// region is client memory): reads then see zero and writes are dropped.
+    fn ptr(&self, off: usize, n: usize) -> Option<*mut u8> {
+        let end = off.checked_add(n);
+        if !end.is_some_and(|e| e <= self.region.len()) {
+            // Negative control of `out_of_range_access_reads_zero_and_drops_writes`:
+            // the old assert, planted back.
+            #[cfg(test)]
+            if tests::PLANT_PTR_ASSERT.with(|p| p.get()) {
+                panic!("inflight offset past the region");
+            }
+            return None;
+        }
         // SAFETY: in bounds of the region (just checked), which `R` keeps mapped.
-        unsafe { self.region.as_ptr().as_ptr().add(off) }
+        Some(unsafe { self.region.as_ptr().as_ptr().add(off) })
     }
 
     fn read_u8(&self, off: usize) -> u8 {
-        // SAFETY: `ptr` checked the bounds; volatile because the memory is shared.
-        unsafe { self.ptr(off, 1).read_volatile() }
+        match self.ptr(off, 1) {
+            // SAFETY: `ptr` checked the bounds; volatile because the memory is shared.
+            Some(p) => unsafe { p.read_volatile() },
+            None => 0,
+        }
     }
 
     fn write_u8(&mut self, off: usize, v: u8) {
-        // SAFETY: as in `read_u8`.
-        unsafe { self.ptr(off, 1).write_volatile(v) }
+        if let Some(p) = self.ptr(off, 1) {
+            // SAFETY: as in `read_u8`.
+            unsafe { p.write_volatile(v) }
+        }
     }
 
     fn read_u16(&self, off: usize) -> u16 {
         let mut b = [0u8; 2];
         for (i, x) in b.iter_mut().enumerate() {
-            *x = self.read_u8(off + i);
+            *x = self.read_u8(off.saturating_add(i));
         }
         u16::from_le_bytes(b)
     }
 
     fn write_u16(&mut self, off: usize, v: u16) {
         for (i, x) in v.to_le_bytes().into_iter().enumerate() {
-            self.write_u8(off + i, x);
+            self.write_u8(off.saturating_add(i), x);
         }
     }
 
     fn read_u64(&self, off: usize) -> u64 {
         let mut b = [0u8; 8];
         for (i, x) in b.iter_mut().enumerate() {
-            *x = self.read_u8(off + i);
+            *x = self.read_u8(off.saturating_add(i));
         }
         u64::from_le_bytes(b)
     }
 
     fn write_u64(&mut self, off: usize, v: u64) {
         for (i, x) in v.to_le_bytes().into_iter().enumerate() {
-            self.write_u8(off + i, x);
+            self.write_u8(off.saturating_add(i), x);
         }
     }
 }
@@ -263,6 +276,12 @@ fn desc_off(head: u16) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Plants the old `assert!` back into `ptr` (negative control).
+        pub(super) static PLANT_PTR_ASSERT: Cell<bool> = const { Cell::new(false) };
+    }
 
     /// A heap region standing in for the shared memory.
     struct Heap(Box<[u8]>);
@@ -378,5 +397,35 @@ mod tests {
         log.begin(60_000);
         log.before_used(60_000);
         log.after_used(60_000, 1);
+    }
+
+    /// Out-of-range accesses (client memory: a region smaller than the layout
+    /// assumes) read as zero and drop writes instead of panicking.
+    fn out_of_range() -> std::thread::Result<()> {
+        std::panic::catch_unwind(|| {
+            let (mut log, _) = SplitInflight::open(heap(4), 4, 0).expect("open");
+            let end = region_bytes(4);
+            assert_eq!(log.read_u8(end), 0);
+            assert_eq!(log.read_u64(end - 4), 0, "straddling read");
+            assert_eq!(log.read_u16(usize::MAX), 0, "offset overflow");
+            log.write_u64(end - 4, u64::MAX);
+            log.write_u8(usize::MAX, 1);
+            // The in-range half of a straddling write lands; nothing past the end.
+            assert_eq!(log.region.0.len(), end);
+            assert_eq!(log.read_u16(end - 4), 0xffff);
+        })
+    }
+
+    #[test]
+    fn out_of_range_access_reads_zero_and_drops_writes() {
+        out_of_range().expect("no panic");
+    }
+
+    #[test]
+    fn out_of_range_access_negative_control() {
+        PLANT_PTR_ASSERT.with(|p| p.set(true));
+        let r = out_of_range();
+        PLANT_PTR_ASSERT.with(|p| p.set(false));
+        assert!(r.is_err(), "the planted assert did not fire");
     }
 }
