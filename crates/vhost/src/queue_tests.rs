@@ -1154,6 +1154,71 @@ fn inflight_negative_control() {
     );
 }
 
+/// A client's region describes 64 descriptors for a queue of 16 and marks A plus
+/// 40 heads at or past 16 in flight: only A is resubmitted (next avail = used + 1),
+/// B is popped after it, and the queue is not broken.
+fn inflight_oversized() -> Result<(), String> {
+    let size = 16;
+    let mut rig = rig(IdlePolicy::Busy);
+    let mut d = Driver::new(size);
+    let a = d.read_req(0, 512);
+    let b = d.read_req(512, 512);
+    d.publish(a.head);
+    d.publish(b.head);
+    let desc_num = 64u16;
+    let (bytes, region_q) = region(desc_num);
+    {
+        let mut m = bytes.lock().unwrap();
+        m[8] = 1; // version
+        m[10..12].copy_from_slice(&desc_num.to_le_bytes());
+        m[16 + 16 * usize::from(a.head)] = 1;
+        for h in 20..60usize {
+            m[16 + 16 * h] = 1;
+        }
+    }
+    let mut q = start(
+        &mut rig,
+        d,
+        Opts {
+            inflight: Some(region_q),
+            next_avail: 0,
+            ..Opts::default()
+        },
+    );
+    // Until both are answered or the queue breaks (the planted bug's outcome).
+    let mut used = Vec::new();
+    let (d, counters) = (&mut q.d, &q.counters);
+    until(&mut rig.r, || {
+        used.extend(d.used());
+        used.len() >= 2 || counters.broken.load(Ordering::Relaxed)
+    });
+    ensure(
+        !q.counters.broken.load(Ordering::Relaxed),
+        "queue broken by heads past its size",
+    )?;
+    ensure(used.len() == 2, format!("used {used:?}"))?;
+    let resub = q.counters.resubmitted.load(Ordering::Relaxed);
+    ensure(resub == 1, format!("resubmitted {resub}"))?;
+    ensure(
+        used.iter().any(|u| u.0 == u32::from(b.head)),
+        "B was not popped",
+    )
+}
+
+#[test]
+fn inflight_heads_past_the_queue_size_are_ignored() {
+    inflight_oversized().unwrap();
+}
+
+#[test]
+fn inflight_heads_past_the_queue_size_negative_control() {
+    use crate::virtq::inflight::plant::PLANT_ALL_PENDING;
+    PLANT_ALL_PENDING.with(|p| p.set(true));
+    let r = inflight_oversized();
+    PLANT_ALL_PENDING.with(|p| p.set(false));
+    assert!(r.is_err(), "heads past the queue size went unnoticed");
+}
+
 /// Popped requests are logged in flight until completed.
 #[test]
 fn inflight_log_tracks_requests_in_flight() {

@@ -131,7 +131,7 @@ impl<R: Region> SplitInflight<R> {
             }
             INFLIGHT_VERSION => {
                 log.repair_last_batch(ring_used_idx);
-                let pending = log.pending();
+                let pending = log.pending(queue_size);
                 log.counter = pending
                     .last()
                     .map_or(0, |&h| log.read_u64(desc_off(h) + DESC_OFF_COUNTER))
@@ -163,9 +163,19 @@ impl<R: Region> SplitInflight<R> {
         self.write_u16(OFF_USED_IDX, ring_used_idx);
     }
 
-    /// Heads marked in flight, by `counter` (pop order).
-    fn pending(&self) -> Vec<u16> {
-        let mut v: Vec<(u64, u16)> = (0..self.desc_num)
+    /// Heads marked in flight, by `counter` (pop order). Only heads below
+    /// `queue_size` count, and so at most `queue_size` of them: a client's region may
+    /// describe more descriptors than the queue has, and a head past the queue would
+    /// break it on resubmission, while more than `queue_size` pending would move the
+    /// next avail index (used + pending) past anything the guest published.
+    fn pending(&self, queue_size: u16) -> Vec<u16> {
+        #[cfg(test)]
+        let queue_size = if plant::PLANT_ALL_PENDING.with(|p| p.get()) {
+            self.desc_num
+        } else {
+            queue_size
+        };
+        let mut v: Vec<(u64, u16)> = (0..self.desc_num.min(queue_size))
             .filter(|&i| self.read_u8(desc_off(i) + DESC_OFF_INFLIGHT) == 1)
             .map(|i| (self.read_u64(desc_off(i) + DESC_OFF_COUNTER), i))
             .collect();
@@ -216,7 +226,7 @@ impl<R: Region> SplitInflight<R> {
             // Negative control of `out_of_range_access_reads_zero_and_drops_writes`:
             // the old assert, planted back.
             #[cfg(test)]
-            if tests::PLANT_PTR_ASSERT.with(|p| p.get()) {
+            if plant::PLANT_PTR_ASSERT.with(|p| p.get()) {
                 panic!("inflight offset past the region");
             }
             return None;
@@ -273,15 +283,23 @@ fn desc_off(head: u16) -> usize {
     HEADER_BYTES + DESC_STATE_BYTES * head as usize
 }
 
+/// Planted bugs for the negative controls (test builds only).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod plant {
     use std::cell::Cell;
 
     thread_local! {
         /// Plants the old `assert!` back into `ptr` (negative control).
-        pub(super) static PLANT_PTR_ASSERT: Cell<bool> = const { Cell::new(false) };
+        pub(crate) static PLANT_PTR_ASSERT: Cell<bool> = const { Cell::new(false) };
+        /// Plants back pending heads up to `desc_num` rather than the queue size.
+        pub(crate) static PLANT_ALL_PENDING: Cell<bool> = const { Cell::new(false) };
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plant::*;
 
     /// A heap region standing in for the shared memory.
     struct Heap(Box<[u8]>);
@@ -427,5 +445,36 @@ mod tests {
         let r = out_of_range();
         PLANT_PTR_ASSERT.with(|p| p.set(false));
         assert!(r.is_err(), "the planted assert did not fire");
+    }
+
+    /// A client region describing 64 descriptors for a queue of 8, with heads both
+    /// below and above 8 (and more than 8 of them) in flight.
+    fn oversized_region() -> Vec<u16> {
+        let mut h = heap(64);
+        h.0[OFF_VERSION] = 1;
+        h.0[OFF_DESC_NUM] = 64;
+        for (c, i) in [40u16, 3, 9, 63, 0, 7, 8, 12, 20, 30, 1, 2, 4, 5, 6]
+            .into_iter()
+            .enumerate()
+        {
+            let o = desc_off(i);
+            h.0[o] = 1;
+            h.0[o + DESC_OFF_COUNTER] = c as u8;
+        }
+        let (_, pending) = SplitInflight::open(h, 8, 0).expect("open");
+        pending
+    }
+
+    #[test]
+    fn pending_heads_past_the_queue_are_ignored() {
+        assert_eq!(oversized_region(), vec![3, 0, 7, 1, 2, 4, 5, 6]);
+    }
+
+    #[test]
+    fn pending_heads_past_the_queue_negative_control() {
+        PLANT_ALL_PENDING.with(|p| p.set(true));
+        let pending = oversized_region();
+        PLANT_ALL_PENDING.with(|p| p.set(false));
+        assert_eq!(pending.len(), 15, "the planted bug did not show");
     }
 }
