@@ -1533,3 +1533,96 @@ fn a_kick_fd_that_is_not_an_eventfd_negative_control() {
         "a parked queue popped without a kick"
     );
 }
+
+// -------------------------------------------------------------------------------------
+// Stop releases resources before replying
+
+/// A pipe: (read end, write end), non-blocking.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0i32; 2];
+    // SAFETY: `pipe2` writes two descriptors into the live array; checked below.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert_eq!(rc, 0, "pipe2");
+    // SAFETY: fresh descriptors nobody else owns.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Whether the other end of our pipe end is closed (POLLHUP / POLLERR).
+fn peer_closed(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd; zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// At the moment a stop is answered, the queue holds neither the guest mapping
+/// (strong count: only the driver's) nor the kick/call/err descriptors (pipes here,
+/// so their closing shows at our ends) nor the inflight log (its keep-alive).
+fn stop_releases(policy: IdlePolicy) -> Result<(), String> {
+    let mut rig = rig(policy);
+    let mut d = Driver::new(16);
+    let (kick_r, kick_w) = pipe();
+    let (call_r, call_w) = pipe();
+    let (err_r, err_w) = pipe();
+    let (log, region_q) = region(16);
+    let setup = QueueSetup {
+        index: 0,
+        size: d.size,
+        desc_table: DESC,
+        avail_ring: crate::virtq::testdriver::AVAIL,
+        used_ring: USED,
+        next_avail: 0,
+        event_idx: false,
+        mem: d.mem.clone(),
+        kick: kick_r,
+        call: Some(call_w),
+        err: Some(err_w),
+        bdev: rig.bdev.clone(),
+        read_only: false,
+        inflight: Some(region_q),
+        counters: Arc::new(QueueCounters::default()),
+    };
+    let h = start_queue(&mut rig.r, setup);
+    let req = d.read_req(0, 512);
+    d.publish(req.head);
+    let ok = until(&mut rig.r, || !d.used().is_empty());
+    ensure(ok, "request not served")?;
+    let mem = Arc::downgrade(&d.mem);
+    let log_w = Arc::downgrade(&log);
+    drop(log);
+    let seen = Arc::new(Mutex::new(None));
+    let s2 = seen.clone();
+    let fds = [kick_w, call_r, err_r];
+    stop_queue(
+        &mut rig.r,
+        &h,
+        Box::new(move |_| {
+            let closed = fds.iter().map(peer_closed).collect::<Vec<_>>();
+            *s2.lock().unwrap() = Some((mem.strong_count(), log_w.strong_count(), closed));
+        }),
+    );
+    let ok = until(&mut rig.r, || seen.lock().unwrap().is_some());
+    ensure(ok, "stop not answered")?;
+    let got = seen.lock().unwrap().take();
+    ensure(
+        got == Some((1, 0, vec![true, true, true])),
+        format!("at the reply (mem refs, log refs, kick/call/err closed): {got:?}"),
+    )
+}
+
+#[test]
+fn stop_releases_resources_before_replying() {
+    stop_releases(IdlePolicy::Busy).unwrap();
+    stop_releases(IdlePolicy::Interrupt).unwrap();
+}
+
+#[test]
+fn stop_releases_resources_negative_control() {
+    let res = plant::with(Plant::KeepResources, || stop_releases(IdlePolicy::Busy));
+    let err = res.expect_err("resources held past the reply went unnoticed");
+    assert!(err.contains("Some((2, 1, [false, false, false]))"), "{err}");
+}
