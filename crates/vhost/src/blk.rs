@@ -82,6 +82,8 @@ pub(crate) mod plant {
         AlwaysSignal,
         /// The queue keeps popping after the channel said `Full`.
         PopWhenFull,
+        /// A stopped queue keeps its fds, mapping and inflight log past the reply.
+        KeepResources,
     }
 
     #[cfg(test)]

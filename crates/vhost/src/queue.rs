@@ -59,8 +59,10 @@
 //!
 //! # Stopping
 //! [`stop_queue`] stops popping, cancels the kick read, waits for every request in
-//! flight, then replies with the next avail index (the GET_VRING_BASE answer). A
-//! reactor stop does the same for all its queues, without a reply; their index is
+//! flight, drops the queue's kick/call/err fds, guest mapping and inflight log, then
+//! replies with the next avail index (the GET_VRING_BASE answer): by the reply the
+//! queue holds nothing of the client's (its poller leaves on the reactor's next
+//! pass, an empty shell). A reactor stop does the same for all its queues, without a reply; their index is
 //! kept for a `stop_queue` that comes afterwards.
 //!
 //! # Ordering
@@ -94,7 +96,7 @@ use ringblk_target::bdev::{
 };
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::blk::plant::{planted, Plant};
 use crate::blk::{self, Kind, Scratch, ID_BYTES, S_IOERR, S_OK};
@@ -257,7 +259,9 @@ struct Vq {
     /// Used elements added since the last notification check (EVENT_IDX's window,
     /// as virtio-queue's `num_added`, which our own writes bypass).
     added: u16,
-    kick: OwnedFd,
+    /// `None` once stopped (as `call`, `err`, `inflight`; `mem` is then empty):
+    /// released before the stop's reply, see [`Vq::release`].
+    kick: Option<OwnedFd>,
     call: Option<OwnedFd>,
     err: Option<OwnedFd>,
     bdev: Bdev,
@@ -359,7 +363,7 @@ pub fn start_queue(r: &mut Reactor, s: QueueSetup) -> QueueHandle {
         used_ring: None,
         added: 0,
         mem: s.mem,
-        kick: s.kick,
+        kick: Some(s.kick),
         call: s.call,
         err: s.err,
         bdev: s.bdev,
@@ -495,6 +499,9 @@ fn finish_if_stopped(r: &mut Reactor, cell: &QueueCell) {
             return;
         }
         vq.signal();
+        if !planted(Plant::KeepResources) {
+            vq.release();
+        }
         (
             std::mem::take(&mut vq.replies),
             vq.queue.next_avail(),
@@ -606,6 +613,23 @@ fn busy_if(work: bool) -> PollResult {
 }
 
 impl Vq {
+    /// A stopped, drained queue drops what ties it to the client before its stop
+    /// is answered: kick/call/err fds, the guest mapping and the inflight log. The
+    /// poller (and so this value) only leaves the reactor on its next pass, and the
+    /// control plane takes the reply to mean all of them are gone (it reports the
+    /// mapping unmapped, counts fds). The ring pointers point into the mapping and
+    /// go with it; a released queue neither pops nor signals (state is Stopping).
+    fn release(&mut self) {
+        self.avail_idx = None;
+        self.used_ring = None;
+        self.mem = Arc::new(GuestMemoryMmap::default());
+        self.kick = None;
+        self.call = None;
+        self.err = None;
+        self.inflight = None;
+        self.need_signal = false;
+    }
+
     fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
     }
@@ -1042,8 +1066,12 @@ impl Vq {
                 return false;
             }
         }
+        let Some(kick) = &self.kick else {
+            // Released: the queue has stopped (not reached while running).
+            return false;
+        };
         let c = cell.clone();
-        let op = Op::read(FileRef::Raw(self.kick.as_raw_fd()), 0, vec![0u8; 8], 8);
+        let op = Op::read(FileRef::Raw(kick.as_raw_fd()), 0, vec![0u8; 8], 8);
         match r.submit(op, move |r, done| on_kick(r, &c, done)) {
             Ok(id) => {
                 self.kick_op = Some(id);

@@ -1154,6 +1154,71 @@ fn inflight_negative_control() {
     );
 }
 
+/// A client's region describes 64 descriptors for a queue of 16 and marks A plus
+/// 40 heads at or past 16 in flight: only A is resubmitted (next avail = used + 1),
+/// B is popped after it, and the queue is not broken.
+fn inflight_oversized() -> Result<(), String> {
+    let size = 16;
+    let mut rig = rig(IdlePolicy::Busy);
+    let mut d = Driver::new(size);
+    let a = d.read_req(0, 512);
+    let b = d.read_req(512, 512);
+    d.publish(a.head);
+    d.publish(b.head);
+    let desc_num = 64u16;
+    let (bytes, region_q) = region(desc_num);
+    {
+        let mut m = bytes.lock().unwrap();
+        m[8] = 1; // version
+        m[10..12].copy_from_slice(&desc_num.to_le_bytes());
+        m[16 + 16 * usize::from(a.head)] = 1;
+        for h in 20..60usize {
+            m[16 + 16 * h] = 1;
+        }
+    }
+    let mut q = start(
+        &mut rig,
+        d,
+        Opts {
+            inflight: Some(region_q),
+            next_avail: 0,
+            ..Opts::default()
+        },
+    );
+    // Until both are answered or the queue breaks (the planted bug's outcome).
+    let mut used = Vec::new();
+    let (d, counters) = (&mut q.d, &q.counters);
+    until(&mut rig.r, || {
+        used.extend(d.used());
+        used.len() >= 2 || counters.broken.load(Ordering::Relaxed)
+    });
+    ensure(
+        !q.counters.broken.load(Ordering::Relaxed),
+        "queue broken by heads past its size",
+    )?;
+    ensure(used.len() == 2, format!("used {used:?}"))?;
+    let resub = q.counters.resubmitted.load(Ordering::Relaxed);
+    ensure(resub == 1, format!("resubmitted {resub}"))?;
+    ensure(
+        used.iter().any(|u| u.0 == u32::from(b.head)),
+        "B was not popped",
+    )
+}
+
+#[test]
+fn inflight_heads_past_the_queue_size_are_ignored() {
+    inflight_oversized().unwrap();
+}
+
+#[test]
+fn inflight_heads_past_the_queue_size_negative_control() {
+    use crate::virtq::inflight::plant::PLANT_ALL_PENDING;
+    PLANT_ALL_PENDING.with(|p| p.set(true));
+    let r = inflight_oversized();
+    PLANT_ALL_PENDING.with(|p| p.set(false));
+    assert!(r.is_err(), "heads past the queue size went unnoticed");
+}
+
 /// Popped requests are logged in flight until completed.
 #[test]
 fn inflight_log_tracks_requests_in_flight() {
@@ -1467,4 +1532,97 @@ fn a_kick_fd_that_is_not_an_eventfd_negative_control() {
         odd_kick(true).is_err(),
         "a parked queue popped without a kick"
     );
+}
+
+// -------------------------------------------------------------------------------------
+// Stop releases resources before replying
+
+/// A pipe: (read end, write end), non-blocking.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0i32; 2];
+    // SAFETY: `pipe2` writes two descriptors into the live array; checked below.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert_eq!(rc, 0, "pipe2");
+    // SAFETY: fresh descriptors nobody else owns.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Whether the other end of our pipe end is closed (POLLHUP / POLLERR).
+fn peer_closed(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd; zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// At the moment a stop is answered, the queue holds neither the guest mapping
+/// (strong count: only the driver's) nor the kick/call/err descriptors (pipes here,
+/// so their closing shows at our ends) nor the inflight log (its keep-alive).
+fn stop_releases(policy: IdlePolicy) -> Result<(), String> {
+    let mut rig = rig(policy);
+    let mut d = Driver::new(16);
+    let (kick_r, kick_w) = pipe();
+    let (call_r, call_w) = pipe();
+    let (err_r, err_w) = pipe();
+    let (log, region_q) = region(16);
+    let setup = QueueSetup {
+        index: 0,
+        size: d.size,
+        desc_table: DESC,
+        avail_ring: crate::virtq::testdriver::AVAIL,
+        used_ring: USED,
+        next_avail: 0,
+        event_idx: false,
+        mem: d.mem.clone(),
+        kick: kick_r,
+        call: Some(call_w),
+        err: Some(err_w),
+        bdev: rig.bdev.clone(),
+        read_only: false,
+        inflight: Some(region_q),
+        counters: Arc::new(QueueCounters::default()),
+    };
+    let h = start_queue(&mut rig.r, setup);
+    let req = d.read_req(0, 512);
+    d.publish(req.head);
+    let ok = until(&mut rig.r, || !d.used().is_empty());
+    ensure(ok, "request not served")?;
+    let mem = Arc::downgrade(&d.mem);
+    let log_w = Arc::downgrade(&log);
+    drop(log);
+    let seen = Arc::new(Mutex::new(None));
+    let s2 = seen.clone();
+    let fds = [kick_w, call_r, err_r];
+    stop_queue(
+        &mut rig.r,
+        &h,
+        Box::new(move |_| {
+            let closed = fds.iter().map(peer_closed).collect::<Vec<_>>();
+            *s2.lock().unwrap() = Some((mem.strong_count(), log_w.strong_count(), closed));
+        }),
+    );
+    let ok = until(&mut rig.r, || seen.lock().unwrap().is_some());
+    ensure(ok, "stop not answered")?;
+    let got = seen.lock().unwrap().take();
+    ensure(
+        got == Some((1, 0, vec![true, true, true])),
+        format!("at the reply (mem refs, log refs, kick/call/err closed): {got:?}"),
+    )
+}
+
+#[test]
+fn stop_releases_resources_before_replying() {
+    stop_releases(IdlePolicy::Busy).unwrap();
+    stop_releases(IdlePolicy::Interrupt).unwrap();
+}
+
+#[test]
+fn stop_releases_resources_negative_control() {
+    let res = plant::with(Plant::KeepResources, || stop_releases(IdlePolicy::Busy));
+    let err = res.expect_err("resources held past the reply went unnoticed");
+    assert!(err.contains("Some((2, 1, [false, false, false]))"), "{err}");
 }

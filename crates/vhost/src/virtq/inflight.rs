@@ -131,7 +131,7 @@ impl<R: Region> SplitInflight<R> {
             }
             INFLIGHT_VERSION => {
                 log.repair_last_batch(ring_used_idx);
-                let pending = log.pending();
+                let pending = log.pending(queue_size);
                 log.counter = pending
                     .last()
                     .map_or(0, |&h| log.read_u64(desc_off(h) + DESC_OFF_COUNTER))
@@ -163,9 +163,19 @@ impl<R: Region> SplitInflight<R> {
         self.write_u16(OFF_USED_IDX, ring_used_idx);
     }
 
-    /// Heads marked in flight, by `counter` (pop order).
-    fn pending(&self) -> Vec<u16> {
-        let mut v: Vec<(u64, u16)> = (0..self.desc_num)
+    /// Heads marked in flight, by `counter` (pop order). Only heads below
+    /// `queue_size` count, and so at most `queue_size` of them: a client's region may
+    /// describe more descriptors than the queue has, and a head past the queue would
+    /// break it on resubmission, while more than `queue_size` pending would move the
+    /// next avail index (used + pending) past anything the guest published.
+    fn pending(&self, queue_size: u16) -> Vec<u16> {
+        #[cfg(test)]
+        let queue_size = if plant::PLANT_ALL_PENDING.with(|p| p.get()) {
+            self.desc_num
+        } else {
+            queue_size
+        };
+        let mut v: Vec<(u64, u16)> = (0..self.desc_num.min(queue_size))
             .filter(|&i| self.read_u8(desc_off(i) + DESC_OFF_INFLIGHT) == 1)
             .map(|i| (self.read_u64(desc_off(i) + DESC_OFF_COUNTER), i))
             .collect();
@@ -206,52 +216,65 @@ impl<R: Region> SplitInflight<R> {
         self.write_u16(OFF_USED_IDX, used_idx);
     }
 
-    fn ptr(&self, off: usize, n: usize) -> *mut u8 {
-        // Offsets come from this module's layout with heads < desc_num, and
-        // `open` checked region_bytes(desc_num) <= len.
-        assert!(
-            off + n <= self.region.len(),
-            "inflight offset past the region"
-        );
+    /// The address of `n` bytes at `off`, or `None` past the region. Offsets come
+    /// from this module's layout with heads < desc_num, and `open` checked
+    /// region_bytes(desc_num) <= len; still, a miss must not panic the server (the
+    /// region is client memory): reads then see zero and writes are dropped.
+    fn ptr(&self, off: usize, n: usize) -> Option<*mut u8> {
+        let end = off.checked_add(n);
+        if !end.is_some_and(|e| e <= self.region.len()) {
+            // Negative control of `out_of_range_access_reads_zero_and_drops_writes`:
+            // the old assert, planted back.
+            #[cfg(test)]
+            if plant::PLANT_PTR_ASSERT.with(|p| p.get()) {
+                panic!("inflight offset past the region");
+            }
+            return None;
+        }
         // SAFETY: in bounds of the region (just checked), which `R` keeps mapped.
-        unsafe { self.region.as_ptr().as_ptr().add(off) }
+        Some(unsafe { self.region.as_ptr().as_ptr().add(off) })
     }
 
     fn read_u8(&self, off: usize) -> u8 {
-        // SAFETY: `ptr` checked the bounds; volatile because the memory is shared.
-        unsafe { self.ptr(off, 1).read_volatile() }
+        match self.ptr(off, 1) {
+            // SAFETY: `ptr` checked the bounds; volatile because the memory is shared.
+            Some(p) => unsafe { p.read_volatile() },
+            None => 0,
+        }
     }
 
     fn write_u8(&mut self, off: usize, v: u8) {
-        // SAFETY: as in `read_u8`.
-        unsafe { self.ptr(off, 1).write_volatile(v) }
+        if let Some(p) = self.ptr(off, 1) {
+            // SAFETY: as in `read_u8`.
+            unsafe { p.write_volatile(v) }
+        }
     }
 
     fn read_u16(&self, off: usize) -> u16 {
         let mut b = [0u8; 2];
         for (i, x) in b.iter_mut().enumerate() {
-            *x = self.read_u8(off + i);
+            *x = self.read_u8(off.saturating_add(i));
         }
         u16::from_le_bytes(b)
     }
 
     fn write_u16(&mut self, off: usize, v: u16) {
         for (i, x) in v.to_le_bytes().into_iter().enumerate() {
-            self.write_u8(off + i, x);
+            self.write_u8(off.saturating_add(i), x);
         }
     }
 
     fn read_u64(&self, off: usize) -> u64 {
         let mut b = [0u8; 8];
         for (i, x) in b.iter_mut().enumerate() {
-            *x = self.read_u8(off + i);
+            *x = self.read_u8(off.saturating_add(i));
         }
         u64::from_le_bytes(b)
     }
 
     fn write_u64(&mut self, off: usize, v: u64) {
         for (i, x) in v.to_le_bytes().into_iter().enumerate() {
-            self.write_u8(off + i, x);
+            self.write_u8(off.saturating_add(i), x);
         }
     }
 }
@@ -260,9 +283,23 @@ fn desc_off(head: u16) -> usize {
     HEADER_BYTES + DESC_STATE_BYTES * head as usize
 }
 
+/// Planted bugs for the negative controls (test builds only).
+#[cfg(test)]
+pub(crate) mod plant {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Plants the old `assert!` back into `ptr` (negative control).
+        pub(crate) static PLANT_PTR_ASSERT: Cell<bool> = const { Cell::new(false) };
+        /// Plants back pending heads up to `desc_num` rather than the queue size.
+        pub(crate) static PLANT_ALL_PENDING: Cell<bool> = const { Cell::new(false) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plant::*;
 
     /// A heap region standing in for the shared memory.
     struct Heap(Box<[u8]>);
@@ -378,5 +415,66 @@ mod tests {
         log.begin(60_000);
         log.before_used(60_000);
         log.after_used(60_000, 1);
+    }
+
+    /// Out-of-range accesses (client memory: a region smaller than the layout
+    /// assumes) read as zero and drop writes instead of panicking.
+    fn out_of_range() -> std::thread::Result<()> {
+        std::panic::catch_unwind(|| {
+            let (mut log, _) = SplitInflight::open(heap(4), 4, 0).expect("open");
+            let end = region_bytes(4);
+            assert_eq!(log.read_u8(end), 0);
+            assert_eq!(log.read_u64(end - 4), 0, "straddling read");
+            assert_eq!(log.read_u16(usize::MAX), 0, "offset overflow");
+            log.write_u64(end - 4, u64::MAX);
+            log.write_u8(usize::MAX, 1);
+            // The in-range half of a straddling write lands; nothing past the end.
+            assert_eq!(log.region.0.len(), end);
+            assert_eq!(log.read_u16(end - 4), 0xffff);
+        })
+    }
+
+    #[test]
+    fn out_of_range_access_reads_zero_and_drops_writes() {
+        out_of_range().expect("no panic");
+    }
+
+    #[test]
+    fn out_of_range_access_negative_control() {
+        PLANT_PTR_ASSERT.with(|p| p.set(true));
+        let r = out_of_range();
+        PLANT_PTR_ASSERT.with(|p| p.set(false));
+        assert!(r.is_err(), "the planted assert did not fire");
+    }
+
+    /// A client region describing 64 descriptors for a queue of 8, with heads both
+    /// below and above 8 (and more than 8 of them) in flight.
+    fn oversized_region() -> Vec<u16> {
+        let mut h = heap(64);
+        h.0[OFF_VERSION] = 1;
+        h.0[OFF_DESC_NUM] = 64;
+        for (c, i) in [40u16, 3, 9, 63, 0, 7, 8, 12, 20, 30, 1, 2, 4, 5, 6]
+            .into_iter()
+            .enumerate()
+        {
+            let o = desc_off(i);
+            h.0[o] = 1;
+            h.0[o + DESC_OFF_COUNTER] = c as u8;
+        }
+        let (_, pending) = SplitInflight::open(h, 8, 0).expect("open");
+        pending
+    }
+
+    #[test]
+    fn pending_heads_past_the_queue_are_ignored() {
+        assert_eq!(oversized_region(), vec![3, 0, 7, 1, 2, 4, 5, 6]);
+    }
+
+    #[test]
+    fn pending_heads_past_the_queue_negative_control() {
+        PLANT_ALL_PENDING.with(|p| p.set(true));
+        let pending = oversized_region();
+        PLANT_ALL_PENDING.with(|p| p.set(false));
+        assert_eq!(pending.len(), 15, "the planted bug did not show");
     }
 }
