@@ -222,7 +222,7 @@ impl<R: Region> SplitInflight<R> {
     /// region is client memory): reads then see zero and writes are dropped.
     fn ptr(&self, off: usize, n: usize) -> Option<*mut u8> {
         let end = off.checked_add(n);
-        if !end.is_some_and(|e| e <= self.region.len()) {
+        if end.is_none_or(|e| e > self.region.len()) {
             // Negative control of `out_of_range_access_reads_zero_and_drops_writes`:
             // the old assert, planted back.
             #[cfg(test)]
