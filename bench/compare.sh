@@ -20,6 +20,14 @@
 #                                    scheduler then cannot move the client onto the
 #                                    reactor's core between rounds, the main source of
 #                                    run-to-run spread for the file workloads
+#   bench/compare.sh --vhost         the vhost-user-blk section instead (issue #13): the
+#                                    systems and workloads below, same method; with
+#                                    --smoke: one workload, 1 s per system (CI)
+#   bench/compare.sh --tls           the NBD-over-TLS section instead (issue #16):
+#                                    ringblk-tls vs qemu-nbd-tls (same certificates from
+#                                    `ringblk tls-init`, same run), 4 KiB randread QD32
+#                                    and 128 KiB sequential read QD8; with --smoke, 1 s
+#                                    each (CI)
 #   bench/compare.sh --only SYS,SYS,... run only the named systems (names as listed below,
 #                                    comma-separated; the others are skipped, and the
 #                                    backing file is not written when no file-backed
@@ -41,6 +49,31 @@
 #   ringblk-old-null, ringblk-new-null    (null backend, as `ringblk-null`)
 # They take their turns in the same interleaved rounds (RINGBLK_ARGS applies to them
 # too), and the summary gets a table "ringblk new vs old" with the new/old ratios.
+#
+# With --tls, both servers serve the backing file over TLS (STARTTLS, TLS required)
+# with the server certificate of one `ringblk tls-init` directory, and fio connects
+# with nbds:// URIs:
+#   ringblk-tls    ringblk serve --tls require --tls-creds DIR --volume v=FILE
+#   qemu-nbd-tls   qemu-nbd ... --object tls-creds-x509,dir=DIR,endpoint=server,
+#                  verify-peer=off --tls-creds tls0
+# Neither asks for a client certificate: fio 3.33's nbd engine cannot pass libnbd a
+# certificate directory (it refuses tls-certificates= in a URI).
+#
+# With --vhost, the systems are vhost-user-blk back ends on the same file, driven by
+# `ringblk-bench run --vhost SOCKET` (libblkio's virtio-blk-vhost-user driver;
+# VHOST_CLIENT_POLL=busy|adaptive|interrupt, default adaptive, is its --poll), and
+# local fio as the limit:
+#   ringblk-vhost      ringblk serve --volume v=FILE, then RPC vhost_create {v, SOCK,
+#                      num_queues: 2} (ringblk-ctl call): two queues as the peer has
+#   qsd-vhost          qemu-storage-daemon --blockdev driver=file,cache.direct=on,aio=io_uring
+#                      --export type=vhost-user-blk,num-queues=2      (the peer)
+#   local              as above
+#   ringblk-vhost-null ringblk serve --volume v=,backend=null, the same export
+#   qsd-vhost-null     qemu-storage-daemon --blockdev driver=null-co ... (same export)
+# and the workloads rr4k-qd1, rr4k-qd32, rw4k-qd32, sr128k-qd8 and rr4k-qd32-q2
+# (4 KiB random read, iodepth 32 on each of two virtqueues; numjobs 2 for local fio),
+# on the file and on the null backends. The tables add "ringblk ÷ this" for IOPS per
+# server CPU-second.
 #
 # Workloads (fio --ioengine=nbd for servers):
 #   rr4k-qd1      4 KiB random read, iodepth 1
@@ -70,7 +103,7 @@ CALLER_PWD=$PWD
 cd "$(dirname "$0")/.."
 
 REPEAT=3 RUNTIME=4 RAMP=1 SIZE=1G MODE=default OUT="" BENCH_CLIENT=0 BUILD=1
-RINGBLK_OLD="" RINGBLK_NEW="" ONLY="" PIN=0
+RINGBLK_OLD="" RINGBLK_NEW="" ONLY="" PIN=0 VHOST=0 TLS=0
 WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-j2"
 NULL_WORKLOADS="rr4k-qd1 rr4k-qd32"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -87,6 +120,8 @@ while [ $# -gt 0 ]; do
         --ringblk-new) RINGBLK_NEW=${2:-}; shift ;;
         --only) ONLY=${2:-}; shift ;;
         --pin) PIN=1 ;;
+        --vhost) VHOST=1 ;;
+        --tls) TLS=1 ;;
         --quick) MODE=quick; REPEAT=1 RUNTIME=3 RAMP=1 SIZE=256M ;;
         --smoke) MODE=smoke; REPEAT=1 RUNTIME=1 RAMP=0 SIZE=64M
                  WORKLOADS="rr4k-qd32" NULL_WORKLOADS="rr4k-qd32" ;;
@@ -123,6 +158,36 @@ fi
 
 command -v fio >/dev/null || { echo "compare.sh: fio is required" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "compare.sh: python3 is required" >&2; exit 1; }
+if [ "$VHOST" = 1 ]; then
+    if [ -n "$RINGBLK_OLD" ] || [ "$BENCH_CLIENT" = 1 ]; then
+        echo "compare.sh: --vhost goes without --ringblk-old/--ringblk-new and --bench-client" >&2
+        exit 2
+    fi
+    MODE="vhost-user-blk, $MODE"
+    WORKLOADS="rr4k-qd1 rr4k-qd32 rw4k-qd32 sr128k-qd8 rr4k-qd32-q2"
+    NULL_WORKLOADS=$WORKLOADS
+    case "$MODE" in *smoke*) WORKLOADS="rr4k-qd32-q2" NULL_WORKLOADS="rr4k-qd32-q2" ;; esac
+    SYSTEMS="ringblk-vhost"
+    NULL_SYSTEMS="ringblk-vhost-null"
+    # qemu-storage-daemon is the peer: the comparison means nothing without it.
+    command -v qemu-storage-daemon >/dev/null || {
+        echo "compare.sh: --vhost needs qemu-storage-daemon (package qemu-utils)" >&2; exit 1; }
+    SYSTEMS="$SYSTEMS qsd-vhost local"
+    NULL_SYSTEMS="$NULL_SYSTEMS qsd-vhost-null"
+elif [ "$TLS" = 1 ]; then
+    if [ -n "$RINGBLK_OLD" ] || [ "$BENCH_CLIENT" = 1 ]; then
+        echo "compare.sh: --tls goes without --ringblk-old/--ringblk-new and --bench-client" >&2
+        exit 2
+    fi
+    MODE="NBD over TLS, $MODE"
+    # The two workloads of #16, in --smoke too (1 s each).
+    WORKLOADS="rr4k-qd32 sr128k-qd8"
+    NULL_WORKLOADS=""
+    command -v qemu-nbd >/dev/null || {
+        echo "compare.sh: --tls needs qemu-nbd (package qemu-utils)" >&2; exit 1; }
+    SYSTEMS="ringblk-tls qemu-nbd-tls"
+    NULL_SYSTEMS=""
+else
 SYSTEMS="ringblk"
 NULL_SYSTEMS="ringblk-null"
 if command -v qemu-nbd >/dev/null; then SYSTEMS="$SYSTEMS qemu-nbd"
@@ -130,6 +195,7 @@ else echo "compare.sh: note: qemu-nbd not installed, skipped" >&2; fi
 if command -v nbdkit >/dev/null; then SYSTEMS="$SYSTEMS nbdkit"; NULL_SYSTEMS="$NULL_SYSTEMS nbdkit-null"
 else echo "compare.sh: note: nbdkit not installed, skipped" >&2; fi
 SYSTEMS="$SYSTEMS local"
+fi
 # name+rbb: the same server driven by ringblk-bench instead of fio.
 RBB_SYSTEMS=""
 if [ "$BENCH_CLIENT" = 1 ]; then
@@ -173,14 +239,17 @@ PROFILE=${RINGBLK_PROFILE:-release}
 if [ "$BUILD" = 1 ]; then
     echo "== building $PROFILE binaries" >&2
     if [ "$PROFILE" = release ]; then
-        cargo build --release --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench
+        cargo build --release --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench \
+            -p ringblk-ctl --bin ringblk-ctl
     else
-        cargo build --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench
+        cargo build --quiet -p ringblk-server --bin ringblk -p ringblk-bench --bin ringblk-bench \
+            -p ringblk-ctl --bin ringblk-ctl
     fi
 fi
 RINGBLK=$TARGET/$PROFILE/ringblk
 BENCH=$TARGET/$PROFILE/ringblk-bench
-for b in "$RINGBLK" "$BENCH"; do
+CTL=$TARGET/$PROFILE/ringblk-ctl
+for b in "$RINGBLK" "$BENCH" "$CTL"; do
     [ -x "$b" ] || { echo "compare.sh: $b missing (build it, or drop --no-build)" >&2; exit 1; }
 done
 OUT=${OUT:-$TARGET/compare/$(date +%Y%m%d-%H%M%S)}
@@ -188,9 +257,14 @@ mkdir -p "$OUT/runs" "$OUT/hgrm"
 OUT=$(cd "$OUT" && pwd)
 BACKING=$OUT/backing.img
 : > "$OUT/results.tsv"
+TLS_DIR=$OUT/tls
+if [ "$TLS" = 1 ] && [ ! -e "$TLS_DIR/server-cert.pem" ]; then
+    "$RINGBLK" tls-init "$TLS_DIR" > /dev/null
+fi
 
 SERVER_PID=""
 URI=""
+SOCK=$OUT/vhost.sock
 cleanup() {
     if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; fi
     # The backing file is as large as --size (1 GiB by default) and is no result:
@@ -243,6 +317,32 @@ start_server() {
             [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
             URI="nbd://127.0.0.1:$port/v"
             ;;
+        ringblk-tls)
+            rm -f "$OUT/banner"
+            # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
+            "${SERVER_PIN[@]}" "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
+                --rpc "$OUT/ringblk.$n.sock" --volume "v=$BACKING" --tls require --tls-creds "$TLS_DIR" \
+                "${RINGBLK_PIN[@]}" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            for _ in $(seq 100); do
+                grep -q "listening on" "$OUT/banner" 2>/dev/null && break
+                kill -0 "$SERVER_PID" 2>/dev/null || { cat "$OUT/server.log" >&2; return 1; }
+                sleep 0.1
+            done
+            port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$OUT/banner" | cut -d: -f2)
+            [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
+            URI="nbds://127.0.0.1:$port/v"
+            ;;
+        qemu-nbd-tls)
+            port=$(free_port)
+            rm -f "$OUT/qemu.pid"
+            "${SERVER_PIN[@]}" qemu-nbd -f raw --aio=io_uring --cache=none -x v -b 127.0.0.1 -p "$port" -t -e 16 \
+                --object "tls-creds-x509,id=tls0,dir=$TLS_DIR,endpoint=server,verify-peer=off" --tls-creds tls0 \
+                --pid-file="$OUT/qemu.pid" "$BACKING" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            wait_file "$OUT/qemu.pid" "$SERVER_PID"
+            URI="nbds://127.0.0.1:$port/v"
+            ;;
         qemu-nbd)
             port=$(free_port)
             rm -f "$OUT/qemu.pid"
@@ -262,8 +362,52 @@ start_server() {
             wait_file "$OUT/nbdkit.pid" "$SERVER_PID"
             URI="nbd://127.0.0.1:$port/"
             ;;
+        ringblk-vhost|ringblk-vhost-null)
+            local vol="v=$BACKING"
+            [ "$sys" = ringblk-vhost-null ] && vol="v=,backend=null,size=$SIZE"
+            rm -f "$OUT/banner" "$SOCK"
+            # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
+            "${SERVER_PIN[@]}" "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
+                --rpc "$OUT/ringblk.$n.sock" --volume "$vol" "${RINGBLK_PIN[@]}" \
+                ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            wait_socket "$OUT/ringblk.$n.sock" "$SERVER_PID"
+            # Two virtqueues as qemu-storage-daemon's num-queues=2, whatever the
+            # reactor count (--pin gives ringblk one reactor; its default is one
+            # queue per reactor).
+            "$CTL" --rpc "$OUT/ringblk.$n.sock" call vhost_create \
+                "{\"volume\": \"v\", \"socket\": \"$SOCK\", \"num_queues\": 2}" > /dev/null
+            wait_socket "$SOCK" "$SERVER_PID"
+            URI=$SOCK
+            ;;
+        qsd-vhost|qsd-vhost-null)
+            local dev="driver=file,node-name=f,filename=$BACKING,cache.direct=on,aio=io_uring"
+            # null-co takes its size in bytes.
+            [ "$sys" = qsd-vhost-null ] && dev="driver=null-co,node-name=f,size=$(numfmt --from=iec "$SIZE")"
+            rm -f "$SOCK" "$OUT/qsd.pid"
+            "${SERVER_PIN[@]}" qemu-storage-daemon --blockdev "$dev" \
+                --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=2" \
+                --pidfile "$OUT/qsd.pid" 2> "$OUT/server.log" &
+            SERVER_PID=$!
+            wait_socket "$SOCK" "$SERVER_PID"
+            URI=$SOCK
+            ;;
         local) SERVER_PID=""; URI="" ;;
     esac
+}
+
+# Waits until something listens on the Unix socket SOCK, at most 10 s.
+wait_socket() {
+    local sock=$1 pid=$2
+    for _ in $(seq 100); do
+        if [ -S "$sock" ] && python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' "$sock" 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || { echo "compare.sh: server $pid died; see $OUT/server.log" >&2; cat "$OUT/server.log" >&2; return 1; }
+        sleep 0.1
+    done
+    echo "compare.sh: nothing listens on $sock after 10 s" >&2
+    return 1
 }
 
 stop_server() {
@@ -292,7 +436,7 @@ workload_args() {
         rr4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
         rw4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
         sr128k-qd8) echo "--rw=read --bs=128k --iodepth=8" ;;
-        rr4k-qd32-j2) echo "--rw=randread --bs=4k --iodepth=32 --numjobs=2" ;;
+        rr4k-qd32-j2|rr4k-qd32-q2) echo "--rw=randread --bs=4k --iodepth=32 --numjobs=2" ;;
     esac
 }
 
@@ -304,6 +448,7 @@ bench_args() {
         rw4k-qd32) echo "--rw randwrite --bs 4k --iodepth 32" ;;
         sr128k-qd8) echo "--rw read --bs 128k --iodepth 8" ;;
         rr4k-qd32-j2) echo "--rw randread --bs 4k --iodepth 32 --connections 2" ;;
+        rr4k-qd32-q2) echo "--rw randread --bs 4k --iodepth 32 --queues 2" ;;
     esac
 }
 
@@ -313,6 +458,13 @@ PCTS="10:20:30:40:50:60:70:80:90:95:97.5:99:99.5:99.9:99.95:99.99:99.995:99.999:
 # The client command of one run, as an array in CLIENT (fio, or ringblk-bench for +rbb).
 client_cmd() {
     local sys=$1 w=$2 base=$3
+    case "$sys" in
+        *-vhost|*-vhost-null)
+            # shellcheck disable=SC2046,SC2207 # bench_args is a list of words on purpose
+            CLIENT=("${CLIENT_PIN[@]}" "$BENCH" run --vhost "$URI" $(bench_args "$w") --runtime "$RUNTIME"
+                    --ramp "$RAMP" --poll "${VHOST_CLIENT_POLL:-adaptive}" --quiet --json --hgrm "$base.hgrm")
+            return ;;
+    esac
     if [ "${sys%+rbb}" != "$sys" ]; then
         # shellcheck disable=SC2046,SC2207 # bench_args is a list of words on purpose
         CLIENT=("${CLIENT_PIN[@]}" "$BENCH" run "$URI" $(bench_args "$w") --runtime "$RUNTIME" --ramp "$RAMP"
@@ -374,7 +526,7 @@ def load(path):
 runs = {}
 for line in open(os.path.join(out, "results.tsv")):
     sysname, w, rep, path, ticks = line.rstrip("\n").split("\t")
-    if sysname.endswith("+rbb"):
+    if sysname.endswith("+rbb") or "-vhost" in sysname:  # ringblk-bench's JSON
         ph = load(path)["phases"][0]
         o = next(o for o in ph["ops"] if o["op"] in ("read", "write"))
         l = o["latency_us"]
@@ -434,13 +586,19 @@ print(f"# ringblk peer comparison ({mode}: {rounds} round(s) x {runtime:g} s + {
 print("Medians over the rounds. Latency: fio total latency (µs; ringblk-bench's own for +rbb rows). CPU: server utime+stime "
       "over the run; IOPS/CPU-s: operations per server CPU-second.\n")
 for group, members in (("storage", ["ringblk", "qemu-nbd", "nbdkit", "local"]),
+                       ("NBD over TLS on the file (same certificates)", ["ringblk-tls", "qemu-nbd-tls"]),
                        ("null backend (protocol and server overhead only)", ["ringblk-null", "nbdkit-null"]),
-                       ("ringblk-bench as the client (HdrHistogram latency)", ["ringblk+rbb", "qemu-nbd+rbb", "nbdkit+rbb"])):
+                       ("ringblk-bench as the client (HdrHistogram latency)", ["ringblk+rbb", "qemu-nbd+rbb", "nbdkit+rbb"]),
+                       ("vhost-user-blk on the file (ringblk-bench --vhost; local: fio)", ["ringblk-vhost", "qsd-vhost", "local"]),
+                       ("vhost-user-blk on a null backend (protocol and server overhead only)", ["ringblk-vhost-null", "qsd-vhost-null"])):
     present = [s for s in members if any((s, w) in runs for w in workloads)]
-    if not present:
+    if not present or present == ["local"]:  # local alone compares nothing
         continue
+    vhost = "vhost" in group
     print(f"## {group}\n")
     head = "| workload | system | IOPS | MB/s | p50 | p99 | p99.9 | max | server CPU s | IOPS/CPU-s | ringblk ÷ this |"
+    if vhost:
+        head += " ringblk ÷ this (IOPS/CPU-s) |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     base = present[0]
@@ -448,6 +606,8 @@ for group, members in (("storage", ["ringblk", "qemu-nbd", "nbdkit", "local"]),
         if (base, w) not in runs:
             continue
         ref = med(runs[(base, w)], "iops")
+        bcpu = med(runs[(base, w)], "cpu")
+        ref_per_cpu = ref * (runtime + ramp) / bcpu if bcpu else None
         for s in present:
             rs = runs.get((s, w))
             if not rs:
@@ -458,12 +618,50 @@ for group, members in (("storage", ["ringblk", "qemu-nbd", "nbdkit", "local"]),
             cpu = None if r["local"] else med(rs, "cpu")
             per_cpu = None if not cpu else iops * (runtime + ramp) / cpu
             ratio = "" if s == base else f"{ref / iops:.2f}" if iops else "-"
+            extra = ""
+            if vhost:
+                extra = " |" if s == base else (f" {ref_per_cpu / per_cpu:.2f} |" if ref_per_cpu and per_cpu else " - |")
             print(f"| {w} | {s} | {fmt(iops)} | {fmt(med(rs, 'mbs'), 1)} | {fmt(medpct(rs, 50.0), 1)} "
                   f"| {fmt(medpct(rs, 99.0), 1)} | {fmt(medpct(rs, 99.9), 1)} | {fmt(med(rs, 'max'), 0)} "
-                  f"| {fmt(cpu, 2)} | {fmt(per_cpu)} | {ratio} |")
+                  f"| {fmt(cpu, 2)} | {fmt(per_cpu)} | {ratio} |{extra}")
     print()
 print("Ratios are the median IOPS of the first system of the table divided by this row's; "
-      "for `local` it is the fraction of the device's own limit that ringblk delivers over NBD.")
+      "for `local` it is the fraction of the device's own limit that ringblk delivers over NBD"
+      + (" (over vhost-user-blk in the vhost tables; there the last column divides IOPS per "
+         "server CPU-second the same way)." if "vhost" in mode else "."))
+
+# --vhost: issue #13's targets, each figure against its goal (printed, never asserted).
+def per_cpu(sysname, w):
+    rs = runs.get((sysname, w))
+    c = rs and med(rs, "cpu")
+    return med(rs, "iops") * (runtime + ramp) / c if c else None
+
+def ratio_line(what, num, den, goal):
+    if num is None or den is None or not den:
+        return f"| {what} | - | {goal} | not measured |"
+    v = num / den
+    return f"| {what} | {v:.2f} | {goal} | {'met' if v >= float(goal.split()[-1].rstrip('×')) else 'NOT met'} |"
+
+if "vhost" in mode and any(s.startswith("ringblk-vhost") for s, _ in runs):
+    iops = lambda s, w: med(runs[(s, w)], "iops") if (s, w) in runs else None
+    print("\n## issue #13 targets (vhost-user-blk)\n")
+    print("| target | figure | goal | |")
+    print("|---|---|---|---|")
+    print(ratio_line("file, rr4k-qd32: ringblk ÷ local IOPS", iops("ringblk-vhost", "rr4k-qd32"),
+                     iops("local", "rr4k-qd32"), "≥ 0.95"))
+    print(ratio_line("file, rr4k-qd32: ringblk ÷ qemu-storage-daemon IOPS", iops("ringblk-vhost", "rr4k-qd32"),
+                     iops("qsd-vhost", "rr4k-qd32"), "≥ 1.5"))
+    if ("ringblk-vhost", "rr4k-qd1") in runs and ("local", "rr4k-qd1") in runs:
+        d = medpct(runs[("ringblk-vhost", "rr4k-qd1")], 50.0) - medpct(runs[("local", "rr4k-qd1")], 50.0)
+        print(f"| file, rr4k-qd1: ringblk p50 − local p50 (µs) | {d:.1f} | ≤ 10 | {'met' if d <= 10 else 'NOT met'} |")
+    else:
+        print("| file, rr4k-qd1: ringblk p50 − local p50 (µs) | - | ≤ 10 | not measured |")
+    for w in workloads:
+        if ("ringblk-vhost-null", w) in runs:
+            print(ratio_line(f"null, {w}: ringblk ÷ qemu-storage-daemon IOPS per server CPU-s",
+                             per_cpu("ringblk-vhost-null", w), per_cpu("qsd-vhost-null", w), "≥ 2"))
+    print("\nThe vhost systems are driven by ringblk-bench (libblkio), local by fio: the "
+          "client differs, so the local ratios include the difference of the two clients.")
 
 # --ringblk-old/--ringblk-new: the two binaries side by side, new / old.
 pairs = [(w, backend, f"ringblk-old{sfx}", f"ringblk-new{sfx}")

@@ -13,8 +13,15 @@
    clippy's -D warnings this keeps images, maps and backends out of every front end.
 3. Crate dependencies, from `cargo metadata --no-deps --format-version 1` (every
    dependency kind counts): ringblk-target must not depend on ringblk-server, clap,
-   toml or tracing-subscriber; ringblk-nbd must not depend on ringblk-server.
-4. With --after-5-2 (the lead switches it on when step 5.2 has moved the NBD front end
+   toml or tracing-subscriber; ringblk-nbd must not depend on ringblk-server;
+   ringblk-iscsi must not depend on ringblk-server, ringblk-blockmap or ringblk-nbd
+   (its front end, feature `frontend`, may depend on ringblk-reactor).
+4. The vhost front end (issue #13): every `ringblk_target::NAME` path in
+   crates/vhost/src names a public API module of VHOST_TARGET_API (bdev, error,
+   stats, target, ops, extent) -- never volume, images, maps or backends; and
+   ringblk-vhost depends on neither ringblk-server nor ringblk-nbd (rule 3's
+   table), nor does ringblk-target depend on it.
+5. With --after-5-2 (the lead switches it on when step 5.2 has moved the NBD front end
    into ringblk-nbd): ringblk-target must not depend on ringblk-nbd; ringblk-bench must
    depend on ringblk-nbd with default-features off; and every line of
    crates/target/src/**.rs that matches /nbd/i must be a `//` comment (the --nbd prose
@@ -27,7 +34,7 @@ Usage:
 
   (no flag)     enforce: exit 1 on any finding (ci/test.sh runs this mode)
   --report      print the same findings and exit 0
-  --after-5-2   add the rules of 4 (they fail until step 5.2 has landed)
+  --after-5-2   add the rules of 5 (they fail until step 5.2 has landed)
   --self-test   negative controls: plant one violation of each rule in a temp copy of
                 the tree (or of the metadata) and check that it is found; exit 1 if
                 one is missed or the real tree does not pass
@@ -228,11 +235,48 @@ def check_nbd_prose(src):
     return out
 
 
-# Rule 3 (always) and the dependency half of rule 4 (--after-5-2).
+# Rule 3 (always) and the dependency half of rule 5 (--after-5-2).
 FORBIDDEN = {
-    "ringblk-target": ("ringblk-server", "clap", "toml", "tracing-subscriber"),
+    "ringblk-target": ("ringblk-server", "ringblk-vhost", "clap", "toml", "tracing-subscriber"),
     "ringblk-nbd": ("ringblk-server",),
+    "ringblk-vhost": ("ringblk-server", "ringblk-nbd", "clap", "toml", "tracing-subscriber"),
+    # The iSCSI crate (#14): the sans-IO part takes only BlockError from the target; its
+    # front end (feature `frontend`) runs sessions on reactors, so ringblk-reactor is
+    # allowed; never the server, the block map or another front end.
+    "ringblk-iscsi": ("ringblk-server", "ringblk-blockmap", "ringblk-nbd"),
 }
+
+# Rule 4: what crates/vhost/src may name of the block layer.
+VHOST_SRC = "crates/vhost/src"
+VHOST_TARGET_API = ("bdev", "error", "stats", "target", "ops", "extent")
+TARGET_PATH = re.compile(r"(?<![\w$])ringblk_target::(\w+)")
+TARGET_GROUP = re.compile(r"\bringblk_target::\{")
+
+
+def check_vhost_imports(src):
+    """Findings of rule 4's path half, as strings (comments ignored)."""
+    out = []
+    if not os.path.isdir(src):
+        return [f"{src} is missing (the vhost front end's sources)"]
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for f in sorted(files):
+            if not f.endswith(".rs"):
+                continue
+            path = os.path.join(root, f)
+            with open(path, encoding="utf-8") as fh:
+                text = COMMENT.sub("", fh.read())
+            names = [(m.group(1), m.start()) for m in TARGET_PATH.finditer(text)]
+            for m in TARGET_GROUP.finditer(text):
+                names += group_heads(text, m.end())
+            for name, at in names:
+                if name not in VHOST_TARGET_API:
+                    line = text.count("\n", 0, at) + 1
+                    out.append(
+                        f"{path}:{line}: ringblk_target::{name} is not the block layer's "
+                        f"public API for front ends ({', '.join(VHOST_TARGET_API)})"
+                    )
+    return out
 FORBIDDEN_AFTER_5_2 = {"ringblk-target": ("ringblk-nbd",)}
 
 
@@ -276,7 +320,7 @@ def check_deps(meta, after_5_2):
     return out
 
 
-def run_checks(src, after_5_2, meta):
+def run_checks(src, after_5_2, meta, vhost_src=None):
     """Every finding, as printable lines, and the rank check's counts."""
     bad, unknown, seen = check(src)
     lines = [
@@ -293,6 +337,8 @@ def run_checks(src, after_5_2, meta):
         lines += [f"crate deps: {d}" for d in check_deps(meta, after_5_2)]
     if after_5_2:
         lines += [f"nbd prose: {n}" for n in check_nbd_prose(src)]
+    if vhost_src is not None:
+        lines += [f"vhost imports: {v}" for v in check_vhost_imports(vhost_src)]
     return lines, len(seen)
 
 
@@ -300,7 +346,7 @@ def self_test(src):
     """Negative controls: each rule must catch a violation planted in a temp copy."""
     failures = []
     meta = cargo_metadata()
-    base, _ = run_checks(src, False, meta)
+    base, _ = run_checks(src, False, meta, VHOST_SRC)
     if base:
         failures.append("the real tree does not pass: " + "; ".join(base))
 
@@ -428,6 +474,12 @@ def self_test(src):
         meta_edit=add_dep("ringblk-nbd", "ringblk-server"),
     )
     planted(
+        "iscsi -> blockmap",
+        None,
+        "ringblk-iscsi depends on ringblk-blockmap",
+        meta_edit=add_dep("ringblk-iscsi", "ringblk-blockmap"),
+    )
+    planted(
         "target -> nbd (after 5.2)",
         no_nbd_words,
         "ringblk-target depends on ringblk-nbd",
@@ -458,6 +510,33 @@ def self_test(src):
         after_5_2=True,
         meta_edit=lambda m: (clear_nbd(m), bench_nbd(False)(m)),
     )
+    planted(
+        "vhost -> nbd",
+        None,
+        "ringblk-vhost depends on ringblk-nbd",
+        meta_edit=add_dep("ringblk-vhost", "ringblk-nbd"),
+    )
+    planted(
+        "target -> vhost",
+        None,
+        "ringblk-target depends on ringblk-vhost",
+        meta_edit=add_dep("ringblk-target", "ringblk-vhost"),
+    )
+    for name, text in (
+        ("vhost imports volume", "\nuse ringblk_target::volume::Volume;\n"),
+        ("vhost imports group", "\nuse ringblk_target::{bdev::Bdev, spec::VolumeSpec};\n"),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = os.path.join(tmp, "src")
+            shutil.copytree(VHOST_SRC, dst)
+            with open(os.path.join(dst, "lib.rs"), "a", encoding="utf-8") as fh:
+                fh.write(text)
+            found = check_vhost_imports(dst)
+        bad_name = "volume" if "volume" in text else "spec"
+        hit = [f for f in found if f"ringblk_target::{bad_name} " in f]
+        print(f"self-test {name}: {'caught' if hit else 'MISSED'}" + (f": {hit[0]}" if hit else ""))
+        if not hit:
+            failures.append(f"{name}: planted violation not found ({found})")
     # And the after-5.2 tree with none of them planted passes: the controls above
     # fail because of what they plant, not because of the setup.
     with tempfile.TemporaryDirectory() as tmp:
@@ -499,14 +578,15 @@ def main():
     # The crate rules read the workspace this script belongs to: only for the default
     # SRC_DIR (a copy elsewhere has no Cargo.toml around it).
     meta = cargo_metadata() if a.src is None else None
-    findings, modules = run_checks(src, a.after_5_2, meta)
+    vhost_src = VHOST_SRC if a.src is None else None
+    findings, modules = run_checks(src, a.after_5_2, meta, vhost_src)
     for f in findings:
         print(f)
     if not findings:
         verdict = "ok"
     else:
         verdict = "to fix (report mode: not enforced)" if a.report else "refused"
-    rules = "ranks, visibility" + (", crate deps" if meta is not None else "")
+    rules = "ranks, visibility" + (", crate deps, vhost imports" if meta is not None else "")
     rules += ", after-5.2 rules" if a.after_5_2 else ""
     print(f"layers: {modules} modules; {rules}: {len(findings)} findings: {verdict}")
     if a.report:

@@ -11,11 +11,13 @@
 //! the rest.
 //!
 //! # Latency
-//! From the moment a request is queued for sending (or, under `--rate-iops`, from the
-//! moment it was *scheduled*: an open-loop client must not hide the server's stalls
-//! behind its own waiting — "coordinated omission") to the receive completion that
-//! delivered its reply. Replies that arrive in one receive share a timestamp: that is
-//! when the client learnt of them.
+//! As `stream` defines it, ending at the receive completion that delivered the
+//! reply. Replies that arrive in one receive share a timestamp: that is when the
+//! client learnt of them.
+//!
+//! The workload (what to issue, stop rules, rate, verify, accounting) is `stream`'s
+//! [`Issuer`] and [`Tally`], shared with the vhost transport; this module only moves
+//! NBD bytes.
 //!
 //! # Ownership
 //! Buffers lent to the kernel live in the reactor's slab inside the `Op` until the
@@ -29,112 +31,24 @@
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use nix::sys::socket::Shutdown;
-use ringblk_reactor::{
-    Completion, FileRef, IdlePolicy, IoBuf, Op, Reactor, ReactorConfig, ReactorPool,
-};
+use ringblk_reactor::{Completion, FileRef, IoBuf, Op, Reactor, ReactorConfig, ReactorPool};
 
 use crate::connect::Connection;
-use crate::pattern::{self, Rng};
-use crate::workload::{AddrGen, Mode, Phase};
+use crate::stream::{
+    ConnResult, EngineOpts, Issuer, Next, Outcome, PhaseResult, Progress, Tally, Timing,
+};
+use crate::workload::Phase;
 use ringblk_nbd::client::{parse_reply, put_request, Cmd, Parsed};
 use ringblk_nbd::proto;
 
-/// Latency histograms cover 1 ns ..= 100 s at 3 significant digits; slower
-/// operations are clamped to 100 s (and still counted).
-pub const LATENCY_MAX_NS: u64 = 100_000_000_000;
-pub const LATENCY_SIGFIG: u8 = 3;
-/// Error descriptions kept per connection (the count is always exact).
-const SAMPLES_MAX: usize = 16;
 /// How long a server may take to close after `NBD_CMD_DISC` before the client
 /// closes anyway.
 const DISC_GRACE: Duration = Duration::from_secs(5);
-
-pub fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, LATENCY_MAX_NS, LATENCY_SIGFIG)
-        .expect("constant histogram bounds are valid")
-}
-
-/// Per-operation-type counts of one connection or a whole phase.
-#[derive(Clone, Debug)]
-pub struct OpStats {
-    pub ops: u64,
-    pub bytes: u64,
-    pub hist: Histogram<u64>,
-}
-
-impl Default for OpStats {
-    fn default() -> Self {
-        OpStats {
-            ops: 0,
-            bytes: 0,
-            hist: new_histogram(),
-        }
-    }
-}
-
-impl OpStats {
-    pub fn merge(&mut self, other: &OpStats) {
-        self.ops += other.ops;
-        self.bytes += other.bytes;
-        // Same bounds on both sides: addition cannot fail.
-        let _ = self.hist.add(&other.hist);
-    }
-}
-
-/// What one connection did in one phase.
-#[derive(Clone, Debug, Default)]
-pub struct ConnResult {
-    pub read: OpStats,
-    pub write: OpStats,
-    pub last_completion: Option<Instant>,
-    pub io_errors: u64,
-    pub error_samples: Vec<String>,
-    pub verify_checked: u64,
-    pub verify_errors: u64,
-    pub verify_samples: Vec<String>,
-    pub fatal: Option<String>,
-}
-
-/// Counters the progress line reads while the phase runs.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub ops: AtomicU64,
-    pub bytes: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-/// Instants every connection of a phase agrees on.
-#[derive(Clone, Copy, Debug)]
-pub struct Timing {
-    pub start: Instant,
-    /// Completions before this are not recorded.
-    pub ramp_end: Instant,
-    /// No request is issued at or after this.
-    pub deadline: Option<Instant>,
-}
-
-impl Timing {
-    pub fn for_phase(phase: &Phase, start: Instant) -> Timing {
-        match &phase.mode {
-            Mode::Timed { ramp, runtime, .. } => Timing {
-                start,
-                ramp_end: start + *ramp,
-                deadline: runtime.map(|r| start + *ramp + r),
-            },
-            Mode::Pass { .. } => Timing {
-                start,
-                ramp_end: start,
-                deadline: None,
-            },
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Slot {
@@ -163,9 +77,8 @@ struct Conn {
     file: FileRef,
     fd: Option<OwnedFd>,
     phase: Arc<Phase>,
-    timing: Timing,
-    gen: AddrGen,
-    rng: Rng,
+    issuer: Issuer,
+    tally: Tally,
     slots: Vec<Slot>,
     free: Vec<u32>,
     in_use: u32,
@@ -175,15 +88,9 @@ struct Conn {
     rx: Option<Vec<u8>>,
     rx_filled: usize,
     rx_busy: bool,
-    issuing: bool,
-    budget: Option<u64>,
-    interval: Option<Duration>,
-    next_due: Instant,
     timer_armed: bool,
     flushed: bool,
-    filler: Vec<u8>,
     state: State,
-    result: ConnResult,
     progress: Arc<Progress>,
     done: mpsc::Sender<(usize, ConnResult)>,
 }
@@ -211,19 +118,13 @@ impl Conn {
             len: 0,
             t0: timing.start,
         };
-        let mut rng = Rng::new(phase.seed ^ (idx as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        let filler: Vec<u8> = if phase.read_pct < 100 {
-            (0..bs).map(|_| rng.next_u64() as u8).collect()
-        } else {
-            Vec::new()
-        };
         let rx_cap = (4 * (proto::SIMPLE_REPLY_HEADER_LEN + bs)).max(256 * 1024);
         Ok(Conn {
             idx,
             file,
             fd: Some(fd),
-            gen: AddrGen::for_conn(&phase, idx),
-            rng,
+            issuer: Issuer::new(&phase, idx, &timing),
+            tally: Tally::new(&phase, &timing, &progress),
             slots: vec![slot; depth as usize],
             free: (0..depth).rev().collect(),
             in_use: 0,
@@ -233,17 +134,10 @@ impl Conn {
             rx: Some(vec![0u8; rx_cap]),
             rx_filled: 0,
             rx_busy: false,
-            issuing: true,
-            budget: phase.budget_bytes(idx),
-            interval: phase.interval(),
-            next_due: timing.start,
             timer_armed: false,
             flushed: false,
-            filler,
             state: State::Running,
-            result: ConnResult::default(),
             phase,
-            timing,
             progress,
             done,
         })
@@ -262,41 +156,16 @@ impl Conn {
 
     /// Queues requests until the depth is full or a stop rule says no more.
     fn refill(&mut self, rc: &ConnRc, r: &mut Reactor, now: Instant) {
-        let bs = self.phase.bs;
-        while self.issuing && self.state == State::Running && !self.free.is_empty() {
-            if self.timing.deadline.is_some_and(|d| now >= d) {
-                self.issuing = false;
-                break;
-            }
-            if self.budget.is_some_and(|b| b < u64::from(bs)) {
-                self.issuing = false;
-                break;
-            }
-            let t0 = match self.interval {
-                Some(iv) => {
-                    if now < self.next_due {
-                        self.arm_rate_timer(rc, r, self.next_due - now);
-                        break;
-                    }
-                    let due = self.next_due;
-                    self.next_due += iv;
-                    due
+        while self.state == State::Running && !self.free.is_empty() {
+            match self.issuer.next(now) {
+                Next::Issue { write, offset, t0 } => {
+                    self.queue(if write { Cmd::Write } else { Cmd::Read }, offset, t0)
                 }
-                None => now,
-            };
-            let Some(block) = self.gen.next(&mut self.rng) else {
-                self.issuing = false;
-                break;
-            };
-            let offset = self.phase.region_offset + block * u64::from(bs);
-            let is_read = match self.phase.read_pct {
-                100 => true,
-                0 => false,
-                pct => self.rng.below(100) < u64::from(pct),
-            };
-            self.queue(if is_read { Cmd::Read } else { Cmd::Write }, offset, t0);
-            if let Some(b) = self.budget.as_mut() {
-                *b -= u64::from(bs);
+                Next::Wait(due) => {
+                    self.arm_rate_timer(rc, r, due.saturating_duration_since(now));
+                    break;
+                }
+                Next::Stop => break,
             }
         }
     }
@@ -323,16 +192,8 @@ impl Conn {
         put_request(&mut self.tx_next, cmd, 0, cookie, offset, len);
         if cmd == Cmd::Write {
             let at = self.tx_next.len();
-            match self.phase.verify_seed {
-                Some(seed) => {
-                    self.tx_next.resize(at + len as usize, 0);
-                    pattern::fill_verify(&mut self.tx_next[at..], offset, seed);
-                }
-                None => {
-                    self.tx_next.extend_from_slice(&self.filler);
-                    pattern::stamp_load(&mut self.tx_next[at..], offset, self.phase.seed);
-                }
-            }
+            self.tx_next.resize(at + len as usize, 0);
+            self.issuer.fill_write(&mut self.tx_next[at..], offset);
         }
     }
 
@@ -532,54 +393,18 @@ impl Conn {
         self.slots[i as usize].busy = false;
         self.free.push(i);
         self.in_use -= 1;
-        let res = &mut self.result;
-        if error != 0 {
-            res.io_errors += 1;
-            self.progress.errors.fetch_add(1, Ordering::Relaxed);
-            if res.error_samples.len() < SAMPLES_MAX {
-                res.error_samples.push(format!(
-                    "{:?} at offset {} length {}: {}",
-                    s.cmd,
-                    s.offset,
-                    s.len,
-                    proto::errno_name(error)
-                ));
-            }
-            return 0;
-        }
-        if s.cmd == Cmd::Read {
-            if let Some(seed) = self.phase.verify_seed {
-                res.verify_checked += 1;
-                if let Err(m) = pattern::check_verify(payload, s.offset, seed) {
-                    res.verify_errors += 1;
-                    self.progress.errors.fetch_add(1, Ordering::Relaxed);
-                    if res.verify_samples.len() < SAMPLES_MAX {
-                        res.verify_samples
-                            .push(format!("block at offset {}: {m}", s.offset));
-                    }
-                }
-            }
-        }
-        // FLUSH is housekeeping at the end of a phase, not part of the workload.
-        if now >= self.timing.ramp_end && s.cmd != Cmd::Flush {
-            let ns = now.saturating_duration_since(s.t0).as_nanos();
-            let ns = (ns as u64).clamp(1, LATENCY_MAX_NS);
-            let st = match s.cmd {
-                Cmd::Write => &mut res.write,
-                _ => &mut res.read,
-            };
-            st.ops += 1;
-            st.bytes += u64::from(s.len);
-            st.hist.saturating_record(ns);
-            res.last_completion = Some(now);
-        }
-        u64::from(s.len)
+        let outcome = match error {
+            0 => Outcome::Ok(payload),
+            e => Outcome::Err(proto::errno_name(e).to_string()),
+        };
+        self.tally
+            .complete(s.cmd, s.offset, s.len, s.t0, now, outcome)
     }
 
     // ----- the end ------------------------------------------------------------------
 
     fn maybe_disconnect(&mut self, rc: &ConnRc, r: &mut Reactor) {
-        if self.state != State::Running || self.issuing || self.in_use > 0 {
+        if self.state != State::Running || self.issuer.issuing() || self.in_use > 0 {
             return;
         }
         if self.phase.flush_at_end && !self.flushed {
@@ -601,11 +426,8 @@ impl Conn {
     }
 
     fn fail(&mut self, r: &mut Reactor, why: String) {
-        if self.result.fatal.is_none() {
-            self.result.fatal = Some(why);
-            self.progress.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        self.issuing = false;
+        self.tally.fatal(why);
+        self.issuer.stop();
         self.state = State::Closing;
         self.shutdown(Shutdown::Both);
         self.try_finish(r);
@@ -618,70 +440,16 @@ impl Conn {
         }
         self.state = State::Finished;
         if let Err(e) = r.unregister_file(self.file) {
-            self.result
+            self.tally
+                .result
                 .fatal
                 .get_or_insert(format!("unregister socket: {e}"));
         }
         self.fd = None; // close
-        let res = std::mem::take(&mut self.result);
+        let res = std::mem::take(&mut self.tally.result);
         // The receiver outlives every connection unless the run was abandoned.
         let _ = self.done.send((self.idx, res));
     }
-}
-
-/// The result of one phase over all connections.
-#[derive(Clone, Debug)]
-pub struct PhaseResult {
-    pub phase: Arc<Phase>,
-    pub read: OpStats,
-    pub write: OpStats,
-    /// From the end of the ramp to the last recorded completion.
-    pub measured: Duration,
-    pub io_errors: u64,
-    pub error_samples: Vec<String>,
-    pub verify_checked: u64,
-    pub verify_errors: u64,
-    pub verify_samples: Vec<String>,
-    pub fatal: Vec<String>,
-}
-
-impl PhaseResult {
-    pub fn total(&self) -> OpStats {
-        let mut t = self.read.clone();
-        t.merge(&self.write);
-        t
-    }
-
-    fn merge_conn(&mut self, idx: usize, c: ConnResult) {
-        self.read.merge(&c.read);
-        self.write.merge(&c.write);
-        self.io_errors += c.io_errors;
-        self.verify_checked += c.verify_checked;
-        self.verify_errors += c.verify_errors;
-        let room = |v: &Vec<String>| v.len() < SAMPLES_MAX;
-        for s in c.error_samples {
-            if room(&self.error_samples) {
-                self.error_samples.push(format!("conn {idx}: {s}"));
-            }
-        }
-        for s in c.verify_samples {
-            if room(&self.verify_samples) {
-                self.verify_samples.push(format!("conn {idx}: {s}"));
-            }
-        }
-        if let Some(f) = c.fatal {
-            self.fatal.push(format!("conn {idx}: {f}"));
-        }
-    }
-}
-
-/// Engine knobs that are not part of the workload.
-#[derive(Clone, Copy, Debug)]
-pub struct EngineOpts {
-    pub reactors: usize,
-    pub idle: IdlePolicy,
-    /// Abort when no operation completes for this long.
-    pub stall_timeout: Duration,
 }
 
 /// Runs one phase over already-negotiated connections. `on_tick` is called about
@@ -739,18 +507,7 @@ pub fn run_phase(
         }
     }
     drop(tx);
-    let mut result = PhaseResult {
-        phase: phase.clone(),
-        read: OpStats::default(),
-        write: OpStats::default(),
-        measured: Duration::ZERO,
-        io_errors: 0,
-        error_samples: Vec::new(),
-        verify_checked: 0,
-        verify_errors: 0,
-        verify_samples: Vec::new(),
-        fatal: Vec::new(),
-    };
+    let mut result = PhaseResult::new(phase.clone());
     let mut last_completion: Option<Instant> = None;
     let (mut seen_ops, mut last_progress) = (0u64, Instant::now());
     let mut done = 0;
@@ -758,7 +515,7 @@ pub fn run_phase(
         match rx.recv_timeout(tick) {
             Ok((idx, c)) => {
                 last_completion = last_completion.max(c.last_completion);
-                result.merge_conn(idx, c);
+                result.merge_stream("conn", idx, c);
                 done += 1;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -782,8 +539,6 @@ pub fn run_phase(
         }
     }
     pool.shutdown();
-    result.measured = last_completion
-        .map(|l| l.saturating_duration_since(timing.ramp_end))
-        .unwrap_or_default();
+    result.finish(&timing, last_completion);
     Ok(result)
 }

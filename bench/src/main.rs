@@ -1,11 +1,14 @@
-//! `ringblk-bench`: an NBD client load generator on the ringblk reactor, with
-//! HdrHistogram latency reports (table, JSON, `.hgrm`) and percentile-spectrum SVG
-//! plots. See `ringblk-bench --help`.
+//! `ringblk-bench`: a load generator for NBD servers (on the ringblk reactor) and
+//! vhost-user-blk back ends (through libblkio), with HdrHistogram latency reports
+//! (table, JSON, `.hgrm`) and percentile-spectrum SVG plots. See `ringblk-bench --help`.
 //!
 //! Layout: `uri` (NBD URIs), `connect` (blocking handshake with
-//! `ringblk_nbd::client`, the sans-IO client codec), `workload` (phases and address generators), `pattern` (verify blocks),
-//! `engine` (the reactor transmission loop), `report` (table and JSON), `hgrm`
-//! (write and parse `.hgrm`), `plot` (SVG).
+//! `ringblk_nbd::client`, the sans-IO client codec), `workload` (phases and address
+//! generators), `pattern` (verify blocks), `stream` (one request stream: what to
+//! issue, what a completion counts for — shared by both transports), `engine` (the
+//! NBD transport: the reactor transmission loop), `vhost` (the vhost-user-blk
+//! transport: blkio queues, one thread each, and the single requests of `io`),
+//! `report` (table and JSON), `hgrm` (write and parse `.hgrm`), `plot` (SVG).
 //!
 //! Exit status: 0 success; 1 the run completed with I/O errors, verify errors or
 //! failed connections; 2 the run could not start (arguments, connect, handshake).
@@ -14,7 +17,9 @@ mod connect;
 mod engine;
 mod pattern;
 mod report;
+mod stream;
 mod uri;
+mod vhost;
 mod workload;
 
 use std::io::{IsTerminal, Write};
@@ -28,25 +33,29 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringblk_bench::{hgrm, plot};
 use ringblk_reactor::IdlePolicy;
 
-use crate::engine::{EngineOpts, OpStats, PhaseResult};
 use crate::report::{PhaseReport, RunReport};
+use crate::stream::{EngineOpts, OpStats, PhaseResult};
 use crate::workload::{Mode, Phase, Workload};
 
 #[derive(Parser)]
 #[command(
     name = "ringblk-bench",
     version,
-    about = "NBD load generator with HdrHistogram latency reports and plots",
+    about = "NBD and vhost-user-blk load generator with HdrHistogram latency reports and plots",
     long_about = "ringblk-bench drives any NBD server (ringblk, qemu-nbd, nbdkit, nbd-server) \
-from ringblk's io_uring reactor: fio-style workloads over several connections, the latency \
-of every operation in HdrHistogram, a table or JSON, .hgrm files and SVG percentile plots, \
-and a verify mode that writes self-describing blocks and checks them on read-back.",
+from ringblk's io_uring reactor, and any vhost-user-blk back end (ringblk --vhost, \
+qemu-storage-daemon) through libblkio's virtio-blk-vhost-user driver: fio-style workloads \
+over several connections or virtqueues, the latency of every operation in HdrHistogram, a \
+table or JSON, .hgrm files and SVG percentile plots, and a verify mode that writes \
+self-describing blocks and checks them on read-back.",
     after_help = "EXAMPLES:
   ringblk-bench run nbd://127.0.0.1:10809/vol0 --rw randread --bs 4k --iodepth 32 --runtime 10
   ringblk-bench run nbd://127.0.0.1/vol0 --rw randrw --rwmix-read 70 --connections 4 --reactors 2
   ringblk-bench run 'nbd+unix:///vol0?socket=/run/ringblk.sock' --rw write --bs 128k --size 1G
   ringblk-bench run nbd://127.0.0.1/vol0 --verify --range 64M --iodepth 16 --connections 2
   ringblk-bench run nbd://127.0.0.1/vol0 --iodepth 8 --hgrm qd8.hgrm --json > qd8.json
+  ringblk-bench run --vhost /run/vol0.vhost --queues 2 --iodepth 32 --poll busy
+  ringblk-bench io --vhost /run/vol0.vhost discard:0:1M zero:0:1M flush
   ringblk-bench plot --svg latency.svg ringblk=qd8.hgrm qemu-nbd=qemu.hgrm"
 )]
 struct Cli {
@@ -83,6 +92,29 @@ the moment a request is queued — or scheduled, under --rate-iops — to its re
 recorded operations as HdrHistogram percentile text (values in µs); --svg plots it.
 A progress line is shown on stderr when it is a terminal.")]
     Run(RunArgs),
+    /// Run single requests on a vhost-user-blk device and check what they return.
+    #[command(after_help = "EXAMPLES:
+  Write a pattern through queue 0, read it back through queue 1:
+    ringblk-bench io --vhost /run/v.sock --queues 2 write:0:1M:7
+    ringblk-bench io --vhost /run/v.sock --queues 2 --queue 1 verify:0:1M:7
+  Discard a range and check that it reads back as zeros:
+    ringblk-bench io --vhost /run/v.sock discard:64k:128k zero:64k:128k flush
+  A backup export (read-only: open it with --read-only):
+    ringblk-bench io --vhost /run/v-snap.sock --read-only verify:0:1M:7 --json
+
+OPS run in order, one request at a time, on one queue; the first failure ends the
+run (exit status 1):
+  write:OFF:LEN[:SEED]     the verify pattern of every 4 KiB block (seed default 1)
+  verify:OFF:LEN[:SEED]    read back and check that pattern, block by block
+  zero:OFF:LEN             read back and check that every byte is zero
+  read:OFF:LEN             read; check only that it succeeds
+  discard:OFF:LEN          VIRTIO_BLK_T_DISCARD
+  write-zeroes:OFF:LEN     VIRTIO_BLK_T_WRITE_ZEROES with the unmap flag
+  write-zeroes-keep:OFF:LEN   ... without it (BLKIO_REQ_NO_UNMAP)
+  flush                    VIRTIO_BLK_T_FLUSH
+Requests longer than 64 KiB (or the device's discard/write-zeroes limit) are split.
+--json prints the device's configuration and each op's result.")]
+    Io(IoArgs),
     /// Plot .hgrm files as latency percentile spectra in one SVG.
     #[command(after_help = "EXAMPLES:
   ringblk-bench plot --svg out.svg a.hgrm b.hgrm
@@ -106,8 +138,20 @@ enum Poll {
 
 #[derive(Args)]
 struct RunArgs {
-    /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH
-    uri: String,
+    /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (or --vhost)
+    #[arg(required_unless_present = "vhost", conflicts_with = "vhost")]
+    uri: Option<String>,
+    /// Drive a vhost-user-blk back end at this Unix socket (libblkio's
+    /// virtio-blk-vhost-user driver) instead of an NBD server.
+    #[arg(long, value_name = "SOCKET")]
+    vhost: Option<PathBuf>,
+    /// Virtqueues (--vhost), one thread each; requests in flight are per queue.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "vhost", value_parser = clap::value_parser!(u32).range(1..=64))]
+    queues: u32,
+    /// Virtqueue size (--vhost) [default: 3 descriptors per request in flight, at
+    /// least 256].
+    #[arg(long, value_name = "N", requires = "vhost", value_parser = parse_queue_size)]
+    queue_size: Option<u32>,
     /// Workload.
     #[arg(long, value_enum, default_value = "randread")]
     rw: Workload,
@@ -117,7 +161,7 @@ struct RunArgs {
     /// Request size.
     #[arg(long, value_name = "SIZE", default_value = "4k", value_parser = parse_size)]
     bs: u64,
-    /// Requests in flight per connection.
+    /// Requests in flight per connection (per queue with --vhost).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     iodepth: u32,
     /// NBD connections (each its own socket, spread over the reactors).
@@ -162,10 +206,12 @@ struct RunArgs {
     /// Seed of the offset and read/write choices.
     #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
-    /// Reactor idle policy.
+    /// Reactor idle policy; with --vhost, how each queue's thread waits for
+    /// completions (busy: blkio do_io polling with no syscall; interrupt: sleeping on
+    /// the queue's call eventfd).
     #[arg(long, value_enum, default_value = "adaptive")]
     poll: Poll,
-    /// Spin time of an adaptive reactor before it sleeps.
+    /// Spin time of an adaptive reactor (or --vhost queue) before it sleeps.
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
     /// Connect and handshake timeout.
@@ -186,6 +232,44 @@ struct RunArgs {
     /// No progress line, even on a terminal.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct IoArgs {
+    /// The vhost-user-blk back end's Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    vhost: PathBuf,
+    /// Virtqueues to start.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    queues: u32,
+    /// The queue the ops run on (0-based).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    queue: u32,
+    /// Open the device read-only (required for a read-only device such as a backup
+    /// export; libblkio then fails writes itself, without sending them).
+    #[arg(long)]
+    read_only: bool,
+    /// Print the device's configuration and each op's result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The ops, in order (see below).
+    #[arg(value_name = "OP", required = true, value_parser = parse_io_op)]
+    ops: Vec<vhost::IoOp>,
+}
+
+fn parse_io_op(s: &str) -> Result<vhost::IoOp, String> {
+    vhost::IoOp::parse(s, parse_size)
+}
+
+fn parse_queue_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("bad queue size {s:?}"))?;
+    if !n.is_power_of_two() || n > vhost::QUEUE_SIZE_MAX {
+        return Err(format!(
+            "the queue size must be a power of two up to {}",
+            vhost::QUEUE_SIZE_MAX
+        ));
+    }
+    Ok(n)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -248,6 +332,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Run(a) => run(a),
+        Command::Io(a) => io_cmd(a),
         Command::Plot(a) => plot_cmd(a).map(|()| true),
     };
     match res {
@@ -269,18 +354,9 @@ fn idle_policy(a: &RunArgs) -> IdlePolicy {
 }
 
 /// Builds the phases of a run from the arguments and what the export allows.
-fn phases(
-    a: &RunArgs,
-    export: &ringblk_nbd::client::Export,
-    region_blocks: u64,
-) -> Result<Vec<Phase>, String> {
+fn phases(a: &RunArgs, target: &TargetCaps, region_blocks: u64) -> Result<Vec<Phase>, String> {
     let bs = a.bs as u32;
-    let writes = if a.verify {
-        a.verify_phases.contains(&VerifyPhase::Write)
-    } else {
-        a.rw.read_pct(a.rwmix_read) < 100
-    };
-    if writes && export.read_only() {
+    if writes(a) && target.read_only {
         return Err("the export is read-only; this workload writes".into());
     }
     let base = Phase {
@@ -291,7 +367,7 @@ fn phases(
         iodepth: a.iodepth,
         region_offset: a.offset,
         region_blocks,
-        connections: a.connections as usize,
+        connections: target.streams,
         mode: Mode::Timed {
             ramp: a.ramp,
             runtime: match (a.runtime, a.size) {
@@ -326,45 +402,156 @@ fn phases(
             read_pct,
             mode: Mode::Pass { rotate },
             verify_seed: Some(a.verify_seed),
-            flush_at_end: read_pct == 0 && export.can_flush(),
+            flush_at_end: read_pct == 0 && target.can_flush,
             ..base.clone()
         });
     }
     Ok(out)
 }
 
+/// Whether the run writes anything.
+fn writes(a: &RunArgs) -> bool {
+    if a.verify {
+        a.verify_phases.contains(&VerifyPhase::Write)
+    } else {
+        a.rw.read_pct(a.rwmix_read) < 100
+    }
+}
+
+/// What the phases need to know of the target, whichever the transport.
+struct TargetCaps {
+    read_only: bool,
+    can_flush: bool,
+    /// Connections (NBD) or queues (vhost).
+    streams: usize,
+}
+
+/// The run's size checks: the region in bytes, whole blocks of `--bs`.
+fn region_bytes(a: &RunArgs, size_bytes: u64) -> Result<u64, String> {
+    let range = match a.range {
+        Some(r) => r,
+        None => size_bytes.checked_sub(a.offset).ok_or_else(|| {
+            format!(
+                "--offset {} is past the end ({} bytes)",
+                a.offset, size_bytes
+            )
+        })?,
+    };
+    Ok(range - range % a.bs)
+}
+
 fn run(a: RunArgs) -> Result<bool, String> {
-    let uri = uri::parse(&a.uri)?;
     if a.bs == 0 || a.bs > u64::from(ringblk_nbd::proto::PAYLOAD_DEFAULT_MAX_BYTES) {
         return Err(format!(
             "--bs must be within 1..={} bytes",
             ringblk_nbd::proto::PAYLOAD_DEFAULT_MAX_BYTES
         ));
     }
+    if a.vhost.is_none() && (a.queues != 1 || a.queue_size.is_some()) {
+        return Err("--queues and --queue-size go with --vhost (NBD: --connections)".into());
+    }
+    let results = match (&a.uri, &a.vhost) {
+        (_, Some(path)) => run_vhost(&a, path)?,
+        (Some(u), None) => run_nbd(&a, u)?,
+        (None, None) => return Err("give an NBD URI or --vhost SOCKET".into()),
+    };
+    report_run(&a, results)
+}
+
+/// The phases' results and what the report says of the target.
+struct Ran {
+    results: Vec<PhaseResult>,
+    target: String,
+    transport: &'static str,
+    size_bytes: u64,
+    region_bytes: u64,
+    threads: usize,
+}
+
+fn engine_opts(a: &RunArgs, threads: usize) -> EngineOpts {
+    EngineOpts {
+        reactors: threads,
+        idle: idle_policy(a),
+        stall_timeout: Duration::from_secs(60),
+    }
+}
+
+fn run_vhost(a: &RunArgs, path: &std::path::Path) -> Result<Ran, String> {
+    let path_str = path
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", path.display()))?
+        .to_string();
+    let mut dev = vhost::Device::open(&vhost::DeviceOpts {
+        path: path_str.clone(),
+        queues: a.queues,
+        queue_size: a.queue_size,
+        // A read-only device starts only for a read-only client (see `vhost`).
+        read_only: !writes(a),
+        depth: a.iodepth,
+        bs: a.bs as u32,
+    })?;
+    let size = dev.info.capacity_bytes;
+    let range = region_bytes(a, size)?;
+    let end = a
+        .offset
+        .checked_add(range)
+        .ok_or("--offset + --range overflows")?;
+    let align = dev.info.request_alignment.max(1) as u64;
+    if end > size || a.offset % align != 0 || a.bs % align != 0 {
+        return Err(format!(
+            "the region [{}, {end}) with --bs {} does not fit the device ({size} bytes, \
+             requests aligned to {align})",
+            a.offset, a.bs
+        ));
+    }
+    let caps = TargetCaps {
+        read_only: dev.info.read_only,
+        can_flush: true,
+        streams: a.queues as usize,
+    };
+    let opts = engine_opts(a, a.queues as usize);
+    let mut results = Vec::new();
+    for phase in phases(a, &caps, range / a.bs)? {
+        let phase = Arc::new(phase);
+        let mut line = ProgressLine::new(!a.quiet && std::io::stderr().is_terminal(), &phase);
+        let r = vhost::run_phase(
+            &mut dev,
+            phase,
+            opts,
+            Duration::from_millis(250),
+            |p, t0| line.tick(p, t0),
+        );
+        line.clear();
+        results.push(r?);
+    }
+    Ok(Ran {
+        results,
+        target: format!("vhost-user:{path_str}"),
+        transport: "vhost-user-blk",
+        size_bytes: size,
+        region_bytes: range,
+        threads: opts.reactors,
+    })
+}
+
+fn run_nbd(a: &RunArgs, uri_text: &str) -> Result<Ran, String> {
+    let uri = uri::parse(uri_text)?;
     let bs = a.bs as u32;
     let first = connect::connect(&uri, a.timeout)?;
     let export = first.export.clone();
-    let range = match a.range {
-        Some(r) => r,
-        None => export.size_bytes.checked_sub(a.offset).ok_or_else(|| {
-            format!(
-                "--offset {} is past the export's end ({} bytes)",
-                a.offset, export.size_bytes
-            )
-        })?,
-    };
-    let range = range - range % a.bs;
+    let range = region_bytes(a, export.size_bytes)?;
     export.check_io(bs, a.offset, range)?;
     let region_blocks = range / a.bs;
     if a.connections > 1 && !export.can_multi_conn() {
         eprintln!("ringblk-bench: note: the export does not advertise NBD_FLAG_CAN_MULTI_CONN");
     }
-    let phases = phases(&a, &export, region_blocks)?;
-    let opts = EngineOpts {
-        reactors: a.reactors as usize,
-        idle: idle_policy(&a),
-        stall_timeout: Duration::from_secs(60),
+    let caps = TargetCaps {
+        read_only: export.read_only(),
+        can_flush: export.can_flush(),
+        streams: a.connections as usize,
     };
+    let phases = phases(a, &caps, region_blocks)?;
+    let opts = engine_opts(a, a.reactors as usize);
     let show_progress = !a.quiet && std::io::stderr().is_terminal();
     let mut first = Some(first);
     let mut results: Vec<PhaseResult> = Vec::new();
@@ -386,12 +573,35 @@ fn run(a: RunArgs) -> Result<bool, String> {
         line.clear();
         results.push(r?);
     }
+    Ok(Ran {
+        results,
+        target: uri.to_string(),
+        transport: "nbd",
+        size_bytes: export.size_bytes,
+        region_bytes: range,
+        threads: opts.reactors,
+    })
+}
+
+/// Prints the report of a run and writes its `.hgrm` and SVG; `Ok(false)` when any
+/// phase failed.
+fn report_run(a: &RunArgs, ran: Ran) -> Result<bool, String> {
+    let Ran {
+        results,
+        target,
+        transport,
+        size_bytes,
+        region_bytes: range,
+        threads,
+    } = ran;
+    let bs = a.bs as u32;
     let reports: Vec<PhaseReport> = results.iter().map(PhaseReport::new).collect();
     let ok = !reports.iter().any(PhaseReport::failed);
     let run = RunReport {
         tool: "ringblk-bench",
         version: env!("CARGO_PKG_VERSION"),
-        uri: uri.to_string(),
+        uri: target,
+        transport,
         workload: if a.verify {
             format!(
                 "verify ({} order)",
@@ -406,9 +616,13 @@ fn run(a: RunArgs) -> Result<bool, String> {
         },
         bs,
         iodepth: a.iodepth,
-        connections: a.connections as usize,
-        reactors: opts.reactors,
-        export_size: export.size_bytes,
+        connections: if transport == "nbd" {
+            a.connections as usize
+        } else {
+            a.queues as usize
+        },
+        reactors: threads,
+        export_size: size_bytes,
         region_offset: a.offset,
         region_bytes: range,
         phases: reports,
@@ -440,6 +654,58 @@ fn run(a: RunArgs) -> Result<bool, String> {
         });
         let curve = plot_curve_of(&all, label);
         plot::draw(path, "Latency by percentile", &[curve])?;
+    }
+    Ok(ok)
+}
+
+/// `ringblk-bench io`: the ops in order; `Ok(false)` when one failed (the rest are
+/// not run: later ops usually depend on earlier ones).
+fn io_cmd(a: IoArgs) -> Result<bool, String> {
+    let path = a
+        .vhost
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", a.vhost.display()))?
+        .to_string();
+    if a.queue >= a.queues {
+        return Err(format!("--queue {} of --queues {}", a.queue, a.queues));
+    }
+    let mut dev = vhost::Device::open(&vhost::DeviceOpts {
+        path,
+        queues: a.queues,
+        queue_size: None,
+        read_only: a.read_only,
+        depth: 1,
+        bs: vhost::IO_CHUNK_BYTES,
+    })?;
+    #[derive(serde::Serialize)]
+    struct OpResult {
+        op: String,
+        ok: bool,
+        error: Option<String>,
+    }
+    let mut done = Vec::new();
+    for op in &a.ops {
+        let r = dev.run_op(a.queue as usize, op);
+        done.push(OpResult {
+            op: op.to_string(),
+            ok: r.is_ok(),
+            error: r.err(),
+        });
+        if !a.json {
+            let last = &done[done.len() - 1];
+            match &last.error {
+                None => println!("{}: ok", last.op),
+                Some(e) => println!("{}: FAILED: {e}", last.op),
+            }
+        }
+        if done.last().is_some_and(|d| !d.ok) {
+            break;
+        }
+    }
+    let ok = done.iter().all(|d| d.ok) && done.len() == a.ops.len();
+    if a.json {
+        let doc = serde_json::json!({ "device": dev.info, "ops": done, "ok": ok });
+        println!("{doc:#}");
     }
     Ok(ok)
 }
@@ -527,7 +793,7 @@ impl ProgressLine {
         }
     }
 
-    fn tick(&mut self, p: &engine::Progress, t0: Instant) {
+    fn tick(&mut self, p: &stream::Progress, t0: Instant) {
         if !self.on || self.last.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -624,7 +890,8 @@ mod tests {
             let joined = help.replace("\\\n", " ");
             for line in joined.lines().map(str::trim) {
                 if !(line.starts_with("ringblk-bench run ")
-                    || line.starts_with("ringblk-bench plot "))
+                    || line.starts_with("ringblk-bench plot ")
+                    || line.starts_with("ringblk-bench io "))
                 {
                     continue;
                 }

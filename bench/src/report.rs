@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::engine::{OpStats, PhaseResult};
+use crate::stream::{OpStats, PhaseResult};
 
 /// Percentiles in the table and JSON, with their column names.
 pub const PERCENTILES: [(f64, &str); 5] = [
@@ -162,7 +162,10 @@ impl PhaseReport {
 pub struct RunReport {
     pub tool: &'static str,
     pub version: &'static str,
+    /// The NBD URI, or `vhost-user:SOCKET`.
     pub uri: String,
+    /// `nbd` or `vhost-user-blk`.
+    pub transport: &'static str,
     pub workload: String,
     pub bs: u32,
     pub iodepth: u32,
@@ -198,10 +201,15 @@ fn fmt_rate(v: f64) -> String {
 pub fn print_table(run: &RunReport, out: &mut impl Write) -> io::Result<()> {
     writeln!(
         out,
-        "{} bs={} iodepth={} connections={} on {} (region {} bytes at {})",
+        "{} bs={} iodepth={} {}={} on {} (region {} bytes at {})",
         run.workload,
         run.bs,
         run.iodepth,
+        if run.transport == "nbd" {
+            "connections"
+        } else {
+            "queues"
+        },
         run.connections,
         run.uri,
         run.region_bytes,
@@ -267,7 +275,7 @@ mod tests {
 
     #[test]
     fn empty_histogram_reports_zeros() {
-        let h = crate::engine::new_histogram();
+        let h = crate::stream::new_histogram();
         let l = Latency::from_ns(&h);
         assert_eq!(l.max, 0.0);
         assert_eq!(l.percentiles(), [0.0; 5]);

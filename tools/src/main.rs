@@ -152,6 +152,21 @@ enum Command {
     )]
     Fault(FaultCommand),
 
+    /// Export volumes as vhost-user-blk devices on Unix sockets, for QEMU guests
+    /// (vhost-user-blk-pci) and libblkio clients (virtio-blk-vhost-user).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            ringblk-ctl vhost create vol0 /run/ringblk/vol0.vhost\n  \
+            ringblk-ctl vhost create vol0@nightly /run/ringblk/nightly.vhost --mode 0660\n  \
+            ringblk-ctl vhost list\n  \
+            ringblk-ctl vhost delete /run/ringblk/vol0.vhost\n\n\
+            QEMU: -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+            -chardev socket,id=c0,path=/run/ringblk/vol0.vhost,reconnect=1 \
+            -device vhost-user-blk-pci,chardev=c0,num-queues=2"
+    )]
+    Vhost(VhostCommand),
+
     /// List every RPC method the server answers.
     #[command(after_help = "Example:\n  ringblk-ctl methods")]
     Methods,
@@ -159,13 +174,46 @@ enum Command {
     /// Call any RPC method with raw JSON params and print the JSON result.
     #[command(after_help = "Examples:\n  \
         ringblk-ctl call rpc_get_methods\n  \
-        ringblk-ctl call volume_delete '{\"name\": \"vol0\"}'")]
+        ringblk-ctl call volume_delete '{\"name\": \"vol0\"}'\n  \
+        ringblk-ctl call vhost_create '{\"volume\": \"vol0\", \"socket\": \"/run/ringblk/vol0.vhost\"}'\n  \
+        ringblk-ctl call vhost_list\n  \
+        ringblk-ctl call vhost_delete '{\"socket\": \"/run/ringblk/vol0.vhost\"}'")]
     Call {
         /// The method name, e.g. volume_list.
         method: String,
         /// Params as a JSON object or array; omitted from the request when absent.
         #[arg(value_name = "JSON_PARAMS", value_parser = parse_json_params)]
         params: Option<Value>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VhostCommand {
+    /// Export VOLUME (or VOLUME@BACKUP, read-only) on a new socket at SOCKET (a stale
+    /// socket there is replaced; anything else is refused).
+    #[command(after_help = "Examples:\n  \
+        ringblk-ctl vhost create vol0 /run/ringblk/vol0.vhost\n  \
+        ringblk-ctl vhost create vol0 /run/ringblk/vol0.vhost --mode 0660 --queues 4")]
+    Create {
+        /// The volume, or VOLUME@BACKUP.
+        export: String,
+        /// Path of the Unix socket to create.
+        socket: PathBuf,
+        /// Socket permission bits, octal [default: 0600].
+        #[arg(long, value_name = "OCTAL")]
+        mode: Option<String>,
+        /// Virtqueues offered [default: one per reactor, at most 16].
+        #[arg(long, value_name = "N")]
+        queues: Option<u16>,
+    },
+    /// List the vhost-user exports, one line per queue: its reactor and counters.
+    #[command(after_help = "Example:\n  ringblk-ctl vhost list")]
+    List,
+    /// Stop the export on SOCKET: its client is disconnected once its queues drained.
+    #[command(after_help = "Example:\n  ringblk-ctl vhost delete /run/ringblk/vol0.vhost")]
+    Delete {
+        /// The export's socket path.
+        socket: PathBuf,
     },
 }
 
@@ -537,9 +585,34 @@ fn request(command: &Command) -> (&str, Option<Value>) {
         Command::Fault(FaultCommand::Clear { volume }) => {
             ("fault_clear", Some(json!({ "volume": volume })))
         }
+        Command::Vhost(VhostCommand::Create {
+            export,
+            socket,
+            mode,
+            queues,
+        }) => {
+            let mut p = json!({ "volume": export, "socket": absolute(socket) });
+            if let Some(m) = mode {
+                p["mode"] = json!(m);
+            }
+            if let Some(q) = queues {
+                p["num_queues"] = json!(q);
+            }
+            ("vhost_create", Some(p))
+        }
+        Command::Vhost(VhostCommand::List) => ("vhost_list", Some(json!({}))),
+        Command::Vhost(VhostCommand::Delete { socket }) => {
+            ("vhost_delete", Some(json!({ "socket": absolute(socket) })))
+        }
         Command::Methods => ("rpc_get_methods", None),
         Command::Call { method, params } => (method.as_str(), params.clone()),
     }
+}
+
+/// A socket path as the server must see it: relative to this shell's directory,
+/// not the server's.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Optional fields are sent only when given, so the server's defaults apply.
@@ -592,6 +665,14 @@ fn render(command: &Command, result: &Value) -> Result<String, CtlError> {
         }
         Command::Reactor(ReactorCommand::List) => render::reactors(result),
         Command::Methods => render::methods(result),
+        Command::Vhost(VhostCommand::Create { .. }) => {
+            render::vhost(&Value::Array(vec![result.clone()]))
+        }
+        Command::Vhost(VhostCommand::List) => render::vhost(result),
+        Command::Vhost(VhostCommand::Delete { socket }) => Ok(format!(
+            "deleted the vhost-user export on {}\n",
+            socket.display()
+        )),
         Command::Backup(BackupCommand::Create { .. }) => Ok(render::backup_created(result)),
         Command::Backup(BackupCommand::List { .. }) => render::backups(result),
         Command::Backup(BackupCommand::Release { backup: (v, n) }) => {

@@ -223,6 +223,46 @@ fn reactor_table(rows: &[Value]) -> Table {
     table
 }
 
+/// `vhost_list`: one line per queue (an export's fields repeat on each).
+pub fn vhost(result: &Value) -> Result<String, CtlError> {
+    let rows = array(result, "vhost_list")?;
+    if rows.is_empty() {
+        return Ok("no vhost-user exports\n".into());
+    }
+    let mut table = Table::new(&[
+        ("EXPORT", Left),
+        ("SOCKET", Left),
+        ("RO", Left),
+        ("CONNECTED", Left),
+        ("QUEUE", Right),
+        ("REACTOR", Right),
+        ("RUNNING", Left),
+        ("SERVED", Right),
+        ("RESUBMITTED", Right),
+        ("ERRORS", Right),
+    ]);
+    for e in rows {
+        let queues = e.get("queues").and_then(Value::as_array);
+        let none = [Value::Null];
+        let queues = queues.map_or(&none[..], |q| if q.is_empty() { &none[..] } else { q });
+        for q in queues {
+            table.push(vec![
+                text(e, "export"),
+                text(e, "socket"),
+                text(e, "read_only"),
+                text(e, "connected"),
+                text(q, "index"),
+                text(q, "reactor"),
+                text(q, "running"),
+                text(q, "served"),
+                text(q, "resubmitted"),
+                text(q, "errors"),
+            ]);
+        }
+    }
+    Ok(table.render())
+}
+
 /// Share of polled time spent doing work, SPDK's "busy" measure.
 fn busy_percent(reactor: &Value) -> String {
     let ticks = |key| reactor.get(key).and_then(Value::as_u64);
@@ -365,6 +405,34 @@ mod tests {
             "fault rule 2 on v: read EIO at 1.0 MiB (+64.0 KiB) fails the next 3 requests\n"
         );
         assert!(fault_injected(&json!({})).contains("fault rule - on -"));
+    }
+
+    #[test]
+    fn vhost_table_has_a_line_per_queue() {
+        let out = vhost(&json!([
+            {"export": "v", "socket": "/s", "read_only": false, "connected": true,
+             "queues": [
+                {"index": 0, "reactor": 0, "running": true, "served": 7, "resubmitted": 1, "errors": 0},
+                {"index": 1, "reactor": 1, "running": false, "served": 3, "resubmitted": 0, "errors": 2}
+             ]},
+            {"export": "w@b", "socket": "/t"}
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert!(
+            lines[1].starts_with("v ") && lines[1].contains(" 7 "),
+            "{out}"
+        );
+        assert!(lines[2]
+            .split_whitespace()
+            .eq(["v", "/s", "no", "yes", "1", "1", "no", "3", "0", "2"]));
+        assert!(lines[3].starts_with("w@b"), "{out}");
+        assert_eq!(
+            vhost(&json!([])).ok().as_deref(),
+            Some("no vhost-user exports\n")
+        );
+        assert!(vhost(&json!({})).is_err());
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //!
 //! # Input formats
 //! - [`fuzz_handshake`]: byte 0 chooses how the rest is split into `feed` calls (0: one
-//!   call; n: pseudo-random pieces of 1..=n bytes; 1 is byte-by-byte); the rest is the
-//!   client's byte stream from the client flags on. After a successful GO/EXPORT_NAME the
+//!   call; n: pseudo-random pieces of 1..=n bytes; 1 is byte-by-byte) and the TLS mode
+//!   (0..=85 off, 86..=171 on, 172..=255 require; after an acknowledged STARTTLS the
+//!   rest stands for the decrypted stream); the rest is the client's byte stream from
+//!   the client flags on. After a successful GO/EXPORT_NAME the
 //!   remaining bytes go to the transmission decoder.
 //! - [`fuzz_transmission`]: byte 0 is an export configuration (bit 0 structured replies,
 //!   bit 1 read-only, bit 2 one metadata context, bit 3 two, bit 4 allow unaligned,
@@ -128,6 +130,7 @@ pub fn fuzz_limits() -> HandshakeLimits {
         options_max: 64,
         output_high_water_bytes: 4096,
         require_block_size_request: false,
+        tls: crate::TlsMode::Off,
     }
 }
 
@@ -164,8 +167,20 @@ pub fn fuzz_handshake(data: &[u8]) {
         return;
     };
     let catalog = StaticCatalog::sample();
-    let limits = fuzz_limits();
+    // The seed also picks the TLS mode (#16): NOTLS, SELECTIVETLS or FORCEDTLS; after
+    // an acknowledged STARTTLS the rest of the input stands for decrypted bytes.
+    let tls = match seed / 86 {
+        0 => crate::TlsMode::Off,
+        1 => crate::TlsMode::On,
+        _ => crate::TlsMode::Require,
+    };
+    let limits = HandshakeLimits {
+        tls,
+        ..fuzz_limits()
+    };
     let mut hs = Handshake::new(limits.clone());
+    // Where in `sent` the replies over TLS begin.
+    let mut tls_from: Option<usize> = None;
     let mut split = Splitter::new(seed);
     let mut sent = hs.take_output();
     let mut pos = 0;
@@ -184,15 +199,27 @@ pub fn fuzz_handshake(data: &[u8]) {
         match progress.status {
             Status::NeedInput => assert_eq!(progress.consumed, len),
             Status::OutputFull => {}
-            Status::Aborted => return check_handshake_output(&sent, false),
+            Status::Aborted => {
+                check_no_tls_reqd(&sent, tls_from);
+                return check_handshake_output(&sent, false);
+            }
+            Status::StartTls => {
+                // Acknowledged once, and only by a server offering TLS.
+                assert!(tls != crate::TlsMode::Off && tls_from.is_none());
+                tls_from = Some(sent.len());
+            }
             Status::Done(negotiated) => {
+                // FORCEDTLS: no export before TLS.
+                assert!(tls != crate::TlsMode::Require || hs.tls_active());
                 check_handshake_output(&sent, true);
+                check_no_tls_reqd(&sent, tls_from);
                 check_negotiated(&negotiated, &catalog);
                 let policy = RequestPolicy::from_negotiated(&negotiated, Unaligned::Reject);
                 return run_transmission(policy, &stream[pos..], &mut split);
             }
         }
     }
+    check_no_tls_reqd(&sent, tls_from);
     check_handshake_output(&sent, false);
 }
 
@@ -247,6 +274,20 @@ fn fuzz_policy(config: u8, size_bytes: u64) -> RequestPolicy {
 
 /// Walks the server's handshake output: greeting, option replies, and (only when the
 /// handshake finished) possibly one trailing EXPORT_NAME reply.
+/// The spec: no `NBD_REP_ERR_TLS_REQD` once TLS is active (replies from `from` on).
+fn check_no_tls_reqd(out: &[u8], from: Option<usize>) {
+    let Some(from) = from else { return };
+    let mut r = Reader::new(&out[from..]);
+    while r.u64() == Some(proto::OPTION_REPLY_MAGIC) {
+        let (_option, kind) = (r.u32(), r.u32());
+        assert_ne!(kind, Some(proto::REP_ERR_TLS_REQD), "TLS_REQD over TLS");
+        let len = r.u32().unwrap_or(u32::MAX) as usize;
+        if r.bytes(len).is_none() {
+            return;
+        }
+    }
+}
+
 fn check_handshake_output(out: &[u8], done: bool) {
     let mut r = Reader::new(out);
     assert_eq!(r.u64(), Some(proto::NBD_MAGIC));

@@ -29,7 +29,16 @@
 //!
 //! # Choices the spec leaves open
 //! - Only fixed newstyle: a client without `NBD_FLAG_C_FIXED_NEWSTYLE` is disconnected.
-//! - No TLS (NOTLS mode): `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`.
+//! - TLS ([`TlsMode`], #16): with [`TlsMode::Off`] (NOTLS) `NBD_OPT_STARTTLS` gets
+//!   `NBD_REP_ERR_UNSUP`. Otherwise it is acknowledged once (again: `NBD_REP_ERR_INVALID`)
+//!   and `feed` stops with [`Status::StartTls`] right after it, so that the caller sends
+//!   the ACK in the clear and reads everything after it through TLS. With
+//!   [`TlsMode::Require`] (FORCEDTLS) every option before TLS but STARTTLS and ABORT gets
+//!   `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME` disconnects (it has no error
+//!   reply). With [`TlsMode::On`] (SELECTIVETLS) the catalog decides which exports are
+//!   TLS-only ([`ExportCatalog::needs_tls`]): INFO/GO on one before TLS gets
+//!   `NBD_REP_ERR_TLS_REQD`. Which exports a client sees at all is the catalog's
+//!   business too (the front end hands each connection a catalog filtered for it).
 //! - `NBD_INFO_BLOCK_SIZE` is sent on every successful INFO/GO, requested or not, because
 //!   volumes enforce their logical block size. With
 //!   [`HandshakeLimits::require_block_size_request`] a GO that did not ask for it gets
@@ -140,6 +149,24 @@ pub trait ExportCatalog {
     fn meta_context_binding(&self, _export: &str, _context: &str) -> u64 {
         0
     }
+    /// Whether `name` exists but is served only over TLS, asked for a name `lookup`
+    /// refused before TLS (the spec's `NBD_REP_ERR_TLS_REQD`). False by default.
+    fn needs_tls(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// The server's TLS policy, as the NBD spec names its modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// NOTLS: `NBD_OPT_STARTTLS` is unsupported.
+    #[default]
+    Off,
+    /// SELECTIVETLS: TLS on the client's request; exports not marked plaintext-allowed
+    /// are TLS-only.
+    On,
+    /// FORCEDTLS: nothing but STARTTLS and ABORT before TLS.
+    Require,
 }
 
 /// Bounds on what one client may make the handshake do.
@@ -157,6 +184,8 @@ pub struct HandshakeLimits {
     /// `block_size_min > 1`. Off by default: the spec asks servers not to refuse such
     /// clients, and the transmission validator rejects their unaligned requests anyway.
     pub require_block_size_request: bool,
+    /// Whether and how `NBD_OPT_STARTTLS` is served (module docs).
+    pub tls: TlsMode,
 }
 
 impl Default for HandshakeLimits {
@@ -167,6 +196,7 @@ impl Default for HandshakeLimits {
             options_max: 4096,
             output_high_water_bytes: 256 * 1024,
             require_block_size_request: false,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -214,6 +244,10 @@ pub enum Status {
     Done(Negotiated),
     /// The client sent `NBD_OPT_ABORT`: send the pending output (its ACK), then close.
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: send the pending output in the clear, then
+    /// run TLS on every byte after `consumed` (leftover input included) and feed the
+    /// decrypted bytes here. The handshake goes on (it is not finished).
+    StartTls,
 }
 
 /// Result of one [`Handshake::feed`].
@@ -230,6 +264,7 @@ pub struct Progress {
 enum AfterDrain {
     Reply(u32),
     Abort,
+    StartTls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,6 +303,8 @@ pub struct Handshake {
     no_zeroes: bool,
     structured_replies: bool,
     meta: Option<SelectedMeta>,
+    /// TLS has been initiated (`NBD_OPT_STARTTLS` acknowledged).
+    tls_active: bool,
 }
 
 /// Buffer capacity kept between options; a larger one (after a big option) is freed.
@@ -290,7 +327,13 @@ impl Handshake {
             no_zeroes: false,
             structured_replies: false,
             meta: None,
+            tls_active: false,
         }
+    }
+
+    /// Whether `NBD_OPT_STARTTLS` was acknowledged on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// Bytes waiting to be sent to the client.
@@ -362,6 +405,13 @@ impl Handshake {
                     return Ok(Progress {
                         consumed,
                         status: Status::NeedInput,
+                    });
+                }
+                Step::Finished(Status::StartTls) => {
+                    // Not finished: option haggling goes on over TLS.
+                    return Ok(Progress {
+                        consumed,
+                        status: Status::StartTls,
                     });
                 }
                 Step::Finished(status) => {
@@ -483,6 +533,12 @@ impl Handshake {
         if self.options_seen > self.limits.options_max {
             return Err(ProtocolError::TooManyOptions(self.limits.options_max));
         }
+        let forced = self.limits.tls == TlsMode::Require && !self.tls_active;
+        if forced && option == proto::OPT_EXPORT_NAME {
+            // FORCEDTLS: EXPORT_NAME cannot be refused with an error, so the spec says
+            // to disconnect.
+            return Err(ProtocolError::ExportNameRejected);
+        }
         if option == proto::OPT_EXPORT_NAME {
             // No error reply exists for EXPORT_NAME: an impossible name closes the session.
             if length as usize > proto::STRING_MAX_BYTES {
@@ -505,6 +561,17 @@ impl Handshake {
                 length_bytes: length,
             });
         }
+        if option == proto::OPT_STARTTLS && self.limits.tls != TlsMode::Off {
+            // STARTTLS carries no data; anything else is refused before it is read.
+            if length != 0 {
+                return Ok(drain(AfterDrain::Reply(proto::REP_ERR_INVALID)));
+            }
+            return Ok(drain(AfterDrain::StartTls));
+        }
+        if forced {
+            // FORCEDTLS: refused before its data is even looked at.
+            return Ok(drain(AfterDrain::Reply(proto::REP_ERR_TLS_REQD)));
+        }
         if !is_supported_option(option) {
             return Ok(drain(AfterDrain::Reply(proto::REP_ERR_UNSUP)));
         }
@@ -526,9 +593,21 @@ impl Handshake {
                 self.reply(option, proto::REP_ACK, &[]);
                 Step::Finished(Status::Aborted)
             }
+            AfterDrain::StartTls if self.tls_active => {
+                let message = "TLS is already active";
+                self.reply(option, proto::REP_ERR_INVALID, message.as_bytes());
+                Step::Continue
+            }
+            AfterDrain::StartTls => {
+                self.reply(option, proto::REP_ACK, &[]);
+                self.tls_active = true;
+                Step::Finished(Status::StartTls)
+            }
             AfterDrain::Reply(reply_type) => {
                 let message = match reply_type {
                     proto::REP_ERR_TOO_BIG => "option data too large",
+                    proto::REP_ERR_TLS_REQD => "TLS is required: send NBD_OPT_STARTTLS first",
+                    proto::REP_ERR_INVALID => "option takes no data",
                     _ => "option not supported",
                 };
                 self.reply(option, reply_type, message.as_bytes());
@@ -649,7 +728,12 @@ impl Handshake {
             }
         };
         let Some(export) = catalog.lookup(request.name) else {
-            self.reply_error(option, proto::REP_ERR_UNKNOWN, "no such export");
+            if !self.tls_active && catalog.needs_tls(request.name) {
+                let message = "export is served over TLS only";
+                self.reply_error(option, proto::REP_ERR_TLS_REQD, message);
+            } else {
+                self.reply_error(option, proto::REP_ERR_UNKNOWN, "no such export");
+            }
             return None;
         };
         debug_assert!(export.block_sizes_valid(), "bad block sizes: {export:?}");

@@ -51,7 +51,7 @@ pub use codec::{
 pub use fuzz::{fuzz_handshake, fuzz_transmission};
 pub use handshake::{
     ExportCatalog, ExportInfo, Handshake, HandshakeLimits, MetaContext, Negotiated, Progress,
-    Status,
+    Status, TlsMode,
 };
 pub use proto::{NbdErrno, ProtocolError};
 pub use reply::Extent;

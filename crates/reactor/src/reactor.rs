@@ -835,6 +835,17 @@ impl Reactor {
             }
         }
         ReactorStats::add(&self.stats().sleeps, 1);
+        // Cancelled timers leave their heap entry behind (`cancel_timer` drops only
+        // the callback): drop them here, or a sleep would end at a cancelled timer's
+        // time and the adaptive policy spin another `poll_us` for nothing (a vhost
+        // queue cancels its wake timer when it parks: 1.6 sleeps per request at
+        // 2,000 IOPS before this).
+        while let Some(Reverse((_, id))) = self.timers.peek().copied() {
+            if self.timer_cbs.contains_key(&id) {
+                break;
+            }
+            self.timers.pop();
+        }
         let next_timer = self.timers.peek().map(|Reverse((when, _))| *when);
         let res = match next_timer {
             Some(when) => {

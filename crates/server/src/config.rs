@@ -17,6 +17,10 @@ use ringblk_target::spec::{default_rpc_socket, SizeValue};
 pub use ringblk_target::spec::{parse_size, parse_volume};
 use ringblk_target::volume::VolumeSpec;
 
+use ringblk_nbd::frontend::{ExportAccess, NbdTls};
+use ringblk_nbd::TlsMode;
+use std::sync::Arc;
+
 /// Settings the server runs with (built from the CLI and config file).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -36,7 +40,24 @@ pub struct ServerConfig {
     pub rebind: Vec<String>,
     /// Server-wide limits: buffer budget, handshake slots, request timeout.
     pub admission: AdmissionConfig,
+    /// NBD over TLS (#16): mode, credentials, per-volume access.
+    pub tls: Arc<NbdTls>,
+    /// The iSCSI portal (`--iscsi` or `[iscsi]`); off when `None`.
+    pub iscsi: Option<IscsiConfig>,
 }
+
+/// The iSCSI front end's settings: where it listens, the IQN prefix of its target
+/// names, and one-way CHAP (from the config file only, never the command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IscsiConfig {
+    pub listen: std::net::SocketAddr,
+    pub prefix: String,
+    pub chap: Option<ringblk_iscsi::login::ChapConfig>,
+}
+
+/// `--iscsi` without an address listens here (loopback, the IANA port).
+pub const DEFAULT_ISCSI_LISTEN: &str = "127.0.0.1:3260";
+pub const DEFAULT_ISCSI_PREFIX: &str = "iqn.2026-12.io.ringblk";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_DATA_DIR: &str = "./ringblk-data";
@@ -107,8 +128,42 @@ pub struct FileConfig {
     pub max_in_flight: Option<usize>,
     /// As `--commit-queue-depth`.
     pub commit_queue_depth: Option<usize>,
+    /// As `--tls`: off | on | require.
+    pub tls: Option<String>,
+    /// As `--tls-creds`.
+    pub tls_creds: Option<PathBuf>,
+    /// As `--tls-verify-peer`.
+    pub tls_verify_peer: Option<bool>,
     #[serde(default)]
     pub volume: Vec<FileVolume>,
+    /// As `--vhost VOL=SOCKET_PATH`, one table each.
+    #[serde(default)]
+    pub vhost: Vec<FileVhost>,
+    /// `[iscsi]`: its presence turns the iSCSI portal on (as `--iscsi`).
+    pub iscsi: Option<FileIscsi>,
+}
+
+/// `[iscsi]`: the iSCSI portal. CHAP secrets live only here (RFC 7143 wants 12 to 16
+/// bytes at least; shorter ones are refused at start).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIscsi {
+    /// `ADDR:PORT` [default: 127.0.0.1:3260]; `--iscsi ADDR:PORT` overrides it.
+    pub listen: Option<String>,
+    /// IQN prefix of target names [default: iqn.2026-12.io.ringblk].
+    pub iqn_prefix: Option<String>,
+    /// One-way CHAP: the initiator must prove this user and secret.
+    pub chap_user: Option<String>,
+    pub chap_secret: Option<String>,
+}
+
+/// `[[vhost]]`: a vhost-user-blk export at start (as `--vhost`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVhost {
+    /// `VOL`, or `VOL@BACKUP` (read-only).
+    pub volume: String,
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +182,14 @@ pub struct FileVolume {
     /// Let `size` grow an existing smaller file (see `--volume ...,grow=true`).
     #[serde(default)]
     pub grow: bool,
+    /// NBD clients allowed to see this volume and its backups, by certificate
+    /// identity: `dns:NAME`, `ip:ADDR`, `uri:URI` (exact SANs) or `dn:SUBJECT`
+    /// (exact subject DN). Empty: every client the TLS mode lets in.
+    #[serde(default)]
+    pub tls_allow: Vec<String>,
+    /// With `--tls on`, serve this volume to clients without TLS too.
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
@@ -156,6 +219,81 @@ pub struct Flags {
     pub request_timeout_secs: Option<u64>,
     pub max_in_flight: Option<usize>,
     pub commit_queue_depth: Option<usize>,
+    /// `--vhost VOL=SOCKET_PATH` (repeatable).
+    pub vhost: Vec<VhostArg>,
+    /// `--tls`.
+    pub tls: Option<TlsMode>,
+    /// `--tls-creds DIR`.
+    pub tls_creds: Option<PathBuf>,
+    /// `--tls-verify-peer`.
+    pub tls_verify_peer: bool,
+    /// `--iscsi [ADDR:PORT]`.
+    pub iscsi: Option<String>,
+}
+
+/// Parses `--tls`: off | on | require.
+pub fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    match s {
+        "off" => Ok(TlsMode::Off),
+        "on" => Ok(TlsMode::On),
+        "require" => Ok(TlsMode::Require),
+        _ => Err(format!("invalid TLS mode {s:?}: use off, on or require")),
+    }
+}
+
+/// Checks one allow-list entry: a known identity kind and a non-empty value.
+fn check_identity(volume: &str, id: &str) -> Result<(), String> {
+    let ok = ["dns:", "ip:", "uri:", "dn:"]
+        .iter()
+        .any(|p| id.strip_prefix(p).is_some_and(|v| !v.is_empty()));
+    if !ok {
+        return Err(format!(
+            "volume {volume}: tls_allow entry {id:?}: use dns:NAME, ip:ADDR, uri:URI or dn:SUBJECT"
+        ));
+    }
+    Ok(())
+}
+
+/// The RPC socket grants full control of the server: refuse a path whose directory
+/// others can write (they could replace the socket, or race its creation).
+pub fn check_rpc_dir(rpc: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = rpc.parent() else {
+        return Ok(());
+    };
+    // A missing directory fails at bind with its own message.
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err(format!(
+            "--rpc {}: its directory {} is writable by others; put the socket in a private directory",
+            rpc.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// One `--vhost VOL=SOCKET_PATH`: export `VOL` (or `VOL@BACKUP`, read-only) as a
+/// vhost-user-blk device on a socket at `socket` (mode 0600).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostArg {
+    pub export: String,
+    pub socket: PathBuf,
+}
+
+/// Parses `VOL=SOCKET_PATH` (the first `=` separates them).
+pub fn parse_vhost(s: &str) -> Result<VhostArg, String> {
+    match s.split_once('=') {
+        Some((vol, path)) if !vol.is_empty() && !path.is_empty() => Ok(VhostArg {
+            export: vol.to_string(),
+            socket: PathBuf::from(path),
+        }),
+        _ => Err(format!(
+            "invalid --vhost {s:?}: use VOL=SOCKET_PATH, e.g. vol0=/run/ringblk/vol0.vhost"
+        )),
+    }
 }
 
 /// Everything `serve` needs, resolved.
@@ -167,6 +305,8 @@ pub struct Resolved {
     /// directory is created at start.
     pub rpc_default: bool,
     pub data_dir: PathBuf,
+    /// vhost-user exports to create once the server runs.
+    pub vhost: Vec<VhostArg>,
 }
 
 pub fn resolve(flags: Flags) -> Result<Resolved, String> {
@@ -222,7 +362,53 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
         (None, Some(s)) => s.parse().map_err(|e| format!("submit: {e}"))?,
         (None, None) => SubmitPolicy::default(),
     };
+    // Flags first, then the file's (flags add to the file here, like --volume).
+    let mut vhost = flags.vhost;
+    for v in file.vhost {
+        if v.volume.is_empty() || v.socket.as_os_str().is_empty() {
+            return Err("[[vhost]]: volume and socket must not be empty".into());
+        }
+        vhost.push(VhostArg {
+            export: v.volume,
+            socket: v.socket,
+        });
+    }
+    let iscsi = resolve_iscsi(flags.iscsi, file.iscsi)?;
     let mut volumes = flags.volumes;
+    let mut access = std::collections::HashMap::new();
+    for v in &file.volume {
+        for id in &v.tls_allow {
+            check_identity(&v.name, id)?;
+        }
+        access.insert(
+            v.name.clone(),
+            ExportAccess {
+                allow: v.tls_allow.clone(),
+                plaintext: v.plaintext,
+            },
+        );
+    }
+    let tls_mode = match (flags.tls, &file.tls) {
+        (Some(m), _) => m,
+        (None, Some(s)) => parse_tls_mode(s)?,
+        (None, None) => TlsMode::Off,
+    };
+    let tls_creds = flags.tls_creds.clone().or(file.tls_creds.clone());
+    let verify_peer = flags.tls_verify_peer || file.tls_verify_peer.unwrap_or(false);
+    let tls_config = match (tls_mode, &tls_creds) {
+        (TlsMode::Off, None) if verify_peer => {
+            return Err("--tls-verify-peer needs --tls on or require".into())
+        }
+        (TlsMode::Off, None) => None,
+        (TlsMode::Off, Some(_)) => return Err("--tls-creds needs --tls on or require".into()),
+        (_, None) => return Err("--tls on|require needs --tls-creds DIR".into()),
+        (_, Some(dir)) => Some(NbdTls::load_config(dir, verify_peer).map_err(|e| e.to_string())?),
+    };
+    let tls = Arc::new(NbdTls {
+        mode: tls_mode,
+        config: tls_config,
+        access,
+    });
     for v in file.volume {
         volumes.push(VolumeSpec {
             name: v.name.clone(),
@@ -335,11 +521,58 @@ pub fn resolve(flags: Flags) -> Result<Resolved, String> {
             volumes_implicit,
             rebind: flags.rebind,
             admission,
+            tls,
+            iscsi,
         },
         rpc,
         rpc_default,
         data_dir,
+        vhost,
     })
+}
+
+/// The iSCSI portal from `--iscsi` and `[iscsi]`: on when either is given; the flag's
+/// address wins over the file's.
+fn resolve_iscsi(
+    flag: Option<String>,
+    file: Option<FileIscsi>,
+) -> Result<Option<IscsiConfig>, String> {
+    if flag.is_none() && file.is_none() {
+        return Ok(None);
+    }
+    let file = file.unwrap_or_default();
+    let addr = flag
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_ISCSI_LISTEN.to_string());
+    let listen = addr
+        .parse()
+        .map_err(|_| format!("invalid --iscsi {addr:?}: use ADDR:PORT, e.g. 127.0.0.1:3260"))?;
+    let prefix = file
+        .iqn_prefix
+        .unwrap_or_else(|| DEFAULT_ISCSI_PREFIX.to_string());
+    ringblk_iscsi::names::check_iscsi_name(&format!("{prefix}:x"))
+        .map_err(|e| format!("[iscsi] iqn_prefix {prefix:?}: {e}"))?;
+    let chap = match (file.chap_user, file.chap_secret) {
+        (None, None) => None,
+        (Some(user), Some(secret)) if !user.is_empty() && secret.len() >= 12 => {
+            Some(ringblk_iscsi::login::ChapConfig {
+                initiator: ringblk_iscsi::login::ChapCredentials {
+                    user,
+                    secret: secret.into_bytes(),
+                },
+                target: None,
+            })
+        }
+        _ => return Err(
+            "[iscsi]: chap_user and chap_secret go together; the secret needs at least 12 bytes"
+                .into(),
+        ),
+    };
+    Ok(Some(IscsiConfig {
+        listen,
+        prefix,
+        chap,
+    }))
 }
 
 /// FLUSH/FUA requests queued for one volume's group commit at most; more wait on
@@ -655,5 +888,178 @@ mod tests {
         })
         .expect_err("bad size");
         assert!(err.contains("buffer_budget"), "{err}");
+    }
+
+    /// `--iscsi` and `[iscsi]`: off unless one is given; the flag's address wins; CHAP
+    /// needs both halves and a secret of 12 bytes or more (the refusals are the
+    /// negative controls).
+    #[test]
+    fn iscsi_flag_and_table_resolve() {
+        assert_eq!(resolve_iscsi(None, None), Ok(None));
+        let on = resolve_iscsi(Some(DEFAULT_ISCSI_LISTEN.into()), None)
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(on.listen.to_string(), "127.0.0.1:3260");
+        assert_eq!(on.prefix, DEFAULT_ISCSI_PREFIX);
+        assert_eq!(on.chap, None);
+        let table = || FileIscsi {
+            listen: Some("127.0.0.2:3261".into()),
+            iqn_prefix: Some("iqn.2027-01.org.example".into()),
+            chap_user: Some("alice".into()),
+            chap_secret: Some("s3cretpasswd12".into()),
+        };
+        let both = resolve_iscsi(Some("127.0.0.3:3262".into()), Some(table()))
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(both.listen.to_string(), "127.0.0.3:3262");
+        assert_eq!(both.prefix, "iqn.2027-01.org.example");
+        assert_eq!(
+            both.chap.map(|c| (c.initiator.user, c.initiator.secret)),
+            Some(("alice".to_string(), b"s3cretpasswd12".to_vec()))
+        );
+        let file_only = resolve_iscsi(None, Some(table()))
+            .ok()
+            .flatten()
+            .expect("on");
+        assert_eq!(file_only.listen.to_string(), "127.0.0.2:3261");
+        let short = FileIscsi {
+            chap_secret: Some("short".into()),
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(short)).is_err());
+        let half = FileIscsi {
+            chap_secret: None,
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(half)).is_err());
+        let bad_prefix = FileIscsi {
+            iqn_prefix: Some("IQN with spaces".into()),
+            ..table()
+        };
+        assert!(resolve_iscsi(None, Some(bad_prefix)).is_err());
+        assert!(resolve_iscsi(Some("nowhere".into()), None).is_err());
+    }
+
+    /// `--vhost`'s grammar: the first `=` splits, a backup export keeps its `@`, and
+    /// a missing half is an error naming the form.
+    #[test]
+    fn vhost_flag_parses_vol_and_socket() {
+        let a = parse_vhost("vol0@mon=/tmp/a=b.sock").expect("parse");
+        assert_eq!(a.export, "vol0@mon");
+        assert_eq!(a.socket, PathBuf::from("/tmp/a=b.sock"));
+        for bad in ["vol0", "=/tmp/x", "vol0=", ""] {
+            let e = parse_vhost(bad).expect_err(bad);
+            assert!(e.contains("VOL=SOCKET_PATH"), "{e}");
+        }
+    }
+
+    /// `[[vhost]]` tables add exports after the `--vhost` flags; an unknown key is
+    /// refused like everywhere in the file.
+    #[test]
+    fn vhost_tables_in_the_config_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[[vhost]]\nvolume = \"vol0@b\"\nsocket = \"/run/b.vhost\"\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(file.clone()),
+            vhost: vec![parse_vhost("vol0=/run/a.vhost").expect("flag")],
+            ..Default::default()
+        })
+        .expect("resolve");
+        let got: Vec<_> = r
+            .vhost
+            .iter()
+            .map(|v| (v.export.as_str(), v.socket.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("vol0", PathBuf::from("/run/a.vhost")),
+                ("vol0@b", PathBuf::from("/run/b.vhost"))
+            ]
+        );
+        std::fs::write(
+            &file,
+            "[[vhost]]\nvolume = \"v\"\nsocket = \"/s\"\nmode = 1\n",
+        )
+        .expect("write");
+        let e = resolve(Flags {
+            config: Some(file),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(e.contains("mode"), "{e}");
+    }
+
+    /// TLS settings that cannot work are refused at start, not at the first client
+    /// (#16): a mode without credentials, credentials or verification without a
+    /// mode, an allow-list entry of no known kind.
+    #[test]
+    fn tls_settings_are_checked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let bad = |flags: Flags, what: &str| {
+            let err = resolve(flags).expect_err(what);
+            assert!(err.contains("tls"), "{what}: {err}");
+        };
+        bad(
+            Flags {
+                tls: Some(TlsMode::On),
+                ..Default::default()
+            },
+            "on without creds",
+        );
+        bad(
+            Flags {
+                tls_creds: Some(dir.path().to_path_buf()),
+                ..Default::default()
+            },
+            "creds without a mode",
+        );
+        bad(
+            Flags {
+                tls_verify_peer: true,
+                ..Default::default()
+            },
+            "verify without a mode",
+        );
+        // Credentials that are not there name the file.
+        let err = resolve(Flags {
+            tls: Some(TlsMode::Require),
+            tls_creds: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        })
+        .expect_err("missing files");
+        assert!(err.contains("server-cert.pem"), "{err}");
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 4096\ntls_allow = [\"alice\"]\n",
+        )
+        .expect("write");
+        bad(
+            Flags {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            "allow entry without a kind",
+        );
+        // Control: the same file with a known kind resolves (TLS off: hidden).
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\nbackend = \"null\"\nsize = 4096\ntls_allow = [\"dns:alice\"]\n",
+        )
+        .expect("write");
+        let r = resolve(Flags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .expect("valid allow-list");
+        assert_eq!(r.server.tls.access["a"].allow, ["dns:alice"]);
     }
 }

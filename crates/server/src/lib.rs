@@ -10,7 +10,8 @@
 //! and durable formats are private to it, so the server reads volumes through
 //! `Volume`, `Target`, `switchover` and `bdev` methods), `ringblk_reactor` and
 //! `ringblk_nbd::frontend` (the NBD front end: `NbdFrontend::{install, start,
-//! evict_handshake}`, `NbdShared`, `NbdExports`), plus clap, toml and
+//! evict_handshake}`, `NbdShared`, `NbdExports`), `ringblk_vhost` (the vhost-user-blk
+//! front end: `VhostFrontend::{create, delete, list, shutdown}`), plus clap, toml and
 //! tracing-subscriber, which the block layer must not depend on.
 //!
 //! Inside, lower modules do not use higher ones: `rpc` (JSON-RPC 2.0 transport, knows
@@ -23,8 +24,11 @@
 //! [`server::Server`] owns the reactor pool and the accept thread; reactors, the
 //! accept thread and the RPC thread share one `Arc<ServerShared>`
 //! (`ringblk_nbd::frontend::NbdShared`: the `Target`, the export catalog, connection
-//! counters, limits, admission). [`server::Server::shutdown`] closes the listener
-//! first, then lets connections finish their requests and joins the reactors.
+//! counters, limits, admission). It also owns the vhost-user front end
+//! (`Server::vhost`: a control thread per socket). [`server::Server::shutdown`]
+//! closes the listener first, then stops the vhost exports (their queues drain on
+//! the reactors, which still run), then lets connections finish their requests and
+//! joins the reactors.
 //!
 //! # Ordering
 //! Start order: the listener is bound and every file is checked before any file is
@@ -54,3 +58,4 @@ pub mod methods;
 pub mod rpc;
 pub mod server;
 pub mod startup;
+pub mod tlsinit;

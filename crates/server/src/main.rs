@@ -22,10 +22,11 @@ use ringblk_target::volume::VolumeSpec;
 #[command(
     name = "ringblk",
     version,
-    about = "Polled-mode NBD block storage target on io_uring",
+    about = "Polled-mode NBD and vhost-user-blk block storage target on io_uring",
     long_about = "ringblk serves volumes over the NBD protocol to fio (ioengine=nbd), \
-qemu-img/qemu-io, nbdinfo/nbdcopy/nbdsh and the Linux nbd client, with one io_uring \
-reactor per core. Manage a running server with ringblk-ctl."
+qemu-img/qemu-io, nbdinfo/nbdcopy/nbdsh and the Linux nbd client, and as vhost-user-blk \
+devices (--vhost) to QEMU guests and libblkio clients, with one io_uring reactor per \
+core. Manage a running server with ringblk-ctl."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +40,7 @@ enum Command {
   ringblk serve
   ringblk serve --listen 127.0.0.1:10809 --volume data=/dev/nvme0n1 --cores 0-1 --poll busy
   ringblk serve --volume ram=,backend=mem,size=4G --volume nul=,backend=null,size=1T
+  ringblk serve --volume data=/var/tmp/data.img,size=10G --vhost data=/run/ringblk/data.vhost
   ringblk serve --config ringblk.toml
 
 CONFIG FILE (TOML; flags override it):
@@ -52,6 +54,9 @@ CONFIG FILE (TOML; flags override it):
   buffer_budget = \"1G\"   # request buffers of all connections together
   max_handshakes = 128
   request_timeout_secs = 30
+  tls = \"require\"      # off | on | require: NBD over TLS (STARTTLS)
+  tls_creds = \"/etc/ringblk/tls\"   # ca-cert.pem, server-cert.pem, server-key.pem
+  tls_verify_peer = true
   [[volume]]
   name = \"vol0\"
   path = \"/var/lib/ringblk/vol0.img\"
@@ -60,6 +65,12 @@ CONFIG FILE (TOML; flags override it):
   backend = \"file\"       # file | mem | null
   read_only = false
   grow = false           # true: size may grow an existing smaller file
+  tls_allow = [\"dns:alice\", \"dn:CN=bob, O=ringblk\"]   # NBD clients (certificate
+                         # SAN or subject) that see this volume and its backups
+  plaintext = false      # with tls = \"on\": serve it to clients without TLS too
+  [[vhost]]              # as --vhost VOL=SOCKET_PATH
+  volume = \"vol0\"        # or \"vol0@BACKUP\" (read-only)
+  socket = \"/run/ringblk/vol0.vhost\"
 
 An existing file smaller than size= is refused, never grown silently: add grow=true
 to the --volume spec (grow = true in the file) to grow it. A size smaller than the
@@ -85,6 +96,19 @@ EXAMPLES:
   ringblk check --data-dir /var/lib/ringblk vol0"
     )]
     Check(CheckArgs),
+    /// Make a CA, a server and a client certificate for NBD over TLS (quick start).
+    #[command(
+        after_help = "Writes, in DIR (created 0700): ca-cert.pem, ca-key.pem, server-cert.pem,
+server-key.pem (qemu's tls-creds-x509 layout for `ringblk serve --tls-creds DIR`),
+and client-cert.pem, client-key.pem for clients (nbdinfo's tls-certificates=DIR and
+qemu's tls-creds-x509 endpoint=client read the same directory). The client
+certificate's identities for tls_allow are printed. Existing files are not
+overwritten.
+
+EXAMPLES:
+  ringblk tls-init /etc/ringblk/tls --server-name nbd.example.com --client-name alice"
+    )]
+    TlsInit(ringblk_server::tlsinit::TlsInitArgs),
 }
 
 #[derive(clap::Args)]
@@ -225,6 +249,20 @@ struct ServeArgs {
     /// existing smaller one is grown only with grow=true.
     #[arg(long = "volume", value_name = "SPEC", value_parser = config::parse_volume)]
     volumes: Vec<VolumeSpec>,
+    /// Export VOL (or a backup, VOL@BACKUP, read-only) as a vhost-user-blk device on
+    /// a Unix socket at SOCKET_PATH (mode 0600; a stale socket there is replaced,
+    /// anything else refused), for QEMU's vhost-user-blk-pci or libblkio's
+    /// virtio-blk-vhost-user. One virtqueue per reactor, at most 16. Repeatable.
+    /// RPC vhost_create/vhost_delete/vhost_list manage them while the server runs.
+    #[arg(long = "vhost", value_name = "VOL=SOCKET_PATH", value_parser = config::parse_vhost)]
+    vhost: Vec<config::VhostArg>,
+    /// Serve every volume as an iSCSI target (IQN iqn.2026-12.io.ringblk:VOL, LUN 0)
+    /// and every backup VOL@NAME as a read-only one (…:VOL:NAME) on ADDR:PORT; without
+    /// a value on loopback, 127.0.0.1:3260. Off by default. The IQN prefix and CHAP
+    /// (chap_user, chap_secret) are set in the config file's [iscsi] table, never here.
+    /// RPC iscsi_list shows targets and sessions.
+    #[arg(long = "iscsi", value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = config::DEFAULT_ISCSI_LISTEN)]
+    iscsi: Option<String>,
     /// Accept a changed volume: VOLUME's --volume spec replaces what the data dir's
     /// volume list says of it, and its backups are served over its base image even
     /// if that is not the file they were taken of (restored from a copy, moved to
@@ -269,6 +307,18 @@ struct ServeArgs {
     /// json (one object per line).
     #[arg(long, value_name = "FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// NBD over TLS (STARTTLS): off; on (TLS when the client asks; plain clients
+    /// see only volumes marked plaintext = true in the config file); require (no
+    /// option but STARTTLS before TLS) [default: off, or tls= in the file].
+    #[arg(long, value_name = "MODE", value_parser = config::parse_tls_mode)]
+    tls: Option<ringblk_nbd::TlsMode>,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (qemu's
+    /// tls-creds-x509 layout; `ringblk tls-init DIR` makes one).
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// Require a client certificate signed by ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -285,6 +335,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(args),
+        Command::TlsInit(args) => match ringblk_server::tlsinit::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringblk tls-init: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Serve(args) => match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -426,6 +483,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         request_timeout_secs: args.request_timeout,
         max_in_flight: args.max_in_flight,
         commit_queue_depth: args.commit_queue_depth,
+        vhost: args.vhost,
+        tls: args.tls,
+        tls_creds: args.tls_creds,
+        tls_verify_peer: args.tls_verify_peer,
+        iscsi: args.iscsi,
     })?;
     if args.read_only {
         // The implicit vol0 only when its file exists: a read-only volume is never
@@ -436,6 +498,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 v.read_only = true;
             }
         }
+    }
+    if !resolved.rpc_default {
+        // The default's directory is made 0700 below; a chosen one is checked.
+        config::check_rpc_dir(&resolved.rpc)?;
     }
     if resolved.rpc_default {
         if let Some(dir) = resolved.rpc.parent() {
@@ -467,7 +533,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .take_listener()
         .ok_or("the NBD listener was not bound")?;
     let server = Server::start_on(resolved.server, listener).map_err(|e| e.to_string())?;
-    let rpc = match RpcServer::start(&resolved.rpc, Arc::new(Methods::new(server.shared.clone()))) {
+    for v in &resolved.vhost {
+        let opts = ringblk_vhost::CreateOptions::default();
+        if let Err(e) = server.vhost.create(&v.export, &v.socket, opts) {
+            server.shutdown();
+            return Err(format!("--vhost {}={}: {e}", v.export, v.socket.display()));
+        }
+    }
+    let methods = Methods::new(server.shared.clone())
+        .with_vhost(server.vhost.clone())
+        .with_iscsi(server.iscsi.clone());
+    let rpc = match RpcServer::start(&resolved.rpc, Arc::new(methods)) {
         Ok(rpc) => rpc,
         Err(e) => {
             server.shutdown();
@@ -595,6 +671,26 @@ fn print_banner(server: &Server, reactors: usize, idle: &str, rpc: &std::path::P
             path,
             if v.read_only() { "  (read-only)" } else { "" }
         );
+    }
+    if let (Some(i), Some(a)) = (&server.iscsi, &server.iscsi_addr) {
+        let _ = writeln!(out, "iSCSI portal on {a}:");
+        for (name, _, _) in i.targets() {
+            let _ = writeln!(out, "  iscsi://{a}/{name}/0");
+        }
+    }
+    let vhost = server.vhost.list();
+    if !vhost.is_empty() {
+        let _ = writeln!(out, "vhost-user:");
+        for e in &vhost {
+            let _ = writeln!(
+                out,
+                "  {:<12} {}  {} queue(s){}",
+                e.export,
+                e.socket.display(),
+                e.num_queues,
+                if e.read_only { "  (read-only)" } else { "" }
+            );
+        }
     }
     if let Some(v) = vols.first() {
         let uri = match &host_port {

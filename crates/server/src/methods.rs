@@ -16,6 +16,7 @@ use ringblk_target::latency::VolumeHistograms;
 use ringblk_target::spec::BackendKind;
 use ringblk_target::switchover::SwitchError;
 use ringblk_target::volume::{Volume, VolumeError, VolumeSpec};
+use ringblk_vhost::{CreateOptions, VhostError, VhostFrontend};
 
 /// Every method, in the order the README documents them.
 pub const METHODS: &[&str] = &[
@@ -33,11 +34,19 @@ pub const METHODS: &[&str] = &[
     "backup_copy_cancel",
     "fault_inject",
     "fault_clear",
+    "vhost_create",
+    "vhost_delete",
+    "vhost_list",
+    "iscsi_list",
 ];
 
 pub struct Methods {
     shared: Arc<ServerShared>,
     copies: ringblk_target::copyjob::CopyJobs,
+    /// The vhost-user front end (`vhost_*`); without it those methods answer ENODEV.
+    vhost: Option<Arc<VhostFrontend>>,
+    /// The iSCSI front end (`iscsi_list`); without it that method answers ENODEV.
+    iscsi: Option<Arc<ringblk_iscsi::frontend::IscsiShared>>,
 }
 
 impl Methods {
@@ -45,6 +54,8 @@ impl Methods {
         let m = Methods {
             shared,
             copies: ringblk_target::copyjob::CopyJobs::new(),
+            vhost: None,
+            iscsi: None,
         };
         // Copy jobs a stop interrupted start again (their registry lives here).
         if let Some(reactors) = m.shared.target.reactors() {
@@ -53,6 +64,29 @@ impl Methods {
             }
         }
         m
+    }
+
+    /// Serves `vhost_create`, `vhost_delete` and `vhost_list` through `vhost`.
+    #[must_use]
+    pub fn with_vhost(mut self, vhost: Arc<VhostFrontend>) -> Methods {
+        self.vhost = Some(vhost);
+        self
+    }
+
+    /// Serves `iscsi_list` from `iscsi` (`None`: the portal is off).
+    #[must_use]
+    pub fn with_iscsi(
+        mut self,
+        iscsi: Option<Arc<ringblk_iscsi::frontend::IscsiShared>>,
+    ) -> Methods {
+        self.iscsi = iscsi;
+        self
+    }
+
+    fn vhost(&self) -> Result<&Arc<VhostFrontend>, RpcError> {
+        self.vhost
+            .as_ref()
+            .ok_or_else(|| RpcError::new(-libc::ENODEV, "this server has no vhost front end"))
     }
 }
 
@@ -148,6 +182,50 @@ struct VolumeParams {
     volume: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VhostCreateParams {
+    /// `VOL`, or `VOL@BACKUP` (read-only).
+    volume: String,
+    socket: PathBuf,
+    /// Socket permission bits: an octal string ("0660") or a number (0o660 = 432).
+    #[serde(default)]
+    mode: Option<SocketMode>,
+    #[serde(default)]
+    num_queues: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SocketMode {
+    Bits(u32),
+    Octal(String),
+}
+
+impl SocketMode {
+    fn bits(&self) -> Result<u32, RpcError> {
+        let bits = match self {
+            SocketMode::Bits(b) => Some(*b),
+            SocketMode::Octal(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).ok(),
+        };
+        bits.filter(|b| *b <= 0o777).ok_or_else(|| {
+            RpcError::invalid_params(
+                "invalid params: mode must be permission bits such as \"0600\"",
+            )
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VhostDeleteParams {
+    socket: PathBuf,
+}
+
+fn vhost_error(e: VhostError) -> RpcError {
+    RpcError::new(vhost_code(&e), e.to_string())
+}
+
 fn fault_error(e: FaultError) -> RpcError {
     RpcError::new(fault_code(&e), e.to_string())
 }
@@ -214,6 +292,19 @@ pub fn switch_code(e: &SwitchError) -> i32 {
         SwitchError::ReadOnly => libc::EROFS,
         SwitchError::Copying(..) => libc::EBUSY,
         SwitchError::VolumeDeleted(_) => libc::ENODEV,
+        _ => libc::EIO,
+    }
+}
+
+/// JSON-RPC error code of a vhost-user export that could not be created or deleted.
+pub fn vhost_code(e: &VhostError) -> i32 {
+    -match e {
+        VhostError::NoExport(_) | VhostError::Removed(_) | VhostError::NoReactors => libc::ENODEV,
+        VhostError::NotASocket(_) | VhostError::Exists(_) => libc::EEXIST,
+        VhostError::SocketInUse { .. } => libc::EADDRINUSE,
+        VhostError::NotFound(_) => libc::ENOENT,
+        VhostError::Invalid(_) => libc::EINVAL,
+        VhostError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     }
 }
@@ -376,6 +467,14 @@ impl RpcHandler for Methods {
             }
             "volume_delete" => {
                 let p: NameParams = parse_params(params)?;
+                // Its vhost-user exports first: they hold the volume open, and a
+                // removed volume could only fail their requests (clients see a
+                // disconnect instead, once their queues drained).
+                if sh.target.registry().get(&p.name).is_some() && !p.name.is_empty() {
+                    if let Some(v) = &self.vhost {
+                        v.delete_volume_exports(&p.name);
+                    }
+                }
                 sh.target.remove_volume(&p.name).map_err(volume_error)?;
                 Ok(Value::Bool(true))
             }
@@ -519,6 +618,11 @@ impl RpcHandler for Methods {
                 let v = self.volume(&p.volume)?;
                 let info = ringblk_target::switchover::backup_release(self.reactors(), &v, &p.name)
                     .map_err(switch_error)?;
+                // The backup's vhost-user exports can only fail from now on: their
+                // clients see a disconnect instead (as for volume_delete).
+                if let Some(vh) = &self.vhost {
+                    vh.delete_volume_exports(&format!("{}@{}", v.name(), info.name));
+                }
                 Ok(json!({"volume": v.name(), "name": info.name, "state": info.state}))
             }
             "backup_copy" => {
@@ -574,6 +678,67 @@ impl RpcHandler for Methods {
                 }
                 Ok(json!({"volume": v.name(), "cleared": cleared,
                           "injected": v.faults().injected()}))
+            }
+            "vhost_create" => {
+                let p: VhostCreateParams = parse_params(params)?;
+                let mut opts = CreateOptions {
+                    num_queues: p.num_queues,
+                    ..CreateOptions::default()
+                };
+                if let Some(m) = &p.mode {
+                    opts.mode = m.bits()?;
+                }
+                let info = self
+                    .vhost()?
+                    .create(&p.volume, &p.socket, opts)
+                    .map_err(vhost_error)?;
+                Ok(serde_json::to_value(info).unwrap_or(Value::Null))
+            }
+            "vhost_delete" => {
+                let p: VhostDeleteParams = parse_params(params)?;
+                self.vhost()?.delete(&p.socket).map_err(vhost_error)?;
+                Ok(Value::Bool(true))
+            }
+            "vhost_list" => {
+                let _: Value = params;
+                let list = self.vhost.as_ref().map(|v| v.list()).unwrap_or_default();
+                Ok(serde_json::to_value(list).unwrap_or(Value::Null))
+            }
+            "iscsi_list" => {
+                let _: Value = params;
+                let Some(i) = self.iscsi.as_ref() else {
+                    return Err(RpcError::new(
+                        -libc::ENODEV,
+                        "this server has no iSCSI portal (start it with --iscsi)",
+                    ));
+                };
+                let targets: Vec<Value> = i
+                    .targets()
+                    .into_iter()
+                    .map(|(name, volume, backup)| {
+                        serde_json::json!({"name": name, "volume": volume, "backup": backup})
+                    })
+                    .collect();
+                let sessions: Vec<Value> = i
+                    .sessions()
+                    .into_iter()
+                    .map(|(id, s)| {
+                        serde_json::json!({
+                            "connection": id,
+                            "initiator": s.initiator,
+                            "target": s.target,
+                            "tsih": s.tsih,
+                            "reactor": s.reactor,
+                            "exp_cmd_sn": s.exp_cmd_sn,
+                            "max_cmd_sn": s.max_cmd_sn,
+                        })
+                    })
+                    .collect();
+                Ok(serde_json::json!({
+                    "portal": i.portal,
+                    "targets": targets,
+                    "sessions": sessions,
+                }))
             }
             other => Err(RpcError::method_not_found(other)),
         }

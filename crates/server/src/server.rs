@@ -22,12 +22,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use ringblk_iscsi::frontend::{IscsiFrontend, IscsiShared};
 use ringblk_nbd::frontend::{NbdExports, NbdFrontend};
 use ringblk_reactor::{Reactor, ReactorHandle, ReactorPool};
 
 use ringblk_target::admission::{count, more_suffix, Admission};
 use ringblk_target::target::{Target, TargetError};
 use ringblk_target::volume::VolumeError;
+use ringblk_vhost::VhostFrontend;
 
 pub use crate::listen::ListenAddr;
 
@@ -54,9 +56,18 @@ pub struct Server {
     pub shared: Arc<ServerShared>,
     pool: Option<ReactorPool>,
     acceptor: Option<crate::listen::Acceptor>,
+    /// The vhost-user exports (a control thread each); stopped before the reactors.
+    pub vhost: Arc<VhostFrontend>,
     /// The address actually bound (port 0 resolved).
     pub local_addr: ListenAddr,
+    /// The iSCSI front end (`--iscsi`), its portal's address and its accept thread.
+    pub iscsi: Option<Arc<IscsiShared>>,
+    pub iscsi_addr: Option<ListenAddr>,
+    iscsi_acceptor: Option<crate::listen::Acceptor>,
 }
+
+/// iSCSI connections served at once; more are closed at accept.
+pub const ISCSI_MAX_CONNECTIONS: usize = 1024;
 
 impl From<TargetError> for ServerError {
     fn from(e: TargetError) -> ServerError {
@@ -87,6 +98,8 @@ pub enum ServerError {
     Catalog(String),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Vhost(#[from] ringblk_vhost::VhostError),
 }
 
 impl Server {
@@ -105,6 +118,14 @@ impl Server {
     ) -> Result<Server, ServerError> {
         let n = config.reactor.cores.len();
         config.admission.validate().map_err(ServerError::Config)?;
+        // The iSCSI portal is bound before any volume file is opened, as the NBD one.
+        let iscsi_listener = match &config.iscsi {
+            Some(c) => Some(
+                crate::listen::bind(&ListenAddr::Tcp(c.listen))
+                    .map_err(|e| ServerError::Listen(format!("--iscsi: {e}")))?,
+            ),
+            None => None,
+        };
         let target = Arc::new(Target::new(
             config.data_dir.clone(),
             n,
@@ -118,6 +139,7 @@ impl Server {
             max_connections: config.max_connections,
             handshake_timeout: config.handshake_timeout,
             admission: Admission::new(config.admission.clone()),
+            tls: config.tls.clone(),
         });
         shared
             .target
@@ -126,10 +148,18 @@ impl Server {
         shared.target.save_catalog()?;
         let init: ringblk_reactor::Init = Arc::new(move |r: &mut Reactor| {
             NbdFrontend::install(r);
+            IscsiFrontend::install(r);
             ringblk_target::latency::install(r);
         });
         let pool = ReactorPool::start(config.reactor.clone(), init)?;
         shared.target.start(pool.handles().clone());
+        let vhost = match VhostFrontend::new(shared.target.clone()) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                pool.shutdown();
+                return Err(e.into());
+            }
+        };
         let acceptor = match start_acceptor(&shared, &pool, listener) {
             Ok(a) => a,
             Err(e) => {
@@ -137,11 +167,37 @@ impl Server {
                 return Err(e);
             }
         };
+        let (iscsi, iscsi_addr, iscsi_acceptor) = match (iscsi_listener, &config.iscsi) {
+            (Some(l), Some(c)) => {
+                let addr = l.addr.clone();
+                let ish = Arc::new(IscsiShared::new(
+                    shared.target.clone(),
+                    c.prefix.clone(),
+                    addr.to_string(),
+                    c.chap.clone(),
+                    n,
+                ));
+                match start_iscsi_acceptor(&ish, &pool, l) {
+                    Ok(a) => (Some(ish), Some(addr), Some(a)),
+                    Err(e) => {
+                        let mut acceptor = acceptor;
+                        acceptor.stop();
+                        pool.shutdown();
+                        return Err(e);
+                    }
+                }
+            }
+            _ => (None, None, None),
+        };
         Ok(Server {
             shared,
             pool: Some(pool),
             acceptor: Some(acceptor),
+            vhost,
             local_addr,
+            iscsi,
+            iscsi_addr,
+            iscsi_acceptor,
         })
     }
 
@@ -159,6 +215,12 @@ impl Server {
         if let Some(mut a) = self.acceptor.take() {
             a.stop();
         }
+        if let Some(mut a) = self.iscsi_acceptor.take() {
+            a.stop();
+        }
+        // Then the vhost exports: their queues drain on the reactors, which must
+        // still run; their socket files go.
+        self.vhost.shutdown();
         if let Some(p) = self.pool.take() {
             p.shutdown();
         }
@@ -235,6 +297,47 @@ fn accepted(r: &mut Reactor, shared: &Arc<ServerShared>, sock: OwnedFd) {
     } else {
         r.send_to(target, move |r| NbdFrontend::start(r, sh, sock, id));
     }
+}
+
+/// The iSCSI portal's accept thread: each connection goes to the reactor with the
+/// fewest iSCSI connections; past [`ISCSI_MAX_CONNECTIONS`] it is closed at once.
+fn start_iscsi_acceptor(
+    shared: &Arc<IscsiShared>,
+    pool: &ReactorPool,
+    listener: crate::listen::Bound,
+) -> Result<crate::listen::Acceptor, ServerError> {
+    let sh = shared.clone();
+    let next_id = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let deliver: crate::listen::Deliver = Arc::new(move |r, sock| {
+        if sh.connections.load(Ordering::Relaxed) >= ISCSI_MAX_CONNECTIONS {
+            tracing::warn!(
+                "iSCSI connection limit ({ISCSI_MAX_CONNECTIONS}) reached; refusing a client"
+            );
+            return;
+        }
+        let target = sh
+            .per_reactor
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.load(Ordering::Relaxed))
+            .map_or(0, |(i, _)| i);
+        set_nodelay(&sock);
+        sh.connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = sh.per_reactor.get(target) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let sh2 = sh.clone();
+        if target == r.id() {
+            IscsiFrontend::start(r, sh2, sock, id);
+        } else {
+            r.send_to(target, move |r| IscsiFrontend::start(r, sh2, sock, id));
+        }
+    });
+    let Some(first) = pool.handles().first().cloned() else {
+        return Err(ServerError::Accept(std::io::Error::other("no reactor")));
+    };
+    crate::listen::Acceptor::start(listener, first, deliver).map_err(ServerError::Accept)
 }
 
 fn set_nodelay(sock: &OwnedFd) {

@@ -8,7 +8,8 @@
 //!    anything in it is read or written.
 //! 3. Read-only checks of the files the start will use: volume files (a directory, a
 //!    missing parent, an existing image smaller than `size=` without `grow`), the RPC
-//!    socket path (a live server, or something that is not a socket).
+//!    socket path and the `--vhost` socket paths (a live server, or something that
+//!    is not a socket).
 //! 4. The NBD listener is bound (a port in use fails here).
 //! 5. The caller opens the volumes (creating new files, running recovery), starts the
 //!    reactors and the RPC socket, and then calls [`Prepared::started`].
@@ -109,6 +110,15 @@ fn check_files(resolved: &Resolved) -> Result<Vec<PathBuf>, String> {
                 )))
             }
             _ => new_files.push(path.clone()),
+        }
+    }
+    for v in &resolved.vhost {
+        if let Some(why) = ringblk_vhost::socket_problem(&v.socket) {
+            return Err(format!(
+                "--vhost {}={}: {why}",
+                v.export,
+                v.socket.display()
+            ));
         }
     }
     crate::listen::unix_path_problem(&resolved.rpc).map_or(Ok(()), |why| {

@@ -35,14 +35,22 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(path: &Path, size: &str) -> Tmpfs {
+        // mode=0700: a tmpfs root is 1777 by default, and the server refuses an RPC
+        // socket (it lives in the data directory) in a directory others can write.
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()
             .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
         assert!(
             out.status.success(),
-            "mount -t tmpfs -o size={size} on {} failed ({}): {}\n\
+            "mount -t tmpfs -o size={size},mode=0700 on {} failed ({}): {}\n\
              this test needs root (CI runs it as root) and does not skip itself",
             path.display(),
             out.status,

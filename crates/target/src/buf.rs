@@ -106,8 +106,18 @@ impl std::fmt::Debug for OwnBuf {
 /// Caller memory as a list of segments (module docs, *Ownership*). `!Send`: it
 /// belongs to the reactor of the request that carries it.
 pub struct SgList {
-    segs: Vec<(NonNull<u8>, u32)>,
+    segs: Segs,
     len: u64,
+}
+
+/// The segments of an [`SgList`]: a one-segment list (a 4 KiB request in one guest
+/// page, the common case) allocates nothing. The enum is no larger than the `Vec`
+/// (the tag sits in its pointer's niche), so requests carrying a list move no more
+/// bytes than before (two inline segments made `BlockOp` moves memcpy calls: +86
+/// Ir/request, more than the allocation they saved).
+enum Segs {
+    One((NonNull<u8>, u32)),
+    Many(Vec<(NonNull<u8>, u32)>),
 }
 
 impl SgList {
@@ -121,10 +131,11 @@ impl SgList {
             return Err(BlockError::Invalid);
         }
         let len = segs.iter().map(|&(_, n)| u64::from(n)).sum();
-        Ok(SgList {
-            segs: segs.to_vec(),
-            len,
-        })
+        let segs = match segs {
+            [one] => Segs::One(*one),
+            _ => Segs::Many(segs.to_vec()),
+        };
+        Ok(SgList { segs, len })
     }
 
     /// Total bytes.
@@ -137,13 +148,16 @@ impl SgList {
     }
 
     pub fn segments(&self) -> &[(NonNull<u8>, u32)] {
-        &self.segs
+        match &self.segs {
+            Segs::One(one) => std::slice::from_ref(one),
+            Segs::Many(v) => v,
+        }
     }
 
     /// Copies `dst.len()` bytes from the list's start into `dst` (at most the list).
     pub fn copy_out(&self, dst: &mut [u8]) {
         let mut at = 0;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             if at >= dst.len() {
                 break;
             }
@@ -158,7 +172,7 @@ impl SgList {
     /// Copies `src` into the list from its start (at most the list's length).
     pub fn copy_in(&self, src: &[u8]) {
         let mut at = 0;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             if at >= src.len() {
                 break;
             }
@@ -178,7 +192,7 @@ impl SgList {
     /// Zeroes bytes `[from, to)` of the list (clamped to its length).
     pub fn fill_zero_range(&self, from: u64, to: u64) {
         let mut at = 0u64;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             let (lo, hi) = (at.max(from), (at + u64::from(n)).min(to));
             if lo < hi {
                 // SAFETY: the constructor's contract: the segment is valid for writes
@@ -197,9 +211,9 @@ impl SgList {
     /// The first `len` bytes of the list lent to the reactor, one `IoBuf::Foreign`
     /// per segment (cut at `len`), for a readv/writev straight into caller memory.
     pub(crate) fn foreign(&self, len: u64) -> Vec<IoBuf> {
-        let mut out = Vec::with_capacity(self.segs.len());
+        let mut out = Vec::with_capacity(self.segments().len());
         let mut left = len;
-        for &(p, n) in &self.segs {
+        for &(p, n) in self.segments() {
             if left == 0 {
                 break;
             }
@@ -218,7 +232,7 @@ impl SgList {
 impl std::fmt::Debug for SgList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SgList")
-            .field("segments", &self.segs.len())
+            .field("segments", &self.segments().len())
             .field("len", &self.len)
             .finish()
     }
@@ -329,6 +343,32 @@ mod tests {
         let segs = vec![(p, 1u32); SG_SEGS_MAX + 1];
         // SAFETY: refused before any use.
         assert!(unsafe { SgList::new(&segs) }.is_err());
+    }
+
+    /// One-segment lists (inline) and longer ones (heap) keep every segment, in
+    /// order, and their length.
+    #[test]
+    fn sg_list_keeps_segments_inline_and_on_the_heap() {
+        let mut b = vec![0u8; 512];
+        for n in [0usize, 1, 2, SG_SEGS_MAX] {
+            let segs: Vec<_> = (0..n)
+                .map(|i| {
+                    let p = NonNull::new(b[i % 500..].as_mut_ptr()).expect("non-null");
+                    (p, i as u32 + 1)
+                })
+                .collect();
+            // SAFETY: `b` outlives the list; only its segment table is read.
+            let sg = unsafe { SgList::new(&segs) }.expect("list");
+            assert_eq!(sg.segments(), &segs[..], "{n} segments");
+            let len: u64 = (1..=n as u64).sum();
+            assert_eq!(sg.len(), len);
+            assert_eq!(sg.foreign(len).len(), n);
+        }
+    }
+
+    #[test]
+    fn sg_list_is_no_larger_than_before() {
+        assert!(std::mem::size_of::<SgList>() <= 32);
     }
 
     #[test]

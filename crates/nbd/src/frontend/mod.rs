@@ -12,6 +12,8 @@
 //!   connection counters, timeouts, admission).
 //! - [`exports`]: [`NbdExports`], the handshake's catalog over the `Target`.
 //! - [`errors`]: THE mapping `BlockError` → `NbdErrno` ([`nbd_errno`]).
+//! - [`tls`]: STARTTLS (#16): TLS settings, per-export access, the TLS state fed
+//!   bytes by the session.
 //! - `extents`: `ExtentFlags` → `base:allocation` / changed-context wire flags.
 //!
 //! # Wiring
@@ -30,11 +32,13 @@ pub mod exports;
 mod extents;
 mod session;
 mod shared;
+pub mod tls;
 
 pub use errors::nbd_errno;
 pub use exports::{NbdExports, META_CHANGED_PREFIX};
 pub use session::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES};
 pub use shared::NbdShared;
+pub use tls::{ExportAccess, NbdTls, TlsSetupError};
 
 /// The NBD front end's entry points for the server's wiring (module docs).
 pub struct NbdFrontend;

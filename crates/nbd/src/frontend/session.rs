@@ -45,6 +45,15 @@
 //! not count. Progress is any byte received or sent, and on TCP any byte the peer
 //! acknowledged (a large send completes only once all of it is out).
 //!
+//! # TLS
+//! After an acknowledged `NBD_OPT_STARTTLS` the connection owns a `TlsConn`
+//! (`tls.rs`): receives land in its ciphertext buffer and are decrypted into `rx`,
+//! so everything above (handshake, decoder, bounds) sees plaintext as before; replies
+//! are encrypted from `tx` into one ciphertext buffer per send. The socket I/O stays
+//! the same io_uring receive and send; rustls only moves bytes between buffers on
+//! this reactor. `unsent_bytes` keeps counting reply (plaintext) bytes: a batch's
+//! count is released when its send completes.
+//!
 //! # Closing
 //! The socket descriptor is closed only when no receive or send referencing it is
 //! in flight, so a reused descriptor number can never receive a stale operation.
@@ -73,6 +82,7 @@ use ringblk_target::volume::{bump, Volume};
 use super::errors::{errno_message, reply_errno};
 use super::exports::META_CHANGED_PREFIX;
 use super::extents::{nbd_extents, NbdContext};
+use super::tls::{Gated, TlsConn, TLS_SEND_BATCH_BYTES};
 use super::NbdShared;
 use crate::codec::{
     Command, CommandFlags, Event, Request, RequestPolicy, TransmissionDecoder, Unaligned,
@@ -196,6 +206,8 @@ pub(crate) struct Conn {
     blocked_on_layer: bool,
     /// In the reactor's list of connections to kick at the end of the iteration.
     kick_queued: bool,
+    /// TLS, from an acknowledged `NBD_OPT_STARTTLS` on (module docs: TLS).
+    tls: Option<Box<TlsConn>>,
 }
 
 /// The connections of one reactor (reactor-local state).
@@ -261,7 +273,11 @@ pub(crate) fn evict_handshake(r: &mut Reactor, id: u64) {
 /// the server-wide connection id its handshake slot was admitted under.
 pub(crate) fn start(r: &mut Reactor, shared: Arc<NbdShared>, sock: OwnedFd, id: u64) {
     let set = conns(r);
-    let hs = Handshake::new(HandshakeLimits::default());
+    let limits = HandshakeLimits {
+        tls: shared.tls.mode,
+        ..HandshakeLimits::default()
+    };
+    let hs = Handshake::new(limits);
     let sref = FileRef::Raw(sock.as_raw_fd());
     let timeout = shared.handshake_timeout;
     let conn = Rc::new(RefCell::new(Conn {
@@ -292,6 +308,7 @@ pub(crate) fn start(r: &mut Reactor, shared: Arc<NbdShared>, sock: OwnedFd, id: 
         slots: Slots::default(),
         blocked_on_layer: false,
         kick_queued: false,
+        tls: None,
     }));
     set.map.borrow_mut().insert(id, conn.clone());
     // A client that stalls in the handshake is dropped after a bounded time.
@@ -399,6 +416,11 @@ fn push_small(tx: &mut VecDeque<Reply>, unsent_bytes: &mut usize, bytes: Vec<u8>
 /// bytes stay counted, until it completes.
 fn clear_tx(c: &mut Conn) {
     c.tx.clear();
+    if let Some(tls) = c.tls.as_mut() {
+        tls.front_offset = 0;
+        tls.wire_out.clear();
+        tls.wire_plain = 0;
+    }
     c.unsent_bytes = if c.send_outstanding {
         c.sending_bytes
     } else {
@@ -411,13 +433,46 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     if c.state != State::Open || c.recv_op.is_some() || paused(&c) || c.rx_start < c.rx_end {
         return;
     }
-    let Some(buf) = c.rx.take() else { return };
     c.rx_start = 0;
     c.rx_end = 0;
+    let tls = c.tls.is_some();
+    if c.tls.as_ref().is_some_and(|t| t.has_input()) {
+        // Ciphertext left over (`rx` was full when it was decrypted; `rx` is larger
+        // than `cin`, so this is not expected): decrypt it now and process it on the
+        // next turn of the loop (from here, processing would recurse).
+        let failed = {
+            let c = &mut *c;
+            let (Some(tls), Some(rx)) = (c.tls.as_mut(), c.rx.as_mut()) else {
+                return;
+            };
+            tls_pump(c.id, tls, rx, &mut c.rx_end).is_err()
+        };
+        drop(c);
+        let conn2 = conn.clone();
+        r.add_timer(std::time::Duration::ZERO, move |r| {
+            if failed {
+                begin_close(r, &conn2, State::Aborting)
+            } else {
+                process(r, &conn2)
+            }
+        });
+        return;
+    }
+    let buf = match c.tls.as_mut() {
+        // After close_notify nothing more is read.
+        Some(t) if t.eof => return,
+        Some(t) => t.cin.take(),
+        None => c.rx.take(),
+    };
+    let Some(buf) = buf else { return };
     let len = buf.len() as u32;
     let conn2 = conn.clone();
     match r.submit(Op::recv(c.sref, buf, 0, len), move |r, comp| {
-        on_recv(r, &conn2, comp)
+        if tls {
+            on_recv_tls(r, &conn2, comp)
+        } else {
+            on_recv(r, &conn2, comp)
+        }
     }) {
         Ok(id) => {
             c.recv_op = Some(id);
@@ -430,10 +485,14 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
         }
         Err(rej) => {
             // Slab full: the reactor is saturated. Retry when a buffer frees up.
-            c.rx = rej.op.into_buf().and_then(|b| match b {
+            let back = rej.op.into_buf().and_then(|b| match b {
                 IoBuf::Vec(v) => Some(v),
                 _ => None,
             });
+            match c.tls.as_mut() {
+                Some(t) => t.cin = back,
+                None => c.rx = back,
+            }
             drop(c);
             let conn2 = conn.clone();
             r.add_timer(std::time::Duration::from_micros(50), move |r| {
@@ -470,6 +529,108 @@ fn on_recv(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
         return;
     }
     process(r, conn);
+}
+
+/// A receive of ciphertext completed: decrypt it into `rx`, then as `on_recv`.
+fn on_recv_tls(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
+    let n = comp.result;
+    let outcome = {
+        let mut c = conn.borrow_mut();
+        let c = &mut *c;
+        c.recv_op = None;
+        let back = match comp.op.into_buf() {
+            Some(IoBuf::Vec(v)) => v,
+            _ => vec![0u8; super::tls::TLS_RX_BYTES],
+        };
+        match (c.tls.as_mut(), c.rx.as_mut()) {
+            (Some(tls), Some(rx)) if n > 0 => {
+                tls.cin = Some(back);
+                tls.cin_start = 0;
+                tls.cin_end = n as usize;
+                c.last_progress = Instant::now();
+                tls_pump(c.id, tls, rx, &mut c.rx_end)
+            }
+            (Some(tls), _) => {
+                tls.cin = Some(back);
+                Ok(false)
+            }
+            _ => Err(()),
+        }
+    };
+    if n == 0 {
+        begin_close(r, conn, State::Draining);
+        return;
+    }
+    if n < 0 || outcome.is_err() {
+        if n < 0 && -n != libc::ECANCELED {
+            tracing::debug!(conn = conn.borrow().id, errno = -n, "recv failed");
+        }
+        begin_close(r, conn, State::Aborting);
+        return;
+    }
+    process(r, conn);
+    let eof = conn.borrow().tls.as_ref().is_some_and(|t| t.eof);
+    if eof {
+        // close_notify: like EOF, finish what was asked and close.
+        begin_close(r, conn, State::Draining);
+    }
+}
+
+/// Decrypts what `tls` holds into `rx`; Err: the TLS session failed (logged).
+fn tls_pump(id: u64, tls: &mut TlsConn, rx: &mut [u8], rx_end: &mut usize) -> Result<bool, ()> {
+    match tls.pump(rx, rx_end) {
+        Ok(true) => {
+            tracing::info!(conn = id, peer = ?tls.peer, "TLS established");
+            Ok(true)
+        }
+        Ok(false) => Ok(false),
+        Err(e) => {
+            tracing::info!(conn = id, error = %e.0, "TLS failed; closing");
+            Err(())
+        }
+    }
+}
+
+/// `NBD_OPT_STARTTLS` was acknowledged: the ACK (and anything queued before it) goes
+/// out in the clear, every byte after it goes through TLS. False: closing.
+fn start_tls(c: &mut Conn, leftover_from: usize) -> bool {
+    let Some(config) = c.shared.tls.config.clone() else {
+        // The handshake acknowledges STARTTLS only with a mode other than Off, which
+        // the server sets only with credentials.
+        c.state = State::Aborting;
+        return false;
+    };
+    // Everything queued so far goes in the clear, in order (a partial send's rest
+    // comes back as `Reply::Data` too).
+    let mut clear = Vec::new();
+    for rep in c.tx.drain(..) {
+        let [a, b] = reply_pieces(&rep);
+        clear.extend_from_slice(a);
+        clear.extend_from_slice(b);
+    }
+    let mut tls = match TlsConn::new(config, clear) {
+        Ok(t) => Box::new(t),
+        Err(e) => {
+            tracing::info!(conn = c.id, error = %e.0, "TLS setup failed; closing");
+            c.state = State::Aborting;
+            return false;
+        }
+    };
+    let Some(rx) = c.rx.as_mut() else {
+        c.state = State::Aborting;
+        return false;
+    };
+    // A client must wait for the ACK; whatever it sent after STARTTLS is TLS input.
+    let pushed = tls.push_input(&rx[leftover_from..c.rx_end]);
+    c.rx_start = 0;
+    c.rx_end = 0;
+    let ok = pushed.is_ok() && tls_pump(c.id, &mut tls, rx, &mut c.rx_end).is_ok();
+    c.tls = Some(tls);
+    if !ok {
+        clear_tx(c);
+        c.state = State::Aborting;
+    }
+    ok
 }
 
 /// Feeds received bytes to the protocol until they run out or the connection pauses.
@@ -519,7 +680,14 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
     let input = &rx[c.rx_start..c.rx_end];
     // Negotiating: the least recently active negotiation gives way first.
     c.shared.admission.handshakes.touch(c.id);
-    let res = hs.feed(input, &*c.shared.exports);
+    // The catalog as this client may see it (`tls.rs`: access rules).
+    let gated = Gated {
+        inner: &*c.shared.exports,
+        tls: &c.shared.tls,
+        tls_active: hs.tls_active(),
+        peer: c.tls.as_ref().map_or(&[][..], |t| &t.peer[..]),
+    };
+    let res = hs.feed(input, &gated);
     // The handshake's output counts in the reply bound like any reply: a client that
     // pipelines options and never reads stops being read (module docs: bounds).
     let out = hs.take_output();
@@ -538,6 +706,10 @@ fn process_handshake(r: &mut Reactor, conn: &ConnRef) -> bool {
                 Status::Aborted => {
                     c.state = State::Draining;
                     false
+                }
+                Status::StartTls => {
+                    let from = c.rx_start;
+                    start_tls(c, from)
                 }
                 Status::Done(neg) => {
                     let resolved = c.shared.target.registry().resolve(&neg.export.name);
@@ -1243,6 +1415,9 @@ fn kick_queued(r: &mut Reactor, set: &ReactorConns) -> PollResult {
 
 /// Sends queued replies: one sendmsg at a time per socket, batching replies.
 fn kick_send(r: &mut Reactor, conn: &ConnRef) {
+    if conn.borrow().tls.is_some() {
+        return kick_send_tls(r, conn);
+    }
     let mut c = conn.borrow_mut();
     if c.send_outstanding || c.tx.is_empty() || c.sock.is_none() || c.state == State::Aborting {
         return;
@@ -1300,6 +1475,133 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
     }
 }
 
+/// The bytes of a queued reply, as two pieces (header and data).
+fn reply_pieces(rep: &Reply) -> [&[u8]; 2] {
+    match rep {
+        Reply::Bytes(b) => [&b[..], &[]],
+        Reply::Data { header, buf, len } => [&header[..], &buf.as_slice()[..*len]],
+    }
+}
+
+/// Encrypts up to `TLS_SEND_BATCH_BYTES` of queued replies (only once the previous
+/// ciphertext is out: module docs of `tls.rs`, bounds) and takes rustls's records.
+fn fill_tls(tls: &mut TlsConn, tx: &mut VecDeque<Reply>) -> Result<(), super::tls::TlsFailed> {
+    if tls.established && tls.wire_out.is_empty() {
+        let mut moved = 0usize;
+        while moved < TLS_SEND_BATCH_BYTES {
+            let Some(front) = tx.front() else { break };
+            let [a, b] = reply_pieces(front);
+            let total = a.len() + b.len();
+            let from = tls.front_offset;
+            let upto = total.min(from + (TLS_SEND_BATCH_BYTES - moved));
+            let (a_from, a_to) = (from.min(a.len()), upto.min(a.len()));
+            let (b_from, b_to) = (from.max(a.len()) - a.len(), upto.max(a.len()) - a.len());
+            tls.encrypt(&a[a_from..a_to])?;
+            tls.encrypt(&b[b_from..b_to])?;
+            moved += upto - from;
+            if upto == total {
+                tx.pop_front();
+                tls.front_offset = 0;
+            } else {
+                tls.front_offset = upto;
+            }
+        }
+        tls.wire_plain += moved;
+    }
+    tls.drain_records()
+}
+
+/// [`kick_send`] for a TLS connection: one send of ciphertext at a time.
+fn kick_send_tls(r: &mut Reactor, conn: &ConnRef) {
+    let mut c = conn.borrow_mut();
+    if c.send_outstanding || c.sock.is_none() || c.state == State::Aborting {
+        return;
+    }
+    let cref = &mut *c;
+    let Some(tls) = cref.tls.as_mut() else { return };
+    if let Err(e) = fill_tls(tls, &mut cref.tx) {
+        tracing::info!(conn = cref.id, error = %e.0, "TLS failed; closing");
+        drop(c);
+        return begin_close(r, conn, State::Aborting);
+    }
+    if tls.wire_out.is_empty() {
+        return;
+    }
+    let bytes = std::mem::take(&mut tls.wire_out);
+    let plain = std::mem::take(&mut tls.wire_plain);
+    let total = bytes.len();
+    let conn2 = conn.clone();
+    let op = Op::sendmsg(cref.sref, vec![bytes.into()], &[total]);
+    match r.submit(op, move |r, comp| {
+        on_sent_tls(r, &conn2, comp, total, plain)
+    }) {
+        Ok(id) => {
+            c.send_outstanding = true;
+            c.send_op = Some(id);
+            c.sending_bytes = plain;
+            c.last_progress = Instant::now();
+            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
+            drop(c);
+            if watch {
+                arm_stall_timer(r, conn);
+            }
+        }
+        Err(rej) => {
+            // Slab full: keep the ciphertext, in order, and retry shortly.
+            let buf = rej.op.into_bufs().into_iter().next();
+            if let (Some(tls), Some(IoBuf::Vec(v))) = (c.tls.as_mut(), buf) {
+                tls.wire_out = v;
+                tls.wire_plain = plain;
+            }
+            drop(c);
+            let conn2 = conn.clone();
+            r.add_timer(std::time::Duration::from_micros(50), move |r| {
+                kick_send(r, &conn2)
+            });
+        }
+    }
+}
+
+/// A ciphertext send completed: release its reply bytes, keep an unsent tail.
+fn on_sent_tls(r: &mut Reactor, conn: &ConnRef, comp: Completion, total: usize, plain: usize) {
+    let res = comp.result;
+    let resume;
+    {
+        let mut c = conn.borrow_mut();
+        c.send_outstanding = false;
+        c.send_op = None;
+        c.sending_bytes = 0;
+        let was_paused = paused(&c);
+        // The batch's reply bytes are encrypted: what is left is bounded ciphertext.
+        c.unsent_bytes = c.unsent_bytes.saturating_sub(plain);
+        if res > 0 {
+            c.last_progress = Instant::now();
+        }
+        resume = was_paused && !paused(&c);
+        if res < 0 {
+            if -res != libc::ECANCELED {
+                tracing::debug!(conn = c.id, errno = -res, "send failed; closing");
+            }
+            c.state = State::Aborting;
+            clear_tx(&mut c);
+        } else if (res as usize) < total {
+            let sent = res as usize;
+            let buf = comp.op.into_bufs().into_iter().next();
+            if let (Some(tls), Some(b)) = (c.tls.as_mut(), buf) {
+                let mut rest = b.as_slice()[sent..total].to_vec();
+                rest.append(&mut tls.wire_out);
+                tls.wire_out = rest;
+            }
+        }
+    }
+    kick_send(r, conn);
+    if resume {
+        process(r, conn);
+    } else {
+        maybe_finish(r, conn);
+    }
+}
+
 fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, total: usize) {
     let res = comp.result;
     let resume;
@@ -1349,8 +1651,22 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, lens: Vec<usize>, 
                     skip = 0;
                 }
             }
-            for rep in rest.into_iter().rev() {
-                c.tx.push_front(rep);
+            if let Some(tls) = c.tls.as_mut() {
+                // Sent in the clear before STARTTLS took over: the rest still goes in
+                // the clear, ahead of the ACK and the TLS records (`start_tls`).
+                let mut clear = Vec::new();
+                for rep in &rest {
+                    let [a, b] = reply_pieces(rep);
+                    clear.extend_from_slice(a);
+                    clear.extend_from_slice(b);
+                }
+                tls.wire_plain += clear.len();
+                clear.append(&mut tls.wire_out);
+                tls.wire_out = clear;
+            } else {
+                for rep in rest.into_iter().rev() {
+                    c.tx.push_front(rep);
+                }
             }
         }
     }
@@ -1423,12 +1739,29 @@ fn cancel_budget_wait(r: &mut Reactor, c: &Conn) {
 /// Closes the socket once nothing refers to it any more.
 fn maybe_finish(r: &mut Reactor, conn: &ConnRef) {
     let mut c = conn.borrow_mut();
+    let wire_idle = c.tls.as_ref().is_none_or(|t| t.wire_out.is_empty());
     let idle = c.recv_op.is_none()
         && !c.send_outstanding
         && c.in_flight == 0
-        && (c.tx.is_empty() || c.state == State::Aborting);
+        && ((c.tx.is_empty() && wire_idle) || c.state == State::Aborting);
     if c.state == State::Open || c.state == State::Closed || !idle {
         return;
+    }
+    if c.state == State::Draining {
+        // A clean close ends the TLS session with close_notify, sent last (GnuTLS
+        // clients report a close without it as a truncation).
+        if let Some(tls) = c.tls.as_mut().filter(|t| t.established && !t.close_sent) {
+            tls.close_sent = true;
+            tls.conn.send_close_notify();
+            drop(c);
+            kick_send(r, conn); // its completion calls maybe_finish again
+            if !conn.borrow().send_outstanding {
+                // Nothing went out (no record, or a send to retry): close now or
+                // when the retried send completes (`wire_out` keeps us not idle).
+                maybe_finish(r, conn);
+            }
+            return;
+        }
     }
     c.state = State::Closed;
     if let Some(t) = c.handshake_timer.take() {

@@ -1,7 +1,8 @@
 //! What the NBD sessions share with the listener and the RPC methods: the block
 //! layer's `Target`, the handshake's export catalog, the server-wide connection
-//! counters and limits, the handshake timeout, and admission (buffer budget,
-//! handshake slots, push-back counters).
+//! counters and limits, the handshake timeout, admission (buffer budget,
+//! handshake slots, push-back counters) and the TLS settings (`tls`: mode,
+//! credentials, per-volume access; read-only after start).
 //!
 //! Layer: the NBD front end; imports `ringblk_target::{target, admission}` and
 //! `exports`. The server (`ringblk-server`'s `server.rs`, the wiring) builds it and
@@ -19,7 +20,7 @@ use std::time::Duration;
 use ringblk_target::admission::Admission;
 use ringblk_target::target::Target;
 
-use super::NbdExports;
+use super::{NbdExports, NbdTls};
 
 /// State every reactor and the RPC thread share: the target (volumes) and what
 /// the NBD front end and the listeners need (connections, limits, admission).
@@ -34,4 +35,6 @@ pub struct NbdShared {
     pub handshake_timeout: Duration,
     /// Buffer budget, handshake slots and push-back counters (`admission`).
     pub admission: Admission,
+    /// TLS mode, credentials and per-export access (#16; `NbdTls::default()`: no TLS).
+    pub tls: Arc<NbdTls>,
 }

@@ -343,6 +343,26 @@ fn splitter_covers_whole_and_bytewise() {
     assert!((0..50).all(|_| (1..=9).contains(&some.next_len(100))));
 }
 
+/// The TLS modes reach their states through the fuzz entry (#16): a client that
+/// sends STARTTLS first, then qemu's options, completes under every mode that offers
+/// TLS and with every split; without STARTTLS, FORCEDTLS never enters transmission
+/// (the entry's own assertion) and the others do.
+#[test]
+fn fuzz_entry_covers_starttls_in_every_mode() {
+    let flags = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    let starttls = opt(OPT_STARTTLS, &[]);
+    let rest = qemu_handshake()[4..].to_vec(); // without its client flags
+    for seed in [0u8, 1, 7, 86, 87, 100, 172, 173, 255] {
+        fuzz_handshake(&with_seed(
+            seed,
+            &[flags.clone(), starttls.clone(), rest.clone()],
+        ));
+        fuzz_handshake(&with_seed(seed, &[qemu_handshake()]));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 

@@ -825,3 +825,91 @@ proptest! {
         }
     }
 }
+
+fn tls_limits(tls: TlsMode) -> HandshakeLimits {
+    HandshakeLimits {
+        tls,
+        ..HandshakeLimits::default()
+    }
+}
+
+/// FORCEDTLS (#16): before TLS every option but STARTTLS and ABORT gets TLS_REQD
+/// (LIST, INFO, GO, unknown ones alike), and STARTTLS stops the feed right after
+/// its ACK so the caller switches to TLS there.
+#[test]
+fn require_refuses_options_before_starttls_then_acks_it() {
+    let bytes = client(
+        FLAGS_FIXED,
+        &[
+            opt(OPT_LIST, &[]),
+            opt(OPT_GO, &name_and_infos("disk", &[])),
+            opt(0xdead_beef, b"x"),
+            opt(OPT_STARTTLS, &[]),
+            // Sent by a client that did not wait: must not be consumed as NBD.
+            opt(OPT_GO, &name_and_infos("disk", &[])),
+        ],
+    );
+    let catalog = StaticCatalog::sample();
+    let mut hs = Handshake::new(tls_limits(TlsMode::Require));
+    hs.take_output();
+    let p = hs.feed(&bytes, &catalog).expect("feed");
+    assert_eq!(p.status, Status::StartTls);
+    let tail = opt(OPT_GO, &name_and_infos("disk", &[]));
+    assert_eq!(
+        p.consumed,
+        bytes.len() - tail.len(),
+        "consumed past STARTTLS"
+    );
+    let kinds: Vec<u32> = parse_replies(&hs.take_output())
+        .iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            REP_ERR_TLS_REQD,
+            REP_ERR_TLS_REQD,
+            REP_ERR_TLS_REQD,
+            REP_ACK
+        ]
+    );
+    assert!(hs.tls_active() && !hs.is_finished());
+    // Over TLS: GO works and a second STARTTLS is INVALID, never TLS_REQD.
+    let more = [opt(OPT_STARTTLS, &[]), tail].concat();
+    let p = hs.feed(&more, &catalog).expect("feed");
+    done(Ok(p.status));
+    let replies = parse_replies(&hs.take_output());
+    assert_eq!(replies[0].kind, REP_ERR_INVALID);
+    assert!(replies.iter().all(|r| r.kind != REP_ERR_TLS_REQD));
+}
+
+/// FORCEDTLS: EXPORT_NAME before TLS has no error reply, so it disconnects; control:
+/// the same with TLS off enters transmission.
+#[test]
+fn require_disconnects_export_name_before_tls() {
+    let bytes = client(FLAGS_FIXED, &[opt(OPT_EXPORT_NAME, b"disk")]);
+    let (status, _) = run_with(tls_limits(TlsMode::Require), &bytes);
+    assert!(status.is_err(), "{status:?}");
+    let (status, _) = run_with(tls_limits(TlsMode::Off), &bytes);
+    done(status);
+}
+
+/// SELECTIVETLS: STARTTLS with data is INVALID (not acknowledged), and options work
+/// before TLS; with TLS off STARTTLS stays UNSUP.
+#[test]
+fn selective_tls_serves_plain_options_and_checks_starttls_data() {
+    let bytes = client(
+        FLAGS_FIXED,
+        &[
+            opt(OPT_STARTTLS, b"junk"),
+            opt(OPT_GO, &name_and_infos("disk", &[])),
+        ],
+    );
+    let (status, out) = run_with(tls_limits(TlsMode::On), &bytes);
+    done(status);
+    assert_eq!(parse_replies(&out)[0].kind, REP_ERR_INVALID);
+    let bytes = client(FLAGS_FIXED, &[opt(OPT_STARTTLS, &[])]);
+    let (status, out) = run_with(tls_limits(TlsMode::Off), &bytes);
+    assert_eq!(status, Ok(Status::NeedInput));
+    assert_eq!(parse_replies(&out)[0].kind, REP_ERR_UNSUP);
+}

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod nbd;
+pub mod vhost_target;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
