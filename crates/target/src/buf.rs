@@ -163,7 +163,10 @@ impl SgList {
             }
             let k = (n as usize).min(dst.len() - at);
             // SAFETY: the constructor's contract: the segment is valid for reads of
-            // `n >= k` bytes until `done`, and `dst` is our own buffer (no overlap).
+            // `n >= k` bytes until `done`. Segments may overlap one another (a guest
+            // can point two descriptors at the same bytes), but each copy is between
+            // one segment and `dst`, which the `&mut` borrow keeps apart from
+            // caller memory the list names.
             unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), dst[at..].as_mut_ptr(), k) };
             at += k;
         }
@@ -178,7 +181,10 @@ impl SgList {
             }
             let k = (n as usize).min(src.len() - at);
             // SAFETY: the constructor's contract: the segment is valid for writes of
-            // `n >= k` bytes until `done`; `src` is our own buffer (no overlap).
+            // `n >= k` bytes until `done`. Segments may overlap one another (a guest
+            // can point two descriptors at the same bytes: the later segment's bytes
+            // win, the guest's own doing), but each copy is between one segment and
+            // `src` (a layer bounce buffer in every caller), never memory the list names.
             unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), p.as_ptr(), k) };
             at += k;
         }

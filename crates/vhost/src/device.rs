@@ -321,14 +321,7 @@ impl Conn {
             .inflight
             .as_ref()
             .and_then(|r| r.queue(index))
-            .filter(|q| q.queue_size() >= v.num)
-            .map(|q| {
-                let (ptr, len) = (q.as_ptr(), q.len());
-                // SAFETY: `ptr..ptr + len` is this queue's part of the region's
-                // shared read/write mapping, which `q` (moved in as the keeper)
-                // holds mapped through its `Arc` for as long as the value lives.
-                unsafe { queue::InflightQueue::new(ptr, len, Some(Box::new(q))) }
-            });
+            .filter(|q| q.queue_size() >= v.num);
         if self.inflight.is_some() && inflight.is_none() {
             tracing::warn!(
                 export = %self.dev.export,

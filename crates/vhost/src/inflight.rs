@@ -183,9 +183,14 @@ impl InflightRegion {
         }
         let offset =
             usize::try_from(u64::from(index) * queue_region_bytes(self.queue_size)).ok()?;
+        // SAFETY: `index < num_queues` and the mapping is `num_queues *
+        // queue_region_bytes` long, so `offset + queue_region_bytes` stays inside
+        // that one mapping.
+        let p = unsafe { self.map.as_ptr().add(offset) };
         Some(InflightQueue {
-            region: self.clone(),
-            offset,
+            _region: self.clone(),
+            // A live mapping is never at address 0.
+            ptr: std::ptr::NonNull::new(p)?,
             queue_size: self.queue_size,
         })
     }
@@ -224,26 +229,29 @@ fn check_shape(num_queues: u16, queue_size: u16) -> Result<(), InflightError> {
 }
 
 /// One virtqueue's part of the region (module docs, *Layout*). Cloning shares it.
-/// Its records are read and written through `virtq::inflight` only.
+/// Its records are read and written through `virtq::inflight` only; the queue's
+/// data plane runs `SplitInflight` straight over it (the start address is computed
+/// once, here, not on each record access).
 #[derive(Clone, Debug)]
 pub struct InflightQueue {
-    region: Arc<InflightRegion>,
-    offset: usize,
+    /// Keeps the mapping `ptr` points into alive (never read).
+    _region: Arc<InflightRegion>,
+    /// Start of this queue's part of `_region`'s mapping.
+    ptr: std::ptr::NonNull<u8>,
     queue_size: u16,
 }
+
+// SAFETY: `ptr` points into the shared mapping `_region` keeps alive (an
+// `Arc<InflightRegion>`, itself `Send`); the memory is touched only by the queue's
+// reactor, the thread that owns the value once the queue runs.
+unsafe impl Send for InflightQueue {}
 
 impl InflightQueue {
     /// Start of this queue's part (its `QueueRegionSplit` header), for the data
     /// plane's own accessors (`virtq::inflight`). Mapped read/write and valid for
     /// [`len`](Self::len) bytes while this value (or a clone) lives.
     pub fn as_ptr(&self) -> std::ptr::NonNull<u8> {
-        // SAFETY: `offset` is `index * queue_region_bytes` for an index below the
-        // region's queue count (`InflightRegion::queue`), and the mapping is
-        // `num_queues * queue_region_bytes` long, so `offset + len()` stays inside
-        // that one mapping.
-        let p = unsafe { self.region.map.as_ptr().add(self.offset) };
-        // A live mapping is never at address 0.
-        std::ptr::NonNull::new(p).unwrap_or(std::ptr::NonNull::dangling())
+        self.ptr
     }
 
     /// Bytes of this queue's part ([`queue_region_bytes`] of the region's size).

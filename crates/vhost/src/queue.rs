@@ -101,7 +101,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::blk::plant::{planted, Plant};
 use crate::blk::{self, Kind, Scratch, ID_BYTES, S_IOERR, S_OK};
 use crate::errors::virtio_status;
-use crate::virtq::inflight::{Region, SplitInflight};
+use crate::inflight::InflightQueue;
+use crate::virtq::inflight::SplitInflight;
 use crate::virtq::{self, Desc};
 
 #[cfg(test)]
@@ -116,45 +117,6 @@ const KICK_EAGAIN_MAX: u32 = 16;
 
 /// The guest's memory as mapped from SET_MEM_TABLE (an `Arc` of the mapping).
 pub use crate::memory::GuestMem;
-
-/// The INFLIGHT_SHMFD region of one queue (QEMU's split-queue layout,
-/// `QueueRegionSplit`) as the queue sees it: the address and length of the control
-/// plane's mapping ([`crate::inflight::InflightQueue`], passed as `keep`), valid
-/// while the value lives ([`Region`]). The format's per-queue logic is
-/// `virtq::inflight`.
-pub struct InflightQueue {
-    ptr: NonNull<u8>,
-    len: usize,
-    /// Whatever keeps the mapping alive (the control plane's mmap).
-    _keep: Option<Box<dyn Send>>,
-}
-
-// SAFETY: the region is shared memory kept mapped by `_keep` (or the caller of
-// `new`); only the queue's reactor touches it while the queue runs.
-unsafe impl Send for InflightQueue {}
-
-impl InflightQueue {
-    /// # Safety
-    /// `ptr..ptr + len` is mapped read/write for as long as `keep` lives (or, with
-    /// `None`, for as long as the value lives).
-    pub unsafe fn new(ptr: NonNull<u8>, len: usize, keep: Option<Box<dyn Send>>) -> InflightQueue {
-        InflightQueue {
-            ptr,
-            len,
-            _keep: keep,
-        }
-    }
-}
-
-impl Region for InflightQueue {
-    fn as_ptr(&self) -> NonNull<u8> {
-        self.ptr
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-}
 
 /// Everything a reactor needs to serve one virtqueue; built by the control plane
 /// when the vring is started (kick set + enabled), sent to reactor `index % n`.

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use serde::de::{IntoDeserializer, Visitor};
 use super::*;
 use crate::blk::plant::{self, Plant};
 use crate::blk::{S_IOERR, S_OK, S_UNSUPP};
-use crate::virtq::inflight::region_bytes;
+use crate::inflight::{InflightQueue, InflightRegion};
 use crate::virtq::testdriver::{Driver, Req, DESC, F_INDIRECT, F_NEXT, F_WRITE, MEM_BYTES, USED};
 
 const VOL_BYTES: u64 = 4 << 20;
@@ -1080,14 +1080,23 @@ fn event_idx_negative_control() {
 // -------------------------------------------------------------------------------------
 // Inflight
 
-/// A heap region standing in for INFLIGHT_SHMFD memory.
-fn region(size: u16) -> (Arc<Mutex<Box<[u8]>>>, InflightQueue) {
-    let mem = Arc::new(Mutex::new(vec![0u8; region_bytes(size)].into_boxed_slice()));
-    let ptr = NonNull::new(mem.lock().unwrap().as_mut_ptr()).expect("non-null");
-    let len = region_bytes(size);
-    // SAFETY: the boxed slice never moves or shrinks and `keep` holds it.
-    let q = unsafe { InflightQueue::new(ptr, len, Some(Box::new(mem.clone()))) };
-    (mem, q)
+/// A real INFLIGHT_SHMFD region (memfd) of one queue part, and that part.
+fn region(size: u16) -> (Arc<InflightRegion>, InflightQueue) {
+    let r = InflightRegion::create(1, size).expect("inflight region");
+    let q = r.queue(0).expect("queue 0");
+    (r, q)
+}
+
+/// The region's bytes, as another process (QEMU) sees them.
+fn peek(r: &InflightRegion) -> Vec<u8> {
+    let mut b = vec![0u8; r.mmap_size() as usize];
+    r.file().read_exact_at(&mut b, 0).expect("read region");
+    b
+}
+
+/// Writes `bytes` at `at` of the region, as a previous server would have.
+fn poke(r: &InflightRegion, at: u64, bytes: &[u8]) {
+    r.file().write_all_at(bytes, at).expect("write region");
 }
 
 /// A previous server popped request A (logged in flight) and died. The restarted
@@ -1104,14 +1113,10 @@ fn inflight(mark: bool) -> Result<(), String> {
     d.publish(a.head);
     d.publish(b.head);
     let (bytes, region_q) = region(size);
-    {
-        let mut m = bytes.lock().unwrap();
-        m[8] = 1; // version
-        m[10..12].copy_from_slice(&size.to_le_bytes());
-        if mark {
-            let o = 16 + 16 * usize::from(a.head);
-            m[o] = 1;
-        }
+    poke(&bytes, 8, &[1]); // version
+    poke(&bytes, 10, &size.to_le_bytes());
+    if mark {
+        poke(&bytes, 16 + 16 * u64::from(a.head), &[1]);
     }
     let mut q = start(
         &mut rig,
@@ -1135,7 +1140,7 @@ fn inflight(mark: bool) -> Result<(), String> {
     ensure(resub == 1, format!("resubmitted {resub}"))?;
     ensure(q.d.read(b.data, 4096) == w, "B reads what A wrote")?;
     // The log is clean again: nothing in flight.
-    let m = bytes.lock().unwrap();
+    let m = peek(&bytes);
     let marks = (0..size as usize).filter(|&i| m[16 + 16 * i] != 0).count();
     ensure(marks == 0, format!("{marks} heads still marked in flight"))?;
     ensure(m[14..16] == [2, 0], "log used_idx")
@@ -1167,14 +1172,11 @@ fn inflight_oversized() -> Result<(), String> {
     d.publish(b.head);
     let desc_num = 64u16;
     let (bytes, region_q) = region(desc_num);
-    {
-        let mut m = bytes.lock().unwrap();
-        m[8] = 1; // version
-        m[10..12].copy_from_slice(&desc_num.to_le_bytes());
-        m[16 + 16 * usize::from(a.head)] = 1;
-        for h in 20..60usize {
-            m[16 + 16 * h] = 1;
-        }
+    poke(&bytes, 8, &[1]); // version
+    poke(&bytes, 10, &desc_num.to_le_bytes());
+    poke(&bytes, 16 + 16 * u64::from(a.head), &[1]);
+    for h in 20..60u64 {
+        poke(&bytes, 16 + 16 * h, &[1]);
     }
     let mut q = start(
         &mut rig,
@@ -1237,10 +1239,10 @@ fn inflight_log_tracks_requests_in_flight() {
     q.d.publish(req.head);
     // One iteration pops and submits; the completion comes later.
     rig.r.poll_once();
-    let marked = bytes.lock().unwrap()[16 + 16 * usize::from(req.head)];
+    let marked = peek(&bytes)[16 + 16 * usize::from(req.head)];
     assert_eq!(marked, 1, "popped request not logged");
     serve(&mut rig, &mut q, 1);
-    let marked = bytes.lock().unwrap()[16 + 16 * usize::from(req.head)];
+    let marked = peek(&bytes)[16 + 16 * usize::from(req.head)];
     assert_eq!(marked, 0, "completed request still logged");
 }
 
