@@ -50,7 +50,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringblk_reactor::{Completion, FileRef, Op, OpId, Reactor};
+use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, Reactor};
 use ringblk_target::bdev::{
     BackupId, Bdev, BlockOp, Channel, DataBuf, Done, IoOutput, IoResult, OwnBuf, Pressure,
     ReadData, StatusKind, View,
@@ -185,6 +185,8 @@ pub(crate) struct Conn {
     login: Option<Box<Login>>,
     ff: Option<Box<Ff>>,
     recv_op: Option<OpId>,
+    /// The receive buffer while no receive holds it: reused, not allocated per read.
+    rx: Option<Vec<u8>>,
     send_op: Option<OpId>,
     tx: VecDeque<Vec<u8>>,
     tx_bytes: usize,
@@ -224,6 +226,7 @@ pub(super) fn start(r: &mut Reactor, shared: Arc<IscsiShared>, sock: OwnedFd, id
         login: Some(Box::new(login)),
         ff: None,
         recv_op: None,
+        rx: None,
         send_op: None,
         tx: VecDeque::new(),
         tx_bytes: 0,
@@ -317,7 +320,8 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     if c.state != State::Open || c.recv_op.is_some() || paused(&c) {
         return;
     }
-    let op = Op::recv(c.sref, vec![0u8; RX_BYTES], 0, RX_BYTES as u32);
+    let buf = c.rx.take().unwrap_or_else(|| vec![0u8; RX_BYTES]);
+    let op = Op::recv(c.sref, buf, 0, RX_BYTES as u32);
     let conn2 = conn.clone();
     match r.submit(op, move |r, comp| on_recv(r, &conn2, comp)) {
         Ok(id) => c.recv_op = Some(id),
@@ -370,6 +374,9 @@ fn on_recv(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
             if conn.borrow().state == State::Closed {
                 return;
             }
+        }
+        if let IoBuf::Vec(v) = buf {
+            conn.borrow_mut().rx = Some(v);
         }
     }
     after_io(r, conn);
