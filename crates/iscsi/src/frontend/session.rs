@@ -83,6 +83,8 @@ const RX_BYTES: usize = 256 * 1024;
 const TX_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Bytes gathered into one send at most.
 const SEND_MAX_BYTES: usize = 1024 * 1024;
+/// PDUs gathered into one send at most (well under IOV_MAX).
+const SEND_MAX_PDUS: usize = 64;
 /// Idle time before a NOP-In ping, and how long the answer may take.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
@@ -403,15 +405,19 @@ fn flush(r: &mut Reactor, conn: &ConnRef) {
     if c.send_op.is_some() || c.tx.is_empty() || c.state == State::Closed {
         return;
     }
-    let mut out = c.tx.pop_front().unwrap_or_default();
-    while out.len() < SEND_MAX_BYTES {
-        let Some(next) = c.tx.pop_front() else { break };
-        out.extend_from_slice(&next);
+    // One gather send of the queued PDUs as they are: no copy into one buffer.
+    let mut bufs: Vec<IoBuf> = Vec::new();
+    let mut lens = Vec::new();
+    let mut total = 0usize;
+    while total < SEND_MAX_BYTES && bufs.len() < SEND_MAX_PDUS {
+        let Some(b) = c.tx.pop_front() else { break };
+        total += b.len();
+        lens.push(b.len());
+        bufs.push(b.into());
     }
-    let len = out.len() as u32;
-    let op = Op::send(c.sref, out, 0, len);
+    let op = Op::sendmsg(c.sref, bufs, &lens);
     let conn2 = conn.clone();
-    match r.submit(op, move |r, comp| on_sent(r, &conn2, comp)) {
+    match r.submit(op, move |r, comp| on_sent(r, &conn2, comp, total)) {
         Ok(id) => c.send_op = Some(id),
         Err(_) => {
             drop(c);
@@ -420,9 +426,9 @@ fn flush(r: &mut Reactor, conn: &ConnRef) {
     }
 }
 
-fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
+fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, total: usize) {
     let res = comp.bytes();
-    let buf = comp.op.into_buf();
+    let bufs = comp.op.into_bufs();
     {
         let mut c = conn.borrow_mut();
         c.send_op = None;
@@ -431,15 +437,12 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
             maybe_release(r, conn);
             return;
         }
-        let total = buf.as_ref().map_or(0, |b| b.len());
         match res {
             Ok(n) if n > 0 => {
-                let n = n as usize;
-                c.tx_bytes = c.tx_bytes.saturating_sub(n.min(total));
+                let n = (n as usize).min(total);
+                c.tx_bytes = c.tx_bytes.saturating_sub(n);
                 if n < total {
-                    if let Some(b) = buf {
-                        c.tx.push_front(b.as_slice()[n..].to_vec());
-                    }
+                    requeue_unsent(&mut c.tx, bufs, n);
                 }
             }
             _ => {
@@ -450,6 +453,31 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
         }
     }
     after_io(r, conn);
+}
+
+/// Puts back, at the head of `tx` and in order, what a short send left of `bufs`
+/// after its first `sent` bytes.
+fn requeue_unsent(tx: &mut VecDeque<Vec<u8>>, bufs: Vec<IoBuf>, mut sent: usize) {
+    let mut rest = Vec::new();
+    for b in bufs {
+        let len = b.len();
+        if sent >= len {
+            sent -= len;
+            continue;
+        }
+        let v = match b {
+            IoBuf::Vec(mut v) => {
+                v.drain(..sent);
+                v
+            }
+            other => other.as_slice()[sent..].to_vec(),
+        };
+        sent = 0;
+        rest.push(v);
+    }
+    for v in rest.into_iter().rev() {
+        tx.push_front(v);
+    }
 }
 
 /// Stops all I/O on the socket; the descriptor closes once no operation refers to it.
@@ -1662,4 +1690,36 @@ fn maybe_logout(conn: &ConnRef) {
     );
     queue(c, d, &p);
     c.state = State::Draining;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short gather send must put back exactly the unsent bytes, in order, ahead of
+    /// what was queued after the send: a lost or reordered byte desynchronises the
+    /// initiator's PDU framing.
+    #[test]
+    fn short_send_requeues_the_rest_in_order() {
+        let mut tx = VecDeque::from([b"later".to_vec()]);
+        let bufs = vec![
+            IoBuf::from(b"abc".to_vec()),
+            IoBuf::from(b"defg".to_vec()),
+            IoBuf::from(b"hi".to_vec()),
+        ];
+        requeue_unsent(&mut tx, bufs, 4);
+        let got: Vec<Vec<u8>> = tx.into_iter().collect();
+        assert_eq!(
+            got,
+            vec![b"efg".to_vec(), b"hi".to_vec(), b"later".to_vec()]
+        );
+    }
+
+    #[test]
+    fn short_send_on_a_buffer_boundary_requeues_whole_buffers() {
+        let mut tx = VecDeque::new();
+        let bufs = vec![IoBuf::from(b"abc".to_vec()), IoBuf::from(b"de".to_vec())];
+        requeue_unsent(&mut tx, bufs, 3);
+        assert_eq!(tx.into_iter().collect::<Vec<_>>(), vec![b"de".to_vec()]);
+    }
 }
