@@ -25,7 +25,8 @@
 //! are unsent, while the volume's channel reported `Pressure::Full` (until
 //! `when_room`), during a logout and with more than 4 task management requests
 //! waiting; never for the window itself, since writes waiting for Data-Out need
-//! reading to go on.
+//! reading to go on. A reactor whose op slab is full delays a receive or a send
+//! (retried after `SLAB_RETRY`); it never closes the connection.
 //!
 //! # Errors
 //! Block errors become sense data only through [`crate::scsi::sense_for`]. A PDU the
@@ -85,6 +86,8 @@ const TX_MAX_BYTES: usize = 8 * 1024 * 1024;
 const SEND_MAX_BYTES: usize = 1024 * 1024;
 /// PDUs gathered into one send at most (well under IOV_MAX).
 const SEND_MAX_PDUS: usize = 64;
+/// Wait before submitting again when the reactor's op slab was full.
+const SLAB_RETRY: Duration = Duration::from_micros(50);
 /// Idle time before a NOP-In ping, and how long the answer may take.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
@@ -190,6 +193,8 @@ pub(crate) struct Conn {
     /// The receive buffer while no receive holds it: reused, not allocated per read.
     rx: Option<Vec<u8>>,
     send_op: Option<OpId>,
+    /// A [`retry_soon`] timer is pending.
+    retry_armed: bool,
     tx: VecDeque<Vec<u8>>,
     tx_bytes: usize,
     last_rx: Instant,
@@ -230,6 +235,7 @@ pub(super) fn start(r: &mut Reactor, shared: Arc<IscsiShared>, sock: OwnedFd, id
         recv_op: None,
         rx: None,
         send_op: None,
+        retry_armed: false,
         tx: VecDeque::new(),
         tx_bytes: 0,
         last_rx: Instant::now(),
@@ -327,9 +333,13 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     let conn2 = conn.clone();
     match r.submit(op, move |r, comp| on_recv(r, &conn2, comp)) {
         Ok(id) => c.recv_op = Some(id),
-        Err(_) => {
+        Err(rej) => {
+            c.rx = match rej.op.into_buf() {
+                Some(IoBuf::Vec(v)) => Some(v),
+                _ => None,
+            };
             drop(c);
-            close_now(r, conn);
+            retry_soon(r, conn);
         }
     }
 }
@@ -419,11 +429,32 @@ fn flush(r: &mut Reactor, conn: &ConnRef) {
     let conn2 = conn.clone();
     match r.submit(op, move |r, comp| on_sent(r, &conn2, comp, total)) {
         Ok(id) => c.send_op = Some(id),
-        Err(_) => {
+        Err(rej) => {
+            requeue_unsent(&mut c.tx, rej.op.into_bufs(), 0);
             drop(c);
-            close_now(r, conn);
+            retry_soon(r, conn);
         }
     }
+}
+
+/// The reactor's op slab was full: try the receive and the send again shortly instead
+/// of failing a healthy connection (back-pressure, not failure; the NBD session does
+/// the same). One retry timer per connection at a time.
+fn retry_soon(r: &mut Reactor, conn: &ConnRef) {
+    {
+        let mut c = conn.borrow_mut();
+        if c.retry_armed {
+            return;
+        }
+        c.retry_armed = true;
+    }
+    let weak = Rc::downgrade(conn);
+    r.add_timer(SLAB_RETRY, move |r| {
+        if let Some(c) = weak.upgrade() {
+            c.borrow_mut().retry_armed = false;
+            after_io(r, &c);
+        }
+    });
 }
 
 fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, total: usize) {
