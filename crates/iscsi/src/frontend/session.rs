@@ -25,7 +25,8 @@
 //! are unsent, while the volume's channel reported `Pressure::Full` (until
 //! `when_room`), during a logout and with more than 4 task management requests
 //! waiting; never for the window itself, since writes waiting for Data-Out need
-//! reading to go on.
+//! reading to go on. A reactor whose op slab is full delays a receive or a send
+//! (retried after `SLAB_RETRY`); it never closes the connection.
 //!
 //! # Errors
 //! Block errors become sense data only through [`crate::scsi::sense_for`]. A PDU the
@@ -50,7 +51,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringblk_reactor::{Completion, FileRef, Op, OpId, Reactor};
+use ringblk_reactor::{Completion, FileRef, IoBuf, Op, OpId, Reactor};
 use ringblk_target::bdev::{
     BackupId, Bdev, BlockOp, Channel, DataBuf, Done, IoOutput, IoResult, OwnBuf, Pressure,
     ReadData, StatusKind, View,
@@ -83,6 +84,10 @@ const RX_BYTES: usize = 256 * 1024;
 const TX_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Bytes gathered into one send at most.
 const SEND_MAX_BYTES: usize = 1024 * 1024;
+/// PDUs gathered into one send at most (well under IOV_MAX).
+const SEND_MAX_PDUS: usize = 64;
+/// Wait before submitting again when the reactor's op slab was full.
+const SLAB_RETRY: Duration = Duration::from_micros(50);
 /// Idle time before a NOP-In ping, and how long the answer may take.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
@@ -185,7 +190,11 @@ pub(crate) struct Conn {
     login: Option<Box<Login>>,
     ff: Option<Box<Ff>>,
     recv_op: Option<OpId>,
+    /// The receive buffer while no receive holds it: reused, not allocated per read.
+    rx: Option<Vec<u8>>,
     send_op: Option<OpId>,
+    /// A [`retry_soon`] timer is pending.
+    retry_armed: bool,
     tx: VecDeque<Vec<u8>>,
     tx_bytes: usize,
     last_rx: Instant,
@@ -224,7 +233,9 @@ pub(super) fn start(r: &mut Reactor, shared: Arc<IscsiShared>, sock: OwnedFd, id
         login: Some(Box::new(login)),
         ff: None,
         recv_op: None,
+        rx: None,
         send_op: None,
+        retry_armed: false,
         tx: VecDeque::new(),
         tx_bytes: 0,
         last_rx: Instant::now(),
@@ -317,13 +328,18 @@ fn post_recv(r: &mut Reactor, conn: &ConnRef) {
     if c.state != State::Open || c.recv_op.is_some() || paused(&c) {
         return;
     }
-    let op = Op::recv(c.sref, vec![0u8; RX_BYTES], 0, RX_BYTES as u32);
+    let buf = c.rx.take().unwrap_or_else(|| vec![0u8; RX_BYTES]);
+    let op = Op::recv(c.sref, buf, 0, RX_BYTES as u32);
     let conn2 = conn.clone();
     match r.submit(op, move |r, comp| on_recv(r, &conn2, comp)) {
         Ok(id) => c.recv_op = Some(id),
-        Err(_) => {
+        Err(rej) => {
+            c.rx = match rej.op.into_buf() {
+                Some(IoBuf::Vec(v)) => Some(v),
+                _ => None,
+            };
             drop(c);
-            close_now(r, conn);
+            retry_soon(r, conn);
         }
     }
 }
@@ -371,6 +387,9 @@ fn on_recv(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
                 return;
             }
         }
+        if let IoBuf::Vec(v) = buf {
+            conn.borrow_mut().rx = Some(v);
+        }
     }
     after_io(r, conn);
 }
@@ -396,26 +415,51 @@ fn flush(r: &mut Reactor, conn: &ConnRef) {
     if c.send_op.is_some() || c.tx.is_empty() || c.state == State::Closed {
         return;
     }
-    let mut out = c.tx.pop_front().unwrap_or_default();
-    while out.len() < SEND_MAX_BYTES {
-        let Some(next) = c.tx.pop_front() else { break };
-        out.extend_from_slice(&next);
+    // One gather send of the queued PDUs as they are: no copy into one buffer.
+    let mut bufs: Vec<IoBuf> = Vec::new();
+    let mut lens = Vec::new();
+    let mut total = 0usize;
+    while total < SEND_MAX_BYTES && bufs.len() < SEND_MAX_PDUS {
+        let Some(b) = c.tx.pop_front() else { break };
+        total += b.len();
+        lens.push(b.len());
+        bufs.push(b.into());
     }
-    let len = out.len() as u32;
-    let op = Op::send(c.sref, out, 0, len);
+    let op = Op::sendmsg(c.sref, bufs, &lens);
     let conn2 = conn.clone();
-    match r.submit(op, move |r, comp| on_sent(r, &conn2, comp)) {
+    match r.submit(op, move |r, comp| on_sent(r, &conn2, comp, total)) {
         Ok(id) => c.send_op = Some(id),
-        Err(_) => {
+        Err(rej) => {
+            requeue_unsent(&mut c.tx, rej.op.into_bufs(), 0);
             drop(c);
-            close_now(r, conn);
+            retry_soon(r, conn);
         }
     }
 }
 
-fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
+/// The reactor's op slab was full: try the receive and the send again shortly instead
+/// of failing a healthy connection (back-pressure, not failure; the NBD session does
+/// the same). One retry timer per connection at a time.
+fn retry_soon(r: &mut Reactor, conn: &ConnRef) {
+    {
+        let mut c = conn.borrow_mut();
+        if c.retry_armed {
+            return;
+        }
+        c.retry_armed = true;
+    }
+    let weak = Rc::downgrade(conn);
+    r.add_timer(SLAB_RETRY, move |r| {
+        if let Some(c) = weak.upgrade() {
+            c.borrow_mut().retry_armed = false;
+            after_io(r, &c);
+        }
+    });
+}
+
+fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion, total: usize) {
     let res = comp.bytes();
-    let buf = comp.op.into_buf();
+    let bufs = comp.op.into_bufs();
     {
         let mut c = conn.borrow_mut();
         c.send_op = None;
@@ -424,15 +468,12 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
             maybe_release(r, conn);
             return;
         }
-        let total = buf.as_ref().map_or(0, |b| b.len());
         match res {
             Ok(n) if n > 0 => {
-                let n = n as usize;
-                c.tx_bytes = c.tx_bytes.saturating_sub(n.min(total));
+                let n = (n as usize).min(total);
+                c.tx_bytes = c.tx_bytes.saturating_sub(n);
                 if n < total {
-                    if let Some(b) = buf {
-                        c.tx.push_front(b.as_slice()[n..].to_vec());
-                    }
+                    requeue_unsent(&mut c.tx, bufs, n);
                 }
             }
             _ => {
@@ -443,6 +484,31 @@ fn on_sent(r: &mut Reactor, conn: &ConnRef, comp: Completion) {
         }
     }
     after_io(r, conn);
+}
+
+/// Puts back, at the head of `tx` and in order, what a short send left of `bufs`
+/// after its first `sent` bytes.
+fn requeue_unsent(tx: &mut VecDeque<Vec<u8>>, bufs: Vec<IoBuf>, mut sent: usize) {
+    let mut rest = Vec::new();
+    for b in bufs {
+        let len = b.len();
+        if sent >= len {
+            sent -= len;
+            continue;
+        }
+        let v = match b {
+            IoBuf::Vec(mut v) => {
+                v.drain(..sent);
+                v
+            }
+            other => other.as_slice()[sent..].to_vec(),
+        };
+        sent = 0;
+        rest.push(v);
+    }
+    for v in rest.into_iter().rev() {
+        tx.push_front(v);
+    }
 }
 
 /// Stops all I/O on the socket; the descriptor closes once no operation refers to it.
@@ -1655,4 +1721,36 @@ fn maybe_logout(conn: &ConnRef) {
     );
     queue(c, d, &p);
     c.state = State::Draining;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short gather send must put back exactly the unsent bytes, in order, ahead of
+    /// what was queued after the send: a lost or reordered byte desynchronises the
+    /// initiator's PDU framing.
+    #[test]
+    fn short_send_requeues_the_rest_in_order() {
+        let mut tx = VecDeque::from([b"later".to_vec()]);
+        let bufs = vec![
+            IoBuf::from(b"abc".to_vec()),
+            IoBuf::from(b"defg".to_vec()),
+            IoBuf::from(b"hi".to_vec()),
+        ];
+        requeue_unsent(&mut tx, bufs, 4);
+        let got: Vec<Vec<u8>> = tx.into_iter().collect();
+        assert_eq!(
+            got,
+            vec![b"efg".to_vec(), b"hi".to_vec(), b"later".to_vec()]
+        );
+    }
+
+    #[test]
+    fn short_send_on_a_buffer_boundary_requeues_whole_buffers() {
+        let mut tx = VecDeque::new();
+        let bufs = vec![IoBuf::from(b"abc".to_vec()), IoBuf::from(b"de".to_vec())];
+        requeue_unsent(&mut tx, bufs, 3);
+        assert_eq!(tx.into_iter().collect::<Vec<_>>(), vec![b"de".to_vec()]);
+    }
 }
