@@ -1584,14 +1584,17 @@ fn on_sent_tls(r: &mut Reactor, conn: &ConnRef, comp: Completion, total: usize, 
             }
             c.state = State::Aborting;
             clear_tx(&mut c);
-        } else if (res as usize) < total {
-            let sent = res as usize;
-            let buf = comp.op.into_bufs().into_iter().next();
-            if let (Some(tls), Some(b)) = (c.tls.as_mut(), buf) {
-                let mut rest = b.as_slice()[sent..total].to_vec();
-                rest.append(&mut tls.wire_out);
-                tls.wire_out = rest;
-            }
+        } else if let (Some(tls), Some(IoBuf::Vec(mut v))) =
+            (c.tls.as_mut(), comp.op.into_bufs().into_iter().next())
+        {
+            // The sent buffer becomes `wire_out` again: an unsent tail moves to its
+            // front in place, and a fully sent one keeps its capacity, so the next
+            // batch's records are not written into a new, growing Vec each send
+            // (bounded by one batch of ciphertext per connection).
+            v.truncate(total);
+            v.drain(..(res as usize).min(total));
+            v.append(&mut tls.wire_out);
+            tls.wire_out = v;
         }
     }
     kick_send(r, conn);
