@@ -1448,17 +1448,7 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
     let conn2 = conn.clone();
     let res = r.submit(op, move |r, comp| on_sent(r, &conn2, comp, lens, total));
     match res {
-        Ok(id) => {
-            c.send_outstanding = true;
-            c.send_op = Some(id);
-            c.sending_bytes = total;
-            c.last_progress = Instant::now();
-            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
-            drop(c);
-            if watch {
-                arm_stall_timer(r, conn);
-            }
-        }
+        Ok(id) => send_submitted(r, conn, c, id, total),
         Err(rej) => {
             // Slab full: keep the bytes, in order, and retry shortly.
             let mut bytes = Vec::with_capacity(total);
@@ -1467,12 +1457,37 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
             }
             c.tx.push_front(Reply::Bytes(bytes));
             drop(c);
-            let conn2 = conn.clone();
-            r.add_timer(std::time::Duration::from_micros(50), move |r| {
-                kick_send(r, &conn2)
-            });
+            retry_send_soon(r, conn);
         }
     }
+}
+
+/// A send was submitted (plain or TLS): one outstanding per socket, carrying
+/// `reply_bytes` of queued replies; a client that stops reading is watched.
+fn send_submitted(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    mut c: std::cell::RefMut<'_, Conn>,
+    id: OpId,
+    reply_bytes: usize,
+) {
+    c.send_outstanding = true;
+    c.send_op = Some(id);
+    c.sending_bytes = reply_bytes;
+    c.last_progress = Instant::now();
+    let watch = stalled_on_client(&c) && c.stall_timer.is_none();
+    drop(c);
+    if watch {
+        arm_stall_timer(r, conn);
+    }
+}
+
+/// The slab had no room for a send: try again shortly (the bytes stay queued).
+fn retry_send_soon(r: &mut Reactor, conn: &ConnRef) {
+    let conn2 = conn.clone();
+    r.add_timer(std::time::Duration::from_micros(50), move |r| {
+        kick_send(r, &conn2)
+    });
 }
 
 /// The bytes of a queued reply, as two pieces (header and data).
@@ -1535,17 +1550,7 @@ fn kick_send_tls(r: &mut Reactor, conn: &ConnRef) {
     match r.submit(op, move |r, comp| {
         on_sent_tls(r, &conn2, comp, total, plain)
     }) {
-        Ok(id) => {
-            c.send_outstanding = true;
-            c.send_op = Some(id);
-            c.sending_bytes = plain;
-            c.last_progress = Instant::now();
-            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
-            drop(c);
-            if watch {
-                arm_stall_timer(r, conn);
-            }
-        }
+        Ok(id) => send_submitted(r, conn, c, id, plain),
         Err(rej) => {
             // Slab full: keep the ciphertext, in order, and retry shortly.
             let buf = rej.op.into_bufs().into_iter().next();
@@ -1554,10 +1559,7 @@ fn kick_send_tls(r: &mut Reactor, conn: &ConnRef) {
                 tls.wire_plain = plain;
             }
             drop(c);
-            let conn2 = conn.clone();
-            r.add_timer(std::time::Duration::from_micros(50), move |r| {
-                kick_send(r, &conn2)
-            });
+            retry_send_soon(r, conn);
         }
     }
 }
