@@ -1500,27 +1500,41 @@ fn reply_pieces(rep: &Reply) -> [&[u8]; 2] {
 
 /// Encrypts up to `TLS_SEND_BATCH_BYTES` of queued replies (only once the previous
 /// ciphertext is out: module docs of `tls.rs`, bounds) and takes rustls's records.
+/// The batch goes to rustls in one vectored write, so replies share full records
+/// (a reply's header and data, and many small replies, are not a record each).
 fn fill_tls(tls: &mut TlsConn, tx: &mut VecDeque<Reply>) -> Result<(), super::tls::TlsFailed> {
     if tls.established && tls.wire_out.is_empty() {
+        let mut pieces: Vec<std::io::IoSlice<'_>> = Vec::new();
         let mut moved = 0usize;
-        while moved < TLS_SEND_BATCH_BYTES {
-            let Some(front) = tx.front() else { break };
-            let [a, b] = reply_pieces(front);
+        let mut done = 0usize; // replies sent whole
+        let mut from = tls.front_offset;
+        for rep in tx.iter() {
+            if moved >= TLS_SEND_BATCH_BYTES {
+                break;
+            }
+            let [a, b] = reply_pieces(rep);
             let total = a.len() + b.len();
-            let from = tls.front_offset;
             let upto = total.min(from + (TLS_SEND_BATCH_BYTES - moved));
             let (a_from, a_to) = (from.min(a.len()), upto.min(a.len()));
             let (b_from, b_to) = (from.max(a.len()) - a.len(), upto.max(a.len()) - a.len());
-            tls.encrypt(&a[a_from..a_to])?;
-            tls.encrypt(&b[b_from..b_to])?;
+            pieces.extend(
+                [&a[a_from..a_to], &b[b_from..b_to]]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(std::io::IoSlice::new),
+            );
             moved += upto - from;
-            if upto == total {
-                tx.pop_front();
-                tls.front_offset = 0;
-            } else {
-                tls.front_offset = upto;
+            if upto < total {
+                from = upto;
+                break;
             }
+            done += 1;
+            from = 0;
         }
+        tls.encrypt(&pieces, moved)?;
+        drop(pieces);
+        tx.drain(..done);
+        tls.front_offset = from;
         tls.wire_plain += moved;
     }
     tls.drain_records()
