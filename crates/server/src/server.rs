@@ -236,10 +236,7 @@ fn start_acceptor(
 ) -> Result<crate::listen::Acceptor, ServerError> {
     let sh = shared.clone();
     let deliver: crate::listen::Deliver = Arc::new(move |r, sock| accepted(r, &sh, sock));
-    let Some(first) = pool.handles().first().cloned() else {
-        return Err(ServerError::Accept(std::io::Error::other("no reactor")));
-    };
-    crate::listen::Acceptor::start(listener, first, deliver).map_err(ServerError::Accept)
+    accept_on_first(pool, listener, deliver)
 }
 
 /// Admits a new connection into a handshake slot (see `admission`): at the
@@ -334,6 +331,15 @@ fn start_iscsi_acceptor(
             r.send_to(target, move |r| IscsiFrontend::start(r, sh2, sock, id));
         }
     });
+    accept_on_first(pool, listener, deliver)
+}
+
+/// Starts an accept thread whose connections reactor 0 hands to `deliver`.
+fn accept_on_first(
+    pool: &ReactorPool,
+    listener: crate::listen::Bound,
+    deliver: crate::listen::Deliver,
+) -> Result<crate::listen::Acceptor, ServerError> {
     let Some(first) = pool.handles().first().cloned() else {
         return Err(ServerError::Accept(std::io::Error::other("no reactor")));
     };

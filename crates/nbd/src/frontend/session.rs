@@ -1448,17 +1448,7 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
     let conn2 = conn.clone();
     let res = r.submit(op, move |r, comp| on_sent(r, &conn2, comp, lens, total));
     match res {
-        Ok(id) => {
-            c.send_outstanding = true;
-            c.send_op = Some(id);
-            c.sending_bytes = total;
-            c.last_progress = Instant::now();
-            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
-            drop(c);
-            if watch {
-                arm_stall_timer(r, conn);
-            }
-        }
+        Ok(id) => send_submitted(r, conn, c, id, total),
         Err(rej) => {
             // Slab full: keep the bytes, in order, and retry shortly.
             let mut bytes = Vec::with_capacity(total);
@@ -1467,12 +1457,37 @@ fn kick_send(r: &mut Reactor, conn: &ConnRef) {
             }
             c.tx.push_front(Reply::Bytes(bytes));
             drop(c);
-            let conn2 = conn.clone();
-            r.add_timer(std::time::Duration::from_micros(50), move |r| {
-                kick_send(r, &conn2)
-            });
+            retry_send_soon(r, conn);
         }
     }
+}
+
+/// A send was submitted (plain or TLS): one outstanding per socket, carrying
+/// `reply_bytes` of queued replies; a client that stops reading is watched.
+fn send_submitted(
+    r: &mut Reactor,
+    conn: &ConnRef,
+    mut c: std::cell::RefMut<'_, Conn>,
+    id: OpId,
+    reply_bytes: usize,
+) {
+    c.send_outstanding = true;
+    c.send_op = Some(id);
+    c.sending_bytes = reply_bytes;
+    c.last_progress = Instant::now();
+    let watch = stalled_on_client(&c) && c.stall_timer.is_none();
+    drop(c);
+    if watch {
+        arm_stall_timer(r, conn);
+    }
+}
+
+/// The slab had no room for a send: try again shortly (the bytes stay queued).
+fn retry_send_soon(r: &mut Reactor, conn: &ConnRef) {
+    let conn2 = conn.clone();
+    r.add_timer(std::time::Duration::from_micros(50), move |r| {
+        kick_send(r, &conn2)
+    });
 }
 
 /// The bytes of a queued reply, as two pieces (header and data).
@@ -1485,27 +1500,41 @@ fn reply_pieces(rep: &Reply) -> [&[u8]; 2] {
 
 /// Encrypts up to `TLS_SEND_BATCH_BYTES` of queued replies (only once the previous
 /// ciphertext is out: module docs of `tls.rs`, bounds) and takes rustls's records.
+/// The batch goes to rustls in one vectored write, so replies share full records
+/// (a reply's header and data, and many small replies, are not a record each).
 fn fill_tls(tls: &mut TlsConn, tx: &mut VecDeque<Reply>) -> Result<(), super::tls::TlsFailed> {
     if tls.established && tls.wire_out.is_empty() {
+        let mut pieces: Vec<std::io::IoSlice<'_>> = Vec::new();
         let mut moved = 0usize;
-        while moved < TLS_SEND_BATCH_BYTES {
-            let Some(front) = tx.front() else { break };
-            let [a, b] = reply_pieces(front);
+        let mut done = 0usize; // replies sent whole
+        let mut from = tls.front_offset;
+        for rep in tx.iter() {
+            if moved >= TLS_SEND_BATCH_BYTES {
+                break;
+            }
+            let [a, b] = reply_pieces(rep);
             let total = a.len() + b.len();
-            let from = tls.front_offset;
             let upto = total.min(from + (TLS_SEND_BATCH_BYTES - moved));
             let (a_from, a_to) = (from.min(a.len()), upto.min(a.len()));
             let (b_from, b_to) = (from.max(a.len()) - a.len(), upto.max(a.len()) - a.len());
-            tls.encrypt(&a[a_from..a_to])?;
-            tls.encrypt(&b[b_from..b_to])?;
+            pieces.extend(
+                [&a[a_from..a_to], &b[b_from..b_to]]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(std::io::IoSlice::new),
+            );
             moved += upto - from;
-            if upto == total {
-                tx.pop_front();
-                tls.front_offset = 0;
-            } else {
-                tls.front_offset = upto;
+            if upto < total {
+                from = upto;
+                break;
             }
+            done += 1;
+            from = 0;
         }
+        tls.encrypt(&pieces, moved)?;
+        drop(pieces);
+        tx.drain(..done);
+        tls.front_offset = from;
         tls.wire_plain += moved;
     }
     tls.drain_records()
@@ -1535,17 +1564,7 @@ fn kick_send_tls(r: &mut Reactor, conn: &ConnRef) {
     match r.submit(op, move |r, comp| {
         on_sent_tls(r, &conn2, comp, total, plain)
     }) {
-        Ok(id) => {
-            c.send_outstanding = true;
-            c.send_op = Some(id);
-            c.sending_bytes = plain;
-            c.last_progress = Instant::now();
-            let watch = stalled_on_client(&c) && c.stall_timer.is_none();
-            drop(c);
-            if watch {
-                arm_stall_timer(r, conn);
-            }
-        }
+        Ok(id) => send_submitted(r, conn, c, id, plain),
         Err(rej) => {
             // Slab full: keep the ciphertext, in order, and retry shortly.
             let buf = rej.op.into_bufs().into_iter().next();
@@ -1554,10 +1573,7 @@ fn kick_send_tls(r: &mut Reactor, conn: &ConnRef) {
                 tls.wire_plain = plain;
             }
             drop(c);
-            let conn2 = conn.clone();
-            r.add_timer(std::time::Duration::from_micros(50), move |r| {
-                kick_send(r, &conn2)
-            });
+            retry_send_soon(r, conn);
         }
     }
 }
@@ -1584,14 +1600,17 @@ fn on_sent_tls(r: &mut Reactor, conn: &ConnRef, comp: Completion, total: usize, 
             }
             c.state = State::Aborting;
             clear_tx(&mut c);
-        } else if (res as usize) < total {
-            let sent = res as usize;
-            let buf = comp.op.into_bufs().into_iter().next();
-            if let (Some(tls), Some(b)) = (c.tls.as_mut(), buf) {
-                let mut rest = b.as_slice()[sent..total].to_vec();
-                rest.append(&mut tls.wire_out);
-                tls.wire_out = rest;
-            }
+        } else if let (Some(tls), Some(IoBuf::Vec(mut v))) =
+            (c.tls.as_mut(), comp.op.into_bufs().into_iter().next())
+        {
+            // The sent buffer becomes `wire_out` again: an unsent tail moves to its
+            // front in place, and a fully sent one keeps its capacity, so the next
+            // batch's records are not written into a new, growing Vec each send
+            // (bounded by one batch of ciphertext per connection).
+            v.truncate(total);
+            v.drain(..(res as usize).min(total));
+            v.append(&mut tls.wire_out);
+            tls.wire_out = v;
         }
     }
     kick_send(r, conn);

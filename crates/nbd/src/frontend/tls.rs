@@ -282,7 +282,7 @@ impl TlsConn {
         let mut conn = ServerConnection::new(config).map_err(|e| TlsFailed(e.to_string()))?;
         // The session bounds what it encrypts per send (TLS_SEND_BATCH_BYTES) and
         // encrypts no more until that is out; rustls's own limit would only make
-        // `write_all` fail halfway through a batch.
+        // `encrypt` take only part of a batch.
         conn.set_buffer_limit(None);
         Ok(TlsConn {
             conn,
@@ -368,12 +368,18 @@ impl TlsConn {
         Ok(!was && self.established)
     }
 
-    /// Encrypts `plain` (application data; call only once established).
-    pub fn encrypt(&mut self, plain: &[u8]) -> Result<(), TlsFailed> {
-        self.conn
-            .writer()
-            .write_all(plain)
-            .map_err(|e| TlsFailed(e.to_string()))
+    /// Encrypts `plain`, `len` bytes in all (application data; call only once
+    /// established). One write: rustls fills each record across the pieces.
+    pub fn encrypt(&mut self, plain: &[std::io::IoSlice<'_>], len: usize) -> Result<(), TlsFailed> {
+        if len == 0 {
+            return Ok(());
+        }
+        // With no buffer limit (`new`) rustls takes everything once established.
+        match self.conn.writer().write_vectored(plain) {
+            Ok(n) if n == len => Ok(()),
+            Ok(n) => Err(TlsFailed(format!("rustls took {n} of {len} bytes"))),
+            Err(e) => Err(TlsFailed(e.to_string())),
+        }
     }
 
     /// Moves what rustls has to send into `wire_out`.
