@@ -218,6 +218,20 @@ pub fn banner_port(lines: &[String]) -> Option<u16> {
     })
 }
 
+/// One JSON-RPC call on the server's socket, bounded by [`TOOL_TIMEOUT`]; the whole
+/// response object (callers assert on `result` or `error`).
+pub fn rpc_call(srv: &Server, method: &str, params: serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&srv.rpc)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", srv.rpc.display()));
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).expect("timeout");
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    writeln!(s, "{req}").expect("send");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("rpc reply");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {e}: {line:?}"))
+}
+
 /// Runs a command with a time bound; returns its output (never panics on a non-zero
 /// exit: callers assert on what they expect).
 pub fn run(cmd: &mut Command) -> Output {
