@@ -195,23 +195,33 @@ control() {
     callgrind_control "$@" "$SERVER_PID" > "$TMP/control.txt" 2>&1 \
         || { cat "$TMP/control.txt" >&2; die "callgrind_control $* failed"; }
 }
-# The reactor's busy_ticks (loop iterations that did work), from the RPC socket.
-busy_ticks() {
-    python3 - "$TMP/ringblk.sock" <<'PY'
+# One RPC on the server's socket: METHOD's result, every integer field named KEY
+# in it (at any depth) summed.
+rpc_sum() {
+    python3 - "$TMP/ringblk.sock" "$1" "$2" <<'PY'
 import json, socket, sys
+sock, method, key = sys.argv[1:4]
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(60)
-s.connect(sys.argv[1])
-s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"reactor_list"}\n')
+s.connect(sock)
+s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": method}).encode() + b"\n")
 buf = b""
 while not buf.endswith(b"\n"):
     chunk = s.recv(65536)
     if not chunk:
         break
     buf += chunk
-print(sum(r["busy_ticks"] for r in json.loads(buf)["result"]))
+def total(v):
+    if isinstance(v, dict):
+        return sum(x if k == key and isinstance(x, int) else total(x) for k, x in v.items())
+    if isinstance(v, list):
+        return sum(total(x) for x in v)
+    return 0
+print(total(json.loads(buf)["result"]))
 PY
 }
+# The reactor's busy_ticks (loop iterations that did work).
+busy_ticks() { rpc_sum reactor_list busy_ticks; }
 # Dumps what was counted since the last dump into $OUTFILE.K and waits for the file.
 dump() {
     control --dump="$2"
@@ -223,28 +233,7 @@ dump() {
 }
 
 # Requests the vhost exports served so far (vhost_list), summed over queues.
-served() {
-    python3 - "$TMP/ringblk.sock" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(60)
-s.connect(sys.argv[1])
-s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"vhost_list"}\n')
-buf = b""
-while not buf.endswith(b"\n"):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    buf += chunk
-def total(v):
-    if isinstance(v, dict):
-        return sum(x if k == "served" and isinstance(x, int) else total(x) for k, x in v.items())
-    if isinstance(v, list):
-        return sum(total(x) for x in v)
-    return 0
-print(total(json.loads(buf)["result"]))
-PY
-}
+served() { rpc_sum vhost_list served; }
 
 if [ "$QSD" -eq 1 ]; then
     b0=0 b1=0

@@ -293,12 +293,13 @@ start_server() {
     local sys=${1%+rbb} port n
     n=$(date +%s%N)
     case "$sys" in
-        ringblk|ringblk-null|ringblk-old|ringblk-old-null|ringblk-new|ringblk-new-null)
-            local vol="v=$BACKING" bin=$RINGBLK
+        ringblk|ringblk-null|ringblk-old|ringblk-old-null|ringblk-new|ringblk-new-null|ringblk-tls)
+            local vol="v=$BACKING" bin=$RINGBLK scheme=nbd tls=()
             case "$sys" in *-null) vol="v=,backend=null,size=$SIZE" ;; esac
             case "$sys" in
                 ringblk-old*) bin=$RINGBLK_OLD ;;
                 ringblk-new*) bin=$RINGBLK_NEW ;;
+                ringblk-tls) tls=(--tls require --tls-creds "$TLS_DIR") scheme=nbds ;;
             esac
             # The redirect below truncates the banner in the forked child, which may
             # run after the wait loop's first look: remove the last run's banner here,
@@ -306,7 +307,7 @@ start_server() {
             rm -f "$OUT/banner"
             # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
             "${SERVER_PIN[@]}" "$bin" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" --rpc "$OUT/ringblk.$n.sock" \
-                --volume "$vol" "${RINGBLK_PIN[@]}" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
+                --volume "$vol" "${tls[@]}" "${RINGBLK_PIN[@]}" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
             SERVER_PID=$!
             for _ in $(seq 100); do
                 grep -q "listening on" "$OUT/banner" 2>/dev/null && break
@@ -315,23 +316,7 @@ start_server() {
             done
             port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$OUT/banner" | cut -d: -f2)
             [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
-            URI="nbd://127.0.0.1:$port/v"
-            ;;
-        ringblk-tls)
-            rm -f "$OUT/banner"
-            # shellcheck disable=SC2086 # RINGBLK_ARGS is a list of flags on purpose
-            "${SERVER_PIN[@]}" "$RINGBLK" serve --listen 127.0.0.1:0 --data-dir "$OUT/ringblk-data.$n" \
-                --rpc "$OUT/ringblk.$n.sock" --volume "v=$BACKING" --tls require --tls-creds "$TLS_DIR" \
-                "${RINGBLK_PIN[@]}" ${RINGBLK_ARGS:-} > "$OUT/banner" 2> "$OUT/server.log" &
-            SERVER_PID=$!
-            for _ in $(seq 100); do
-                grep -q "listening on" "$OUT/banner" 2>/dev/null && break
-                kill -0 "$SERVER_PID" 2>/dev/null || { cat "$OUT/server.log" >&2; return 1; }
-                sleep 0.1
-            done
-            port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$OUT/banner" | cut -d: -f2)
-            [ -n "$port" ] || { echo "compare.sh: no ringblk banner" >&2; return 1; }
-            URI="nbds://127.0.0.1:$port/v"
+            URI="$scheme://127.0.0.1:$port/v"
             ;;
         qemu-nbd-tls)
             port=$(free_port)

@@ -31,24 +31,14 @@
 //! dropped.
 
 mod common;
+use common::rpc_call as rpc;
 use common::*;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 
 use serde_json::{json, Value};
 
 const PREFIX: &str = "iqn.2026-12.io.ringblk";
-
-fn rpc(srv: &Server, method: &str, params: Value) -> Value {
-    let mut s = UnixStream::connect(&srv.rpc).expect("connect rpc");
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    s.write_all(format!("{req}\n").as_bytes()).expect("send");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("reply");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {e}: {line}"))
-}
 
 /// Fails (never skips) when a tool is missing, naming the package.
 fn need(tool: &str, package: &str) {
@@ -71,15 +61,19 @@ fn start() -> (Server, u16) {
         dir,
         &["--cores", "0", "--volume", &spec, "--iscsi", "127.0.0.1:0"],
     );
-    let port = srv
-        .stdout_lines
+    let port = portal_port(&srv);
+    (srv, port)
+}
+
+/// The port of the banner's `iSCSI portal on 127.0.0.1:PORT` line.
+fn portal_port(srv: &Server) -> u16 {
+    srv.stdout_lines
         .iter()
         .find_map(|l| {
             let rest = l.split("iSCSI portal on 127.0.0.1:").nth(1)?;
             rest.trim_end_matches(':').parse().ok()
         })
-        .unwrap_or_else(|| panic!("banner names the iSCSI portal: {:?}", srv.stdout_lines));
-    (srv, port)
+        .unwrap_or_else(|| panic!("banner names the iSCSI portal: {:?}", srv.stdout_lines))
 }
 
 fn url(port: u16, target: &str) -> String {
@@ -273,14 +267,7 @@ fn chap_from_the_config_file() {
         dir,
         &["--cores", "0", "--volume", &spec, "--config", &cfg_arg],
     );
-    let port: u16 = srv
-        .stdout_lines
-        .iter()
-        .find_map(|l| {
-            let rest = l.split("iSCSI portal on 127.0.0.1:").nth(1)?;
-            rest.trim_end_matches(':').parse().ok()
-        })
-        .unwrap_or_else(|| panic!("banner names the iSCSI portal: {:?}", srv.stdout_lines));
+    let port = portal_port(&srv);
     let vol0 = format!("{PREFIX}:vol0");
     let with = |secret: &str| format!("iscsi://alice%{secret}@127.0.0.1:{port}");
     let (ok, out) = tool(&["iscsi-ls", "-s", &with("s3cretpasswd12")]);

@@ -537,15 +537,7 @@ impl Qmp {
 
 /// One JSON-RPC call on ringblk's control socket; returns `result`.
 fn rpc(srv: &Server, method: &str, params: Value) -> Value {
-    let mut s = UnixStream::connect(&srv.rpc)
-        .unwrap_or_else(|e| panic!("connect {}: {e}", srv.rpc.display()));
-    s.set_read_timeout(Some(TOOL_TIMEOUT)).expect("timeout");
-    let msg = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    writeln!(s, "{msg}").expect("send");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("rpc reply");
-    let v: Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("rpc reply {line:?}: {e}"));
+    let v = rpc_call(srv, method, params);
     assert!(v.get("error").is_none(), "rpc {method} failed: {v}");
     v["result"].clone()
 }

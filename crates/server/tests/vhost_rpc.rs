@@ -9,9 +9,10 @@
 //! control messages.
 
 mod common;
+use common::rpc_call as rpc;
 use common::*;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -23,16 +24,6 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
-
-/// One JSON-RPC call on the server's socket; the whole response object.
-fn rpc(srv: &Server, method: &str, params: Value) -> Value {
-    let mut s = UnixStream::connect(&srv.rpc).expect("connect rpc");
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    s.write_all(format!("{req}\n").as_bytes()).expect("send");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("reply");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {e}: {line}"))
-}
 
 fn ok(srv: &Server, method: &str, params: Value) -> Value {
     let r = rpc(srv, method, params.clone());

@@ -6,7 +6,7 @@
 pub mod nbd;
 pub mod vhost_target;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -218,6 +218,20 @@ pub fn banner_port(lines: &[String]) -> Option<u16> {
     })
 }
 
+/// One JSON-RPC call on the server's socket, bounded by [`TOOL_TIMEOUT`]; the whole
+/// response object (callers assert on `result` or `error`).
+pub fn rpc_call(srv: &Server, method: &str, params: serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&srv.rpc)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", srv.rpc.display()));
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).expect("timeout");
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    writeln!(s, "{req}").expect("send");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("rpc reply");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {e}: {line:?}"))
+}
+
 /// Runs a command with a time bound; returns its output (never panics on a non-zero
 /// exit: callers assert on what they expect).
 pub fn run(cmd: &mut Command) -> Output {
@@ -229,21 +243,40 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| {
             panic!("cannot run {cmd:?}: {e} (ci/test.sh installs the client tools)")
         });
+    // Drain both pipes while waiting: a tool that writes more than a pipe buffer
+    // (64 KiB) before exiting would otherwise block on the write and time out.
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let start = Instant::now();
     loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
+        if let Ok(Some(status)) = child.try_wait() {
+            return Output {
+                status,
+                stdout: stdout.join().expect("stdout reader"),
+                stderr: stderr.join().expect("stderr reader"),
+            };
         }
         if start.elapsed() > TOOL_TIMEOUT {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
+            let _ = child.wait();
             panic!(
                 "{cmd:?} timed out; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&stderr.join().expect("stderr reader"))
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 /// Runs and requires success; returns stdout.
