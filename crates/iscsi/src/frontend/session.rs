@@ -973,7 +973,8 @@ fn scsi_command(r: &mut Reactor, conn: &ConnRef, cmd: ScsiCommand, pdu: Pdu) {
         TaskState::Data { buf, .. } => buf.len(),
         TaskState::Running => 0,
     };
-    let waiting = held > 0 || matches!(state, TaskState::Data { .. });
+    // `held > 0` only in the Data state, so the state alone says it.
+    let waiting = matches!(state, TaskState::Data { .. });
     ff.tasks.insert(
         cmd.itt,
         Task {
